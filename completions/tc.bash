@@ -5,7 +5,7 @@ _tc() {
         case ${COMP_WORDS[i]} in -*) ;; *) sub=${COMP_WORDS[i]}; break ;; esac
     done
     case $sub in
-        cache) opts='--dist-timeout --data --tokens --context --seed --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --help' ;;
+        cache) opts='--dist-timeout --data --tokens --context --seed --engine --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --help' ;;
         circuit) opts='--model --device --model-dtype --transcoders --prompt --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --quiet --help' ;;
         convert) opts='--input --out --to --help' ;;
         deembed) opts='--model --device --model-dtype --transcoders --feature --top --head --help' ;;

@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from tccli import __version__
-from tccli.config import DataOptions, ModelOptions, option, parse_layers, to_json_dict
+from tccli.config import CaptureOptions, DataOptions, ModelOptions, option, parse_layers, to_json_dict
 from tccli.distributed import DistributedOptions, check_joined_sources
 from tccli.errors import TcError, fail
 
@@ -62,14 +62,14 @@ COMMIT_BYTES = 64 * 2**20  # bytes of activations per crash-safe commit (when --
 COMMIT_SECONDS = 10.0  # ... or sooner, once this long has passed since the last commit
 CHUNK_BYTES = 2**20  # target size of one HDF5 chunk
 # Options that decide what the file holds (a resumed run must match them); others (timeouts, --quiet) do not.
-CONTENT_OPTIONS = ("model", "model_dtype", "data", "tokens", "context", "seed", "layers", "dtype", "batch_size",
+CONTENT_OPTIONS = ("model", "model_dtype", "engine", "data", "tokens", "context", "seed", "layers", "dtype", "batch_size",
                    "compression")
 FLOAT16_OVERFLOW = 65520.0  # the smallest magnitude float16 rounds to inf
 WRITE_QUEUE_BATCHES = 4  # batches the forward pass may run ahead of the disk
 
 
 @dataclass
-class CacheConfig(ModelOptions, DataOptions, DistributedOptions):
+class CacheConfig(ModelOptions, CaptureOptions, DataOptions, DistributedOptions):
     """Options of `tc cache`."""
 
     layers: str = option("all", "Layers to cache: all, 2, or a list like 0,3-5.")
@@ -86,6 +86,7 @@ class CacheConfig(ModelOptions, DataOptions, DistributedOptions):
 
     def validate(self) -> None:
         ModelOptions.validate(self)
+        CaptureOptions.validate(self)
         DataOptions.validate(self)
         DistributedOptions.validate(self)
         if self.dtype not in STORAGE_DTYPES:
@@ -198,7 +199,7 @@ def config_fingerprint(config: CacheConfig, device: str) -> dict:
 
 
 def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: str,
-                      available_tokens: Optional[int]) -> dict:
+                      available_tokens: Optional[int], engine: str = "bridge", attention: str = "bridge-eager") -> dict:
     """Root attributes fixed at creation (``complete`` and ``tokens_written`` change later)."""
     layer_hooks = {str(L): {"mlp_in": info.mlp_in_hook(L), "mlp_out": info.mlp_out_hook(L)} for L in plan.layers}
     return {
@@ -212,6 +213,8 @@ def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: s
         "model_dtype": config.model_dtype,
         "device": device,
         "hook_names": json.dumps(layer_hooks),
+        "engine": engine,  # which engine produced the values (see tccli.models.MlpCapture)
+        "attention": attention,  # the attention kernel that ran (sdpa, eager, bridge-eager)
         "layers": np.array(plan.layers, dtype=np.int64),
         "d_model": plan.d_model,
         "context": plan.context,
@@ -388,8 +391,7 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     time.sleep(0.01)
 
-    def _write(self, start_row: int, captured: dict[str, Any]) -> None:
-        arrays = {name: storage_array(name, acts, self.plan) for name, acts in captured.items()}
+    def _write(self, start_row: int, arrays: dict[str, np.ndarray]) -> None:
         n_rows = next(iter(arrays.values())).shape[0] // self.plan.context
         lo = start_row * self.plan.context
         hi = lo + n_rows * self.plan.context
@@ -429,7 +431,7 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
     ``tccli.distributed.Shard``) makes this run write only that shard's rows.
     """
     from tccli import distributed
-    from tccli.models import load_model
+    from tccli.models import MlpCapture, load_model
     from tccli.text import load_rows
 
     if shard is None and distributed.launched():
@@ -453,7 +455,11 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
     plan = make_plan(config, layers, rows.tokens.shape[0], info.d_model)
     device = str(loaded.device)
     fingerprint = config_fingerprint(config, device)
-    attrs = {**static_attributes(config, info, plan, device, rows.available_tokens), **shard_attrs}
+    capture = MlpCapture(loaded, layers, config.engine, release_bridge=True)
+    if capture.fallback_reason:
+        log(capture.fallback_reason)
+    attrs = {**static_attributes(config, info, plan, device, rows.available_tokens, capture.engine_used,
+                                 capture.attention), **shard_attrs}
 
     start_row, units = 0, []
     if prior == "resume":
@@ -478,7 +484,7 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
                          on_rows=(lambda r: progress(r * plan.context, plan.n_tokens)) if progress else (lambda r: None))
         writer.start()
         try:
-            _forward_batches(loaded, rows.tokens, plan, start_row, writer,
+            _forward_batches(capture, rows.tokens, plan, start_row, writer,
                              on_batch=shard.heartbeat if shard is not None else None)
         finally:
             writer.queue.put(None)
@@ -599,24 +605,22 @@ def _write_error(exc: BaseException, out: Path) -> TcError:
     return fail(f"writing {out} failed: {type(exc).__name__}: {exc}")
 
 
-def _forward_batches(loaded: Any, tokens: np.ndarray, plan: CachePlan, start_row: int, writer: _Writer,
+def _forward_batches(capture: Any, tokens: np.ndarray, plan: CachePlan, start_row: int, writer: _Writer,
                      on_batch: Optional[Callable[[], None]] = None) -> None:
-    """Run the model batch by batch up to the last requested layer; hand storage arrays to the writer
-    (``on_batch`` runs after each batch: the heartbeat of a sharded run)."""
+    """Run the model (a ``tccli.models.MlpCapture``) batch by batch up to the last requested layer; hand
+    the activations to the writer (``on_batch`` runs after each batch: the heartbeat of a sharded run)."""
     import torch
 
-    from tccli.models import run_capture
-
-    info = loaded.info
-    hooks = {f"layers/{L}/{which}": getattr(info.layer(L), which) for L in plan.layers for which in WHICH}
-    stop_after = info.layer(max(plan.layers)).mlp_out
     for lo in range(start_row, plan.n_rows, plan.batch_size):
         if writer.error is not None:
             return
         hi = min(plan.n_rows, lo + plan.batch_size)
-        batch = torch.from_numpy(tokens[lo:hi])
-        captured = run_capture(loaded, batch, list(hooks.values()), stop_after=stop_after)
-        writer.queue.put((lo, {name: captured[hook] for name, hook in hooks.items()}))
+        captured = capture.capture(torch.from_numpy(tokens[lo:hi]))
+        # Converted here, not in the writer: torch ops on a second thread contend for the intra-op thread
+        # pool with the next forward pass (on 2 cores, that cost 30% of throughput); the writer does disk work only.
+        writer.queue.put((lo, {name: storage_array(name, captured[L][which], plan)
+                               for L in plan.layers for which in WHICH
+                               for name in [f"layers/{L}/{which}"]}))
         if on_batch is not None:
             on_batch()
 

@@ -221,6 +221,24 @@ class ModelOptions:
             raise fail(f"--model-dtype must be one of {', '.join(DTYPES)}, got {self.model_dtype!r}")
 
 
+ENGINES = ("native", "bridge")
+
+
+@dataclass
+class CaptureOptions:
+    """How activations are read from the model (tc cache, tc score)."""
+
+    engine: str = option(
+        "native", "How MLP activations are read: native (the plain HuggingFace model with PyTorch hooks and "
+        "its SDPA attention, processed as compatibility mode defines hook_normalized/hook_mlp_out; equal to "
+        "the bridge up to float32 rounding and about twice as fast on small models) or bridge "
+        "(TransformerLens' own hooks, bit-identical to what tc eval and tc circuit see).")
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+
+
 @dataclass
 class DataOptions:
     """Which text to read and how to cut it into rows of tokens."""

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from tccli.config import ENGINES
 from tccli.errors import fail
 
 # Where the built-in model lives once shipped (issue 6). `--model builtin` and the default resolve here.
@@ -118,6 +119,7 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     device: torch.device
+    dtype: str = "float32"  # the dtype the model runs in (--model-dtype)
 
 
 def resolve_model_name(model: Optional[str]) -> str:
@@ -178,7 +180,7 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
     tokenizer = bridge.tokenizer
     if tokenizer is None:
         raise fail(f"model {name!r} has no tokenizer")
-    return LoadedModel(bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev)
+    return LoadedModel(bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype)
 
 
 def describe(bridge: Any, name: str) -> ModelInfo:
@@ -287,6 +289,165 @@ def run_logits(
     if missing:
         raise fail(f"model {loaded.info.name!r} exposes no hook {missing[0]!r}")
     return logits, {n: captured[n] for n in names}
+
+
+# ============================================================================ capturing MLP inputs and outputs
+
+# How `tc cache` and `tc score` read activations (--engine):
+#   bridge  the TransformerBridge's own hooks, exactly the values `tc eval` and `tc circuit` see. The bridge
+#           recomputes attention eagerly to expose hook_pattern, which halves throughput on small models.
+#   native  the plain HuggingFace model with its default attention kernel (SDPA) and PyTorch hooks on the
+#           norm in front of each MLP and on the MLP; the captured tensors are then processed the way
+#           compatibility mode defines them (below). Equal to the bridge's values up to float rounding
+#           (different attention kernels), and verified only for the architectures listed here; others
+#           fall back to the bridge.
+NATIVE_ARCHITECTURES = ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class NativeMlpSite:
+    """Where one layer's MLP sits in the plain HuggingFace module tree."""
+
+    norm_module: str  # the norm the MLP reads (ln_2 / post_attention_layernorm); its *input* is captured
+    mlp_module: str
+    eps: float
+    # The bridge computes hook_normalized as x * rsqrt(var + eps) on some architectures and as
+    # x / sqrt(var + eps) on others; doing the same keeps the two engines equal wherever inputs are.
+    inverse_sqrt: bool
+
+
+def native_mlp_sites(loaded: LoadedModel) -> Optional[list[NativeMlpSite]]:
+    """Each layer's NativeMlpSite, read from the bridge's module tree; None where native capture is unverified."""
+    if loaded.info.architecture not in NATIVE_ARCHITECTURES:
+        return None
+    bridge = loaded.bridge
+    # The bridge wraps HF modules in place: a wrapped module's path, less the `_original_component`
+    # steps, is the module's path in the plain model.
+    paths = {id(module): name.replace("._original_component", "").replace("_original_component.", "")
+             for name, module in bridge.original_model.named_modules()}
+    sites = []
+    for block in bridge.blocks:
+        norm, mlp = block.ln2, block.mlp
+        if id(norm) not in paths or id(mlp) not in paths:
+            return None
+        component = norm.original_component
+        eps = getattr(component, "eps", None) or getattr(component, "variance_epsilon", None) or bridge.cfg.eps
+        sites.append(NativeMlpSite(paths[id(norm)], paths[id(mlp)], float(eps),
+                                   bool(getattr(norm, "use_native_layernorm_autograd", False))))
+    return sites
+
+
+def compat_normalized(x: torch.Tensor, normalization: str, eps: float, inverse_sqrt: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hook_normalized, hook_scale) of compatibility mode's norm for the norm input ``x``.
+
+    With fold_ln the norm's weight and bias live in the next layer's weights, so the MLP reads the bare
+    normalised vector: centred (LayerNorm only) and divided by sqrt(mean square + eps), in float32.
+    """
+    x = x.float()
+    if normalization == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    variance = x.pow(2).mean(-1, keepdim=True) + eps
+    scale = variance.sqrt()
+    return (x * torch.rsqrt(variance) if inverse_sqrt else x / scale), scale
+
+
+def compat_mlp_out(out: torch.Tensor, normalization: str) -> torch.Tensor:
+    """hook_mlp_out of compatibility mode from the plain MLP output: center_writing_weights makes every
+    write to the residual stream of a LayerNorm model mean-free; RMSNorm models are left as they are."""
+    if normalization == "layernorm":
+        return out - out.mean(-1, keepdim=True)
+    return out
+
+
+class MlpCapture:
+    """Captures chosen layers' MLP input (with its norm scale) and MLP output, one batch at a time.
+
+    ``capture(tokens)`` returns {layer: {"mlp_in", "mlp_scale", "mlp_out"}} with tensors
+    [batch, pos, d_model] ([batch, pos, 1] for the scale); each pass stops after the last chosen MLP.
+    ``engine`` is 'native' or 'bridge' (see ENGINES); ``engine_used`` says which one runs (native
+    falls back to the bridge for unverified architectures, and ``fallback_reason`` says why).
+    With ``release_bridge`` the native engine drops the bridge before loading the plain model, so only
+    one copy of the weights is held; ``loaded.bridge`` is then None.
+    """
+
+    def __init__(self, loaded: LoadedModel, layers: Iterable[int], engine: str = "native",
+                 release_bridge: bool = False):
+        if engine not in ENGINES:
+            raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.loaded, self.info = loaded, loaded.info
+        self.layers = sorted(set(layers))
+        self.engine_used, self.fallback_reason, self.attention = engine, "", "bridge-eager"
+        sites = native_mlp_sites(loaded) if engine == "native" else None
+        if engine == "native" and sites is None:
+            self.engine_used = "bridge"
+            self.fallback_reason = (f"native capture is verified for {', '.join(NATIVE_ARCHITECTURES)} only; "
+                                    f"using the bridge for {self.info.architecture}")
+        if self.engine_used == "native":
+            self._captured: dict[tuple[int, str], torch.Tensor] = {}
+            self._sites = sites
+            if release_bridge:
+                loaded.bridge = None
+                import gc
+
+                gc.collect()
+            self._model = self._load_plain_model()
+            self.attention = str(getattr(self._model.config, "_attn_implementation", "unknown"))
+            self._hook_plain_model()
+
+    def _load_plain_model(self) -> Any:
+        with _quiet_loading():
+            from transformers import AutoModelForCausalLM
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    resolve_model_name(self.info.name), dtype=torch_dtype(self.loaded.dtype))
+            except Exception as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise fail(f"cannot load model {self.info.name!r} for native capture: {reason[:300]} "
+                           "(--engine bridge avoids this)") from None
+        return model.to(self.loaded.device).eval()
+
+    def _hook_plain_model(self) -> None:
+        last = max(self.layers)
+        for layer in self.layers:
+            site = self._sites[layer]
+
+            def save_input(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
+                self._captured[layer, "norm_input"] = args[0] if args else kwargs["hidden_states"]
+
+            def save_output(module: Any, args: tuple, output: Any, layer: int = layer) -> None:
+                self._captured[layer, "mlp_out"] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            self._model.get_submodule(site.norm_module).register_forward_pre_hook(save_input, with_kwargs=True)
+            self._model.get_submodule(site.mlp_module).register_forward_hook(save_output)
+
+    def capture(self, tokens: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        tokens = tokens.to(self.loaded.device)
+        if self.engine_used == "bridge":
+            hooks = {layer: self.info.layer(layer) for layer in self.layers}
+            names = [getattr(hooks[layer], which) for layer in self.layers
+                     for which in ("mlp_in", "mlp_scale", "mlp_out")]
+            captured = run_capture(self.loaded, tokens, names, stop_after=hooks[self.layers[-1]].mlp_out)
+            return {layer: {which: captured[getattr(hooks[layer], which)]
+                            for which in ("mlp_in", "mlp_scale", "mlp_out")} for layer in self.layers}
+        self._captured.clear()
+        with torch.no_grad():
+            try:
+                self._model(input_ids=tokens, use_cache=False)
+            except _StopForward:
+                pass
+        out = {}
+        for layer in self.layers:
+            site = self._sites[layer]
+            normalized, scale = compat_normalized(self._captured[layer, "norm_input"], self.info.normalization,
+                                                  site.eps, site.inverse_sqrt)
+            out[layer] = {"mlp_in": normalized, "mlp_scale": scale,
+                          "mlp_out": compat_mlp_out(self._captured[layer, "mlp_out"], self.info.normalization)}
+        self._captured.clear()
+        return out
 
 
 @contextlib.contextmanager

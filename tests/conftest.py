@@ -129,3 +129,49 @@ def run_tc(*args: str, input: str | None = None, env: dict | None = None):
     full_env.pop("TC_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "tccli", *args], input=input, capture_output=True,
                           text=True, env=full_env, timeout=600)
+
+
+# Where each verified architecture keeps the norm in front of the MLP and the MLP, written out by hand
+# (tc derives these from the bridge's module tree), and whether TransformerLens normalises with
+# x * rsqrt(var + eps) (True) or x / sqrt(var + eps) (False) there.
+PLAIN_MLP_MODULES = {
+    "GPT2LMHeadModel": ("transformer.h.{}.ln_2", "transformer.h.{}.mlp", False),
+    "GPTNeoXForCausalLM": ("gpt_neox.layers.{}.post_attention_layernorm", "gpt_neox.layers.{}.mlp", True),
+    "LlamaForCausalLM": ("model.layers.{}.post_attention_layernorm", "model.layers.{}.mlp", True),
+}
+
+
+def plain_model_reference(model_dir: Path, tokens, layers: list[int], batch_size: int) -> dict:
+    """{(layer, 'mlp_in'|'mlp_out'): float32 [n_tokens, d]} from a plain HuggingFace forward pass over the
+    same batches: the norm input normalised and the MLP output centred as compatibility mode defines them.
+    What the native engine must store, computed independently of tccli.models.MlpCapture's plumbing."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from tccli.models import compat_mlp_out, compat_normalized
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    architecture = model.config.architectures[0]
+    norm_path, mlp_path, inverse_sqrt = PLAIN_MLP_MODULES[architecture]
+    normalization = "rmsnorm" if architecture == "LlamaForCausalLM" else "layernorm"
+    seen: dict = {}
+    for layer in layers:
+        norm = model.get_submodule(norm_path.format(layer))
+        norm.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__((layer, "in"), args[0]))
+        model.get_submodule(mlp_path.format(layer)).register_forward_hook(
+            lambda m, args, out, layer=layer: seen.__setitem__((layer, "out"), out))
+    eps = {layer: float(getattr(model.get_submodule(norm_path.format(layer)), "eps", None)
+                        or model.get_submodule(norm_path.format(layer)).variance_epsilon) for layer in layers}
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.int64)
+    parts: dict = {(layer, which): [] for layer in layers for which in ("mlp_in", "mlp_out")}
+    for lo in range(0, tokens.shape[0], batch_size):
+        with torch.no_grad():
+            model(input_ids=tokens[lo:lo + batch_size])
+        for layer in layers:
+            normalized, _ = compat_normalized(seen[layer, "in"], normalization, eps[layer], inverse_sqrt)
+            parts[layer, "mlp_in"].append(normalized.reshape(-1, normalized.shape[-1]))
+            out = compat_mlp_out(seen[layer, "out"], normalization).float()
+            parts[layer, "mlp_out"].append(out.reshape(-1, out.shape[-1]))
+    return {key: torch.cat(chunks) for key, chunks in parts.items()}

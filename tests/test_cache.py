@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_tc
+from conftest import plain_model_reference, run_tc
 from tccli.cache import (ActivationCache, CacheConfig, from_storage, make_plan, progress_path, run_cache,
                          to_storage)
 from tccli.errors import TcError
@@ -35,8 +35,12 @@ def cache_config(model: Path, data: Path, out: Path, **overrides) -> CacheConfig
     return config
 
 
-def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int], batch_size: int) -> dict:
-    """MLP in/out of each layer from a full forward pass over the same batches, float32 [n_tokens, d]."""
+def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int], batch_size: int,
+                          engine: str = "bridge") -> dict:
+    """MLP in/out of each layer from a full forward pass over the same batches, float32 [n_tokens, d]:
+    the bridge's hooks, or for the native engine the plain HuggingFace model's (see conftest)."""
+    if engine == "native":
+        return plain_model_reference(model_dir, tokens, layers, batch_size)
     loaded = load_model(str(model_dir), "cpu", "float32")
     hooks = {(L, w): getattr(loaded.info.layer(L), w) for L in layers for w in ("mlp_in", "mlp_out")}
     parts: dict = {key: [] for key in hooks}
@@ -65,16 +69,19 @@ def file_content(path: Path) -> dict:
 # ============================================================================ values
 
 
+@pytest.mark.parametrize("engine", ["native", "bridge"])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
-def test_cached_values_equal_the_model(tiny_model_dir, text_file, tmp_path, storage):
+def test_cached_values_equal_the_model(tiny_model_dir, text_file, tmp_path, storage, engine):
     out = tmp_path / "acts.h5"
-    config = cache_config(tiny_model_dir, text_file, out, layers="0-1", dtype=storage, compression="lzf")
+    config = cache_config(tiny_model_dir, text_file, out, layers="0-1", dtype=storage, compression="lzf",
+                          engine=engine)
     run_cache(config)
     with ActivationCache.open(out) as cache:
         assert cache.complete and cache.layers == [0, 1] and cache.n_tokens == 512
+        assert cache.attrs["engine"] == engine
         tokens = cache.tokens()
         assert tokens.shape == (16, 32) and (tokens[:, 0] == cache.model_info["bos_token_id"]).all()
-        reference = reference_activations(tiny_model_dir, tokens, [0, 1], config.batch_size)
+        reference = reference_activations(tiny_model_dir, tokens, [0, 1], config.batch_size, engine)
         for (layer, which), expected in reference.items():
             got = torch.from_numpy(cache.read(layer, which))
             if storage == "float32":
@@ -90,8 +97,9 @@ def test_stories260k_float16_equals_model_rounded(stories_dir, corpora_dir, tmp_
                           dtype="float16", tokens=1024, context=64)
     run_cache(config)
     with ActivationCache.open(out) as cache:
-        reference = reference_activations(stories_dir, cache.tokens(), [1, 3], config.batch_size)
+        reference = reference_activations(stories_dir, cache.tokens(), [1, 3], config.batch_size, "native")
         assert cache.attrs["architecture"] == "LlamaForCausalLM" and cache.layers == [1, 3]
+        assert (cache.attrs["engine"], cache.attrs["attention"]) == ("native", "sdpa")
         for (layer, which), expected in reference.items():
             assert torch.equal(torch.from_numpy(cache.read(layer, which)), expected.half().float())
         hooks = json.loads(cache.attrs["hook_names"])
@@ -140,7 +148,7 @@ def test_only_layers_up_to_the_last_requested_run(tiny_model_dirs, text_file, tm
         return original(loaded, tokens, hook_names, stop_after=stop_after, extra_hooks=extra_hooks)
 
     monkeypatch.setattr(models, "run_capture", spy)
-    run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, tmp_path / "a.h5", layers="0"))
+    run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, tmp_path / "a.h5", layers="0", engine="bridge"))
     assert seen and set(seen) == {"blocks.0.hook_mlp_out"}
 
 

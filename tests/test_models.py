@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from conftest import plain_model_reference
 from tccli.errors import TcError
-from tccli.models import load_model, run_capture
+from tccli.models import MlpCapture, compat_mlp_out, compat_normalized, load_model, run_capture
 
 
 def test_describe_three_architectures(tiny_model_dirs):
@@ -52,3 +53,89 @@ def test_stories260k_loads(stories_dir):
 def test_bad_model_is_one_line(name, message):
     with pytest.raises(TcError, match=message):
         load_model(name, device="cpu")
+
+
+# ============================================================================ MlpCapture: native and bridge engines
+
+
+def test_compat_normalized_by_hand():
+    # LayerNorm: [1, 3] centres to [-1, 1], mean square 1, so with eps 0 it is unchanged and the scale is 1
+    normalized, scale = compat_normalized(torch.tensor([[1.0, 3.0]]), "layernorm", 0.0, False)
+    assert torch.equal(normalized, torch.tensor([[-1.0, 1.0]])) and torch.equal(scale, torch.tensor([[1.0]]))
+    # RMSNorm: [3, 4] has mean square 12.5; no centring
+    normalized, scale = compat_normalized(torch.tensor([[3.0, 4.0]]), "rmsnorm", 0.0, True)
+    torch.testing.assert_close(normalized, torch.tensor([[3.0, 4.0]]) / 12.5 ** 0.5, rtol=1e-7, atol=0)
+    torch.testing.assert_close(scale, torch.tensor([[12.5 ** 0.5]]), rtol=1e-7, atol=0)
+    assert torch.equal(compat_mlp_out(torch.tensor([[1.0, 2.0, 6.0]]), "layernorm"), torch.tensor([[-2.0, -1.0, 3.0]]))
+    assert torch.equal(compat_mlp_out(torch.tensor([[1.0, 2.0, 6.0]]), "rmsnorm"), torch.tensor([[1.0, 2.0, 6.0]]))
+
+
+def _random_tokens(info, rows=4, seq=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, min(info.d_vocab, 300), (rows, seq), generator=generator)
+    tokens[:, 0] = info.bos_token_id
+    return tokens
+
+
+def _native_equals_bridge_up_to_rounding(model_dir):
+    loaded = load_model(str(model_dir), device="cpu")
+    layers = list(range(loaded.info.n_layers))
+    native, bridge = MlpCapture(loaded, layers, "native"), MlpCapture(loaded, layers, "bridge")
+    assert (native.engine_used, native.attention, bridge.engine_used) == ("native", "sdpa", "bridge")
+    tokens = _random_tokens(loaded.info)
+    got, want = native.capture(tokens), bridge.capture(tokens)
+    for layer in layers:
+        for which in ("mlp_in", "mlp_scale", "mlp_out"):
+            a, b = got[layer][which], want[layer][which]
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+            # float32 rounding of a different attention kernel, nothing more: ~1e-7 of the values' size
+            assert (a - b).abs().max() <= 2e-6 * b.abs().max(), (layer, which, (a - b).abs().max())
+
+
+def test_native_capture_equals_bridge_up_to_rounding(tiny_model_dir):
+    _native_equals_bridge_up_to_rounding(tiny_model_dir)
+
+
+def test_native_capture_equals_bridge_on_stories260k(stories_dir):
+    _native_equals_bridge_up_to_rounding(stories_dir)
+
+
+def test_native_capture_is_the_plain_model_exactly(tiny_model_dir):
+    """Module paths read from the bridge are the ones a person would write by hand, and stopping early
+    changes nothing: the captured tensors equal a full plain forward pass's, bit for bit."""
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    tokens = _random_tokens(loaded.info, rows=3)
+    capture = MlpCapture(loaded, [0], "native")
+    got = capture.capture(tokens)
+    want = plain_model_reference(tiny_model_dir, tokens, [0], batch_size=3)
+    d = loaded.info.d_model
+    assert torch.equal(got[0]["mlp_in"].reshape(-1, d), want[0, "mlp_in"])
+    assert torch.equal(got[0]["mlp_out"].reshape(-1, d), want[0, "mlp_out"])
+
+
+def test_native_capture_stops_after_the_last_layer(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    capture = MlpCapture(loaded, [0], "native")
+    later = []
+    site = capture._sites[1]
+    capture._model.get_submodule(site.norm_module).register_forward_pre_hook(lambda m, args: later.append(1))
+    capture.capture(_random_tokens(loaded.info))
+    assert later == []
+    assert capture.capture(_random_tokens(loaded.info)).keys() == {0}
+
+
+def test_native_engine_falls_back_to_the_bridge_for_unverified_architectures(tiny_model_dirs, monkeypatch):
+    import tccli.models as models
+
+    monkeypatch.setattr(models, "NATIVE_ARCHITECTURES", ())
+    loaded = load_model(str(tiny_model_dirs["llama"]), device="cpu")
+    capture = MlpCapture(loaded, [1], "native")
+    assert capture.engine_used == "bridge" and "LlamaForCausalLM" in capture.fallback_reason
+    tokens = _random_tokens(loaded.info)
+    assert torch.equal(capture.capture(tokens)[1]["mlp_in"], run_capture(loaded, tokens, ["blocks.1.ln2.hook_normalized"])["blocks.1.ln2.hook_normalized"])
+
+
+def test_release_bridge_keeps_one_copy(tiny_model_dirs):
+    loaded = load_model(str(tiny_model_dirs["gpt2"]), device="cpu")
+    capture = MlpCapture(loaded, [0, 1], "native", release_bridge=True)
+    assert loaded.bridge is None and capture.capture(_random_tokens(loaded.info))[1]["mlp_out"].shape[-1] == 32
