@@ -751,6 +751,8 @@ def summarize(cache: ActivationCache) -> dict:
         "seed": a.get("seed"),
         "weight_processing": json.loads(a.get("weight_processing", "{}")),
         "hook_names": cache.hook_names,
+        "engine": a.get("engine", "bridge"),  # caches from before --engine were all made by the bridge
+        "attention": a.get("attention", "bridge-eager"),
         "tc_version": a.get("tc_version"),
     }
 

@@ -106,6 +106,7 @@ def _cache_lines(s: dict) -> list[str]:
         f"{human_bytes(s['activation_bytes'])} of activations, file {human_bytes(s['file_bytes'])}",
         f"  data         {', '.join(s['data_sources'])} (seed {s['seed']})",
         f"  processing   {', '.join(k for k, v in s['weight_processing'].items() if v) or 'none'}",
+        f"  engine       {s['engine']} (attention {s['attention']})",
         f"  written by   tc {s['tc_version']}",
     ]
 
