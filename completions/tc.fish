@@ -108,6 +108,7 @@ complete -c tc -n '__fish_seen_subcommand_from score' -l data -r -F -d 'Text: pl
 complete -c tc -n '__fish_seen_subcommand_from score' -l tokens -r -F -d 'Stop after this many tokens (accepts 200k, 1M).'
 complete -c tc -n '__fish_seen_subcommand_from score' -l context -r -F -d 'Tokens per row, BOS included.'
 complete -c tc -n '__fish_seen_subcommand_from score' -l seed -r -F -d 'Seed for the order in which documents are packed into rows.'
+complete -c tc -n '__fish_seen_subcommand_from score' -l engine -r -F -d 'How MLP activations are read: native (the plain HuggingFace model with PyTorch hooks and its SDPA attention, processed as compatibility mode defines hook_normalized/hook_mlp_out; equal to the bridge up to float32 rounding and about twice as fast on small models) or bridge (TransformerLens'\'' own hooks, bit-identical to what tc eval and tc circuit see).'
 complete -c tc -n '__fish_seen_subcommand_from score' -l model -r -F -d 'Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).'
 complete -c tc -n '__fish_seen_subcommand_from score' -l device -r -F -d 'Device for the model: auto (cuda when available), cpu, cuda, cuda:1, ...'
 complete -c tc -n '__fish_seen_subcommand_from score' -l model-dtype -r -F -d 'Dtype the model runs in: float32, float16 or bfloat16.'

@@ -130,6 +130,7 @@ _tc() {
                     '*--tokens[Stop after this many tokens (accepts 200k, 1M).]:value:_files' \
                     '*--context[Tokens per row, BOS included.]:value:_files' \
                     '*--seed[Seed for the order in which documents are packed into rows.]:value:_files' \
+                    '*--engine[How MLP activations are read\: native (the plain HuggingFace model with PyTorch hooks and its SDPA attention, processed as compatibility mode defines hook_normalized/hook_mlp_out; equal to the bridge up to float32 rounding and about twice as fast on small models) or bridge (TransformerLens'\'' own hooks, bit-identical to what tc eval and tc circuit see).]:value:_files' \
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \

@@ -294,8 +294,9 @@ def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
     from tccli.scoring import run_score
 
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
     with stage_progress(config.quiet) as progress:
-        summary = run_score(config, progress)
+        summary = run_score(config, progress, log=log)
     if not config.quiet:
         console = stderr_console()
         if summary["available_tokens"] is not None:

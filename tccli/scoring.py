@@ -36,16 +36,22 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from tccli.config import DataOptions, ModelOptions, option, parse_layers
+from tccli.config import CaptureOptions, DataOptions, ModelOptions, option, parse_layers
 from tccli.errors import fail
 
 INDEX_MASK = (1 << 32) - 1
 EMPTY_KEY = -1
 MAX_TOKENS = 1 << 32  # token indices must fit the low 32 bits of a key
+# The streaming statistics work on [features, tokens] tiles of at most this many float32 values (16 MiB).
+# A whole batch's activations (4,096 features x 4,096 tokens = 64 MiB) is above glibc's largest mmap
+# threshold (32 MiB), so each of the several such tensors a batch makes would be a fresh mmap whose pages
+# the kernel faults in and zeroes: that, not arithmetic, took half the encoder's time. Tiles stay in the
+# heap and are reused. Results do not depend on the tiling (they do not depend on the batch size).
+TILE_VALUES = 1 << 22
 
 
 @dataclass
-class ScoreConfig(ModelOptions, DataOptions):
+class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
     """Options of `tc score`."""
 
     transcoders: Optional[str] = option(
@@ -63,6 +69,7 @@ class ScoreConfig(ModelOptions, DataOptions):
 
     def validate(self) -> None:
         ModelOptions.validate(self)
+        CaptureOptions.validate(self)
         DataOptions.validate(self)
         if not self.out or not str(self.out).endswith((".h5", ".hdf5", ".jsonl")):
             raise fail(f"--out must end in .h5 or .jsonl, got {self.out!r}")
@@ -143,25 +150,34 @@ def top_activation_candidates(z: torch.Tensor, base_index: int, k: int, floor: t
     return keys, local
 
 
-def sample_candidates(z: torch.Tensor, base_index: int, size: int, seed: int = 0,
-                      active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each feature's ``size`` active tokens of highest priority in a batch: (keys [m, c], local [m, c]).
+def sample_candidates(z: torch.Tensor, base_index: int, size: int, floor: torch.Tensor, seed: int = 0,
+                      active: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's sample candidates of the features whose running sample they can change.
 
-    Sampling key = ``priority << 32 | token index`` (unique). Within the batch the tokens are ranked by
-    that key once, and a float top-k over "rank + 1 where the feature fires, else 0" picks the
-    candidates; ranks below 2**24 are exact in float32. ``active`` may pass in ``sign(z)`` (float, 0 or
-    1), which this function overwrites.
+    A feature's sample is its ``size`` active tokens of highest sampling key ``priority << 32 | token
+    index`` (unique). ``floor`` [m] is the lowest key each feature holds (EMPTY_KEY while its sample is
+    not full): a token enters only above it. Returns (features [f], keys [f, c], local token [f, c]),
+    c = min(size, T), for the features with an active token above their floor.
+
+    Within the batch the tokens are ranked by key once, and a float top-k over "rank where the feature
+    fires, else 0" picks the candidates; ranks below 2**24 are exact in float32. ``active`` may pass in
+    ``sign(z)`` (float, 0 or 1), which this function overwrites.
     """
     m, T = z.shape
     if T >= 1 << 24:
         raise fail(f"a batch of {T} tokens is too large for tc score (at most {(1 << 24) - 1})")
     index = base_index + torch.arange(T, device=z.device, dtype=torch.int64)
     keys = (token_priority(index, seed) << 32) | index
+    order = keys.argsort()
     rank = torch.empty(T, dtype=torch.float32, device=z.device)
-    rank[keys.argsort()] = torch.arange(1, T + 1, dtype=torch.float32, device=z.device)
+    rank[order] = torch.arange(1, T + 1, dtype=torch.float32, device=z.device)
     masked = (torch.sign(z) if active is None else active).mul_(rank[None, :])
-    values, local = masked.topk(min(size, T), dim=1)
-    return torch.where(values > 0, keys[local], torch.full_like(local, EMPTY_KEY)), local
+    best_rank = masked.amax(1).long()  # the highest-keyed active token of each feature, 0 if none
+    best_key = torch.where(best_rank > 0, keys[order][(best_rank - 1).clamp(min=0)], torch.full_like(best_rank, EMPTY_KEY))
+    features = (best_key > floor).nonzero(as_tuple=True)[0]
+    values, local = masked[features].topk(min(size, T), dim=1)
+    return features, torch.where(values > 0, keys[local], torch.full_like(local, EMPTY_KEY)), local
 
 
 def merge_top_keys(running: torch.Tensor, candidate_keys: torch.Tensor
@@ -206,11 +222,15 @@ class ExampleSlots:
     def size(self) -> int:
         return self.keys.shape[1]
 
-    def update(self, candidate_keys: torch.Tensor, candidate_local: torch.Tensor, batch: "BatchView") -> None:
-        feature, slot, candidate = merge_top_keys(self.keys, candidate_keys)
-        if len(feature):
-            self.keys[feature, slot] = candidate_keys[feature, candidate]
-            tokens, acts, scale = batch.windows(feature, candidate_local[feature, candidate])
+    def update(self, candidate_keys: torch.Tensor, candidate_local: torch.Tensor, batch: "BatchView",
+               features: Optional[torch.Tensor] = None) -> None:
+        """Let a batch's candidates (rows of ``features``, or all features) replace weaker examples."""
+        held = self.keys if features is None else self.keys[features]
+        row, slot, candidate = merge_top_keys(held, candidate_keys)
+        if len(row):
+            feature = row if features is None else features[row]
+            self.keys[feature, slot] = candidate_keys[row, candidate]
+            tokens, acts, scale = batch.windows(feature, candidate_local[row, candidate])
             self.window_tokens[feature, slot] = tokens
             self.window_acts[feature, slot] = acts
             self.scale[feature, slot] = scale
@@ -271,19 +291,27 @@ class LayerStream:
 
     def update(self, batch: BatchView, base_index: int) -> None:
         z = batch.z  # [m, T], non-negative
-        # each pass over [m, T] costs as much as the encoding: count with one float sign pass that the
-        # sampling then reuses, and sum in float32 per batch (exact enough for T terms) into float64
+        # each pass over [m, T] costs about as much as the encoding: count with one float sign pass that
+        # the sampling then reuses, and sum in float32 per batch (exact enough for T terms) into float64
         active = torch.sign(z)
         self.active_count += active.sum(1).to(torch.int64)
         self.activation_sum += z.sum(1).double()
+        batch_max = z.amax(1)
+        self.activation_max = torch.maximum(self.activation_max, batch_max)
+        # A token enters a full top-k only with an activation above the weakest example's (ties go to
+        # the earlier token, which is already held), and a not-full one with any positive activation
+        # (an empty slot decodes to 0). Only features where that can happen pay for a top-k: after a
+        # few thousand tokens that is a small share of them.
         floor, _ = decode_activation_keys(self.top_slots.keys.min(dim=1).values)
-        keys, local = top_activation_candidates(z, base_index, self.top_slots.size, floor)
-        self.activation_max = torch.maximum(self.activation_max, decode_activation_keys(keys[:, 0])[0])
-        self.top_slots.update(keys, local, batch)
+        features = (batch_max > floor).nonzero(as_tuple=True)[0]
+        if len(features):
+            keys, local = top_activation_candidates(z[features], base_index, self.top_slots.size, floor[features])
+            self.top_slots.update(keys, local, batch, features)
         if self.sample_slots.size:
-            self.sample_slots.update(*sample_candidates(z, base_index, self.sample_slots.size, self.seed, active),
-                                     batch)
-
+            floor = self.sample_slots.keys.min(dim=1).values
+            features, keys, local = sample_candidates(z, base_index, self.sample_slots.size, floor, self.seed, active)
+            if len(features):
+                self.sample_slots.update(keys, local, batch, features)
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
     """mlp_in [T, d] -> activations [m, T] (feature-major, so per-feature top-k runs along rows)."""
@@ -427,11 +455,15 @@ def stream_layers(
     for tokens, inputs in batches:
         if seen + tokens.numel() > MAX_TOKENS:
             raise fail(f"tc score handles at most {MAX_TOKENS} tokens in one run")
+        context = tokens.shape[1]
         for layer, encode in encoders.items():
             mlp_in, scale = inputs[layer]
-            batch = BatchView(tokens=tokens, z=encode(mlp_in).float(), scale=scale.float(),
-                              half_window=settings.half_window)
-            streams[layer].update(batch, seen)
+            rows_per_tile = max(1, TILE_VALUES // (n_features[layer] * context))
+            for r0 in range(0, tokens.shape[0], rows_per_tile):  # tiles of whole rows: see TILE_VALUES
+                r1 = min(tokens.shape[0], r0 + rows_per_tile)
+                batch = BatchView(tokens=tokens[r0:r1], z=encode(mlp_in[r0 * context:r1 * context]).float(),
+                                  scale=scale[r0 * context:r1 * context].float(), half_window=settings.half_window)
+                streams[layer].update(batch, seen + r0 * context)
         seen += tokens.numel()
     return streams, seen
 
@@ -508,37 +540,42 @@ def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor,
 # ============================================================================ the whole command
 
 
-def model_batches(loaded, rows: np.ndarray, layers: list[int], batch_size: int, progress=None):
-    """Yield (tokens, {layer: (mlp_in [T, d], scale [T])}) for ``rows``, stopping each pass at the last layer."""
-    from tccli.models import run_capture
-
-    info = loaded.info
-    hooks = {layer: info.layer(layer) for layer in layers}
-    names = [name for layer in layers for name in (hooks[layer].mlp_in, hooks[layer].mlp_scale)]
-    # stopping early saves the blocks after the last scored layer; when that is the final block the
-    # early stop (an exception through the model) costs more than the little it saves
-    last = hooks[max(layers)].mlp_in if max(layers) < info.n_layers - 1 else None
+def model_batches(capture, rows: np.ndarray, batch_size: int, progress=None):
+    """Yield (tokens, {layer: (mlp_in [T, d], scale [T])}) for ``rows`` from a ``tccli.models.MlpCapture``
+    (which stops each pass at the last layer it captures)."""
+    d_model = capture.info.d_model
     for start in range(0, len(rows), batch_size):
-        tokens = torch.as_tensor(rows[start:start + batch_size], dtype=torch.int64, device=loaded.device)
-        captured = run_capture(loaded, tokens, names, stop_after=last)
-        inputs = {layer: (captured[hooks[layer].mlp_in].reshape(-1, info.d_model),
-                          captured[hooks[layer].mlp_scale].reshape(-1)) for layer in layers}
-        yield tokens, inputs
+        tokens = torch.as_tensor(rows[start:start + batch_size], dtype=torch.int64, device=capture.loaded.device)
+        captured = capture.capture(tokens)
+        yield tokens, {layer: (acts["mlp_in"].reshape(-1, d_model), acts["mlp_scale"].reshape(-1))
+                       for layer, acts in captured.items()}
         if progress is not None:
             progress("scoring", min(start + batch_size, len(rows)), len(rows))
 
 
 def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray, settings: ScoreSettings,
-                progress=None) -> dict[int, LayerScores]:
-    """Score every feature of ``transcoders`` ({layer: Transcoder}) on ``rows`` of token ids."""
+                progress=None, engine: str = "native", release_bridge: bool = False,
+                log=lambda message: None) -> dict[int, LayerScores]:
+    """Score every feature of ``transcoders`` ({layer: Transcoder}) on ``rows`` of token ids.
+
+    ``engine`` reads the MLP inputs (see ``tccli.models.MlpCapture``). With ``release_bridge`` the native
+    engine drops the bridge (``loaded.bridge`` becomes None) once the embedding and unembedding have been
+    read from it, so only one copy of the weights is held.
+    """
+    from tccli.models import MlpCapture
+
     layers = sorted(transcoders)
     encoders = {layer: feature_major_encoder(transcoders[layer]) for layer in layers}
     n_features = {layer: transcoders[layer].n_features for layer in layers}
-    with torch.no_grad():
-        streams, n_tokens = stream_layers(encoders, model_batches(loaded, rows, layers, settings.batch_size, progress),
-                                          n_features, settings, device=loaded.device)
     bridge = loaded.bridge
     W_E, W_U = bridge.W_E.detach().float().cpu(), bridge.W_U.detach().float().cpu()
+    del bridge
+    capture = MlpCapture(loaded, layers, engine, release_bridge=release_bridge)
+    if capture.fallback_reason:
+        log(capture.fallback_reason)
+    with torch.no_grad():
+        streams, n_tokens = stream_layers(encoders, model_batches(capture, rows, settings.batch_size, progress),
+                                          n_features, settings, device=loaded.device)
     out = {}
     for layer in layers:
         earlier = {lo: transcoders[lo].decoder_vectors.detach().float().cpu() for lo in layers if lo < layer}
@@ -547,12 +584,12 @@ def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray
     return out
 
 
-def run_score(config: ScoreConfig, progress=None) -> dict:
+def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> dict:
     """`tc score`: load, stream, write the features file. Returns a small summary for stderr."""
     from tccli import __version__
     from tccli.config import to_json_dict
     from tccli.features_io import vocabulary, write_features
-    from tccli.models import load_model
+    from tccli.models import load_model, torch_dtype
     from tccli.text import load_rows
     from tccli.transcoder_io import check_matches_model, load_transcoder_set
 
@@ -565,12 +602,13 @@ def run_score(config: ScoreConfig, progress=None) -> dict:
         if transcoder.config.kind != "transcoder":
             raise fail(f"{config.transcoders}: layer {transcoder.config.layer} is an SAE on the MLP output; "
                        "tc score scores transcoders (MLP input -> output)")
-        transcoder.to(torch_dtype_of(loaded))
+        transcoder.to(torch_dtype(loaded.dtype))
     packed = load_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed)
     settings = ScoreSettings(top=config.top, quantiles=config.quantiles if config.per_quantile else 0,
                              per_quantile=config.per_quantile, half_window=config.context_window,
                              top_tokens=config.top_tokens, batch_size=config.batch_size, seed=config.seed)
-    scores = score_model(loaded, transcoders, packed.tokens, packed.doc_ids, settings, progress)
+    scores = score_model(loaded, transcoders, packed.tokens, packed.doc_ids, settings, progress,
+                         engine=config.engine, release_bridge=True, log=log)
     metadata = {
         "tc_version": __version__,
         "model_info": info.to_dict(),
@@ -585,7 +623,3 @@ def run_score(config: ScoreConfig, progress=None) -> dict:
     write_features(config.out, scores, metadata)
     return {"tokens": int(packed.n_tokens), "layers": list(scores), "out": config.out,
             "available_tokens": packed.available_tokens}
-
-
-def torch_dtype_of(loaded) -> torch.dtype:
-    return next(loaded.bridge.parameters()).dtype

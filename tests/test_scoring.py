@@ -86,10 +86,15 @@ def test_streaming_top_k_equals_brute_force_sort(batch_rows):
     assert torch.allclose(stream.activation_sum, flat.double().sum(0))
 
 
-def test_streaming_result_independent_of_batch_size():
+def test_streaming_result_independent_of_batch_size_and_tiling(monkeypatch):
+    import tccli.scoring as scoring
+
     z, tokens = tied_activations(seed=3)
     settings = ScoreSettings(top=5, quantiles=3, per_quantile=2, half_window=3, seed=7)
     results = [run_stream(z, tokens, b, settings)[0] for b in (1, 4, 12)]
+    # tiles of 2 rows (6 features x 10 tokens x 2) inside batches of 12 rows
+    monkeypatch.setattr(scoring, "TILE_VALUES", 120)
+    results.append(run_stream(z, tokens, 12, settings)[0])
     first = results[0]
     for other in results[1:]:
         for slots in ("top_slots", "sample_slots"):
@@ -98,6 +103,8 @@ def test_streaming_result_independent_of_batch_size():
             assert torch.equal(a.window_tokens, b.window_tokens)
             assert torch.equal(a.window_acts, b.window_acts)
             assert torch.equal(a.scale, b.scale)
+        assert torch.equal(first.active_count, other.active_count)
+        assert torch.equal(first.activation_max, other.activation_max)
 
 
 def test_windows_hold_tokens_and_activations_around_each_example():
