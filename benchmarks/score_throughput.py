@@ -62,8 +62,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from tccli.models import MlpCapture, load_model
-    from tccli.scoring import (TILE_VALUES, ScoreSettings, feature_major_encoder, model_batches, score_model,
-                               stream_layers)
+    from tccli.scoring import (TILE_VALUES, ScoreSettings, array_row_batches, feature_major_encoder, model_batches,
+                               score_model, stream_layers)
     from tccli.text import load_rows
 
     loaded = load_model(args.model, args.device)
@@ -91,7 +91,7 @@ def main() -> None:
         layers = sorted(transcoders)
         with torch.no_grad():
             stream_layers({layer: feature_major_encoder(transcoders[layer]) for layer in layers},
-                          model_batches(capture, rows, args.batch_size),
+                          model_batches(capture, array_row_batches(rows, packed.doc_ids, args.batch_size)),
                           {layer: args.features for layer in layers}, settings, device=loaded.device)
         sync()
 
@@ -107,7 +107,7 @@ def main() -> None:
         encoders = {layer: feature_major_encoder(transcoders[layer]) for layer in layers}
         rows_per_tile = max(1, TILE_VALUES // (args.features * args.context))
         with torch.no_grad():
-            for _, inputs in model_batches(capture, rows, args.batch_size):
+            for _, _, inputs in model_batches(capture, array_row_batches(rows, packed.doc_ids, args.batch_size)):
                 for layer in layers:
                     mlp_in = inputs[layer][0]
                     for t0 in range(0, mlp_in.shape[0], rows_per_tile * args.context):

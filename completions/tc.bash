@@ -13,7 +13,7 @@ _tc() {
         export) opts='--format --out --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
-        score) opts='--data --tokens --context --seed --engine --model --device --model-dtype --transcoders --layers --out --top --quantiles --per-quantile --context-window --top-tokens --batch-size --quiet --help' ;;
+        score) opts='--data --tokens --context --seed --engine --model --device --model-dtype --transcoders --layers --out --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
         show) opts='--html --features --limit --examples --model --help' ;;
         train) opts='--dist-timeout --distribute-layers --cache --out --layers --kind --expansion --features --activation --k --l1 --l1-warmup --normalize-mse --lr --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --checkpoint-every --log-every --resume --quiet --help' ;;
         *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export greater-than info score show train --version --help' -- "$cur")); return ;;

@@ -121,6 +121,7 @@ complete -c tc -n '__fish_seen_subcommand_from score' -l per-quantile -r -F -d '
 complete -c tc -n '__fish_seen_subcommand_from score' -l context-window -r -F -d 'Tokens shown on each side of an example.'
 complete -c tc -n '__fish_seen_subcommand_from score' -l top-tokens -r -F -d 'Tokens (and pullback features) listed per de-embedding / logit / pullback table.'
 complete -c tc -n '__fish_seen_subcommand_from score' -l batch-size -r -F -d 'Rows of --context tokens per forward pass.'
+complete -c tc -n '__fish_seen_subcommand_from score' -l force -d 'Replace --out if it exists (it is still written to a temporary file first).'
 complete -c tc -n '__fish_seen_subcommand_from score' -l quiet -d 'No progress on stderr.'
 complete -c tc -n '__fish_seen_subcommand_from score' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from show' -F

@@ -143,6 +143,7 @@ _tc() {
                     '*--context-window[Tokens shown on each side of an example.]:value:_files' \
                     '*--top-tokens[Tokens (and pullback features) listed per de-embedding / logit / pullback table.]:value:_files' \
                     '*--batch-size[Rows of --context tokens per forward pass.]:value:_files' \
+                    '*--force[Replace --out if it exists (it is still written to a temporary file first).]' \
                     '*--quiet[No progress on stderr.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;

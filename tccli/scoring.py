@@ -65,6 +65,8 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
     context_window: int = option(8, "Tokens shown on each side of an example.")
     top_tokens: int = option(10, "Tokens (and pullback features) listed per de-embedding / logit / pullback table.")
     batch_size: int = option(32, "Rows of --context tokens per forward pass.")
+    force: bool = option(False, "Replace --out if it exists (it is still written to a temporary file first).",
+                         save=False)
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -210,13 +212,16 @@ class ExampleSlots:
     window_tokens: torch.Tensor  # [m, k, W] int64, -1 outside the row
     window_acts: torch.Tensor  # [m, k, W] float32
     scale: torch.Tensor  # [m, k] float32: the MLP input's normalisation scale at the example
+    doc: torch.Tensor  # [m, k] int64: the document the example's token belongs to, -1 when unused
+    # (kept with the example so that no array of every token's document is needed at the end)
 
     @classmethod
     def empty(cls, m: int, k: int, width: int, device) -> "ExampleSlots":
         return cls(keys=torch.full((m, k), EMPTY_KEY, dtype=torch.int64, device=device),
                    window_tokens=torch.full((m, k, width), -1, dtype=torch.int64, device=device),
                    window_acts=torch.zeros((m, k, width), dtype=torch.float32, device=device),
-                   scale=torch.zeros((m, k), dtype=torch.float32, device=device))
+                   scale=torch.zeros((m, k), dtype=torch.float32, device=device),
+                   doc=torch.full((m, k), -1, dtype=torch.int64, device=device))
 
     @property
     def size(self) -> int:
@@ -230,10 +235,11 @@ class ExampleSlots:
         if len(row):
             feature = row if features is None else features[row]
             self.keys[feature, slot] = candidate_keys[row, candidate]
-            tokens, acts, scale = batch.windows(feature, candidate_local[row, candidate])
+            tokens, acts, scale, doc = batch.windows(feature, candidate_local[row, candidate])
             self.window_tokens[feature, slot] = tokens
             self.window_acts[feature, slot] = acts
             self.scale[feature, slot] = scale
+            self.doc[feature, slot] = doc
 
     def sorted(self) -> "ExampleSlots":
         """The same slots with each feature's keys in descending order."""
@@ -242,7 +248,7 @@ class ExampleSlots:
         return ExampleSlots(keys=torch.gather(self.keys, 1, order),
                             window_tokens=torch.gather(self.window_tokens, 1, order[..., None].expand(-1, -1, width)),
                             window_acts=torch.gather(self.window_acts, 1, order[..., None].expand(-1, -1, width)),
-                            scale=torch.gather(self.scale, 1, order))
+                            scale=torch.gather(self.scale, 1, order), doc=torch.gather(self.doc, 1, order))
 
 
 @dataclass
@@ -250,12 +256,13 @@ class BatchView:
     """One batch of rows as the streaming state sees it."""
 
     tokens: torch.Tensor  # [rows, context] int64
+    doc_ids: torch.Tensor  # [rows, context] int64, the document of each token
     z: torch.Tensor  # [m, rows * context] activations, feature-major
     scale: torch.Tensor  # [rows * context]
     half_window: int
 
     def windows(self, feature: torch.Tensor, local_token: torch.Tensor):
-        """Token ids and ``feature``'s activations around each local token, plus its scale."""
+        """Token ids and ``feature``'s activations around each local token, plus its scale and document."""
         context = self.tokens.shape[1]
         row, pos = local_token // context, local_token % context
         offsets = torch.arange(-self.half_window, self.half_window + 1, device=self.z.device)
@@ -265,7 +272,7 @@ class BatchView:
         flat = row[:, None] * context + positions
         tokens = torch.where(inside, self.tokens[row[:, None], positions], torch.full_like(flat, -1))
         acts = torch.where(inside, self.z[feature[:, None], flat], torch.zeros((), device=self.z.device))
-        return tokens, acts, self.scale[local_token]
+        return tokens, acts, self.scale[local_token], self.doc_ids[row, pos]
 
 
 @dataclass
@@ -444,7 +451,8 @@ def stream_layers(
 ) -> tuple[dict[int, LayerStream], int]:
     """Run the streaming statistics over ``batches``.
 
-    batches yields (tokens [rows, context], {layer: (mlp_in [rows*context, d], scale [rows*context])});
+    batches yields (tokens [rows, context], doc_ids [rows, context],
+    {layer: (mlp_in [rows*context, d], scale [rows*context])});
     encoders maps a layer to a function mlp_in -> z [m, rows*context] (feature-major, z >= 0).
     Returns ({layer: LayerStream}, tokens seen).
     """
@@ -452,7 +460,7 @@ def stream_layers(
                                         settings.half_window, device, settings.seed)
                for layer in encoders}
     seen = 0
-    for tokens, inputs in batches:
+    for tokens, doc_ids, inputs in batches:
         if seen + tokens.numel() > MAX_TOKENS:
             raise fail(f"tc score handles at most {MAX_TOKENS} tokens in one run")
         context = tokens.shape[1]
@@ -461,25 +469,24 @@ def stream_layers(
             rows_per_tile = max(1, TILE_VALUES // (n_features[layer] * context))
             for r0 in range(0, tokens.shape[0], rows_per_tile):  # tiles of whole rows: see TILE_VALUES
                 r1 = min(tokens.shape[0], r0 + rows_per_tile)
-                batch = BatchView(tokens=tokens[r0:r1], z=encode(mlp_in[r0 * context:r1 * context]).float(),
+                batch = BatchView(tokens=tokens[r0:r1], doc_ids=doc_ids[r0:r1],
+                                  z=encode(mlp_in[r0 * context:r1 * context]).float(),
                                   scale=scale[r0 * context:r1 * context].float(), half_window=settings.half_window)
                 streams[layer].update(batch, seen + r0 * context)
         seen += tokens.numel()
     return streams, seen
 
 
-def examples_from_slots(slots: ExampleSlots, decode, context: int, doc_ids: np.ndarray, half_window: int
-                        ) -> ExampleArrays:
+def examples_from_slots(slots: ExampleSlots, decode, context: int, half_window: int) -> ExampleArrays:
     slots = slots.sorted()
     _, index = decode(slots.keys)
     index = index.cpu().numpy()
     empty = index < 0
     row, position = np.where(empty, -1, index // context), np.where(empty, -1, index % context)
-    doc = np.where(empty, -1, doc_ids.reshape(-1)[np.where(empty, 0, index)])
     window_acts = slots.window_acts.cpu().numpy()
     return ExampleArrays(activation=window_acts[:, :, half_window].copy(), token_index=index, row=row,
-                         position=position, doc=doc, window_tokens=slots.window_tokens.cpu().numpy(),
-                         window_acts=window_acts)
+                         position=position, doc=slots.doc.cpu().numpy(),
+                         window_tokens=slots.window_tokens.cpu().numpy(), window_acts=window_acts)
 
 
 def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
@@ -502,13 +509,13 @@ def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
 
 def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor, W_U: torch.Tensor,
                  earlier_decoders: dict[int, torch.Tensor], normalization: str, n_tokens: int, context: int,
-                 doc_ids: np.ndarray, settings: ScoreSettings) -> LayerScores:
+                 settings: ScoreSettings) -> LayerScores:
     """Turn a layer's streaming state and its transcoder's weights into LayerScores."""
     count = stream.active_count.cpu().numpy()
     frequency = count / max(n_tokens, 1)
     mean = np.where(count > 0, stream.activation_sum.cpu().numpy() / np.maximum(count, 1), 0.0)
-    top = examples_from_slots(stream.top_slots, decode_activation_keys, context, doc_ids, settings.half_window)
-    sample = examples_from_slots(stream.sample_slots, lambda k: (None, sample_key_index(k)), context, doc_ids,
+    top = examples_from_slots(stream.top_slots, decode_activation_keys, context, settings.half_window)
+    sample = examples_from_slots(stream.sample_slots, lambda k: (None, sample_key_index(k)), context,
                                  settings.half_window)
     quantile = sort_into_bands(sample, settings.quantiles)
 
@@ -540,27 +547,39 @@ def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor,
 # ============================================================================ the whole command
 
 
-def model_batches(capture, rows: np.ndarray, batch_size: int, progress=None):
-    """Yield (tokens, {layer: (mlp_in [T, d], scale [T])}) for ``rows`` from a ``tccli.models.MlpCapture``
-    (which stops each pass at the last layer it captures)."""
-    d_model = capture.info.d_model
+def array_row_batches(rows: np.ndarray, doc_ids: np.ndarray, batch_size: int):
+    """Rows already in memory (tests, benchmarks) as the batches a ``tccli.text.RowStream`` yields."""
     for start in range(0, len(rows), batch_size):
-        tokens = torch.as_tensor(rows[start:start + batch_size], dtype=torch.int64, device=capture.loaded.device)
+        yield rows[start:start + batch_size], doc_ids[start:start + batch_size]
+
+
+def model_batches(capture, row_batches, progress=None, total_rows: Optional[int] = None):
+    """Yield (tokens, doc_ids, {layer: (mlp_in [T, d], scale [T])}) for each (tokens, doc_ids) batch of
+    ``row_batches`` from a ``tccli.models.MlpCapture`` (which stops each pass at the last layer it captures)."""
+    d_model = capture.info.d_model
+    device = capture.loaded.device
+    done = 0
+    for rows, doc_ids in row_batches:
+        tokens = torch.as_tensor(rows, dtype=torch.int64, device=device)
         captured = capture.capture(tokens)
-        yield tokens, {layer: (acts["mlp_in"].reshape(-1, d_model), acts["mlp_scale"].reshape(-1))
-                       for layer, acts in captured.items()}
+        inputs = {layer: (acts["mlp_in"].reshape(-1, d_model), acts["mlp_scale"].reshape(-1))
+                  for layer, acts in captured.items()}
+        yield tokens, torch.as_tensor(doc_ids, dtype=torch.int64, device=device), inputs
+        done += len(rows)
         if progress is not None:
-            progress("scoring", min(start + batch_size, len(rows)), len(rows))
+            progress("scoring", done, max(done, total_rows or 0))
 
 
-def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray, settings: ScoreSettings,
-                progress=None, engine: str = "native", release_bridge: bool = False,
-                log=lambda message: None) -> dict[int, LayerScores]:
-    """Score every feature of ``transcoders`` ({layer: Transcoder}) on ``rows`` of token ids.
+def score_rows(loaded, transcoders: dict, row_batches, context: int, settings: ScoreSettings, progress=None,
+               total_rows: Optional[int] = None, engine: str = "native", release_bridge: bool = False,
+               log=lambda message: None) -> dict[int, LayerScores]:
+    """Score every feature of ``transcoders`` ({layer: Transcoder}) in one pass over ``row_batches``.
 
-    ``engine`` reads the MLP inputs (see ``tccli.models.MlpCapture``). With ``release_bridge`` the native
-    engine drops the bridge (``loaded.bridge`` becomes None) once the embedding and unembedding have been
-    read from it, so only one copy of the weights is held.
+    row_batches yields (tokens [b, context], doc_ids [b, context]) (a ``tccli.text.RowStream``, so memory
+    does not grow with the number of tokens); each batch is one forward pass. ``total_rows`` (an upper
+    bound is fine) is for progress only. ``engine`` reads the MLP inputs (see ``tccli.models.MlpCapture``).
+    With ``release_bridge`` the native engine drops the bridge (``loaded.bridge`` becomes None) once the
+    embedding and unembedding have been read from it, so only one copy of the weights is held.
     """
     from tccli.models import MlpCapture
 
@@ -574,25 +593,36 @@ def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray
     if capture.fallback_reason:
         log(capture.fallback_reason)
     with torch.no_grad():
-        streams, n_tokens = stream_layers(encoders, model_batches(capture, rows, settings.batch_size, progress),
+        streams, n_tokens = stream_layers(encoders, model_batches(capture, row_batches, progress, total_rows),
                                           n_features, settings, device=loaded.device)
     out = {}
     for layer in layers:
         earlier = {lo: transcoders[lo].decoder_vectors.detach().float().cpu() for lo in layers if lo < layer}
         out[layer] = finish_layer(layer, streams[layer], transcoders[layer], W_E, W_U, earlier,
-                                  loaded.info.normalization, n_tokens, rows.shape[1], doc_ids, settings)
+                                  loaded.info.normalization, n_tokens, context, settings)
     return out
+
+
+def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray, settings: ScoreSettings,
+                progress=None, **options) -> dict[int, LayerScores]:
+    """``score_rows`` on rows held in memory (tests, benchmarks), ``settings.batch_size`` rows a pass."""
+    return score_rows(loaded, transcoders, array_row_batches(rows, doc_ids, settings.batch_size), rows.shape[1],
+                      settings, progress, total_rows=len(rows), **options)
 
 
 def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> dict:
     """`tc score`: load, stream, write the features file. Returns a small summary for stderr."""
+    from pathlib import Path
+
     from tccli import __version__
     from tccli.config import to_json_dict
     from tccli.features_io import vocabulary, write_features
     from tccli.models import load_model, torch_dtype
-    from tccli.text import load_rows
+    from tccli.text import stream_rows
     from tccli.transcoder_io import check_matches_model, load_transcoder_set
 
+    if Path(config.out).exists() and not config.force:
+        raise fail(f"{config.out} already exists (pass --force to replace it)")
     loaded = load_model(config.model, config.device, config.model_dtype)
     info = loaded.info
     layers = parse_layers(config.layers, info.n_layers) if config.layers else None
@@ -603,23 +633,25 @@ def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> d
             raise fail(f"{config.transcoders}: layer {transcoder.config.layer} is an SAE on the MLP output; "
                        "tc score scores transcoders (MLP input -> output)")
         transcoder.to(torch_dtype(loaded.dtype))
-    packed = load_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed)
+    # the texts are read now (bad data fails before any work); the token rows come a batch at a time
+    rows = stream_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed,
+                       batch_rows=config.batch_size)
     settings = ScoreSettings(top=config.top, quantiles=config.quantiles if config.per_quantile else 0,
                              per_quantile=config.per_quantile, half_window=config.context_window,
                              top_tokens=config.top_tokens, batch_size=config.batch_size, seed=config.seed)
-    scores = score_model(loaded, transcoders, packed.tokens, packed.doc_ids, settings, progress,
-                         engine=config.engine, release_bridge=True, log=log)
+    scores = score_rows(loaded, transcoders, rows, config.context, settings, progress, total_rows=rows.n_rows_wanted,
+                        engine=config.engine, release_bridge=True, log=log)
     metadata = {
         "tc_version": __version__,
         "model_info": info.to_dict(),
         "transcoders": {str(layer): {k: v for k, v in tc.config.to_dict().items() if k != "feature_frequency"}
                         for layer, tc in transcoders.items()},
-        "data": {"sources": list(config.data), "tokens": int(packed.n_tokens), "context": config.context,
-                 "seed": config.seed, "available_tokens": packed.available_tokens},
+        "data": {"sources": list(config.data), "tokens": rows.n_tokens, "context": config.context,
+                 "seed": config.seed, "available_tokens": rows.available_tokens},
         "config": to_json_dict(config),
         "settings": settings.__dict__,
         "vocab": vocabulary(loaded.tokenizer, info.d_vocab),
     }
     write_features(config.out, scores, metadata)
-    return {"tokens": int(packed.n_tokens), "layers": list(scores), "out": config.out,
-            "available_tokens": packed.available_tokens}
+    return {"tokens": rows.n_tokens, "layers": list(scores), "out": config.out,
+            "available_tokens": rows.available_tokens}

@@ -7,6 +7,9 @@ Packing: documents are put in an order fixed by ``--seed``; each document is pre
 BOS token and all are joined into one stream; the stream is cut into rows of ``context`` tokens, and a
 row that would not begin with BOS gets one prepended (so every row starts with BOS, and no row starts
 with two). Rows stop once ``tokens`` tokens are reached.
+
+``stream_rows`` gives the rows a batch at a time (``tc score``: memory that does not grow with
+``--tokens``); ``load_rows`` gives them all at once (``tc cache``, ``tc eval``). Both give the same rows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import numpy as np
 from tccli.errors import fail
 
 _BLANK_LINES = re.compile(r"\n\s*\n")
+# pack_rows / load_rows build their arrays from batches of this many rows, so the rows never all sit in
+# Python lists (an 8-byte pointer per value, plus a 28-byte int object for values beyond 256) at once
+PACK_BATCH_ROWS = 1024
 
 
 @dataclass
@@ -117,38 +123,95 @@ def _read_datasets_folder(path: Path) -> Iterator[str]:
             yield text
 
 
+class RowStream:
+    """Packed rows of token ids, a batch at a time: the rows ``pack_rows`` would give, in the same order.
+
+    Iterate it once; each item is (tokens [b, context] int64, doc_ids [b, context] int64), b =
+    ``batch_rows`` except for a shorter last batch. Only one batch of rows exists at a time, so memory
+    does not grow with ``max_tokens``. Document ids stay int64: corpora may hold more than 2**31 documents.
+    After the iteration ends, ``n_tokens`` and ``available_tokens`` say what was packed (as in PackedRows);
+    the data holding less than one row raises TcError then, before anything was yielded.
+
+    ``documents`` are tokenised documents in their final order (a lazy iterator, so only as much text as
+    needed is tokenised); ``doc_numbers`` optionally maps a document's position in that order to the id
+    reported for it (load_rows reports the reading order).
+    """
+
+    def __init__(self, documents: list[list[int]] | Iterator[list[int]], bos_token_id: int, context: int,
+                 max_tokens: int, batch_rows: int, doc_numbers: Optional[np.ndarray] = None):
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+        self.documents = documents
+        self.bos_token_id = bos_token_id
+        self.context = context
+        self.n_rows_wanted = max(1, max_tokens // context)
+        self.batch_rows = batch_rows
+        self.doc_numbers = doc_numbers
+        self.n_rows = 0
+        self.available_tokens: Optional[int] = None
+        self._started = False
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_rows * self.context
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._started:
+            raise RuntimeError("a RowStream can be iterated only once")
+        self._started = True
+        rows: list[list[int]] = []
+        row_docs: list[list[int]] = []
+        row: list[int] = []
+        docs_of_row: list[int] = []
+        for doc_index, doc in enumerate(self.documents):
+            for token, owner in _with_bos(doc, self.bos_token_id, doc_index):
+                if not row and token != self.bos_token_id:
+                    row, docs_of_row = [self.bos_token_id], [owner]
+                row.append(token)
+                docs_of_row.append(owner)
+                if len(row) < self.context:
+                    continue
+                rows.append(row)
+                row_docs.append(docs_of_row)
+                row, docs_of_row = [], []
+                self.n_rows += 1
+                if self.n_rows == self.n_rows_wanted:
+                    yield self._batch(rows, row_docs)
+                    return
+                if len(rows) == self.batch_rows:
+                    yield self._batch(rows, row_docs)
+                    rows, row_docs = [], []
+        if not self.n_rows:
+            raise fail(f"the data holds fewer than one row of {self.context} tokens")
+        self.available_tokens = self.n_tokens + len(row)
+        if rows:
+            yield self._batch(rows, row_docs)
+
+    def collect(self) -> PackedRows:
+        """Every row at once, for callers that need all tokens up front."""
+        batches = list(self)
+        return PackedRows(np.concatenate([tokens for tokens, _ in batches]),
+                          np.concatenate([doc_ids for _, doc_ids in batches]), self.available_tokens)
+
+    def _batch(self, rows: list[list[int]], row_docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        doc_ids = np.array(row_docs, dtype=np.int64)
+        if self.doc_numbers is not None:
+            doc_ids = self.doc_numbers[doc_ids]
+        return np.array(rows, dtype=np.int64), doc_ids
+
+
 def pack_rows(
     documents: list[list[int]] | Iterator[list[int]],
     bos_token_id: int,
     context: int,
     max_tokens: int,
 ) -> PackedRows:
-    """Pack tokenised documents (already in their final order) into BOS-led rows of ``context``.
+    """Pack tokenised documents (already in their final order) into BOS-led rows of ``context``, all at once.
 
     Stops at ``max_tokens // context`` rows. ``documents`` may be a lazy iterator so that only as much
     text as needed is tokenised.
     """
-    n_rows_wanted = max(1, max_tokens // context)
-    rows: list[list[int]] = []
-    row_docs: list[list[int]] = []
-    row: list[int] = []
-    docs_of_row: list[int] = []
-    for doc_index, doc in enumerate(documents):
-        for token, owner in _with_bos(doc, bos_token_id, doc_index):
-            if not row and token != bos_token_id:
-                row, docs_of_row = [bos_token_id], [owner]
-            row.append(token)
-            docs_of_row.append(owner)
-            if len(row) == context:
-                rows.append(row)
-                row_docs.append(docs_of_row)
-                row, docs_of_row = [], []
-                if len(rows) == n_rows_wanted:
-                    return PackedRows(np.array(rows, dtype=np.int64), np.array(row_docs, dtype=np.int64), None)
-    if not rows:
-        raise fail(f"the data holds fewer than one row of {context} tokens")
-    available = len(rows) * context + len(row)
-    return PackedRows(np.array(rows, dtype=np.int64), np.array(row_docs, dtype=np.int64), available)
+    return RowStream(documents, bos_token_id, context, max_tokens, PACK_BATCH_ROWS).collect()
 
 
 def _with_bos(doc: list[int], bos_token_id: int, doc_index: int) -> Iterator[tuple[int, int]]:
@@ -170,15 +233,24 @@ def tokenize_lazily(tokenizer: Any, texts: list[str], order: np.ndarray, batch: 
             yield list(ids)
 
 
-def load_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int,
-              seed: int, stdin: Any = None) -> PackedRows:
-    """The whole input pipeline: read, order by seed, tokenise as far as needed, pack.
+def stream_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int,
+                seed: int, batch_rows: int, stdin: Any = None) -> RowStream:
+    """The whole input pipeline, ``batch_rows`` rows at a time: read, order by seed, tokenise as far as
+    needed, pack. ``doc_ids`` index documents in reading order (before shuffling).
 
-    ``doc_ids`` in the result index documents in reading order (before shuffling).
+    The document texts are read up front and stay in memory: the order fixed by ``seed`` is a
+    permutation of all documents, so every document must be known before the first row. Only the
+    token rows are produced lazily, one batch at a time.
     """
     texts = read_documents(paths, stdin=stdin)
     order = document_order(len(texts), seed)
-    packed = pack_rows(tokenize_lazily(tokenizer, texts, order), bos_token_id, context, max_tokens)
-    # pack_rows numbers documents in packing order; map back to reading order
-    packed.doc_ids = order[packed.doc_ids]
-    return packed
+    # packing numbers documents in packing order; order[...] maps them back to reading order
+    return RowStream(tokenize_lazily(tokenizer, texts, order), bos_token_id, context, max_tokens, batch_rows,
+                     doc_numbers=order)
+
+
+def load_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int,
+              seed: int, stdin: Any = None) -> PackedRows:
+    """``stream_rows`` with every row at once (``tc cache`` needs all tokens up front)."""
+    return stream_rows(paths, tokenizer, bos_token_id, context, max_tokens, seed, PACK_BATCH_ROWS,
+                       stdin=stdin).collect()

@@ -28,14 +28,20 @@ from tccli.scoring import (
 )
 
 
+def synthetic_doc_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """A made-up document per token: a new document every 7 tokens, numbered from 1000."""
+    return 1000 + torch.arange(tokens.numel()).reshape(tokens.shape) // 7
+
+
 def synthetic_batches(z_rows: torch.Tensor, tokens: torch.Tensor, batch_rows: int):
     """Batches whose 'mlp_in' is already the activation z (the encoder is the identity)."""
     context = tokens.shape[1]
+    doc_ids = synthetic_doc_ids(tokens)
     for start in range(0, tokens.shape[0], batch_rows):
         tok = tokens[start:start + batch_rows]
         z = z_rows[start:start + batch_rows].reshape(-1, z_rows.shape[-1])
         scale = torch.arange(z.shape[0], dtype=torch.float32) + 1.0 + start * context
-        yield tok, {0: (z, scale)}
+        yield tok, doc_ids[start:start + batch_rows], {0: (z, scale)}
 
 
 def tied_activations(rows=12, context=10, m=6, seed=0):
@@ -103,6 +109,7 @@ def test_streaming_result_independent_of_batch_size_and_tiling(monkeypatch):
             assert torch.equal(a.window_tokens, b.window_tokens)
             assert torch.equal(a.window_acts, b.window_acts)
             assert torch.equal(a.scale, b.scale)
+            assert torch.equal(a.doc, b.doc)
         assert torch.equal(first.active_count, other.active_count)
         assert torch.equal(first.activation_max, other.activation_max)
 
@@ -126,6 +133,7 @@ def test_windows_hold_tokens_and_activations_around_each_example():
                 else:
                     assert stream.top_slots.window_tokens[f, slot, j] == -1
             assert stream.top_slots.scale[f, slot] == i + 1.0  # synthetic scale = global index + 1
+            assert stream.top_slots.doc[f, slot] == synthetic_doc_ids(tokens)[row, pos]
 
 
 def test_candidates_break_boundary_ties_by_the_earlier_token():
@@ -177,8 +185,7 @@ def test_token_priority_is_a_spread_of_distinct_values():
 def test_bands_are_equal_count_slices_of_the_sorted_sample():
     z, tokens = tied_activations(rows=20, seed=4)
     stream, _ = run_stream(z, tokens, 7, ScoreSettings(top=1, quantiles=3, per_quantile=2, half_window=1))
-    examples = examples_from_slots(stream.sample_slots, lambda k: (None, sample_key_index(k)), tokens.shape[1],
-                                   np.zeros(tokens.shape, np.int64), 1)
+    examples = examples_from_slots(stream.sample_slots, lambda k: (None, sample_key_index(k)), tokens.shape[1], 1)
     banded = sort_into_bands(examples, 3)
     for f in range(z.shape[-1]):
         valid = banded.token_index[f] >= 0
@@ -270,6 +277,52 @@ def test_planted_feature_has_its_token_everywhere(tiny_model_dirs):
     assert np.array_equal(again.quantile.token_index, scores.quantile.token_index)
 
 
+def random_layer0_transcoder(info, n_features: int = 8):
+    """A random transcoder for layer 0 whose features fire on part of the tokens."""
+    from tccli.transcoder import Transcoder, TranscoderConfig
+
+    transcoder = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=0))
+    with torch.no_grad():
+        for p in transcoder.parameters():
+            p.normal_()
+    return transcoder
+
+
+def assert_same_scores(a, b):
+    """Every example (key, window, document) and every statistic equal, exactly."""
+    assert np.array_equal(a.frequency, b.frequency)
+    assert np.array_equal(a.mean_activation, b.mean_activation)
+    assert np.array_equal(a.max_activation, b.max_activation)
+    for which in ("top", "quantile"):
+        x, y = getattr(a, which), getattr(b, which)
+        for name in ("activation", "token_index", "doc", "window_tokens", "window_acts"):
+            assert np.array_equal(getattr(x, name), getattr(y, name)), (which, name)
+
+
+def test_streamed_rows_score_exactly_as_rows_in_memory(tiny_model_dirs, text_file):
+    from tccli.models import load_model
+    from tccli.scoring import score_rows
+    from tccli.text import load_rows, stream_rows
+
+    loaded = load_model(str(tiny_model_dirs["llama"]), "cpu")
+    info = loaded.info
+    torch.manual_seed(1)
+    transcoder = random_layer0_transcoder(info)
+    settings = ScoreSettings(top=5, quantiles=2, per_quantile=2, half_window=2, top_tokens=3, batch_size=3, seed=4)
+    data = dict(paths=[str(text_file)], tokenizer=loaded.tokenizer, bos_token_id=info.bos_token_id, context=16,
+                max_tokens=16 * 20, seed=5)
+    packed = load_rows(**data)
+    in_memory = score_model(loaded, {0: transcoder}, packed.tokens, packed.doc_ids, settings)[0]
+    streamed = score_rows(loaded, {0: transcoder}, stream_rows(batch_rows=settings.batch_size, **data), 16,
+                          settings)[0]
+    assert_same_scores(streamed, in_memory)
+    assert (in_memory.top.token_index[:, 0] >= 0).any()  # the comparison is about real examples
+    # the document kept with each example is the one the token belongs to
+    valid = in_memory.top.token_index >= 0
+    assert np.array_equal(in_memory.top.doc[valid], packed.doc_ids.reshape(-1)[in_memory.top.token_index[valid]])
+    assert (in_memory.top.doc[~valid] == -1).all()
+
+
 # ---------------------------------------------------------------------------- the command and its files
 
 
@@ -348,3 +401,50 @@ def test_score_config_validation():
         ScoreConfig(transcoders="t", out="f.csv", data=["x.txt"]).validate()
     with pytest.raises(TcError, match="--top must be at least 1"):
         ScoreConfig(transcoders="t", out="f.h5", data=["x.txt"], top=0).validate()
+
+
+def score_config(files, out, **overrides):
+    from tccli.scoring import ScoreConfig
+
+    options = dict(model=str(files["model"]), transcoders=str(files["root"] / "tcs"), data=[str(files["corpus"])],
+                   tokens=240, context=24, top=3, quantiles=2, per_quantile=1, batch_size=4, out=str(out), quiet=True)
+    return ScoreConfig(**{**options, **overrides})
+
+
+def test_score_streams_its_rows(scored_files, tmp_path, monkeypatch):
+    import tccli.text as text
+    from tccli.features_io import FeaturesFile
+    from tccli.scoring import run_score
+
+    def all_rows_at_once(*args, **kwargs):
+        raise AssertionError("tc score must not hold every row at once")
+
+    for name in ("load_rows", "pack_rows"):
+        monkeypatch.setattr(text, name, all_rows_at_once)
+    monkeypatch.setattr(text.RowStream, "collect", all_rows_at_once)
+    out = tmp_path / "f.h5"
+    summary = run_score(score_config(scored_files, out, tokens=10**6))
+    features = FeaturesFile.open(out)
+    # the corpus holds fewer tokens than asked for: counted once the stream has run out
+    available = features.meta["data"]["available_tokens"]
+    assert summary["available_tokens"] == available and available is not None
+    assert summary["tokens"] == features.meta["data"]["tokens"] == available - available % 24
+
+
+def test_score_refuses_an_existing_out_without_force(scored_files, tmp_path):
+    from tccli.features_io import FeaturesFile
+    from tccli.scoring import run_score
+
+    out = tmp_path / "f.jsonl"
+    out.write_text("precious\n")
+    result = run_tc("score", "--model", str(scored_files["model"]), "--transcoders", str(scored_files["root"] / "tcs"),
+                    "--data", str(scored_files["corpus"]), "--out", str(out), "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("tc: error:") and "already exists" in lines[0] and "--force" in lines[0]
+    assert out.read_text() == "precious\n"
+    with pytest.raises(TcError, match="already exists"):
+        run_score(score_config(scored_files, out))
+    run_score(score_config(scored_files, out, force=True))
+    assert FeaturesFile.open(out).meta["data"]["tokens"] == 240
+    assert not list(tmp_path.glob("*.tmp"))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tccli.errors import TcError
-from tccli.text import load_rows, pack_rows, read_documents, split_documents
+from tccli.text import (RowStream, document_order, load_rows, pack_rows, read_documents, split_documents,
+                        stream_rows)
 
 
 class CharTokenizer:
@@ -74,3 +75,70 @@ def test_load_rows_is_deterministic_and_seed_dependent(tmp_path):
     # doc ids point into reading order: the text of doc k starts with "dock"
     first_doc = int(a.doc_ids[0, 1])
     assert "".join(chr(t) for t in a.tokens[0, 1:6]) == f"doc{first_doc} "[:5]
+
+
+def reference_rows(docs: list[list[int]], bos: int, context: int, max_tokens: int):
+    """Packing written out directly: the whole BOS-joined stream of (token, document), cut into rows."""
+    rows, row = [], []
+    for doc_index, doc in enumerate(docs):
+        for token in [bos] + doc:
+            if not row and token != bos:
+                row.append((bos, doc_index))
+            row.append((token, doc_index))
+            if len(row) == context:
+                rows.append(row)
+                row = []
+    wanted = max(1, max_tokens // context)
+    available = None if len(rows) >= wanted else len(rows) * context + len(row)
+    rows = np.array(rows[:wanted], dtype=np.int64).reshape(-1, context, 2)
+    return rows[..., 0], rows[..., 1], available
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("context,max_tokens,batch_rows", [
+    (16, 160, 3),  # 10 rows in batches of 3, 3, 3, 1
+    (7, 70, 10),  # exactly one batch
+    (5, 10**6, 4),  # fewer tokens than asked for: the stream ends with the data
+    (64, 10**6, 1),
+])
+def test_stream_rows_equal_load_rows_and_a_direct_packing(tmp_path, seed, context, max_tokens, batch_rows):
+    (tmp_path / "c.txt").write_text("\n\n".join(f"doc{i} " * (1 + i % 5) for i in range(40)))
+    args = dict(paths=[str(tmp_path / "c.txt")], tokenizer=CharTokenizer(), bos_token_id=0, context=context,
+                max_tokens=max_tokens, seed=seed)
+    stream = stream_rows(batch_rows=batch_rows, **args)
+    batches = list(stream)
+    assert all(tokens.shape[0] <= batch_rows and tokens.dtype == ids.dtype == np.int64 for tokens, ids in batches)
+    assert all(tokens.shape[0] == batch_rows for tokens, _ in batches[:-1])
+    streamed_tokens = np.concatenate([tokens for tokens, _ in batches])
+    streamed_docs = np.concatenate([ids for _, ids in batches])
+    packed = load_rows(**args)
+    assert np.array_equal(streamed_tokens, packed.tokens) and np.array_equal(streamed_docs, packed.doc_ids)
+    assert stream.available_tokens == packed.available_tokens and stream.n_tokens == packed.n_tokens
+    # an independent packing of the same documents in the seed's order; ids back in reading order
+    texts = read_documents(args["paths"])
+    order = document_order(len(texts), seed)
+    tokens, docs, available = reference_rows([[ord(c) for c in texts[i]] for i in order], 0, context, max_tokens)
+    assert np.array_equal(streamed_tokens, tokens) and np.array_equal(streamed_docs, order[docs])
+    assert stream.available_tokens == available
+    if max_tokens == 10**6:
+        assert available is not None and available < max_tokens
+
+
+def test_row_stream_reports_availability_only_at_the_end_and_keeps_int64_ids():
+    # document numbers beyond 2**31 (a huge corpus) must survive: ids stay int64
+    big = np.array([2**40, 2**40 + 1])
+    stream = RowStream([[1, 2, 3], [4, 5]], bos_token_id=0, context=3, max_tokens=100, batch_rows=1, doc_numbers=big)
+    batches = iter(stream)
+    first_tokens, first_docs = next(batches)
+    assert first_tokens.tolist() == [[0, 1, 2]] and first_docs.tolist() == [[2**40] * 3]
+    assert stream.available_tokens is None  # not known until the data runs out
+    rest = list(batches)
+    assert [t.tolist() for t, _ in rest] == [[[0, 3, 0]], [[0, 4, 5]]]
+    assert rest[0][1].tolist() == [[2**40, 2**40, 2**40 + 1]]
+    assert stream.available_tokens == 9 and stream.n_tokens == 9
+
+
+def test_row_stream_with_too_little_text_fails_before_any_row():
+    stream = RowStream([[1, 2]], bos_token_id=0, context=8, max_tokens=100, batch_rows=2)
+    with pytest.raises(TcError, match="fewer than one row of 8 tokens"):
+        next(iter(stream))
