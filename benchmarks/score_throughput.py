@@ -36,7 +36,7 @@ def random_transcoders(info, n_features: int, density: float, seed: int = 0):
         torch.manual_seed(seed + layer)
         tc = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=layer))
         with torch.no_grad():
-            tc.W_enc.normal_().div_(tc.W_enc.norm(dim=0, keepdim=True) * info.d_model ** 0.5)
+            tc.W_enc.normal_().div_(tc.W_enc.norm(dim=0, keepdim=True))  # unit-norm columns
             tc.W_dec.normal_()
             tc.b_enc.fill_(-threshold)
         out[layer] = tc
@@ -114,9 +114,12 @@ def main() -> None:
                         encoders[layer](mlp_in[t0:t0 + rows_per_tile * args.context])
         sync()
 
+    density: list = []
+
     def whole() -> None:
-        score_model(loaded, transcoders, rows, packed.doc_ids, settings, engine=args.engine)
+        scores = score_model(loaded, transcoders, rows, packed.doc_ids, settings, engine=args.engine)
         sync()
+        density.append(sum(float(s.frequency.mean()) for s in scores.values()) / len(scores))
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -132,7 +135,8 @@ def main() -> None:
     print(f"model {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {loaded.device}, "
           f"threads {torch.get_num_threads()}")
     print(f"{n_tokens} tokens, {args.features} features x {info.n_layers} layers, batch {args.batch_size} x "
-          f"{args.context}, top {settings.top}, {settings.quantiles}x{settings.per_quantile} band samples")
+          f"{args.context}, top {settings.top}, {settings.quantiles}x{settings.per_quantile} band samples; "
+          f"measured density {density[0]:.4f} (asked {args.density})")
     for name, seconds in results.items():
         print(f"  {name:14s} {seconds:8.2f} s  {n_tokens / seconds:10.0f} tokens/s")
     print(f"ratio scoring pass / forward: {forward / results['scoring pass']:.2f}   "
