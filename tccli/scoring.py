@@ -160,7 +160,8 @@ def sample_candidates(z: torch.Tensor, base_index: int, size: int, floor: torch.
     A feature's sample is its ``size`` active tokens of highest sampling key ``priority << 32 | token
     index`` (unique). ``floor`` [m] is the lowest key each feature holds (EMPTY_KEY while its sample is
     not full): a token enters only above it. Returns (features [f], keys [f, c], local token [f, c]),
-    c = min(size, T), for the features with an active token above their floor.
+    c = min(size, T), for the features with an active token above their floor (features None: all m
+    rows, see ``features_to_update``).
 
     Within the batch the tokens are ranked by key once, and a float top-k over "rank where the feature
     fires, else 0" picks the candidates; ranks below 2**24 are exact in float32. ``active`` may pass in
@@ -177,9 +178,16 @@ def sample_candidates(z: torch.Tensor, base_index: int, size: int, floor: torch.
     masked = (torch.sign(z) if active is None else active).mul_(rank[None, :])
     best_rank = masked.amax(1).long()  # the highest-keyed active token of each feature, 0 if none
     best_key = torch.where(best_rank > 0, keys[order][(best_rank - 1).clamp(min=0)], torch.full_like(best_rank, EMPTY_KEY))
-    features = (best_key > floor).nonzero(as_tuple=True)[0]
-    values, local = masked[features].topk(min(size, T), dim=1)
+    features = features_to_update(best_key > floor)
+    values, local = (masked if features is None else masked[features]).topk(min(size, T), dim=1)
     return features, torch.where(values > 0, keys[local], torch.full_like(local, EMPTY_KEY)), local
+
+
+def features_to_update(can_change: torch.Tensor) -> Optional[torch.Tensor]:
+    """The features whose examples a batch can change (a [m] mask), as indices, or None for "all of
+    them" when that is most of them: gathering their rows would copy nearly the whole batch for little."""
+    features = can_change.nonzero(as_tuple=True)[0]
+    return None if 2 * len(features) > len(can_change) else features
 
 
 def merge_top_keys(running: torch.Tensor, candidate_keys: torch.Tensor
@@ -310,15 +318,18 @@ class LayerStream:
         # (an empty slot decodes to 0). Only features where that can happen pay for a top-k: after a
         # few thousand tokens that is a small share of them.
         floor, _ = decode_activation_keys(self.top_slots.keys.min(dim=1).values)
-        features = (batch_max > floor).nonzero(as_tuple=True)[0]
-        if len(features):
+        features = features_to_update(batch_max > floor)
+        if features is None:
+            self.top_slots.update(*top_activation_candidates(z, base_index, self.top_slots.size, floor), batch)
+        elif len(features):
             keys, local = top_activation_candidates(z[features], base_index, self.top_slots.size, floor[features])
             self.top_slots.update(keys, local, batch, features)
         if self.sample_slots.size:
             floor = self.sample_slots.keys.min(dim=1).values
             features, keys, local = sample_candidates(z, base_index, self.sample_slots.size, floor, self.seed, active)
-            if len(features):
+            if features is None or len(features):
                 self.sample_slots.update(keys, local, batch, features)
+
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
     """mlp_in [T, d] -> activations [m, T] (feature-major, so per-feature top-k runs along rows)."""
