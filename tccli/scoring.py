@@ -123,71 +123,25 @@ def sample_key_index(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys < 0, torch.full_like(keys, -1), keys & INDEX_MASK)
 
 
-def top_activation_candidates(z: torch.Tensor, base_index: int, k: int, floor: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each feature's k best tokens of a batch, exactly in key order (ties: earlier token first).
+def best_per_feature(feature: torch.Tensor, keys: torch.Tensor, local: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each feature's k largest keys among sparse entries (feature, key, local token), keys unique per feature.
 
-    z: [m, T] activations (feature-major); floor: [m] the activation a candidate must reach to enter
-    the running top-k (0 while it is not full). Returns (keys [m, c], local token [m, c]), c = min(k, T).
-
-    A float top-k of c + 1 picks the candidates cheaply. It may have picked any of several tokens tied
-    at the boundary value; that can only be so when the (c+1)-th value equals the c-th, and only
-    those features (and only if the boundary could still enter the running top-k) are redone with
-    exact int64 keys.
+    Returns (features [f] that have entries, keys [f, k], local [f, k]) with each row in descending key
+    order, padded with EMPTY_KEY (and local 0) where a feature has fewer than k entries.
     """
-    m, T = z.shape
-    c = min(k, T)
-    values, local = z.topk(min(c + 1, T), dim=1)
-    base = torch.tensor(base_index, dtype=torch.int64, device=z.device)
-    keys = activation_keys(values[:, :c], base + local[:, :c])
-    local = local[:, :c]
-    if T > c:
-        boundary = values[:, c - 1]
-        tied = ((values[:, c] == boundary) & (boundary > 0) & (boundary >= floor)).nonzero(as_tuple=True)[0]
-        if len(tied):
-            index = base + torch.arange(T, device=z.device)
-            exact = activation_keys(z[tied], index[None, :]).topk(c, dim=1)
-            keys[tied] = exact.values
-            local[tied] = exact.indices
-    return keys, local
-
-
-def sample_candidates(z: torch.Tensor, base_index: int, size: int, floor: torch.Tensor, seed: int = 0,
-                      active: Optional[torch.Tensor] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch's sample candidates of the features whose running sample they can change.
-
-    A feature's sample is its ``size`` active tokens of highest sampling key ``priority << 32 | token
-    index`` (unique). ``floor`` [m] is the lowest key each feature holds (EMPTY_KEY while its sample is
-    not full): a token enters only above it. Returns (features [f], keys [f, c], local token [f, c]),
-    c = min(size, T), for the features with an active token above their floor (features None: all m
-    rows, see ``features_to_update``).
-
-    Within the batch the tokens are ranked by key once, and a float top-k over "rank where the feature
-    fires, else 0" picks the candidates; ranks below 2**24 are exact in float32. ``active`` may pass in
-    ``sign(z)`` (float, 0 or 1), which this function overwrites.
-    """
-    m, T = z.shape
-    if T >= 1 << 24:
-        raise fail(f"a batch of {T} tokens is too large for tc score (at most {(1 << 24) - 1})")
-    index = base_index + torch.arange(T, device=z.device, dtype=torch.int64)
-    keys = (token_priority(index, seed) << 32) | index
-    order = keys.argsort()
-    rank = torch.empty(T, dtype=torch.float32, device=z.device)
-    rank[order] = torch.arange(1, T + 1, dtype=torch.float32, device=z.device)
-    masked = (torch.sign(z) if active is None else active).mul_(rank[None, :])
-    best_rank = masked.amax(1).long()  # the highest-keyed active token of each feature, 0 if none
-    best_key = torch.where(best_rank > 0, keys[order][(best_rank - 1).clamp(min=0)], torch.full_like(best_rank, EMPTY_KEY))
-    features = features_to_update(best_key > floor)
-    values, local = (masked if features is None else masked[features]).topk(min(size, T), dim=1)
-    return features, torch.where(values > 0, keys[local], torch.full_like(local, EMPTY_KEY)), local
-
-
-def features_to_update(can_change: torch.Tensor) -> Optional[torch.Tensor]:
-    """The features whose examples a batch can change (a [m] mask), as indices, or None for "all of
-    them" when that is most of them: gathering their rows would copy nearly the whole batch for little."""
-    features = can_change.nonzero(as_tuple=True)[0]
-    return None if 2 * len(features) > len(can_change) else features
+    order = keys.argsort(descending=True)
+    order = order[feature[order].argsort(stable=True)]  # by feature, and by key within a feature
+    feature, keys, local = feature[order], keys[order], local[order]
+    features, counts = torch.unique_consecutive(feature, return_counts=True)
+    row = torch.repeat_interleave(torch.arange(len(features), device=keys.device), counts)
+    rank = torch.arange(len(feature), device=keys.device) - (torch.cumsum(counts, 0) - counts)[row]
+    keep = rank < k
+    out_keys = torch.full((len(features), k), EMPTY_KEY, dtype=torch.int64, device=keys.device)
+    out_local = torch.zeros((len(features), k), dtype=torch.int64, device=keys.device)
+    out_keys[row[keep], rank[keep]] = keys[keep]
+    out_local[row[keep], rank[keep]] = local[keep]
+    return features, out_keys, out_local
 
 
 def merge_top_keys(running: torch.Tensor, candidate_keys: torch.Tensor
@@ -306,29 +260,32 @@ class LayerStream:
 
     def update(self, batch: BatchView, base_index: int) -> None:
         z = batch.z  # [m, T], non-negative
-        # each pass over [m, T] costs about as much as the encoding: count with one float sign pass that
-        # the sampling then reuses, and sum in float32 per batch (exact enough for T terms) into float64
-        active = torch.sign(z)
-        self.active_count += active.sum(1).to(torch.int64)
-        self.activation_sum += z.sum(1).double()
-        batch_max = z.amax(1)
-        self.activation_max = torch.maximum(self.activation_max, batch_max)
-        # A token enters a full top-k only with an activation above the weakest example's (ties go to
-        # the earlier token, which is already held), and a not-full one with any positive activation
-        # (an empty slot decodes to 0). Only features where that can happen pay for a top-k: after a
-        # few thousand tokens that is a small share of them.
-        floor, _ = decode_activation_keys(self.top_slots.keys.min(dim=1).values)
-        features = features_to_update(batch_max > floor)
-        if features is None:
-            self.top_slots.update(*top_activation_candidates(z, base_index, self.top_slots.size, floor), batch)
-        elif len(features):
-            keys, local = top_activation_candidates(z[features], base_index, self.top_slots.size, floor[features])
-            self.top_slots.update(keys, local, batch, features)
+        # Features fire on a few percent of tokens, so one pass lists the active entries and all the rest
+        # works on that list; each dense pass over [m, T] costs about as much as the encoding itself.
+        flat_index = z.view(-1).nonzero().squeeze(1)
+        value = z.view(-1)[flat_index]
+        feature, local = flat_index // z.shape[1], flat_index % z.shape[1]
+        self.active_count += torch.bincount(feature, minlength=self.n_features)
+        self.activation_sum += z.sum(1).double()  # float32 within a batch (exact enough for T terms)
+        self.activation_max = torch.maximum(self.activation_max, z.amax(1))
+        index = base_index + local
+        # An entry enters a feature's top-k only with a key above the weakest held one (EMPTY_KEY while
+        # the top-k is not full); after a few thousand tokens that filter leaves few entries.
+        floor = self.top_slots.keys.min(dim=1).values
+        keys = activation_keys(value, index)
+        enters = (keys > floor[feature]).nonzero().squeeze(1)
+        features, top_keys, top_local = best_per_feature(feature[enters], keys[enters], local[enters],
+                                                         self.top_slots.size)
+        if len(features):
+            self.top_slots.update(top_keys, top_local, batch, features)
         if self.sample_slots.size:
-            floor = self.sample_slots.keys.min(dim=1).values
-            features, keys, local = sample_candidates(z, base_index, self.sample_slots.size, floor, self.seed, active)
-            if features is None or len(features):
-                self.sample_slots.update(keys, local, batch, features)
+            # the sample keeps each feature's active tokens of highest key priority << 32 | index
+            keys = (token_priority(index, self.seed) << 32) | index
+            enters = (keys > self.sample_slots.keys.min(dim=1).values[feature]).nonzero().squeeze(1)
+            features, sample_keys, sample_local = best_per_feature(feature[enters], keys[enters], local[enters],
+                                                                   self.sample_slots.size)
+            if len(features):
+                self.sample_slots.update(sample_keys, sample_local, batch, features)
 
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,6 +13,7 @@ from tccli.scoring import (
     EMPTY_KEY,
     ScoreSettings,
     activation_keys,
+    best_per_feature,
     context_free_scores,
     decode_activation_keys,
     embedding_for_norm,
@@ -24,7 +25,6 @@ from tccli.scoring import (
     token_priority,
     examples_from_slots,
     feature_major_encoder,
-    top_activation_candidates,
 )
 
 
@@ -136,15 +136,18 @@ def test_windows_hold_tokens_and_activations_around_each_example():
             assert stream.top_slots.doc[f, slot] == synthetic_doc_ids(tokens)[row, pos]
 
 
-def test_candidates_break_boundary_ties_by_the_earlier_token():
-    z = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])  # one feature; three tokens tied at 2.0
-    keys, local = top_activation_candidates(z, 10, 3, floor=torch.zeros(1))
-    assert local.tolist() == [[1, 2, 3]]
-    values, index = decode_activation_keys(keys)
-    assert values.tolist() == [[3.0, 2.0, 2.0]] and index.tolist() == [[11, 12, 13]]
-    # a boundary below the running top-k's floor cannot enter it: the cheap answer stands
-    keys, local = top_activation_candidates(z, 10, 3, floor=torch.tensor([2.5]))
-    assert local[0, 0] == 1 and decode_activation_keys(keys)[0].tolist() == [[3.0, 2.0, 2.0]]
+def test_best_per_feature_orders_by_key_and_ties_go_to_the_earlier_token():
+    # feature 0: tokens 10..14 with activations 1, 3, 2, 2, 2 (three tied at 2.0); feature 2: one token
+    feature = torch.tensor([0, 0, 0, 0, 0, 2])
+    local = torch.tensor([0, 1, 2, 3, 4, 5])
+    value = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.5])
+    keys = activation_keys(value, 10 + local)
+    features, top_keys, top_local = best_per_feature(feature, keys, local, 3)
+    assert features.tolist() == [0, 2]
+    assert top_local[0].tolist() == [1, 2, 3]  # 3.0, then the earliest two of the tied 2.0s
+    values, index = decode_activation_keys(top_keys)
+    assert values.tolist() == [[3.0, 2.0, 2.0], [0.5, 0.0, 0.0]]
+    assert index.tolist() == [[11, 12, 13], [15, -1, -1]]
 
 
 def test_feature_major_encoder_matches_the_transcoder():
