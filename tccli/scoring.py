@@ -189,13 +189,13 @@ class ExampleSlots:
     def size(self) -> int:
         return self.keys.shape[1]
 
-    def update(self, candidate_keys: torch.Tensor, candidate_local: torch.Tensor, batch: "BatchView",
-               features: Optional[torch.Tensor] = None) -> None:
-        """Let a batch's candidates (rows of ``features``, or all features) replace weaker examples."""
-        held = self.keys if features is None else self.keys[features]
-        row, slot, candidate = merge_top_keys(held, candidate_keys)
+    def update(self, features: torch.Tensor, candidate_keys: torch.Tensor, candidate_local: torch.Tensor,
+               batch: "BatchView") -> None:
+        """Let a batch's candidates (row i of the candidates belongs to feature ``features[i]``) replace
+        weaker examples."""
+        row, slot, candidate = merge_top_keys(self.keys[features], candidate_keys)
         if len(row):
-            feature = row if features is None else features[row]
+            feature = features[row]
             self.keys[feature, slot] = candidate_keys[row, candidate]
             tokens, acts, scale, doc = batch.windows(feature, candidate_local[row, candidate])
             self.window_tokens[feature, slot] = tokens
@@ -274,18 +274,14 @@ class LayerStream:
         floor = self.top_slots.keys.min(dim=1).values
         keys = activation_keys(value, index)
         enters = (keys > floor[feature]).nonzero().squeeze(1)
-        features, top_keys, top_local = best_per_feature(feature[enters], keys[enters], local[enters],
-                                                         self.top_slots.size)
-        if len(features):
-            self.top_slots.update(top_keys, top_local, batch, features)
+        self.top_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters], self.top_slots.size),
+                              batch)
         if self.sample_slots.size:
             # the sample keeps each feature's active tokens of highest key priority << 32 | index
             keys = (token_priority(index, self.seed) << 32) | index
             enters = (keys > self.sample_slots.keys.min(dim=1).values[feature]).nonzero().squeeze(1)
-            features, sample_keys, sample_local = best_per_feature(feature[enters], keys[enters], local[enters],
-                                                                   self.sample_slots.size)
-            if len(features):
-                self.sample_slots.update(sample_keys, sample_local, batch, features)
+            self.sample_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters],
+                                                       self.sample_slots.size), batch)
 
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
