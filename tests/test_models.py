@@ -100,6 +100,19 @@ def test_native_capture_equals_bridge_on_stories260k(stories_dir):
     _native_equals_bridge_up_to_rounding(stories_dir)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_native_capture_in_float16_agrees_to_float16_rounding(tiny_model_dirs, arch):
+    loaded = load_model(str(tiny_model_dirs[arch]), device="cpu", dtype="float16")
+    native, bridge = MlpCapture(loaded, [0, 1], "native"), MlpCapture(loaded, [0, 1], "bridge")
+    tokens = _random_tokens(loaded.info)
+    got, want = native.capture(tokens), bridge.capture(tokens)
+    for which, dtype in (("mlp_in", torch.float32), ("mlp_out", torch.float16)):  # norms work in float32
+        a, b = got[1][which], want[1][which]
+        assert a.dtype == b.dtype == dtype
+        # a few float16 ulps (2**-10 of the values' size): the kernels round differently, two layers deep
+        assert (a.float() - b.float()).abs().max() <= 4e-3 * b.float().abs().max(), which
+
+
 def test_native_capture_is_the_plain_model_exactly(tiny_model_dir):
     """Module paths read from the bridge are the ones a person would write by hand, and stopping early
     changes nothing: the captured tensors equal a full plain forward pass's, bit for bit."""
