@@ -536,7 +536,7 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
     import h5py
 
     progress = read_progress(out)
-    if progress is not None and progress.get("config") != fingerprint:
+    if progress is not None and _as_now(progress.get("config")) != fingerprint:
         raise fail(f"--resume: {out} was started with other arguments "
                    f"({_difference(progress['config'], fingerprint)}); use the same arguments, or --force")
     if not out.exists():
@@ -552,7 +552,7 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
         with f:
             if f.attrs.get("format") != FORMAT:
                 raise fail(f"--resume: {out} is not a tc activation cache; refusing to touch it")
-            recorded = json.loads(f.attrs["config"])
+            recorded = _as_now(json.loads(f.attrs["config"]))
             if recorded != fingerprint:
                 raise fail(f"--resume: {out} was written with other arguments "
                            f"({_difference(recorded, fingerprint)}); use the same arguments, or --force")
@@ -574,6 +574,13 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
                        "use --force to start again") from None
         log(f"{out} was damaged by the interruption ({type(exc).__name__}); starting again from the beginning")
         return 0, []
+
+
+def _as_now(recorded: Optional[dict]) -> Optional[dict]:
+    """A recorded fingerprint in today's terms: caches from before --engine were all made by the bridge."""
+    if isinstance(recorded, dict) and "engine" not in recorded:
+        return {**recorded, "engine": "bridge"}
+    return recorded
 
 
 def _verified_units(f: Any, units: list, plan: CachePlan, out: Path, log: Callable[[str], None]) -> tuple[int, list]:

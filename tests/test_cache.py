@@ -244,6 +244,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path
     assert file_content(out) == expected
 
 
+def test_resume_of_a_cache_from_before_engines_counts_it_as_the_bridge(tiny_model_dirs, text_file, tmp_path):
+    out = tmp_path / "old.h5"
+    run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge"))
+    with h5py.File(out, "r+") as f:  # what tc wrote before --engine existed
+        config = json.loads(f.attrs["config"])
+        del config["engine"]
+        f.attrs["config"] = json.dumps(config, sort_keys=True)
+    assert run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge", resume=True)).seconds == 0.0
+    with pytest.raises(TcError, match="other arguments.*engine"):
+        run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="native", resume=True))
+
+
 def test_resume_restarts_cleanly_when_the_file_is_unreadable(tiny_model_dirs, text_file, tmp_path):
     reference = tmp_path / "reference.h5"
     run_cache(cache_config(tiny_model_dirs["neox"], text_file, reference))
