@@ -625,9 +625,12 @@ def _forward_batches(capture: Any, tokens: np.ndarray, plan: CachePlan, start_ro
         captured = capture.capture(torch.from_numpy(tokens[lo:hi]))
         # Converted here, not in the writer: torch ops on a second thread contend for the intra-op thread
         # pool with the next forward pass (on 2 cores, that cost 30% of throughput); the writer does disk work only.
-        writer.queue.put((lo, {name: storage_array(name, captured[L][which], plan)
-                               for L in plan.layers for which in WHICH
-                               for name in [f"layers/{L}/{which}"]}))
+        arrays = {}
+        for L in plan.layers:
+            for which in WHICH:
+                name = f"layers/{L}/{which}"
+                arrays[name] = storage_array(name, captured[L][which], plan)
+        writer.queue.put((lo, arrays))
         if on_batch is not None:
             on_batch()
 

@@ -301,6 +301,7 @@ def run_logits(
 #           compatibility mode defines them (below). Equal to the bridge's values up to float rounding
 #           (different attention kernels), and verified only for the architectures listed here; others
 #           fall back to the bridge.
+MLP_ACTIVATIONS = ("mlp_in", "mlp_scale", "mlp_out")  # what MlpCapture.capture returns per layer
 NATIVE_ARCHITECTURES = ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM")
 
 
@@ -378,6 +379,8 @@ class MlpCapture:
         self.loaded, self.info = loaded, loaded.info
         self.layers = sorted(set(layers))
         self.engine_used, self.fallback_reason, self.attention = engine, "", "bridge-eager"
+        self._bridge_hooks = {layer: {which: getattr(self.info.layer(layer), which) for which in MLP_ACTIVATIONS}
+                              for layer in self.layers}
         sites = native_mlp_sites(loaded) if engine == "native" else None
         if engine == "native" and sites is None:
             self.engine_used = "bridge"
@@ -427,12 +430,11 @@ class MlpCapture:
     def capture(self, tokens: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         tokens = tokens.to(self.loaded.device)
         if self.engine_used == "bridge":
-            hooks = {layer: self.info.layer(layer) for layer in self.layers}
-            names = [getattr(hooks[layer], which) for layer in self.layers
-                     for which in ("mlp_in", "mlp_scale", "mlp_out")]
-            captured = run_capture(self.loaded, tokens, names, stop_after=hooks[self.layers[-1]].mlp_out)
-            return {layer: {which: captured[getattr(hooks[layer], which)]
-                            for which in ("mlp_in", "mlp_scale", "mlp_out")} for layer in self.layers}
+            names = [name for hooks in self._bridge_hooks.values() for name in hooks.values()]
+            captured = run_capture(self.loaded, tokens, names,
+                                   stop_after=self._bridge_hooks[self.layers[-1]]["mlp_out"])
+            return {layer: {which: captured[name] for which, name in hooks.items()}
+                    for layer, hooks in self._bridge_hooks.items()}
         self._captured.clear()
         with torch.no_grad():
             try:

@@ -277,8 +277,10 @@ class LayerStream:
         self.top_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters], self.top_slots.size),
                               batch)
         if self.sample_slots.size:
-            # the sample keeps each feature's active tokens of highest key priority << 32 | index
-            keys = (token_priority(index, self.seed) << 32) | index
+            # the sample keeps each feature's active tokens of highest key priority << 32 | index; the key
+            # depends on the token alone, so it is computed once per token, not per active entry
+            tokens = base_index + torch.arange(z.shape[1], device=z.device)
+            keys = ((token_priority(tokens, self.seed) << 32) | tokens)[local]
             enters = (keys > self.sample_slots.keys.min(dim=1).values[feature]).nonzero().squeeze(1)
             self.sample_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters],
                                                        self.sample_slots.size), batch)
