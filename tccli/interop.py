@@ -160,6 +160,7 @@ def read_saelens(folder: str | Path) -> Transcoder:
         config = TranscoderConfig(
             d_in=d_in, d_out=d_out, n_features=n_features, activation=activation, k=k,
             kind="transcoder" if is_transcoder else "sae", layer=layer,
+            input_space="normalized" if is_transcoder else "mlp_out",
             model_name=merged.get("model_name"), input_hook=hook_in, output_hook=hook_out,
             training={"source": "saelens", "saelens_config": cfg})
     b_dec = tensors.get("b_dec")
@@ -274,6 +275,7 @@ def read_paper_file(path: str | Path) -> Transcoder:
     config = TranscoderConfig(
         d_in=d_in, d_out=d_out, n_features=n_features, activation="relu",
         kind="transcoder" if is_transcoder else "sae", layer=layer, model_name=attrs.get("model_name"),
+        input_space="normalized" if is_transcoder else "mlp_out",
         # the reference code loaded models with HookedTransformer's default processing, which is
         # what tc's compatibility mode reproduces
         weight_processing=dict(WEIGHT_PROCESSING), input_hook=hook_in, output_hook=hook_out,

@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from tccli.config import from_json_dict, option, parse_count, parse_layers, to_json_dict
 from tccli import distributed
 from tccli.errors import fail
-from tccli.transcoder import ACTIVATIONS, KINDS, Transcoder, TranscoderConfig
+from tccli.transcoder import KINDS, Transcoder, TranscoderConfig
 from tccli.transcoder_io import layer_folder_name, save_transcoder
 
+# The kinds of transcoder.ACTIVATIONS that tc can train (the others are read from other libraries' files).
+TRAINABLE_ACTIVATIONS = ("topk", "relu")
 CHECKPOINT_FILE = "checkpoint.tcstate"  # not .pt: a set folder's .pt files are read as paper transcoders
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -93,8 +95,8 @@ class TrainConfig(distributed.TrainDistributedOptions):
 
         finite_positive("lr", self.lr)
         distributed.DistributedOptions.validate(self)
-        if self.activation not in ACTIVATIONS:
-            raise fail(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.activation not in TRAINABLE_ACTIVATIONS:
+            raise fail(f"--activation must be one of {', '.join(TRAINABLE_ACTIVATIONS)}, got {self.activation!r}")
         if self.kind not in KINDS:
             raise fail(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.expansion < 1:
@@ -489,6 +491,7 @@ def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> Transcoder
     return TranscoderConfig(
         d_in=d_model, d_out=d_model, n_features=config.n_features(d_model), activation=config.activation,
         k=config.k if config.activation == "topk" else None, kind=config.kind, layer=layer,
+        input_space="mlp_out" if config.kind == "sae" else "normalized", output_space="mlp_out",
         model_name=info.get("name"), model_architecture=info.get("architecture"),
         weight_processing=dict(info.get("weight_processing") or {}),
         input_hook=hooks["mlp_out"] if config.kind == "sae" else hooks["mlp_in"], output_hook=hooks["mlp_out"],

@@ -1,7 +1,8 @@
 """Transcoder files: one folder per transcoder, a folder of such folders for a set.
 
-A transcoder folder holds ``transcoder.safetensors`` (W_enc, b_enc, W_dec, b_dec, b_pre in float32)
-and ``config.json`` (a TranscoderConfig). A set is a folder whose sub-folders are transcoder folders
+A transcoder folder holds ``transcoder.safetensors`` (W_enc, b_enc, W_dec, b_dec, b_pre, and
+``threshold`` / ``W_skip`` for the kinds that have them, in float32) and ``config.json`` (a
+TranscoderConfig). A set is a folder whose sub-folders are transcoder folders
 (named ``layer_L`` when written by tc). Every command that takes transcoders accepts either.
 """
 
@@ -21,7 +22,10 @@ from tccli.transcoder import Transcoder, TranscoderConfig
 
 WEIGHTS_FILE = "transcoder.safetensors"
 CONFIG_FILE = "config.json"
-TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre")
+
+
+# (input space, output space) pairs the model layer can produce (transcoder.INPUT_SPACES / OUTPUT_SPACES).
+SUPPORTED_SPACES = (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
 
 
 def layer_folder_name(layer: int) -> str:
@@ -33,7 +37,7 @@ def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
-               for name in TENSOR_NAMES}
+               for name in transcoder.tensor_names()}
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     text = json.dumps(transcoder.config.to_dict(), indent=2)
     _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -54,26 +58,42 @@ def load_transcoder(folder: str | Path, device: str | torch.device = "cpu") -> T
     folder = Path(folder)
     if not is_transcoder_folder(folder):
         raise fail(f"{folder} is not a transcoder folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        config = TranscoderConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise fail(f"{folder / CONFIG_FILE} is not a tc transcoder config: {exc}") from None
+    config = read_config(folder / CONFIG_FILE)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise fail(f"cannot read {folder / WEIGHTS_FILE}: {exc}") from None
     transcoder = Transcoder(config)
-    missing = [n for n in TENSOR_NAMES if n not in tensors]
+    missing = [n for n in transcoder.tensor_names() if n not in tensors]
     if missing:
         raise fail(f"{folder / WEIGHTS_FILE} lacks tensor {missing[0]}")
     with torch.no_grad():
-        for name in TENSOR_NAMES:
+        for name in transcoder.tensor_names():
             param = getattr(transcoder, name)
             if tuple(tensors[name].shape) != tuple(param.shape):
                 raise fail(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                            f"config says {tuple(param.shape)}")
             param.copy_(tensors[name])
     return transcoder.to(device)
+
+
+def read_config(path: Path) -> TranscoderConfig:
+    """A transcoder's config.json, every field checked (one line naming the bad field otherwise)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail(f"{path} is not a tc transcoder config (not a JSON object)")
+    known = set(TranscoderConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise fail(f"{path} is not a tc transcoder config: unknown field {unknown[0]!r}")
+    try:
+        config = TranscoderConfig(**data)
+    except TypeError as exc:  # a required field missing
+        raise fail(f"{path} is not a tc transcoder config: {exc}") from None
+    return config.validate(str(path))
 
 
 def single_transcoder_path(path: Path) -> bool:
@@ -135,6 +155,9 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
     """Refuse a transcoder trained on another model, hook or width (info: models.ModelInfo)."""
     cfg = transcoder.config
     where = f"transcoder for layer {cfg.layer}"
+    if (cfg.input_space, cfg.output_space) not in SUPPORTED_SPACES:
+        raise fail(f"{where} reads {cfg.input_space} and writes {cfg.output_space}; tc runs transcoders "
+                   f"that read normalized and write mlp_out (SAEs: mlp_out to mlp_out)")
     if cfg.d_in != info.d_model or cfg.d_out != info.d_model:
         raise fail(f"{where} has d_in={cfg.d_in}, d_out={cfg.d_out} but the model's d_model is {info.d_model}")
     if cfg.layer is not None and cfg.layer >= info.n_layers:
