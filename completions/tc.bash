@@ -5,17 +5,17 @@ _tc() {
         case ${COMP_WORDS[i]} in -*) ;; *) sub=${COMP_WORDS[i]}; break ;; esac
     done
     case $sub in
-        cache) opts='--dist-timeout --data --tokens --context --seed --engine --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --help' ;;
-        circuit) opts='--model --device --model-dtype --transcoders --prompt --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --quiet --help' ;;
+        cache) opts='--data --tokens --context --seed --engine --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --dist-timeout --help' ;;
+        circuit) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --quiet --help' ;;
         convert) opts='--input --out --to --help' ;;
-        deembed) opts='--model --device --model-dtype --transcoders --feature --top --head --help' ;;
-        eval) opts='--data --tokens --context --seed --model --device --model-dtype --transcoders --layers --kind --mean-ablation --dense-threshold --batch-size --json --quiet --help' ;;
+        deembed) opts='--transcoders --feature --model --device --model-dtype --top --head --help' ;;
+        eval) opts='--transcoders --data --tokens --context --seed --model --device --model-dtype --layers --kind --mean-ablation --dense-threshold --batch-size --json --wide --quiet --help' ;;
         export) opts='--format --out --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
-        score) opts='--data --tokens --context --seed --engine --model --device --model-dtype --transcoders --layers --out --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
+        score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
         show) opts='--html --features --limit --examples --model --help' ;;
-        train) opts='--dist-timeout --distribute-layers --cache --out --layers --kind --expansion --features --activation --k --l1 --l1-warmup --normalize-mse --lr --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --checkpoint-every --log-every --resume --quiet --help' ;;
+        train) opts='--cache --out --layers --kind --expansion --features --activation --k --l1 --l1-warmup --normalize-mse --lr --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --checkpoint-every --log-every --resume --quiet --dist-timeout --distribute-layers --help' ;;
         *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export greater-than info score show train --version --help' -- "$cur")); return ;;
     esac
     if [[ $cur == -* ]]; then

@@ -27,7 +27,6 @@ _tc() {
         args)
             case $line[1] in
                 cache) _arguments \
-                    '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
                     '*--data[Text\: plain .txt files (documents separated by blank lines), .jsonl files with a '\''text'\'' field, folders saved by datasets'\'' save_to_disk, or - for stdin. Several paths may follow one --data.]:value:_files' \
                     '*--tokens[Stop after this many tokens (accepts 200k, 1M).]:value:_files' \
                     '*--context[Tokens per row, BOS included.]:value:_files' \
@@ -46,14 +45,15 @@ _tc() {
                     '*--resume[Complete an interrupted run of the same arguments.]' \
                     '*--force[Overwrite an existing output file.]' \
                     '*--quiet[No progress on stderr.]' \
+                    '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 circuit) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
+                    '*--prompt[The prompt (BOS is prepended); - reads it from stdin.]:value:_files' \
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
-                    '*--prompt[The prompt (BOS is prepended); - reads it from stdin.]:value:_files' \
                     '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
                     '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
                     '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
@@ -77,16 +77,17 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 deembed) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
+                    '*--feature[The feature, e.g. L0.F17.]:value:_files' \
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
-                    '*--feature[The feature, e.g. L0.F17.]:value:_files' \
                     '*--top[How many tokens to list.]:value:_files' \
                     '*--head[Go through this attention head'\''s OV circuit, e.g. L0.H3.]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 eval) _arguments \
+                    '*--transcoders[Transcoders\: a tc transcoder folder, a folder of them, a SAELens folder (cfg.json + sae_weights.safetensors) or a paper .pt file.]:value:_files' \
                     '*--data[Text\: plain .txt files (documents separated by blank lines), .jsonl files with a '\''text'\'' field, folders saved by datasets'\'' save_to_disk, or - for stdin. Several paths may follow one --data.]:value:_files' \
                     '*--tokens[Evaluate on this many tokens (accepts 200k, 1M).]:value:_files' \
                     '*--context[Tokens per row, BOS included.]:value:_files' \
@@ -94,13 +95,13 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--transcoders[Transcoders\: a tc transcoder folder, a folder of them, a SAELens folder (cfg.json + sae_weights.safetensors) or a paper .pt file.]:value:_files' \
                     '*--layers[Layers to evaluate, e.g. 2, 0,3-4 or all (default\: every layer the transcoders cover).]:value:_files' \
                     '*--kind[What the files are\: transcoder (MLP in -> MLP out, spliced at the MLP output), sae (MLP out -> MLP out) or auto (as their configs say).]:value:_files' \
                     '*--mean-ablation[Mean ablation replaces the MLP output by its mean over the evaluation tokens at each position (position) or over all tokens (global).]:value:_files' \
                     '*--dense-threshold[A feature active on more than this fraction of tokens counts as dense.]:value:_files' \
                     '*--batch-size[Rows per forward pass.]:value:_files' \
                     '*--json[Print the results as JSON on stdout instead of a table.]' \
+                    '*--wide[Show every metric in the table (MSE, dense features, each CE); needs about 150 columns. The default table fits 80.]' \
                     '*--quiet[No progress on stderr.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
@@ -126,6 +127,8 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 score) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of layer_L transcoder folders.]:value:_files' \
+                    '*--out[Features file to write\: .h5 (HDF5) or .jsonl (one feature a line).]:value:_files' \
                     '*--data[Text\: plain .txt files (documents separated by blank lines), .jsonl files with a '\''text'\'' field, folders saved by datasets'\'' save_to_disk, or - for stdin. Several paths may follow one --data.]:value:_files' \
                     '*--tokens[Stop after this many tokens (accepts 200k, 1M).]:value:_files' \
                     '*--context[Tokens per row, BOS included.]:value:_files' \
@@ -134,9 +137,7 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--transcoders[Transcoder folder, or a folder of layer_L transcoder folders.]:value:_files' \
                     '*--layers[Layers to score, e.g. 2 or 0,3-4 (default\: every transcoder given).]:value:_files' \
-                    '*--out[Features file to write\: .h5 (HDF5) or .jsonl (one feature a line).]:value:_files' \
                     '*--top[Top-activating examples kept per feature.]:value:_files' \
                     '*--quantiles[Activation bands to sample examples from (0\: none).]:value:_files' \
                     '*--per-quantile[Examples kept per band.]:value:_files' \
@@ -156,8 +157,6 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 train) _arguments \
-                    '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
-                    '*--distribute-layers[Under torchrun\: each rank trains whole layers (layer i of the list on rank i % N) instead of a share of every batch.]' \
                     '*--cache[Activation cache written by `tc cache` (HDF5).]:value:_files' \
                     '*--out[Output folder\: one transcoder folder per layer (layer_L), the JSONL log and the checkpoint.]:value:_files' \
                     '*--layers[Layers to train, one transcoder each, from one read of the cache\: 2, 0-4, 0,3 or all (every cached layer).]:value:_files' \
@@ -186,6 +185,8 @@ _tc() {
                     '*--log-every[Steps between metric lines (stderr and the JSONL log).]:value:_files' \
                     '*--resume[Continue the run in --out from its checkpoint.]' \
                     '*--quiet[No progress on stderr.]' \
+                    '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
+                    '*--distribute-layers[Under torchrun\: each rank trains whole layers (layer i of the list on rank i % N) instead of a share of every batch.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
             esac ;;

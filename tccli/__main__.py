@@ -1,5 +1,5 @@
 """`python -m tccli ...` is the same as `tc ...` (and works under `torchrun -m tccli`)."""
-from tccli.cli import main
+from tccli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,7 @@ _EXIT = _exception_classes("Exit")
 from tccli import __version__
 from tccli.cache import CacheConfig
 from tccli.circuit import CircuitConfig, DeembedConfig
-from tccli.config import command_from
+from tccli.config import command_from, plain_arguments
 from tccli.evaluate import EvalConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
@@ -63,6 +63,11 @@ app = typer.Typer(
 # Options that take several values after one flag (`--data a.txt b.txt`); click options take one
 # value each, so main() rewrites `--data a b` as `--data a --data b` before parsing.
 MULTI_VALUE_OPTIONS = {"--data"}
+
+
+def example(*lines: str) -> str:
+    """A command's --help epilog: one example, kept as written (click's \\b stops re-wrapping)."""
+    return "\b\nExample:\n" + "\n".join("  " + line for line in lines)
 
 
 def _version_callback(value: bool) -> None:
@@ -89,7 +94,7 @@ def stderr_console():
 # ============================================================================ tc cache / tc info (issue 2)
 
 
-@app.command("cache")
+@app.command("cache", epilog=example("tc cache --model gpt2 --data corpus.txt --layers all --tokens 1M --out acts.h5"))
 @command_from(CacheConfig)
 def cache_command(config: CacheConfig) -> None:
     """Run a model over text; store each chosen layer's MLP input and output in HDF5."""
@@ -139,9 +144,10 @@ def token_progress(quiet: bool, label: str):
     return manager()
 
 
-@app.command("info")
+@app.command("info", epilog=example("tc info acts.h5"))
 def info_command(
-    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON."),
+    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON.",
+                               metavar="PATH"),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
 ) -> None:
     """Summarise a tc file: activation cache, transcoder(s), or graph."""
@@ -158,7 +164,7 @@ def info_command(
 # ---------------------------------------------------------------------------- tc train
 
 
-@app.command("train")
+@app.command("train", epilog=example("tc train --cache acts.h5 --out tcs --tokens 400k --k 8"))
 @command_from(TrainConfig)
 def train_command(config: TrainConfig) -> None:
     """Train one transcoder (or MLP-output SAE) per layer from an activation cache."""
@@ -170,7 +176,7 @@ def train_command(config: TrainConfig) -> None:
 # ---------------------------------------------------------------------------- tc eval
 
 
-@app.command("eval")
+@app.command("eval", epilog=example("tc eval --model gpt2 --transcoders tcs --data held-out.txt --tokens 10k"))
 @command_from(EvalConfig)
 def eval_command(config: EvalConfig) -> None:
     """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
@@ -186,7 +192,7 @@ def eval_command(config: EvalConfig) -> None:
         console = Console(highlight=False)
         if not console.is_terminal:  # a pipe or file: do not squeeze the columns to 80 characters
             console = Console(highlight=False, width=200)
-        console.print(result_table(result))
+        console.print(result_table(result, wide=config.wide))
 
 
 @contextlib.contextmanager
@@ -212,7 +218,7 @@ def stage_progress(quiet: bool):
 # ---------------------------------------------------------------------------- tc convert
 
 
-@app.command("convert")
+@app.command("convert", epilog=example("tc convert --input tcs --out tcs-saelens --to saelens"))
 @command_from(ConvertConfig)
 def convert_command(config: ConvertConfig) -> None:
     """Convert transcoders between tc folders, SAELens folders and the paper's .pt files (read only)."""
@@ -240,7 +246,8 @@ def _write_output(data: bytes, out: Optional[str]) -> None:
         sys.stdout.flush()
 
 
-@app.command("circuit")
+@app.command("circuit", epilog=example("tc circuit --transcoders tcs --logit-diff 40 20 --format json --out g.json \\",
+                                       "    --prompt 'The war lasted from the year 1735 to the year 17'"))
 @command_from(CircuitConfig)
 def circuit_command(config: CircuitConfig) -> None:
     """Trace the paths into a feature, logit or direction; the graph goes to stdout (or --out)."""
@@ -261,7 +268,7 @@ def circuit_command(config: CircuitConfig) -> None:
               f"transcoder error into the target {summary['error']:.6g}", file=sys.stderr)
 
 
-@app.command("export")
+@app.command("export", epilog=example("tc export g.json --format svg --out g.svg"))
 @command_from(ExportConfig)
 def export_command(config: ExportConfig) -> None:
     """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
@@ -271,7 +278,7 @@ def export_command(config: ExportConfig) -> None:
     _write_output(graph_io.render(graph, config.format), config.out)
 
 
-@app.command("deembed")
+@app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))
 @command_from(DeembedConfig)
 def deembed_command(config: DeembedConfig) -> None:
     """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
@@ -288,7 +295,7 @@ def deembed_command(config: DeembedConfig) -> None:
 # ============================================================================ tc score / tc show (issue 5)
 
 
-@app.command("score")
+@app.command("score", epilog=example("tc score --transcoders tcs --data corpus.txt --tokens 1M --out features.h5"))
 @command_from(ScoreConfig)
 def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
@@ -305,7 +312,7 @@ def score_command(config: ScoreConfig) -> None:
                       f"-> {summary['out']}")
 
 
-@app.command("show")
+@app.command("show", epilog=example("tc show features.h5 L2.F57"))
 @command_from(ShowConfig)
 def show_command(config: ShowConfig) -> None:
     """Show features from a features file: one in the terminal, or many as one HTML page (--html)."""
@@ -342,7 +349,7 @@ def show_command(config: ShowConfig) -> None:
 # ============================================================================ tc greater-than (issue 6)
 
 
-@app.command("greater-than")
+@app.command("greater-than", epilog=example("tc greater-than --transcoders tcs --graph g.json"))
 @command_from(GreaterThanConfig)
 def greater_than_command(config: GreaterThanConfig) -> None:
     """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
@@ -394,7 +401,7 @@ def _exit_torchrun_rank() -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Run `tc`; turn every failure into one line on stderr and a non-zero exit."""
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
-    command = typer.main.get_command(app)
+    command = plain_arguments(typer.main.get_command(app))
     try:
         command.main(args=args, prog_name="tc", standalone_mode=False)
         _exit_torchrun_rank()

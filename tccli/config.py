@@ -38,6 +38,7 @@ def option(
     cli: bool = True,
     required: bool = False,
     argument: bool = False,
+    torchrun: bool = False,
 ) -> Any:
     """A config field that is also a CLI option.
 
@@ -45,13 +46,16 @@ def option(
     help: what the option means; shown by ``--help`` and kept in the dataclass for readers.
     flags: flag names; default ``--field-name`` (underscores become dashes).
     parser: turns the command-line string into the value (e.g. ``parse_count`` for ``200k``).
+    metavar: what ``--help`` shows for the value; default from the field's name and type (see
+        ``default_metavar``: ``PATH``, ``N``, ``LAYERS``, ...).
     save: whether the value is written into saved configs (``--quiet`` is not worth saving).
     cli: whether the field is a CLI flag at all (some are filled in by code, e.g. resolved paths).
     required: the flag must be given on the command line.
     argument: a positional command-line argument instead of a flag (``tc show FILE FEATURE``).
+    torchrun: meaningful only under torchrun; ``--help`` lists it last.
     """
     metadata = dict(help=help, flags=flags, parser=parser, metavar=metavar, save=save, cli=cli,
-                    required=required, argument=argument)
+                    required=required, argument=argument, torchrun=torchrun)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -90,14 +94,16 @@ def command_from(config_cls: type) -> Callable:
     """Decorate ``fn(config)`` so typer sees one keyword option per field of ``config_cls``.
 
     The wrapper builds the config from the parsed flags, calls its ``validate()`` if it has one
-    (which raises TcError on bad values), and hands it to ``fn``.
+    (which raises TcError on bad values), and hands it to ``fn``. ``--help`` lists the options in
+    this order: required ones, then the rest in declaration order, then the torchrun-only ones; each
+    value is shown by its metavar (``--out PATH``, ``--tokens N``).
     """
     hints = typing.get_type_hints(config_cls)
 
     def decorator(fn: Callable) -> Callable:
         params = []
         annotations = {}
-        for f in fields(config_cls):
+        for f in _help_order(config_cls):
             if not f.metadata.get("cli", True):
                 continue
             meta = f.metadata
@@ -116,8 +122,9 @@ def command_from(config_cls: type) -> Callable:
                 # typer needs a plain declared type when a parser decides the value
                 kwargs["parser"] = meta["parser"]
                 annotation = _parser_annotation(hints[f.name])
-            if meta.get("metavar"):
-                kwargs["metavar"] = meta["metavar"]
+            kwargs["metavar"] = meta.get("metavar") or default_metavar(f.name, hints[f.name], meta.get("parser"))
+            if kwargs["metavar"] is None:
+                del kwargs["metavar"]
             if meta.get("argument"):
                 opt = typer.Argument(default, **kwargs)
             else:
@@ -140,6 +147,79 @@ def command_from(config_cls: type) -> Callable:
         return wrapper
 
     return decorator
+
+
+def _help_order(config_cls: type) -> list:
+    """The CLI fields of ``config_cls``: required first, torchrun-only last, else declaration order."""
+    def group(f) -> int:
+        if f.metadata.get("required") or f.metadata.get("argument"):
+            return 0
+        return 2 if f.metadata.get("torchrun") else 1
+
+    return sorted((f for f in fields(config_cls) if f.metadata.get("cli", True)), key=group)
+
+
+# What a value means, by field name, where the type alone would say only TEXT: paths, layer lists,
+# model and device names, feature and head references.
+_NAMED_METAVARS = {
+    "out": "PATH", "cache": "PATH", "transcoders": "PATH", "graph": "PATH", "input": "PATH",
+    "html": "PATH", "direction": "PATH", "data": "PATH...", "features_file": "FEATURES_FILE",
+    "model": "MODEL", "device": "DEVICE", "dtype": "DTYPE", "model_dtype": "DTYPE",
+    "layers": "LAYERS", "feature": "L.F", "features": "L.F,...", "head": "L.H", "logit": "TOKEN",
+    "prompt": "TEXT", "noun": "WORD", "to": "FORMAT", "mean_ablation": "MODE",
+}
+
+
+def default_metavar(name: str, hint: Any, parser: Optional[Callable] = None) -> Optional[str]:
+    """What ``--help`` shows for a field's value when the declaration names none.
+
+    Counts (``parse_count``) and integers are ``N``, floats ``X``, flags nothing; strings are named by
+    what they hold (``PATH``, ``LAYERS``, ``MODEL``, ``L.F``) or else by the field's name in capitals
+    (``--format FORMAT``), as argparse does.
+    """
+    base = _base_type(hint)
+    if base is bool:
+        return None
+    if parser is parse_count or base is int:
+        return "N"
+    if base is float:
+        return "X"
+    return _NAMED_METAVARS.get(name, name.upper())
+
+
+def _base_type(hint: Any) -> Any:
+    """int for ``Optional[int]``, str for ``list[str]``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (list, typing.Union) and args:
+        return _base_type(args[0])
+    return hint
+
+
+def plain_arguments(command: Any) -> Any:
+    """Show positional arguments as ``tc info PATH`` and ``tc show FEATURES_FILE [FEATURE]``.
+
+    typer 0.29 writes a required argument as ``{path}`` in the usage line and adds its Python type
+    (``<str>``) in the help; every option already shows its metavar, so arguments do the same. Applied
+    to the click command typer builds (``typer.main.get_command``), each subcommand in turn.
+    """
+    from typer.core import TyperArgument
+
+    class PlainArgument(TyperArgument):
+        def display_type_rich(self, ctx: Any) -> None:
+            return None
+
+        def _usage_display_name(self) -> str:
+            name = self.display_name_raw.upper() if self.metavar is None else self.metavar
+            return name if self.required else f"[{name}]"
+
+        def _rich_display_name(self) -> str:
+            return self.display_name_raw.upper() if self.metavar is None else self.metavar
+
+    for sub in getattr(command, "commands", {}).values():
+        for param in sub.params:
+            if type(param) is TyperArgument:
+                param.__class__ = PlainArgument
+    return command
 
 
 def _has_factory(config_cls: type, name: str) -> bool:

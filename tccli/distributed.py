@@ -61,7 +61,8 @@ class DistributedOptions:
     """Options that only matter under torchrun."""
 
     dist_timeout: float = option(DEFAULT_TIMEOUT, "Under torchrun: seconds a rank waits for the others in a "
-                                 "collective before it stops with an error (a rank died or stalled).", save=False)
+                                 "collective before it stops with an error (a rank died or stalled).", save=False,
+                                 torchrun=True, metavar="SECONDS")
 
     def validate(self) -> None:
         if not (self.dist_timeout > 0 and np.isfinite(self.dist_timeout)):
@@ -73,7 +74,8 @@ class TrainDistributedOptions(DistributedOptions):
     """`tc train`'s options for torchrun runs."""
 
     distribute_layers: bool = option(False, "Under torchrun: each rank trains whole layers (layer i of the list "
-                                     "on rank i % N) instead of a share of every batch.", save=False)
+                                     "on rank i % N) instead of a share of every batch.", save=False,
+                                     torchrun=True)
 
 
 # ============================================================================ the process group

@@ -58,6 +58,8 @@ class EvalConfig(ModelOptions, DataOptions):
     batch_size: int = option(32, "Rows per forward pass.")
     tokens: int = option(100_000, "Evaluate on this many tokens (accepts 200k, 1M).", parser=parse_count)
     json: bool = option(False, "Print the results as JSON on stdout instead of a table.")
+    wide: bool = option(False, "Show every metric in the table (MSE, dense features, each CE); needs about "
+                        "150 columns. The default table fits 80.", save=False)
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -399,20 +401,33 @@ TABLE_COLUMNS = (
     ("CE mean-abl", "ce_mean_ablated", "{:.4f}"), ("rec. zero", "recovered_zero", "{:.3f}"),
     ("rec. mean", "recovered_mean", "{:.3f}"), ("KL", "kl", "{:.4f}"),
 )
+# The columns shown without --wide: they fit an 80-column terminal. The clean CE, the same on every
+# row, goes into the title; the ablated CEs are implied by the recovered fractions; MSE by FVU.
+NARROW_COLUMNS = ("layer", "l0", "fvu", "dead_features", "ce_spliced", "recovered_zero", "recovered_mean", "kl")
 
 
-def result_table(result: EvalResult) -> Any:
-    """A rich table: one row per layer, plus a row for all layers replaced at once."""
+def result_table(result: EvalResult, wide: bool = False) -> Any:
+    """A rich table: one row per layer, plus a row for all layers replaced at once.
+
+    ``wide``: every metric (about 150 characters); otherwise the columns of NARROW_COLUMNS, with the
+    clean cross-entropy in the title (about 75 characters).
+    """
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"tc eval: {result.n_tokens} tokens, {result.n_scored} next-token predictions")
-    for title, _, _ in TABLE_COLUMNS:
-        table.add_column(title, justify="right")
     rows = list(result.layers)
     if result.all_layers is not None:
         rows.append({**result.all_layers, "layer": "all"})
+    columns = [c for c in TABLE_COLUMNS if wide or c[1] in NARROW_COLUMNS]
+    title = f"tc eval: {result.n_tokens} tokens, {result.n_scored} next-token predictions"
+    if not wide and rows:
+        title += f"; CE clean {_cell(rows[0].get('ce_clean'), '{:.4f}')}"
+    table = Table(title=title, box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide,
+                  caption=None if wide else "--wide: also MSE, dense features, clean and ablated CE")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*[_cell(row.get(key), fmt) for _, key, fmt in TABLE_COLUMNS])
+        table.add_row(*[_cell(row.get(key), fmt) for _, key, fmt in columns])
     return table
 
 

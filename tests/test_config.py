@@ -56,3 +56,44 @@ def test_expand_multi_value_options():
     argv = ["cache", "--data", "a", "b", "-", "--tokens", "5", "--data", "c"]
     assert expand_multi_value_options(argv) == ["cache", "--data", "a", "--data", "b", "--data", "-",
                                                 "--tokens", "5", "--data", "c"]
+
+
+def test_default_metavars():
+    from typing import Optional
+
+    from tccli.config import default_metavar
+
+    assert default_metavar("tokens", int, parse_count) == "N"
+    assert default_metavar("batch_size", int) == default_metavar("pos", Optional[int]) == "N"
+    assert default_metavar("lr", float) == "X"
+    assert default_metavar("resume", bool) is None  # a flag takes no value
+    assert default_metavar("out", Optional[str]) == default_metavar("transcoders", str) == "PATH"
+    assert default_metavar("data", list[str]) == "PATH..."
+    assert default_metavar("layers", str) == "LAYERS" and default_metavar("feature", str) == "L.F"
+    assert default_metavar("format", str) == "FORMAT"  # anything else: the field's name, as argparse
+
+
+@dataclass
+class OrderConfig:
+    tuning: int = option(1, "Tuning.")
+    timeout: float = option(5.0, "Under torchrun: a timeout.", torchrun=True)
+    path: str = option("", "The input.", required=True)
+    name: str = option("x", "A name.", metavar="WORD")
+
+
+def test_help_lists_required_first_torchrun_last_with_metavars():
+    app = typer.Typer(rich_markup_mode=None)
+
+    @app.command()
+    @command_from(OrderConfig)
+    def demo(config: OrderConfig) -> None:
+        pass
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    text = CliRunner().invoke(app, ["demo", "--help"]).output
+    order = [text.index(flag) for flag in ("--path PATH", "--tuning N", "--name WORD", "--timeout X")]
+    assert order == sorted(order), text
+    assert "<str>" not in text and "<int>" not in text and "[required]" in text

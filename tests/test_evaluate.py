@@ -169,6 +169,8 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models,
     report = json.loads(ok.stdout)
     assert [row["layer"] for row in report["layers"]] == [0, 1] and report["n_tokens"] == 256
     assert report["all_layers"]["ce_clean"] == report["layers"][0]["ce_clean"]
+    table = run_tc(*common, "--transcoders", str(tmp_path / "tcs"), "--wide", "--quiet")
+    assert table.returncode == 0 and "CE zero-abl" in table.stdout and "MSE" in table.stdout, table.stderr
 
     missing = run_tc(*common, "--transcoders", str(tmp_path / "tcs" / "layer_0"), "--layers", "1")
     assert missing.returncode == 2 and "no transcoder for layer 1" in missing.stderr
@@ -235,4 +237,28 @@ def test_result_table_and_json_without_nan():
     assert "2.50" in text and "0.2500" in text and "n/a" in text and "0.500" in text and "all" not in text
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["layers"][0]["recovered_zero"] is None and data["layers"][0]["recovered_mean"] == 0.5
+
+
+def test_result_table_fits_80_columns_unless_wide():
+    from rich.console import Console
+
+    from tccli.evaluate import EvalResult, result_table
+
+    # the widest values a real run shows: five-digit dead counts, negative recovered fractions
+    row = {"layer": 11, "l0": 128.25, "fvu": 1.2345, "mse": 0.0123, "dead_features": 24576,
+           "dense_features": 12, "ce_clean": 3.2981, "ce_spliced": 10.1234, "ce_zero_ablated": 9.0,
+           "ce_mean_ablated": 3.5, "recovered_zero": -12.125, "recovered_mean": -0.5, "kl": 11.0625}
+    result = EvalResult([row], {**row, "layer": "all"}, n_tokens=100_000, n_scored=99_219)
+    narrow = Console(record=True, width=80)
+    narrow.print(result_table(result))
+    text = narrow.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "\u2026" not in text  # nothing cut
+    for cell in ("128.25", "1.2345", "24576", "10.1234", "-12.125", "-0.500", "11.0625", "CE clean 3.2981"):
+        assert cell in text, cell
+    header = next(line for line in text.splitlines() if "layer" in line)
+    assert "MSE" not in header and "CE zero-abl" not in header and "--wide" in text
+    wide = Console(record=True, width=200)
+    wide.print(result_table(result, wide=True))
+    text = wide.export_text()
+    assert all(title in text for title in ("MSE", "dense", "CE clean", "CE zero-abl", "CE mean-abl", "0.0123"))
 

@@ -1,0 +1,22 @@
+"""The `tc` console script and `python -m tccli`: answers `tc --version` at once, else runs the CLI.
+
+Importing `tccli.cli` imports torch and transformer_lens (seconds on a cold start), which a version
+query does not need.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--version"]:
+        from tccli import __version__
+
+        print(f"tc {__version__}")
+        return
+    from tccli.cli import main as cli_main
+
+    cli_main(args)
