@@ -45,7 +45,7 @@ from tccli.evaluate import EvalConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
 from tccli.interop import ConvertConfig
-from tccli.scoring import ScoreConfig
+from tccli.score_command import ScoreConfig
 from tccli.show import ShowConfig
 from tccli.train import TrainConfig
 from tccli.errors import TcError
@@ -210,7 +210,7 @@ def stage_progress(quiet: bool):
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
+            bar.update(tasks[stage], completed=done, total=total)  # a total may shrink when data runs out
 
         yield update
 
@@ -299,7 +299,7 @@ def deembed_command(config: DeembedConfig) -> None:
 @command_from(ScoreConfig)
 def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
-    from tccli.scoring import run_score
+    from tccli.score_command import run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
     with stage_progress(config.quiet) as progress:

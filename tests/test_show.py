@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "render_features_html
 def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     """Features of one random 24-feature transcoder on layer 0 of the tiny Llama, scored in-process."""
     from tccli.models import load_model
-    from tccli.scoring import ScoreConfig, run_score
+    from tccli.score_command import ScoreConfig, run_score
     from tccli.transcoder import Transcoder, TranscoderConfig
     from tccli.transcoder_io import save_transcoder
 
