@@ -56,6 +56,7 @@ class FrozenLayer:
     active: Optional[torch.Tensor] = None  # [k] feature indices
     z_active: Optional[torch.Tensor] = None  # [T, k]
     decoder_active: Optional[torch.Tensor] = None  # [k, d]
+    b_V: Optional[torch.Tensor] = None  # [H, d_head] value bias per query head (None: no value bias)
 
     @property
     def n_heads(self) -> int:
@@ -77,6 +78,7 @@ class FrozenForward:
     b_U: torch.Tensor  # [vocab]
     layernorm: bool  # True: LayerNorm (centre vectors); False: RMSNorm
     parallel: bool  # attention and MLP of a block both read resid_pre
+    _cache: dict = field(default_factory=dict, repr=False)  # weights folded once per prompt (linear maps below)
 
     @property
     def n_layers(self) -> int:
@@ -106,6 +108,59 @@ class FrozenForward:
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return vectors / scales.unsqueeze(-1)
 
+    # ------------------------------------------------------------------ linear maps of the frozen model
+    # Batched over R rows and the first P tokens: a gradient [R, P, d] is "how much row r's quantity
+    # changes per unit written to the residual at token p". Causal attention never moves a gradient to a
+    # later token, so the first P tokens hold all of it for rows at tokens < P.
+
+    def attention_backward(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
+        """[R, P, d]: the gradient at ``layer``'s attention input (the raw resid_pre) from ``grad`` at its
+        output, through the frozen patterns, the OV circuits and ln1's frozen scales (the value bias is a
+        constant: see attention_bias)."""
+        W_O, mix, W_V = self._attention_backward_weights(layer)
+        R, P, d = grad.shape
+        H, d_head = mix.shape[0], W_O.shape[0] // mix.shape[0]
+        through_o = grad.reshape(R * P, d) @ W_O.T  # [R*P, H*dh]
+        per_head = through_o.reshape(R, P, H, d_head).permute(2, 1, 0, 3).reshape(H, P, R * d_head)
+        at_source = torch.bmm(mix[:, :P, :P], per_head)  # [H, source, R*dh]
+        at_source = at_source.reshape(H, P, R, d_head).permute(2, 1, 0, 3).reshape(R * P, H * d_head)
+        return (at_source @ W_V.T).reshape(R, P, d)
+
+    def _attention_backward_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_O [H*dh, d], mix [H, source, dest], W_V [d, H*dh]) with ln1 folded in: the pattern
+        transposed and divided by the source token's scale, W_V centred over d_model for LayerNorm (the
+        vector's mean-centring, as to_raw does it). Computed once per layer."""
+        key = ("attention_backward", layer)
+        if key not in self._cache:
+            frozen_layer = self.layers[layer]
+            H, d_head, d = frozen_layer.W_O.shape
+            W_V = frozen_layer.W_V  # [H, d, dh]
+            if self.layernorm:
+                W_V = W_V - W_V.mean(dim=1, keepdim=True)
+            mix = frozen_layer.pattern.transpose(1, 2) / frozen_layer.attn_scale.reshape(1, -1, 1)
+            self._cache[key] = (frozen_layer.W_O.reshape(H * d_head, d), mix.contiguous(),
+                                W_V.permute(1, 0, 2).reshape(d, H * d_head))
+        return self._cache[key]
+
+    def attention_bias(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
+        """[R]: what ``layer``'s attention writes whatever its input, dotted with ``grad`` [R, P, d] at its
+        output: b_O at every token plus each head's value bias mixed by the frozen pattern."""
+        R, P, d = grad.shape
+        return grad.reshape(R, P * d) @ self._attention_constant(layer)[:P].reshape(P * d)
+
+    def _attention_constant(self, layer: int) -> torch.Tensor:
+        """[T, d]: attention's input-independent write at each token, b_O + sum_h sum_s A[h,t,s] b_V[h] W_O[h]
+        (the pattern's rows need not sum to exactly 1)."""
+        key = ("attention_constant", layer)
+        if key not in self._cache:
+            frozen_layer = self.layers[layer]
+            constant = frozen_layer.b_O.expand(self.n_tokens, -1)
+            if frozen_layer.b_V is not None:
+                value_bias = torch.einsum("he,hed->hd", frozen_layer.b_V, frozen_layer.W_O)  # [H, d]
+                constant = constant + frozen_layer.pattern.sum(-1).T @ value_bias
+            self._cache[key] = constant.contiguous()
+        return self._cache[key]
+
 
 def freeze(
     captured: dict[str, torch.Tensor],
@@ -134,8 +189,10 @@ def freeze(
         x1 = get(names.attn_normalized)
         W_V_heads = W_V[layer][kv_of_head]  # [H, d, dh]
         values = torch.einsum("td,hde->the", x1, W_V_heads)
+        b_V = None
         if weights.get("b_V") is not None:
-            values = values + weights["b_V"][layer].to(device, dtype)[kv_of_head]
+            b_V = weights["b_V"][layer].to(device, dtype)[kv_of_head]
+            values = values + b_V
         b_O = (weights["b_O"][layer].to(device, dtype) if weights.get("b_O") is not None
                else torch.zeros(W_O.shape[-1], device=device, dtype=dtype))
         mlp_in, mlp_out = get(names.mlp_in), get(names.mlp_out)
@@ -157,7 +214,7 @@ def freeze(
             pattern=get(names.attn_pattern), values=values, W_V=W_V_heads, W_O=W_O[layer], b_O=b_O,
             attn_out=get(names.attn_out), mlp_scale=get(names.mlp_scale).reshape(-1), mlp_in=mlp_in,
             mlp_out=mlp_out, transcoder=transcoder, z=z, pre=pre, error=error, active=active,
-            z_active=z_active, decoder_active=decoder_active))
+            z_active=z_active, decoder_active=decoder_active, b_V=b_V))
     last = info.layer(info.n_layers - 1)
     pos_embed = captured[info.pos_embed_hook][0].to(dtype) if info.pos_embed_hook else None
     return FrozenForward(

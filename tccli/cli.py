@@ -42,6 +42,7 @@ from tccli.cache import CacheConfig
 from tccli.circuit import CircuitConfig, DeembedConfig
 from tccli.config import command_from, plain_arguments
 from tccli.evaluate import EvalConfig
+from tccli.graph import GraphConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
 from tccli.interop import ConvertConfig
@@ -360,6 +361,40 @@ def greater_than_command(config: GreaterThanConfig) -> None:
         print(json.dumps(result, indent=2))
     else:
         print("\n".join(result_lines(result)))
+
+
+# ============================================================================ tc graph (issue 13)
+
+
+@app.command("graph")
+@command_from(GraphConfig)
+def graph_command(config: GraphConfig) -> None:
+    """Whole attribution graph of the local replacement model, pruned by influence and scored."""
+    from tccli import attribution_graph_io
+    from tccli.graph import attribution_graph
+    from tccli.models import load_model
+    from tccli.transcoder_io import load_transcoder_set
+
+    prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % (4 * config.batch_size) == 0:
+            log(f"feature rows {done}/{total}")
+
+    run = attribution_graph(loaded, transcoders, prompt, config, None if config.quiet else progress)
+    data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
+                                       run.head_edges)
+    _write_output(data, config.out)
+    graph, stats = run.graph, run.graph.stats
+    log(f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "
+        f"{int(graph.node_mask.sum())} nodes ({int(graph.node_mask[:graph.table.n_features].sum())} features), "
+        f"{sum(int(m.sum()) for m in graph.edge_mask)} edges; replacement score {graph.replacement:.4f}, "
+        f"completeness score {graph.completeness:.4f}; dropped {stats['dropped_share_total']:.2%} of sum |A| "
+        f"({stats['dropped_small_share']:.2%} small entries, {stats['dropped_budget_share']:.2%} from features "
+        f"without rows); {stats['stored_entries']:,} entries stored")
 
 
 # ============================================================================ entry point

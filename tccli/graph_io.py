@@ -197,6 +197,10 @@ def render(graph: nx.DiGraph, fmt: str) -> bytes:
     if fmt == "json":
         return to_json(graph).encode()
     if fmt == "neuronpedia":
+        if _attribution_graph(graph):
+            from tccli import attribution_graph_io
+
+            return attribution_graph_io.to_neuronpedia(graph).encode()
         return to_neuronpedia(graph).encode()
     if fmt == "graphml":
         return _graphml(graph)
@@ -256,7 +260,14 @@ def _is_graph_file(path: Path) -> bool:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("format") == GRAPH_FORMAT
+    return (isinstance(data, dict) and data.get("format") == GRAPH_FORMAT
+            and not _attribution_graph(data.get("graph", {})))
+
+
+def _attribution_graph(graph: nx.DiGraph | dict) -> bool:
+    """Written by `tc graph` (attribution_graph_io, which `tc info` asks about such files), not `tc circuit`."""
+    attrs = graph.graph if isinstance(graph, nx.DiGraph) else graph
+    return attrs.get("metadata", {}).get("kind") == "attribution-graph"
 
 
 def graph_summary(path: Path) -> dict:

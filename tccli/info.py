@@ -30,7 +30,7 @@ KINDS: list[InfoKind] = []
 
 # Modules that register further kinds when imported. EXTENSION POINT: the circuit/graph module adds
 # itself here (or calls register_kind from a module already imported).
-PLUGIN_MODULES: list[str] = ["tccli.graph_io"]
+PLUGIN_MODULES: list[str] = ["tccli.graph_io", "tccli.attribution_graph_io"]
 
 
 def register_kind(name: str, detect: Callable[[Path], bool], summarize: Callable[[Path], dict],

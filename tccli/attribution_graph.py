@@ -1,0 +1,717 @@
+"""Whole attribution graphs of the local replacement model (METHOD.md section 9). Pure math.
+
+Tensors in (a FrozenForward, targets), node tables and sparse rows out; no model, no files.
+
+**Nodes**, in circuit-tracer's order: every active transcoder feature (ordered by layer, token,
+feature), one error node per (layer, token) (layer-major), one input node per token (its token
+embedding plus, for learned positions, its position embedding: everything the residual stream starts
+with), then the targets.
+
+**Edges.** ``A[t, s]`` is the direct effect of node s on node t in the local replacement model:
+patterns, norm scales and every node's value frozen; effects pass through the residual stream and the
+frozen attention of the layers between (any number of hops, every head), never through another
+node. A row of A is one linear backward pass: the target's read vector is injected at its token and
+read point, carried down the residual stream (the MLPs are cut; attention moves it to earlier tokens)
+and dotted, at every layer's MLP output, with each node's write there (a feature's ``z * f_dec``, an
+error term) and, at the bottom, with the input. Everything else that reaches the target is a constant
+(encoder constant, attention ``b_O`` and value biases, transcoder ``b_dec``, ``b_U``): a row's
+**bias**, so that ``sum(row) + bias == the target's value`` (its pre-activation, or logit) to rounding.
+
+**Which features get rows** (circuit-tracer's rule): the targets' rows first; then features ranked by
+their influence on the targets estimated from the rows computed so far, computed most-influential-first
+``update_interval`` batches at a time and re-ranked, up to ``max_feature_nodes``. Features left out
+keep no column in the final graph either (their edges count as dropped mass).
+
+**Sparse rows.** A row is stored as its nonzero entries (CSR: ``crow``, int32 ``col``, values), after
+dropping its smallest entries while their absolute sum stays within ``drop_mass`` of the row's absolute
+sum; the dropped entries' signed and absolute sums are kept per row, so nothing is lost silently and the
+identity ``sum(row) + dropped + bias == value`` still holds exactly.
+
+**Influence, pruning, scores** exactly as circuit-tracer's ``graph.py`` defines them: ``Â = |A|`` with
+each row divided by its sum; influence ``= w (Â + Â^2 + ...)`` with ``w`` the target weights; node
+pruning keeps the nodes whose influence reaches ``node_threshold`` of the total (the sort runs over
+every node, embeddings included; embeddings and targets are then always kept); edge pruning scores
+each edge of the node-pruned matrix ``Â'[t, s] * (influence'_t + w_t)`` and keeps ``edge_threshold`` of
+the total; then feature and error nodes without an outgoing kept edge and features without an incoming
+one are dropped until nothing changes. replacement = influence of inputs / (inputs + errors);
+completeness = sum over nodes of ``(1 - error share of the node's row) * (influence + w)`` over
+``sum(influence + w)`` (both on the unpruned graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from tccli.attribution import FrozenForward, Rows, Target
+
+# node kinds, in layout order
+FEATURE, ERROR, EMBED, TARGET = "feature", "error", "embed", "target"
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+@dataclass
+class NodeTable:
+    """The graph's nodes: features, then errors (layer-major), then inputs (one per token), then targets."""
+
+    n_layers: int
+    n_tokens: int
+    feature_layer: torch.Tensor  # [F] int64
+    feature_position: torch.Tensor  # [F] int64
+    feature_index: torch.Tensor  # [F] int64 (index within its transcoder)
+    feature_activation: torch.Tensor  # [F]
+    target_weight: torch.Tensor  # [K] (logit probabilities; 1 for a single target)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.feature_layer.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_weight.shape[0])
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def embed_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_tokens
+
+    @property
+    def target_start(self) -> int:
+        return self.embed_start + self.n_tokens
+
+    @property
+    def n_nodes(self) -> int:
+        return self.target_start + self.n_targets
+
+    def error_node(self, layer: int, position: int) -> int:
+        return self.error_start + layer * self.n_tokens + position
+
+    def embed_node(self, position: int) -> int:
+        return self.embed_start + position
+
+    def target_node(self, k: int) -> int:
+        return self.target_start + k
+
+    def kind(self, node: int) -> str:
+        if node < self.error_start:
+            return FEATURE
+        if node < self.embed_start:
+            return ERROR
+        return EMBED if node < self.target_start else TARGET
+
+    def weights(self) -> torch.Tensor:
+        """[N]: the target weights at the targets' nodes, 0 elsewhere (circuit-tracer's logit_weights)."""
+        out = torch.zeros(self.n_nodes, dtype=self.target_weight.dtype, device=self.target_weight.device)
+        out[self.target_start:] = self.target_weight
+        return out
+
+    def select_features(self, keep: torch.Tensor) -> "NodeTable":
+        """The same table with only the features ``keep`` (sorted indices into this table's features)."""
+        return NodeTable(n_layers=self.n_layers, n_tokens=self.n_tokens,
+                         feature_layer=self.feature_layer[keep], feature_position=self.feature_position[keep],
+                         feature_index=self.feature_index[keep], feature_activation=self.feature_activation[keep],
+                         target_weight=self.target_weight)
+
+
+def active_features(frozen: FrozenForward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer, position, feature, activation) of every nonzero activation, ordered by layer, token, feature."""
+    parts = []
+    for layer, frozen_layer in enumerate(frozen.layers):
+        if frozen_layer.transcoder is None:
+            continue
+        position, feature = torch.nonzero(frozen_layer.z, as_tuple=True)  # row-major: token, then feature
+        parts.append((torch.full_like(position, layer), position, feature, frozen_layer.z[position, feature]))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=frozen.embed.device)
+        return empty, empty, empty, torch.zeros(0, dtype=frozen.embed.dtype, device=frozen.embed.device)
+    return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
+
+
+def node_table(frozen: FrozenForward, target_weight: torch.Tensor) -> NodeTable:
+    layer, position, feature, activation = active_features(frozen)
+    return NodeTable(n_layers=frozen.n_layers, n_tokens=frozen.n_tokens, feature_layer=layer,
+                     feature_position=position, feature_index=feature, feature_activation=activation,
+                     target_weight=target_weight.to(frozen.embed.dtype))
+
+
+# ----------------------------------------------------------------------------- targets and feature rows
+
+
+def salient_logit_targets(frozen: FrozenForward, position: int, max_logits: int = 10,
+                          probability: float = 0.95) -> tuple[list[Target], torch.Tensor]:
+    """circuit-tracer's logit targets: the most likely next tokens at ``position`` until their cumulative
+    probability reaches ``probability`` (at most ``max_logits``), each as ``logit_a - mean_b logit_b``
+    (the unembedding column minus the mean column, through the frozen final norm). Returns the targets and
+    their probabilities (the weights)."""
+    normalized = frozen.final_normalized[position]
+    logits = normalized @ frozen.W_U + frozen.b_U
+    probs = torch.softmax(logits.double(), dim=-1)
+    top = probs.topk(min(max_logits, probs.shape[0]))
+    count = int(torch.searchsorted(top.values.cumsum(0), torch.tensor(probability, dtype=torch.float64,
+                                                                      device=probs.device))) + 1
+    tokens, weights = top.indices[:count], top.values[:count]
+    mean_column, mean_bias = frozen.W_U.mean(dim=1), frozen.b_U.mean()
+    scale = frozen.final_scale[position:position + 1]
+    targets = []
+    for token, weight in zip(tokens.tolist(), weights.tolist()):
+        direction = frozen.W_U[:, token] - mean_column
+        constant = frozen.b_U[token] - mean_bias
+        targets.append(Target(vector=frozen.to_raw(direction.unsqueeze(0), scale)[0], position=position,
+                              read_point=(frozen.n_layers, frozen.n_layers), constant=float(constant),
+                              value=float(normalized @ direction + constant),
+                              description={"kind": "logit", "token": token, "demeaned": True,
+                                           "probability": weight}))
+    return targets, weights.to(frozen.embed.dtype)
+
+
+@dataclass
+class RowSpec:
+    """Rows to compute: what each is read with, where, and its real value and constant part."""
+
+    rows: Rows
+    constant: torch.Tensor  # [R] the part of the value no node writes (encoder constant, b_U)
+    value: torch.Tensor  # [R] the real value (pre-activation, logit), from the forward pass
+    nodes: torch.Tensor  # [R] int64 node index of each row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def target_rows(targets: list[Target], table: NodeTable) -> RowSpec:
+    device = targets[0].vector.device
+    rows = Rows(vectors=torch.stack([t.vector for t in targets]),
+                positions=torch.tensor([t.position for t in targets], device=device),
+                n_attn=torch.tensor([t.read_point[0] for t in targets], device=device),
+                n_mlp=torch.tensor([t.read_point[1] for t in targets], device=device))
+    dtype = rows.vectors.dtype
+    return RowSpec(rows=rows, constant=torch.tensor([t.constant for t in targets], dtype=dtype, device=device),
+                   value=torch.tensor([t.value for t in targets], dtype=dtype, device=device),
+                   nodes=torch.arange(len(targets), device=device) + table.target_start)
+
+
+def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor) -> RowSpec:
+    """Rows for the features ``features`` (indices into the table): each read with its encoder vector
+    through its MLP's frozen norm scale; value = its pre-activation."""
+    device, dtype = frozen.embed.device, frozen.embed.dtype
+    layers = table.feature_layer[features]
+    positions = table.feature_position[features]
+    indices = table.feature_index[features]
+    vectors = torch.empty(len(features), frozen.embed.shape[1], dtype=dtype, device=device)
+    constant = torch.empty(len(features), dtype=dtype, device=device)
+    value = torch.empty(len(features), dtype=dtype, device=device)
+    n_attn = torch.empty_like(layers)
+    for layer in layers.unique().tolist():
+        mask = layers == layer
+        frozen_layer = frozen.layers[layer]
+        transcoder = frozen_layer.transcoder
+        f, p = indices[mask], positions[mask]
+        encoder = transcoder.W_enc[:, f].T.to(dtype)
+        vectors[mask] = frozen.to_raw(encoder, frozen_layer.mlp_scale[p])
+        constant[mask] = (transcoder.b_enc[f] - transcoder.b_pre @ transcoder.W_enc[:, f]).to(dtype)
+        value[mask] = frozen_layer.pre[p, f].to(dtype)
+        n_attn[mask] = frozen.mlp_read_point(layer)[0]
+    rows = Rows(vectors=vectors, positions=positions, n_attn=n_attn, n_mlp=layers.clone())
+    return RowSpec(rows=rows, constant=constant, value=value, nodes=features.to(device))
+
+
+# ----------------------------------------------------------------------------- the linear backward
+
+
+class NodeWrites:
+    """What every node writes into the residual stream, arranged for the batched backward pass.
+
+    Per layer and token: the error term in slot 0, then the active features' writes ``z * f_dec`` in
+    feature order ([T, 1 + k_max, d]), so one batched matmul per layer dots every row's gradient with
+    every write of that layer."""
+
+    def __init__(self, frozen: FrozenForward, table: NodeTable):
+        self.frozen, self.table = frozen, table
+        T, dtype = frozen.n_tokens, frozen.embed.dtype
+        device = frozen.embed.device
+        self.inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
+        self.layer_start: list[int] = []  # first feature (table index) of each layer
+        self.per_token: list[torch.Tensor] = []  # [T+1] cumulative feature count per token
+        self.padded: list[torch.Tensor] = []  # [T, 1 + k_max, d]
+        self.slot_valid: list[torch.Tensor] = []  # [T, 1 + k_max] bool, feature slots only
+        start = 0
+        for layer in range(frozen.n_layers):
+            count = int((table.feature_layer == layer).sum())
+            positions = table.feature_position[start:start + count]
+            counts = torch.bincount(positions, minlength=T)
+            cumulative = torch.zeros(T + 1, dtype=torch.long, device=device)
+            cumulative[1:] = counts.cumsum(0)
+            k_max = int(counts.max()) if count else 0
+            padded = torch.zeros(T, 1 + k_max, frozen.embed.shape[1], dtype=dtype, device=device)
+            padded[:, 0] = frozen.layers[layer].error
+            valid = torch.zeros(T, 1 + k_max, dtype=torch.bool, device=device)
+            if count:
+                slots = 1 + torch.arange(count, device=device) - cumulative[positions]
+                decoder = frozen.layers[layer].transcoder.W_dec
+                indices = table.feature_index[start:start + count]
+                activations = table.feature_activation[start:start + count]
+                padded[positions, slots] = decoder[indices].to(dtype) * activations.unsqueeze(1)
+                valid[positions, slots] = True
+            self.layer_start.append(start)
+            self.per_token.append(cumulative)
+            self.padded.append(padded)
+            self.slot_valid.append(valid)
+            start += count
+
+    def feature_columns(self, layer: int, n_tokens: int) -> int:
+        """How many of ``layer``'s features sit at the first ``n_tokens`` tokens."""
+        return int(self.per_token[layer][n_tokens])
+
+    def layer_edges(self, layer: int, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grad`` [R, P, d] at ``layer``'s MLP output dotted with every write of that layer at the first
+        P tokens: (features [R, n] in table order, errors [R, P])."""
+        P = grad.shape[1]
+        per_token = torch.bmm(grad.transpose(0, 1), self.padded[layer][:P].transpose(1, 2))  # [P, R, 1+k]
+        per_token = per_token.transpose(0, 1)  # [R, P, 1+k]
+        return per_token[:, self.slot_valid[layer][:P]], per_token[:, :, 0]
+
+    def input_edges(self, grad: torch.Tensor) -> torch.Tensor:
+        P = grad.shape[1]
+        return torch.bmm(grad.transpose(0, 1), self.inputs[:P].unsqueeze(2))[:, :, 0].T
+
+    def batch_columns(self, n_tokens: int) -> torch.Tensor:
+        """Node indices of the columns ``dense_rows`` fills for rows at tokens < n_tokens: each layer's
+        features there, then errors (layer by layer), then inputs."""
+        device = self.inputs.device
+        parts = [torch.arange(self.layer_start[layer], self.layer_start[layer] + self.feature_columns(layer, n_tokens),
+                              device=device) for layer in range(self.frozen.n_layers)]
+        T = self.table.n_tokens
+        for layer in range(self.frozen.n_layers):
+            parts.append(self.table.error_start + layer * T + torch.arange(n_tokens, device=device))
+        parts.append(self.table.embed_start + torch.arange(n_tokens, device=device))
+        return torch.cat(parts)
+
+
+def _level(n_attn: torch.Tensor, n_mlp: torch.Tensor) -> torch.Tensor:
+    """Order of read points from the top of the residual stream down: resid_pre(l) -> 2l,
+    resid_mid(l) (attention l included, MLP l not) -> 2l + 1."""
+    return 2 * n_mlp + (n_attn - n_mlp)
+
+
+def dense_rows(writes: NodeWrites, spec: RowSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batched linear backward pass: (rows [R, C] over ``writes.batch_columns(P)``, bias [R], P).
+
+    Rows are processed sorted by read point from the top down: a row joins the pass where it reads, so
+    at each layer only the rows reading above it (a prefix) are carried, and only the first P tokens."""
+    frozen = writes.frozen
+    rows = spec.rows
+    R, d = rows.vectors.shape
+    P = int(rows.positions.max()) + 1
+    level = _level(rows.n_attn, rows.n_mlp)
+    order = torch.argsort(level, descending=True, stable=True)
+    sorted_level = level[order]
+    columns = writes.batch_columns(P)
+    out = torch.zeros(R, columns.shape[0], dtype=rows.vectors.dtype, device=rows.vectors.device)
+    bias = spec.constant[order].clone()
+    grad = torch.zeros(R, P, d, dtype=rows.vectors.dtype, device=rows.vectors.device)
+    n_active = 0
+
+    def inject(at_level: int) -> int:
+        end = n_active + int((sorted_level == at_level).sum())
+        if end > n_active:
+            index = order[n_active:end]
+            grad[torch.arange(n_active, end, device=grad.device), rows.positions[index]] += rows.vectors[index]
+        return end
+
+    feature_offset = [0]
+    for layer in range(frozen.n_layers):
+        feature_offset.append(feature_offset[-1] + writes.feature_columns(layer, P))
+    error_offset = feature_offset[-1]
+    L = frozen.n_layers
+    n_active = inject(2 * L)
+    for layer in reversed(range(L)):
+        a = n_active
+        if a:
+            g = grad[:a]
+            features, errors = writes.layer_edges(layer, g)
+            out[:a, feature_offset[layer]:feature_offset[layer + 1]] = features
+            out[:a, error_offset + layer * P:error_offset + (layer + 1) * P] = errors
+            transcoder = frozen.layers[layer].transcoder
+            if transcoder is not None:
+                bias[:a] += g.sum(1) @ transcoder.b_dec.to(g.dtype)
+        if not frozen.parallel:
+            n_active = a = inject(2 * layer + 1)
+        if a:
+            g = grad[:a]
+            bias[:a] += frozen.attention_bias(layer, g)
+            g += frozen.attention_backward(layer, g)
+        n_active = inject(2 * layer)
+    if n_active:
+        out[:n_active, error_offset + L * P:] = writes.input_edges(grad[:n_active])
+    if n_active != R:
+        raise ValueError(f"{R - n_active} rows read from no point of the residual stream")
+    unsort = torch.argsort(order)
+    return out[unsort], bias[unsort], P
+
+
+# ----------------------------------------------------------------------------- sparse rows
+
+
+@dataclass
+class SparseRows:
+    """A chunk of computed rows of the adjacency, stored sparsely (CSR over the table's node indices).
+
+    For every row: sum(entries) + dropped + bias == value (up to float rounding)."""
+
+    nodes: torch.Tensor  # [R] int64: the node each row belongs to
+    crow: torch.Tensor  # [R+1] int64
+    col: torch.Tensor  # [nnz] int32: source node
+    value: torch.Tensor  # [nnz]
+    bias: torch.Tensor  # [R] constant terms
+    target_value: torch.Tensor  # [R] the row's real value
+    dropped: torch.Tensor  # [R] signed sum of entries not stored
+    dropped_abs: torch.Tensor  # [R] their absolute sum
+    total_abs: torch.Tensor  # [R] absolute sum of the whole row (stored + dropped)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.nodes.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.shape[0])
+
+    def row_ids(self) -> torch.Tensor:
+        """[nnz] int64: the row (within this chunk) of every entry."""
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff(),
+                                       output_size=self.nnz)
+
+    def row_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.n_rows, dtype=values.dtype, device=values.device).index_add_(0, self.row_ids(), values)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.value))
+
+    def filter_entries(self, keep: torch.Tensor, new_col: Optional[torch.Tensor] = None) -> "SparseRows":
+        """Only the entries ``keep`` [nnz] (the others are added to the dropped sums); columns renumbered
+        by ``new_col`` [old node -> new node] when given."""
+        rows = self.row_ids()
+        lost = ~keep
+        dropped = self.dropped.clone().index_add_(0, rows[lost], self.value[lost])
+        dropped_abs = self.dropped_abs.clone().index_add_(0, rows[lost], self.value[lost].abs())
+        crow = torch.zeros_like(self.crow)
+        crow[1:] = torch.bincount(rows[keep], minlength=self.n_rows).cumsum(0)
+        col = self.col[keep]
+        if new_col is not None:
+            col = new_col[col.long()].to(torch.int32)
+        return SparseRows(nodes=self.nodes, crow=crow, col=col, value=self.value[keep], bias=self.bias,
+                          target_value=self.target_value, dropped=dropped, dropped_abs=dropped_abs,
+                          total_abs=self.total_abs)
+
+
+class Adjacency:
+    """The computed rows as a list of chunks (one per backward batch), never concatenated: the whole
+    is as large as the rows themselves, never twice that. Rows are numbered across chunks in order."""
+
+    def __init__(self, chunks: list[SparseRows]):
+        self.chunks = chunks
+
+    @property
+    def nodes(self) -> torch.Tensor:
+        return torch.cat([chunk.nodes for chunk in self.chunks])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(chunk.n_rows for chunk in self.chunks)
+
+    @property
+    def nnz(self) -> int:
+        return sum(chunk.nnz for chunk in self.chunks)
+
+    def nbytes(self) -> int:
+        return sum(chunk.nbytes() for chunk in self.chunks)
+
+    def cat(self, name: str) -> torch.Tensor:
+        """A per-row field of every chunk, concatenated."""
+        return torch.cat([getattr(chunk, name) for chunk in self.chunks])
+
+    def normalized(self) -> list[torch.Tensor]:
+        """Per chunk [nnz]: |A| with each row divided by its sum (circuit-tracer's normalize_matrix)."""
+        out = []
+        for chunk in self.chunks:
+            magnitude = chunk.value.abs()
+            out.append(magnitude / chunk.row_sums(magnitude).clamp(min=1e-10)[chunk.row_ids()])
+        return out
+
+    def consume(self, fn: Callable[[SparseRows], SparseRows]) -> "Adjacency":
+        """A new adjacency of ``fn(chunk)`` for every chunk; this one is emptied as it goes, so at most one
+        chunk exists twice."""
+        mapped = []
+        for index in range(len(self.chunks)):
+            mapped.append(fn(self.chunks[index]))
+            self.chunks[index] = None  # type: ignore[call-overload]
+        self.chunks = []
+        return Adjacency(mapped)
+
+
+def sparsify(dense: torch.Tensor, columns: torch.Tensor, drop_mass: float) -> tuple[torch.Tensor, ...]:
+    """Dense rows [R, C] (columns: their node indices) -> (crow, col, value, dropped, dropped_abs, total_abs).
+    ``dense`` is overwritten.
+
+    Entries are grouped by the power of two of their share of the row's absolute sum; the groups of the
+    smallest entries are dropped while their total share stays <= ``drop_mass`` (0: keep every nonzero)."""
+    magnitude = dense.abs()
+    total = magnitude.sum(1)
+    keep = dense != 0
+    if drop_mass > 0:
+        share = magnitude.div_(total.clamp(min=torch.finfo(dense.dtype).tiny).unsqueeze(1))
+        group = torch.frexp(share).exponent.neg_().clamp_(0, 199).long()  # share in [2^-g-1, 2^-g); zeros: 0
+        mass = torch.zeros(dense.shape[0], 200, dtype=share.dtype, device=share.device).scatter_add_(1, group, share)
+        from_smallest = mass.flip(1).cumsum(1).flip(1)  # [R, g]: share of the entries in groups >= g
+        droppable = from_smallest <= drop_mass
+        first_dropped = torch.where(droppable.any(1), droppable.int().argmax(1),
+                                    torch.full_like(group[:, 0], 200))
+        keep &= group < first_dropped.unsqueeze(1)
+        del share, group
+    row, column = torch.nonzero(keep, as_tuple=True)
+    value = dense[row, column]
+    if drop_mass > 0:
+        lost = dense.masked_fill_(keep, 0)  # the caller's rows are not needed any more
+        dropped, dropped_abs = lost.sum(1), lost.abs_().sum(1)
+    else:
+        dropped, dropped_abs = torch.zeros_like(total), torch.zeros_like(total)
+    crow = torch.zeros(dense.shape[0] + 1, dtype=torch.long, device=dense.device)
+    crow[1:] = torch.bincount(row, minlength=dense.shape[0]).cumsum(0)
+    return crow, columns[column].to(torch.int32), value, dropped, dropped_abs, total
+
+
+def compute_rows(writes: NodeWrites, spec: RowSpec, drop_mass: float) -> SparseRows:
+    dense, bias, P = dense_rows(writes, spec)
+    crow, col, value, dropped, dropped_abs, total = sparsify(dense, writes.batch_columns(P), drop_mass)
+    return SparseRows(nodes=spec.nodes, crow=crow, col=col, value=value, bias=bias, target_value=spec.value,
+                      dropped=dropped, dropped_abs=dropped_abs, total_abs=total)
+
+
+# ----------------------------------------------------------------------------- influence
+
+
+def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
+              normalized: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """[n_nodes]: ``w (Â + Â^2 + ...)`` with Â the normalised rows (circuit-tracer's compute_influence).
+
+    Influence travels on only through nodes that have rows, so the powers are taken on the square system
+    rows x row nodes (small), and one product with the whole of Â then gives every node's total."""
+    normalized = adjacency.normalized() if normalized is None else normalized
+    nodes = adjacency.nodes
+    device = nodes.device
+    dtype = normalized[0].dtype if normalized else weights.dtype
+    row_of_node = torch.full((n_nodes,), -1, dtype=torch.long, device=device)
+    row_of_node[nodes] = torch.arange(nodes.shape[0], device=device)
+    inner_from, inner_to, inner_value, offset = [], [], [], 0
+    for chunk, values in zip(adjacency.chunks, normalized):
+        source_rows = row_of_node[chunk.col.long()]
+        inner = source_rows >= 0
+        inner_from.append(chunk.row_ids()[inner] + offset)
+        inner_to.append(source_rows[inner])
+        inner_value.append(values[inner])
+        offset += chunk.n_rows
+    inner_from, inner_to, inner_value = torch.cat(inner_from), torch.cat(inner_to), torch.cat(inner_value)
+    current = weights[nodes].to(dtype)  # the flow arriving at each row's node
+    flow = current.clone()
+    for _ in range(nodes.shape[0] + 1):  # a DAG: the flow dies out within its depth
+        step = torch.zeros_like(current).index_add_(0, inner_to, inner_value * current[inner_from])
+        if not bool(step.any()):
+            break
+        flow += step
+        current = step
+    else:
+        raise RuntimeError("influence did not converge: the rows are not acyclic")
+    out = torch.zeros(n_nodes, dtype=dtype, device=device)
+    offset = 0
+    for chunk, values in zip(adjacency.chunks, normalized):
+        out.index_add_(0, chunk.col.long(), values * flow[offset:offset + chunk.n_rows][chunk.row_ids()])
+        offset += chunk.n_rows
+    return out
+
+
+def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The score of the entry at which the descending cumulative share first reaches ``threshold``
+    (circuit-tracer's find_threshold; the last entry when rounding never reaches it)."""
+    ordered = torch.sort(scores, descending=True).values
+    cumulative = ordered.double().cumsum(0) / ordered.double().sum()
+    index = int(torch.searchsorted(cumulative, torch.tensor(threshold, dtype=torch.float64, device=scores.device)))
+    return ordered[min(index, ordered.shape[0] - 1)]
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+@dataclass
+class GraphParams:
+    max_feature_nodes: int = 7500
+    batch_size: int = 256
+    update_interval: int = 4  # batches computed between re-rankings (circuit-tracer's)
+    drop_mass: float = 1e-3
+    node_threshold: float = 0.8
+    edge_threshold: float = 0.98
+
+
+@dataclass
+class AttributionGraph:
+    """The computed graph (unpruned rows, over the selected features), its influence, pruning and scores."""
+
+    table: NodeTable  # selected features only
+    adjacency: Adjacency  # columns numbered as ``table``
+    influence: torch.Tensor  # [N]
+    cumulative: torch.Tensor  # [N] each node's cumulative share in descending influence order
+    node_mask: torch.Tensor  # [N] bool, kept by pruning
+    edge_mask: list[torch.Tensor]  # per chunk [nnz] bool, kept by pruning
+    replacement: float
+    completeness: float
+    n_active_features: int  # before the node budget
+    stats: dict = field(default_factory=dict)
+
+
+def rank_features(adjacency: Adjacency, table: NodeTable, visited: torch.Tensor) -> torch.Tensor:
+    """Unvisited features, most influential first (influence estimated from the rows so far)."""
+    estimate = influence(adjacency, table.n_nodes, table.weights())[:table.n_features]
+    order = torch.argsort(estimate, descending=True, stable=True)
+    return order[~visited[order]]
+
+
+def build_graph(frozen: FrozenForward, targets: list[Target], target_weight: torch.Tensor,
+                params: GraphParams, progress: Optional[Callable[[int, int], None]] = None) -> AttributionGraph:
+    """Everything `tc graph` computes from a frozen forward pass and its targets."""
+    with torch.no_grad():
+        table = node_table(frozen, target_weight)
+        writes = NodeWrites(frozen, table)
+        adjacency = Adjacency([compute_rows(writes, target_rows(targets, table), params.drop_mass)])
+        # features that cannot reach any target (too late a layer or token) never get rows
+        reads_after = max(t.read_point[1] for t in targets)
+        last_token = max(t.position for t in targets)
+        reachable = (table.feature_layer < reads_after) & (table.feature_position <= last_token)
+        n_reachable = int(reachable.sum())
+        budget = min(params.max_feature_nodes, n_reachable)
+        visited = ~reachable
+        n_visited = 0
+        if progress:
+            progress(0, budget)
+        while n_visited < budget:
+            if budget == n_reachable:
+                pending = torch.nonzero(reachable).reshape(-1)
+            else:
+                ranked = rank_features(adjacency, table, visited)
+                pending = ranked[:min(params.update_interval * params.batch_size, budget - n_visited)]
+            # the set computed before the next ranking is fixed; batching rows of nearby tokens and
+            # layers together only makes each backward pass smaller
+            pending = pending[torch.argsort(table.feature_position[pending] * (frozen.n_layers + 1)
+                                            + table.feature_layer[pending], stable=True)]
+            for start in range(0, pending.shape[0], params.batch_size):
+                batch = pending[start:start + params.batch_size]
+                adjacency.chunks.append(compute_rows(writes, feature_rows(frozen, table, batch), params.drop_mass))
+                visited[batch] = True
+                n_visited += int(batch.shape[0])
+                if progress:
+                    progress(n_visited, budget)
+        del writes
+        return finish_graph(adjacency, table, visited & reachable, params)
+
+
+def finish_graph(adjacency: Adjacency, table: NodeTable, selected: torch.Tensor,
+                 params: GraphParams) -> AttributionGraph:
+    """Keep the selected features' columns only (circuit-tracer's final graph), then influence, pruning
+    and scores."""
+    keep_features = torch.nonzero(selected).reshape(-1)
+    final = table.select_features(keep_features)
+    device = table.feature_layer.device
+    new_index = torch.full((table.n_nodes,), -1, dtype=torch.long, device=device)
+    new_index[keep_features] = torch.arange(keep_features.shape[0], device=device)
+    shift = table.n_features - final.n_features
+    new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
+
+    def restrict(chunk: SparseRows) -> SparseRows:
+        restricted = chunk.filter_entries(new_index[chunk.col.long()] >= 0, new_index)
+        restricted.nodes = new_index[chunk.nodes]
+        return restricted
+
+    small_dropped = float(sum(chunk.dropped_abs.sum() for chunk in adjacency.chunks))
+    adjacency = adjacency.consume(restrict)
+    weights = final.weights()
+    normalized = adjacency.normalized()
+    node_influence = influence(adjacency, final.n_nodes, weights, normalized)
+    node_mask, edge_mask = prune(adjacency, final, node_influence, normalized, params.node_threshold,
+                                 params.edge_threshold)
+    replacement, completeness = graph_scores(adjacency, final, node_influence, normalized)
+    ordered, order = torch.sort(node_influence, descending=True)
+    cumulative = torch.zeros_like(node_influence)
+    cumulative[order] = (ordered.double().cumsum(0) / ordered.double().sum()).to(node_influence.dtype)
+    total_abs, dropped_abs = adjacency.cat("total_abs"), adjacency.cat("dropped_abs")
+    whole = float(total_abs.sum().clamp(min=1e-30))
+    stats = {"rows": adjacency.n_rows, "stored_entries": adjacency.nnz, "stored_bytes": adjacency.nbytes(),
+             # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
+             "dropped_small_share": small_dropped / whole,
+             "dropped_budget_share": (float(dropped_abs.sum()) - small_dropped) / whole,
+             "dropped_share_total": float(dropped_abs.sum()) / whole,
+             "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max())}
+    return AttributionGraph(table=final, adjacency=adjacency, influence=node_influence, cumulative=cumulative,
+                            node_mask=node_mask, edge_mask=edge_mask, replacement=replacement,
+                            completeness=completeness, n_active_features=table.n_features, stats=stats)
+
+
+# ----------------------------------------------------------------------------- pruning and scores
+
+
+def prune(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, normalized: list[torch.Tensor],
+          node_threshold: float, edge_threshold: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """circuit-tracer's prune_graph: (node mask [N], per chunk edge mask [nnz])."""
+    if not 0.0 <= node_threshold <= 1.0 or not 0.0 <= edge_threshold <= 1.0:
+        raise ValueError("node_threshold and edge_threshold must be between 0 and 1")
+    weights = table.weights()
+    node_mask = node_influence >= find_threshold(node_influence, node_threshold)
+    node_mask[table.embed_start:] = True  # inputs and targets are always kept
+    ends = [(chunk.nodes[chunk.row_ids()], chunk.col.long()) for chunk in adjacency.chunks]
+    in_pruned = [node_mask[target] & node_mask[source] for target, source in ends]
+    pruned = Adjacency([chunk.filter_entries(keep) for chunk, keep in zip(adjacency.chunks, in_pruned)])
+    pruned_normalized = pruned.normalized()
+    pruned_influence = influence(pruned, table.n_nodes, weights, pruned_normalized) + weights
+    scores = [values * pruned_influence[chunk.nodes[chunk.row_ids()]]
+              for chunk, values in zip(pruned.chunks, pruned_normalized)]
+    all_scores = torch.cat(scores)
+    threshold = find_threshold(all_scores, edge_threshold) if all_scores.numel() else all_scores.new_tensor(0.0)
+    edge_mask = []
+    for chunk, keep, score in zip(adjacency.chunks, in_pruned, scores):
+        mask = torch.zeros(chunk.nnz, dtype=torch.bool, device=keep.device)
+        mask[keep] = score >= threshold
+        edge_mask.append(mask)
+    # feature and error nodes need an outgoing kept edge, features an incoming one; repeat until stable
+    prunable = torch.zeros(table.n_nodes, dtype=torch.bool, device=node_mask.device)
+    prunable[:table.embed_start] = True
+    while True:
+        has_out = torch.zeros_like(node_mask)
+        has_in = torch.zeros_like(node_mask)
+        for (target, source), mask in zip(ends, edge_mask):
+            mask &= node_mask[target] & node_mask[source]
+            has_out[source[mask]] = True
+            has_in[target[mask]] = True
+        new_mask = node_mask & ~(prunable & ~has_out)
+        new_mask[:table.n_features] &= has_in[:table.n_features]
+        if bool((new_mask == node_mask).all()):
+            return node_mask, edge_mask
+        node_mask = new_mask
+
+
+def graph_scores(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor,
+                 normalized: list[torch.Tensor]) -> tuple[float, float]:
+    """circuit-tracer's compute_graph_scores on the unpruned graph: (replacement, completeness)."""
+    inputs = float(node_influence[table.embed_start:table.target_start].sum())
+    errors = float(node_influence[table.error_start:table.embed_start].sum())
+    replacement = inputs / (inputs + errors) if inputs + errors > 0 else float("nan")
+    error_share = torch.zeros(table.n_nodes, dtype=node_influence.dtype, device=node_influence.device)
+    for chunk, values in zip(adjacency.chunks, normalized):
+        col = chunk.col.long()
+        is_error = (col >= table.error_start) & (col < table.embed_start)
+        error_share.index_add_(0, chunk.nodes[chunk.row_ids()][is_error], values[is_error])
+    output = node_influence + table.weights()
+    completeness = float(((1 - error_share) * output).sum() / output.sum())
+    return replacement, completeness

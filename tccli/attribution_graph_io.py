@@ -1,0 +1,316 @@
+"""Attribution graphs to files: tc's JSON (networkx node-link, read back by `tc export`, `tc info` and the
+intervention commands), Neuronpedia's attribution-graph JSON (the schema circuit-tracer writes), DOT
+(through graph_io's layout, as `tc circuit` draws) and a torch file with the whole unpruned sparse
+adjacency for scripts.
+
+The JSON and DOT graphs hold the pruned graph: the nodes and edges pruning kept. Node ids follow
+`tc circuit`: `mlp8.f1234@5`, `err8@5`, `embed@5`, `attn3.h2@4` (head nodes, with --heads); a single
+chosen target is `target`, the logit targets of --target logits are `logit{token id}@{position}`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import networkx as nx
+import torch
+
+from tccli.attribution_graph import AttributionGraph, NodeTable
+from tccli.search import NodeKey
+
+GRAPH_KIND = "attribution-graph"
+
+
+def node_ids(table: NodeTable, targets: list[dict]) -> list[str]:
+    """The id of every node of ``table`` (in table order)."""
+    ids = [NodeKey("feature", layer, feature, position).id for layer, feature, position in
+           zip(table.feature_layer.tolist(), table.feature_index.tolist(), table.feature_position.tolist())]
+    ids += [NodeKey("error", layer, -1, position).id for layer in range(table.n_layers)
+            for position in range(table.n_tokens)]
+    ids += [NodeKey("embed", -1, -1, position).id for position in range(table.n_tokens)]
+    ids += [target_id(target, len(targets)) for target in targets]
+    return ids
+
+
+def target_id(target: dict, n_targets: int) -> str:
+    if target.get("kind") == "logit" and target.get("demeaned"):
+        return f"logit{target['token']}@{target['position']}"
+    return "target"
+
+
+def edge_lists(graph: AttributionGraph) -> tuple[list[int], list[int], list[float]]:
+    """(source nodes, target nodes, weights) of the edges pruning kept."""
+    sources, targets, weights = [], [], []
+    for chunk, mask in zip(graph.adjacency.chunks, graph.edge_mask):
+        sources += chunk.col[mask].tolist()
+        targets += chunk.nodes[chunk.row_ids()[mask]].tolist()
+        weights += chunk.value[mask].tolist()
+    return sources, targets, weights
+
+
+def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int],
+                head_edges: Optional[list[tuple[int, int, dict]]] = None) -> nx.DiGraph:
+    """The pruned graph with tc circuit's node attribute conventions and the run's metadata.
+
+    ``head_edges`` (from head_split): per kept edge (source, target) its residual part and per-head parts;
+    with it, each kept edge becomes a direct edge carrying the residual part plus one path through a
+    head node `attn{L}.h{H}@{source token}` per head part."""
+    table = graph.table
+    targets = metadata["targets"]
+    ids = node_ids(table, targets)
+    out = nx.DiGraph()
+    influence, cumulative = graph.influence.tolist(), graph.cumulative.tolist()
+    for node in torch.nonzero(graph.node_mask).reshape(-1).tolist():
+        out.add_node(ids[node], **node_attributes(table, node, targets, strings, token_ids, metadata),
+                     influence=influence[node], cumulative_influence=cumulative[node])
+    sources, target_nodes, weights = edge_lists(graph)
+    for source, target, weight in zip(sources, target_nodes, weights):
+        out.add_edge(ids[source], ids[target], weight=weight)
+    if head_edges is not None:
+        add_head_nodes(out, ids, head_edges, strings)
+    kept_features = int(graph.node_mask[:table.n_features].sum())
+    out.graph["metadata"] = {
+        **metadata,
+        "replacement_score": graph.replacement, "completeness_score": graph.completeness,
+        "active_features": graph.n_active_features, "graph_features": table.n_features,
+        "kept_features": kept_features, "kept_nodes": int(graph.node_mask.sum()), "kept_edges": len(weights),
+        **{key: value for key, value in graph.stats.items()},
+    }
+    return out
+
+
+def node_attributes(table: NodeTable, node: int, targets: list[dict], strings: list[str],
+                    token_ids: list[int], metadata: dict) -> dict:
+    kind = table.kind(node)
+    attrs: dict = {"kind": kind, "layer": -1, "feature": None, "head": None, "position": None, "token": "",
+                   "activation": None}
+    if kind == "feature":
+        attrs.update(layer=int(table.feature_layer[node]), feature=int(table.feature_index[node]),
+                     position=int(table.feature_position[node]), activation=float(table.feature_activation[node]))
+    elif kind == "error":
+        layer, position = divmod(node - table.error_start, table.n_tokens)
+        attrs.update(layer=layer, position=position)
+    elif kind == "embed":
+        position = node - table.embed_start
+        attrs.update(position=position, token_id=token_ids[position])
+    else:
+        target = targets[node - table.target_start]
+        attrs.update(layer=target.get("layer", table.n_layers), position=target["position"],
+                     activation=target["value"], constant=target["constant"], weight=target["weight"],
+                     **{f"target_{key}": value for key, value in target.items()
+                        if key not in ("layer", "position", "value", "constant", "weight")})
+    if attrs["position"] is not None:
+        attrs["token"] = strings[attrs["position"]]
+    return attrs
+
+
+def add_head_nodes(out: nx.DiGraph, ids: list[str], head_edges: list[tuple[int, int, dict]],
+                   strings: list[str]) -> None:
+    """Route each kept edge's per-head parts through head nodes; the direct edge keeps the rest."""
+    for source, target, split in head_edges:
+        u, v = ids[source], ids[target]
+        if not out.has_edge(u, v):
+            continue
+        out.edges[u, v]["residual"] = split["residual"]
+        out.edges[u, v]["heads"] = {f"L{layer}.H{head}@{position}": part
+                                    for (layer, head, position), part in split["shown"].items()}
+        out.edges[u, v]["weight"] = split["rest"]
+        for (layer, head, position), part in split["shown"].items():
+            key = NodeKey("head", layer, head, position)
+            if key.id not in out:
+                out.add_node(key.id, kind="head", layer=layer, feature=None, head=head, position=position,
+                             token=strings[position], activation=None, influence=None)
+            for a, b in ((u, key.id), (key.id, v)):
+                if out.has_edge(a, b):
+                    out.edges[a, b]["weight"] += part
+                else:
+                    out.add_edge(a, b, weight=part)
+
+
+# ----------------------------------------------------------------------------- tc info / tc export
+
+
+def _is_attribution_graph_file(path: Path) -> bool:
+    from tccli.graph_io import GRAPH_FORMAT
+
+    if not path.is_file() or path.suffix.lower() != ".json":
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(data, dict) and data.get("format") == GRAPH_FORMAT
+            and data.get("graph", {}).get("metadata", {}).get("kind") == GRAPH_KIND)
+
+
+def file_summary(path: Path) -> dict:
+    from tccli.graph_io import read_graph
+
+    return summary(read_graph(path), str(path))
+
+
+def summary(graph: nx.DiGraph, path: str) -> dict:
+    meta = graph.graph.get("metadata", {})
+    kinds: dict[str, int] = {}
+    for _, kind in graph.nodes(data="kind"):
+        kinds[kind] = kinds.get(kind, 0) + 1
+    keys = ("model", "transcoders", "prompt", "targets", "replacement_score", "completeness_score",
+            "active_features", "graph_features", "kept_features", "dropped_share_total", "tc_version")
+    return {"kind": GRAPH_KIND, "path": path, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
+            "node_kinds": kinds, **{key: meta.get(key) for key in keys},
+            "node_threshold": meta.get("config", {}).get("node_threshold"),
+            "edge_threshold": meta.get("config", {}).get("edge_threshold")}
+
+
+def summary_lines(s: dict) -> list[str]:
+    targets = ", ".join(
+        f"{t.get('token_string', t.get('kind'))!r} (p={t['weight']:.3g})" if t.get("kind") == "logit"
+        else f"{t.get('kind')} = {t.get('value'):.4g}" for t in s["targets"] or [])
+    return [
+        f"{s['path']}: tc attribution graph (pruned), {s['nodes']} nodes, {s['edges']} edges "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(s['node_kinds'].items()))})",
+        f"  model        {s['model']}; transcoders {s['transcoders']}",
+        f"  prompt       {json.dumps(s['prompt'], ensure_ascii=False)}",
+        f"  targets      {targets}",
+        f"  scores       replacement {s['replacement_score']:.4f}, completeness {s['completeness_score']:.4f}",
+        f"  features     {s['active_features']} active, {s['graph_features']} with rows, {s['kept_features']} kept "
+        f"(node threshold {s['node_threshold']}, edge threshold {s['edge_threshold']})",
+        f"  written by   tc {s['tc_version']}",
+    ]
+
+
+# ----------------------------------------------------------------------------- Neuronpedia
+
+
+def to_neuronpedia(graph: nx.DiGraph) -> str:
+    """circuit-tracer's graph file for Neuronpedia's viewer, from a pruned attribution graph.
+
+    As circuit-tracer writes it: `metadata` (slug, scan, transcoder_list, prompt_tokens, prompt,
+    node_threshold; plus schema_version 1 and tc's own metadata under `tc`), `qParams`, `nodes`
+    (feature `{layer}_{feature}_{pos}`, embedding `E_{token}_{pos}`, logit `{n_layers+1}_{token}_{pos}`,
+    with `influence` = the node's cumulative influence share, `activation`, `token_prob`,
+    `is_target_logit`), `links` (`source`, `target`, `weight`). Error nodes are `{layer}_-1_{pos}`, not
+    circuit-tracer's `0_{layer}_{pos}`, which collides with layer-0 feature ids. Head nodes (--heads)
+    do not exist in this schema: their parts stay on the direct edges."""
+    meta = graph.graph.get("metadata", {})
+    n_layers = int(meta.get("n_layers", 0))
+    top_probability = max((t.get("weight", 0.0) for t in meta.get("targets", [])), default=0.0)
+    ids: dict[str, str] = {}
+    nodes = []
+    for node, attrs in graph.nodes(data=True):
+        kind, position = attrs.get("kind"), attrs.get("position")
+        entry = {"feature": -1, "layer": str(attrs.get("layer")), "ctx_idx": position, "token_prob": 0.0,
+                 "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
+                 "influence": attrs.get("cumulative_influence"), "activation": attrs.get("activation")}
+        if kind == "head":
+            continue
+        if kind == "feature":
+            entry.update(node_id=f"{attrs['layer']}_{attrs['feature']}_{position}", feature=attrs["feature"],
+                         feature_type="cross layer transcoder", jsNodeId=f"{attrs['layer']}_{attrs['feature']}-0")
+        elif kind == "error":
+            entry.update(node_id=f"{attrs['layer']}_-1_{position}", feature_type="mlp reconstruction error",
+                         jsNodeId=f"{attrs['layer']}_{position}-0", activation=None)
+        elif kind == "embed":
+            token = attrs.get("token_id", -1)
+            entry.update(node_id=f"E_{token}_{position}", feature=position, layer="E", feature_type="embedding",
+                         jsNodeId=f"E_{token}-{position}", activation=None)
+        else:
+            entry.update(_neuronpedia_target(attrs, n_layers, position, top_probability))
+        ids[node] = entry["node_id"]
+        nodes.append(entry)
+    links = [{"source": ids[u], "target": ids[v], "weight": w} for u, v, w in graph.edges(data="weight")
+             if u in ids and v in ids]
+    document = {
+        "metadata": {"slug": meta.get("slug", "tc-graph"), "scan": meta.get("model", ""),
+                     "transcoder_list": meta.get("transcoder_list", []), "prompt_tokens": meta.get("tokens", []),
+                     "prompt": meta.get("prompt", ""), "node_threshold": meta.get("config", {}).get("node_threshold"),
+                     "schema_version": 1, "tc": meta},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
+    return json.dumps(document, indent=1, default=float) + "\n"
+
+
+def _neuronpedia_target(attrs: dict, n_layers: int, position: int, top_probability: float) -> dict:
+    kind = attrs.get("target_kind")
+    if kind == "feature":
+        layer, feature = attrs["layer"], attrs["target_feature"]
+        return {"node_id": f"{layer}_{feature}_{position}", "feature": feature, "layer": str(layer),
+                "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{feature}-0",
+                "clerp": f"target: L{layer} F{feature} pre-activation"}
+    token = attrs.get("target_token", -1) if kind in ("logit", "logit_diff") else -1
+    text = attrs.get("target_token_string", "")
+    if kind == "logit_diff":
+        text = f"{text}\" - \"{attrs.get('target_token_b_string', '')}"
+    elif kind == "direction":
+        text = f"direction at layer {attrs.get('layer')}"
+    probability = attrs.get("weight", 0.0) if kind == "logit" and attrs.get("target_demeaned") else 0.0
+    return {"node_id": f"{n_layers + 1}_{token}_{position}", "feature": token, "layer": str(n_layers + 1),
+            "feature_type": "logit", "jsNodeId": f"L_{token}-{position}", "token_prob": probability,
+            "is_target_logit": probability == top_probability or kind != "logit",
+            "clerp": f'Output "{text}" (p={probability:.3f})', "activation": attrs.get("activation")}
+
+
+# ----------------------------------------------------------------------------- torch file
+
+
+def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
+    """The whole computed graph for scripts (``torch.load(path, weights_only=True)``): node table,
+    unpruned sparse adjacency (CSR rows in computation order, ``row_nodes`` says whose), per-row
+    bias/value/dropped sums, influence, pruning masks and the metadata as JSON."""
+    adjacency, table = graph.adjacency, graph.table
+    crow = [torch.zeros(1, dtype=torch.long)]
+    total = 0
+    for chunk in adjacency.chunks:
+        crow.append(chunk.crow[1:].cpu() + total)
+        total += chunk.nnz
+    data = {
+        "format": "tc-attribution-graph", "metadata_json": json.dumps(metadata, default=float),
+        "n_layers": table.n_layers, "n_tokens": table.n_tokens,
+        "feature_layer": table.feature_layer.cpu(), "feature_position": table.feature_position.cpu(),
+        "feature_index": table.feature_index.cpu(), "feature_activation": table.feature_activation.cpu(),
+        "target_weight": table.target_weight.cpu(),
+        "row_nodes": adjacency.nodes.cpu(), "crow": torch.cat(crow), "col": adjacency.cat("col").cpu(),
+        "value": adjacency.cat("value").cpu(), "bias": adjacency.cat("bias").cpu(),
+        "row_value": adjacency.cat("target_value").cpu(), "dropped": adjacency.cat("dropped").cpu(),
+        "dropped_abs": adjacency.cat("dropped_abs").cpu(), "total_abs": adjacency.cat("total_abs").cpu(),
+        "influence": graph.influence.cpu(), "cumulative_influence": graph.cumulative.cpu(),
+        "node_mask": graph.node_mask.cpu(), "edge_mask": torch.cat(graph.edge_mask).cpu(),
+        "replacement_score": graph.replacement, "completeness_score": graph.completeness,
+    }
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- all formats
+
+
+def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], fmt: str,
+           head_edges: Optional[list[tuple[int, int, dict]]] = None) -> bytes:
+    """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes."""
+    from tccli import graph_io
+
+    if fmt == "pt":
+        return to_pt(graph, metadata)
+    pruned = to_networkx(graph, metadata, strings, token_ids, head_edges)
+    if fmt == "json":
+        return graph_io.to_json(pruned).encode()
+    if fmt == "neuronpedia":
+        return to_neuronpedia(pruned).encode()
+    if fmt == "dot":
+        return graph_io.to_dot(pruned).encode()
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _register_info_kind() -> None:
+    from tccli import info
+
+    info.register_kind(GRAPH_KIND, _is_attribution_graph_file, file_summary, summary_lines)
+
+
+_register_info_kind()

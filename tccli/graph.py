@@ -1,0 +1,156 @@
+"""`tc graph`: glue between the model, the transcoders and the attribution-graph math.
+
+Runs the model once on the prompt, freezes the forward pass (attribution.freeze, as `tc circuit`
+does), builds the targets (circuit-tracer's salient logits by default, or one of `tc circuit`'s
+targets), computes the graph (attribution_graph.build_graph) and describes it for the file formats
+(attribution_graph_io). No math and no file formats here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from tccli import attribution
+from tccli.attribution_graph import AttributionGraph, GraphParams, build_graph, salient_logit_targets
+from tccli.circuit import (build_target, check_transcoders, freeze_prompt, prompt_tokens, resolve_position,
+                           token_strings)
+from tccli.config import ModelOptions, option
+from tccli.errors import fail
+from tccli.models import LoadedModel
+from tccli.transcoder import Transcoder
+
+FORMATS = ("json", "neuronpedia", "dot", "pt")
+
+
+@dataclass
+class GraphConfig(ModelOptions):
+    """Options of `tc graph`."""
+
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
+                              required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
+    target: Optional[str] = option(None, "Target: 'logits' (the default): the most likely next tokens at --pos "
+                                   "until --logit-prob of probability, at most --max-logits, each weighted "
+                                   "by its probability.")
+    logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
+    logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
+                                   metavar="A B")
+    feature: Optional[str] = option(None, "Target: a transcoder feature's pre-activation, e.g. L8.F1234.")
+    direction: Optional[str] = option(None, "Target: a direction (.npy, [d_model]) dotted with the residual "
+                                      "stream entering block --layer (--layer n_layers: after the last block).")
+    layer: Optional[int] = option(None, "The residual stream --direction is read from.")
+    pos: int = option(-1, "Token position of the target(s) (negative counts from the end).")
+    max_logits: int = option(10, "--target logits: at most this many logits.")
+    logit_prob: float = option(0.95, "--target logits: stop adding logits once their probability reaches this.")
+    max_feature_nodes: int = option(7500, "Features that get rows (computed most influential first); the "
+                                    "others are left out of the graph.")
+    node_threshold: float = option(0.8, "Pruning: keep the nodes that carry this share of the influence.")
+    edge_threshold: float = option(0.98, "Pruning: keep the edges that carry this share of the edge influence.")
+    heads: bool = option(False, "Split each kept edge's attention part by the head of its first attention hop "
+                         "(and show head nodes in dot/json).")
+    format: str = option("json", "Output: json, neuronpedia, dot or pt.")
+    out: Optional[str] = option(None, "Write the graph here instead of stdout.")
+    batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")
+    drop_mass: float = option(1e-3, "Per row, drop the smallest entries while their absolute sum stays within "
+                              "this share of the row's (0 keeps every nonzero entry); reported.")
+    quiet: bool = option(False, "No progress or summary on stderr.", save=False)
+
+    def validate(self) -> None:
+        ModelOptions.validate(self)
+        chosen = [name for name, value in (("--target", self.target), ("--logit", self.logit),
+                                           ("--logit-diff", self.logit_diff or None), ("--feature", self.feature),
+                                           ("--direction", self.direction)) if value is not None]
+        if len(chosen) > 1:
+            raise fail(f"give at most one target ({', '.join(chosen)} given): --target logits (the default), "
+                       "--logit, --logit-diff A B, --feature or --direction FILE")
+        if self.target is not None and self.target != "logits":
+            raise fail(f"--target must be 'logits' (other targets have flags of their own), got {self.target!r}")
+        if self.logit_diff and len(self.logit_diff) != 2:
+            raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
+        if self.direction is not None and self.layer is None:
+            raise fail("--direction needs --layer L (the residual stream it is read from)")
+        if self.format not in FORMATS:
+            raise fail(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.max_logits < 1:
+            raise fail(f"--max-logits must be at least 1, got {self.max_logits}")
+        if not 0.0 < self.logit_prob <= 1.0:
+            raise fail(f"--logit-prob must be in (0, 1], got {self.logit_prob}")
+        if self.max_feature_nodes < 0:
+            raise fail(f"--max-feature-nodes must be at least 0, got {self.max_feature_nodes}")
+        for name in ("node_threshold", "edge_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise fail(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.drop_mass < 1.0:
+            raise fail(f"--drop-mass must be in [0, 1), got {self.drop_mass}")
+
+    @property
+    def logits_target(self) -> bool:
+        return not (self.logit or self.logit_diff or self.feature or self.direction)
+
+    def params(self) -> GraphParams:
+        return GraphParams(max_feature_nodes=self.max_feature_nodes, batch_size=self.batch_size,
+                           drop_mass=self.drop_mass, node_threshold=self.node_threshold,
+                           edge_threshold=self.edge_threshold)
+
+
+@dataclass
+class GraphRun:
+    """What `tc graph` computed, with what the file formats need to describe it."""
+
+    graph: AttributionGraph
+    frozen: attribution.FrozenForward
+    targets: list[attribution.Target]
+    tokens: list[int]
+    strings: list[str]
+    position: int
+    metadata: dict
+    head_edges: Optional[list] = None  # --heads: per kept edge, its residual and per-head parts
+
+
+def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, config: GraphConfig,
+                      progress: Optional[Callable[[int, int], None]] = None) -> GraphRun:
+    """Everything `tc graph` computes."""
+    from tccli import __version__
+    from tccli.config import to_json_dict
+
+    check_transcoders(transcoders, loaded)
+    if not transcoders:
+        raise fail(f"no transcoders in {config.transcoders}")
+    tokens = prompt_tokens(loaded, prompt)
+    position = resolve_position(config.pos, int(tokens.shape[0]))
+    dtype = loaded.bridge.W_U.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # attribution.freeze works in float32 for half-precision models
+    transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
+    frozen = freeze_prompt(loaded, transcoders, tokens)
+    with torch.no_grad():
+        if config.logits_target:
+            targets, weights = salient_logit_targets(frozen, position, config.max_logits, config.logit_prob)
+        else:
+            targets = [build_target(config, loaded, transcoders, frozen, position)]  # type: ignore[arg-type]
+            weights = torch.ones(1, dtype=frozen.embed.dtype, device=frozen.embed.device)
+    graph = build_graph(frozen, targets, weights, config.params(), progress)
+    strings = token_strings(loaded.tokenizer, tokens.tolist())
+    described = []
+    for target, weight in zip(targets, weights.tolist()):
+        description = dict(target.description)
+        for key in ("token", "token_b"):
+            if description.get(key) is not None:
+                description[key + "_string"] = loaded.tokenizer.decode([description[key]])
+        described.append({**description, "position": target.position, "value": target.value,
+                          "constant": target.constant, "weight": weight})
+    metadata = {
+        "kind": "attribution-graph", "tc_version": __version__, "model": loaded.info.name,
+        "architecture": loaded.info.architecture, "n_layers": loaded.info.n_layers,
+        "parallel_attn_mlp": loaded.info.parallel_attn_mlp, "transcoders": config.transcoders,
+        "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "prompt": prompt, "tokens": strings, "token_ids": tokens.tolist(), "position": position,
+        "targets": described, "config": to_json_dict(config),
+    }
+    return GraphRun(graph=graph, frozen=frozen, targets=targets, tokens=tokens.tolist(), strings=strings,
+                    position=position, metadata=metadata)
