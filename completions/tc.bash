@@ -11,12 +11,13 @@ _tc() {
         deembed) opts='--transcoders --feature --model --device --model-dtype --top --head --help' ;;
         eval) opts='--transcoders --data --tokens --context --seed --model --device --model-dtype --layers --kind --mean-ablation --dense-threshold --batch-size --json --wide --quiet --help' ;;
         export) opts='--format --out --help' ;;
+        graph) opts='--transcoders --prompt --model --device --model-dtype --target --logit --logit-diff --feature --direction --layer --pos --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --batch-size --drop-mass --quiet --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
         score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
         show) opts='--html --features --limit --examples --model --help' ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --l1 --l1-warmup --normalize-mse --lr --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --checkpoint-every --log-every --resume --quiet --dist-timeout --distribute-layers --help' ;;
-        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export greater-than info score show train --version --help' -- "$cur")); return ;;
+        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info score show train --version --help' -- "$cur")); return ;;
     esac
     if [[ $cur == -* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))

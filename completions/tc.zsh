@@ -17,6 +17,7 @@ _tc() {
                 'deembed:Top tokens of W_E f_enc for a feature (optionally through one head'\''s OV...'
                 'eval:Measure transcoders\: L0, FVU, dead/dense features, next-token CE with each...'
                 'export:Convert a graph saved with `tc circuit --format json` to dot, svg, png,...'
+                'graph:Whole attribution graph of the local replacement model, pruned by influence...'
                 'greater-than:The greater-than task\: probability difference, clean and with MLPs replaced...'
                 'info:Summarise a tc file\: activation cache, transcoder(s), or graph.'
                 'score:Describe features in one pass\: density, top and quantile examples,...'
@@ -108,6 +109,32 @@ _tc() {
                 export) _arguments \
                     '*--format[Output\: dot, svg, png, graphml, json or neuronpedia.]:value:_files' \
                     '*--out[Write here instead of stdout.]:value:_files' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
+                graph) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
+                    '*--prompt[The prompt (BOS is prepended); - reads it from stdin.]:value:_files' \
+                    '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
+                    '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
+                    '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--target[Target\: '\''logits'\'' (the default)\: the most likely next tokens at --pos until --logit-prob of probability, at most --max-logits, each weighted by its probability.]:value:_files' \
+                    '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
+                    '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
+                    '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
+                    '*--direction[Target\: a direction (.npy, \[d_model\]) dotted with the residual stream entering block --layer (--layer n_layers\: after the last block).]:value:_files' \
+                    '*--layer[The residual stream --direction is read from.]:value:_files' \
+                    '*--pos[Token position of the target(s) (negative counts from the end).]:value:_files' \
+                    '*--max-logits[--target logits\: at most this many logits.]:value:_files' \
+                    '*--logit-prob[--target logits\: stop adding logits once their probability reaches this.]:value:_files' \
+                    '*--max-feature-nodes[Features that get rows (computed most influential first); the others are left out of the graph.]:value:_files' \
+                    '*--node-threshold[Pruning\: keep the nodes that carry this share of the influence.]:value:_files' \
+                    '*--edge-threshold[Pruning\: keep the edges that carry this share of the edge influence.]:value:_files' \
+                    '*--heads[Split each kept edge'\''s attention part by the head of its first attention hop (and show head nodes in dot/json).]' \
+                    '*--format[Output\: json, neuronpedia, dot or pt.]:value:_files' \
+                    '*--out[Write the graph here instead of stdout.]:value:_files' \
+                    '*--batch-size[Rows per backward pass (memory grows with it and with the prompt).]:value:_files' \
+                    '*--drop-mass[Per row, drop the smallest entries while their absolute sum stays within this share of the row'\''s (0 keeps every nonzero entry); reported.]:value:_files' \
+                    '*--quiet[No progress or summary on stderr.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 greater-than) _arguments \

@@ -366,7 +366,8 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 # ============================================================================ tc graph (issue 13)
 
 
-@app.command("graph")
+@app.command("graph", epilog=example("tc graph --transcoders tcs --format dot --out g.dot \\",
+                                     "    --prompt 'The war lasted from the year 1735 to the year 17'"))
 @command_from(GraphConfig)
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""

@@ -34,7 +34,7 @@ class GraphConfig(ModelOptions):
     prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
     target: Optional[str] = option(None, "Target: 'logits' (the default): the most likely next tokens at --pos "
                                    "until --logit-prob of probability, at most --max-logits, each weighted "
-                                   "by its probability.")
+                                   "by its probability.", metavar="logits")
     logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
     logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
                                    metavar="A B")
