@@ -15,7 +15,9 @@ import torch
 from tccli import attribution
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
+from tccli.graph_io import PictureOptions
 from tccli.models import LoadedModel, run_capture
+from tccli.text import display_token
 from tccli.transcoder import Transcoder
 from tccli.transcoder_io import check_matches_model
 
@@ -83,7 +85,8 @@ def prompt_tokens(loaded: LoadedModel, prompt: str) -> torch.Tensor:
 
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([int(i)]) for i in ids]
+    """Each token's text as graphs show it (byte pieces as <0xE2>; see text.display_token)."""
+    return [display_token(tokenizer, i) for i in ids]
 
 
 def check_transcoders(transcoders: dict[int, Transcoder], loaded: LoadedModel) -> None:
@@ -115,7 +118,7 @@ def resolve_position(pos: int, n_tokens: int) -> int:
 
 
 @dataclass
-class CircuitConfig(ModelOptions):
+class CircuitConfig(PictureOptions, ModelOptions):
     """Options of `tc circuit`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
@@ -140,6 +143,7 @@ class CircuitConfig(ModelOptions):
 
     def validate(self) -> None:
         ModelOptions.validate(self)
+        PictureOptions.validate(self)
         chosen = [name for name, value in (("--feature", self.feature), ("--logit", self.logit),
                                            ("--logit-diff", self.logit_diff or None), ("--direction", self.direction))
                   if value is not None]
@@ -212,7 +216,8 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
     description = dict(target.description)
     for key in ("token", "token_b"):
         if description.get(key) is not None:
-            description[key + "_string"] = loaded.tokenizer.decode([description[key]])
+            description[key + "_string"] = display_token(loaded.tokenizer, description[key])
+            graph.nodes["target"][f"target_{key}_string"] = description[key + "_string"]
     graph.graph["metadata"] = {
         "tc_version": __version__, "model": loaded.info.name, "architecture": loaded.info.architecture,
         "n_layers": loaded.info.n_layers, "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
@@ -287,4 +292,4 @@ def deembed_rows(loaded: LoadedModel, transcoders: dict[int, Transcoder], config
         scores = deembedding(W_E, encoder, loaded.info.normalization == "layernorm",
                              None if W_V is None else W_V.to(W_E.dtype), None if W_O is None else W_O.to(W_E.dtype))
     top = scores.topk(min(config.top, scores.shape[0]))
-    return [(float(s), int(i), loaded.tokenizer.decode([int(i)])) for s, i in zip(top.values, top.indices)]
+    return [(float(s), int(i), display_token(loaded.tokenizer, int(i))) for s, i in zip(top.values, top.indices)]

@@ -262,7 +262,7 @@ def circuit_command(config: CircuitConfig) -> None:
     loaded = load_model(config.model, config.device, config.model_dtype)
     transcoders = load_transcoder_set(config.transcoders, loaded.device)
     graph, summary = circuit_graph(loaded, transcoders, prompt, config)
-    _write_output(graph_io.render(graph, config.format), config.out)
+    _write_output(graph_io.render(graph, config.format, config), config.out)
     if not config.quiet:
         print(f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
               f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
@@ -276,7 +276,7 @@ def export_command(config: ExportConfig) -> None:
     from tccli import graph_io
 
     graph = graph_io.read_graph(config.graph)
-    _write_output(graph_io.render(graph, config.format), config.out)
+    _write_output(graph_io.render(graph, config.format, config), config.out)
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))

@@ -1,12 +1,46 @@
 """Circuit graphs to and from files: DOT (Graphviz), JSON (networkx node-link + metadata),
-Neuronpedia's attribution-graph JSON (as circuit-tracer writes it), GraphML, and SVG/PNG via `dot`."""
+Neuronpedia's attribution-graph JSON (as circuit-tracer writes it), GraphML, and SVG/PNG via `dot`.
+
+Node attributes. Every graph tc writes (``tc circuit``'s path search, ``tc graph``'s attribution
+graphs) names its nodes' attributes so; the picture, the exports and ``tc info`` read only these:
+
+    kind                 embed, pos (learned position embedding), feature, head, error or target
+    layer                feature, error: the MLP layer; head: the attention layer; target: where its
+                         value is read (n_layers: after the last block; a feature target: its layer);
+                         embed, pos: -1
+    position             the token the node sits at; a head node: the source token it reads
+    token                that token's text, bytes that are not whole characters written <0xE2>
+    feature, head        the feature or head index; None for the other kinds
+    activation           a feature's activation z; a target's value; None otherwise
+    direct_contribution  the node's direct contribution to the target: its term in the target's value
+                         through the residual stream alone (None for the target)
+    path_contribution    the summed attribution of the paths found from the node to the target (the
+                         sum of its out-edge weights); graphs from before tc 0.1.0's rename called it
+                         ``contribution`` and are read as this
+    target_kind          target nodes: logit, logit_diff, feature or direction; with target_token /
+                         target_token_b (ids), target_token_string / target_token_b_string,
+                         target_feature, and ``layer``, they say what the target is
+
+Edge attribute: ``weight``. Graph attribute ``metadata``: ``tokens`` (the prompt's tokens, BOS first,
+as ``token`` writes them), ``n_layers``, ``prompt``, ``target``, ``target_value``, ``explained``,
+``error_into_target``, ``search``, ``tc_version``, ...
+
+Pictures (``to_dot``): ``grid_layout`` places every node from its kind, layer and position alone, as
+circuits are read: one band per layer (attention below the MLP within it), embeddings at the bottom,
+targets at the top, one column per token with the prompt's tokens written under the columns. Nodes
+that share a cell sit side by side, four to a line. Edges point upstream -> downstream, their width
+by |weight|, blue positive and red negative; those below ``--min-edge`` x |target| are left out, and
+so are nodes left without an edge (mostly error nodes); weights of at least ``--min-edge-label`` x
+|target| are written on their edges to 3 significant figures. The DOT file pins every node
+(``layout=neato``, ``pos="x,y!"``), so ``dot -Tsvg`` draws the same picture.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,17 +53,21 @@ GRAPH_FORMAT = "tc-circuit-graph"
 EXPORT_FORMATS = ("dot", "svg", "png", "graphml", "json", "neuronpedia")
 
 
-# ----------------------------------------------------------------------------- labels and ranks
+# ----------------------------------------------------------------------------- labels
 
 
 def _quote(text: str) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def _token(text: Any) -> str:
+    """A token in double quotes, so its spaces show: `" 17"`."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
 def node_label(attrs: dict) -> str:
-    """`L8 F1234 "Paris" @5`, `L3 H2 "cat" @4`, `embed "cat" @4`, `err L8 @5`, `target ...`."""
-    token = json.dumps(attrs.get("token", ""), ensure_ascii=False)
-    where = f"{token} @{attrs.get('position')}"
+    """`L8 F1234 "Paris" @5`, `L3 H2 "cat" @4`, `embed "cat" @4`, `err L8 @5`, or the target's description."""
+    where = f"{_token(attrs.get('token', ''))} @{attrs.get('position')}"
     kind = attrs.get("kind")
     if kind == "feature":
         return f"L{attrs['layer']} F{attrs['feature']} {where}"
@@ -38,46 +76,241 @@ def node_label(attrs: dict) -> str:
     if kind == "error":
         return f"err L{attrs['layer']} @{attrs.get('position')}"
     if kind == "target":
-        return f"target {attrs.get('target_kind', '')} = {attrs.get('activation', 0.0):.4g} {where}"
+        return target_label(attrs)
     return f"{kind} {where}"
 
 
-def rank_of(attrs: dict, parallel: bool = False) -> float:
-    """Vertical order: embeddings, then per layer attention before MLP (side by side when parallel)."""
-    kind, layer = attrs.get("kind"), attrs.get("layer", -1)
-    if kind in ("embed", "pos"):
-        return -1.0
+def short_label(attrs: dict) -> str:
+    """A node's name inside its cell of the picture (the column already says the token)."""
+    kind = attrs.get("kind")
+    if kind == "feature":
+        return f"L{attrs['layer']}.F{attrs['feature']}"
     if kind == "head":
-        return float(layer)
-    if kind in ("feature", "error"):
-        return float(layer) + (0.0 if parallel else 0.5)
-    return 10_000.0  # target last
+        return f"L{attrs['layer']}.H{attrs['head']}"
+    if kind == "error":
+        return f"err L{attrs['layer']}"
+    if kind == "target":
+        return target_label(attrs)
+    return str(kind)
 
 
-def to_dot(graph: nx.DiGraph) -> str:
-    """Valid Graphviz: one rank per component level, edge width by |weight|, colour by sign."""
-    parallel = bool(graph.graph.get("metadata", {}).get("parallel_attn_mlp", False))
-    weights = [abs(w) for _, _, w in graph.edges(data="weight")] or [1.0]
-    largest = max(weights) or 1.0
-    colours = {"feature": "lightblue", "head": "khaki", "embed": "palegreen", "pos": "palegreen",
-               "error": "lightgrey", "target": "salmon"}
-    lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded,filled", fontsize=10];']
-    ranks: dict[float, list[str]] = {}
-    for node, attrs in graph.nodes(data=True):
-        ranks.setdefault(rank_of(attrs, parallel), []).append(node)
-        contribution = attrs.get("contribution") or 0.0
-        lines.append(f"  {_quote(node)} [label={_quote(node_label(attrs))}, "
-                     f"fillcolor={colours.get(attrs.get('kind'), 'white')}, "
-                     f"tooltip={_quote(f'contribution {contribution:.4g}')}];")
-    for rank in sorted(ranks):
-        lines.append("  { rank=same; " + " ".join(_quote(n) for n in ranks[rank]) + " }")
-    for u, v, w in graph.edges(data="weight"):
+def target_description(attrs: dict) -> str:
+    """What a target node measures: `logit(" 40") - logit(" 20")`, `L3.F545 pre-activation`, ..."""
+    kind = attrs.get("target_kind")
+
+    def token(which: str) -> str:
+        text = attrs.get(f"target_{which}_string")
+        return _token(text) if text is not None else f"#{attrs.get(f'target_{which}')}"
+
+    if kind == "logit":
+        return f"logit({token('token')})"
+    if kind == "logit_diff":
+        return f"logit({token('token')}) - logit({token('token_b')})"
+    if kind == "feature":
+        return f"L{attrs.get('layer')}.F{attrs.get('target_feature')} pre-activation"
+    if kind == "direction":
+        return f"direction . resid_pre[{attrs.get('layer')}]"
+    return "target"
+
+
+def target_label(attrs: dict) -> str:
+    """`logit(" 40") - logit(" 20") at " 17"@12 = 0.735`."""
+    value = attrs.get("activation")
+    shown = f" = {value:.3g}" if isinstance(value, (int, float)) else ""
+    return f"{target_description(attrs)} at {_token(attrs.get('token', ''))}@{attrs.get('position')}{shown}"
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+@dataclass
+class PictureOptions:
+    """How a graph is drawn (dot, svg, png): which edges, and which weights are written."""
+
+    min_edge: float = option(0.01, "Pictures (dot, svg, png): draw only edges whose |weight| is at least this "
+                             "fraction of the target's |value|; nodes left without an edge (mostly error "
+                             "nodes) are hidden. 0 draws everything.", metavar="FRACTION")
+    min_edge_label: float = option(0.05, "Pictures: write the weight (3 significant figures) on edges whose "
+                                   "|weight| is at least this fraction of the target's |value|.",
+                                   metavar="FRACTION")
+
+    def validate(self) -> None:
+        for flag, value in (("--min-edge", self.min_edge), ("--min-edge-label", self.min_edge_label)):
+            if not value >= 0:  # also refuses NaN
+                raise fail(f"{flag} must be a fraction >= 0, got {value}")
+
+
+NODE_HEIGHT = 0.34  # inches
+NODE_GAP = 0.1  # between nodes of one cell
+ROW_GAP = 0.5  # between rows, room for the edges
+COLUMN_GAP = 0.25
+PER_LINE = 4  # nodes side by side in one cell before a new line starts
+CHAR_WIDTH = 0.075  # inches per character at fontsize 10 (Helvetica, on average)
+COLOURS = {"feature": "#cfe2f3", "head": "#fff2cc", "embed": "#d9ead3", "pos": "#d9ead3", "error": "#e0e0e0",
+           "target": "#f4cccc"}
+_CELL_ORDER = {"feature": 0, "head": 0, "embed": 0, "pos": 1, "error": 2, "target": 0}
+
+
+def row_of(attrs: dict) -> tuple[int, int]:
+    """(band, sub-row) of a node: band 0 embeddings, band L+1 layer L (sub-row 0 attention, 1 MLP);
+    targets get band -1, meaning above every layer."""
+    kind, layer = attrs.get("kind"), attrs.get("layer")
+    if kind in ("embed", "pos"):
+        return 0, 0
+    if kind == "target":
+        return -1, 0
+    return int(layer) + 1, 0 if kind == "head" else 1
+
+
+def _text_width(text: str, char_width: float = CHAR_WIDTH) -> float:
+    return max(len(line) for line in text.split("\n")) * char_width + 0.2
+
+
+@dataclass
+class GridLayout:
+    """Where a picture puts things, in inches (y grows upward)."""
+
+    positions: dict[str, tuple[float, float]] = field(default_factory=dict)  # node -> centre
+    widths: dict[str, float] = field(default_factory=dict)  # node -> box width
+    rows: list[tuple[str, float]] = field(default_factory=list)  # row label, centre y
+    columns: list[tuple[int, float, str]] = field(default_factory=list)  # position, centre x, token
+    left: float = 0.0  # x of the row labels
+
+
+def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLayout:
+    """Positions of ``nodes`` (default: all), from each node's kind, layer and position only."""
+    nodes = list(graph.nodes) if nodes is None else list(nodes)
+    attrs = {n: graph.nodes[n] for n in nodes}
+    tokens = list(graph.graph.get("metadata", {}).get("tokens") or [])
+    n_positions = max([len(tokens)] + [int(a.get("position", 0)) + 1 for a in attrs.values()])
+    tokens += [""] * (n_positions - len(tokens))
+    for a in attrs.values():  # a graph without metadata still names the tokens its nodes sit at
+        if not tokens[int(a.get("position", 0))] and a.get("token"):
+            tokens[int(a["position"])] = a["token"]
+    others = [n for n in nodes if attrs[n].get("kind") != "target"]
+    top_band = max([row_of(attrs[n])[0] for n in others], default=0)
+    row_keys = [(0, 0)] + [(band, sub) for band in range(1, top_band + 1) for sub in (0, 1)] + [(-1, 0)]
+
+    cells: dict[tuple[tuple[int, int], int], list[str]] = {}
+    for n in nodes:
+        cells.setdefault((row_of(attrs[n]), int(attrs[n].get("position", 0))), []).append(n)
+    for members in cells.values():
+        members.sort(key=lambda n: (_CELL_ORDER.get(attrs[n].get("kind"), 3),
+                                    -abs(attrs[n].get("path_contribution") or 0.0), n))
+    widths = {n: _text_width(short_label(attrs[n])) for n in nodes}
+    box = max([widths[n] for n in others], default=0.8)
+    for n in others:
+        widths[n] = box  # one width for every box: a clean grid
+
+    def cell_width(members: list[str]) -> float:
+        if attrs[members[0]].get("kind") == "target":
+            return 0.0  # targets may overhang their column: nothing else is in their row
+        per_line = min(len(members), PER_LINE)
+        return per_line * box + (per_line - 1) * NODE_GAP
+
+    layout = GridLayout(widths=widths)
+    x = 0.0
+    column_x = []
+    for position in range(n_positions):
+        width = max([_text_width(_token(tokens[position]), 0.07)] +
+                    [cell_width(m) for (row, p), m in cells.items() if p == position])
+        column_x.append(x + width / 2)
+        layout.columns.append((position, x + width / 2, tokens[position]))
+        x += width + COLUMN_GAP
+    y = 0.0
+    for row in row_keys:
+        lines = max([-(-len(m) // PER_LINE) for (r, _), m in cells.items() if r == row], default=1)
+        height = lines * NODE_HEIGHT + (lines - 1) * NODE_GAP
+        for (r, position), members in cells.items():
+            if r != row:
+                continue
+            for line_start in range(0, len(members), PER_LINE):
+                line = members[line_start:line_start + PER_LINE]  # centred on the column
+                left = column_x[position] - (sum(widths[n] for n in line) + NODE_GAP * (len(line) - 1)) / 2
+                line_y = y + (line_start // PER_LINE) * (NODE_HEIGHT + NODE_GAP) + NODE_HEIGHT / 2
+                for n in line:
+                    layout.positions[n] = (left + widths[n] / 2, line_y)
+                    left += widths[n] + NODE_GAP
+        band, sub = row
+        name = "embed" if band == 0 else "target" if band == -1 else f"L{band - 1} {'attn' if sub == 0 else 'MLP'}"
+        layout.rows.append((name, y + height / 2))
+        y += height + ROW_GAP
+    layout.left = -0.9
+    return layout
+
+
+def _reference_value(graph: nx.DiGraph) -> float:
+    """|target value| (the largest, with several targets), or the largest |weight| when that is 0."""
+    values = [abs(a.get("activation") or 0.0) for _, a in graph.nodes(data=True) if a.get("kind") == "target"]
+    reference = max(values, default=0.0)
+    if reference == 0.0:
+        reference = max((abs(w) for _, _, w in graph.edges(data="weight")), default=1.0) or 1.0
+    return reference
+
+
+def _caption(graph: nx.DiGraph, hidden_edges: int, hidden_nodes: int, options: PictureOptions) -> str:
+    meta = graph.graph.get("metadata", {})
+    lines = []
+    if meta.get("prompt") is not None:
+        prompt = str(meta["prompt"])
+        lines.append("prompt: " + _token(prompt if len(prompt) <= 120 else prompt[:117] + "..."))
+    if meta.get("explained") is not None and meta.get("target_value"):
+        lines.append(f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
+                     f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
+                     f"{meta.get('error_into_target', 0.0):.3g}")
+    if hidden_edges:
+        lines.append(f"not drawn: {hidden_edges} edges below {options.min_edge:g} x |target| and "
+                     f"{hidden_nodes} nodes left without an edge")
+    return "\n".join(lines)
+
+
+def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
+    """Graphviz DOT of the graph laid out as ``grid_layout`` says (every node pinned)."""
+    options = options or PictureOptions()
+    reference = _reference_value(graph)
+    drawn_edges = [(u, v, w) for u, v, w in graph.edges(data="weight") if abs(w) >= options.min_edge * reference]
+    ends = {n for u, v, _ in drawn_edges for n in (u, v)}
+    drawn = [n for n, a in graph.nodes(data=True) if a.get("kind") == "target" or n in ends]
+    layout = grid_layout(graph, drawn)
+    largest = max([abs(w) for _, _, w in drawn_edges] or [1.0]) or 1.0
+    caption = _caption(graph, graph.number_of_edges() - len(drawn_edges), graph.number_of_nodes() - len(drawn),
+                       options)
+    lines = ["digraph circuit {",
+             f"  graph [layout=neato, splines=curved, outputorder=edgesfirst, fontname=Helvetica, fontsize=11, "
+             f"labelloc=t, labeljust=l, label={_quote(caption)}];",
+             '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
+             f'height={NODE_HEIGHT}, penwidth=0.6];',
+             "  edge [fontname=Helvetica, fontsize=8, arrowsize=0.5];"]
+    for n in drawn:
+        attrs = graph.nodes[n]
+        x, y = layout.positions[n]
+        tooltip = _tooltip(n, attrs)
+        lines.append(f"  {_quote(n)} [label={_quote(short_label(attrs))}, pos=\"{x:.3f},{y:.3f}!\", "
+                     f"width={layout.widths[n]:.3f}, fillcolor=\"{COLOURS.get(attrs.get('kind'), 'white')}\", "
+                     f"tooltip={_quote(tooltip)}];")
+    bottom = -NODE_HEIGHT - 0.25
+    for position, x, token in layout.columns:
+        lines.append(f"  \"token:{position}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
+                     f"label={_quote(_token(token) + chr(10) + str(position))}, pos=\"{x:.3f},{bottom:.3f}!\"];")
+    for index, (name, y) in enumerate(layout.rows):
+        lines.append(f"  \"row:{index}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
+                     f"fontcolor=\"#666666\", label={_quote(name)}, pos=\"{layout.left:.3f},{y:.3f}!\"];")
+    for u, v, w in drawn_edges:
         width = 0.5 + 4.5 * abs(w) / largest
         colour = "#1f5fbf" if w >= 0 else "#c0392b"
-        lines.append(f"  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color={_quote(colour)}, "
-                     f"label={_quote(f'{w:.3g}')}, fontsize=8];")
+        label = f", label={_quote(f'{w:.3g}')}" if abs(w) >= options.min_edge_label * reference else ""
+        lines.append(f"  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color=\"{colour}\"{label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _tooltip(node: str, attrs: dict) -> str:
+    """What hovering a node in the SVG shows: its id, token and figures."""
+    parts = [node, f"token {_token(attrs.get('token', ''))} @{attrs.get('position')}"]
+    for key in ("activation", "direct_contribution", "path_contribution"):
+        if isinstance(attrs.get(key), (int, float)):
+            parts.append(f"{key} {attrs[key]:.4g}")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -96,6 +329,9 @@ def from_json(text: str, where: str = "graph") -> nx.DiGraph:
     if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
         raise fail(f"{where} is not a tc circuit graph (JSON written by tc circuit --format json)")
     data = {k: v for k, v in data.items() if k != "format"}
+    for node in data.get("nodes", []):  # written before the two contribution figures had their names
+        if isinstance(node, dict) and "contribution" in node and "path_contribution" not in node:
+            node["path_contribution"] = node.pop("contribution")
     return nx.node_link_graph(data, directed=True, edges="links")
 
 
@@ -145,7 +381,7 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
                                   "embed": "embedding", "pos": "embedding", "target": "logit"}[kind],
                  "activation": attrs.get("activation"), "token_prob": 0.0, "is_target_logit": kind == "target",
                  "run_idx": 0, "reverse_ctx_idx": 0, "clerp": node_label(attrs),
-                 "influence": abs(attrs.get("contribution") or 0.0) / target_value}
+                 "influence": 1.0 if kind == "target" else abs(attrs.get("path_contribution") or 0.0) / target_value}
         if kind in ("embed", "pos"):
             entry["layer"] = "E"
         if kind == "target":
@@ -190,10 +426,11 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
 # ----------------------------------------------------------------------------- export
 
 
-def render(graph: nx.DiGraph, fmt: str) -> bytes:
-    """The graph in ``fmt`` (dot, json, neuronpedia, graphml, svg, png) as bytes."""
+def render(graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None) -> bytes:
+    """The graph in ``fmt`` (dot, json, neuronpedia, graphml, svg, png) as bytes; ``picture`` says
+    how dot, svg and png draw it."""
     if fmt == "dot":
-        return to_dot(graph).encode()
+        return to_dot(graph, picture).encode()
     if fmt == "json":
         return to_json(graph).encode()
     if fmt == "neuronpedia":
@@ -205,7 +442,7 @@ def render(graph: nx.DiGraph, fmt: str) -> bytes:
     if fmt == "graphml":
         return _graphml(graph)
     if fmt in ("svg", "png"):
-        return run_dot(to_dot(graph), fmt)
+        return run_dot(to_dot(graph, picture), fmt)
     raise fail(f"unknown format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
 
 
@@ -237,7 +474,7 @@ def _graphml(graph: nx.DiGraph) -> bytes:
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(PictureOptions):
     """Options of `tc export`."""
 
     graph: str = option("", "A graph written by `tc circuit --format json`.", argument=True, required=True,
@@ -246,6 +483,7 @@ class ExportConfig:
     out: Optional[str] = option(None, "Write here instead of stdout.")
 
     def validate(self) -> None:
+        PictureOptions.validate(self)
         if self.format not in EXPORT_FORMATS:
             raise fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
 

@@ -198,16 +198,17 @@ def graph_nodes(graph: Any) -> list[dict]:
 
 
 def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> list[dict]:
-    """The ``top`` feature and head nodes by contribution, best first; features get their de-embedding."""
+    """The ``top`` feature and head nodes by path contribution, best first; features get their
+    de-embedding."""
     from tccli.circuit import deembedding
 
     chosen = sorted((n for n in nodes if n.get("kind") in ("feature", "head")),
-                    key=lambda n: -float(n.get("contribution") or 0.0))[:top]
+                    key=lambda n: -float(n.get("path_contribution") or 0.0))[:top]
     W_E = loaded.bridge.W_E.detach()
     out = []
     for node in chosen:
         row = {k: node.get(k) for k in ("id", "kind", "layer", "feature", "head", "position", "token",
-                                        "activation", "contribution")}
+                                        "activation", "path_contribution", "direct_contribution")}
         if node["kind"] == "feature" and node["layer"] in transcoders:
             encoder = transcoders[node["layer"]].W_enc[:, node["feature"]].detach().to(W_E.dtype)
             with torch.no_grad():
@@ -230,7 +231,8 @@ def result_lines(result: dict) -> list[str]:
     if result["all_replaced"] is not None:
         lines.append(f"  all MLPs -> transcoders  {result['all_replaced']:.3f}")
     if result.get("top_nodes"):
-        lines.append("top features and heads of the circuit (contribution to their downstream node):")
+        lines.append("top features and heads of the circuit, by path contribution (the summed attribution of "
+                     "the paths found from the node to the target); direct: its own term in the target:")
         for node in result["top_nodes"]:
             where = f"at {node['token']!r} (position {node['position']})"
             if node["kind"] == "feature":
@@ -240,5 +242,7 @@ def result_lines(result: dict) -> list[str]:
             else:
                 name, where = f"L{node['layer']}.H{node['head']}", f"reading {node['token']!r} (position {node['position']})"
                 detail = ""
-            lines.append(f"  {name:<10} {where:<28} contribution {node['contribution']:.4g}  {detail}".rstrip())
+            direct = node.get("direct_contribution")  # None in graphs written before it existed
+            figures = f"path {node['path_contribution']:.3g}, direct " + ("n/a" if direct is None else f"{direct:.3g}")
+            lines.append(f"  {name:<10} {where:<28} {figures:<26} {detail}".rstrip())
     return lines

@@ -13,6 +13,15 @@ Graph (Algorithm 2): the union of all paths the beams held; an edge upstream -> 
 sum of the contributions of the distinct path prefixes ending in that edge (each prefix counted once).
 For every node that was expanded, its per-layer transcoder error terms are added as ``err{L}@{t}``
 nodes, so what the transcoders do not explain stays visible.
+
+Each node carries two figures (the attribute names ``tccli.graph_io`` documents):
+- ``path_contribution``: the sum, over the distinct paths the search found from this node to the
+  target, of each path's attribution (the sum of the node's out-edge weights). It depends on which
+  paths the beam kept, and counts a node that feeds the target through several others several times.
+- ``direct_contribution``: the node's own direct contribution to the target, the term it adds to the
+  target's value through the residual stream alone (zero for a component at another token than the
+  target's, which reaches it only through attention). Exact and independent of the search: the
+  direct contributions of all components plus the biases and the target's constant sum to its value.
 """
 
 from __future__ import annotations
@@ -186,10 +195,12 @@ def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -
 # ----------------------------------------------------------------------------- graph
 
 
-def _node_attributes(frozen: FrozenForward, key: NodeKey, tokens: list[str]) -> dict:
+def _node_attributes(frozen: FrozenForward, key: NodeKey, tokens: list[str],
+                     direct: attribution.DirectContributions, target_position: int) -> dict:
     attrs = {"kind": key.kind, "layer": key.layer, "feature": None, "head": None, "position": key.position,
              "token": tokens[key.position] if 0 <= key.position < len(tokens) else "",
-             "activation": None, "contribution": 0.0}
+             "activation": None, "path_contribution": 0.0,
+             "direct_contribution": _direct_to_target(key, direct, target_position)}
     if key.kind == "feature":
         attrs["feature"] = key.index
         attrs["activation"] = float(frozen.layers[key.layer].z[key.position, key.index])
@@ -200,13 +211,36 @@ def _node_attributes(frozen: FrozenForward, key: NodeKey, tokens: list[str]) -> 
     return attrs
 
 
+def _direct_to_target(key: NodeKey, direct: attribution.DirectContributions, target_position: int) -> Optional[float]:
+    """``key``'s term in the target's direct decomposition (None for the target itself)."""
+    if key.kind == "target":
+        return None
+    if key.kind == "head":  # the head reading token key.position, written into the target's token
+        heads = direct.heads.get(key.layer)
+        return 0.0 if heads is None else float(heads[key.index, key.position])
+    if key.position != target_position:
+        return 0.0
+    if key.kind == "feature":
+        features = direct.features.get(key.layer)
+        return 0.0 if features is None else float(features[key.index])
+    if key.kind == "error":
+        error = direct.errors.get(key.layer)
+        return 0.0 if error is None else float(error)
+    if key.kind == "embed":
+        return float(direct.embed)
+    if key.kind == "pos":
+        return 0.0 if direct.pos_embed is None else float(direct.pos_embed)
+    raise ValueError(f"unknown node kind {key.kind!r}")
+
+
 def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tokens: list[str],
                 min_contribution: float = 0.0) -> nx.DiGraph:
     """Merge the paths into one DiGraph (Algorithm 2: each distinct path prefix counted once)."""
     graph = nx.DiGraph()
+    direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
     root = NodeKey("target", position=target.position)
-    graph.add_node(root.id, **_node_attributes(frozen, root, tokens))
-    graph.nodes[root.id].update(activation=target.value, contribution=target.value,
+    graph.add_node(root.id, **_node_attributes(frozen, root, tokens, direct, target.position))
+    graph.nodes[root.id].update(activation=target.value, path_contribution=None,
                                 layer=target.description.get("layer", frozen.n_layers),
                                 constant=target.constant, **{f"target_{k}": v for k, v in
                                                              target.description.items() if k != "layer"})
@@ -214,8 +248,8 @@ def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tok
 
     def add_edge(upstream: NodeKey, downstream: NodeKey, contribution: float) -> None:
         if upstream.id not in graph:
-            graph.add_node(upstream.id, **_node_attributes(frozen, upstream, tokens))
-        graph.nodes[upstream.id]["contribution"] += contribution
+            graph.add_node(upstream.id, **_node_attributes(frozen, upstream, tokens, direct, target.position))
+        graph.nodes[upstream.id]["path_contribution"] += contribution
         if graph.has_edge(upstream.id, downstream.id):
             graph.edges[upstream.id, downstream.id]["weight"] += contribution
         else:

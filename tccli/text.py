@@ -254,3 +254,67 @@ def load_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int,
     """``stream_rows`` with every row at once (``tc cache`` needs all tokens up front)."""
     return stream_rows(paths, tokenizer, bos_token_id, context, max_tokens, seed, PACK_BATCH_ROWS,
                        stdin=stdin).collect()
+
+
+# ----------------------------------------------------------------------------- showing one token
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character byte-level BPE (GPT-2's tokenizer) writes for each byte, inverted: char -> byte.
+
+    Printable Latin-1 bytes stand for themselves; the other bytes (controls, space, 0x7F-0xA0, 0xAD)
+    are written as the characters 256, 257, ... in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    alphabet = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            alphabet[chr(256 + extra)] = b
+            extra += 1
+    return alphabet
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _escape_bad_bytes(raw: bytes) -> str:
+    """UTF-8 text, each byte that is not part of a whole character written as ``<0xE2>``."""
+    out, index = [], 0
+    while index < len(raw):
+        for size in (1, 2, 3, 4):
+            try:
+                out.append(raw[index:index + size].decode("utf-8"))
+                index += size
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append(f"<0x{raw[index]:02X}>")
+            index += 1
+    return "".join(out)
+
+
+def display_token(tokenizer: Any, token_id: int) -> str:
+    """One token as a person should read it: its text, or ``<0xE2>`` for bytes that are not whole
+    characters (a lone byte of a multi-byte character decodes to U+FFFD, which hides which byte it is).
+
+    Handles SentencePiece byte-fallback pieces (``<0xE2>``) and byte-level BPE pieces (GPT-2's
+    alphabet); other tokenizers keep their decoded text. A SentencePiece word piece keeps its leading
+    space (``" girl"``), which decoding it alone drops.
+    """
+    text = tokenizer.decode([int(token_id)])
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str):
+        return text
+    if piece.startswith("\u2581") and not text.startswith(" "):
+        text = " " + text  # SentencePiece drops a word's leading space when decoding it alone
+    if "\ufffd" not in text:
+        return text
+    if _BYTE_TOKEN.fullmatch(piece):
+        return piece.upper().replace("0X", "0x")
+    if all(char in _BYTE_LEVEL for char in piece):
+        return _escape_bad_bytes(bytes(_BYTE_LEVEL[char] for char in piece))
+    return text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from circuit_helpers import paper_model, random_transcoders
@@ -46,6 +47,11 @@ def test_paper_model_search_worked_by_hand():
         ("feature", 0, 1, 1, "x", 3.0)
     assert graph.nodes["target"]["activation"] == 13.0
     assert explained(graph) == (10.0, 0.5)
+    # path contribution: through every path found; direct: the node's own term in the target's 13
+    figures = {n: (graph.nodes[n]["path_contribution"], graph.nodes[n]["direct_contribution"]) for n in graph
+               if n != "target"}
+    assert figures == {"mlp0.f1@1": (6.0, 6.0), "mlp0.f0@1": (4.0, 4.0), "embed@1": (4.0, 1.0),
+                       "attn0.h0@1": (2.0, 0.5), "err0@1": (0.5, 0.5)}
 
 
 def test_include_bos_and_both_signs():
@@ -81,7 +87,7 @@ def test_each_path_prefix_counted_once():
     graph = build_graph(frozen, target, SearchResult(paths=paths), TOKENS)
     assert graph.edges[C.id, A.id]["weight"] == 4.7  # via (T,A,C) once and via (T,B,A,C)
     assert graph.edges[A.id, T.id]["weight"] == 6.0 and graph.edges[A.id, B.id]["weight"] == 1.0
-    assert graph.nodes[A.id]["contribution"] == 7.0
+    assert graph.nodes[A.id]["path_contribution"] == 7.0
 
 
 def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
@@ -116,3 +122,14 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
         graph = build_graph(frozen, target, result, [str(t) for t in range(7)])
         assert any(graph.nodes[n]["kind"] == "error" for n in graph)
         assert graph.number_of_nodes() > 5
+        for node, attrs in graph.nodes(data=True):  # each node's direct figure is its term in `direct`
+            kind, layer, position = attrs["kind"], attrs["layer"], attrs["position"]
+            expected = {"feature": lambda: direct.features[layer][attrs["feature"]] if position == 6 else 0.0,
+                        "head": lambda: direct.heads[layer][attrs["head"], position],
+                        "error": lambda: direct.errors[layer] if position == 6 else 0.0,
+                        "embed": lambda: direct.embed if position == 6 else 0.0,
+                        "pos": lambda: direct.pos_embed if position == 6 else 0.0}
+            if kind != "target":
+                assert attrs["direct_contribution"] == pytest.approx(float(expected[kind]()), abs=1e-12)
+                assert attrs["path_contribution"] == pytest.approx(
+                    sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-12)

@@ -142,3 +142,30 @@ def test_row_stream_with_too_little_text_fails_before_any_row():
     stream = RowStream([[1, 2]], bos_token_id=0, context=8, max_tokens=100, batch_rows=2)
     with pytest.raises(TcError, match="fewer than one row of 8 tokens"):
         next(iter(stream))
+
+
+def test_display_token_writes_lone_bytes_as_escapes():
+    from transformers import AutoTokenizer
+
+    from tccli.models import BUILTIN_MODEL_DIR
+    from tccli.text import display_token
+
+    # byte-level BPE (the built-in model, as GPT-2): "é" is two bytes, "€" three, each its own token here
+    builtin = AutoTokenizer.from_pretrained(str(BUILTIN_MODEL_DIR))
+    ids = builtin.encode(" é€ ok", add_special_tokens=False)
+    assert [builtin.decode([i]) for i in ids].count("\ufffd") >= 2  # what decoding alone shows
+    assert "".join(display_token(builtin, i) for i in ids) == " <0xC3><0xA9><0xE2><0x82><0xAC> ok"
+    assert display_token(builtin, builtin.encode(" 17", add_special_tokens=False)[0]) == " 17"
+
+
+def test_display_token_sentencepiece(stories_dir):
+    from transformers import AutoTokenizer
+
+    from tccli.text import display_token
+
+    # SentencePiece with byte fallback (stories260K): <0x..> pieces, and a word keeps its leading space
+    sentencepiece = AutoTokenizer.from_pretrained(str(stories_dir))
+    ids = sentencepiece.encode("a girl 🙂", add_special_tokens=False)
+    shown = [display_token(sentencepiece, i) for i in ids]
+    assert " girl" in shown or " g" in shown
+    assert shown[-4:] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
