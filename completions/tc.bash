@@ -6,11 +6,11 @@ _tc() {
     done
     case $sub in
         cache) opts='--data --tokens --context --seed --engine --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --dist-timeout --help' ;;
-        circuit) opts='--transcoders --prompt --model --device --model-dtype --min-edge --min-edge-label --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --quiet --help' ;;
+        circuit) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --quiet --min-edge --min-edge-label --help' ;;
         convert) opts='--input --out --to --help' ;;
         deembed) opts='--transcoders --feature --model --device --model-dtype --top --head --help' ;;
         eval) opts='--transcoders --data --tokens --context --seed --model --device --model-dtype --layers --kind --mean-ablation --dense-threshold --batch-size --json --wide --quiet --help' ;;
-        export) opts='--min-edge --min-edge-label --format --out --help' ;;
+        export) opts='--format --out --min-edge --min-edge-label --help' ;;
         graph) opts='--transcoders --prompt --model --device --model-dtype --target --logit --logit-diff --feature --direction --layer --pos --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --batch-size --drop-mass --quiet --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;

@@ -40,8 +40,6 @@ complete -c tc -n '__fish_seen_subcommand_from circuit' -l prompt -r -F -d 'The 
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l model -r -F -d 'Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l device -r -F -d 'Device for the model: auto (cuda when available), cpu, cuda, cuda:1, ...'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l model-dtype -r -F -d 'Dtype the model runs in: float32, float16 or bfloat16.'
-complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge -r -F -d 'Pictures (dot, svg, png): draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.'
-complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l feature -r -F -d 'Target: a transcoder feature'\''s pre-activation, e.g. L8.F1234.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l logit -r -F -d 'Target: the logit of this token (must be a single token).'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l logit-diff -r -F -d 'Target: logit(A) - logit(B), given as --logit-diff A B.'
@@ -56,6 +54,8 @@ complete -c tc -n '__fish_seen_subcommand_from circuit' -l include-bos -d 'Allow
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l format -r -F -d 'Output: dot, json or neuronpedia.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l out -r -F -d 'Write the graph here instead of stdout.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l quiet -d 'No summary on stderr.'
+complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge -r -F -d 'Pictures (dot, svg, png): draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.'
+complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from convert' -F
 complete -c tc -n '__fish_seen_subcommand_from convert' -l input -r -F -d 'Transcoders to convert: a tc or SAELens folder, a paper .pt file, or a folder of them.'
@@ -90,10 +90,10 @@ complete -c tc -n '__fish_seen_subcommand_from eval' -l wide -d 'Show every metr
 complete -c tc -n '__fish_seen_subcommand_from eval' -l quiet -d 'No progress on stderr.'
 complete -c tc -n '__fish_seen_subcommand_from eval' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from export' -F
-complete -c tc -n '__fish_seen_subcommand_from export' -l min-edge -r -F -d 'Pictures (dot, svg, png): draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.'
-complete -c tc -n '__fish_seen_subcommand_from export' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from export' -l format -r -F -d 'Output: dot, svg, png, graphml, json or neuronpedia.'
 complete -c tc -n '__fish_seen_subcommand_from export' -l out -r -F -d 'Write here instead of stdout.'
+complete -c tc -n '__fish_seen_subcommand_from export' -l min-edge -r -F -d 'Pictures (dot, svg, png): draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.'
+complete -c tc -n '__fish_seen_subcommand_from export' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from export' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from graph' -F
 complete -c tc -n '__fish_seen_subcommand_from graph' -l transcoders -r -F -d 'Transcoder folder, or a folder of per-layer transcoder folders.'

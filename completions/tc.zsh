@@ -55,8 +55,6 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
-                    '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
                     '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
                     '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
@@ -71,6 +69,8 @@ _tc() {
                     '*--format[Output\: dot, json or neuronpedia.]:value:_files' \
                     '*--out[Write the graph here instead of stdout.]:value:_files' \
                     '*--quiet[No summary on stderr.]' \
+                    '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
+                    '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 convert) _arguments \
@@ -109,10 +109,10 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 export) _arguments \
-                    '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
-                    '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--format[Output\: dot, svg, png, graphml, json or neuronpedia.]:value:_files' \
                     '*--out[Write here instead of stdout.]:value:_files' \
+                    '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
+                    '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 graph) _arguments \

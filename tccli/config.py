@@ -38,6 +38,7 @@ def option(
     cli: bool = True,
     required: bool = False,
     argument: bool = False,
+    late: bool = False,
     torchrun: bool = False,
 ) -> Any:
     """A config field that is also a CLI option.
@@ -52,10 +53,12 @@ def option(
     cli: whether the field is a CLI flag at all (some are filled in by code, e.g. resolved paths).
     required: the flag must be given on the command line.
     argument: a positional command-line argument instead of a flag (``tc show FILE FEATURE``).
+    late: ``--help`` lists it after the command's other options (a group several commands share, such
+        as how pictures are drawn).
     torchrun: meaningful only under torchrun; ``--help`` lists it last.
     """
     metadata = dict(help=help, flags=flags, parser=parser, metavar=metavar, save=save, cli=cli,
-                    required=required, argument=argument, torchrun=torchrun)
+                    required=required, argument=argument, late=late, torchrun=torchrun)
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -95,7 +98,8 @@ def command_from(config_cls: type) -> Callable:
 
     The wrapper builds the config from the parsed flags, calls its ``validate()`` if it has one
     (which raises TcError on bad values), and hands it to ``fn``. ``--help`` lists the options in
-    this order: required ones, then the rest in declaration order, then the torchrun-only ones; each
+    this order: required ones, then the rest in declaration order, then the late and the torchrun-only
+    ones; each
     value is shown by its metavar (``--out PATH``, ``--tokens N``).
     """
     hints = typing.get_type_hints(config_cls)
@@ -150,11 +154,14 @@ def command_from(config_cls: type) -> Callable:
 
 
 def _help_order(config_cls: type) -> list:
-    """The CLI fields of ``config_cls``: required first, torchrun-only last, else declaration order."""
+    """The CLI fields of ``config_cls``: required first, then the others, then the late ones, torchrun-only
+    last; declaration order within each group."""
     def group(f) -> int:
         if f.metadata.get("required") or f.metadata.get("argument"):
             return 0
-        return 2 if f.metadata.get("torchrun") else 1
+        if f.metadata.get("torchrun"):
+            return 3
+        return 2 if f.metadata.get("late") else 1
 
     return sorted((f for f in fields(config_cls) if f.metadata.get("cli", True)), key=group)
 

@@ -129,10 +129,10 @@ class PictureOptions:
 
     min_edge: float = option(0.01, "Pictures (dot, svg, png): draw only edges whose |weight| is at least this "
                              "fraction of the target's |value|; nodes left without an edge (mostly error "
-                             "nodes) are hidden. 0 draws everything.", metavar="FRACTION")
+                             "nodes) are hidden. 0 draws everything.", metavar="FRACTION", late=True)
     min_edge_label: float = option(0.05, "Pictures: write the weight (3 significant figures) on edges whose "
                                    "|weight| is at least this fraction of the target's |value|.",
-                                   metavar="FRACTION")
+                                   metavar="FRACTION", late=True)
 
     def validate(self) -> None:
         for flag, value in (("--min-edge", self.min_edge), ("--min-edge-label", self.min_edge_label)):

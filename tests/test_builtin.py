@@ -93,12 +93,12 @@ def test_top_nodes_orders_by_contribution_and_deembeds(builtin):
     token_id = builtin.tokenizer.encode("35", add_special_tokens=False)[0]
     transcoders = {0: _transcoder_with_feature_on(builtin, 0, token_id)}
     nodes = [
-        {"id": "target", "kind": "target", "contribution": 9.0},
+        {"id": "target", "kind": "target", "path_contribution": 9.0},
         {"id": "attn1.h2@8", "kind": "head", "layer": 1, "head": 2, "position": 8, "token": "35",
-         "contribution": 0.5},
+         "path_contribution": 0.5},
         {"id": "mlp0.f0@8", "kind": "feature", "layer": 0, "feature": 0, "position": 8, "token": "35",
-         "activation": 2.0, "contribution": 0.7},
-        {"id": "embed@8", "kind": "embed", "position": 8, "contribution": 3.0},
+         "activation": 2.0, "path_contribution": 0.7},
+        {"id": "embed@8", "kind": "embed", "position": 8, "path_contribution": 3.0},
     ]
     rows = gt.top_nodes(nodes, builtin, transcoders, top=5)
     assert [r["id"] for r in rows] == ["mlp0.f0@8", "attn1.h2@8"]  # only features and heads, best first

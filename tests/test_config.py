@@ -77,6 +77,7 @@ def test_default_metavars():
 class OrderConfig:
     tuning: int = option(1, "Tuning.")
     timeout: float = option(5.0, "Under torchrun: a timeout.", torchrun=True)
+    picture: float = option(0.5, "How to draw.", late=True)
     path: str = option("", "The input.", required=True)
     name: str = option("x", "A name.", metavar="WORD")
 
@@ -94,6 +95,6 @@ def test_help_lists_required_first_torchrun_last_with_metavars():
         pass
 
     text = CliRunner().invoke(app, ["demo", "--help"]).output
-    order = [text.index(flag) for flag in ("--path PATH", "--tuning N", "--name WORD", "--timeout X")]
+    order = [text.index(flag) for flag in ("--path PATH", "--tuning N", "--name WORD", "--picture X", "--timeout X")]
     assert order == sorted(order), text
     assert "<str>" not in text and "<int>" not in text and "[required]" in text
