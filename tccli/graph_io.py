@@ -31,7 +31,9 @@ targets at the top, one column per token with the prompt's tokens written under 
 that share a cell sit side by side, four to a line. Edges point upstream -> downstream, their width
 by |weight|, blue positive and red negative; those below ``--min-edge`` x |target| are left out, and
 so are nodes left without an edge (mostly error nodes); weights of at least ``--min-edge-label`` x
-|target| are written on their edges to 3 significant figures. The DOT file pins every node
+|target| are written on their edges to 3 significant figures (the 40 largest, in a dense graph).
+Edges are curved (parallel ones stay apart) up to 120 of them, straight beyond (curves of a dense
+graph bulge across the token labels). The DOT file pins every node
 (``layout=neato``, ``pos="x,y!"``), so ``dot -Tsvg`` draws the same picture.
 """
 
@@ -145,6 +147,8 @@ NODE_GAP = 0.1  # between nodes of one cell
 ROW_GAP = 0.5  # between rows, room for the edges
 COLUMN_GAP = 0.25
 PER_LINE = 4  # nodes side by side in one cell before a new line starts
+CURVED_EDGES = 120  # up to this many edges are drawn curved (parallel ones stay apart), more straight
+MAX_EDGE_LABELS = 40  # more labels than this cover a dense graph's edges: only the largest are written
 CHAR_WIDTH = 0.075  # inches per character at fontsize 10 (Helvetica, on average)
 COLOURS = {"feature": "#cfe2f3", "head": "#fff2cc", "embed": "#d9ead3", "pos": "#d9ead3", "error": "#e0e0e0",
            "target": "#f4cccc"}
@@ -196,7 +200,7 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
         cells.setdefault((row_of(attrs[n]), int(attrs[n].get("position", 0))), []).append(n)
     for members in cells.values():
         members.sort(key=lambda n: (_CELL_ORDER.get(attrs[n].get("kind"), 3),
-                                    -abs(attrs[n].get("path_contribution") or 0.0), n))
+                                    -abs(attrs[n].get("path_contribution") or attrs[n].get("influence") or 0.0), n))
     widths = {n: _text_width(short_label(attrs[n])) for n in nodes}
     box = max([widths[n] for n in others], default=0.8)
     for n in others:
@@ -276,7 +280,8 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
     caption = _caption(graph, graph.number_of_edges() - len(drawn_edges), graph.number_of_nodes() - len(drawn),
                        options)
     lines = ["digraph circuit {",
-             f"  graph [layout=neato, splines=curved, outputorder=edgesfirst, fontname=Helvetica, fontsize=11, "
+             f"  graph [layout=neato, splines={'curved' if len(drawn_edges) <= CURVED_EDGES else 'false'}, "
+             f"outputorder=edgesfirst, fontname=Helvetica, fontsize=11, "
              f"labelloc=t, labeljust=l, label={_quote(caption)}];",
              '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
              f'height={NODE_HEIGHT}, penwidth=0.6];',
@@ -295,10 +300,13 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
     for index, (name, y) in enumerate(layout.rows):
         lines.append(f"  \"row:{index}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
                      f"fontcolor=\"#666666\", label={_quote(name)}, pos=\"{layout.left:.3f},{y:.3f}!\"];")
+    labelled = sorted(((u, v) for u, v, w in drawn_edges if abs(w) >= options.min_edge_label * reference),
+                      key=lambda e: -abs(graph.edges[e]["weight"]))[:MAX_EDGE_LABELS]
+    labelled = set(labelled)
     for u, v, w in drawn_edges:
         width = 0.5 + 4.5 * abs(w) / largest
         colour = "#1f5fbf" if w >= 0 else "#c0392b"
-        label = f", label={_quote(f'{w:.3g}')}" if abs(w) >= options.min_edge_label * reference else ""
+        label = f", label={_quote(f'{w:.3g}')}" if (u, v) in labelled else ""
         lines.append(f"  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color=\"{colour}\"{label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -77,6 +77,22 @@ def test_dot_thresholds_hide_small_edges_and_label_at_3_significant_figures(grap
         graph_io.PictureOptions(min_edge=float("nan")).validate()
 
 
+def test_dense_graphs_get_straight_edges_and_at_most_40_labels():
+    nodes = {"target": ("target", 1, 2, -1), **{f"f{i}": ("feature", 0, i % 3, i) for i in range(130)}}
+    graph = grid_graph(nodes)
+    graph.nodes["target"]["activation"] = 1.0
+    for i in range(130):
+        graph.add_edge(f"f{i}", "target", weight=1.0 + i / 100)
+    text = graph_io.to_dot(graph)
+    labels = [line for line in text.splitlines() if "->" in line and "label=" in line]
+    assert "splines=false" in text and len(labels) == graph_io.MAX_EDGE_LABELS
+    assert any('"f129" -> "target"' in line for line in labels)  # the largest weights are the ones written
+    assert not any('"f0" -> "target"' in line for line in labels)
+    small = grid_graph({"target": ("target", 1, 2, -1), "f0": ("feature", 0, 1, 0)})
+    small.add_edge("f0", "target", weight=1.0)
+    assert "splines=curved" in graph_io.to_dot(small)
+
+
 def test_target_labels_say_what_the_target_is():
     logit_diff = {"kind": "target", "target_kind": "logit_diff", "target_token_string": " 40",
                   "target_token_b_string": " 20", "token": " 17", "position": 12, "activation": 0.73512}
