@@ -17,6 +17,7 @@ exist). Run it on an otherwise idle machine: the figures are wall-clock times.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import warnings
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout, or $TC_SHARED (a git worktree elsewhere)
+SHARED = Path(os.environ.get("TC_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 CORPUS = SHARED / "corpora" / "tinystories-valid-excerpt.txt"
 

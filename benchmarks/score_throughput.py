@@ -1,28 +1,42 @@
-"""Throughput of `tc score`'s pass against a plain forward pass of the model, in the same run.
+"""Speed of `tc score`'s scoring pass against its floor: forward + every layer's encoder, no statistics.
 
-    python benchmarks/score_throughput.py [--model ../shared/models/stories260K] [--features 4096]
-        [--tokens 131072] [--batch-size 32] [--device auto] [--threads N]
+    python benchmarks/score_throughput.py [--tokens-stories 131072] [--tokens-gpt2 4096] [--repeats 3] [--threads N]
 
-Random transcoders (``--features`` per layer, on every layer; the encoder bias is set so that a feature
-fires on about ``--density`` of tokens, like a trained one) are scored on the TinyStories excerpt. It
-prints tokens/s of (a) the model's plain forward pass (the HuggingFace model, no hooks) over the same
-rows and batch size, (b) the scoring pass (tc score's capture to the last layer's MLP input + encoding +
-streaming statistics), (c) all of score_model (b plus loading the plain model for the native engine and
-the input-invariant scores), (d) "encode only": the capture and the encoder matmuls without any
-statistics, the floor of any scorer that computes every feature's activation. Ratios: (b)/(a) (target
->= 0.5), and (d)/(a), the ceiling of that ratio on this machine.
+Models ($TC_SHARED instead of ../shared where the checkout has none beside it): ../shared/models/stories260K with 4,096 random features on each of its 5 layers, and a random
+GPT-2-small-shaped model (d_model 768, 12 layers, 12 heads; built as in cache_throughput.py) with
+24,576 random features on each of its 12 layers. A random feature has a unit-norm encoder column and a
+bias that makes it fire on about --density of tokens, like a trained one (the script prints the density
+it measured). Text: the TinyStories excerpt in ../shared, rows of --context tokens, --batch-size rows a
+forward pass (tc score's defaults). Three timings, interleaved (capture, floor, pass, capture, floor,
+pass, ...) in one process, best of --repeats each:
+
+- capture: tc score's forward pass alone (the native engine: the plain HuggingFace model with hooks,
+  stopped after the last scored layer's MLP input);
+- floor: the capture, then every layer's encoder on the same [features x tokens] tiles tc score uses:
+  matmul, bias and ReLU, i.e. every activation, and nothing done with them. Any scorer that computes
+  every feature's activation exactly does at least this;
+- scoring pass: the capture and `tccli.scoring.stream_layers`, i.e. what `tc score` runs between
+  loading and finishing: encoding plus every streaming statistic (counts, sums, maxima, exact top and
+  sampled examples with their windows).
+
+Ratio = floor time / scoring pass time (target >= 0.75). Timings are wall-clock: run it on a quiet
+machine; the load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_throughput import CORPUS, STORIES, build_gpt2_small  # noqa: E402
 
 
 def random_transcoders(info, n_features: int, density: float, seed: int = 0):
@@ -43,108 +57,107 @@ def random_transcoders(info, n_features: int, density: float, seed: int = 0):
     return out
 
 
+def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
+    import tccli.scoring as scoring
+    from tccli.models import MlpCapture, load_model
+    from tccli.text import load_rows
+
+    loaded = load_model(str(model_dir), args.device)
+    info = loaded.info
+    packed = load_rows([str(CORPUS)], loaded.tokenizer, info.bos_token_id, args.context, n_tokens, seed=0)
+    rows = packed.tokens
+    transcoders = {layer: tc.to(loaded.device) for layer, tc in
+                   random_transcoders(info, n_features, args.density).items()}
+    layers = sorted(transcoders)
+    settings = scoring.ScoreSettings(batch_size=args.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        capture = MlpCapture(loaded, layers, "native", release_bridge=True)
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+
+    def batches():
+        return scoring.model_batches(capture, scoring.array_row_batches(rows, packed.doc_ids, args.batch_size))
+
+    def capture_only() -> None:
+        for _ in batches():
+            pass
+        sync()
+
+    def floor() -> None:
+        encoders = {layer: scoring.feature_major_encoder(transcoders[layer]) for layer in layers}
+        rows_per_tile = max(1, scoring.TILE_VALUES // (n_features * args.context))
+        tile = rows_per_tile * args.context
+        for _, _, inputs in batches():
+            for layer in layers:
+                mlp_in = inputs[layer][0]
+                for t0 in range(0, mlp_in.shape[0], tile):
+                    encoders[layer](mlp_in[t0:t0 + tile]).relu_()
+        sync()
+
+    streams: list = []
+
+    def scoring_pass() -> None:
+        encoders = {layer: scoring.feature_major_encoder(transcoders[layer]) for layer in layers}
+        streams.append(scoring.stream_layers(encoders, batches(), {layer: n_features for layer in layers},
+                                             settings, device=loaded.device)[0])
+        sync()
+
+    seconds: dict[str, list[float]] = {"capture": [], "floor": [], "pass": []}
+    with torch.no_grad():
+        capture_only()  # warm-up: first-call costs (allocations, the statistics kernel's compilation)
+        scoring.stream_layers({layers[0]: scoring.feature_major_encoder(transcoders[layers[0]])},
+                              scoring.model_batches(capture, scoring.array_row_batches(rows[:args.batch_size],
+                                                                                       packed.doc_ids, args.batch_size)),
+                              {layers[0]: n_features}, settings, device=loaded.device)
+        for _ in range(args.repeats):
+            for name, fn in (("capture", capture_only), ("floor", floor), ("pass", scoring_pass)):
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+                streams[1:] = []  # keep one result (for the density), not one per repeat
+    density = sum(float(s.active_count.sum()) for s in streams[0].values()) / (rows.size * n_features * len(layers))
+    best = {name: min(values) for name, values in seconds.items()}
+    return dict(tokens=rows.size, layers=len(layers), density=density, best=best, all=seconds,
+                device=str(loaded.device))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "corpora" / "tinystories-valid-excerpt.txt"))
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=131072)
+    parser.add_argument("--tokens-stories", type=int, default=131072, help="0 skips stories260K")
+    parser.add_argument("--tokens-gpt2", type=int, default=4096, help="0 skips the GPT-2-small-shaped model")
+    parser.add_argument("--features-stories", type=int, default=4096)
+    parser.add_argument("--features-gpt2", type=int, default=24576)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--density", type=float, default=0.02)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--engine", default="native", help="how tc score reads activations: native or bridge")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
-
-    from tccli.models import MlpCapture, load_model
-    from tccli.scoring import (TILE_VALUES, ScoreSettings, array_row_batches, feature_major_encoder, model_batches,
-                               score_model, stream_layers)
-    from tccli.text import load_rows
-
-    loaded = load_model(args.model, args.device)
-    info = loaded.info
-    packed = load_rows([args.data], loaded.tokenizer, info.bos_token_id, args.context, args.tokens, seed=0)
-    rows = packed.tokens
-    n_tokens = rows.size
-    transcoders = {layer: tc.to(loaded.device) for layer, tc in
-                   random_transcoders(info, args.features, args.density).items()}
-    settings = ScoreSettings(batch_size=args.batch_size)
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plain_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(loaded.device).eval()
-    capture = MlpCapture(loaded, sorted(transcoders), args.engine)
-
-    def forward_pass() -> None:
-        with torch.no_grad():
-            for start in range(0, len(rows), args.batch_size):
-                plain_model(torch.as_tensor(rows[start:start + args.batch_size], device=loaded.device))
-        sync()
-
-    def scoring_pass() -> None:
-        layers = sorted(transcoders)
-        with torch.no_grad():
-            stream_layers({layer: feature_major_encoder(transcoders[layer]) for layer in layers},
-                          model_batches(capture, array_row_batches(rows, packed.doc_ids, args.batch_size)),
-                          {layer: args.features for layer in layers}, settings, device=loaded.device)
-        sync()
-
-    def bridge_forward() -> None:  # the TransformerBridge's forward: the denominator before --engine native
-        with torch.no_grad():
-            for start in range(0, len(rows), args.batch_size):
-                loaded.bridge(torch.as_tensor(rows[start:start + args.batch_size], device=loaded.device),
-                              return_type="logits")
-        sync()
-
-    def encode_only() -> None:  # the floor of any exact scorer: forward + the encoders, in the same tiles
-        layers = sorted(transcoders)
-        encoders = {layer: feature_major_encoder(transcoders[layer]) for layer in layers}
-        rows_per_tile = max(1, TILE_VALUES // (args.features * args.context))
-        with torch.no_grad():
-            for _, _, inputs in model_batches(capture, array_row_batches(rows, packed.doc_ids, args.batch_size)):
-                for layer in layers:
-                    mlp_in = inputs[layer][0]
-                    for t0 in range(0, mlp_in.shape[0], rows_per_tile * args.context):
-                        encoders[layer](mlp_in[t0:t0 + rows_per_tile * args.context])
-        sync()
-
-    density: list = []
-
-    def whole() -> None:
-        scores = score_model(loaded, transcoders, rows, packed.doc_ids, settings, engine=args.engine)
-        sync()
-        density.append(sum(float(s.frequency.mean()) for s in scores.values()) / len(scores))
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    timed(lambda: forward_pass() if len(rows) < 64 else None)  # warm-up on tiny inputs is not needed
-    results = {}
-    for name, fn in (("forward", forward_pass), ("encode only", encode_only), ("scoring pass", scoring_pass),
-                     ("score_model", whole), ("forward again", forward_pass), ("bridge forward", bridge_forward)):
-        results[name] = timed(fn)
-    forward = min(results["forward"], results["forward again"])
-    print(f"model {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {loaded.device}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"{n_tokens} tokens, {args.features} features x {info.n_layers} layers, batch {args.batch_size} x "
-          f"{args.context}, top {settings.top}, {settings.quantiles}x{settings.per_quantile} band samples; "
-          f"measured density {density[0]:.4f} (asked {args.density})")
-    for name, seconds in results.items():
-        print(f"  {name:14s} {seconds:8.2f} s  {n_tokens / seconds:10.0f} tokens/s")
-    print(f"ratio scoring pass / forward: {forward / results['scoring pass']:.2f}   "
-          f"score_model / forward: {forward / results['score_model']:.2f}   (target >= 0.5)")
-    print(f"ratio scoring pass / TransformerBridge forward: {results['bridge forward'] / results['scoring pass']:.2f}")
-    print(f"ceiling of that ratio for any scorer that computes every activation (encode only / forward): "
-          f"{forward / results['encode only']:.2f}; scoring pass / encode only: "
-          f"{results['encode only'] / results['scoring pass']:.2f}")
+    if not STORIES.exists():
+        raise SystemExit(f"{STORIES} is absent: this benchmark needs ../shared")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"{'model':<20}{'tokens':>8}{'features':>14}{'density':>9}{'capture':>10}{'floor':>10}{'pass':>10}"
+          f"{'ratio':>7}   (tokens/s; ratio = floor time / pass time, target >= 0.75)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("stories260K", lambda: STORIES, args.features_stories, args.tokens_stories),
+                  ("gpt2-small-shaped", lambda: build_gpt2_small(Path(tmp) / "gpt2s"), args.features_gpt2,
+                   args.tokens_gpt2)]
+        for name, make_folder, n_features, n_tokens in models:
+            if n_tokens <= 0:
+                continue
+            f = measure(make_folder(), n_features, n_tokens, args)
+            rate = {key: f["tokens"] / value for key, value in f["best"].items()}
+            shape = f"{n_features:,} x {f['layers']}"
+            print(f"{name:<20}{f['tokens']:>8}{shape:>14}"
+                  f"{f['density']:>9.4f}{rate['capture']:>10,.0f}{rate['floor']:>10,.0f}{rate['pass']:>10,.0f}"
+                  f"{f['best']['floor'] / f['best']['pass']:>7.2f}", flush=True)
+            print("  every run (s): " + "; ".join(f"{key} " + " ".join(f"{v:.2f}" for v in values)
+                                                   for key, values in f["all"].items()), flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

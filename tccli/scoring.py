@@ -30,7 +30,7 @@ highest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -47,6 +47,9 @@ MAX_TOKENS = 1 << 32  # token indices must fit the low 32 bits of a key
 # the kernel faults in and zeroes: that, not arithmetic, took half the encoder's time. Tiles stay in the
 # heap and are reused. Results do not depend on the tiling (they do not depend on the batch size).
 TILE_VALUES = 1 << 22
+# On the CPU the statistics of a tile are computed by one compiled pass (tccli.scoring_kernel); tests set
+# this to False to check the torch formulation (what GPUs run) on the CPU against it.
+FUSED_ON_CPU = True
 
 
 # ============================================================================ exact streaming top-k (pure)
@@ -185,7 +188,7 @@ class BatchView:
 
     tokens: torch.Tensor  # [rows, context] int64
     doc_ids: torch.Tensor  # [rows, context] int64, the document of each token
-    z: torch.Tensor  # [m, rows * context] activations, feature-major
+    z: torch.Tensor  # [m, rows * context] feature-major, the activations where positive (see update)
     scale: torch.Tensor  # [rows * context]
     half_window: int
 
@@ -224,8 +227,46 @@ class LayerStream:
                    activation_sum=torch.zeros(m, dtype=torch.float64, device=device),
                    activation_max=torch.zeros(m, dtype=torch.float32, device=device))
 
+    _changed: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)  # the kernel's scratch
+
     def update(self, batch: BatchView, base_index: int) -> None:
-        z = batch.z  # [m, T], non-negative
+        """Add one tile: ``batch.z`` [m, T] holds values whose positive part is the activation, for the
+        tokens ``base_index`` .. ``base_index + T - 1``."""
+        if batch.z.device.type == "cpu" and FUSED_ON_CPU:
+            self.update_fused(batch, base_index)
+        else:
+            self.update_torch(batch, base_index)
+
+    def update_fused(self, batch: BatchView, base_index: int) -> None:
+        """``update`` in one read of the tile (``tccli.scoring_kernel``), on the CPU."""
+        import numba
+
+        from tccli.scoring_kernel import scan_tile
+
+        z = batch.z.contiguous().numpy()
+        if self._changed is None:
+            self._changed = (np.empty(tuple(self.top_slots.keys.shape), np.int64),
+                             np.empty(tuple(self.sample_slots.keys.shape), np.int64))
+        if self.sample_slots.size:
+            index = base_index + torch.arange(z.shape[1])
+            sample_token_keys = ((token_priority(index, self.seed) << 32) | index).numpy()
+        else:
+            sample_token_keys = np.zeros(0, np.int64)
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        top, sample = self.top_slots, self.sample_slots
+        scan_tile(z, z.view(np.int32), base_index, batch.tokens.contiguous().numpy(),
+                  batch.doc_ids.contiguous().numpy(), batch.scale.contiguous().numpy(), sample_token_keys,
+                  batch.half_window, self.active_count.numpy(), self.activation_sum.numpy(),
+                  self.activation_max.numpy(),
+                  top.keys.numpy(), top.window_tokens.numpy(), top.window_acts.numpy(), top.scale.numpy(),
+                  top.doc.numpy(), self._changed[0],
+                  sample.keys.numpy(), sample.window_tokens.numpy(), sample.window_acts.numpy(),
+                  sample.scale.numpy(), sample.doc.numpy(), self._changed[1])
+
+    def update_torch(self, batch: BatchView, base_index: int) -> None:
+        """``update`` in torch operations, for any device (the CPU uses ``update_fused``)."""
+        z = batch.z.relu()  # [m, T]
+        batch = replace(batch, z=z)
         # Features fire on a few percent of tokens, so one pass lists the active entries and all the rest
         # works on that list; each dense pass over [m, T] costs about as much as the encoding itself.
         flat_index = z.view(-1).nonzero().squeeze(1)
@@ -253,13 +294,14 @@ class LayerStream:
 
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
-    """mlp_in [T, d] -> activations [m, T] (feature-major, so per-feature top-k runs along rows)."""
+    """mlp_in [T, d] -> [m, T] (feature-major, so per-feature work runs along rows) whose positive part
+    is the activations. For a ReLU transcoder that is the pre-activation: the statistics read only
+    positive values, so applying the ReLU would be one more pass over the tile for nothing."""
     if transcoder.config.activation != "relu":
         return lambda x: transcoder.encode(x).T.contiguous()
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        pre = torch.addmm(transcoder.b_enc[:, None], transcoder.W_enc.T, (x - transcoder.b_pre).T)
-        return pre.relu_()
+        return torch.addmm(transcoder.b_enc[:, None], transcoder.W_enc.T, (x - transcoder.b_pre).T)
 
     return encode
 
@@ -385,7 +427,8 @@ def stream_layers(
 
     batches yields (tokens [rows, context], doc_ids [rows, context],
     {layer: (mlp_in [rows*context, d], scale [rows*context])});
-    encoders maps a layer to a function mlp_in -> z [m, rows*context] (feature-major, z >= 0).
+    encoders maps a layer to a function mlp_in -> [m, rows*context] (feature-major) whose positive part
+    is the activations (see ``feature_major_encoder``).
     Returns ({layer: LayerStream}, tokens seen).
     """
     streams = {layer: LayerStream.start(n_features[layer], settings.top, settings.quantiles * settings.per_quantile,

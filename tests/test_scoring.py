@@ -57,6 +57,15 @@ def run_stream(z, tokens, batch_rows, settings):
     return stream, seen
 
 
+@pytest.fixture(params=["fused", "torch"])
+def kernel(request, monkeypatch):
+    """Both implementations of the streaming statistics: the CPU's compiled pass and the torch one (GPUs')."""
+    import tccli.scoring as scoring
+
+    monkeypatch.setattr(scoring, "FUSED_ON_CPU", request.param == "fused")
+    return request.param
+
+
 def test_activation_keys_round_trip_and_order():
     z = torch.tensor([[0.0, 2.5], [1.0, 2.5], [3.0, -1.0]])
     keys = activation_keys(z, 100 + torch.arange(3)[:, None])
@@ -70,7 +79,7 @@ def test_activation_keys_round_trip_and_order():
 
 
 @pytest.mark.parametrize("batch_rows", [1, 5, 12])
-def test_streaming_top_k_equals_brute_force_sort(batch_rows):
+def test_streaming_top_k_equals_brute_force_sort(batch_rows, kernel):
     z, tokens = tied_activations()
     k = 7
     stream, seen = run_stream(z, tokens, batch_rows, ScoreSettings(top=k, quantiles=0, half_window=2))
@@ -89,7 +98,7 @@ def test_streaming_top_k_equals_brute_force_sort(batch_rows):
     assert torch.allclose(stream.activation_sum, flat.double().sum(0))
 
 
-def test_streaming_result_independent_of_batch_size_and_tiling(monkeypatch):
+def test_streaming_result_independent_of_batch_size_and_tiling(monkeypatch, kernel):
     import tccli.scoring as scoring
 
     z, tokens = tied_activations(seed=3)
@@ -109,9 +118,11 @@ def test_streaming_result_independent_of_batch_size_and_tiling(monkeypatch):
             assert torch.equal(a.doc, b.doc)
         assert torch.equal(first.active_count, other.active_count)
         assert torch.equal(first.activation_max, other.activation_max)
+        if kernel == "fused":  # its float64 sums run in token order, so they do not depend on the tiling either
+            assert torch.equal(first.activation_sum, other.activation_sum)
 
 
-def test_windows_hold_tokens_and_activations_around_each_example():
+def test_windows_hold_tokens_and_activations_around_each_example(kernel):
     z, tokens = tied_activations(rows=4, context=8, m=3, seed=5)
     w = 2
     stream, _ = run_stream(z, tokens, 3, ScoreSettings(top=4, quantiles=0, half_window=w))
@@ -131,6 +142,41 @@ def test_windows_hold_tokens_and_activations_around_each_example():
                     assert stream.top_slots.window_tokens[f, slot, j] == -1
             assert stream.top_slots.scale[f, slot] == i + 1.0  # synthetic scale = global index + 1
             assert stream.top_slots.doc[f, slot] == synthetic_doc_ids(tokens)[row, pos]
+
+
+@pytest.mark.parametrize("batch_rows,tile_values", [(1, None), (7, None), (30, None), (30, 3 * 9 * 11)])
+def test_fused_pass_equals_the_torch_formulation(monkeypatch, batch_rows, tile_values):
+    """Pre-activations (negative values are inactive), ties, features that never fire, slots that stay
+    part empty: the CPU's compiled pass and the torch formulation keep the same examples, windows,
+    counts and maxima; their sums agree to float64 rounding."""
+    import tccli.scoring as scoring
+
+    g = torch.Generator().manual_seed(batch_rows)
+    rows, context, m = 30, 11, 9
+    pre = (torch.randint(-8, 5, (rows, context, m), generator=g) * 0.25).float()
+    pre[..., 3] = -1.0  # never fires
+    pre[..., 4] = -0.0  # fires on three tokens (two tied), fewer than its slots
+    pre[0, 2, 4], pre[5, 0, 4], pre[29, 10, 4] = 1.5, 0.25, 1.5
+    tokens = torch.randint(0, 50, (rows, context), generator=g)
+    settings = ScoreSettings(top=6, quantiles=4, per_quantile=2, half_window=3, seed=5)
+    if tile_values:
+        monkeypatch.setattr(scoring, "TILE_VALUES", tile_values)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(scoring, "FUSED_ON_CPU", fused)
+        results[fused] = run_stream(pre, tokens, batch_rows, settings)[0]
+    fused, reference = results[True], results[False]
+    for slots in ("top_slots", "sample_slots"):
+        a, b = getattr(fused, slots), getattr(reference, slots)
+        for name in ("keys", "window_tokens", "window_acts", "scale", "doc"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (slots, name)
+    assert torch.equal(fused.active_count, reference.active_count)
+    assert torch.equal(fused.activation_max, reference.activation_max)
+    assert torch.allclose(fused.activation_sum, reference.activation_sum, rtol=1e-12, atol=0)
+    assert torch.equal(fused.activation_sum, pre.relu().reshape(-1, m).double().sum(0))  # grid values: exact
+    assert fused.active_count[3] == 0 and (fused.top_slots.keys[3] == EMPTY_KEY).all()
+    assert (fused.top_slots.keys[4] == EMPTY_KEY).sum() == 3 and fused.active_count[4] == 3
+    assert (fused.top_slots.window_acts >= 0).all() and (fused.sample_slots.window_acts >= 0).all()
 
 
 def test_best_per_feature_orders_by_key_and_ties_go_to_the_earlier_token():
@@ -157,10 +203,11 @@ def test_feature_major_encoder_matches_the_transcoder():
             for p in tc.parameters():
                 p.normal_()
         x = torch.randn(9, 4)
-        assert torch.allclose(feature_major_encoder(tc)(x), tc.encode(x).T, atol=1e-6)
+        # its positive part is the activation (a ReLU transcoder's encoder leaves the ReLU to the statistics)
+        assert torch.allclose(feature_major_encoder(tc)(x).relu(), tc.encode(x).T, atol=1e-6)
 
 
-def test_sample_is_the_active_tokens_of_highest_priority():
+def test_sample_is_the_active_tokens_of_highest_priority(kernel):
     z, tokens = tied_activations(seed=11)
     size = 6
     stream, _ = run_stream(z, tokens, 5, ScoreSettings(top=1, quantiles=3, per_quantile=2, seed=2))
