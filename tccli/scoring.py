@@ -88,6 +88,11 @@ def token_priority(index: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return x >> 1
 
 
+def sample_token_keys(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """The sample key of tokens ``index`` (global indices): priority << 32 | index."""
+    return (token_priority(index, seed) << 32) | index
+
+
 def sample_key_index(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys < 0, torch.full_like(keys, -1), keys & INDEX_MASK)
 
@@ -191,6 +196,7 @@ class BatchView:
     z: torch.Tensor  # [m, rows * context] feature-major, the activations where positive (see update)
     scale: torch.Tensor  # [rows * context]
     half_window: int
+    sample_keys: Optional[torch.Tensor] = None  # [rows * context] each token's sample key, when already known
 
     def windows(self, feature: torch.Tensor, local_token: torch.Tensor):
         """Token ids and ``feature``'s activations around each local token, plus its scale and document."""
@@ -227,7 +233,8 @@ class LayerStream:
                    activation_sum=torch.zeros(m, dtype=torch.float64, device=device),
                    activation_max=torch.zeros(m, dtype=torch.float32, device=device))
 
-    _changed: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)  # the kernel's scratch
+    # the compiled pass's scratch and its record of each feature's weakest slots (see update_fused)
+    _kernel_state: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def update(self, batch: BatchView, base_index: int) -> None:
         """Add one tile: ``batch.z`` [m, T] holds values whose positive part is the activation, for the
@@ -241,27 +248,29 @@ class LayerStream:
         """``update`` in one read of the tile (``tccli.scoring_kernel``), on the CPU."""
         import numba
 
-        from tccli.scoring_kernel import scan_tile
+        from tccli.scoring_kernel import scan_tile, weakest_slots
 
         z = batch.z.contiguous().numpy()
-        if self._changed is None:
-            self._changed = (np.empty(tuple(self.top_slots.keys.shape), np.int64),
-                             np.empty(tuple(self.sample_slots.keys.shape), np.int64))
-        if self.sample_slots.size:
-            index = base_index + torch.arange(z.shape[1])
-            sample_token_keys = ((token_priority(index, self.seed) << 32) | index).numpy()
-        else:
-            sample_token_keys = np.zeros(0, np.int64)
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         top, sample = self.top_slots, self.sample_slots
+        if self._kernel_state is None:
+            threads = numba.config.NUMBA_NUM_THREADS
+            self._kernel_state = (np.empty((threads, top.size), np.int64), np.empty((threads, sample.size), np.int64),
+                                  weakest_slots(top.keys.numpy(), sample.keys.numpy()))
+        if not sample.size:
+            sample_keys = np.zeros(0, np.int64)
+        elif batch.sample_keys is not None:
+            sample_keys = batch.sample_keys.contiguous().numpy()
+        else:
+            sample_keys = sample_token_keys(base_index + torch.arange(z.shape[1]), self.seed).numpy()
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         scan_tile(z, z.view(np.int32), base_index, batch.tokens.contiguous().numpy(),
-                  batch.doc_ids.contiguous().numpy(), batch.scale.contiguous().numpy(), sample_token_keys,
+                  batch.doc_ids.contiguous().numpy(), batch.scale.contiguous().numpy(), sample_keys,
                   batch.half_window, self.active_count.numpy(), self.activation_sum.numpy(),
                   self.activation_max.numpy(),
                   top.keys.numpy(), top.window_tokens.numpy(), top.window_acts.numpy(), top.scale.numpy(),
-                  top.doc.numpy(), self._changed[0],
+                  top.doc.numpy(), self._kernel_state[0],
                   sample.keys.numpy(), sample.window_tokens.numpy(), sample.window_acts.numpy(),
-                  sample.scale.numpy(), sample.doc.numpy(), self._changed[1])
+                  sample.scale.numpy(), sample.doc.numpy(), *self._kernel_state[1:])
 
     def update_torch(self, batch: BatchView, base_index: int) -> None:
         """``update`` in torch operations, for any device (the CPU uses ``update_fused``)."""
@@ -286,8 +295,7 @@ class LayerStream:
         if self.sample_slots.size:
             # the sample keeps each feature's active tokens of highest key priority << 32 | index; the key
             # depends on the token alone, so it is computed once per token, not per active entry
-            tokens = base_index + torch.arange(z.shape[1], device=z.device)
-            keys = ((token_priority(tokens, self.seed) << 32) | tokens)[local]
+            keys = sample_token_keys(base_index + torch.arange(z.shape[1], device=z.device), self.seed)[local]
             enters = (keys > self.sample_slots.keys.min(dim=1).values[feature]).nonzero().squeeze(1)
             self.sample_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters],
                                                        self.sample_slots.size), batch)
@@ -439,6 +447,9 @@ def stream_layers(
         if seen + tokens.numel() > MAX_TOKENS:
             raise fail(f"tc score handles at most {MAX_TOKENS} tokens in one run")
         context = tokens.shape[1]
+        # every layer's sample uses the same per-token keys: made once a batch (the CPU pass reads them)
+        keys = sample_token_keys(seen + torch.arange(tokens.numel(), device=tokens.device), settings.seed) \
+            if settings.quantiles * settings.per_quantile else None
         for layer, encode in encoders.items():
             mlp_in, scale = inputs[layer]
             rows_per_tile = max(1, TILE_VALUES // (n_features[layer] * context))
@@ -446,7 +457,8 @@ def stream_layers(
                 r1 = min(tokens.shape[0], r0 + rows_per_tile)
                 batch = BatchView(tokens=tokens[r0:r1], doc_ids=doc_ids[r0:r1],
                                   z=encode(mlp_in[r0 * context:r1 * context]).float(),
-                                  scale=scale[r0 * context:r1 * context].float(), half_window=settings.half_window)
+                                  scale=scale[r0 * context:r1 * context].float(), half_window=settings.half_window,
+                                  sample_keys=None if keys is None else keys[r0 * context:r1 * context])
                 streams[layer].update(batch, seen + r0 * context)
         seen += tokens.numel()
     return streams, seen
