@@ -103,6 +103,7 @@ def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
         sync()
 
     seconds: dict[str, list[float]] = {"capture": [], "floor": [], "pass": []}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in seconds}
     with torch.no_grad():
         capture_only()  # warm-up: first-call costs (allocations, the statistics kernel's compilation)
         scoring.stream_layers({layers[0]: scoring.feature_major_encoder(transcoders[layers[0]])},
@@ -111,13 +112,14 @@ def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
                               {layers[0]: n_features}, settings, device=loaded.device)
         for _ in range(args.repeats):
             for name, fn in (("capture", capture_only), ("floor", floor), ("pass", scoring_pass)):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn()
                 seconds[name].append(time.perf_counter() - start)
+                cpu_seconds[name].append(time.process_time() - cpu_start)
                 streams[1:] = []  # keep one result (for the density), not one per repeat
     density = sum(float(s.active_count.sum()) for s in streams[0].values()) / (rows.size * n_features * len(layers))
     best = {name: min(values) for name, values in seconds.items()}
-    return dict(tokens=rows.size, layers=len(layers), density=density, best=best, all=seconds,
+    return dict(tokens=rows.size, layers=len(layers), density=density, best=best, all=seconds, cpu=cpu_seconds,
                 device=str(loaded.device))
 
 
@@ -157,6 +159,10 @@ def main() -> None:
                   f"{f['best']['floor'] / f['best']['pass']:>7.2f}", flush=True)
             print("  every run (s): " + "; ".join(f"{key} " + " ".join(f"{v:.2f}" for v in values)
                                                    for key, values in f["all"].items()), flush=True)
+            cpu = {key: min(values) for key, values in f["cpu"].items()}
+            print("  CPU time, best (s): " + "; ".join(f"{key} {value:.2f}" for key, value in cpu.items())
+                  + f"; ratio by CPU time {cpu['floor'] / cpu['pass']:.2f} (with --threads 1 it does not count "
+                  "other processes' share of the cores, unlike wall time)", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

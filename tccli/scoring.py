@@ -223,6 +223,9 @@ class LayerStream:
     active_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
     activation_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     activation_max: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    # the compiled pass's scratch and its record of each feature's weakest slots (see update_fused); a
+    # stream is updated by one implementation only, so the record stays that of the slots
+    _kernel_state: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     @classmethod
     def start(cls, m: int, top: int, sample: int, half_window: int, device, seed: int = 0) -> "LayerStream":
@@ -232,9 +235,6 @@ class LayerStream:
                    active_count=torch.zeros(m, dtype=torch.int64, device=device),
                    activation_sum=torch.zeros(m, dtype=torch.float64, device=device),
                    activation_max=torch.zeros(m, dtype=torch.float32, device=device))
-
-    # the compiled pass's scratch and its record of each feature's weakest slots (see update_fused)
-    _kernel_state: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def update(self, batch: BatchView, base_index: int) -> None:
         """Add one tile: ``batch.z`` [m, T] holds values whose positive part is the activation, for the
