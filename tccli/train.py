@@ -31,13 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from tccli.config import from_json_dict, option, parse_count, parse_layers, to_json_dict
-from tccli import distributed
+from tccli import distributed, sparse_coding
 from tccli.errors import fail
-from tccli.transcoder import KINDS, Transcoder, TranscoderConfig
+from tccli.optim import ScheduleFreeSign
+from tccli.transcoder import KINDS, THRESHOLD_ACTIVATIONS, Transcoder, TranscoderConfig
 from tccli.transcoder_io import layer_folder_name, save_transcoder
 
 # The kinds of transcoder.ACTIVATIONS that tc can train (the others are read from other libraries' files).
-TRAINABLE_ACTIVATIONS = ("topk", "relu")
+TRAINABLE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+OPTIMIZERS = ("adam", "signum")
+DECODER_NORMS = ("unit", "free")
+AUTOCASTS = ("none", "bfloat16")
+# Base learning rates at 16,384 features, scaled by 1/sqrt(features / 16384) (Gao et al. 2024's rule for Adam;
+# sparsify uses the same rule for sign descent).
+BASE_LR = {"adam": 2e-4, "signum": 5e-3}
 CHECKPOINT_FILE = "checkpoint.tcstate"  # not .pt: a set folder's .pt files are read as paper transcoders
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -60,17 +67,32 @@ class TrainConfig(distributed.TrainDistributedOptions):
     expansion: int = option(16, "Features per model dimension (m = expansion x d_model); ignored with "
                             "--features.")
     features: Optional[int] = option(None, "Number of features m (overrides --expansion).")
-    activation: str = option("topk", "topk (keep the k largest pre-activations) or relu (the paper's, "
-                             "sparsity from the L1 penalty).")
-    k: int = option(16, "Active features per token for --activation topk.")
+    activation: str = option("topk", "topk (the k largest pre-activations of each token), batchtopk (the "
+                             "k x batch largest of the batch; a threshold at inference), jumprelu (a trained "
+                             "threshold per feature, L0 penalty) or relu (the paper's, sparsity from the L1 "
+                             "penalty).")
+    k: int = option(16, "Active features per token: topk and batchtopk (on average); jumprelu starts at it.")
+    skip: bool = option(False, "Skip transcoder: add a linear term x W_skip of the input, initialised at 0.",
+                        flags=("--skip/--no-skip",))
     l1: float = option(1e-3, "L1 coefficient lambda for --activation relu (loss + lambda * sum |z|).")
+    l0_coef: float = option(1e-3, "jumprelu: weight of the L0 penalty (loss = mse / target variance + "
+                            "coef x L0).")
+    bandwidth: float = option(0.1, "jumprelu: width of the straight-through estimators' kernel, as a fraction "
+                              "of the mean initial threshold.")
     l1_warmup: int = option(0, "Steps over which the L1 coefficient ramps linearly from 0 (0: none, the paper).")
     normalize_mse: bool = option(False, "Divide each token's squared error by the norm of its target "
                                  "(the reference code's normalisation).")
-    lr: float = option(1e-3, "Adam learning rate.")
+    optimizer: str = option("adam", "adam (with the decoder-norm constraint and the schedule below) or signum "
+                            "(sign descent with schedule-free momentum, sparsify's; constant lr after warm-up, "
+                            "the averaged weights are saved).")
+    lr: Optional[float] = option(None, "Learning rate (default: adam 2e-4, signum 5e-3, times "
+                                 "1/sqrt(features / 16384)).")
+    decoder_norm: str = option("unit", "unit (decoder rows kept at norm 1; the paper's, needed by relu's L1) or "
+                               "free.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
-    lr_decay: float = option(0.3, "Fraction of the run, at its end, over which the learning rate decays "
-                             "linearly to 0 (0: constant after warm-up, the paper).")
+    lr_decay: Optional[float] = option(None, "Fraction of the run, at its end, over which the learning rate "
+                                       "decays linearly to 0 (0: constant after warm-up, the paper; default: "
+                                       "adam 0.3, signum 0).")
     batch_size: int = option(4096, "Tokens per step.", parser=parse_count)
     tokens: int = option(12_000_000, "Training tokens (accepts 200k, 12M); the cache is read again, "
                          "reshuffled, as often as needed.", parser=parse_count)
@@ -79,10 +101,13 @@ class TrainConfig(distributed.TrainDistributedOptions):
     dead_window: int = option(500, "A feature is dead after this many steps without firing.")
     ghost_grads: bool = option(True, "relu: train dead features on the residual target - output with "
                                "ghost gradients.", flags=("--ghost-grads/--no-ghost-grads",))
-    aux_k: int = option(256, "topk: dead features used by the auxiliary loss (AuxK) that revives them; 0: off.")
-    aux_coef: float = option(1 / 32, "topk: weight of the AuxK loss.")
+    aux_k: int = option(256, "topk, batchtopk, jumprelu: dead features used by the auxiliary loss (AuxK) that "
+                        "revives them; 0: off.")
+    aux_coef: float = option(1 / 32, "Weight of the AuxK loss.")
     seed: int = option(0, "Seed for the initial weights and the shuffle order.")
-    device: str = option("cpu", "Device: cpu, cuda, cuda:N or auto.")
+    device: str = option("auto", "Device: auto (cuda when available), cpu, cuda or cuda:N.")
+    autocast: str = option("none", "none or bfloat16: the encoder's dense product in bfloat16 on a GPU "
+                           "(the sparse parts and the weights stay float32).")
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end).")
     log_every: int = option(50, "Steps between metric lines (stderr and the JSONL log).")
     resume: bool = option(False, "Continue the run in --out from its checkpoint.", save=False)
@@ -93,7 +118,9 @@ class TrainConfig(distributed.TrainDistributedOptions):
             if not (math.isfinite(value) and value > 0):
                 raise fail(f"--{name} must be a finite number > 0, got {value}")
 
-        finite_positive("lr", self.lr)
+        if self.lr is not None:
+            finite_positive("lr", self.lr)
+        finite_positive("bandwidth", self.bandwidth)
         distributed.DistributedOptions.validate(self)
         if self.activation not in TRAINABLE_ACTIVATIONS:
             raise fail(f"--activation must be one of {', '.join(TRAINABLE_ACTIVATIONS)}, got {self.activation!r}")
@@ -103,13 +130,22 @@ class TrainConfig(distributed.TrainDistributedOptions):
             raise fail(f"--expansion must be at least 1, got {self.expansion}")
         if self.features is not None and self.features < 1:
             raise fail(f"--features must be at least 1, got {self.features}")
-        if self.activation == "topk" and self.k < 1:
+        if self.activation != "relu" and self.k < 1:
             raise fail(f"--k must be at least 1, got {self.k}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("decoder_norm", DECODER_NORMS), ("autocast", AUTOCASTS)):
+            if getattr(self, name) not in allowed:
+                raise fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                           f"got {getattr(self, name)!r}")
+        if self.activation == "relu" and self.decoder_norm != "unit":
+            raise fail("--activation relu needs --decoder-norm unit (with free decoder rows the L1 penalty "
+                       "is evaded by shrinking the activations)")
+        if not (math.isfinite(self.l0_coef) and self.l0_coef >= 0):
+            raise fail(f"--l0-coef must be a finite number >= 0, got {self.l0_coef}")
         if not (math.isfinite(self.l1) and self.l1 >= 0):
             raise fail(f"--l1 must be a finite number >= 0, got {self.l1}")
         if not (math.isfinite(self.aux_coef) and self.aux_coef >= 0):
             raise fail(f"--aux-coef must be a finite number >= 0, got {self.aux_coef}")
-        if not 0 <= self.lr_decay <= 1:
+        if self.lr_decay is not None and not 0 <= self.lr_decay <= 1:
             raise fail(f"--lr-decay is a fraction of the run, between 0 and 1, got {self.lr_decay}")
         for name in ("warmup_steps", "l1_warmup", "aux_k", "checkpoint_every"):
             if getattr(self, name) < 0:
@@ -127,9 +163,22 @@ class TrainConfig(distributed.TrainDistributedOptions):
     def n_features(self, d_model: int) -> int:
         return self.features if self.features is not None else self.expansion * d_model
 
+    @property
+    def decay_fraction(self) -> float:
+        """--lr-decay, or the optimiser's default (schedule-free averaging replaces a decay)."""
+        if self.lr_decay is not None:
+            return self.lr_decay
+        return 0.0 if self.optimizer == "signum" else 0.3
+
+    def learning_rate_for(self, n_features: int) -> float:
+        """--lr, or the optimiser's base rate scaled by 1/sqrt(n_features / 16384)."""
+        if self.lr is not None:
+            return self.lr
+        return BASE_LR[self.optimizer] / math.sqrt(n_features / 16384)
+
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("device", "checkpoint_every", "log_every", "resume", "quiet", "out", "cache")
+RESUME_FREE_FIELDS = ("device", "autocast", "checkpoint_every", "log_every", "resume", "quiet", "out", "cache")
 
 
 # ----------------------------------------------------------------------------- training math (pure)
@@ -160,17 +209,37 @@ def spread(values: torch.Tensor, mean: torch.Tensor) -> float:
     return float((values - mean).pow(2).sum(dim=-1).mean().sqrt())
 
 
+def init_thresholds_(transcoder: Transcoder, x: torch.Tensor) -> None:
+    """Start the threshold kinds at about k active features per token on the sample ``x``: BatchTopK at the
+    cut-off of the sample's k x n largest pre-activations, JumpReLU with each feature's threshold at its
+    own (1 - k/m) quantile, so that every feature starts firing on k/m of the tokens."""
+    config = transcoder.config
+    if config.activation not in THRESHOLD_ACTIVATIONS:
+        return
+    with torch.no_grad():
+        pre = transcoder.pre_activation(x)
+        if config.activation == "batchtopk":
+            transcoder.threshold.fill_(float(batch_cutoff(pre, int(config.k))))
+        else:
+            fraction = min(1.0, int(config.k) / config.n_features)
+            transcoder.threshold.copy_(torch.quantile(pre, 1 - fraction, dim=0).clamp_min(0))
+
+
 def calibrate_encoder_(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, ratio: float = 0.5) -> None:
     """Scale the encoder so that the initial outputs' spread around ``b_dec`` is ``ratio`` times the
     targets' spread. With ``b_enc`` = 0 the output minus ``b_dec`` is proportional to the encoder
-    scale (ReLU and TopK are positively homogeneous), so one measurement fixes it exactly. Without this
-    a tied initialisation on unnormalised activations starts with outputs several times too large and
-    spends its first hundreds of steps shrinking them."""
+    scale (ReLU and TopK are positively homogeneous; the threshold kinds are when their thresholds are
+    scaled with it), so one measurement fixes it exactly. Without this a tied initialisation on
+    unnormalised activations starts with outputs several times too large and spends its first hundreds
+    of steps shrinking them."""
     with torch.no_grad():
-        output, _ = transcoder(x)
+        output, _ = transcoder(x)  # (batchtopk's initial threshold gives the batch rule on this sample)
         produced = spread(output, transcoder.b_dec)
         if produced > 0:
-            transcoder.W_enc.mul_(ratio * spread(y, y.mean(dim=0)) / produced)
+            factor = ratio * spread(y, y.mean(dim=0)) / produced
+            transcoder.W_enc.mul_(factor)
+            if transcoder.threshold is not None:
+                transcoder.threshold.mul_(factor)
 
 
 def remove_parallel_gradient(W_dec: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -199,19 +268,6 @@ def fraction_of_variance_unexplained(output: torch.Tensor, target: torch.Tensor)
     return residual / total.clamp_min(1e-12)
 
 
-def topk_encode(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [n, k] after ReLU, indices [n, k]) of the k largest pre-activations per token."""
-    top = pre.topk(min(k, pre.shape[-1]), dim=-1, sorted=False)
-    return torch.relu(top.values), top.indices
-
-
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
-    """sum_j values[:, j] W_dec[indices[:, j]] + b_dec: the decoder applied to a TopK code without
-    building the dense [n, m] activation matrix. embedding_bag sums the rows in one fused kernel;
-    gathering W_dec[indices] first would copy an [n, k, d] tensor (6x slower at GPT-2 sizes)."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
-
-
 def ghost_grad_loss(pre: torch.Tensor, target: torch.Tensor, output: torch.Tensor, W_dec: torch.Tensor,
                     dead: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
     """Ghost gradients (Anthropic, Feb 2024) for the ``dead`` features.
@@ -231,25 +287,28 @@ def ghost_grad_loss(pre: torch.Tensor, target: torch.Tensor, output: torch.Tenso
     return (mse / (ghost_mse + 1e-6)).detach() * ghost_mse
 
 
-def auxk_loss(pre: torch.Tensor, target: torch.Tensor, output: torch.Tensor, W_dec: torch.Tensor,
-              dead: torch.Tensor, aux_k: int) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): the top ``aux_k`` dead features reconstruct the residual ``target - output``;
-    the loss is normalised by the residual's variance so its scale does not depend on the layer.
+def auxk_loss(values: torch.Tensor, entries: sparse_coding.Entries, target: torch.Tensor, output: torch.Tensor,
+              W_dec: torch.Tensor) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the dead features' largest entries (``entries``, chosen by
+    ``sparse_coding.select_auxk``, with pre-activations ``values``) reconstruct the residual
+    ``target - output``; the loss is normalised by the residual's variance so its scale does not depend
+    on the layer.
 
     The dead features' pre-activations are used as they are, without the ReLU: a feature is usually dead
     because its pre-activation has gone negative on every token, and through a ReLU it would get no
     gradient at all (measured here: the AuxK loss then stays at 1.0 and 10% of features stay dead).
     """
-    n_dead = int(dead.sum())
-    if n_dead == 0 or aux_k == 0:
-        return pre.new_zeros(())
+    if len(entries) == 0:
+        return output.new_zeros(())
     residual = (target - output).detach()
-    dead_pre = pre[:, dead]
-    top = dead_pre.topk(min(aux_k, n_dead), dim=-1, sorted=False)
-    values, indices = top.values, top.indices
-    aux_out = sparse_decode(values, indices, W_dec[dead], torch.zeros_like(W_dec[0]))
+    aux_out = sparse_coding.decode_entries(values, entries, W_dec, target.shape[0])
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
     return (aux_out - residual).pow(2).sum(dim=-1).mean() / variance
+
+
+def batch_cutoff(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The smallest of the k x n largest entries of ``pre`` [n, m] after the ReLU (BatchTopK's cut-off)."""
+    return sparse_coding.select_batchtopk(pre, k)[1].clamp_min(0)
 
 
 def learning_rate(step: int, total_steps: int, lr: float, warmup_steps: int, decay_fraction: float) -> float:
@@ -272,52 +331,122 @@ def l1_coefficient(step: int, l1: float, l1_warmup: int) -> float:
 class StepResult:
     loss: torch.Tensor
     mse: torch.Tensor
-    fired: torch.Tensor  # [m] bool: features active on at least one token of the batch
     output: torch.Tensor
     l1: torch.Tensor  # mean over tokens of sum |z|
     l0: torch.Tensor  # mean over tokens of the number of active features
     aux: torch.Tensor
     fires: torch.Tensor  # [m] number of tokens each feature fired on
+    cutoff: Optional[torch.Tensor] = None  # batchtopk: the batch's cut-off (smallest selected value)
+
+
+@dataclass(frozen=True)
+class LossScales:
+    """Per-layer constants of the sparse kinds' losses, measured once from the data at initialisation."""
+
+    target_variance: float = 1.0  # mean over tokens of ||y - mean y||^2: the loss is mse / this (an FVU)
+    bandwidth: float = 1.0  # jumprelu: the kernel width in pre-activation units
 
 
 def transcoder_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
-                    config: TrainConfig, step: int) -> StepResult:
-    """The training loss of one batch: reconstruction + (L1 and ghost grads | AuxK)."""
+                    config: TrainConfig, step: int, scales: LossScales = LossScales()) -> StepResult:
+    """The training loss of one batch: reconstruction + (L1 and ghost grads | AuxK, and JumpReLU's L0)."""
+    if transcoder.config.activation == "relu":
+        return dense_loss(transcoder, x, y, dead, config, step)
+    return sparse_loss(transcoder, x, y, dead, config, scales)
+
+
+def skip_term(transcoder: Transcoder, x: torch.Tensor) -> torch.Tensor | int:
+    return 0 if transcoder.W_skip is None else x @ transcoder.W_skip
+
+
+def dense_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
+               config: TrainConfig, step: int) -> StepResult:
+    """ReLU with the L1 penalty and ghost gradients (the paper's recipe); dense autograd throughout."""
     pre = transcoder.pre_activation(x)
-    if transcoder.config.activation == "topk":
-        values, indices = topk_encode(pre, transcoder.config.k)
-        output = sparse_decode(values, indices, transcoder.W_dec, transcoder.b_dec)
-        active = values > 0
-        fires = torch.zeros(pre.shape[-1], dtype=torch.long, device=pre.device)
-        fires.index_add_(0, indices[active], torch.ones_like(indices[active]))
-        l1 = values.sum(dim=-1).mean()
-        l0 = active.sum(dim=-1).float().mean()
-    else:
-        z = torch.relu(pre)
-        output = z @ transcoder.W_dec + transcoder.b_dec
-        active = z > 0
-        fires = active.sum(dim=0)
-        l1 = z.sum(dim=-1).mean()
-        l0 = active.sum(dim=-1).float().mean()
+    z = torch.relu(pre)
+    output = z @ transcoder.W_dec + transcoder.b_dec + skip_term(transcoder, x)
+    active = z > 0
+    l1 = z.sum(dim=-1).mean()
     mse = reconstruction_loss(output, y, config.normalize_mse)
-    loss = mse
-    if transcoder.config.activation == "topk":
-        aux = auxk_loss(pre, y, output, transcoder.W_dec, dead, config.aux_k) if config.aux_k else mse.new_zeros(())
-        loss = loss + config.aux_coef * aux
+    loss = mse + l1_coefficient(step, config.l1, config.l1_warmup) * l1
+    aux = ghost_grad_loss(pre, y, output, transcoder.W_dec, dead, mse) if config.ghost_grads else mse.new_zeros(())
+    return StepResult(loss + aux, mse, output, l1, active.sum(dim=-1).float().mean(), aux, active.sum(dim=0))
+
+
+def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
+                config: TrainConfig, scales: LossScales) -> StepResult:
+    """TopK, BatchTopK and JumpReLU through ``sparse_coding``: one dense product (the encoder forward),
+    everything else on the selected entries. The loss is mse / target variance (an FVU, so the other
+    terms' weights do not depend on the layer's scale) + aux_coef x AuxK (+ l0_coef x L0 for jumprelu)."""
+    tc_config = transcoder.config
+    activation, n, m = tc_config.activation, x.shape[0], tc_config.n_features
+    k = int(tc_config.k)
+    use_aux = config.aux_k > 0 and bool(dead.any())
+    cutoff: list[torch.Tensor] = []
+    if activation == "jumprelu":
+        # the entries the estimators need: active ones and those within half a bandwidth below the threshold
+        level = (transcoder.threshold - scales.bandwidth / 2).detach()
+
+    def select(pre: torch.Tensor) -> list[sparse_coding.Entries]:
+        if activation == "topk":
+            groups = [sparse_coding.select_topk(pre, k)]
+        elif activation == "batchtopk":
+            entries, value = sparse_coding.select_batchtopk(pre, k)
+            groups = [entries]
+            cutoff.append(value)
+        else:
+            groups = [sparse_coding.select_above(pre, level)]
+        if use_aux:
+            groups.append(sparse_coding.select_auxk(pre, dead, config.aux_k))
+        return groups
+
+    values, groups = sparse_coding.encode_selected(x, transcoder.W_enc, transcoder.b_enc, transcoder.b_pre, select,
+                                                   compute_dtype=autocast_dtype(config, x.device))
+    values = sparse_coding.split_values(values, groups)
+    entries = groups[0]
+    l0_penalty = None
+    if activation == "jumprelu":
+        threshold = transcoder.threshold[entries.feature]
+        z = sparse_coding.jump_relu(values[0], threshold, scales.bandwidth)
+        l0_penalty = sparse_coding.step(values[0], threshold, scales.bandwidth).sum() / n
     else:
-        loss = loss + l1_coefficient(step, config.l1, config.l1_warmup) * l1
-        aux = ghost_grad_loss(pre, y, output, transcoder.W_dec, dead, mse) if config.ghost_grads else mse.new_zeros(())
-        loss = loss + aux
-    return StepResult(loss, mse, fires > 0, output, l1, l0, aux, fires)
+        z = torch.relu(values[0])
+    output = sparse_coding.decode_entries(z, entries, transcoder.W_dec, n) + transcoder.b_dec + skip_term(transcoder, x)
+    active = z > 0
+    fires = torch.bincount(entries.feature[active], minlength=m)
+    mse = reconstruction_loss(output, y, config.normalize_mse)
+    loss = mse / scales.target_variance
+    aux = auxk_loss(values[1], groups[1], y, output, transcoder.W_dec) if use_aux else mse.new_zeros(())
+    loss = loss + config.aux_coef * aux
+    if l0_penalty is not None:
+        loss = loss + config.l0_coef * l0_penalty
+    return StepResult(loss, mse, output, z.sum() / n, active.sum().float() / n, aux, fires,
+                      cutoff[0] if cutoff else None)
 
 
-def constrained_step(transcoder: Transcoder, optimizer: torch.optim.Optimizer) -> None:
-    """Remove the decoder gradient parallel to each row, step, and renormalise the rows."""
+def autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype of the encoder's dense product: bfloat16 with --autocast bfloat16 on a GPU, else float32."""
+    return torch.bfloat16 if config.autocast == "bfloat16" and device.type == "cuda" else None
+
+
+def clamp_min_(param: torch.Tensor, optimizer: torch.optim.Optimizer, low: float) -> None:
+    """Clamp a parameter (and the schedule-free iterates that stand for it) to >= low, in place."""
     with torch.no_grad():
-        if transcoder.W_dec.grad is not None:
+        param.clamp_(min=low)
+        for key in ("z", "x"):
+            if key in optimizer.state.get(param, {}):
+                optimizer.state[param][key].clamp_(min=low)
+
+
+def constrained_step(transcoder: Transcoder, optimizer: torch.optim.Optimizer, unit_decoder: bool = True) -> None:
+    """Step; with ``unit_decoder``, first remove the decoder gradient parallel to each row and afterwards
+    renormalise the rows."""
+    with torch.no_grad():
+        if unit_decoder and transcoder.W_dec.grad is not None:
             transcoder.W_dec.grad.copy_(remove_parallel_gradient(transcoder.W_dec, transcoder.W_dec.grad))
     optimizer.step()
-    normalize_rows_(transcoder.W_dec)
+    if unit_decoder:
+        normalize_rows_(transcoder.W_dec)
 
 
 # ----------------------------------------------------------------------------- the data stream
@@ -433,12 +562,13 @@ class DataStats:
     target_mean: torch.Tensor
     input_sample: torch.Tensor  # the first few thousand cached tokens, to calibrate the initial encoder
     target_sample: torch.Tensor
+    target_variance: float = 1.0  # mean over tokens of ||y - mean y||^2
 
 
 def data_stats(cache: Any, layers: list[int], kind: str, max_tokens: int = 262_144,
                sample_tokens: int = 8192) -> dict[int, DataStats]:
-    """Per layer: the means of inputs and targets (computed in float64) over the first ``max_tokens``
-    cached tokens, and a sample of them for ``calibrate_encoder_``."""
+    """Per layer: the means of inputs and targets and the targets' variance (computed in float64) over the
+    first ``max_tokens`` cached tokens, and a sample of them for ``calibrate_encoder_``."""
     stop = min(cache.n_tokens, max_tokens)
     out = {}
     for layer in layers:
@@ -446,8 +576,10 @@ def data_stats(cache: Any, layers: list[int], kind: str, max_tokens: int = 262_1
         source = target if kind == "sae" else torch.from_numpy(cache.read(layer, "mlp_in", 0, stop)).double()
         if not bool(torch.isfinite(target).all() and torch.isfinite(source).all()):
             raise fail(f"the cache holds non-finite activations in layer {layer}")
-        out[layer] = DataStats(source.mean(dim=0).float(), target.mean(dim=0).float(),
-                               source[:sample_tokens].float(), target[:sample_tokens].float())
+        target_mean = target.mean(dim=0)
+        variance = float((target - target_mean).pow(2).sum(dim=-1).mean())
+        out[layer] = DataStats(source.mean(dim=0).float(), target_mean.float(), source[:sample_tokens].float(),
+                               target[:sample_tokens].float(), max(variance, 1e-12))
     return out
 
 
@@ -457,10 +589,11 @@ def data_stats(cache: Any, layers: list[int], kind: str, max_tokens: int = 262_1
 @dataclass
 class LayerState:
     transcoder: Transcoder
-    optimizer: torch.optim.Adam
+    optimizer: torch.optim.Optimizer  # Adam or ScheduleFreeSign
     steps_since_fired: torch.Tensor  # [m] long
     fire_counts: torch.Tensor  # [m] long: tokens fired on during the frequency window
     frequency_tokens: int = 0
+    scales: LossScales = LossScales()
 
 
 def open_cache(path: str) -> Any:
@@ -502,12 +635,43 @@ def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> Transcoder
 def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: TrainConfig,
                     generator: torch.Generator, device: torch.device) -> LayerState:
     transcoder = init_transcoder(tc_config, stats.input_mean, stats.target_mean, generator)
+    init_thresholds_(transcoder, stats.input_sample)
     calibrate_encoder_(transcoder, stats.input_sample, stats.target_sample)
+    bandwidth = 1.0
+    if tc_config.activation == "jumprelu":  # relative to the initial thresholds' scale
+        bandwidth = config.bandwidth * max(float(transcoder.threshold.mean()), 1e-8)
     transcoder = transcoder.to(device)
-    optimizer = torch.optim.Adam(transcoder.parameters(), lr=config.lr)
+    if tc_config.activation != "relu":
+        # feature-major storage of W_enc [d_in, m] (strides (1, d_in)): the sparse encoder gradient is built
+        # per feature, so the weight, its gradient and the optimiser's state share this layout
+        transcoder.W_enc = torch.nn.Parameter(transcoder.W_enc.detach().t().contiguous().t())
+    if tc_config.activation == "batchtopk":  # estimated, not trained (finish_layer)
+        transcoder.threshold.requires_grad_(False)
+    params = [p for p in transcoder.parameters() if p.requires_grad]
+    lr = config.learning_rate_for(tc_config.n_features)
+    optimizer = (ScheduleFreeSign(params, lr=lr) if config.optimizer == "signum"
+                 else torch.optim.Adam(params, lr=lr))
     m = tc_config.n_features
     return LayerState(transcoder, optimizer, torch.zeros(m, dtype=torch.long, device=device),
-                      torch.zeros(m, dtype=torch.long, device=device))
+                      torch.zeros(m, dtype=torch.long, device=device),
+                      scales=LossScales(stats.target_variance, bandwidth))
+
+
+def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
+    """The transcoder to save once the steps are done: the averaged weights (schedule-free), BatchTopK's
+    inference threshold estimated with those weights on the sample of training tokens (the cut-off of
+    the sample's k x n largest pre-activations, so that the threshold gives k active features per token
+    on average), and W_enc back in the ordinary layout."""
+    transcoder = state.transcoder
+    if isinstance(state.optimizer, ScheduleFreeSign):
+        state.optimizer.use_average()
+    with torch.no_grad():
+        if transcoder.config.activation == "batchtopk":
+            x = stats.input_sample.to(transcoder.W_enc.device)
+            transcoder.threshold.fill_(float(batch_cutoff(transcoder.pre_activation(x), int(transcoder.config.k))))
+        transcoder.W_enc = torch.nn.Parameter(transcoder.W_enc.detach().contiguous(),
+                                              requires_grad=transcoder.W_enc.requires_grad)
+    return transcoder
 
 
 def save_checkpoint(out: Path, step: int, config: TrainConfig, states: dict[int, LayerState],
@@ -638,6 +802,7 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
         if owns_cache:
             cache.close()
     for layer, state in states.items():
+        finish_layer(state, stats[layer])
         tc_config = state.transcoder.config
         tokens = max(1, state.frequency_tokens)
         tc_config.feature_frequency = (state.fire_counts.double() / tokens).cpu().tolist()
@@ -655,6 +820,7 @@ def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: Shuf
     reporter = Reporter(out, config.quiet, total) if dist.writes_run_files else distributed.SilentReporter()
     checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
     batch_size = config.batch_size // dist.data_world  # this rank's share of every batch
+    base_lr = config.learning_rate_for(next(iter(states.values())).transcoder.config.n_features) if states else 0.0
     loader = WindowLoader(cache, layers, config.kind, cache.context, device, share=lambda order, window:
                           distributed.batch_share(order, window.n_steps, config.batch_size, dist))
     step = start_step
@@ -663,7 +829,7 @@ def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: Shuf
             for batch_index in range(step - window.first_step, window.n_steps):
                 if step >= total:
                     break
-                lr = learning_rate(step, total, config.lr, config.warmup_steps, config.lr_decay)
+                lr = learning_rate(step, total, base_lr, config.warmup_steps, config.decay_fraction)
                 rows = slice(batch_index * batch_size, (batch_index + 1) * batch_size)
                 for layer, state in states.items():
                     x, y = data[layer][0][rows], data[layer][1][rows]
@@ -691,7 +857,7 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
     Data parallel: gradients are averaged and firing counts summed over the ranks (``dist``)."""
     transcoder = state.transcoder
     dead = state.steps_since_fired >= config.dead_window
-    result = transcoder_loss(transcoder, x, y, dead, config, step)
+    result = transcoder_loss(transcoder, x, y, dead, config, step, state.scales)
     if not bool(torch.isfinite(result.loss)):
         raise fail(f"the loss became {float(result.loss)} at step {step + 1} (layer {layer}); stopped, the last "
                    f"good checkpoint is kept in {config.out}. Try a lower --lr.")
@@ -699,8 +865,10 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
     result.loss.backward()
-    dist.average_gradients(list(transcoder.parameters()))
-    constrained_step(transcoder, state.optimizer)
+    dist.average_gradients([p for p in transcoder.parameters() if p.requires_grad])
+    constrained_step(transcoder, state.optimizer, unit_decoder=config.decoder_norm == "unit")
+    if transcoder.config.activation == "jumprelu":
+        clamp_min_(transcoder.threshold, state.optimizer, 0.0)
     with torch.no_grad():
         fires = dist.sum_counts(result.fires)
         state.steps_since_fired += 1

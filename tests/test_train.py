@@ -37,6 +37,7 @@ from tccli.train import (
     remove_parallel_gradient,
     train,
 )
+from tccli.sparse_coding import select_auxk
 from tccli.transcoder import Transcoder, TranscoderConfig
 from tccli.transcoder_io import load_transcoder, load_transcoder_set
 
@@ -174,6 +175,11 @@ def test_ghost_grads_use_target_minus_output_not_input():
     assert float(ghost_grad_loss(pre, y, output, W_dec, torch.zeros(6, dtype=torch.bool), mse)) == 0.0
 
 
+def _auxk(pre, target, output, W_dec, dead, aux_k):
+    entries = select_auxk(pre.detach(), dead, aux_k)
+    return auxk_loss(pre[entries.token, entries.feature], entries, target, output, W_dec)
+
+
 def test_auxk_reconstructs_residual_with_dead_features_only():
     W_dec = torch.eye(D)[:6].clone()
     pre = torch.full((4, 6), -1.0)
@@ -184,17 +190,18 @@ def test_auxk_reconstructs_residual_with_dead_features_only():
     output = torch.zeros(4, D)
     output[:, 4] = torch.tensor([0.0, 1.0, 2.0, 3.0])
     dead = torch.tensor([False, False, False, False, True, True])
-    assert float(auxk_loss(pre, target, output, W_dec, dead, aux_k=1)) == 0.0
+    assert float(_auxk(pre, target, output, W_dec, dead, aux_k=1)) == 0.0
     live_only = torch.tensor([True, False, False, False, False, False])
-    assert float(auxk_loss(pre, target, output, W_dec, live_only, aux_k=1)) > 0
+    assert float(_auxk(pre, target, output, W_dec, live_only, aux_k=1)) > 0
     # a dead feature whose pre-activations are all negative still gets a gradient towards the residual
     negative = torch.full((4, 6), -2.0)
     negative[:, 4] = -1.0  # the dead feature chosen (the top one of the dead features 4 and 5)
     negative.requires_grad_()
-    loss = auxk_loss(negative, target, output, W_dec, dead, aux_k=1)
+    loss = _auxk(negative, target, output, W_dec, dead, aux_k=1)
     loss.backward()
     assert float(negative.grad[:, 4].min()) < 0  # descending the gradient raises the pre-activation
     assert float(negative.grad[:, :4].abs().max()) == 0
+    assert float(_auxk(pre, target, output, W_dec, torch.zeros(6, dtype=torch.bool), aux_k=1)) == 0.0
 
 
 def test_learning_rate_schedule():
@@ -295,8 +302,8 @@ def test_nan_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch
 
     original = tr.transcoder_loss
 
-    def diverging(transcoder, x, y, dead, config, step):
-        result = original(transcoder, x, y, dead, config, step)
+    def diverging(transcoder, x, y, dead, config, step, *scales):
+        result = original(transcoder, x, y, dead, config, step, *scales)
         if step >= 12:  # the run diverges at step 13
             result.loss = result.loss * float("nan")
         return result
