@@ -16,6 +16,7 @@ state and the dead-feature counters to resume to bit-identical final weights on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from tccli.config import from_json_dict, option, parse_count, parse_layers, to_j
 from tccli import distributed, sparse_coding
 from tccli.errors import fail
 from tccli.optim import ScheduleFreeSign
-from tccli.transcoder import KINDS, THRESHOLD_ACTIVATIONS, Transcoder, TranscoderConfig
+from tccli.transcoder import K_ACTIVATIONS, KINDS, THRESHOLD_ACTIVATIONS, Transcoder, TranscoderConfig
 from tccli.transcoder_io import layer_folder_name, save_transcoder
 
 # The kinds of transcoder.ACTIVATIONS that tc can train (the others are read from other libraries' files).
@@ -106,6 +107,9 @@ class TrainConfig(distributed.TrainDistributedOptions):
     aux_coef: float = option(1 / 32, "Weight of the AuxK loss.")
     seed: int = option(0, "Seed for the initial weights and the shuffle order.")
     device: str = option("auto", "Device: auto (cuda when available), cpu, cuda or cuda:N.")
+    threads: int = option(0, "CPU threads for the step (0: automatic: one thread when the encoder product of a "
+                          "step is under 2^30 multiply-adds, where splitting small operations across cores costs "
+                          "more than it gains, above all on a busy machine; else torch's default).")
     autocast: str = option("none", "none or bfloat16: the encoder's dense product in bfloat16 on a GPU "
                            "(the sparse parts and the weights stay float32).")
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end).")
@@ -147,7 +151,7 @@ class TrainConfig(distributed.TrainDistributedOptions):
             raise fail(f"--aux-coef must be a finite number >= 0, got {self.aux_coef}")
         if self.lr_decay is not None and not 0 <= self.lr_decay <= 1:
             raise fail(f"--lr-decay is a fraction of the run, between 0 and 1, got {self.lr_decay}")
-        for name in ("warmup_steps", "l1_warmup", "aux_k", "checkpoint_every"):
+        for name in ("warmup_steps", "l1_warmup", "aux_k", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "dead_window", "log_every"):
@@ -178,7 +182,7 @@ class TrainConfig(distributed.TrainDistributedOptions):
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("device", "autocast", "checkpoint_every", "log_every", "resume", "quiet", "out", "cache")
+RESUME_FREE_FIELDS = ("device", "autocast", "threads", "checkpoint_every", "log_every", "resume", "quiet", "out", "cache")
 
 
 # ----------------------------------------------------------------------------- training math (pure)
@@ -209,7 +213,7 @@ def spread(values: torch.Tensor, mean: torch.Tensor) -> float:
     return float((values - mean).pow(2).sum(dim=-1).mean().sqrt())
 
 
-def init_thresholds_(transcoder: Transcoder, x: torch.Tensor) -> None:
+def init_thresholds_(transcoder: Transcoder, x: torch.Tensor, k: int) -> None:
     """Start the threshold kinds at about k active features per token on the sample ``x``: BatchTopK at the
     cut-off of the sample's k x n largest pre-activations, JumpReLU with each feature's threshold at its
     own (1 - k/m) quantile, so that every feature starts firing on k/m of the tokens."""
@@ -219,9 +223,9 @@ def init_thresholds_(transcoder: Transcoder, x: torch.Tensor) -> None:
     with torch.no_grad():
         pre = transcoder.pre_activation(x)
         if config.activation == "batchtopk":
-            transcoder.threshold.fill_(float(batch_cutoff(pre, int(config.k))))
+            transcoder.threshold.fill_(float(batch_cutoff(pre, k)))
         else:
-            fraction = min(1.0, int(config.k) / config.n_features)
+            fraction = min(1.0, k / config.n_features)
             transcoder.threshold.copy_(torch.quantile(pre, 1 - fraction, dim=0).clamp_min(0))
 
 
@@ -380,7 +384,7 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
     terms' weights do not depend on the layer's scale) + aux_coef x AuxK (+ l0_coef x L0 for jumprelu)."""
     tc_config = transcoder.config
     activation, n, m = tc_config.activation, x.shape[0], tc_config.n_features
-    k = int(tc_config.k)
+    k = int(tc_config.k or 0)
     use_aux = config.aux_k > 0 and bool(dead.any())
     cutoff: list[torch.Tensor] = []
     if activation == "jumprelu":
@@ -623,7 +627,7 @@ def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> Transcoder
     d_model = int(cache.d_model)
     return TranscoderConfig(
         d_in=d_model, d_out=d_model, n_features=config.n_features(d_model), activation=config.activation,
-        k=config.k if config.activation == "topk" else None, kind=config.kind, layer=layer,
+        k=config.k if config.activation in K_ACTIVATIONS else None, skip=config.skip, kind=config.kind, layer=layer,
         input_space="mlp_out" if config.kind == "sae" else "normalized", output_space="mlp_out",
         model_name=info.get("name"), model_architecture=info.get("architecture"),
         weight_processing=dict(info.get("weight_processing") or {}),
@@ -635,11 +639,11 @@ def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> Transcoder
 def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: TrainConfig,
                     generator: torch.Generator, device: torch.device) -> LayerState:
     transcoder = init_transcoder(tc_config, stats.input_mean, stats.target_mean, generator)
-    init_thresholds_(transcoder, stats.input_sample)
+    init_thresholds_(transcoder, stats.input_sample, config.k)
     calibrate_encoder_(transcoder, stats.input_sample, stats.target_sample)
     bandwidth = 1.0
     if tc_config.activation == "jumprelu":  # relative to the initial thresholds' scale
-        bandwidth = config.bandwidth * max(float(transcoder.threshold.mean()), 1e-8)
+        bandwidth = config.bandwidth * max(float(transcoder.threshold.detach().mean()), 1e-8)
     transcoder = transcoder.to(device)
     if tc_config.activation != "relu":
         # feature-major storage of W_enc [d_in, m] (strides (1, d_in)): the sparse encoder gradient is built
@@ -797,7 +801,9 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
         start_step = load_checkpoint(out, config, states, checkpoint) if config.resume else 0
         if not config.resume and dist.is_main:
             (out / CONFIG_FILE).write_text(json.dumps(to_json_dict(config), indent=2))
-        run_steps(config, cache, mine, schedule, states, start_step, out, device, dist)
+        d_model = int(cache.d_model)
+        with torch_threads(step_threads(config.threads, d_model * config.n_features(d_model) * config.batch_size)):
+            run_steps(config, cache, mine, schedule, states, start_step, out, device, dist)
     finally:
         if owns_cache:
             cache.close()
@@ -810,6 +816,25 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
             save_transcoder(state.transcoder.to("cpu"), out / layer_folder_name(layer))
     dist.barrier()  # every rank's layers are saved before rank 0 reports the run done
     return {layer: state.transcoder for layer, state in states.items()}
+
+
+def step_threads(requested: int, multiply_adds: int) -> int:
+    """--threads, or automatically 1 for a step whose encoder product is under 2^30 multiply-adds (measured on
+    stories260K's 64 -> 1,024 at batch 1,024 under a load average of 9 on 2 cores: 52 ms per step with one
+    thread, 296 ms with two), else torch's default."""
+    if requested:
+        return requested
+    return 1 if multiply_adds < 2**30 else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: ShuffleSchedule,

@@ -1,0 +1,166 @@
+"""The training experiments behind the README's `tc train` tables and Pareto figure, on stories260K.
+
+Protocol (issue 12): the first 700,000 bytes of ../shared/corpora/tinystories-valid-excerpt.txt are cached
+for training (`tc cache --tokens 10M --context 128 --layers all --dtype float32`: 341,248 tokens), the rest
+(94,375 bytes, 46,592 tokens) is held out and every trained set is evaluated on it by splicing (`tc eval`).
+Each run is `tc train` with the listed flags, then `tc eval --json`; results (and the run's wall time and
+CPU time) go to WORK/results.jsonl, one line per (run, layer), so an interrupted sweep continues where it
+stopped and `table` re-prints from what is there.
+
+    python scripts/train_experiments.py run GROUP [--layers 2,4] [--seeds 0,1]   # trains and evaluates
+    python scripts/train_experiments.py table GROUP                             # markdown table on stdout
+    python scripts/train_experiments.py pareto -o docs/pareto.svg               # the README's figure
+
+Groups: see GROUPS below. Runs are sequential and niced; each prints a line on stderr when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" if (ROOT.parent / "shared").is_dir() else Path("/work/shared")
+MODEL = SHARED / "models" / "stories260K"
+CORPUS = SHARED / "corpora" / "tinystories-valid-excerpt.txt"
+TRAIN_BYTES = 700_000
+EQUAL_BUDGET = ["--tokens", "4M", "--batch-size", "1024"]  # the issue's comparison with sparsify
+
+# name -> (flags of tc train, default layers, default seeds)
+GROUPS: dict[str, dict[str, list[str]]] = {
+    # finding the defaults: one change at a time from the old defaults (Adam 1e-3, unit decoder, decay 0.3)
+    "optim": {
+        "adam-1e-3": ["--optimizer", "adam", "--lr", "1e-3"] + EQUAL_BUDGET,
+        "adam-rule": ["--optimizer", "adam"] + EQUAL_BUDGET,
+        "adam-3e-3": ["--optimizer", "adam", "--lr", "3e-3"] + EQUAL_BUDGET,
+        "adam-1e-3-free": ["--optimizer", "adam", "--lr", "1e-3", "--decoder-norm", "free"] + EQUAL_BUDGET,
+        "signum-rule-free": ["--optimizer", "signum", "--decoder-norm", "free"] + EQUAL_BUDGET,
+        "signum-rule-unit": ["--optimizer", "signum", "--decoder-norm", "unit"] + EQUAL_BUDGET,
+        "signum-half-free": ["--optimizer", "signum", "--lr", "1e-2", "--decoder-norm", "free"] + EQUAL_BUDGET,
+        "signum-double-free": ["--optimizer", "signum", "--lr", "4e-2", "--decoder-norm", "free"] + EQUAL_BUDGET,
+    },
+    # the defaults at the issue's equal budget, every layer
+    "defaults": {"defaults-4M": ["--tokens", "4M"]},
+    # `tc train --layers 4` with no other flag
+    "bare": {"bare": []},
+}
+
+
+def split_corpus(work: Path) -> tuple[Path, Path]:
+    text = CORPUS.read_bytes()
+    train, heldout = work / "train.txt", work / "heldout.txt"
+    if not train.exists():
+        train.write_bytes(text[:TRAIN_BYTES])
+        heldout.write_bytes(text[TRAIN_BYTES:])
+    return train, heldout
+
+
+def tc(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["nice", "-n", "10", str(Path(sys.executable).parent / "tc"), *args],
+                          text=True, capture_output=True, **kwargs)
+
+
+def ensure_cache(work: Path) -> Path:
+    train, _ = split_corpus(work)
+    cache = work / "acts.h5"
+    if not cache.exists():
+        result = tc("cache", "--model", str(MODEL), "--data", str(train), "--tokens", "10M", "--context", "128",
+                    "--layers", "all", "--dtype", "float32", "--out", str(cache), "--quiet")
+        if result.returncode:
+            sys.exit(result.stderr)
+    return cache
+
+
+def done_runs(results: Path) -> set[tuple[str, int, int]]:
+    if not results.exists():
+        return set()
+    return {(r["run"], r["layer"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(work: Path, name: str, flags: list[str], layers: list[int], seed: int) -> None:
+    results = work / "results.jsonl"
+    if all((name, layer, seed) in done_runs(results) for layer in layers):
+        return
+    cache = ensure_cache(work)
+    _, heldout = split_corpus(work)
+    out = work / "runs" / f"{name}-L{'_'.join(map(str, layers))}-s{seed}"
+    if out.exists() and not (out / f"layer_{layers[-1]}").exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    cpu0, wall0, load0 = children_cpu(), time.time(), os.getloadavg()[0]
+    if not out.exists():
+        result = tc("train", "--cache", str(cache), "--out", str(out), "--layers", ",".join(map(str, layers)),
+                    "--seed", str(seed), "--quiet", *flags)
+        if result.returncode:
+            sys.exit(f"{name}: {result.stderr}")
+    train_wall, train_cpu, load1 = time.time() - wall0, children_cpu() - cpu0, os.getloadavg()[0]
+    result = tc("eval", "--model", str(MODEL), "--transcoders", str(out), "--data", str(heldout),
+                "--tokens", "1M", "--json")
+    if result.returncode:
+        sys.exit(f"{name} eval: {result.stderr}")
+    evaluation = json.loads(result.stdout)
+    (out / "eval.json").write_text(result.stdout)
+    with results.open("a") as f:
+        for row in evaluation["layers"]:
+            f.write(json.dumps(dict(run=name, flags=flags, seed=seed, layer=row["layer"], layers=layers,
+                                    train_wall_s=round(train_wall, 1), train_cpu_s=round(train_cpu, 1),
+                                    load=[round(load0, 2), round(load1, 2)], **row)) + "\n")
+    print(f"{name} layers {layers} seed {seed}: " + ", ".join(
+        f"L{r['layer']} FVU {r['fvu']:.3f} CE rec {r['recovered_zero']:.3f} L0 {r['l0']:.1f} "
+        f"dead {r['dead_features'] / r['n_features']:.1%}" for r in evaluation["layers"])
+        + f" ({train_wall:.0f} s, {train_cpu:.0f} CPU s, load {load0:.1f}-{load1:.1f})", file=sys.stderr)
+
+
+def table(work: Path, names: list[str]) -> str:
+    rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    lines = ["| run | layer | seeds | L0 | FVU | CE recovered | dead on held-out | train s (CPU s) |",
+             "|---|---:|---|---:|---|---|---:|---|"]
+    for name in names:
+        for layer in sorted({r["layer"] for r in rows if r["run"] == name}):
+            mine = sorted((r for r in rows if r["run"] == name and r["layer"] == layer), key=lambda r: r["seed"])
+            dead = [r["dead_features"] / r["n_features"] for r in mine]
+            fvu = " / ".join(f"{r['fvu']:.3f}" for r in mine)
+            recovered = " / ".join(f"{r['recovered_zero']:.3f}" for r in mine)
+            times = " / ".join(f"{r['train_wall_s']:.0f} ({r['train_cpu_s']:.0f})" for r in mine)
+            seeds = ",".join(str(r["seed"]) for r in mine)
+            l0 = sum(r["l0"] for r in mine) / len(mine)
+            lines.append(f"| {name} | {layer} | {seeds} | {l0:.1f} | {fvu} | {recovered} | "
+                         f"{min(dead):.1%}-{max(dead):.1%} | {times} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("run", "table"))
+    parser.add_argument("group", nargs="+")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "train-experiments"))
+    parser.add_argument("--layers", default="4", help="comma-separated; one tc train per run covers them all")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--only", default=None, help="comma-separated run names within the group(s)")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {name: flags for group in args.group for name, flags in GROUPS[group].items()}
+    if args.only:
+        runs = {name: runs[name] for name in args.only.split(",")}
+    if args.action == "run":
+        layers = [int(layer) for layer in args.layers.split(",")]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for name, flags in runs.items():
+                run_one(work, name, flags, layers, seed)
+    else:
+        print(table(work, list(runs)))
+
+
+if __name__ == "__main__":
+    main()
