@@ -62,8 +62,11 @@ def split_corpus(work: Path) -> tuple[Path, Path]:
 
 
 def tc(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    # one thread: on this shared 2-core machine two threads per process were several times slower (OpenMP
+    # threads waiting for each other while the other agents' processes hold the cores)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(["nice", "-n", "10", str(Path(sys.executable).parent / "tc"), *args],
-                          text=True, capture_output=True, **kwargs)
+                          text=True, capture_output=True, env=env, **kwargs)
 
 
 def ensure_cache(work: Path) -> Path:

@@ -46,6 +46,7 @@ from tccli.graph import GraphConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
 from tccli.interop import ConvertConfig
+from tccli.plot import PlotConfig
 from tccli.score_command import ScoreConfig
 from tccli.show import ShowConfig
 from tccli.train import TrainConfig
@@ -173,6 +174,19 @@ def train_command(config: TrainConfig) -> None:
 
     train(config)
     print(config.out)
+
+# ---------------------------------------------------------------------------- tc plot (issue 12)
+
+
+@app.command("plot")
+@command_from(PlotConfig)
+def plot_command(config: PlotConfig) -> None:
+    """Figures: `tc plot pareto EVAL.json... -o f.svg` (CE recovered against L0, one series per kind) or
+    `tc plot training train_log.jsonl... -o f.svg` (loss, FVU, L0, dead fraction against tokens)."""
+    from tccli.plot import run_plot
+
+    print(run_plot(config))
+
 
 # ---------------------------------------------------------------------------- tc eval
 

@@ -390,6 +390,9 @@ def run_eval(config: EvalConfig, progress: Optional[Callable[[str, int, int], No
                       config.dense_threshold, progress)
     result.meta = {"model": loaded.info.name, "transcoders": config.transcoders,
                    "kinds": {str(layer): t.config.kind for layer, t in transcoders.items()},
+                   "transcoder_kinds": {str(layer): {"activation": t.config.activation, "k": t.config.k,
+                                                     "skip": t.config.skip, "n_features": t.config.n_features}
+                                        for layer, t in transcoders.items()},
                    "config": to_json_dict(config)}
     return result
 

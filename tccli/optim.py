@@ -36,9 +36,9 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                 if not state:
                     state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                     state["x"] = p.detach().clone(memory_format=torch.preserve_format)
-                    state["weight_sum"] = torch.zeros((), dtype=torch.float64)
+                    state["weight_sum"] = 0.0  # a Python float: load_state_dict would cast a tensor to p's dtype
                 state["weight_sum"] += lr * lr
-                c = (lr * lr / float(state["weight_sum"])) if float(state["weight_sum"]) > 0 else 1.0
+                c = lr * lr / state["weight_sum"] if state["weight_sum"] > 0 else 1.0
                 z, x = state["z"], state["x"]
                 z.add_(torch.sign(p.grad), alpha=-lr)
                 x.lerp_(z, c)

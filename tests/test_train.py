@@ -37,6 +37,7 @@ from tccli.train import (
     remove_parallel_gradient,
     train,
 )
+from tccli import sparse_coding as sc
 from tccli.sparse_coding import select_auxk
 from tccli.transcoder import Transcoder, TranscoderConfig
 from tccli.transcoder_io import load_transcoder, load_transcoder_set
@@ -289,6 +290,119 @@ def test_sae_kind_reads_only_the_mlp_output(tmp_path):
     assert np.allclose(trained.b_pre.detach().numpy(), y.mean(0), atol=0.2)
 
 
+KIND_CASES = [  # (activation, skip, optimizer): every kind, both optimisers, with and without skip
+    ("topk", False, "adam"), ("topk", True, "signum"), ("batchtopk", False, "signum"), ("batchtopk", True, "adam"),
+    ("jumprelu", False, "adam"), ("jumprelu", True, "signum"), ("relu", True, "adam"),
+]
+
+
+@pytest.mark.parametrize("activation, skip, optimizer", KIND_CASES)
+def test_every_kind_trains_saves_and_reloads_bit_identically(tmp_path, activation, skip, optimizer):
+    cache = toy_cache(layers=(0,))
+    config = small_config(tmp_path, activation=activation, skip=skip, optimizer=optimizer, tokens=64 * 60,
+                          decoder_norm="unit" if activation == "relu" else "free", l0_coef=1e-2)
+    trained = train(config, cache)[0]
+    c = trained.config
+    assert (c.activation, c.skip) == (activation, skip)
+    assert c.k == (4 if activation in ("topk", "batchtopk") else None)
+    assert (trained.threshold is not None) == (activation in ("batchtopk", "jumprelu"))
+    assert (trained.W_skip is not None) == skip
+    if skip:
+        assert float(trained.W_skip.abs().max()) > 0  # trained away from its zero initialisation
+    if activation == "batchtopk":
+        assert float(trained.threshold.min()) == float(trained.threshold.max()) > 0  # one threshold
+    if activation == "jumprelu":
+        assert float(trained.threshold.min()) >= 0 and float(trained.threshold.std()) > 0  # one per feature
+    assert trained.W_enc.is_contiguous()
+    loaded = load_transcoder(Path(config.out) / "layer_0")
+    assert loaded.tensor_names() == trained.tensor_names()
+    for name in trained.tensor_names():
+        assert torch.equal(getattr(loaded, name), getattr(trained, name)), name
+    x, y = (torch.from_numpy(a) for a in cache.arrays[0])
+    with torch.no_grad():
+        out_loaded, z_loaded = loaded(x)
+        out_trained, z_trained = trained(x)
+    assert torch.equal(out_loaded, out_trained) and torch.equal(z_loaded, z_trained)
+    fvu = float((out_loaded - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvu < 0.8, fvu  # it learned something (the mean alone leaves 1.0)
+
+
+def test_signum_saves_the_averaged_weights(tmp_path, monkeypatch):
+    """The saved weights are the schedule-free average x, not the iterate y the gradients were taken at."""
+    import tccli.train as tr
+
+    captured = {}
+    original = tr.finish_layer
+
+    def spy(state, stats):
+        captured["y"] = state.transcoder.W_dec.detach().clone()
+        captured["x"] = state.optimizer.state[state.transcoder.W_dec]["x"].clone()
+        return original(state, stats)
+
+    monkeypatch.setattr(tr, "finish_layer", spy)
+    trained = train(small_config(tmp_path, optimizer="signum", decoder_norm="free"), toy_cache(layers=(0,)))[0]
+    assert not torch.equal(captured["x"], captured["y"])
+    assert torch.equal(trained.W_dec.detach(), captured["x"])
+
+
+def test_sparse_step_gradients_equal_dense_autograd():
+    """One training loss of every sparse kind, its gradients against the same loss computed densely."""
+    import tccli.train as tr
+
+    torch.manual_seed(0)
+    x = torch.randn(40, D, dtype=torch.float64) + 1
+    y = torch.randn(40, D, dtype=torch.float64)
+    for activation in ("topk", "batchtopk", "jumprelu"):
+        config = small_config(Path("/nonexistent"), activation=activation, skip=True, aux_k=3, l0_coef=0.05)
+        tc_config = TranscoderConfig(d_in=D, d_out=D, n_features=12, activation=activation, skip=True,
+                                     k=3 if activation != "jumprelu" else None)
+        transcoder = init_transcoder(tc_config, x.float().mean(0), y.float().mean(0), torch.Generator().manual_seed(1))
+        transcoder = transcoder.double()
+        with torch.no_grad():
+            transcoder.W_skip.normal_()
+            if transcoder.threshold is not None:
+                transcoder.threshold.uniform_(0.1, 0.6)
+        dead = torch.zeros(12, dtype=torch.bool)
+        dead[[2, 5, 9]] = True
+        scales = tr.LossScales(target_variance=3.0, bandwidth=0.2)
+        result = tr.sparse_loss(transcoder, x, y, dead, config, scales)
+        params = dict(transcoder.named_parameters())
+        sparse = dict(zip(params, torch.autograd.grad(result.loss, list(params.values()), allow_unused=True)))
+
+        # dense reference: the same selection as masks, then ordinary autograd over [n, m]
+        pre = transcoder.pre_activation(x)
+        with torch.no_grad():
+            if activation == "topk":
+                mask = torch.zeros_like(pre).scatter(1, pre.topk(3, dim=1).indices, 1.0)
+            elif activation == "batchtopk":
+                flat = pre.reshape(-1).topk(3 * 40).indices
+                mask = torch.zeros_like(pre).reshape(-1).index_fill(0, flat, 1.0).reshape(pre.shape)
+            else:
+                mask = (pre > transcoder.threshold - 0.1).double()
+        if activation == "jumprelu":
+            z = sc.jump_relu(pre, transcoder.threshold.expand_as(pre), 0.2) * mask
+            l0 = (sc.step(pre, transcoder.threshold.expand_as(pre), 0.2) * mask).sum() / 40
+        else:
+            z = torch.relu(pre) * mask
+        output = z @ transcoder.W_dec + transcoder.b_dec + x @ transcoder.W_skip
+        loss = (output - y).pow(2).sum(-1).mean() / 3.0
+        residual = (y - output).detach()
+        dead_pre = pre[:, dead]
+        aux_mask = torch.zeros_like(dead_pre).scatter(1, dead_pre.detach().topk(3, dim=1).indices, 1.0)
+        aux_out = (dead_pre * aux_mask) @ transcoder.W_dec[dead]
+        aux = (aux_out - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        loss = loss + config.aux_coef * aux
+        if activation == "jumprelu":
+            loss = loss + 0.05 * l0
+        dense = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+        assert torch.allclose(result.loss, loss, rtol=1e-12)
+        for name in params:
+            if name == "threshold" and activation == "batchtopk":
+                continue  # not trained (estimated after training)
+            assert dense[name] is not None and float(dense[name].abs().max()) > 0, (activation, name)
+            assert torch.allclose(sparse[name], dense[name], rtol=1e-9, atol=1e-12), (activation, name)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     a = train(small_config(tmp_path, "a", layers="0"), toy_cache(layers=(0,)))[0]
     b = train(small_config(tmp_path, "b", layers="0"), toy_cache(layers=(0,)))[0]
@@ -380,25 +494,30 @@ RUNNER = textwrap.dedent("""
             time.sleep(0.05)
             return original(*args, **kwargs)
         tr.train_one_step = slowed
+    activation, skip, optimizer = sys.argv[4], sys.argv[5] == "skip", sys.argv[6]
     config = small_config(Path({tmp!r}), sys.argv[1], tokens=64 * 120, checkpoint_every=7,
-                          resume=sys.argv[3] == "resume", activation=sys.argv[4], l1=3e-3)
+                          resume=sys.argv[3] == "resume", activation=activation, l1=3e-3, skip=skip,
+                          optimizer=optimizer, decoder_norm="unit" if activation == "relu" else "free")
     tr.train(config, toy_cache(layers=(0, 1)))
 """)
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu"])
-def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation):
+@pytest.mark.parametrize("activation, skip, optimizer", [
+    ("topk", "plain", "adam"), ("relu", "plain", "adam"), ("batchtopk", "skip", "signum"),
+    ("jumprelu", "plain", "signum"), ("jumprelu", "skip", "adam")])
+def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation, skip, optimizer):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path)))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def run(name: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), name, *args, activation], env=env,
+        return subprocess.run([sys.executable, str(script), name, *args, activation, skip, optimizer], env=env,
                               capture_output=True, text=True, timeout=300)
 
     result = run("straight", "fast", "fresh")
     assert result.returncode == 0, result.stderr
-    proc = subprocess.Popen([sys.executable, str(script), "killed", "slow", "fresh", activation], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), "killed", "slow", "fresh", activation, skip, optimizer],
+                            env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "killed" / CHECKPOINT_FILE
     deadline = time.time() + 120
@@ -415,7 +534,8 @@ def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation):
     for layer in (0, 1):
         a = load_transcoder(tmp_path / "straight" / f"layer_{layer}")
         b = load_transcoder(tmp_path / "killed" / f"layer_{layer}")
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre"):
+        assert a.tensor_names() == b.tensor_names()
+        for name in a.tensor_names():
             assert torch.equal(getattr(a, name), getattr(b, name)), (layer, name)
         assert a.config.feature_frequency == b.config.feature_frequency
 
@@ -459,3 +579,33 @@ def test_tc_train_from_a_real_cache(tmp_path, tiny_model_dirs, text_file):
         assert len(result.stderr.strip().splitlines()) == 1
     result = run_tc("train", "--cache", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "bad"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_batchtopk_threshold_gives_the_training_l0_on_held_out_text(tmp_path, stories_dir, corpora_dir):
+    """The inference threshold estimated for BatchTopK gives, on text not trained on, the L0 of training
+    (k per token on average) to within 5%: stories260K layer 2, trained on one slice of TinyStories,
+    measured on a later slice."""
+    from conftest import run_tc
+    from tccli.cache import ActivationCache
+
+    text = (corpora_dir / "tinystories-valid-excerpt.txt").read_bytes()
+    caches = {}
+    for name, part in (("train", text[:200_000]), ("heldout", text[700_000:])):
+        (tmp_path / f"{name}.txt").write_bytes(part)
+        caches[name] = tmp_path / f"{name}.h5"
+        result = run_tc("cache", "--model", str(stories_dir), "--data", str(tmp_path / f"{name}.txt"),
+                        "--tokens", "1M", "--context", "128", "--layers", "2", "--dtype", "float32",
+                        "--out", str(caches[name]), "--quiet")
+        assert result.returncode == 0, result.stderr
+    config = TrainConfig(cache=str(caches["train"]), out=str(tmp_path / "tcs"), layers="2", activation="batchtopk",
+                         k=16, features=512, tokens=300_000, batch_size=1024, quiet=True, checkpoint_every=0)
+    transcoder = train(config)[2]
+    log = [json.loads(line) for line in (tmp_path / "tcs" / LOG_FILE).read_text().splitlines()]
+    training_l0 = sum(e["l0"] for e in log[-5:]) / 5
+    assert 15.5 < training_l0 <= 16.0  # k x batch entries, a few of them zero after the ReLU
+    with ActivationCache.open(caches["heldout"]) as cache:
+        x = torch.from_numpy(cache.read(2, "mlp_in", 0, cache.n_tokens))
+    assert x.shape[0] > 40_000
+    with torch.no_grad():
+        held_out_l0 = float((transcoder.encode(x) > 0).sum(-1).float().mean())
+    assert abs(held_out_l0 - training_l0) / training_l0 < 0.05, (held_out_l0, training_l0)
