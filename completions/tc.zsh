@@ -20,6 +20,7 @@ _tc() {
                 'graph:Whole attribution graph of the local replacement model, pruned by influence...'
                 'greater-than:The greater-than task\: probability difference, clean and with MLPs replaced...'
                 'info:Summarise a tc file\: activation cache, transcoder(s), or graph.'
+                'plot:Figures\: `tc plot pareto EVAL.json...'
                 'score:Describe features in one pass\: density, top and quantile examples,...'
                 'show:Show features from a features file\: one in the terminal, or many as one HTML...'
                 'train:Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
@@ -157,6 +158,13 @@ _tc() {
                     '*--json[Print the summary as JSON for scripts.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
+                plot) _arguments \
+                    '*-o[Output image\: .svg, .png or .pdf.]:value:_files' \
+                    '*--out[Output image\: .svg, .png or .pdf.]:value:_files' \
+                    '*--metric[pareto\: the fidelity axis, recovered (CE loss recovered) or ce (spliced CE).]:value:_files' \
+                    '*--title[Title above the figure.]:value:_files' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
                 score) _arguments \
                     '*--transcoders[Transcoder folder, or a folder of layer_L transcoder folders.]:value:_files' \
                     '*--out[Features file to write\: .h5 (HDF5) or .jsonl (one feature a line).]:value:_files' \
@@ -194,24 +202,32 @@ _tc() {
                     '*--kind[transcoder (MLP input -> MLP output) or sae (MLP output -> MLP output, the paper'\''s baseline).]:value:_files' \
                     '*--expansion[Features per model dimension (m = expansion x d_model); ignored with --features.]:value:_files' \
                     '*--features[Number of features m (overrides --expansion).]:value:_files' \
-                    '*--activation[topk (keep the k largest pre-activations) or relu (the paper'\''s, sparsity from the L1 penalty).]:value:_files' \
-                    '*--k[Active features per token for --activation topk.]:value:_files' \
+                    '*--activation[topk (the k largest pre-activations of each token), batchtopk (the k x batch largest of the batch; a threshold at inference), jumprelu (a trained threshold per feature, L0 penalty) or relu (the paper'\''s, sparsity from the L1 penalty).]:value:_files' \
+                    '*--k[Active features per token\: topk and batchtopk (on average); jumprelu starts at it.]:value:_files' \
+                    '*--skip[Skip transcoder\: add a linear term x W_skip of the input, initialised at 0.]' \
+                    '*--no-skip[Skip transcoder\: add a linear term x W_skip of the input, initialised at 0.]' \
                     '*--l1[L1 coefficient lambda for --activation relu (loss + lambda * sum |z|).]:value:_files' \
+                    '*--l0-coef[jumprelu\: weight of the L0 penalty (loss = mse / target variance + coef x L0).]:value:_files' \
+                    '*--bandwidth[jumprelu\: width of the straight-through estimators'\'' kernel, as a fraction of the mean initial threshold.]:value:_files' \
                     '*--l1-warmup[Steps over which the L1 coefficient ramps linearly from 0 (0\: none, the paper).]:value:_files' \
                     '*--normalize-mse[Divide each token'\''s squared error by the norm of its target (the reference code'\''s normalisation).]' \
-                    '*--lr[Adam learning rate.]:value:_files' \
+                    '*--optimizer[adam (with the decoder-norm constraint and the schedule below) or signum (sign descent with schedule-free momentum, sparsify'\''s; constant lr after warm-up, the averaged weights are saved).]:value:_files' \
+                    '*--lr[Learning rate (default\: adam 2e-4, signum 5e-3, times 1/sqrt(features / 16384)).]:value:_files' \
+                    '*--decoder-norm[unit (decoder rows kept at norm 1; the paper'\''s, needed by relu'\''s L1) or free.]:value:_files' \
                     '*--warmup-steps[Steps of linear learning-rate warm-up from 0.]:value:_files' \
-                    '*--lr-decay[Fraction of the run, at its end, over which the learning rate decays linearly to 0 (0\: constant after warm-up, the paper).]:value:_files' \
+                    '*--lr-decay[Fraction of the run, at its end, over which the learning rate decays linearly to 0 (0\: constant after warm-up, the paper; default\: adam 0.3, signum 0).]:value:_files' \
                     '*--batch-size[Tokens per step.]:value:_files' \
                     '*--tokens[Training tokens (accepts 200k, 12M); the cache is read again, reshuffled, as often as needed.]:value:_files' \
                     '*--shuffle-buffer[Tokens held in the shuffle buffer\: each batch is drawn from this many tokens of randomly chosen rows (bounds memory).]:value:_files' \
                     '*--dead-window[A feature is dead after this many steps without firing.]:value:_files' \
                     '*--ghost-grads[relu\: train dead features on the residual target - output with ghost gradients.]' \
                     '*--no-ghost-grads[relu\: train dead features on the residual target - output with ghost gradients.]' \
-                    '*--aux-k[topk\: dead features used by the auxiliary loss (AuxK) that revives them; 0\: off.]:value:_files' \
-                    '*--aux-coef[topk\: weight of the AuxK loss.]:value:_files' \
+                    '*--aux-k[topk, batchtopk, jumprelu\: dead features used by the auxiliary loss (AuxK) that revives them; 0\: off.]:value:_files' \
+                    '*--aux-coef[Weight of the AuxK loss.]:value:_files' \
                     '*--seed[Seed for the initial weights and the shuffle order.]:value:_files' \
-                    '*--device[Device\: cpu, cuda, cuda\:N or auto.]:value:_files' \
+                    '*--device[Device\: auto (cuda when available), cpu, cuda or cuda\:N.]:value:_files' \
+                    '*--threads[CPU threads for the step (0\: automatic\: one thread when the encoder product of a step is under 2^30 multiply-adds, where splitting small operations across cores costs more than it gains, above all on a busy machine; else torch'\''s default).]:value:_files' \
+                    '*--autocast[none or bfloat16\: the encoder'\''s dense product in bfloat16 on a GPU (the sparse parts and the weights stay float32).]:value:_files' \
                     '*--checkpoint-every[Steps between checkpoints (0\: only at the end).]:value:_files' \
                     '*--log-every[Steps between metric lines (stderr and the JSONL log).]:value:_files' \
                     '*--resume[Continue the run in --out from its checkpoint.]' \

@@ -101,21 +101,26 @@ def run_one(work: Path, name: str, flags: list[str], layers: list[int], seed: in
     if out.exists() and not (out / f"layer_{layers[-1]}").exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     cpu0, wall0, load0 = children_cpu(), time.time(), os.getloadavg()[0]
+    timing = out / "timing.json"
     if not out.exists():
         result = tc("train", "--cache", str(cache), "--out", str(out), "--layers", ",".join(map(str, layers)),
                     "--seed", str(seed), "--quiet", *flags)
         if result.returncode:
             sys.exit(f"{name}: {result.stderr}")
-    train_wall, train_cpu, load1 = time.time() - wall0, children_cpu() - cpu0, os.getloadavg()[0]
-    result = tc("eval", "--model", str(MODEL), "--transcoders", str(out), "--data", str(heldout),
-                "--tokens", "1M", "--json")
-    if result.returncode:
-        sys.exit(f"{name} eval: {result.stderr}")
-    evaluation = json.loads(result.stdout)
-    (out / "eval.json").write_text(result.stdout)
+        timing.write_text(json.dumps(dict(wall=time.time() - wall0, cpu=children_cpu() - cpu0,
+                                          load=[load0, os.getloadavg()[0]])))
+    measured = json.loads(timing.read_text()) if timing.exists() else dict(wall=0.0, cpu=0.0, load=[0.0, 0.0])
+    train_wall, train_cpu, (load0, load1) = measured["wall"], measured["cpu"], measured["load"]
+    if not (out / "eval.json").exists():
+        result = tc("eval", "--model", str(MODEL), "--transcoders", str(out), "--data", str(heldout),
+                    "--tokens", "1M", "--json")
+        if result.returncode:
+            sys.exit(f"{name} eval: {result.stderr}")
+        (out / "eval.json").write_text(result.stdout)
+    evaluation = json.loads((out / "eval.json").read_text())
     with results.open("a") as f:
         for row in evaluation["layers"]:
-            f.write(json.dumps(dict(run=name, flags=flags, seed=seed, layer=row["layer"], layers=layers,
+            f.write(json.dumps(dict(run=name, flags=flags, seed=seed, layers=layers,
                                     train_wall_s=round(train_wall, 1), train_cpu_s=round(train_cpu, 1),
                                     load=[round(load0, 2), round(load1, 2)], **row)) + "\n")
     print(f"{name} layers {layers} seed {seed}: " + ", ".join(
