@@ -178,7 +178,7 @@ def train_command(config: TrainConfig) -> None:
 # ---------------------------------------------------------------------------- tc plot (issue 12)
 
 
-@app.command("plot")
+@app.command("plot", epilog=example("tc plot pareto runs/k8/eval.json runs/k16/eval.json -o pareto.svg"))
 @command_from(PlotConfig)
 def plot_command(config: PlotConfig) -> None:
     """Figures: `tc plot pareto EVAL.json... -o f.svg` (CE recovered against L0, one series per kind) or
