@@ -184,7 +184,7 @@ complete -c tc -n '__fish_seen_subcommand_from train' -l bandwidth -r -F -d 'jum
 complete -c tc -n '__fish_seen_subcommand_from train' -l l1-warmup -r -F -d 'Steps over which the L1 coefficient ramps linearly from 0 (0: none, the paper).'
 complete -c tc -n '__fish_seen_subcommand_from train' -l normalize-mse -d 'Divide each token'\''s squared error by the norm of its target (the reference code'\''s normalisation).'
 complete -c tc -n '__fish_seen_subcommand_from train' -l optimizer -r -F -d 'adam (with the decoder-norm constraint and the schedule below) or signum (sign descent with schedule-free momentum, sparsify'\''s; constant lr after warm-up, the averaged weights are saved).'
-complete -c tc -n '__fish_seen_subcommand_from train' -l lr -r -F -d 'Learning rate (default: adam 2e-4, signum 5e-3, times 1/sqrt(features / 16384)).'
+complete -c tc -n '__fish_seen_subcommand_from train' -l lr -r -F -d 'Learning rate (default: adam 7.5e-4, signum 5e-3, times 1/sqrt(features / 16384): adam 3e-3 at 1,024 features).'
 complete -c tc -n '__fish_seen_subcommand_from train' -l decoder-norm -r -F -d 'unit (decoder rows kept at norm 1; the paper'\''s, needed by relu'\''s L1) or free.'
 complete -c tc -n '__fish_seen_subcommand_from train' -l warmup-steps -r -F -d 'Steps of linear learning-rate warm-up from 0.'
 complete -c tc -n '__fish_seen_subcommand_from train' -l lr-decay -r -F -d 'Fraction of the run, at its end, over which the learning rate decays linearly to 0 (0: constant after warm-up, the paper; default: adam 0.3, signum 0).'

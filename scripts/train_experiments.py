@@ -42,6 +42,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "adam-6e-3": ["--optimizer", "adam", "--lr", "6e-3"] + EQUAL_BUDGET,
         "adam-1e-2": ["--optimizer", "adam", "--lr", "1e-2"] + EQUAL_BUDGET,
         "adam-3e-3-dw50": ["--optimizer", "adam", "--lr", "3e-3", "--dead-window", "50"] + EQUAL_BUDGET,
+        "adam-3e-3-b4096": ["--optimizer", "adam", "--lr", "3e-3", "--tokens", "4M", "--batch-size", "4096"],
+        "adam-6e-3-b4096": ["--optimizer", "adam", "--lr", "6e-3", "--tokens", "4M", "--batch-size", "4096"],
         "adam-1e-3-free": ["--optimizer", "adam", "--lr", "1e-3", "--decoder-norm", "free"] + EQUAL_BUDGET,
         "signum-rule-free": ["--optimizer", "signum", "--decoder-norm", "free"] + EQUAL_BUDGET,
         "signum-rule-unit": ["--optimizer", "signum", "--decoder-norm", "unit"] + EQUAL_BUDGET,

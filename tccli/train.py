@@ -448,6 +448,11 @@ def constrained_step(transcoder: Transcoder, optimizer: torch.optim.Optimizer, u
     """Step; with ``unit_decoder``, first remove the decoder gradient parallel to each row and afterwards
     renormalise the rows."""
     with torch.no_grad():
+        for param in transcoder.parameters():
+            if param.grad is not None and param.grad.stride() != param.stride():
+                # torch's fused Adam (2.13) steps over raw memory: a gradient laid out unlike its
+                # parameter (feature-major W_enc after an all-reduce) would be applied to the wrong entries
+                param.grad = torch.empty_like(param).copy_(param.grad)
         if unit_decoder and transcoder.W_dec.grad is not None:
             transcoder.W_dec.grad.copy_(remove_parallel_gradient(transcoder.W_dec, transcoder.W_dec.grad))
     optimizer.step()

@@ -283,7 +283,7 @@ def test_multi_layer_run_trains_and_saves_complete_configs(tmp_path):
 
 def test_sae_kind_reads_only_the_mlp_output(tmp_path):
     cache = toy_cache(layers=(1,))
-    trained = train(small_config(tmp_path, kind="sae", activation="relu", l1=1e-3, tokens=64 * 20), cache)[1]
+    trained = train(small_config(tmp_path, kind="sae", activation="relu", l1=1e-3, tokens=64 * 20, lr=1e-3), cache)[1]
     assert trained.config.kind == "sae" and trained.config.input_hook == "blocks.1.hook_mlp_out"
     _, y = cache.arrays[1]
     assert np.allclose(trained.b_pre.detach().numpy(), trained.b_dec.detach().numpy(), atol=0.2)
@@ -609,3 +609,19 @@ def test_batchtopk_threshold_gives_the_training_l0_on_held_out_text(tmp_path, st
     with torch.no_grad():
         held_out_l0 = float((transcoder.encode(x) > 0).sum(-1).float().mean())
     assert abs(held_out_l0 - training_l0) / training_l0 < 0.05, (held_out_l0, training_l0)
+
+
+def test_a_gradient_laid_out_unlike_its_parameter_is_applied_correctly():
+    """W_enc is stored feature-major while training; a gradient in the ordinary layout (as the data-parallel
+    all-reduce returns it) must step the same entries as one in the parameter's own layout."""
+    config = TranscoderConfig(d_in=D, d_out=D, n_features=6, activation="topk", k=2)
+    results = []
+    for layout in ("same", "other"):
+        transcoder = init_transcoder(config, torch.zeros(D), torch.zeros(D), torch.Generator().manual_seed(0))
+        transcoder.W_enc = torch.nn.Parameter(transcoder.W_enc.detach().t().contiguous().t())
+        optimizer = torch.optim.Adam(transcoder.parameters(), lr=0.1, fused=True)
+        grad = torch.arange(D * 6, dtype=torch.float32).reshape(D, 6) - 20
+        transcoder.W_enc.grad = grad.t().contiguous().t() if layout == "same" else grad.contiguous()
+        constrained_step(transcoder, optimizer, unit_decoder=False)
+        results.append(transcoder.W_enc.detach().clone())
+    assert torch.equal(results[0], results[1])
