@@ -118,12 +118,9 @@ def resolve_position(pos: int, n_tokens: int) -> int:
 
 
 @dataclass
-class CircuitConfig(PictureOptions, ModelOptions):
-    """Options of `tc circuit`."""
+class TargetOptions:
+    """The scalar a command explains or watches (`tc circuit`, `tc intervene`): one of four kinds."""
 
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
     feature: Optional[str] = option(None, "Target: a transcoder feature's pre-activation, e.g. L8.F1234.")
     logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
     logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
@@ -132,6 +129,31 @@ class CircuitConfig(PictureOptions, ModelOptions):
                                       "stream entering block --layer (--layer n_layers: after the last block).")
     layer: Optional[int] = option(None, "The residual stream --direction is read from.")
     pos: int = option(-1, "Token position of the target (negative counts from the end).")
+
+    def chosen_targets(self) -> list[str]:
+        return [name for name, value in (("--feature", self.feature), ("--logit", self.logit),
+                                         ("--logit-diff", self.logit_diff or None), ("--direction", self.direction))
+                if value is not None]
+
+    def validate_target(self, required: bool = True) -> None:
+        """At most one target (exactly one when ``required``), each well formed."""
+        chosen = self.chosen_targets()
+        if len(chosen) > 1 or (required and not chosen):
+            raise fail("give exactly one target: --feature, --logit, --logit-diff A B or --direction FILE "
+                       f"(got {', '.join(chosen) or 'none'})")
+        if self.logit_diff and len(self.logit_diff) != 2:
+            raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
+        if self.direction is not None and self.layer is None:
+            raise fail("--direction needs --layer L (the residual stream it is read from)")
+
+
+@dataclass
+class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
+    """Options of `tc circuit`."""
+
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
+                              required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
     iters: int = option(3, "Path search iterations (path length).")
     branches: int = option(15, "Paths kept per iteration, and candidates per path.")
     min_contribution: float = option(0.0, "Ignore candidates whose contribution is at most this.")
@@ -144,16 +166,7 @@ class CircuitConfig(PictureOptions, ModelOptions):
     def validate(self) -> None:
         ModelOptions.validate(self)
         PictureOptions.validate(self)
-        chosen = [name for name, value in (("--feature", self.feature), ("--logit", self.logit),
-                                           ("--logit-diff", self.logit_diff or None), ("--direction", self.direction))
-                  if value is not None]
-        if len(chosen) != 1:
-            raise fail("give exactly one target: --feature, --logit, --logit-diff A B or --direction FILE "
-                       f"(got {', '.join(chosen) or 'none'})")
-        if self.logit_diff and len(self.logit_diff) != 2:
-            raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
-        if self.direction is not None and self.layer is None:
-            raise fail("--direction needs --layer L (the residual stream it is read from)")
+        self.validate_target()
         if self.format not in FORMATS:
             raise fail(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.iters < 1 or self.branches < 1:

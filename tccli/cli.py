@@ -46,10 +46,12 @@ from tccli.graph import GraphConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
 from tccli.interop import ConvertConfig
+from tccli.intervention import InterveneConfig
 from tccli.plot import PlotConfig
 from tccli.score_command import ScoreConfig
 from tccli.show import ShowConfig
 from tccli.train import TrainConfig
+from tccli.validation import ValidateConfig
 from tccli.errors import TcError
 
 app = typer.Typer(
@@ -271,8 +273,7 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli.models import load_model
     from tccli.transcoder_io import load_transcoder_set
 
-    # `echo text | tc circuit --prompt -`: the newline echo adds is not part of the prompt
-    prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
+    prompt = _prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
     transcoders = load_transcoder_set(config.transcoders, loaded.device)
     graph, summary = circuit_graph(loaded, transcoders, prompt, config)
@@ -281,6 +282,11 @@ def circuit_command(config: CircuitConfig) -> None:
         print(f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
               f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
               f"transcoder error into the target {summary['error']:.6g}", file=sys.stderr)
+
+
+def _prompt_text(prompt: str) -> str:
+    """--prompt, or stdin for `-` (`echo text | tc circuit --prompt -`: echo's newline is not part of it)."""
+    return sys.stdin.read().removesuffix("\n").removesuffix("\r") if prompt == "-" else prompt
 
 
 @app.command("export", epilog=example("tc export g.json --format svg --out g.svg"))
@@ -410,6 +416,41 @@ def graph_command(config: GraphConfig) -> None:
         f"completeness score {graph.completeness:.4f}; dropped {stats['dropped_share_total']:.2%} of sum |A| "
         f"({stats['dropped_small_share']:.2%} small entries, {stats['dropped_budget_share']:.2%} from features "
         f"without rows); {stats['stored_entries']:,} entries stored")
+
+
+# ============================================================================ tc intervene / tc validate (issue 14)
+
+
+MULTI_VALUE_OPTIONS.update({"--ablate", "--set", "--scale"})
+
+
+@app.command("intervene")
+@command_from(InterveneConfig)
+def intervene_command(config: InterveneConfig) -> None:
+    """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
+    from tccli.intervention import intervene_lines, run_intervene
+    from tccli.models import load_model
+    from tccli.transcoder_io import load_transcoder_set
+
+    prompt = _prompt_text(config.prompt)
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    result = run_intervene(config, loaded, transcoders, prompt)
+    print(json.dumps(result, indent=2) if config.json else "\n".join(intervene_lines(result)))
+
+
+@app.command("validate")
+@command_from(ValidateConfig)
+def validate_command(config: ValidateConfig) -> None:
+    """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
+    from tccli.validation import results_json, run_validation, summary_lines, write_validated_graph
+
+    graph, results = run_validation(config, log=lambda message: print(f"tc validate: {message}", file=sys.stderr))
+    if config.out:
+        write_validated_graph(graph, results, config.out)
+    print("\n".join(summary_lines(results)), file=sys.stderr)
+    if config.json:
+        print(results_json(results))
 
 
 # ============================================================================ entry point

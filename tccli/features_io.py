@@ -203,6 +203,15 @@ class FeaturesFile:
     def frequencies(self, layer: int) -> np.ndarray:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def active_means(self, layer: int) -> np.ndarray:  # pragma: no cover - overridden
+        """[m]: each feature's mean activation over the tokens where it fires."""
+        raise NotImplementedError
+
+    def mean_activations(self, layer: int) -> np.ndarray:
+        """[m]: each feature's mean activation over every token scored (0 where it never fires):
+        the value a mean ablation sets it to."""
+        return (self.frequencies(layer).astype(np.float64) * self.active_means(layer)).astype(np.float32)
+
 
 def _check_meta(meta: Any, path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -213,15 +222,18 @@ def _check_meta(meta: Any, path: Path) -> dict:
 
 
 class _JsonlFeatures(FeaturesFile):
-    def __init__(self, path: Path, meta: dict, offsets: dict[tuple[int, int], int], freqs: dict[int, np.ndarray]):
+    def __init__(self, path: Path, meta: dict, offsets: dict[tuple[int, int], int], freqs: dict[int, np.ndarray],
+                 means: Optional[dict[int, np.ndarray]] = None):
         super().__init__(path, meta)
         self._offsets = offsets
         self._freqs = freqs
+        self._means = means or {}
 
     @classmethod
     def load(cls, path: Path) -> "_JsonlFeatures":
         offsets: dict[tuple[int, int], int] = {}
         freqs: dict[int, dict[int, float]] = {}
+        means: dict[int, dict[int, float]] = {}
         with path.open("rb") as handle:
             first = handle.readline()
             try:
@@ -239,11 +251,14 @@ class _JsonlFeatures(FeaturesFile):
                     record = json.loads(line)
                     key = (int(record["layer"]), int(record["feature"]))
                     freqs.setdefault(key[0], {})[key[1]] = float(record["frequency"])
+                    means.setdefault(key[0], {})[key[1]] = float(record["mean_activation"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     raise fail(f"{path}: a corrupt feature line at byte {offset}") from None
                 offsets[key] = offset
-        arrays = {layer: np.array([values[i] for i in sorted(values)]) for layer, values in freqs.items()}
-        return cls(path, meta, offsets, arrays)
+        def arrays(per_layer: dict[int, dict[int, float]]) -> dict[int, np.ndarray]:
+            return {layer: np.array([values[i] for i in sorted(values)]) for layer, values in per_layer.items()}
+
+        return cls(path, meta, offsets, arrays(freqs), arrays(means))
 
     def feature(self, layer: int, index: int) -> dict:
         self.check_feature(layer, index)
@@ -256,6 +271,10 @@ class _JsonlFeatures(FeaturesFile):
     def frequencies(self, layer: int) -> np.ndarray:
         self.check_layer(layer)
         return self._freqs.get(layer, np.zeros(0))
+
+    def active_means(self, layer: int) -> np.ndarray:
+        self.check_layer(layer)
+        return self._means.get(layer, np.zeros(0))
 
 
 class _H5Features(FeaturesFile):
@@ -301,11 +320,20 @@ class _H5Features(FeaturesFile):
         return record
 
     def frequencies(self, layer: int) -> np.ndarray:
+        return self._layer_array(layer, "frequency")
+
+    def active_means(self, layer: int) -> np.ndarray:
+        return self._layer_array(layer, "mean_activation")
+
+    def _layer_array(self, layer: int, name: str) -> np.ndarray:
         import h5py
 
         self.check_layer(layer)
-        with h5py.File(self.path, "r") as f:
-            return f[f"layers/{layer}/frequency"][()]
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f[f"layers/{layer}/{name}"][()]
+        except (OSError, KeyError) as exc:
+            raise fail(f"{self.path} is corrupt: {exc}") from None
 
 
 def iter_features(features: FeaturesFile, refs: Optional[list[tuple[int, int]]] = None) -> Iterator[dict]:

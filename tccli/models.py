@@ -43,6 +43,7 @@ class LayerHooks:
     attn_normalized: str  # ln1 output: what attention's Q/K/V read (normalised, weights folded)
     attn_scale: str  # ln1 scale, shape [..., 1]
     attn_pattern: str  # [batch, head, dest, src]
+    attn_values: str  # [batch, src, kv head, d_head]: x_norm1 W_V + b_V, one per key/value head (GQA)
     attn_out: str
     resid_mid: Optional[str]  # None for parallel blocks (GPT-NeoX), where attention and MLP both read resid_pre
     mlp_in: str  # ln2 output: the transcoder's input
@@ -87,6 +88,7 @@ class ModelInfo:
             attn_normalized=p + "ln1.hook_normalized",
             attn_scale=p + "ln1.hook_scale",
             attn_pattern=p + "attn.hook_pattern",
+            attn_values=p + "attn.hook_v",
             attn_out=p + "hook_attn_out",
             resid_mid=None if self.parallel_attn_mlp else p + "hook_resid_mid",
             mlp_in=p + "ln2.hook_normalized",
