@@ -20,10 +20,12 @@ _tc() {
                 'graph:Whole attribution graph of the local replacement model, pruned by influence...'
                 'greater-than:The greater-than task\: probability difference, clean and with MLPs replaced...'
                 'info:Summarise a tc file\: activation cache, transcoder(s), or graph.'
+                'intervene:Ablate, set or scale features, head terms and error terms in the replacement...'
                 'plot:Figures\: `tc plot pareto EVAL.json...'
                 'score:Describe features in one pass\: density, top and quantile examples,...'
                 'show:Show features from a features file\: one in the terminal, or many as one HTML...'
                 'train:Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
+                'validate:Test a circuit graph against the model\: necessity, sufficiency, per-node...'
             )
             _describe 'tc command' commands ;;
         args)
@@ -158,6 +160,28 @@ _tc() {
                     '*--json[Print the summary as JSON for scripts.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
+                intervene) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
+                    '*--prompt[The prompt (BOS is prepended); - reads it from stdin.]:value:_files' \
+                    '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
+                    '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
+                    '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
+                    '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
+                    '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
+                    '*--direction[Target\: a direction (.npy, \[d_model\]) dotted with the residual stream entering block --layer (--layer n_layers\: after the last block).]:value:_files' \
+                    '*--layer[The residual stream --direction is read from.]:value:_files' \
+                    '*--pos[Token position of the target (negative counts from the end).]:value:_files' \
+                    '*--ablate[Nodes to ablate\: mlp8.f1234@5 (feature), attn3.h2@4 (head 2'\''s term from source token 4), err8@5 (error term); @* every position.]:value:_files' \
+                    '*--set[Set features'\'' activations\: NODE=VALUE.]:value:_files' \
+                    '*--scale[Scale features, head terms or error terms\: NODE=FACTOR.]:value:_files' \
+                    '*--ablation[What an ablated feature becomes\: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.]:value:_files' \
+                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
+                    '*--mode[free (everything downstream recomputed), frozen (attention patterns and norm scales held at their clean values) or direct (every other node held too).]:value:_files' \
+                    '*--top[How many top next-token predictions to list before and after.]:value:_files' \
+                    '*--json[Print the result as JSON on stdout.]' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
                 plot) _arguments \
                     '*-o[Output image\: .svg, .png or .pdf.]:value:_files' \
                     '*--out[Output image\: .svg, .png or .pdf.]:value:_files' \
@@ -234,6 +258,26 @@ _tc() {
                     '*--quiet[No progress on stderr.]' \
                     '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
                     '*--distribute-layers[Under torchrun\: each rank trains whole layers (layer i of the list on rank i % N) instead of a share of every batch.]' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
+                validate) _arguments \
+                    '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
+                    '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
+                    '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--transcoders[The transcoders the graph was traced with (default\: the path its metadata names).]:value:_files' \
+                    '*--prompts[A file of prompts, one a line, instead of the graph'\''s own prompt\: nodes are matched by layer and index, positions by offset from the end.]:value:_files' \
+                    '*--task[greater-than\: the 100 greater-than prompts instead, with the paper'\''s probability difference reported beside the target.]:value:_files' \
+                    '*--noun[The noun of the greater-than prompts (with --task greater-than).]:value:_files' \
+                    '*--mode[free (everything downstream recomputed) or frozen (attention patterns and norm scales held at their clean values).]:value:_files' \
+                    '*--ablation[What an ablated feature becomes\: zero, or mean (from --features).]:value:_files' \
+                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
+                    '*--random[Random circuits of equal size and layers drawn as the baseline.]:value:_files' \
+                    '*--seed[Seed of the random circuits.]:value:_files' \
+                    '*--top[How many nodes of largest disagreement to list.]:value:_files' \
+                    '*--batch-size[Rows (prompt x intervention) per forward pass.]:value:_files' \
+                    '*--out[Write the graph with the results in its metadata here.]:value:_files' \
+                    '*--force[Overwrite --out if it exists.]' \
+                    '*--json[Print the results as JSON on stdout.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
             esac ;;

@@ -63,6 +63,20 @@ def test_h5_and_jsonl_hold_the_same_features(scored_files):
     assert all(pl == 0 for pl, _, _ in record["pullbacks"]) and len(record["pullbacks"]) == 10
 
 
+def test_mean_activations_are_frequency_times_the_active_mean(scored_files):
+    """What a mean ablation (tc intervene / validate --ablation mean) sets a feature to: its mean over all tokens."""
+    from tccli.features_io import FeaturesFile
+
+    for suffix in ("h5", "jsonl"):
+        features = FeaturesFile.open(scored_files[suffix])
+        for layer in (0, 1):
+            means = features.mean_activations(layer)
+            assert means.shape == (16,) and (means > 0).any()
+            for i in range(16):
+                record = features.feature(layer, i)
+                assert means[i] == pytest.approx(record["frequency"] * record["mean_activation"], rel=1e-6)
+
+
 def test_score_bad_input_is_one_line(scored_files, tiny_model_dirs, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

@@ -1,0 +1,220 @@
+"""`tc validate`: the metrics worked out by hand, and every figure it reports recomputed from single runs of
+the replacement model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from circuit_helpers import random_transcoders, save_transcoders
+from conftest import run_tc
+from tccli.circuit import CircuitConfig, circuit_graph
+from tccli.errors import TcError
+from tccli.graph_io import to_json
+from tccli.intervention import Intervention, NodeRef, ReplacementModel, RowSpec, parse_node
+from tccli.models import load_model
+from tccli.validation import (ValidateConfig, average_ranks, largest_disagreements, map_position, necessity,
+                              node_attribution, run_validation, sample_random_circuit, spearman, sufficiency,
+                              target_from_metadata)
+
+PROMPT = "The war lasted from 1735 to 17"
+
+
+# ---------------------------------------------------------------------------- pure math
+
+
+def test_spearman_by_hand():
+    assert average_ranks([10, 30, 20, 30]) == [1.0, 3.5, 2.0, 3.5]
+    # no ties: 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    # ties: ranks [1.5, 1.5, 3] against [1, 2, 3]: covariance 1.5 over sqrt(1.5 * 2)
+    assert spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(1.5 / math.sqrt(3))
+    assert spearman([3, 2, 1], [1, 2, 3]) == pytest.approx(-1.0)
+    assert spearman([1, 5, 2], [10, 1000, 11]) == pytest.approx(1.0)  # ranks, not values
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1], [2]))
+
+
+def test_necessity_sufficiency_and_disagreements():
+    assert necessity([2.0, 4.0], [1.0, 2.0]) == pytest.approx(0.5)  # ratio of means, not mean of ratios
+    assert necessity([1.0, -1.0], [0.0, 0.0]) != necessity([1.0, -1.0], [0.0, 0.0])  # NaN when T0 sums to 0
+    assert sufficiency([2.0, 4.0], [3.0, 0.0]) == pytest.approx(0.5)
+    rows = largest_disagreements(["a", "b", "c"], [1.0, 0.0, 5.0], [1.5, -3.0, 5.0], 2)
+    assert [r["id"] for r in rows] == ["b", "a"] and rows[0]["difference"] == -3.0
+
+
+def test_random_circuit_has_the_same_size_layers_and_positions():
+    circuit = [NodeRef("feature", 0, 1, 3), NodeRef("feature", 0, 2, 3), NodeRef("feature", 1, 7, 2),
+               NodeRef("head", 1, 0, 4), NodeRef("head", 0, 3, 1)]
+    active = {(0, 3): [1, 2, 5, 9], (1, 2): [7], (1, 5): [8, 11]}
+    draws = [sample_random_circuit(circuit, active, 4, range(1, 6), random.Random(seed)) for seed in range(20)]
+    for drawn in draws:
+        assert len(drawn) == len(circuit) and not set(drawn) & set(circuit) and len(set(drawn)) == len(drawn)
+        for old, new in zip(circuit, drawn):
+            assert (new.kind, new.layer) == (old.kind, old.layer)
+        assert {n.index for n in drawn[:2]} <= {5, 9} and all(n.position == 3 for n in drawn[:2])
+        assert drawn[2].position == 5 and drawn[2].index in (8, 11)  # (1, 2) holds only the circuit's own
+        assert 1 <= drawn[3].position <= 5
+    assert draws[0] == sample_random_circuit(circuit, active, 4, range(1, 6), random.Random(0))
+    assert len({tuple(d) for d in draws}) > 1
+    with pytest.raises(TcError, match="random stand-in"):
+        sample_random_circuit([NodeRef("feature", 0, 1, 3)], {(0, 3): [1]}, 4, range(1, 6), random.Random(0))
+
+
+def test_positions_by_offset_from_the_end_and_attributions_by_any_name():
+    assert map_position(0, 10, 7) == 0 and map_position(9, 10, 7) == 6 and map_position(5, 10, 12) == 7
+    assert map_position(3, 10, 7) is None  # before the shorter prompt's first token
+    assert node_attribution({"contribution": 2.0}) == 2.0
+    assert node_attribution({"attribution": -1.0, "contribution": 2.0}) == -1.0
+    assert node_attribution({"contribution": None}) == 0.0
+
+
+# ---------------------------------------------------------------------------- end to end on a tiny model
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_model_dirs, tmp_path_factory):
+    """A tc circuit graph on the tiny GPT-2 with sparse random transcoders, saved as JSON."""
+    root = tmp_path_factory.mktemp("validate")
+    loaded = load_model(str(tiny_model_dirs["gpt2"]), "cpu")
+    transcoders = random_transcoders(loaded.info, 48, 0, bias_shift=-0.3)
+    save_transcoders(transcoders, root / "tcs")
+    config = CircuitConfig(model=str(tiny_model_dirs["gpt2"]), transcoders=str(root / "tcs"), prompt=PROMPT,
+                           logit_diff=["1", "0"], iters=2, branches=6, both_signs=True)
+    config.validate()
+    graph, _ = circuit_graph(loaded, transcoders, PROMPT, config)
+    # the random model's heads are too weak for the greedy search: add the largest head term into the target
+    # as tc circuit would (its direct contribution as edge and contribution)
+    from tccli import attribution
+    from tccli.circuit import freeze_prompt
+    from tccli.search import NodeKey, _node_attributes
+
+    meta = graph.graph["metadata"]
+    frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
+    target = attribution.unembed_target(frozen, meta["target"]["token"], meta["target"]["token_b"], meta["position"])
+    heads = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point).heads[1]
+    head, source = divmod(int(heads[:, 1:].abs().argmax()), heads.shape[1] - 1)
+    key = NodeKey("head", 1, head, source + 1)
+    weight = float(heads[head, source + 1])
+    graph.add_node(key.id, **dict(_node_attributes(frozen, key, meta["tokens"]), contribution=weight))
+    graph.add_edge(key.id, "target", weight=weight)
+    path = root / "graph.json"
+    path.write_text(to_json(graph))
+    return dict(root=root, loaded=loaded, transcoders=transcoders, graph=graph, path=path)
+
+
+def validate(traced, **kwargs):
+    config = ValidateConfig(graph=str(traced["path"]), **kwargs)
+    config.validate()
+    return run_validation(config)[1]
+
+
+def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
+    results = validate(traced, mode="frozen", random=2, seed=3)
+    loaded, transcoders, graph = traced["loaded"], traced["transcoders"], traced["graph"]
+    meta = graph.graph["metadata"]
+    model = ReplacementModel(loaded, transcoders, torch.tensor([meta["token_ids"]]))
+    target = target_from_metadata(meta, loaded)
+    circuit = [parse_node(n) for n, kind in graph.nodes(data="kind") if kind in ("feature", "head")]
+    assert {n.kind for n in circuit} == {"feature", "head"}  # both kinds are exercised
+    keep = frozenset((n.layer, n.index, n.position) for n in circuit if n.kind == "feature")
+    rows = [RowSpec(0), RowSpec(0, tuple(Intervention(n, "ablate") for n in circuit)), RowSpec(0, (), keep)]
+    rows += [RowSpec(0, (Intervention(n, "ablate"),)) for n in circuit]
+    values = target.values(model, model.run(rows, "frozen")).tolist()
+    clean, ablated, kept = values[:3]
+    summary = results["circuit"]
+    assert results["target_clean"] == pytest.approx(meta["target_value"], rel=1e-5)
+    assert summary["necessity"] == pytest.approx(1 - ablated / clean, rel=1e-9)
+    assert summary["sufficiency"] == pytest.approx(kept / clean, rel=1e-9)
+    measured = {row["id"]: row["measured"] for row in summary["nodes"]}
+    for node, value in zip(circuit, values[3:]):
+        assert measured[node.id] == pytest.approx(value - clean, rel=1e-9, abs=1e-12)
+    predicted = [row["predicted_graph"] for row in summary["nodes"]]
+    assert predicted == [-graph.nodes[row["id"]]["contribution"] for row in summary["nodes"]]
+    assert summary["spearman_graph"] == pytest.approx(spearman(predicted, [row["measured"] for row in summary["nodes"]]))
+    # the unpruned first-order prediction is the frozen model's derivative times the change
+    gradients = model.node_gradients(target)
+    for row, node in ((row, parse_node(row["id"])) for row in summary["nodes"]):
+        if node.kind == "feature":
+            z = float(gradients.activations[node.layer][0, node.position, node.index])
+            slope = float(gradients.feature[node.layer][0, node.position, node.index])
+            assert row["predicted_total"] == pytest.approx(-z * slope, rel=1e-6)
+        else:
+            assert row["predicted_total"] == pytest.approx(
+                -float(gradients.head[node.layer][0, node.index, node.position]), rel=1e-6)
+    assert results["random"]["draws"] == 2 and len(results["random"]["circuits"]) == 2
+    assert summary["disagreements"][0]["id"] in measured
+
+
+def test_a_prompts_file_matches_nodes_by_offset_from_the_end(traced, tmp_path, one_torch_thread):
+    alone = validate(traced, random=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\nThe war lasted from 1799 to 17\nwar 17\n")
+    many = validate(traced, random=1, prompts=str(prompts))
+    assert many["prompts"] == 3
+    # the graph's prompt alone reproduces the graph-only figures: same node mapping, same random circuit
+    single = tmp_path / "single.txt"
+    single.write_text(PROMPT + "\n")
+    again = validate(traced, random=1, prompts=str(single))
+    for key in ("necessity", "sufficiency", "spearman_graph", "spearman_total"):
+        assert again["circuit"][key] == pytest.approx(alone["circuit"][key], rel=1e-9, nan_ok=True)
+    assert many["circuit"]["nodes_dropped"] > 0  # the short prompt cannot hold the earliest nodes
+    assert alone["circuit"]["nodes_dropped"] == 0
+
+
+def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torch_thread):
+    from tccli.greater_than import probability_difference_of_model
+
+    loaded = load_model("builtin", "cpu")
+    transcoders = random_transcoders(loaded.info, 64, 0, bias_shift=-0.5)
+    save_transcoders(transcoders, tmp_path / "tcs")
+    prompt = "The war lasted from the year 1735 to the year 17"
+    config = CircuitConfig(transcoders=str(tmp_path / "tcs"), prompt=prompt, logit_diff=["40", "20"], iters=1,
+                           branches=3)
+    config.validate()
+    graph, _ = circuit_graph(loaded, transcoders, prompt, config)
+    (tmp_path / "g.json").write_text(to_json(graph))
+    results = run_validation(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1))[1]
+    assert results["prompts"] == 100
+    assert results["metric"]["clean"] == pytest.approx(probability_difference_of_model(loaded).mean, rel=1e-6)
+    for key in ("metric_ablated", "metric_kept"):
+        assert -1 <= results["circuit"][key] <= 1 and key in results["random"]["summary"]
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_validate_command_writes_results_into_the_graph(traced):
+    out = traced["root"] / "validated.json"
+    result = run_tc("validate", str(traced["path"]), "--random", "1", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    saved = json.loads(out.read_text())["graph"]["metadata"]
+    assert saved["validation"] == json.loads(json.dumps(printed))
+    assert "necessity" in result.stderr and "Spearman" in result.stderr
+    info = run_tc("info", str(out))
+    assert info.returncode == 0  # still a tc circuit graph
+    again = run_tc("validate", str(traced["path"]), "--random", "1", "--out", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "direct"], "--mode must be one of free, frozen"),
+    (["--ablation", "mean"], "needs --features"),
+    (["--task", "less-than"], "--task must be one of"),
+    (["--random", "-1"], "--random must be at least 0"),
+    (["--transcoders", "/nonexistent"], "are not here"),
+])
+def test_validate_bad_input_is_one_line(traced, args, message):
+    result = run_tc("validate", str(traced["path"]), *args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tc: error:") and message in lines[0], result.stderr
+
+
+def test_validate_refuses_to_write_over_its_input(traced):
+    result = run_tc("validate", str(traced["path"]), "--out", str(traced["path"]), "--force")
+    assert result.returncode == 2 and "is the graph being read" in result.stderr
