@@ -424,7 +424,8 @@ def graph_command(config: GraphConfig) -> None:
 MULTI_VALUE_OPTIONS.update({"--ablate", "--set", "--scale"})
 
 
-@app.command("intervene")
+@app.command("intervene", epilog=example("tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",
+                                         "    --prompt 'The war lasted from the year 1735 to the year 17'"))
 @command_from(InterveneConfig)
 def intervene_command(config: InterveneConfig) -> None:
     """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
@@ -439,7 +440,7 @@ def intervene_command(config: InterveneConfig) -> None:
     print(json.dumps(result, indent=2) if config.json else "\n".join(intervene_lines(result)))
 
 
-@app.command("validate")
+@app.command("validate", epilog=example("tc validate g.json --task greater-than --out g-validated.json"))
 @command_from(ValidateConfig)
 def validate_command(config: ValidateConfig) -> None:
     """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""

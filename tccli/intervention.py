@@ -649,7 +649,7 @@ class InterveneConfig(TargetOptions, ModelOptions):
                               metavar="NODE=FACTOR...")
     ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (its mean activation over "
                            "all tokens, from --features). Head and error terms are always removed.")
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).")
+    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
     mode: str = option("free", "free (everything downstream recomputed), frozen (attention patterns and norm "
                        "scales held at their clean values) or direct (every other node held too).")
     top: int = option(10, "How many top next-token predictions to list before and after.")

@@ -218,14 +218,15 @@ class ValidateConfig(ModelOptions):
     transcoders: Optional[str] = option(None, "The transcoders the graph was traced with (default: the path its "
                                         "metadata names).")
     prompts: Optional[str] = option(None, "A file of prompts, one a line, instead of the graph's own prompt: "
-                                    "nodes are matched by layer and index, positions by offset from the end.")
+                                    "nodes are matched by layer and index, positions by offset from the end.",
+                                    metavar="PATH")
     task: Optional[str] = option(None, "greater-than: the 100 greater-than prompts instead, with the paper's "
                                  "probability difference reported beside the target.")
     noun: str = option("war", "The noun of the greater-than prompts (with --task greater-than).")
     mode: str = option("free", "free (everything downstream recomputed) or frozen (attention patterns and norm "
                        "scales held at their clean values).")
     ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (from --features).")
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).")
+    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
     random: int = option(5, "Random circuits of equal size and layers drawn as the baseline.")
     seed: int = option(0, "Seed of the random circuits.")
     top: int = option(5, "How many nodes of largest disagreement to list.")

@@ -42,7 +42,7 @@ def test_version_does_not_import_torch():
 
 
 COMMANDS = ("cache", "info", "train", "eval", "convert", "circuit", "export", "deembed", "score", "show",
-            "greater-than", "graph", "plot")
+            "greater-than", "graph", "plot", "intervene", "validate")
 
 
 def option_blocks(help_text: str) -> list[str]:
