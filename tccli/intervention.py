@@ -553,6 +553,7 @@ class TargetSpec:
     layer: Optional[int] = None  # feature: its layer; direction: the residual entering this block
     feature: Optional[int] = None
     direction: Optional[torch.Tensor] = None
+    demeaned: bool = False  # a logit minus the mean logit (tc graph's logit targets)
     description: dict = field(default_factory=dict)
 
     def capture_names(self, model: ReplacementModel) -> list[str]:
@@ -569,6 +570,8 @@ class TargetSpec:
         if self.kind in ("logit", "logit_diff"):
             logits = _widened(output.logits[:, position])
             value = logits[:, self.token]
+            if self.demeaned:
+                value = value - logits.mean(dim=-1)
             return value - logits[:, self.token_b] if self.kind == "logit_diff" else value
         (name,) = self.capture_names(model)
         activation = output.captured[name][:, position]
@@ -636,7 +639,22 @@ def feature_means(path: str, loaded: LoadedModel, transcoders: dict[int, Transco
 
 
 @dataclass
-class InterveneConfig(TargetOptions, ModelOptions):
+class AblationOptions:
+    """What an ablated feature becomes (`tc intervene`, `tc validate`)."""
+
+    ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (its mean activation over "
+                           "all tokens, from --features). Head and error terms are always removed.")
+    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
+
+    def validate_ablation(self) -> None:
+        if self.ablation not in ABLATIONS:
+            raise fail(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        if self.ablation == "mean" and not self.features:
+            raise fail("--ablation mean needs --features FILE (a tc score features file)")
+
+
+@dataclass
+class InterveneConfig(TargetOptions, AblationOptions, ModelOptions):
     """Options of `tc intervene`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
@@ -647,9 +665,6 @@ class InterveneConfig(TargetOptions, ModelOptions):
     set: list[str] = option([], "Set features' activations: NODE=VALUE.", metavar="NODE=VALUE...")
     scale: list[str] = option([], "Scale features, head terms or error terms: NODE=FACTOR.",
                               metavar="NODE=FACTOR...")
-    ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (its mean activation over "
-                           "all tokens, from --features). Head and error terms are always removed.")
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
     mode: str = option("free", "free (everything downstream recomputed), frozen (attention patterns and norm "
                        "scales held at their clean values) or direct (every other node held too).")
     top: int = option(10, "How many top next-token predictions to list before and after.")
@@ -658,12 +673,9 @@ class InterveneConfig(TargetOptions, ModelOptions):
     def validate(self) -> None:
         ModelOptions.validate(self)
         self.validate_target(required=False)
+        self.validate_ablation()
         if self.mode not in MODES:
             raise fail(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.ablation not in ABLATIONS:
-            raise fail(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
-        if self.ablation == "mean" and not self.features:
-            raise fail("--ablation mean needs --features FILE (a tc score features file)")
         if self.top < 1:
             raise fail(f"--top must be at least 1, got {self.top}")
 

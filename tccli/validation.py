@@ -35,7 +35,7 @@ import torch
 
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
-from tccli.intervention import ABLATIONS, Intervention, NodeRef, RowSpec, TargetSpec
+from tccli.intervention import AblationOptions, Intervention, NodeRef, RowSpec, TargetSpec
 
 VALIDATE_MODES = ("free", "frozen")
 TASKS = ("greater-than",)
@@ -152,10 +152,52 @@ def node_attribution(attrs: dict) -> float:
     return 0.0
 
 
+def is_attribution_graph(graph: Any) -> bool:
+    """Written by `tc graph` (edges: direct effects) rather than `tc circuit` (edges: path attributions)."""
+    return graph.graph.get("metadata", {}).get("kind") == "attribution-graph"
+
+
+def whole_edge(data: dict) -> float:
+    """An edge's full direct effect: `tc graph --heads` moves the parts through shown heads to head nodes."""
+    return float(data.get("weight") or 0.0) + sum(float(v) for v in (data.get("heads") or {}).values())
+
+
+def path_attributions(graph: Any, target: str) -> dict[str, float]:
+    """Each node's total attribution to ``target`` over the paths of a graph whose edges are direct effects.
+
+    attribution(n) = sum over edges n -> v of weight(n -> v) * D(v), with D(target) = 1 and, for a feature
+    v, D(v) = attribution(v) / activation(v): an active feature passes a change of its pre-activation on one
+    to one, and an edge into v is v's pre-activation change per the source's whole activation. Head nodes
+    (`tc graph --heads`) carry parts of feature-to-node edges: those edges are made whole again for the
+    features' recursion, and a head's own attribution is what its out-edges carry.
+    """
+    import networkx as nx
+
+    slope = {target: 1.0}
+    out: dict[str, float] = {}
+    for node in reversed(list(nx.topological_sort(graph))):
+        if node == target:
+            continue
+        attrs = graph.nodes[node]
+        head = attrs.get("kind") == "head"
+        total = 0.0
+        for _, downstream, data in graph.out_edges(node, data=True):
+            if downstream not in slope or (not head and graph.nodes[downstream].get("kind") == "head"):
+                continue
+            total += (float(data.get("weight") or 0.0) if head else whole_edge(data)) * slope[downstream]
+        out[node] = total
+        if attrs.get("kind") == "feature" and attrs.get("activation"):
+            slope[node] = total / float(attrs["activation"])
+    return out
+
+
 def circuit_nodes(graph: Any) -> list[CircuitNode]:
-    """The graph's feature and head nodes (a networkx graph as graph_io reads it)."""
+    """The graph's feature and head nodes (a networkx graph as graph_io reads it), each with its total
+    attribution to the target along the graph's paths."""
     from tccli.intervention import parse_node
 
+    summed = (path_attributions(graph, graph_target(graph.graph.get("metadata", {}))[1])
+              if is_attribution_graph(graph) else None)
     out = []
     for node_id, attrs in graph.nodes(data=True):
         kind = attrs.get("kind")
@@ -167,7 +209,8 @@ def circuit_nodes(graph: Any) -> list[CircuitNode]:
         else:
             ref = parse_node(str(node_id))
         activation = attrs.get("activation") if kind == "feature" else None
-        out.append(CircuitNode(ref, node_attribution(attrs), None if activation is None else float(activation)))
+        attribution = summed.get(node_id, 0.0) if summed is not None else node_attribution(attrs)
+        out.append(CircuitNode(ref, attribution, None if activation is None else float(activation)))
     return out
 
 
@@ -180,18 +223,30 @@ def map_position(position: int, n_graph: int, n_tokens: int) -> Optional[int]:
     return mapped if 1 <= mapped < n_tokens else None
 
 
+def graph_target(meta: dict) -> tuple[dict, str]:
+    """(the target's description, its node id). A `tc graph` graph may have several logit targets: the most
+    probable next token's is validated."""
+    targets = meta.get("targets")
+    if isinstance(targets, list) and targets:
+        chosen = max(targets, key=lambda t: t.get("weight") or 0.0)
+        node = (f"logit{chosen['token']}@{chosen['position']}" if chosen.get("kind") == "logit"
+                and chosen.get("demeaned") else "target")
+        return dict(chosen), node
+    return dict(meta.get("target") or {}), "target"
+
+
 def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
     """The graph's target, its position as an offset from the end of the prompt."""
-    description = dict(meta.get("target") or {})
+    description, _ = graph_target(meta)
     kind = description.get("kind")
     n_graph = len(meta.get("token_ids") or [])
-    position = meta.get("position")
+    position = description.get("position", meta.get("position"))
     if not isinstance(position, int) or n_graph == 0:
         raise fail("the graph's metadata names no target position and tokens (was it written by tc circuit?)")
     offset = position - n_graph
     if kind in ("logit", "logit_diff"):
         return TargetSpec(kind, offset, token=description.get("token"), token_b=description.get("token_b"),
-                          description=description)
+                          demeaned=bool(description.get("demeaned")), description=description)
     if kind == "feature":
         return TargetSpec(kind, offset, layer=description.get("layer"), feature=description.get("feature"),
                           description=description)
@@ -210,7 +265,7 @@ def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
 
 
 @dataclass
-class ValidateConfig(ModelOptions):
+class ValidateConfig(AblationOptions, ModelOptions):
     """Options of `tc validate`."""
 
     graph: str = option("", "A graph written by `tc circuit --format json`.", argument=True, required=True,
@@ -225,8 +280,6 @@ class ValidateConfig(ModelOptions):
     noun: str = option("war", "The noun of the greater-than prompts (with --task greater-than).")
     mode: str = option("free", "free (everything downstream recomputed) or frozen (attention patterns and norm "
                        "scales held at their clean values).")
-    ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (from --features).")
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
     random: int = option(5, "Random circuits of equal size and layers drawn as the baseline.")
     seed: int = option(0, "Seed of the random circuits.")
     top: int = option(5, "How many nodes of largest disagreement to list.")
@@ -239,10 +292,7 @@ class ValidateConfig(ModelOptions):
         ModelOptions.validate(self)
         if self.mode not in VALIDATE_MODES:
             raise fail(f"--mode must be one of {', '.join(VALIDATE_MODES)}, got {self.mode!r}")
-        if self.ablation not in ABLATIONS:
-            raise fail(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
-        if self.ablation == "mean" and not self.features:
-            raise fail("--ablation mean needs --features FILE (a tc score features file)")
+        self.validate_ablation()
         if self.task is not None and self.task not in TASKS:
             raise fail(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task and self.prompts:

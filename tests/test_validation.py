@@ -72,6 +72,37 @@ def test_positions_by_offset_from_the_end_and_attributions_by_any_name():
     assert node_attribution({"contribution": None}) == 0.0
 
 
+def test_path_attributions_of_a_direct_effect_graph_by_hand():
+    """A -> T 3 (A active at 2); B -> A 0.5 of which 0.2 through head H, B -> T 1; error E -> A 0.2; X -> B 4.
+    D(T) = 1, D(A) = 3 / 2; B: 1 + 0.5 * 1.5 = 1.75; H: 0.2 * 1.5; E: 0.2 * 1.5; X: 4 * 1.75 / 1 (B at 1)."""
+    import networkx as nx
+
+    from tccli.validation import circuit_nodes, path_attributions
+
+    graph = nx.DiGraph()
+    graph.add_node("T", kind="target")
+    graph.add_node("mlp1.f0@3", kind="feature", layer=1, feature=0, position=3, activation=2.0)
+    graph.add_node("mlp0.f5@2", kind="feature", layer=0, feature=5, position=2, activation=1.0)
+    graph.add_node("attn1.h1@2", kind="head", layer=1, head=1, position=2)
+    graph.add_node("err0@3", kind="error", layer=0, position=3)
+    graph.add_node("embed@2", kind="embed", position=2)
+    graph.add_edge("mlp1.f0@3", "T", weight=3.0)
+    graph.add_edge("mlp0.f5@2", "mlp1.f0@3", weight=0.3, heads={"L1.H1@2": 0.2})
+    graph.add_edge("mlp0.f5@2", "attn1.h1@2", weight=0.2)
+    graph.add_edge("attn1.h1@2", "mlp1.f0@3", weight=0.2)
+    graph.add_edge("mlp0.f5@2", "T", weight=1.0)
+    graph.add_edge("err0@3", "mlp1.f0@3", weight=0.2)
+    graph.add_edge("embed@2", "mlp0.f5@2", weight=4.0)
+    got = path_attributions(graph, "T")
+    expected = {"mlp1.f0@3": 3.0, "mlp0.f5@2": 1.75, "attn1.h1@2": 0.3, "err0@3": 0.3, "embed@2": 7.0}
+    assert got == pytest.approx(expected)
+    graph.graph["metadata"] = {"kind": "attribution-graph", "targets": [
+        {"kind": "feature", "layer": 2, "feature": 1, "position": 3, "weight": 1.0}]}
+    graph = nx.relabel_nodes(graph, {"T": "target"})
+    nodes = {n.ref.id: n.attribution for n in circuit_nodes(graph)}
+    assert nodes == pytest.approx({"mlp1.f0@3": 3.0, "mlp0.f5@2": 1.75, "attn1.h1@2": 0.3})
+
+
 # ---------------------------------------------------------------------------- end to end on a tiny model
 
 
