@@ -2,21 +2,23 @@
 # tc validate on the walkthrough's two circuits (the README's "Validating circuits" section quotes this):
 #   1. the built-in model's greater-than circuit (`tc circuit --logit-diff 40 20`, as examples/greater_than.sh
 #      traces it) over the 100 greater-than prompts: the probability difference with the circuit ablated and
-#      with only the circuit kept, against 5 random circuits of equal size and layers; zero and mean
-#      ablation, free and frozen modes;
+#      with only the circuit kept, against 5 random circuits of equal size and layers; zero ablation in
+#      free and frozen modes, mean ablation in free mode;
 #   2. the stories260K pronoun circuit (logit(" she") - logit(" he"), as examples/stories260k.sh traces it)
 #      over the 20 prompts of examples/prompts/stories260k_lily.txt, zero ablation, free and frozen modes.
 # Transcoders (and the features file mean ablation needs) are reused from `make demo`,
 # examples/greater_than.sh and examples/stories260k.sh when present, else made here with the same
 # settings. CPU work: run it as `nice -n 10 bash examples/validate.sh`.
 #
-# Environment: OUT (default demo-out), DEVICE (cpu), SHARED (../shared, for stories260K; skipped if absent).
+# Environment: OUT (default demo-out), DEVICE (cpu), SHARED (../shared, for stories260K; skipped if absent),
+# PARTS (default "builtin stories260k": which of the two to run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-demo-out}
 DEVICE=${DEVICE:-cpu}
 SHARED=${SHARED:-../shared}
+PARTS=${PARTS:-builtin stories260k}
 mkdir -p "$OUT"
 started=$(date +%s)
 
@@ -33,6 +35,7 @@ transcoders() {  # MODEL DATA FOLDER: cache + train exactly as examples/demo.sh 
 }
 
 # ---------------------------------------------------------------------------- the built-in model: greater-than
+if [[ " $PARTS " == *" builtin "* ]]; then
 DATA=tccli/builtin/text/demo.txt
 transcoders builtin "$DATA" "$OUT"
 if [ ! -e "$OUT/features.jsonl" ]; then
@@ -44,18 +47,20 @@ rm -f "$OUT/greater_than.json"
 tc circuit --model builtin --device "$DEVICE" --transcoders "$OUT/transcoders" \
   --prompt "The war lasted from the year 1735 to the year 17" --logit-diff 40 20 --iters 3 --branches 10 \
   --format json --out "$OUT/greater_than.json"
-for mode in free frozen; do
-  for ablation in zero mean; do
-    echo "== tc validate greater-than: $mode mode, $ablation ablation" >&2
-    tc validate "$OUT/greater_than.json" --device "$DEVICE" --task greater-than --mode "$mode" \
-      --ablation "$ablation" --features "$OUT/features.jsonl" --random 5 --batch-size 256 --json \
-      > "$OUT/validate_greater_than_${mode}_${ablation}.json"
-  done
+for setting in "free zero" "free mean" "frozen zero"; do
+  read -r mode ablation <<< "$setting"
+  echo "== tc validate greater-than: $mode mode, $ablation ablation" >&2
+  tc validate "$OUT/greater_than.json" --device "$DEVICE" --task greater-than --mode "$mode" \
+    --ablation "$ablation" --features "$OUT/features.jsonl" --random 5 --batch-size 256 --json \
+    > "$OUT/validate_greater_than_${mode}_${ablation}.json"
 done
+fi
 
 # ---------------------------------------------------------------------------- stories260K: she / he
 STORIES=$SHARED/models/stories260K
-if [ -e "$STORIES/config.json" ]; then
+if [[ " $PARTS " != *" stories260k "* ]]; then
+  :
+elif [ -e "$STORIES/config.json" ]; then
   transcoders "$STORIES" "$SHARED/corpora/tinystories-valid-excerpt.txt" "$OUT/stories260k"
   rm -f "$OUT/stories260k/circuit.json"
   tc circuit --model "$STORIES" --device "$DEVICE" --transcoders "$OUT/stories260k/transcoders" \

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -359,7 +360,9 @@ class ReplacementModel:
         names = list(dict.fromkeys(capture))
         hooks += [(name, _saver(store, "capture:" + name)) for name in names]
         context = torch.enable_grad() if probes is not None else torch.no_grad()
-        with context:
+        with context, warnings.catch_warnings():
+            # holding a norm's scale is the point of frozen mode, not a surprise to warn about
+            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
             logits = self.loaded.bridge.run_with_hooks(self.tokens[prompts].to(self.loaded.device),
                                                        fwd_hooks=hooks, return_type="logits")
         missing = [n for n in names if "capture:" + n not in store]
