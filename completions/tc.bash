@@ -14,12 +14,12 @@ _tc() {
         graph) opts='--transcoders --prompt --model --device --model-dtype --target --logit --logit-diff --feature --direction --layer --pos --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --batch-size --drop-mass --quiet --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
-        intervene) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --ablation --features --mode --top --json --help' ;;
+        intervene) opts='--transcoders --prompt --model --device --model-dtype --ablation --features --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --mode --top --json --help' ;;
         plot) opts='-o --out --metric --title --help' ;;
         score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
         show) opts='--html --features --limit --examples --model --help' ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --skip --no-skip --l1 --l0-coef --bandwidth --l1-warmup --normalize-mse --optimizer --lr --decoder-norm --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --threads --autocast --checkpoint-every --log-every --resume --quiet --dist-timeout --distribute-layers --help' ;;
-        validate) opts='--model --device --model-dtype --transcoders --prompts --task --noun --mode --ablation --features --random --seed --top --batch-size --out --force --json --help' ;;
+        validate) opts='--model --device --model-dtype --ablation --features --transcoders --prompts --task --noun --mode --random --seed --top --batch-size --out --force --json --help' ;;
         *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info intervene plot score show train validate --version --help' -- "$cur")); return ;;
     esac
     if [[ $cur == -* ]]; then

@@ -166,6 +166,8 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--ablation[What an ablated feature becomes\: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.]:value:_files' \
+                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
                     '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
                     '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
                     '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
@@ -175,8 +177,6 @@ _tc() {
                     '*--ablate[Nodes to ablate\: mlp8.f1234@5 (feature), attn3.h2@4 (head 2'\''s term from source token 4), err8@5 (error term); @* every position.]:value:_files' \
                     '*--set[Set features'\'' activations\: NODE=VALUE.]:value:_files' \
                     '*--scale[Scale features, head terms or error terms\: NODE=FACTOR.]:value:_files' \
-                    '*--ablation[What an ablated feature becomes\: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.]:value:_files' \
-                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
                     '*--mode[free (everything downstream recomputed), frozen (attention patterns and norm scales held at their clean values) or direct (every other node held too).]:value:_files' \
                     '*--top[How many top next-token predictions to list before and after.]:value:_files' \
                     '*--json[Print the result as JSON on stdout.]' \
@@ -264,13 +264,13 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--ablation[What an ablated feature becomes\: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.]:value:_files' \
+                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
                     '*--transcoders[The transcoders the graph was traced with (default\: the path its metadata names).]:value:_files' \
                     '*--prompts[A file of prompts, one a line, instead of the graph'\''s own prompt\: nodes are matched by layer and index, positions by offset from the end.]:value:_files' \
                     '*--task[greater-than\: the 100 greater-than prompts instead, with the paper'\''s probability difference reported beside the target.]:value:_files' \
                     '*--noun[The noun of the greater-than prompts (with --task greater-than).]:value:_files' \
                     '*--mode[free (everything downstream recomputed) or frozen (attention patterns and norm scales held at their clean values).]:value:_files' \
-                    '*--ablation[What an ablated feature becomes\: zero, or mean (from --features).]:value:_files' \
-                    '*--features[A features file from `tc score` (for --ablation mean).]:value:_files' \
                     '*--random[Random circuits of equal size and layers drawn as the baseline.]:value:_files' \
                     '*--seed[Seed of the random circuits.]:value:_files' \
                     '*--top[How many nodes of largest disagreement to list.]:value:_files' \

@@ -139,8 +139,9 @@ class CircuitNode:
     activation: Optional[float]  # a feature's activation on the graph's prompt
 
 
-# Node attributes that hold a node's total (path-summed) attribution to the target, newest name first.
-ATTRIBUTION_KEYS = ("attribution", "path_contribution", "contribution")
+# Node attributes of `tc circuit` graphs that hold a node's total (path-summed) attribution to the target,
+# newest name first (graphs written before path_contribution called it contribution).
+ATTRIBUTION_KEYS = ("path_contribution", "contribution")
 
 
 def node_attribution(attrs: dict) -> float:
@@ -539,7 +540,7 @@ def _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric
         "tc_version": __version__, "graph": config.graph, "mode": config.mode, "ablation": config.ablation,
         "prompts": n_prompts, "prompt_source": config.task or config.prompts or "graph",
         "features": config.features, "transcoder_layers": sorted(transcoders),
-        "target": meta.get("target"), "target_clean": _mean(clean_t),
+        "target": graph_target(meta)[0], "target_clean": _mean(clean_t),
         "circuit_size": {kind: sum(n.ref.kind == kind for n in nodes) for kind in CIRCUIT_KINDS},
         "circuit": circuit, "random": {"draws": len(randoms), "seed": config.seed, "summary": baseline,
                                        "circuits": randoms},

@@ -271,6 +271,48 @@ def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_mod
             assert torch.allclose(ours[layer][0], oracle[layer], rtol=0, atol=tolerance * scale), layer
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_frozen_steer_is_the_path_sum_of_the_unpruned_tc_graph(tiny_model_dirs, arch, tmp_path, one_torch_thread):
+    """The same first-order identity with `tc graph`'s adjacency as the oracle: every node's summed
+    attribution over the paths of an unpruned attribution graph is the frozen model's derivative (one
+    backward pass), and a small steer of a node moves the target by it."""
+    from tccli.attribution_graph_io import to_networkx
+    from tccli.graph import GraphConfig, attribution_graph
+    from tccli.validation import path_attributions, target_from_metadata
+
+    loaded, transcoders = setup(tiny_model_dirs[arch], "float64")
+    config = GraphConfig(transcoders=str(tmp_path), prompt=PROMPT, logit_diff=["1", "0"], node_threshold=1.0,
+                         edge_threshold=1.0, drop_mass=0.0, max_feature_nodes=10_000)
+    config.validate()
+    run = attribution_graph(loaded, transcoders, PROMPT, config)
+    graph = to_networkx(run.graph, run.metadata, run.strings, run.tokens)
+    summed = path_attributions(graph, "target")
+    meta = graph.graph["metadata"]
+    model = ReplacementModel(loaded, transcoders, torch.tensor([meta["token_ids"]]))
+    spec = target_from_metadata(meta, loaded)
+    gradients = model.node_gradients(spec)
+    tolerance = 1e-4 if arch == "llama" else 1e-8  # Llama's float64 rounds in float32 inside (test_attribution)
+    features = [(node, attrs) for node, attrs in graph.nodes(data=True) if attrs["kind"] == "feature"]
+    assert len(features) >= 10
+    scale = max(abs(summed[node]) for node, _ in features)
+    for node, attrs in features:
+        layer, position, index = attrs["layer"], attrs["position"], attrs["feature"]
+        total = float(gradients.activations[layer][0, position, index] * gradients.feature[layer][0, position, index])
+        assert abs(summed[node] - total) <= tolerance * scale, (node, summed[node], total)
+    for node, attrs in graph.nodes(data=True):
+        if attrs["kind"] == "error":
+            total = float(gradients.error[attrs["layer"]][0, attrs["position"]])
+            assert abs(summed[node] - total) <= tolerance * scale, (node, summed[node], total)
+    largest = sorted(features, key=lambda item: -abs(summed[item[0]]))[:3]
+    rows = [RowSpec(0)] + [RowSpec(0, (Intervention(parse_node(node), "scale", 1 + eps),))
+                           for node, _ in largest for eps in (1e-5, 1e-6)]
+    values = spec.values(model, model.run(rows, "frozen"))
+    for k, (node, _) in enumerate(largest):
+        for j, eps in enumerate((1e-5, 1e-6)):
+            ratio = float(values[1 + 2 * k + j] - values[0]) / eps
+            assert ratio == pytest.approx(summed[node], rel=1e-4, abs=1e-6 * scale), (node, eps)
+
+
 # ---------------------------------------------------------------------------- a head's term, by hand
 
 

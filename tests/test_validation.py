@@ -67,9 +67,9 @@ def test_random_circuit_has_the_same_size_layers_and_positions():
 def test_positions_by_offset_from_the_end_and_attributions_by_any_name():
     assert map_position(0, 10, 7) == 0 and map_position(9, 10, 7) == 6 and map_position(5, 10, 12) == 7
     assert map_position(3, 10, 7) is None  # before the shorter prompt's first token
-    assert node_attribution({"contribution": 2.0}) == 2.0
-    assert node_attribution({"attribution": -1.0, "contribution": 2.0}) == -1.0
-    assert node_attribution({"contribution": None}) == 0.0
+    assert node_attribution({"contribution": 2.0}) == 2.0  # a graph written before path_contribution
+    assert node_attribution({"path_contribution": -1.0, "direct_contribution": 2.0}) == -1.0
+    assert node_attribution({"path_contribution": None}) == 0.0
 
 
 def test_path_attributions_of_a_direct_effect_graph_by_hand():
@@ -121,7 +121,7 @@ def traced(tiny_model_dirs, tmp_path_factory):
     # as tc circuit would (its direct contribution as edge and contribution)
     from tccli import attribution
     from tccli.circuit import freeze_prompt
-    from tccli.search import NodeKey, _node_attributes
+    from tccli.search import NodeKey
 
     meta = graph.graph["metadata"]
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
@@ -130,7 +130,9 @@ def traced(tiny_model_dirs, tmp_path_factory):
     head, source = divmod(int(heads[:, 1:].abs().argmax()), heads.shape[1] - 1)
     key = NodeKey("head", 1, head, source + 1)
     weight = float(heads[head, source + 1])
-    graph.add_node(key.id, **dict(_node_attributes(frozen, key, meta["tokens"]), contribution=weight))
+    graph.add_node(key.id, kind="head", layer=1, feature=None, head=head, position=source + 1,
+                   token=meta["tokens"][source + 1], activation=None, path_contribution=weight,
+                   direct_contribution=weight)
     graph.add_edge(key.id, "target", weight=weight)
     path = root / "graph.json"
     path.write_text(to_json(graph))
@@ -164,7 +166,7 @@ def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
     for node, value in zip(circuit, values[3:]):
         assert measured[node.id] == pytest.approx(value - clean, rel=1e-9, abs=1e-12)
     predicted = [row["predicted_graph"] for row in summary["nodes"]]
-    assert predicted == [-graph.nodes[row["id"]]["contribution"] for row in summary["nodes"]]
+    assert predicted == [-graph.nodes[row["id"]]["path_contribution"] for row in summary["nodes"]]
     assert summary["spearman_graph"] == pytest.approx(spearman(predicted, [row["measured"] for row in summary["nodes"]]))
     # the unpruned first-order prediction is the frozen model's derivative times the change
     gradients = model.node_gradients(target)
@@ -213,6 +215,22 @@ def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torc
     assert results["metric"]["clean"] == pytest.approx(probability_difference_of_model(loaded).mean, rel=1e-6)
     for key in ("metric_ablated", "metric_kept"):
         assert -1 <= results["circuit"][key] <= 1 and key in results["random"]["summary"]
+
+
+def test_a_tc_graph_graph_with_heads_is_validated_on_its_most_probable_logit(traced, tiny_model_dirs, one_torch_thread):
+    out = traced["root"] / "attribution.json"
+    made = run_tc("graph", "--model", str(tiny_model_dirs["gpt2"]), "--transcoders", str(traced["root"] / "tcs"),
+                  "--prompt", PROMPT, "--heads", "--node-threshold", "0.9", "--format", "json", "--out", str(out),
+                  "--quiet")
+    assert made.returncode == 0, made.stderr
+    result = run_tc("validate", str(out), "--random", "1", "--mode", "frozen", "--json")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    targets = json.loads(out.read_text())["graph"]["metadata"]["targets"]
+    top = max(targets, key=lambda t: t["weight"])
+    assert results["target"]["token"] == top["token"] and results["target"]["demeaned"]
+    assert results["target_clean"] == pytest.approx(top["value"], rel=1e-5)  # logit minus the mean logit
+    assert results["circuit_size"]["feature"] > 0 and -1 <= results["circuit"]["spearman_graph"] <= 1
 
 
 # ---------------------------------------------------------------------------- the command
