@@ -31,6 +31,7 @@ highest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable, Optional
 
 import numpy as np
@@ -50,6 +51,15 @@ TILE_VALUES = 1 << 22
 # On the CPU the statistics of a tile are computed by one compiled pass (tccli.scoring_kernel); tests set
 # this to False to check the torch formulation (what GPUs run) on the CPU against it.
 FUSED_ON_CPU = True
+
+
+@lru_cache(maxsize=None)
+def numba_available() -> bool:
+    """numba is a dependency; an environment installed before it was (``make install`` adds it) falls back
+    to the torch formulation, which gives the same results more slowly."""
+    from importlib.util import find_spec
+
+    return find_spec("numba") is not None
 
 
 # ============================================================================ exact streaming top-k (pure)
@@ -239,7 +249,7 @@ class LayerStream:
     def update(self, batch: BatchView, base_index: int) -> None:
         """Add one tile: ``batch.z`` [m, T] holds values whose positive part is the activation, for the
         tokens ``base_index`` .. ``base_index + T - 1``."""
-        if batch.z.device.type == "cpu" and FUSED_ON_CPU:
+        if batch.z.device.type == "cpu" and FUSED_ON_CPU and numba_available():
             self.update_fused(batch, base_index)
         else:
             self.update_torch(batch, base_index)

@@ -62,6 +62,7 @@ def kernel(request, monkeypatch):
     """Both implementations of the streaming statistics: the CPU's compiled pass and the torch one (GPUs')."""
     import tccli.scoring as scoring
 
+    assert scoring.numba_available(), "numba is missing: run make install"
     monkeypatch.setattr(scoring, "FUSED_ON_CPU", request.param == "fused")
     return request.param
 
