@@ -405,3 +405,21 @@ def test_progress_ends_at_its_total_when_the_data_runs_out():
     assert sum(len(tokens) for tokens, _, _ in batches) == 7
     assert reports[0] == ("scoring", 3, 100)
     assert reports[-1] == ("scoring", 7, 7)
+
+
+def test_without_numba_the_cpu_runs_the_torch_formulation(monkeypatch):
+    import tccli.scoring as scoring
+
+    z, tokens = tied_activations(seed=2)
+    settings = ScoreSettings(top=3, quantiles=2, per_quantile=1, half_window=1)
+    expected = run_stream(z, tokens, 4, settings)[0]
+
+    def not_compiled(*args, **kwargs):
+        raise AssertionError("the compiled pass ran without numba")
+
+    monkeypatch.setattr(scoring, "numba_available", lambda: False)
+    monkeypatch.setattr(scoring.LayerStream, "update_fused", not_compiled)
+    fallback = run_stream(z, tokens, 4, settings)[0]
+    assert torch.equal(fallback.top_slots.keys, expected.top_slots.keys)
+    assert torch.equal(fallback.sample_slots.keys, expected.sample_slots.keys)
+    assert torch.equal(fallback.active_count, expected.active_count)
