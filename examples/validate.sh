@@ -4,6 +4,8 @@
 #      traces it) over the 100 greater-than prompts: the probability difference with the circuit ablated and
 #      with only the circuit kept, against 5 random circuits of equal size and layers; zero ablation in
 #      free and frozen modes, mean ablation in free mode;
+#      the same on the graph's own prompt alone; and the graph's largest node ablated with only MLP 0
+#      replaced (the real model downstream);
 #   2. the stories260K pronoun circuit (logit(" she") - logit(" he"), as examples/stories260k.sh traces it)
 #      over the 20 prompts of examples/prompts/stories260k_lily.txt, zero ablation, free and frozen modes.
 # Transcoders (and the features file mean ablation needs) are reused from `make demo`,
@@ -54,6 +56,13 @@ for setting in "free zero" "free mean" "frozen zero"; do
     --ablation "$ablation" --features "$OUT/features.jsonl" --random 5 --batch-size 256 --json \
     > "$OUT/validate_greater_than_${mode}_${ablation}.json"
 done
+for mode in free frozen; do  # the graph's own prompt alone
+  tc validate "$OUT/greater_than.json" --device "$DEVICE" --mode "$mode" --random 5 --json \
+    > "$OUT/validate_greater_than_prompt_${mode}.json"
+done
+echo "== L0.F339 ablated with only MLP 0 replaced (the real model downstream)" >&2
+tc intervene --model builtin --device "$DEVICE" --transcoders "$OUT/transcoders/layer_0" \
+  --prompt "The war lasted from the year 1735 to the year 17" --logit-diff 40 20 --ablate mlp0.f339@12 --top 3
 fi
 
 # ---------------------------------------------------------------------------- stories260K: she / he
