@@ -40,6 +40,7 @@ from tccli.intervention import AblationOptions, Intervention, NodeRef, RowSpec, 
 VALIDATE_MODES = ("free", "frozen")
 TASKS = ("greater-than",)
 CIRCUIT_KINDS = ("feature", "head")
+GRADIENT_PROMPTS = 8  # prompts per backward pass of the unpruned prediction
 
 
 # ============================================================================ pure math
@@ -447,12 +448,13 @@ def run_validation(config: ValidateConfig, log=lambda message: None) -> tuple[An
                         metric[what][c][i] = m_values[j]
                 else:
                     single[c][k].append(t_values[j] - clean_t[i])
-        gradients = model.node_gradients(target)
-        for c, refs in enumerate(mapped):
-            for k, r in enumerate(refs):
-                if r.position is None:
-                    continue
-                predicted_total[c][k] += _linear_predictions(model, gradients, r, config.ablation)
+        # one backward pass per few prompts: its probes hold every feature of every layer at every position
+        for lo in range(0, len(indices), GRADIENT_PROMPTS):
+            gradients = model.node_gradients(target, range(lo, min(lo + GRADIENT_PROMPTS, len(indices))))
+            for c, refs in enumerate(mapped):
+                for k, r in enumerate(refs):
+                    if r.position is not None:
+                        predicted_total[c][k] += _linear_predictions(model, gradients, r, config.ablation)
     results = _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric_clean, metric,
                          single, predicted_total, dropped, n_prompts, years is not None, transcoders, means)
     return graph, results
