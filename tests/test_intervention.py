@@ -61,9 +61,11 @@ def test_parse_node_and_assignment():
 # ---------------------------------------------------------------------------- no intervention: the model itself
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_no_intervention_reproduces_the_models_logits_exactly(tiny_model_dirs, arch, one_torch_thread):
+@pytest.mark.parametrize("arch, skip", [("gpt2", False), ("neox", False), ("llama", False), ("llama", True)])
+def test_no_intervention_reproduces_the_models_logits_exactly(tiny_model_dirs, arch, skip, one_torch_thread):
     loaded, transcoders = setup(tiny_model_dirs[arch], "float32")
+    if skip:
+        transcoders = with_skip(transcoders)
     tokens = torch.tensor([PROMPT_IDS, PROMPT_IDS[::-1]])
     logits = loaded.bridge.run_with_hooks(tokens, return_type="logits").detach()  # the plain model
     model = ReplacementModel(loaded, transcoders, tokens)
@@ -204,8 +206,12 @@ def local_replacement_target(frozen: attribution.FrozenForward, target: attribut
         mlp_read = resid if frozen.parallel else resid + attn
         reads[frozen.mlp_read_point(layer)] = mlp_read
         if fl.transcoder is not None:
-            z = fl.transcoder.encode(normalised(mlp_read, fl.mlp_scale)) + feature_shift[layer]
+            x = normalised(mlp_read, fl.mlp_scale)
+            z = fl.transcoder.encode(x) + feature_shift[layer]
             out = fl.transcoder.decode(z) + error_factor[layer].unsqueeze(-1) * fl.error
+            if fl.transcoder.W_skip is not None:  # freeze holds the skip term in the error: recompute it
+                skip = fl.transcoder.skip_term(x) - fl.transcoder.skip_term(fl.mlp_in)
+                out = out + skip - (error_factor[layer].unsqueeze(-1) - 1) * fl.transcoder.skip_term(fl.mlp_in)
         else:
             out = error_factor[layer].unsqueeze(-1) * fl.mlp_out
         resid = resid + attn + out
@@ -226,9 +232,31 @@ def oracle_gradients(frozen, target):
         dict(zip(range(L), grads[2 * L:]))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_model_dirs, arch, one_torch_thread):
+def with_skip(transcoders: dict, seed: int = 5) -> dict:
+    """The same transcoders with a random skip connection x W_skip added (skip transcoders)."""
+    import dataclasses
+
+    from tccli.transcoder import Transcoder
+
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, transcoder in transcoders.items():
+        skipped = Transcoder(dataclasses.replace(transcoder.config, skip=True)).to(transcoder.W_enc.dtype)
+        with torch.no_grad():
+            for name in transcoder.tensor_names():
+                getattr(skipped, name).copy_(getattr(transcoder, name))
+            d = skipped.W_skip.shape[0]
+            skipped.W_skip.copy_(torch.randn(skipped.W_skip.shape, generator=generator) * 0.5 / d ** 0.5)
+        out[layer] = skipped
+    return out
+
+
+@pytest.mark.parametrize("arch, skip", [("gpt2", False), ("neox", False), ("llama", False), ("gpt2", True)])
+def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_model_dirs, arch, skip, one_torch_thread):
+    """(With skip transcoders the skip term is part of the transcoder's output: it responds downstream.)"""
     loaded, transcoders = setup(tiny_model_dirs[arch], "float64")
+    if skip:
+        transcoders = with_skip(transcoders)
     tokens = torch.tensor(PROMPT_IDS)
     frozen = freeze_prompt(loaded, transcoders, tokens)
     target = attribution.unembed_target(frozen, 17, 40, 8)
