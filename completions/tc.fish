@@ -230,7 +230,7 @@ complete -c tc -n '__fish_seen_subcommand_from train' -l dist-timeout -r -F -d '
 complete -c tc -n '__fish_seen_subcommand_from train' -l distribute-layers -d 'Under torchrun: each rank trains whole layers (layer i of the list on rank i % N) instead of a share of every batch.'
 complete -c tc -n '__fish_seen_subcommand_from train' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -F
-complete -c tc -n '__fish_seen_subcommand_from validate' -l model -r -F -d 'Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).'
+complete -c tc -n '__fish_seen_subcommand_from validate' -l model -r -F -d 'Model (default: the one the graph was traced on): a HuggingFace hub name, a local HuggingFace folder, or '\''builtin'\''.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l device -r -F -d 'Device for the model: auto (cuda when available), cpu, cuda, cuda:1, ...'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l model-dtype -r -F -d 'Dtype the model runs in: float32, float16 or bfloat16.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l ablation -r -F -d 'What an ablated feature becomes: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.'

@@ -261,7 +261,7 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 validate) _arguments \
-                    '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
+                    '*--model[Model (default\: the one the graph was traced on)\: a HuggingFace hub name, a local HuggingFace folder, or '\''builtin'\''.]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
                     '*--ablation[What an ablated feature becomes\: zero, or mean (its mean activation over all tokens, from --features). Head and error terms are always removed.]:value:_files' \

@@ -270,8 +270,10 @@ def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
 class ValidateConfig(AblationOptions, ModelOptions):
     """Options of `tc validate`."""
 
-    graph: str = option("", "A graph written by `tc circuit --format json`.", argument=True, required=True,
-                        metavar="GRAPH.json")
+    graph: str = option("", "A graph written by `tc circuit --format json` or `tc graph --format json`.",
+                        argument=True, required=True, metavar="GRAPH.json")
+    model: Optional[str] = option(None, "Model (default: the one the graph was traced on): a HuggingFace hub "
+                                  "name, a local HuggingFace folder, or 'builtin'.")
     transcoders: Optional[str] = option(None, "The transcoders the graph was traced with (default: the path its "
                                         "metadata names).")
     prompts: Optional[str] = option(None, "A file of prompts, one a line, instead of the graph's own prompt: "
