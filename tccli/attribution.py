@@ -126,6 +126,19 @@ class FrozenForward:
         at_source = at_source.reshape(H, P, R, d_head).permute(2, 1, 0, 3).reshape(R * P, H * d_head)
         return (at_source @ W_V.T).reshape(R, P, d)
 
+    def attention_forward(self, layer: int, writes: torch.Tensor) -> torch.Tensor:
+        """[B, P, d]: what ``layer``'s attention adds to the residual at each token for writes [B, P, d] into
+        its input (the raw resid_pre), with patterns and ln1's scales frozen (no biases): the adjoint of
+        attention_backward."""
+        W_O, mix, W_V = self._attention_backward_weights(layer)
+        B, P, d = writes.shape
+        H, d_head = mix.shape[0], W_O.shape[0] // mix.shape[0]
+        values = writes.reshape(B * P, d) @ W_V  # [B*P, H*dh]
+        per_head = values.reshape(B, P, H, d_head).permute(2, 1, 0, 3).reshape(H, P, B * d_head)
+        at_dest = torch.bmm(mix[:, :P, :P].transpose(1, 2), per_head)  # [H, dest, B*dh]
+        at_dest = at_dest.reshape(H, P, B, d_head).permute(2, 1, 0, 3).reshape(B * P, H * d_head)
+        return (at_dest @ W_O).reshape(B, P, d)
+
     def _attention_backward_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_O [H*dh, d], mix [H, source, dest], W_V [d, H*dh]) with ln1 folded in: the pattern
         transposed and divided by the source token's scale, W_V centred over d_model for LayerNorm (the

@@ -18,7 +18,7 @@ from typing import Optional
 import networkx as nx
 import torch
 
-from tccli.attribution_graph import AttributionGraph, NodeTable
+from tccli.attribution_graph import AttributionGraph, HeadSplit, NodeTable
 from tccli.search import NodeKey
 
 GRAPH_KIND = "attribution-graph"
@@ -41,23 +41,15 @@ def target_id(target: dict, n_targets: int) -> str:
     return "target"
 
 
-def edge_lists(graph: AttributionGraph) -> tuple[list[int], list[int], list[float]]:
-    """(source nodes, target nodes, weights) of the edges pruning kept."""
-    sources, targets, weights = [], [], []
-    for chunk, mask in zip(graph.adjacency.chunks, graph.edge_mask):
-        sources += chunk.col[mask].tolist()
-        targets += chunk.nodes[chunk.row_ids()[mask]].tolist()
-        weights += chunk.value[mask].tolist()
-    return sources, targets, weights
-
-
 def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int],
-                head_edges: Optional[list[tuple[int, int, dict]]] = None) -> nx.DiGraph:
+                heads: Optional[HeadSplit] = None) -> nx.DiGraph:
     """The pruned graph with tc circuit's node attribute conventions and the run's metadata.
 
-    ``head_edges`` (from head_split): per kept edge (source, target) its residual part and per-head parts;
-    with it, each kept edge becomes a direct edge carrying the residual part plus one path through a
-    head node `attn{L}.h{H}@{source token}` per head part."""
+    With ``heads`` (attribution_graph.head_split of the kept edges) every kept edge also carries its
+    ``residual`` part and its parts per head (``heads``: {"L3.H2": part} for the heads holding at least 1%
+    of the edge's absolute mass, ``other_heads``: the rest), and each (layer, head, token) part of at least
+    ``heads.share`` of that mass is routed through a head node `attn{L}.h{H}@{token}`: the direct edge's
+    ``weight`` is then what is not routed (``total`` keeps the whole edge)."""
     table = graph.table
     targets = metadata["targets"]
     ids = node_ids(table, targets)
@@ -66,17 +58,18 @@ def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], tok
     for node in torch.nonzero(graph.node_mask).reshape(-1).tolist():
         out.add_node(ids[node], **node_attributes(table, node, targets, strings, token_ids, metadata),
                      influence=influence[node], cumulative_influence=cumulative[node])
-    sources, target_nodes, weights = edge_lists(graph)
+    sources, target_nodes, weights = (t.tolist() for t in graph.kept_edges())
     for source, target, weight in zip(sources, target_nodes, weights):
         out.add_edge(ids[source], ids[target], weight=weight)
-    if head_edges is not None:
-        add_head_nodes(out, ids, head_edges, strings)
+    if heads is not None:
+        add_head_nodes(out, ids, heads, strings)
     kept_features = int(graph.node_mask[:table.n_features].sum())
     out.graph["metadata"] = {
         **metadata,
         "replacement_score": graph.replacement, "completeness_score": graph.completeness,
         "active_features": graph.n_active_features, "graph_features": table.n_features,
         "kept_features": kept_features, "kept_nodes": int(graph.node_mask.sum()), "kept_edges": len(weights),
+        "head_share": None if heads is None else heads.share,
         **{key: value for key, value in graph.stats.items()},
     }
     return out
@@ -107,22 +100,26 @@ def node_attributes(table: NodeTable, node: int, targets: list[dict], strings: l
     return attrs
 
 
-def add_head_nodes(out: nx.DiGraph, ids: list[str], head_edges: list[tuple[int, int, dict]],
-                   strings: list[str]) -> None:
-    """Route each kept edge's per-head parts through head nodes; the direct edge keeps the rest."""
-    for source, target, split in head_edges:
+def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: list[str]) -> None:
+    """Per-head parts on the kept edges, and head nodes for the large (layer, head, token) parts."""
+    by_head = heads.by_head.tolist()
+    for e, (source, target) in enumerate(zip(heads.sources.tolist(), heads.targets.tolist())):
         u, v = ids[source], ids[target]
         if not out.has_edge(u, v):
             continue
-        out.edges[u, v]["residual"] = split["residual"]
-        out.edges[u, v]["heads"] = {f"L{layer}.H{head}@{position}": part
-                                    for (layer, head, position), part in split["shown"].items()}
-        out.edges[u, v]["weight"] = split["rest"]
-        for (layer, head, position), part in split["shown"].items():
+        edge = out.edges[u, v]
+        residual = float(heads.residual[e])
+        mass = abs(residual) + sum(abs(p) for layer in by_head[e] for p in layer)
+        shown = {f"L{layer}.H{head}": part for layer, per_head in enumerate(by_head[e])
+                 for head, part in enumerate(per_head) if part != 0.0 and abs(part) >= 0.01 * mass}
+        edge.update(total=edge["weight"], residual=residual, heads=shown,
+                    other_heads=sum(p for layer in by_head[e] for p in layer) - sum(shown.values()))
+        for (layer, head, position), part in heads.parts[e].items():
             key = NodeKey("head", layer, head, position)
             if key.id not in out:
                 out.add_node(key.id, kind="head", layer=layer, feature=None, head=head, position=position,
                              token=strings[position], activation=None, influence=None)
+            edge["weight"] -= part
             for a, b in ((u, key.id), (key.id, v)):
                 if out.has_edge(a, b):
                     out.edges[a, b]["weight"] += part
@@ -291,13 +288,13 @@ def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
 
 
 def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], fmt: str,
-           head_edges: Optional[list[tuple[int, int, dict]]] = None) -> bytes:
+           heads: Optional[HeadSplit] = None) -> bytes:
     """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes."""
     from tccli import graph_io
 
     if fmt == "pt":
         return to_pt(graph, metadata)
-    pruned = to_networkx(graph, metadata, strings, token_ids, head_edges)
+    pruned = to_networkx(graph, metadata, strings, token_ids, heads)
     if fmt == "json":
         return graph_io.to_json(pruned).encode()
     if fmt == "neuronpedia":

@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from tccli import attribution
-from tccli.attribution_graph import AttributionGraph, GraphParams, build_graph, salient_logit_targets
+from tccli.attribution_graph import (AttributionGraph, GraphParams, HeadSplit, build_graph, head_split,
+                                     salient_logit_targets)
 from tccli.circuit import (build_target, check_transcoders, freeze_prompt, prompt_tokens, resolve_position,
                            token_strings)
 from tccli.config import ModelOptions, option
@@ -109,7 +110,7 @@ class GraphRun:
     strings: list[str]
     position: int
     metadata: dict
-    head_edges: Optional[list] = None  # --heads: per kept edge, its residual and per-head parts
+    heads: Optional[HeadSplit] = None  # --heads: the kept edges split by the head of their first hop
 
 
 def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, config: GraphConfig,
@@ -135,6 +136,10 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
             targets = [build_target(config, loaded, transcoders, frozen, position)]  # type: ignore[arg-type]
             weights = torch.ones(1, dtype=frozen.embed.dtype, device=frozen.embed.device)
     graph = build_graph(frozen, targets, weights, config.params(), progress)
+    heads = None
+    if config.heads:
+        sources, edge_targets, _ = graph.kept_edges()
+        heads = head_split(frozen, graph.table, targets, sources, edge_targets)
     strings = token_strings(loaded.tokenizer, tokens.tolist())
     described = []
     for target, weight in zip(targets, weights.tolist()):
@@ -153,4 +158,5 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
         "targets": described, "config": to_json_dict(config),
     }
     return GraphRun(graph=graph, frozen=frozen, targets=targets, tokens=tokens.tolist(), strings=strings,
-                    position=position, metadata=metadata)
+                    position=position, metadata=metadata, heads=heads)
+
