@@ -42,10 +42,14 @@ def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed:
     return out
 
 
-def frozen_for(path, dtype: str = "float32", kind: str = "relu", skip: bool = False, n_features: int = 48):
+def frozen_for(path, dtype: str = "float32", kind: str = "relu", skip: bool = False, n_features: int = 48,
+               decoder_scale: float = 1.0):
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, bias_shift=-0.1)
+    with torch.no_grad():
+        for transcoder in transcoders.values():
+            transcoder.W_dec.mul_(decoder_scale)
     if kind != "relu" or skip:
         transcoders = {layer: with_kind(t, kind, skip, layer) for layer, t in transcoders.items()}
     return loaded, freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
@@ -477,19 +481,23 @@ def test_head_split_is_exact_and_matches_gated_autograd(tiny_model_dirs, arch, o
             assert abs(part) >= 0.05 * mass and token <= int(graph.table.n_tokens)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, one_torch_thread):
+@pytest.mark.parametrize("arch, target_kind, decoder_scale, branches, head_steps", [
+    ("gpt2", "feature", 0.3, 30, 10),  # weak features, so that the beam keeps paths through heads
+    ("llama", "logit", 1.0, 8, 0), ("neox", "logit", 1.0, 8, 0)])
+def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind, decoder_scale, branches, head_steps,
+                                             one_torch_thread):
     """tc circuit's greedy paths, step by step, carry the weights of the unpruned graph: a step to a node at the
     same token is the residual part of that graph edge, a step through head h of layer l reading token s is
     the edge's part for that first hop (where the upstream node writes right below layer l, so that hop is
     the path's only one); each step's contribution = the path's weight so far x that part."""
     from tccli.search import SearchParams, greedy_search
 
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
-    target = attribution.unembed_target(frozen, 40, None, 8)
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", decoder_scale=decoder_scale)
+    target = (attribution.feature_target(frozen, 1, 5, 8) if target_kind == "feature"
+              else attribution.unembed_target(frozen, 40, None, 8))
     graph = ag.build_graph(frozen, [target], torch.ones(1, dtype=torch.float64), ALL)
     table = graph.table
-    result = greedy_search(frozen, target, SearchParams(iters=3, branches=8, both_signs=True))
+    result = greedy_search(frozen, target, SearchParams(iters=3, branches=branches, both_signs=True))
 
     def node_of(key) -> int:
         if key.kind == "target":
@@ -517,10 +525,10 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, one_torch_th
                 k += 2
             else:
                 break
-    if arch == "gpt2":  # greedy splits token and position embeddings, the graph's input node holds both
+    if frozen.pos_embed is not None:  # greedy splits token and position embeddings, the graph's input holds both
         steps = [step for step in steps if step[3].kind != "embed"]
     pairs = torch.tensor([[node_of(down), node_of(up)] for _, _, down, up, _ in steps])
-    assert len(steps) >= 10 and sum(step[4] is not None for step in steps) >= 3  # residual and head steps
+    assert len(steps) >= 10 and sum(step[4] is not None for step in steps) >= head_steps
     split = ag.head_split(frozen, table, [target], pairs[:, 1], pairs[:, 0], share=0.0)
     for (path, k, down, up, head), e in zip(steps, range(len(steps))):
         weight_so_far = 1.0  # the product of the input-invariant factors up to ``down``

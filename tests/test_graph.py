@@ -121,3 +121,27 @@ def test_command_errors_are_one_line(tiny_model_dirs, transcoder_dir, tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("tc: error:") and message in lines[0], result.stderr
         assert not (tmp_path / "g.json").exists()
+
+
+def test_heads_become_nodes_and_edges_keep_their_totals(gpt2, transcoder_dir, one_torch_thread):
+    from tccli import attribution_graph_io
+
+    run = attribution_graph(gpt2, transcoders(gpt2), PROMPT, config(transcoder_dir, heads=True, max_logits=3))
+    assert run.heads is not None
+    graph = attribution_graph_io.to_networkx(run.graph, run.metadata, run.strings, run.tokens, run.heads)
+    heads = [n for n, kind in graph.nodes(data="kind") if kind == "head"]
+    assert heads and all(n.startswith("attn") for n in heads)
+    routed: dict = {}
+    for u, v, attrs in graph.edges(data=True):
+        if "total" in attrs:
+            # the direct edge's weight + what goes through head nodes == the edge; residual + heads == the edge
+            assert attrs["residual"] + sum(attrs["heads"].values()) + attrs["other_heads"] == pytest.approx(
+                attrs["total"], rel=1e-4, abs=1e-6)
+            routed[u, v] = attrs["total"] - attrs["weight"]
+    through = {}
+    for (layer, head, token) in {k for parts in run.heads.parts for k in parts}:
+        node = f"attn{layer}.h{head}@{token}"
+        assert graph.nodes[node]["kind"] == "head" and graph.nodes[node]["position"] == token
+        through[node] = sum(w for _, _, w in graph.in_edges(node, data="weight"))
+        assert through[node] == pytest.approx(sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-6)
+    assert sum(routed.values()) == pytest.approx(sum(through.values()), rel=1e-4, abs=1e-6)
