@@ -19,8 +19,9 @@ error term) and, at the bottom, with the input. Everything else that reaches the
 
 **Which features get rows** (circuit-tracer's rule): the targets' rows first; then features ranked by
 their influence on the targets estimated from the rows computed so far, computed most-influential-first
-``update_interval`` batches at a time and re-ranked, up to ``max_feature_nodes``. Features left out
-keep no column in the final graph either (their edges count as dropped mass).
+``rank_every`` rows at a time (circuit-tracer's 4 batches of 512) and re-ranked, up to
+``max_feature_nodes``. Features left out keep no column in the final graph either (their edges count
+as dropped mass).
 
 **Sparse rows.** A row is stored as its nonzero entries (CSR: ``crow``, int32 ``col``, values), after
 dropping its smallest entries while their absolute sum stays within ``drop_mass`` of the row's absolute
@@ -40,6 +41,7 @@ completeness = sum over nodes of ``(1 - error share of the node's row) * (influe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -299,11 +301,22 @@ def _level(n_attn: torch.Tensor, n_mlp: torch.Tensor) -> torch.Tensor:
     return 2 * n_mlp + (n_attn - n_mlp)
 
 
-def dense_rows(writes: NodeWrites, spec: RowSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batched linear backward pass: (rows [R, C] over ``writes.batch_columns(P)``, bias [R], P).
+@dataclass
+class DenseBatch:
+    """One backward pass's rows, in the order they were carried (sorted by read point)."""
 
-    Rows are processed sorted by read point from the top down: a row joins the pass where it reads, so
-    at each layer only the rows reading above it (a prefix) are carried, and only the first P tokens."""
+    rows: torch.Tensor  # [R, C] over NodeWrites.batch_columns(P)
+    bias: torch.Tensor  # [R]
+    order: torch.Tensor  # [R] row i here is row order[i] of the RowSpec
+    n_tokens: int  # P
+    flop: int  # multiply-adds x 2 of the pass's matmuls
+
+
+def dense_rows(writes: NodeWrites, spec: RowSpec) -> DenseBatch:
+    """One batched linear backward pass over the rows of ``spec``.
+
+    Rows are carried sorted by read point from the top down: a row joins the pass where it reads, so at
+    each layer only the rows reading above it (a prefix) are carried, and only the first P tokens."""
     frozen = writes.frozen
     rows = spec.rows
     R, d = rows.vectors.shape
@@ -315,13 +328,14 @@ def dense_rows(writes: NodeWrites, spec: RowSpec) -> tuple[torch.Tensor, torch.T
     out = torch.zeros(R, columns.shape[0], dtype=rows.vectors.dtype, device=rows.vectors.device)
     bias = spec.constant[order].clone()
     grad = torch.zeros(R, P, d, dtype=rows.vectors.dtype, device=rows.vectors.device)
-    n_active = 0
+    n_active, flop = 0, 0
 
     def inject(at_level: int) -> int:
         end = n_active + int((sorted_level == at_level).sum())
         if end > n_active:
             index = order[n_active:end]
-            grad[torch.arange(n_active, end, device=grad.device), rows.positions[index]] += rows.vectors[index]
+            grad.index_put_((torch.arange(n_active, end, device=grad.device), rows.positions[index]),
+                            rows.vectors[index], accumulate=True)
         return end
 
     feature_offset = [0]
@@ -337,6 +351,7 @@ def dense_rows(writes: NodeWrites, spec: RowSpec) -> tuple[torch.Tensor, torch.T
             features, errors = writes.layer_edges(layer, g)
             out[:a, feature_offset[layer]:feature_offset[layer + 1]] = features
             out[:a, error_offset + layer * P:error_offset + (layer + 1) * P] = errors
+            flop += 2 * a * P * d * writes.padded[layer].shape[1]
             transcoder = frozen.layers[layer].transcoder
             if transcoder is not None:
                 bias[:a] += g.sum(1) @ transcoder.b_dec.to(g.dtype)
@@ -346,13 +361,14 @@ def dense_rows(writes: NodeWrites, spec: RowSpec) -> tuple[torch.Tensor, torch.T
             g = grad[:a]
             bias[:a] += frozen.attention_bias(layer, g)
             g += frozen.attention_backward(layer, g)
+            flop += 4 * a * P * d * d + 2 * a * P * P * d
         n_active = inject(2 * layer)
     if n_active:
         out[:n_active, error_offset + L * P:] = writes.input_edges(grad[:n_active])
+        flop += 2 * n_active * P * d
     if n_active != R:
         raise ValueError(f"{R - n_active} rows read from no point of the residual stream")
-    unsort = torch.argsort(order)
-    return out[unsort], bias[unsort], P
+    return DenseBatch(rows=out, bias=bias, order=order, n_tokens=P, flop=flop)
 
 
 # ----------------------------------------------------------------------------- sparse rows
@@ -404,7 +420,7 @@ class SparseRows:
         crow[1:] = torch.bincount(rows[keep], minlength=self.n_rows).cumsum(0)
         col = self.col[keep]
         if new_col is not None:
-            col = new_col[col.long()].to(torch.int32)
+            col = new_col[col].to(torch.int32)
         return SparseRows(nodes=self.nodes, crow=crow, col=col, value=self.value[keep], bias=self.bias,
                           target_value=self.target_value, dropped=dropped, dropped_abs=dropped_abs,
                           total_abs=self.total_abs)
@@ -486,11 +502,16 @@ def sparsify(dense: torch.Tensor, columns: torch.Tensor, drop_mass: float) -> tu
     return crow, columns[column].to(torch.int32), value, dropped, dropped_abs, total
 
 
-def compute_rows(writes: NodeWrites, spec: RowSpec, drop_mass: float) -> SparseRows:
-    dense, bias, P = dense_rows(writes, spec)
-    crow, col, value, dropped, dropped_abs, total = sparsify(dense, writes.batch_columns(P), drop_mass)
-    return SparseRows(nodes=spec.nodes, crow=crow, col=col, value=value, bias=bias, target_value=spec.value,
-                      dropped=dropped, dropped_abs=dropped_abs, total_abs=total)
+def compute_rows(writes: NodeWrites, spec: RowSpec, drop_mass: float, stats: Optional[dict] = None) -> SparseRows:
+    """The rows of ``spec`` (in the order the backward pass carried them), stored sparsely."""
+    batch = dense_rows(writes, spec)
+    crow, col, value, dropped, dropped_abs, total = sparsify(batch.rows, writes.batch_columns(batch.n_tokens),
+                                                            drop_mass)
+    if stats is not None:
+        stats["backward_flop"] = stats.get("backward_flop", 0) + batch.flop
+    return SparseRows(nodes=spec.nodes[batch.order], crow=crow, col=col, value=value, bias=batch.bias,
+                      target_value=spec.value[batch.order], dropped=dropped, dropped_abs=dropped_abs,
+                      total_abs=total)
 
 
 # ----------------------------------------------------------------------------- influence
@@ -510,7 +531,7 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     row_of_node[nodes] = torch.arange(nodes.shape[0], device=device)
     inner_from, inner_to, inner_value, offset = [], [], [], 0
     for chunk, values in zip(adjacency.chunks, normalized):
-        source_rows = row_of_node[chunk.col.long()]
+        source_rows = row_of_node[chunk.col]
         inner = source_rows >= 0
         inner_from.append(chunk.row_ids()[inner] + offset)
         inner_to.append(source_rows[inner])
@@ -530,7 +551,7 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     out = torch.zeros(n_nodes, dtype=dtype, device=device)
     offset = 0
     for chunk, values in zip(adjacency.chunks, normalized):
-        out.index_add_(0, chunk.col.long(), values * flow[offset:offset + chunk.n_rows][chunk.row_ids()])
+        out.index_add_(0, chunk.col, values * flow[offset:offset + chunk.n_rows][chunk.row_ids()])
         offset += chunk.n_rows
     return out
 
@@ -550,8 +571,8 @@ def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 @dataclass
 class GraphParams:
     max_feature_nodes: int = 7500
-    batch_size: int = 256
-    update_interval: int = 4  # batches computed between re-rankings (circuit-tracer's)
+    batch_size: int = 256  # rows per backward pass
+    rank_every: int = 2048  # feature rows computed between re-rankings (circuit-tracer: 4 batches of 512)
     drop_mass: float = 1e-3
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
@@ -589,13 +610,46 @@ def rank_features(adjacency: Adjacency, table: NodeTable, visited: torch.Tensor)
     return order[~visited[order]]
 
 
+class ColumnMap:
+    """The final graph keeps the columns of the features that got rows (circuit-tracer's rule): the other
+    features' entries go to the rows' dropped sums, and nodes are renumbered to the final table."""
+
+    def __init__(self, table: NodeTable, selected: torch.Tensor):
+        keep = torch.nonzero(selected).reshape(-1)
+        self.table = table.select_features(keep)
+        device = keep.device
+        self.new_index = torch.full((table.n_nodes,), -1, dtype=torch.long, device=device)
+        self.new_index[keep] = torch.arange(keep.shape[0], device=device)
+        shift = table.n_features - self.table.n_features
+        self.new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
+
+    def __call__(self, chunk: SparseRows) -> SparseRows:
+        restricted = chunk.filter_entries(self.new_index[chunk.col] >= 0, self.new_index)
+        restricted.nodes = self.new_index[chunk.nodes]
+        return restricted
+
+
 def build_graph(frozen: FrozenForward, targets: list[Target], target_weight: torch.Tensor,
                 params: GraphParams, progress: Optional[Callable[[int, int], None]] = None) -> AttributionGraph:
-    """Everything `tc graph` computes from a frozen forward pass and its targets."""
+    """Everything `tc graph` computes from a frozen forward pass and its targets.
+
+    Rows keep every active feature's column until the last ranking; from then on the graph's features
+    are known and every row, stored or new, keeps only theirs."""
+    stats = {"seconds_rows": 0.0, "seconds_ranking": 0.0, "backward_flop": 0, "dropped_small_abs": 0.0}
+    columns: Optional[ColumnMap] = None
+
+    def store(spec: RowSpec) -> None:
+        start = time.perf_counter()
+        chunk = compute_rows(writes, spec, params.drop_mass, stats)
+        stats["dropped_small_abs"] += float(chunk.dropped_abs.sum())
+        adjacency.chunks.append(chunk if columns is None else columns(chunk))
+        stats["seconds_rows"] += time.perf_counter() - start
+
     with torch.no_grad():
         table = node_table(frozen, target_weight)
         writes = NodeWrites(frozen, table)
-        adjacency = Adjacency([compute_rows(writes, target_rows(targets, table), params.drop_mass)])
+        adjacency = Adjacency([])
+        store(target_rows(targets, table))
         # features that cannot reach any target (too late a layer or token) never get rows
         reads_after = max(t.read_point[1] for t in targets)
         last_token = max(t.position for t in targets)
@@ -606,64 +660,67 @@ def build_graph(frozen: FrozenForward, targets: list[Target], target_weight: tor
         n_visited = 0
         if progress:
             progress(0, budget)
+        if budget == n_reachable:
+            columns = ColumnMap(table, reachable)
+            adjacency = adjacency.consume(columns)
         while n_visited < budget:
             if budget == n_reachable:
                 pending = torch.nonzero(reachable).reshape(-1)
             else:
+                start = time.perf_counter()
                 ranked = rank_features(adjacency, table, visited)
-                pending = ranked[:min(params.update_interval * params.batch_size, budget - n_visited)]
+                pending = ranked[:min(params.rank_every, budget - n_visited)]
+                if n_visited + pending.shape[0] == budget:  # the last ranking: the graph's features are known
+                    chosen = visited & reachable
+                    chosen[pending] = True
+                    columns = ColumnMap(table, chosen)
+                    adjacency = adjacency.consume(columns)
+                stats["seconds_ranking"] += time.perf_counter() - start
             # the set computed before the next ranking is fixed; batching rows of nearby tokens and
             # layers together only makes each backward pass smaller
             pending = pending[torch.argsort(table.feature_position[pending] * (frozen.n_layers + 1)
                                             + table.feature_layer[pending], stable=True)]
-            for start in range(0, pending.shape[0], params.batch_size):
-                batch = pending[start:start + params.batch_size]
-                adjacency.chunks.append(compute_rows(writes, feature_rows(frozen, table, batch), params.drop_mass))
+            for start_row in range(0, pending.shape[0], params.batch_size):
+                batch = pending[start_row:start_row + params.batch_size]
+                store(feature_rows(frozen, table, batch))
                 visited[batch] = True
                 n_visited += int(batch.shape[0])
                 if progress:
                     progress(n_visited, budget)
         del writes
-        return finish_graph(adjacency, table, visited & reachable, params)
+        if columns is None:  # no feature rows at all
+            columns = ColumnMap(table, torch.zeros_like(reachable))
+            adjacency = adjacency.consume(columns)
+        start = time.perf_counter()
+        graph = finish_graph(adjacency, columns.table, params, stats)
+        graph.n_active_features = table.n_features
+        stats["seconds_finish"] = time.perf_counter() - start
+        return graph
 
 
-def finish_graph(adjacency: Adjacency, table: NodeTable, selected: torch.Tensor,
-                 params: GraphParams) -> AttributionGraph:
-    """Keep the selected features' columns only (circuit-tracer's final graph), then influence, pruning
-    and scores."""
-    keep_features = torch.nonzero(selected).reshape(-1)
-    final = table.select_features(keep_features)
-    device = table.feature_layer.device
-    new_index = torch.full((table.n_nodes,), -1, dtype=torch.long, device=device)
-    new_index[keep_features] = torch.arange(keep_features.shape[0], device=device)
-    shift = table.n_features - final.n_features
-    new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
-
-    def restrict(chunk: SparseRows) -> SparseRows:
-        restricted = chunk.filter_entries(new_index[chunk.col.long()] >= 0, new_index)
-        restricted.nodes = new_index[chunk.nodes]
-        return restricted
-
-    small_dropped = float(sum(chunk.dropped_abs.sum() for chunk in adjacency.chunks))
-    adjacency = adjacency.consume(restrict)
-    weights = final.weights()
+def finish_graph(adjacency: Adjacency, table: NodeTable, params: GraphParams,
+                 stats: Optional[dict] = None) -> AttributionGraph:
+    """Influence, pruning and scores of rows over ``table``'s nodes (columns already restricted)."""
+    stats = {} if stats is None else stats
+    weights = table.weights()
     normalized = adjacency.normalized()
-    node_influence = influence(adjacency, final.n_nodes, weights, normalized)
-    node_mask, edge_mask = prune(adjacency, final, node_influence, normalized, params.node_threshold,
+    node_influence = influence(adjacency, table.n_nodes, weights, normalized)
+    node_mask, edge_mask = prune(adjacency, table, node_influence, normalized, params.node_threshold,
                                  params.edge_threshold)
-    replacement, completeness = graph_scores(adjacency, final, node_influence, normalized)
+    replacement, completeness = graph_scores(adjacency, table, node_influence, normalized)
     ordered, order = torch.sort(node_influence, descending=True)
     cumulative = torch.zeros_like(node_influence)
     cumulative[order] = (ordered.double().cumsum(0) / ordered.double().sum()).to(node_influence.dtype)
     total_abs, dropped_abs = adjacency.cat("total_abs"), adjacency.cat("dropped_abs")
     whole = float(total_abs.sum().clamp(min=1e-30))
-    stats = {"rows": adjacency.n_rows, "stored_entries": adjacency.nnz, "stored_bytes": adjacency.nbytes(),
-             # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
-             "dropped_small_share": small_dropped / whole,
-             "dropped_budget_share": (float(dropped_abs.sum()) - small_dropped) / whole,
-             "dropped_share_total": float(dropped_abs.sum()) / whole,
-             "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max())}
-    return AttributionGraph(table=final, adjacency=adjacency, influence=node_influence, cumulative=cumulative,
+    small = stats.pop("dropped_small_abs", 0.0)
+    stats.update({
+        "rows": adjacency.n_rows, "stored_entries": adjacency.nnz, "stored_bytes": adjacency.nbytes(),
+        # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
+        "dropped_small_share": small / whole, "dropped_budget_share": (float(dropped_abs.sum()) - small) / whole,
+        "dropped_share_total": float(dropped_abs.sum()) / whole,
+        "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max())})
+    return AttributionGraph(table=table, adjacency=adjacency, influence=node_influence, cumulative=cumulative,
                             node_mask=node_mask, edge_mask=edge_mask, replacement=replacement,
                             completeness=completeness, n_active_features=table.n_features, stats=stats)
 

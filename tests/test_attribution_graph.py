@@ -359,7 +359,7 @@ def test_feature_selection_is_circuit_tracers(tiny_model_dirs, one_torch_thread)
     table = full.table
     dense = torch.stack([dense_row(full, node, missing_ok=True) for node in range(table.n_nodes)])
     assert float(dense[table.error_start:table.target_start].abs().sum()) == 0.0  # no rows for errors, inputs
-    params = ag.GraphParams(max_feature_nodes=40, batch_size=8, update_interval=2, drop_mass=0.0)
+    params = ag.GraphParams(max_feature_nodes=40, batch_size=8, rank_every=16, drop_mass=0.0)
     partial = ag.build_graph(frozen, targets, weights, params)
     expected = circuit_tracer_selection(dense, [table.target_node(k) for k in range(len(targets))], weights,
                                         table.n_features, 40, 8, 2)

@@ -25,7 +25,7 @@ METADATA = {"kind": "attribution-graph", "model": "hand", "n_layers": 1, "prompt
 def graph() -> ag.AttributionGraph:
     table, adjacency = hand_graph()
     params = ag.GraphParams(node_threshold=0.8, edge_threshold=0.9)
-    return ag.finish_graph(adjacency, table, torch.ones(2, dtype=torch.bool), params)
+    return ag.finish_graph(adjacency, table, params)
 
 
 def test_node_ids():

@@ -1,0 +1,149 @@
+"""Seconds and peak memory per `tc graph`, beside the floor of the backward passes it must do.
+
+A random GPT-2 (12 layers, d_model 768, 12 heads, context 1024; the tiny test tokenizer, vocabulary 320)
+with random transcoders of 24,576 features on all 12 layers, encoder biases shifted so that about --l0
+features fire per token (as circuit_latency.py does: trained GPT-2 transcoders have L0 of tens to ~100).
+Prompts of --tokens tokens (BOS + random token ids), --max-feature-nodes 4096, --target logits (10 logits
+of this random model), everything else tc graph's defaults. Each prompt length runs in a child process of
+its own, so its peak memory (max RSS) is its own; the model and transcoders are loaded before the clock
+starts, and their RSS is printed apart.
+
+Timed: everything `tc graph` does after loading (the forward pass and freezing, the targets, the rows,
+the ranking, influence, pruning, scores), as in tccli.graph.attribution_graph. The floor: the FLOP of the
+matmuls of the backward passes it did (attribution_graph.dense_rows counts them: per layer 4 a P d^2 for
+the OV circuits, 2 a P^2 d for the patterns, 2 a P d (1 + k) for the writes, with a rows and P tokens
+carried) divided by the float32 matmul rate measured in the same process on the shape those matmuls have.
+On a GPU (--device cuda) the same, with CUDA's peak allocated memory.
+
+    .venv/bin/python benchmarks/graph_latency.py [--tokens 32 64 128 256] [--l0 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from circuit_helpers import random_transcoders  # noqa: E402
+from circuit_latency import build_model, sparsify  # noqa: E402
+
+from tccli.attribution_graph import GraphParams, build_graph, salient_logit_targets  # noqa: E402
+from tccli.circuit import freeze_prompt  # noqa: E402
+from tccli.models import load_model  # noqa: E402
+
+
+def matmul_rate(device: str, rows: int, d: int = 768, repeats: int = 5) -> float:
+    """float32 FLOP/s of [rows, d] @ [d, d], the shape of the backward pass's OV matmuls (best of repeats)."""
+    a = torch.randn(rows, d, device=device)
+    b = torch.randn(d, d, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * d * d / best
+
+
+def current_rss_gib() -> float:
+    """This process's resident memory now (not its peak), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int, device: str) -> dict:
+    loaded = load_model(folder, device, "float32")
+    transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, 24576, 0).items()}
+    generator = torch.Generator().manual_seed(n_tokens)
+    tokens = torch.cat([torch.tensor([loaded.info.bos_token_id]),
+                        torch.randint(1, loaded.info.d_vocab, (n_tokens - 1,), generator=generator)])
+    mean_l0 = sparsify(loaded, transcoders, tokens, l0)
+    import gc
+
+    gc.collect()
+    rss_loaded = current_rss_gib()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated() / 2**30
+    start, cpu_start = time.perf_counter(), time.process_time()
+    frozen = freeze_prompt(loaded, transcoders, tokens)
+    targets, weights = salient_logit_targets(frozen, n_tokens - 1)
+    graph = build_graph(frozen, targets, weights, GraphParams(max_feature_nodes=budget, batch_size=batch_size))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    rate = matmul_rate(device, batch_size * n_tokens)
+    out = {"tokens": n_tokens, "l0": mean_l0, "seconds": seconds, "cpu_seconds": cpu,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "rss_after_loading_gib": rss_loaded, "matmul_gflops": rate / 1e9,
+           "floor_seconds": graph.stats["backward_flop"] / rate, "active_features": graph.n_active_features,
+           "rows": graph.stats["rows"], "replacement": graph.replacement, "completeness": graph.completeness,
+           "load_average": os.getloadavg()[0], **{k: v for k, v in graph.stats.items() if k.startswith(("seconds", "backward", "stored", "dropped"))}}
+    if device.startswith("cuda"):
+        out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["cuda_after_loading_gib"] = cuda_base
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--l0", type=int, default=100)
+    parser.add_argument("--max-feature-nodes", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-folder", help="reuse a model built by an earlier run (else a temporary one)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(one_length(args.model_folder, args.child, args.l0, args.max_feature_nodes,
+                                    args.batch_size, args.device)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model_folder or tmp
+        if not (Path(folder) / "config.json").exists():
+            build_model(Path(folder))
+        print(f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads); transcoders 24,576 features x 12 "
+              f"layers, target L0 {args.l0}; --max-feature-nodes {args.max_feature_nodes}, --batch-size "
+              f"{args.batch_size}; device {args.device}, {args.threads} threads", flush=True)
+        print("| tokens | L0 | active features | seconds | CPU s | floor s (GFLOP/s) | rows / ranking / finish s "
+              "| peak RSS GiB | after loading GiB | graph's own GiB | stored entries | load avg |", flush=True)
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        for n_tokens in args.tokens:
+            child = subprocess.run([sys.executable, __file__, "--child", str(n_tokens), "--model-folder", folder,
+                                    "--l0", str(args.l0), "--max-feature-nodes", str(args.max_feature_nodes),
+                                    "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                                    "--device", args.device], capture_output=True, text=True)
+            if child.returncode != 0:
+                print(f"| {n_tokens} | failed: {child.stderr.strip().splitlines()[-1]} |", flush=True)
+                continue
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            memory = (f"{r['cuda_peak_gib']:.2f} (CUDA)" if "cuda_peak_gib" in r else f"{r['peak_rss_gib']:.2f}")
+            print(f"| {r['tokens']} | {r['l0']:.0f} | {r['active_features']:,} | {r['seconds']:.1f} | "
+                  f"{r['cpu_seconds']:.1f} | {r['floor_seconds']:.1f} ({r['matmul_gflops']:.0f}) | "
+                  f"{r['seconds_rows']:.1f} / {r['seconds_ranking']:.1f} / {r['seconds_finish']:.1f} | {memory} | "
+                  f"{r['rss_after_loading_gib']:.2f} | {r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} | "
+                  f"{r['stored_entries']:,} | {r['load_average']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
