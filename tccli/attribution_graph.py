@@ -389,6 +389,7 @@ class SparseRows:
     dropped: torch.Tensor  # [R] signed sum of entries not stored
     dropped_abs: torch.Tensor  # [R] their absolute sum
     total_abs: torch.Tensor  # [R] absolute sum of the whole row (stored + dropped)
+    entry_rows: Optional[torch.Tensor] = None  # [nnz] int32 row of each entry, kept where cheap to keep
 
     @property
     def n_rows(self) -> int:
@@ -399,7 +400,9 @@ class SparseRows:
         return int(self.col.shape[0])
 
     def row_ids(self) -> torch.Tensor:
-        """[nnz] int64: the row (within this chunk) of every entry."""
+        """[nnz]: the row (within this chunk) of every entry."""
+        if self.entry_rows is not None:
+            return self.entry_rows
         return torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff(),
                                        output_size=self.nnz)
 
@@ -407,23 +410,27 @@ class SparseRows:
         return torch.zeros(self.n_rows, dtype=values.dtype, device=values.device).index_add_(0, self.row_ids(), values)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.value))
+        held = (self.crow, self.col, self.value) + ((self.entry_rows,) if self.entry_rows is not None else ())
+        return sum(t.numel() * t.element_size() for t in held)
 
     def filter_entries(self, keep: torch.Tensor, new_col: Optional[torch.Tensor] = None) -> "SparseRows":
         """Only the entries ``keep`` [nnz] (the others are added to the dropped sums); columns renumbered
-        by ``new_col`` [old node -> new node] when given."""
+        by ``new_col`` [old node -> new node] when given. The result keeps its entries' rows (the filtered
+        rows are the smaller ones, used many times after)."""
         rows = self.row_ids()
         lost = ~keep
-        dropped = self.dropped.clone().index_add_(0, rows[lost], self.value[lost])
-        dropped_abs = self.dropped_abs.clone().index_add_(0, rows[lost], self.value[lost].abs())
+        lost_values = self.value[lost]
+        dropped = self.dropped.clone().index_add_(0, rows[lost], lost_values)
+        dropped_abs = self.dropped_abs.clone().index_add_(0, rows[lost], lost_values.abs_())
+        kept_rows = rows[keep].to(torch.int32)
         crow = torch.zeros_like(self.crow)
-        crow[1:] = torch.bincount(rows[keep], minlength=self.n_rows).cumsum(0)
+        crow[1:] = torch.bincount(kept_rows, minlength=self.n_rows).cumsum(0)
         col = self.col[keep]
         if new_col is not None:
-            col = new_col[col].to(torch.int32)
+            col = new_col.index_select(0, col).to(torch.int32)
         return SparseRows(nodes=self.nodes, crow=crow, col=col, value=self.value[keep], bias=self.bias,
                           target_value=self.target_value, dropped=dropped, dropped_abs=dropped_abs,
-                          total_abs=self.total_abs)
+                          total_abs=self.total_abs, entry_rows=kept_rows)
 
 
 class Adjacency:
@@ -457,7 +464,7 @@ class Adjacency:
         out = []
         for chunk in self.chunks:
             magnitude = chunk.value.abs()
-            out.append(magnitude / chunk.row_sums(magnitude).clamp(min=1e-10)[chunk.row_ids()])
+            out.append(magnitude / chunk.row_sums(magnitude).clamp(min=1e-10).index_select(0, chunk.row_ids()))
         return out
 
     def consume(self, fn: Callable[[SparseRows], SparseRows]) -> "Adjacency":
@@ -531,9 +538,9 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     row_of_node[nodes] = torch.arange(nodes.shape[0], device=device)
     inner_from, inner_to, inner_value, offset = [], [], [], 0
     for chunk, values in zip(adjacency.chunks, normalized):
-        source_rows = row_of_node[chunk.col]
+        source_rows = row_of_node.index_select(0, chunk.col)
         inner = source_rows >= 0
-        inner_from.append(chunk.row_ids()[inner] + offset)
+        inner_from.append(chunk.row_ids()[inner].long() + offset)
         inner_to.append(source_rows[inner])
         inner_value.append(values[inner])
         offset += chunk.n_rows
@@ -541,7 +548,7 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     current = weights[nodes].to(dtype)  # the flow arriving at each row's node
     flow = current.clone()
     for _ in range(nodes.shape[0] + 1):  # a DAG: the flow dies out within its depth
-        step = torch.zeros_like(current).index_add_(0, inner_to, inner_value * current[inner_from])
+        step = torch.zeros_like(current).index_add_(0, inner_to, inner_value * current.index_select(0, inner_from))
         if not bool(step.any()):
             break
         flow += step
@@ -551,7 +558,7 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     out = torch.zeros(n_nodes, dtype=dtype, device=device)
     offset = 0
     for chunk, values in zip(adjacency.chunks, normalized):
-        out.index_add_(0, chunk.col, values * flow[offset:offset + chunk.n_rows][chunk.row_ids()])
+        out.index_add_(0, chunk.col, values * flow[offset:offset + chunk.n_rows].index_select(0, chunk.row_ids()))
         offset += chunk.n_rows
     return out
 
@@ -624,7 +631,7 @@ class ColumnMap:
         self.new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
 
     def __call__(self, chunk: SparseRows) -> SparseRows:
-        restricted = chunk.filter_entries(self.new_index[chunk.col] >= 0, self.new_index)
+        restricted = chunk.filter_entries(self.new_index.index_select(0, chunk.col) >= 0, self.new_index)
         restricted.nodes = self.new_index[chunk.nodes]
         return restricted
 
@@ -736,12 +743,12 @@ def prune(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, 
     weights = table.weights()
     node_mask = node_influence >= find_threshold(node_influence, node_threshold)
     node_mask[table.embed_start:] = True  # inputs and targets are always kept
-    ends = [(chunk.nodes[chunk.row_ids()], chunk.col.long()) for chunk in adjacency.chunks]
+    ends = [(chunk.nodes.index_select(0, chunk.row_ids()), chunk.col) for chunk in adjacency.chunks]
     in_pruned = [node_mask[target] & node_mask[source] for target, source in ends]
     pruned = Adjacency([chunk.filter_entries(keep) for chunk, keep in zip(adjacency.chunks, in_pruned)])
     pruned_normalized = pruned.normalized()
     pruned_influence = influence(pruned, table.n_nodes, weights, pruned_normalized) + weights
-    scores = [values * pruned_influence[chunk.nodes[chunk.row_ids()]]
+    scores = [values * pruned_influence[chunk.nodes.index_select(0, chunk.row_ids())]
               for chunk, values in zip(pruned.chunks, pruned_normalized)]
     all_scores = torch.cat(scores)
     threshold = find_threshold(all_scores, edge_threshold) if all_scores.numel() else all_scores.new_tensor(0.0)
@@ -777,7 +784,7 @@ def graph_scores(adjacency: Adjacency, table: NodeTable, node_influence: torch.T
     for chunk, values in zip(adjacency.chunks, normalized):
         col = chunk.col.long()
         is_error = (col >= table.error_start) & (col < table.embed_start)
-        error_share.index_add_(0, chunk.nodes[chunk.row_ids()][is_error], values[is_error])
+        error_share.index_add_(0, chunk.nodes.index_select(0, chunk.row_ids())[is_error], values[is_error])
     output = node_influence + table.weights()
     completeness = float(((1 - error_share) * output).sum() / output.sum())
     return replacement, completeness
