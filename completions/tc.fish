@@ -122,6 +122,8 @@ complete -c tc -n '__fish_seen_subcommand_from graph' -l out -r -F -d 'Write the
 complete -c tc -n '__fish_seen_subcommand_from graph' -l batch-size -r -F -d 'Rows per backward pass (memory grows with it and with the prompt).'
 complete -c tc -n '__fish_seen_subcommand_from graph' -l drop-mass -r -F -d 'Per row, drop the smallest entries while their absolute sum stays within this share of the row'\''s (0 keeps every nonzero entry); reported.'
 complete -c tc -n '__fish_seen_subcommand_from graph' -l quiet -d 'No progress or summary on stderr.'
+complete -c tc -n '__fish_seen_subcommand_from graph' -l min-edge -r -F -d 'Pictures (dot, svg, png): draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.'
+complete -c tc -n '__fish_seen_subcommand_from graph' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from graph' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from greater-than' -F
 complete -c tc -n '__fish_seen_subcommand_from greater-than' -l model -r -F -d 'Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).'

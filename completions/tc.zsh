@@ -142,6 +142,8 @@ _tc() {
                     '*--batch-size[Rows per backward pass (memory grows with it and with the prompt).]:value:_files' \
                     '*--drop-mass[Per row, drop the smallest entries while their absolute sum stays within this share of the row'\''s (0 keeps every nonzero entry); reported.]:value:_files' \
                     '*--quiet[No progress or summary on stderr.]' \
+                    '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
+                    '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 greater-than) _arguments \

@@ -13,13 +13,16 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import networkx as nx
 import torch
 
 from tccli.attribution_graph import AttributionGraph, HeadSplit, NodeTable
 from tccli.search import NodeKey
+
+if TYPE_CHECKING:
+    from tccli.graph_io import PictureOptions
 
 GRAPH_KIND = "attribution-graph"
 
@@ -288,8 +291,8 @@ def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
 
 
 def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], fmt: str,
-           heads: Optional[HeadSplit] = None) -> bytes:
-    """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes."""
+           heads: Optional[HeadSplit] = None, picture: Optional["PictureOptions"] = None) -> bytes:
+    """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes; ``picture`` says how dot draws it."""
     from tccli import graph_io
 
     if fmt == "pt":
@@ -300,7 +303,7 @@ def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_id
     if fmt == "neuronpedia":
         return to_neuronpedia(pruned).encode()
     if fmt == "dot":
-        return graph_io.to_dot(pruned).encode()
+        return graph_io.to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")
 
 

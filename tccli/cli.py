@@ -407,7 +407,7 @@ def graph_command(config: GraphConfig) -> None:
 
     run = attribution_graph(loaded, transcoders, prompt, config, None if config.quiet else progress)
     data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
-                                       run.heads)
+                                       run.heads, config)
     _write_output(data, config.out)
     graph, stats = run.graph, run.graph.stats
     log(f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "

@@ -20,6 +20,7 @@ from tccli.circuit import (build_target, check_transcoders, freeze_prompt, promp
                            token_strings)
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
+from tccli.graph_io import PictureOptions
 from tccli.models import LoadedModel
 from tccli.transcoder import Transcoder
 
@@ -27,7 +28,7 @@ FORMATS = ("json", "neuronpedia", "dot", "pt")
 
 
 @dataclass
-class GraphConfig(ModelOptions):
+class GraphConfig(PictureOptions, ModelOptions):
     """Options of `tc graph`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
@@ -61,6 +62,7 @@ class GraphConfig(ModelOptions):
 
     def validate(self) -> None:
         ModelOptions.validate(self)
+        PictureOptions.validate(self)
         chosen = [name for name, value in (("--target", self.target), ("--logit", self.logit),
                                            ("--logit-diff", self.logit_diff or None), ("--feature", self.feature),
                                            ("--direction", self.direction)) if value is not None]

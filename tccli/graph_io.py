@@ -262,6 +262,10 @@ def _caption(graph: nx.DiGraph, hidden_edges: int, hidden_nodes: int, options: P
         lines.append(f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
                      f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
                      f"{meta.get('error_into_target', 0.0):.3g}")
+    if meta.get("replacement_score") is not None:  # a tc graph attribution graph
+        lines.append(f"replacement score {meta['replacement_score']:.3f}, completeness score "
+                     f"{meta['completeness_score']:.3f}; {meta.get('kept_features')} features kept of "
+                     f"{meta.get('graph_features')} with rows ({meta.get('active_features')} active)")
     if hidden_edges:
         lines.append(f"not drawn: {hidden_edges} edges below {options.min_edge:g} x |target| and "
                      f"{hidden_nodes} nodes left without an edge")
@@ -315,7 +319,7 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
 def _tooltip(node: str, attrs: dict) -> str:
     """What hovering a node in the SVG shows: its id, token and figures."""
     parts = [node, f"token {_token(attrs.get('token', ''))} @{attrs.get('position')}"]
-    for key in ("activation", "direct_contribution", "path_contribution"):
+    for key in ("activation", "direct_contribution", "path_contribution", "influence"):
         if isinstance(attrs.get(key), (int, float)):
             parts.append(f"{key} {attrs[key]:.4g}")
     return "\n".join(parts)
