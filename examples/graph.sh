@@ -5,8 +5,10 @@
 #
 #   1. transcoders for every layer (reused when they exist: the same commands as examples/greater_than.sh
 #      and examples/stories260k.sh, seed 0)
-#   2. tc graph --logit-diff 40 20 on "The war lasted from the year 1735 to the year 17": JSON, DOT, SVG,
-#      and with --heads; then the same prompt with the default targets (the likely next tokens)
+#   2. tc graph --logit-diff 40 20 --heads on "The war lasted from the year 1735 to the year 17" (JSON), its
+#      picture (pruned harder: node threshold 0.6, edge threshold 0.9; SVG), the same prompt with the
+#      default targets (the likely next tokens), tc circuit on the same target and what the graph holds
+#      that the circuit does not (scripts/graph_vs_circuit.py)
 #   3. the same for stories260K (logit(" she") - logit(" he")), when ../shared is beside the checkout
 #
 # Environment: OUT (default demo-out), DEVICE (cpu), SHARED (../shared), IMAGES (a folder to copy the SVGs
@@ -22,6 +24,7 @@ mkdir -p "$OUT"
 transcoders() {  # model corpus folder: train one TopK transcoder per layer unless the folder has them
   if [ ! -e "$3/layer_0/config.json" ]; then
     echo "== tc cache + tc train for $1" >&2
+    mkdir -p "$(dirname "$3")"
     tc cache --model "$1" --data "$2" --layers all --tokens 100k --context 128 --dtype float16 \
       --out "$3.acts.h5" --device "$DEVICE" --force --quiet
     tc train --cache "$3.acts.h5" --out "$3" --tokens 400k --expansion 8 --k 8 --batch-size 1024 \
@@ -31,13 +34,14 @@ transcoders() {  # model corpus folder: train one TopK transcoder per layer unle
 
 graphs() {  # name model transcoders prompt tokenA tokenB
   local name=$1 model=$2 tcs=$3 prompt=$4
-  echo "== $name: tc graph --logit-diff $5 $6" >&2
+  echo "== $name: tc graph --logit-diff $5 $6 --heads" >&2
   tc graph --model "$model" --device "$DEVICE" --transcoders "$tcs" --prompt "$prompt" \
-    --logit-diff "$5" "$6" --out "$OUT/graph_$name.json"
-  tc export "$OUT/graph_$name.json" --format svg --out "$OUT/graph_$name.svg"
+    --logit-diff "$5" "$6" --heads --out "$OUT/graph_$name.json"
+  echo "== $name: the picture: the same graph pruned harder (node threshold 0.6, edge threshold 0.9)" >&2
   tc graph --model "$model" --device "$DEVICE" --transcoders "$tcs" --prompt "$prompt" \
-    --logit-diff "$5" "$6" --heads --format dot --out "$OUT/graph_${name}_heads.dot" --quiet
-  dot -Tsvg "$OUT/graph_${name}_heads.dot" -o "$OUT/graph_${name}_heads.svg"
+    --logit-diff "$5" "$6" --heads --node-threshold 0.6 --edge-threshold 0.9 \
+    --out "$OUT/graph_${name}_picture.json" --quiet
+  tc export "$OUT/graph_${name}_picture.json" --format svg --min-edge 0 --out "$OUT/graph_$name.svg"
   echo "== $name: tc graph with the default targets (the likely next tokens)" >&2
   tc graph --model "$model" --device "$DEVICE" --transcoders "$tcs" --prompt "$prompt" \
     --out "$OUT/graph_${name}_logits.json"
@@ -46,9 +50,10 @@ graphs() {  # name model transcoders prompt tokenA tokenB
     --logit-diff "$5" "$6" --iters 3 --branches 10 --format json --out "$OUT/circuit_$name.json"
   tc info "$OUT/graph_$name.json"
   tc info "$OUT/graph_${name}_logits.json"
+  python scripts/graph_vs_circuit.py "$OUT/graph_$name.json" "$OUT/circuit_$name.json"
   if [ -n "${IMAGES:-}" ]; then
     mkdir -p "$IMAGES"
-    cp "$OUT/graph_$name.svg" "$OUT/graph_${name}_heads.svg" "$IMAGES/"
+    cp "$OUT/graph_$name.svg" "$IMAGES/"
   fi
 }
 

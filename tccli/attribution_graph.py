@@ -629,9 +629,12 @@ class ColumnMap:
         self.new_index[keep] = torch.arange(keep.shape[0], device=device)
         shift = table.n_features - self.table.n_features
         self.new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
+        self.dropped_abs = 0.0  # absolute sum of the entries removed so far
 
     def __call__(self, chunk: SparseRows) -> SparseRows:
-        restricted = chunk.filter_entries(self.new_index.index_select(0, chunk.col) >= 0, self.new_index)
+        keep = self.new_index.index_select(0, chunk.col) >= 0
+        self.dropped_abs += float(chunk.value[~keep].abs().sum())
+        restricted = chunk.filter_entries(keep, self.new_index)
         restricted.nodes = self.new_index[chunk.nodes]
         return restricted
 
@@ -699,6 +702,7 @@ def build_graph(frozen: FrozenForward, targets: list[Target], target_weight: tor
             columns = ColumnMap(table, torch.zeros_like(reachable))
             adjacency = adjacency.consume(columns)
         start = time.perf_counter()
+        stats["dropped_budget_abs"] = columns.dropped_abs
         graph = finish_graph(adjacency, columns.table, params, stats)
         graph.n_active_features = table.n_features
         stats["seconds_finish"] = time.perf_counter() - start
@@ -720,11 +724,11 @@ def finish_graph(adjacency: Adjacency, table: NodeTable, params: GraphParams,
     cumulative[order] = (ordered.double().cumsum(0) / ordered.double().sum()).to(node_influence.dtype)
     total_abs, dropped_abs = adjacency.cat("total_abs"), adjacency.cat("dropped_abs")
     whole = float(total_abs.sum().clamp(min=1e-30))
-    small = stats.pop("dropped_small_abs", 0.0)
+    small, budget = stats.pop("dropped_small_abs", 0.0), stats.pop("dropped_budget_abs", 0.0)
     stats.update({
         "rows": adjacency.n_rows, "stored_entries": adjacency.nnz, "stored_bytes": adjacency.nbytes(),
         # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
-        "dropped_small_share": small / whole, "dropped_budget_share": (float(dropped_abs.sum()) - small) / whole,
+        "dropped_small_share": small / whole, "dropped_budget_share": budget / whole,
         "dropped_share_total": float(dropped_abs.sum()) / whole,
         "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max())})
     return AttributionGraph(table=table, adjacency=adjacency, influence=node_influence, cumulative=cumulative,
