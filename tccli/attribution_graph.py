@@ -862,7 +862,7 @@ def node_writes(frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
 
 @torch.no_grad()
 def head_split(frozen: FrozenForward, table: NodeTable, targets: list[Target], sources: torch.Tensor,
-               edge_targets: torch.Tensor, share: float = 0.1, batch_size: int = 64) -> HeadSplit:
+               edge_targets: torch.Tensor, share: float = 0.25, batch_size: int = 64) -> HeadSplit:
     """Split the edges (sources[e] -> edge_targets[e]) by the head of their first attention hop, by carrying
     each source's write up the frozen model (attention only, MLPs cut) and reading every layer's per-head
     output at the target's token with the target's read vector. ``parts`` lists, per edge, the (layer,

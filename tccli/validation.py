@@ -109,8 +109,11 @@ def sample_random_circuit(circuit: Sequence[NodeRef], active: dict[tuple[int, in
     Each feature node (layer l, position p) is replaced by a feature active at (l, p) (``active``:
     (layer, position) -> active feature indices) that neither circuit holds; failing that, one active at
     layer l at any position; failing that, any feature index seen at layer l. Each head node of layer l
-    by a (head, source) pair of layer l, sources from ``sources``, that neither holds.
+    by a (head, source) pair of layer l, sources from ``sources``, that neither holds; failing that (a graph
+    with head nodes on every head and token of the layer, as tc graph --heads can give a tiny model), by
+    such a pair of another layer that held head nodes.
     """
+    head_layers = sorted({node.layer for node in circuit if node.kind != "feature"})
     taken = set(circuit)
     out = []
     for node in circuit:
@@ -121,7 +124,9 @@ def sample_random_circuit(circuit: Sequence[NodeRef], active: dict[tuple[int, in
             candidates = [c for c in here if c not in taken] or [c for c in anywhere if c not in taken]
         else:
             candidates = [NodeRef("head", node.layer, h, s) for h in range(n_heads) for s in sources]
-            candidates = [c for c in candidates if c not in taken]
+            candidates = [c for c in candidates if c not in taken] or [
+                c for layer in head_layers for c in (NodeRef("head", layer, h, s) for h in range(n_heads)
+                                                     for s in sources) if c not in taken]
         if not candidates:
             raise fail(f"cannot draw a random stand-in for {node.id}: every candidate is taken")
         pick = rng.choice(sorted(candidates, key=lambda c: (c.index, c.position)))
