@@ -1,6 +1,7 @@
 # Two targets do all the set-up on a fresh machine:
 #   make demo   create .venv, install tc, run the whole method end to end on a model that needs no download
 #   make test   create .venv, install tc with test extras, run the test suite
+#   make figures  regenerate every README figure that comes from a run (scripts/readme_figures.py)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -10,7 +11,7 @@ TC      = $(VENV)/bin/tc
 # so it is installed first, and only when no torch is importable.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test completions clean
+.PHONY: install demo test completions figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ test: install
 
 completions: install
 	$(PY) -m tccli.completions completions
+
+figures: install
+	$(PY) scripts/readme_figures.py update
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -15,6 +15,7 @@ Pure functions take token ids and probabilities; `probability_difference_of_mode
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -22,6 +23,7 @@ import torch
 
 from tccli.config import ModelOptions, option, parse_layers
 from tccli.errors import TcError, fail
+from tccli.text import display_token
 
 TEMPLATE = "The {noun} lasted from the year 17{yy:02d} to the year 17"
 N_PROMPTS = 100
@@ -213,9 +215,9 @@ def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> li
             encoder = transcoders[node["layer"]].W_enc[:, node["feature"]].detach().to(W_E.dtype)
             with torch.no_grad():
                 scores = deembedding(W_E, encoder, loaded.info.normalization == "layernorm")
-            # Byte tokens that are never whole characters decode to U+FFFD; they carry no meaning to show.
-            texts = (loaded.tokenizer.decode([i]) for i in scores.argsort(descending=True).tolist())
-            row["deembedding"] = [t for t in texts if t.isprintable() and "\ufffd" not in t][:top]
+            # Byte tokens that are never whole characters (shown <0xE2>) carry no meaning to show.
+            texts = (display_token(loaded.tokenizer, i) for i in scores.argsort(descending=True).tolist())
+            row["deembedding"] = [t for t in texts if t.isprintable() and "<0x" not in t][:top]
         out.append(row)
     return out
 
@@ -225,24 +227,23 @@ def result_lines(result: dict) -> list[str]:
         lines = [f"greater-than task not applicable to {result['model']}: {result['not_applicable']}"]
     else:
         lines = [f"greater-than probability difference over {result['prompts']} prompts (model {result['model']}):",
-                 f"  clean model              {result['clean']:.3f}"]
+                 f"  {'clean model':<24} {result['clean']:.3f}"]
     for layer, value in result["replaced"].items():
-        lines.append(f"  MLP {layer} -> transcoder     {value:.3f}")
+        lines.append(f"  {f'MLP {layer} -> transcoder':<24} {value:.3f}")
     if result["all_replaced"] is not None:
-        lines.append(f"  all MLPs -> transcoders  {result['all_replaced']:.3f}")
+        lines.append(f"  {'all MLPs -> transcoders':<24} {result['all_replaced']:.3f}")
     if result.get("top_nodes"):
-        lines.append("top features and heads of the circuit, by path contribution (the summed attribution of "
-                     "the paths found from the node to the target); direct: its own term in the target:")
+        lines.append("top features and heads of the circuit by path contribution (path: the summed attribution of")
+        lines.append("the paths found from the node to the target; direct: the node's own term in the target):")
         for node in result["top_nodes"]:
-            where = f"at {node['token']!r} (position {node['position']})"
-            if node["kind"] == "feature":
-                name = f"L{node['layer']}.F{node['feature']}"
-                detail = f"activation {node['activation']:.3g}; de-embeds to " + " ".join(
-                    repr(t) for t in node.get("deembedding", []))
-            else:
-                name, where = f"L{node['layer']}.H{node['head']}", f"reading {node['token']!r} (position {node['position']})"
-                detail = ""
+            token = f"{json.dumps(node['token'], ensure_ascii=False)}@{node['position']}"
             direct = node.get("direct_contribution")  # None in graphs written before it existed
-            figures = f"path {node['path_contribution']:.3g}, direct " + ("n/a" if direct is None else f"{direct:.3g}")
-            lines.append(f"  {name:<10} {where:<28} {figures:<26} {detail}".rstrip())
+            figures = f"path {node['path_contribution']:<7.3g} direct " + ("n/a" if direct is None else f"{direct:<7.3g}")
+            if node["kind"] == "feature":
+                name, where = f"L{node['layer']}.F{node['feature']}", f"at {token}"
+                detail = f"z {node['activation']:.3g}; de-embeds to " + " ".join(
+                    json.dumps(t, ensure_ascii=False) for t in node.get("deembedding", []))
+            else:
+                name, where, detail = f"L{node['layer']}.H{node['head']}", f"reads {token}", ""
+            lines.append(f"  {name:<9} {where:<18} {figures}  {detail}".rstrip())
     return lines
