@@ -285,7 +285,7 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
                        options)
     lines = ["digraph circuit {",
              f"  graph [layout=neato, splines={'curved' if len(drawn_edges) <= CURVED_EDGES else 'false'}, "
-             f"outputorder=edgesfirst, fontname=Helvetica, fontsize=11, "
+             f"outputorder=edgesfirst, pad=0.4, fontname=Helvetica, fontsize=11, "
              f"labelloc=t, labeljust=l, label={_quote(caption)}];",
              '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
              f'height={NODE_HEIGHT}, penwidth=0.6];',
