@@ -11,7 +11,7 @@ _tc() {
         deembed) opts='--transcoders --feature --model --device --model-dtype --top --head --help' ;;
         eval) opts='--transcoders --data --tokens --context --seed --model --device --model-dtype --layers --kind --mean-ablation --dense-threshold --batch-size --json --wide --quiet --help' ;;
         export) opts='--format --out --min-edge --min-edge-label --help' ;;
-        graph) opts='--transcoders --prompt --model --device --model-dtype --target --logit --logit-diff --feature --direction --layer --pos --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --batch-size --drop-mass --quiet --min-edge --min-edge-label --help' ;;
+        graph) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --target --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --batch-size --drop-mass --quiet --min-edge --min-edge-label --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
         intervene) opts='--transcoders --prompt --model --device --model-dtype --ablation --features --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --mode --top --json --help' ;;

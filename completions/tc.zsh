@@ -124,13 +124,13 @@ _tc() {
                     '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
-                    '*--target[Target\: '\''logits'\'' (the default)\: the most likely next tokens at --pos until --logit-prob of probability, at most --max-logits, each weighted by its probability.]:value:_files' \
+                    '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
                     '*--logit[Target\: the logit of this token (must be a single token).]:value:_files' \
                     '*--logit-diff[Target\: logit(A) - logit(B), given as --logit-diff A B.]:value:_files' \
-                    '*--feature[Target\: a transcoder feature'\''s pre-activation, e.g. L8.F1234.]:value:_files' \
                     '*--direction[Target\: a direction (.npy, \[d_model\]) dotted with the residual stream entering block --layer (--layer n_layers\: after the last block).]:value:_files' \
                     '*--layer[The residual stream --direction is read from.]:value:_files' \
-                    '*--pos[Token position of the target(s) (negative counts from the end).]:value:_files' \
+                    '*--pos[Token position of the target (negative counts from the end).]:value:_files' \
+                    '*--target[Target\: '\''logits'\'' (the default)\: the most likely next tokens at --pos until --logit-prob of probability, at most --max-logits, each weighted by its probability.]:value:_files' \
                     '*--max-logits[--target logits\: at most this many logits.]:value:_files' \
                     '*--logit-prob[--target logits\: stop adding logits once their probability reaches this.]:value:_files' \
                     '*--max-feature-nodes[Features that get rows (computed most influential first); the others are left out of the graph.]:value:_files' \

@@ -173,7 +173,7 @@ class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
             raise fail("--iters and --branches must be at least 1")
 
 
-def build_target(config: CircuitConfig, loaded: LoadedModel, transcoders: dict[int, Transcoder],
+def build_target(config: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder],
                  frozen: attribution.FrozenForward, position: int) -> attribution.Target:
     if config.feature is not None:
         layer, feature = parse_feature(config.feature)

@@ -16,8 +16,8 @@ import torch
 from tccli import attribution
 from tccli.attribution_graph import (AttributionGraph, GraphParams, HeadSplit, build_graph, head_split,
                                      salient_logit_targets)
-from tccli.circuit import (build_target, check_transcoders, freeze_prompt, prompt_tokens, resolve_position,
-                           token_strings)
+from tccli.circuit import (TargetOptions, build_target, check_transcoders, freeze_prompt, prompt_tokens,
+                           resolve_position, token_strings)
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
 from tccli.graph_io import PictureOptions
@@ -28,8 +28,8 @@ FORMATS = ("json", "neuronpedia", "dot", "pt")
 
 
 @dataclass
-class GraphConfig(PictureOptions, ModelOptions):
-    """Options of `tc graph`."""
+class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
+    """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
                               required=True)
@@ -37,14 +37,6 @@ class GraphConfig(PictureOptions, ModelOptions):
     target: Optional[str] = option(None, "Target: 'logits' (the default): the most likely next tokens at --pos "
                                    "until --logit-prob of probability, at most --max-logits, each weighted "
                                    "by its probability.", metavar="logits")
-    logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
-    logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
-                                   metavar="A B")
-    feature: Optional[str] = option(None, "Target: a transcoder feature's pre-activation, e.g. L8.F1234.")
-    direction: Optional[str] = option(None, "Target: a direction (.npy, [d_model]) dotted with the residual "
-                                      "stream entering block --layer (--layer n_layers: after the last block).")
-    layer: Optional[int] = option(None, "The residual stream --direction is read from.")
-    pos: int = option(-1, "Token position of the target(s) (negative counts from the end).")
     max_logits: int = option(10, "--target logits: at most this many logits.")
     logit_prob: float = option(0.95, "--target logits: stop adding logits once their probability reaches this.")
     max_feature_nodes: int = option(7500, "Features that get rows (computed most influential first); the "
@@ -63,18 +55,13 @@ class GraphConfig(PictureOptions, ModelOptions):
     def validate(self) -> None:
         ModelOptions.validate(self)
         PictureOptions.validate(self)
-        chosen = [name for name, value in (("--target", self.target), ("--logit", self.logit),
-                                           ("--logit-diff", self.logit_diff or None), ("--feature", self.feature),
-                                           ("--direction", self.direction)) if value is not None]
+        chosen = (["--target"] if self.target is not None else []) + self.chosen_targets()
         if len(chosen) > 1:
             raise fail(f"give at most one target ({', '.join(chosen)} given): --target logits (the default), "
                        "--logit, --logit-diff A B, --feature or --direction FILE")
         if self.target is not None and self.target != "logits":
             raise fail(f"--target must be 'logits' (other targets have flags of their own), got {self.target!r}")
-        if self.logit_diff and len(self.logit_diff) != 2:
-            raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
-        if self.direction is not None and self.layer is None:
-            raise fail("--direction needs --layer L (the residual stream it is read from)")
+        self.validate_target(required=False)
         if self.format not in FORMATS:
             raise fail(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.max_logits < 1:
@@ -135,7 +122,7 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
         if config.logits_target:
             targets, weights = salient_logit_targets(frozen, position, config.max_logits, config.logit_prob)
         else:
-            targets = [build_target(config, loaded, transcoders, frozen, position)]  # type: ignore[arg-type]
+            targets = [build_target(config, loaded, transcoders, frozen, position)]
             weights = torch.ones(1, dtype=frozen.embed.dtype, device=frozen.embed.device)
     graph = build_graph(frozen, targets, weights, config.params(), progress)
     heads = None
