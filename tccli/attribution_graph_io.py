@@ -134,16 +134,10 @@ def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: l
 
 
 def _is_attribution_graph_file(path: Path) -> bool:
-    from tccli.graph_io import GRAPH_FORMAT
+    from tccli.graph_io import graph_json
 
-    if not path.is_file() or path.suffix.lower() != ".json":
-        return False
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return (isinstance(data, dict) and data.get("format") == GRAPH_FORMAT
-            and data.get("graph", {}).get("metadata", {}).get("kind") == GRAPH_KIND)
+    data = graph_json(path)
+    return data is not None and data.get("graph", {}).get("metadata", {}).get("kind") == GRAPH_KIND
 
 
 def file_summary(path: Path) -> dict:

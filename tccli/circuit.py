@@ -114,6 +114,20 @@ def resolve_position(pos: int, n_tokens: int) -> int:
     return position
 
 
+def frozen_prompt(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, pos: int
+                  ) -> tuple[torch.Tensor, int, dict[int, Transcoder], attribution.FrozenForward]:
+    """What `tc circuit` and `tc graph` start from: the prompt's tokens, --pos resolved, the transcoders in the
+    dtype attribution works in, and the frozen forward pass."""
+    check_transcoders(transcoders, loaded)
+    tokens = prompt_tokens(loaded, prompt)
+    position = resolve_position(pos, int(tokens.shape[0]))
+    dtype = loaded.bridge.W_U.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # attribution.freeze works in float32 for half-precision models
+    transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
+    return tokens, position, transcoders, freeze_prompt(loaded, transcoders, tokens)
+
+
 # ----------------------------------------------------------------------------- tc circuit
 
 
@@ -209,14 +223,7 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
     from tccli.config import to_json_dict
     from tccli.search import SearchParams, build_graph, explained, greedy_search
 
-    check_transcoders(transcoders, loaded)
-    tokens = prompt_tokens(loaded, prompt)
-    position = resolve_position(config.pos, int(tokens.shape[0]))
-    dtype = loaded.bridge.W_U.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32  # attribution.freeze works in float32 for half-precision models
-    transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
-    frozen = freeze_prompt(loaded, transcoders, tokens)
+    tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         target = build_target(config, loaded, transcoders, frozen, position)
         params = SearchParams(iters=config.iters, branches=config.branches,

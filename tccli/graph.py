@@ -16,8 +16,7 @@ import torch
 from tccli import attribution
 from tccli.attribution_graph import (AttributionGraph, GraphParams, HeadSplit, build_graph, head_split,
                                      salient_logit_targets)
-from tccli.circuit import (TargetOptions, build_target, check_transcoders, freeze_prompt, prompt_tokens,
-                           resolve_position, token_strings)
+from tccli.circuit import TargetOptions, build_target, frozen_prompt, token_strings
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
 from tccli.graph_io import PictureOptions
@@ -108,16 +107,9 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
     from tccli import __version__
     from tccli.config import to_json_dict
 
-    check_transcoders(transcoders, loaded)
     if not transcoders:
         raise fail(f"no transcoders in {config.transcoders}")
-    tokens = prompt_tokens(loaded, prompt)
-    position = resolve_position(config.pos, int(tokens.shape[0]))
-    dtype = loaded.bridge.W_U.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32  # attribution.freeze works in float32 for half-precision models
-    transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
-    frozen = freeze_prompt(loaded, transcoders, tokens)
+    tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         if config.logits_target:
             targets, weights = salient_logit_targets(frozen, position, config.max_logits, config.logit_prob)

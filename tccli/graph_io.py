@@ -503,15 +503,20 @@ class ExportConfig(PictureOptions):
 # ----------------------------------------------------------------------------- tc info
 
 
-def _is_graph_file(path: Path) -> bool:
+def graph_json(path: Path) -> Optional[dict]:
+    """The parsed file when ``path`` is a tc graph JSON file (tc circuit's or tc graph's), else None."""
     if not path.is_file() or path.suffix.lower() != ".json":
-        return False
+        return None
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return (isinstance(data, dict) and data.get("format") == GRAPH_FORMAT
-            and not _attribution_graph(data.get("graph", {})))
+        return None
+    return data if isinstance(data, dict) and data.get("format") == GRAPH_FORMAT else None
+
+
+def _is_graph_file(path: Path) -> bool:
+    data = graph_json(path)
+    return data is not None and not _attribution_graph(data.get("graph", {}))
 
 
 def _attribution_graph(graph: nx.DiGraph | dict) -> bool:

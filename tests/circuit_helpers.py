@@ -7,8 +7,20 @@ from pathlib import Path
 import torch
 
 from tccli.attribution import FrozenForward, FrozenLayer
+from tccli.models import load_model
 from tccli.transcoder import Transcoder, TranscoderConfig
 from tccli.transcoder_io import save_transcoder
+
+
+_LOADED: dict = {}
+
+
+def loaded_model(path, dtype: str = "float32"):
+    """The tiny test model at ``path`` on the CPU, loaded once per test process and dtype."""
+    key = (str(path), dtype)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(str(path), "cpu", dtype)
+    return _LOADED[key]
 
 
 def random_transcoders(info, n_features: int = 48, seed: int = 0, dtype=torch.float32,

@@ -7,22 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuit_helpers import paper_model, random_transcoders
+from circuit_helpers import loaded_model, paper_model, random_transcoders
 from tccli import attribution
 from tccli.attribution import FrozenForward
 from tccli.circuit import freeze_prompt
-from tccli.models import load_model
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]  # BOS first; ids < the tiny vocab of 320
-
-_LOADED: dict = {}
-
-
-def loaded_model(path, dtype: str):
-    key = (str(path), dtype)
-    if key not in _LOADED:
-        _LOADED[key] = load_model(str(path), "cpu", dtype)
-    return _LOADED[key]
 
 
 def frozen_for(path, dtype: str, n_features: int = 48, seed: int = 0):

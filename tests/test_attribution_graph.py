@@ -7,23 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_helpers import random_transcoders
+from circuit_helpers import loaded_model, random_transcoders
 from tccli import attribution, attribution_graph as ag
 from tccli.attribution import FrozenForward
 from tccli.circuit import freeze_prompt
-from tccli.models import load_model
 from tccli.transcoder import Transcoder, TranscoderConfig
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
-
-_LOADED: dict = {}
-
-
-def loaded_model(path, dtype: str = "float32"):
-    key = (str(path), dtype)
-    if key not in _LOADED:
-        _LOADED[key] = load_model(str(path), "cpu", dtype)
-    return _LOADED[key]
 
 
 def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed: int = 0) -> Transcoder:
@@ -219,10 +209,12 @@ def dense_row(graph: ag.AttributionGraph, node: int, missing_ok: bool = False) -
     raise KeyError(node)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_edges_equal_autograd(tiny_model_dirs, arch, one_torch_thread):
-    """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model."""
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
+@pytest.mark.parametrize("arch, kind, skip", [("gpt2", "relu", False), ("neox", "relu", False), ("llama", "relu", False),
+                                              ("llama", "topk", False), ("gpt2", "jumprelu", True)])
+def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_thread):
+    """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model (the kind only
+    decides which features are active; a skip term is part of the error node, as attribution.freeze has it)."""
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", kind=kind, skip=skip)
     inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
     for targets, weights in every_target(frozen, loaded.info.d_model):
         graph = ag.build_graph(frozen, targets, weights, ALL)

@@ -8,26 +8,16 @@ import json
 import pytest
 import torch
 
-from circuit_helpers import random_transcoders, save_transcoders
+from circuit_helpers import loaded_model, random_transcoders, save_transcoders
 from conftest import run_tc
 from tccli import attribution
 from tccli.circuit import CircuitConfig, circuit_graph, freeze_prompt
 from tccli.errors import TcError
 from tccli.intervention import (MODES, Intervention, NodeRef, ReplacementModel, RowSpec, TargetSpec,
                                 parse_assignment, parse_node)
-from tccli.models import load_model
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 PROMPT = "The war lasted from 1735 to 17"
-
-_LOADED: dict = {}
-
-
-def loaded_model(path, dtype: str = "float32"):
-    key = (str(path), dtype)
-    if key not in _LOADED:
-        _LOADED[key] = load_model(str(path), "cpu", dtype)
-    return _LOADED[key]
 
 
 def setup(path, dtype: str = "float64", **kwargs):
