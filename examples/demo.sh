@@ -10,6 +10,9 @@ MODEL=${MODEL:-builtin}
 CORPUS=${CORPUS:-tccli/builtin/text/demo.txt}
 OUT=${OUT:-demo-out}
 DEVICE=${DEVICE:-cpu}
+# SKIP: steps to leave out, among "eval score" (scripts/readme_figures.py runs the eval itself, and
+# stories260K's figures need no features file)
+SKIP=${SKIP:-}
 mkdir -p "$OUT"
 started=$(date +%s)
 
@@ -23,13 +26,17 @@ tc info "$OUT/acts.h5"
 echo "== tc train: one transcoder per layer (TopK, k 8, 8 x d_model features, 400k tokens)" >&2
 tc train --cache "$OUT/acts.h5" --out "$OUT/transcoders" --tokens 400k --expansion 8 --k 8 \
   --batch-size 1024 --warmup-steps 50 --quiet
-echo "== tc eval: fidelity on text the cache did not read (--seed 1 packs other rows first)" >&2
-tc eval --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --seed 1 --tokens 10k \
-  --transcoders "$OUT/transcoders" --quiet
-echo "== tc score: density, examples, de-embeddings, logit effects of every feature" >&2
-tc score --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --tokens 30k \
-  --transcoders "$OUT/transcoders" --out "$OUT/features.jsonl" --quiet
-tc show "$OUT/features.jsonl" --html "$OUT/features.html" --limit 40
+if [[ " $SKIP " != *" eval "* ]]; then
+  echo "== tc eval: fidelity on text the cache did not read (--seed 1 packs other rows first)" >&2
+  tc eval --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --seed 1 --tokens 10k \
+    --transcoders "$OUT/transcoders" --quiet
+fi
+if [[ " $SKIP " != *" score "* ]]; then
+  echo "== tc score: density, examples, de-embeddings, logit effects of every feature" >&2
+  tc score --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --tokens 30k \
+    --transcoders "$OUT/transcoders" --out "$OUT/features.jsonl" --quiet
+  tc show "$OUT/features.jsonl" --html "$OUT/features.html" --limit 40
+fi
 PROMPT=${PROMPT:-The war lasted from the year 1735 to the year 17}
 TARGET=${TARGET:-40 20}
 echo "== tc circuit --logit-diff $TARGET on: $PROMPT" >&2

@@ -85,26 +85,12 @@ else
 fi
 
 # ---------------------------------------------------------------------------- the figures the README quotes
-python3 - "$OUT" <<'PY'
-import glob, json, os, sys
-
-def fmt(value):
-    return "n/a" if value is None else f"{value:.3f}"
-
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "**", "validate_*.json"), recursive=True)):
-    r = json.load(open(path))
-    c, b = r["circuit"], r["random"]["summary"]
-    rand = lambda key: f"{fmt(b[key]['mean'])} [{fmt(b[key]['min'])}, {fmt(b[key]['max'])}]" if key in b else "n/a"
-    print(f"{os.path.basename(path)}: {r['prompts']} prompts, circuit {r['circuit_size']}, target clean "
-          f"{r['target_clean']:.3f}")
-    if "metric" in r:
-        print(f"  probability difference: clean {fmt(r['metric']['clean'])}; circuit ablated "
-              f"{fmt(c['metric_ablated'])} (random {rand('metric_ablated')}); only circuit kept "
-              f"{fmt(c['metric_kept'])} (random {rand('metric_kept')})")
-    print(f"  necessity {fmt(c['necessity'])} (random {rand('necessity')}); sufficiency {fmt(c['sufficiency'])} "
-          f"(random {rand('sufficiency')})")
-    print(f"  per-node Spearman: graph {fmt(c['spearman_graph'])}, unpruned total {fmt(c['spearman_total'])} "
-          f"(random {rand('spearman_total')}); largest disagreements: "
-          + "; ".join(f"{d['id']} {d['predicted']:+.3f} -> {d['measured']:+.3f}" for d in c["disagreements"][:3]))
-PY
+# (scripts/readme_figures.py prints the same tables into the README)
+if [[ " $PARTS " == *" builtin "* ]]; then
+  python3 scripts/validation_table.py "$OUT"/validate_greater_than_{free_zero,free_mean,frozen_zero}.json
+  python3 scripts/validation_table.py "$OUT"/validate_greater_than_prompt_{free,frozen}.json
+fi
+if [ -e "$OUT/validate_stories260k_free.json" ] && [[ " $PARTS " == *" stories260k "* ]]; then
+  python3 scripts/validation_table.py "$OUT"/validate_stories260k_{free,frozen}.json --nodes 5
+fi
 echo "validate: done in $(( $(date +%s) - started )) s" >&2

@@ -67,7 +67,7 @@ def test_commands_are_shown_as_runnable_shell_lines(figures):
     for figure in figures.FIGURES.values():
         for command in figure.commands:
             lines = figures.shell_lines(command)
-            assert lines[0].startswith("$ tc ") and all(len(line) <= 102 for line in lines)
+            assert lines[0].startswith(("$ tc ", "$ python3 scripts/")) and all(len(line) <= 102 for line in lines)
             joined = " ".join(line.rstrip("\\").strip() for line in lines)[2:]
             assert shlex.split(joined) == shlex.split(command)
 
@@ -89,3 +89,41 @@ def test_readme_figures_are_current():
                             env=env, timeout=3600)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "README figures match" in result.stdout
+
+
+def test_validation_table_lays_out_each_result_as_a_column(tmp_path):
+    """scripts/validation_table.py: the README's validation figures, one column per `tc validate --json`."""
+    def result(mode: str, necessity: float, spearman: float) -> dict:
+        spread = {"mean": 0.5, "min": 0.25, "max": 0.75}
+        return {"graph": "demo-out/g.json", "mode": mode, "ablation": "zero", "prompts": 100,
+                "prompt_source": "greater-than", "circuit_size": {"feature": 10, "head": 4},
+                "target": {"kind": "logit_diff", "token_string": "40", "token_b_string": "20"},
+                "target_clean": 0.7348, "metric": {"name": "probability_difference", "clean": 0.615},
+                "circuit": {"necessity": necessity, "sufficiency": 0.8564, "metric_ablated": 0.127,
+                            "metric_kept": 0.657, "spearman_graph": spearman, "spearman_total": 0.9,
+                            "nodes_dropped": 0,
+                            "disagreements": [{"id": "mlp0.f339@12", "predicted": -0.365, "measured": 0.66}],
+                            "nodes": [{"id": "mlp0.f339@12", "predicted_total": -0.4}]},
+                "random": {"draws": 5, "summary": {key: spread for key in (
+                    "necessity", "sufficiency", "spearman_total", "metric_ablated", "metric_kept")}}}
+
+    paths = []
+    for mode, necessity, spearman in (("free", -0.198, 0.31), ("frozen", 0.845, 0.868)):
+        paths.append(tmp_path / f"{mode}.json")
+        paths[-1].write_text(__import__("json").dumps(result(mode, necessity, spearman)))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "validation_table.py"), *map(str, paths),
+                          "--nodes", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith('demo-out/g.json: 10 features and 4 head terms, over 100 prompt(s) (greater-than); '
+                               'target logit("40") - logit("20"); 5 random circuits')
+    rows = {line[:30].strip(): line[30:].split("  ") for line in lines[1:] if line[:30].strip()}
+    cells = lambda label: [cell.strip() for cell in rows[label] if cell.strip()]  # noqa: E731
+    assert cells("necessity (circuit ablated)") == ["-0.198", "0.845"]
+    assert cells("per-node Spearman, graph") == ["0.310", "0.868"]
+    assert cells("probability difference, clean") == ["0.615", "0.615"]
+    assert "0.500 [0.250,0.750]" in lines[lines.index(next(l for l in lines if "circuit ablated" in l and "necessity" not in l)) + 1]
+    assert "  mlp0.f339@12     -0.365 / -0.400 / +0.660" in lines
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "validation_table.py"), str(tmp_path / "no.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
