@@ -128,10 +128,12 @@ def token_progress(quiet: bool, label: str):
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = (TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+        columns = (TextColumn(label), BarColumn(), TextColumn("{task.fields[count]}"),
                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(label, total=None, rate="")
+            # the count is a field, not task.total: total is None until the first update, and
+            # formatting None with ":," crashed every progress bar on a terminal
+            task = bar.add_task(label, total=None, rate="", count="")
             started: dict = {}
 
             def update(done: int, total: int) -> None:
@@ -141,7 +143,8 @@ def token_progress(quiet: bool, label: str):
                 start = started.setdefault("t", (now, done))
                 elapsed = now - start[0]
                 rate = (done - start[1]) / elapsed if elapsed > 0 else 0.0
-                bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
+                bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s",
+                           count=f"{done:,}/{total:,} tokens")
 
             yield update
 
