@@ -17,6 +17,7 @@ from tccli.config import ModelOptions, option
 from tccli.errors import fail
 from tccli.graph_io import PictureOptions
 from tccli.models import LoadedModel, run_capture
+from tccli.spaces import LayerSpaces, input_map
 from tccli.text import display_token
 from tccli.transcoder import Transcoder
 from tccli.transcoder_io import check_matches_model
@@ -43,7 +44,7 @@ def freeze_prompt(loaded: LoadedModel, transcoders: dict[int, Transcoder], token
     captured = run_capture(loaded, tokens.reshape(1, -1), attribution.hooks_needed(loaded.info))
     with torch.no_grad():
         return attribution.freeze(captured, loaded.info, weights or bridge_weights(loaded.bridge),
-                                  transcoders, tokens)
+                                  transcoders, tokens, loaded.spaces)
 
 
 # ----------------------------------------------------------------------------- parsing user input
@@ -243,6 +244,11 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
         "n_layers": loaded.info.n_layers, "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": config.transcoders,
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "transcoder_spaces": {str(layer): {"input": t.config.input_space, "output": t.config.output_space,
+                                           "skip": t.config.skip, "activation": t.config.activation}
+                              for layer, t in sorted(transcoders.items())},
+        # a logit target is the logit before the final soft-cap c tanh(logit / c), which is not linear
+        "final_logit_softcap": loaded.info.final_logit_softcap,
         "prompt": prompt, "tokens": strings, "token_ids": tokens.tolist(), "position": position,
         "target": description, "target_value": target.value, "target_constant": target.constant,
         "explained": kept, "error_into_target": error,
@@ -277,12 +283,16 @@ class DeembedConfig(ModelOptions):
 
 
 def deembedding(W_E: torch.Tensor, encoder: torch.Tensor, layernorm: bool,
-                W_V: Optional[torch.Tensor] = None, W_O: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Scores [vocab]: each token's embedding dotted with the feature's encoder vector (centred for
-    LayerNorm, whose mean-centring the direct path goes through), optionally through an OV circuit
-    W_V [d, dh] W_O [dh, d]. Normalisation scales are left out: they are per-token positive factors."""
+                W_V: Optional[torch.Tensor] = None, W_O: Optional[torch.Tensor] = None,
+                attn_post_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scores [vocab]: each token's embedding dotted with the feature's encoder vector as read from the
+    residual (centred for LayerNorm, whose mean-centring the direct path goes through), optionally through
+    an OV circuit W_V [d, dh] W_O [dh, d] (and Gemma-2's post-attention norm weight). Normalisation scales
+    are left out: they are per-token positive factors."""
     vector = encoder - encoder.mean() if layernorm else encoder
     if W_V is not None:
+        if attn_post_weight is not None:
+            vector = vector * attn_post_weight
         vector = W_V @ (W_O @ vector)
         if layernorm:
             vector = vector - vector.mean()
@@ -306,10 +316,17 @@ def deembed_rows(loaded: LoadedModel, transcoders: dict[int, Transcoder], config
             raise fail(f"head L{head_layer}.H{head} is not upstream of layer {layer}'s MLP")
         kv = head // (info.n_heads // info.n_kv_heads)
         W_V, W_O = bridge.W_V[head_layer, kv].detach(), bridge.W_O[head_layer, head].detach()
+    spaces = loaded.spaces[layer] if loaded.spaces else LayerSpaces(layernorm=False)
     with torch.no_grad():
-        W_E = bridge.W_E.detach()
-        encoder = transcoder.W_enc[:, feature].to(W_E.dtype)
+        W_E = bridge.W_E.detach() * loaded.info.embed_scale  # as the embedding enters the residual
+        spaces = spaces.to(W_E.device, W_E.dtype)
+        read, _ = input_map(transcoder.config.input_space, spaces, None)  # the input space's read map, unscaled
+        encoder = read.pull(transcoder.W_enc[:, feature].to(W_E.dtype).unsqueeze(0))[0]
+        post = None
+        if W_V is not None and loaded.spaces and loaded.spaces[head_layer].attn_post_weight is not None:
+            post = loaded.spaces[head_layer].attn_post_weight.to(W_E.device, W_E.dtype)
         scores = deembedding(W_E, encoder, loaded.info.normalization == "layernorm",
-                             None if W_V is None else W_V.to(W_E.dtype), None if W_O is None else W_O.to(W_E.dtype))
+                             None if W_V is None else W_V.to(W_E.dtype), None if W_O is None else W_O.to(W_E.dtype),
+                             post)
     top = scores.topk(min(config.top, scores.shape[0]))
     return [(float(s), int(i), display_token(loaded.tokenizer, int(i))) for s, i in zip(top.values, top.indices)]

@@ -45,7 +45,7 @@ from tccli.evaluate import EvalConfig
 from tccli.graph import GraphConfig
 from tccli.graph_io import ExportConfig
 from tccli.greater_than import GreaterThanConfig
-from tccli.interop import ConvertConfig
+from tccli.formats import ConvertConfig
 from tccli.intervention import InterveneConfig
 from tccli.plot import PlotConfig
 from tccli.score_command import ScoreConfig
@@ -242,7 +242,7 @@ def stage_progress(quiet: bool):
 @command_from(ConvertConfig)
 def convert_command(config: ConvertConfig) -> None:
     """Convert transcoders between tc folders, SAELens folders and the paper's .pt files (read only)."""
-    from tccli.interop import convert
+    from tccli.formats import convert
 
     for folder in convert(config.input, config.out, config.to):
         print(folder)
@@ -274,7 +274,7 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli import graph_io
     from tccli.circuit import circuit_graph
     from tccli.models import load_model
-    from tccli.transcoder_io import load_transcoder_set
+    from tccli.formats import load_transcoder_set
 
     prompt = _prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
@@ -308,7 +308,7 @@ def deembed_command(config: DeembedConfig) -> None:
     """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
     from tccli.circuit import deembed_rows
     from tccli.models import load_model
-    from tccli.transcoder_io import load_transcoder_set
+    from tccli.formats import load_transcoder_set
 
     loaded = load_model(config.model, config.device, config.model_dtype)
     transcoders = load_transcoder_set(config.transcoders, loaded.device)

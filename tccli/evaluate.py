@@ -5,7 +5,8 @@ Per layer, over the evaluation tokens:
 - L0: mean number of active features per token; dead features (never active on these tokens) and dense
   features (active on more than ``dense_threshold`` of the tokens, 10% by default).
 - MSE (mean over tokens and dimensions of (y - yhat)^2) and FVU = sum ||y - yhat||^2 / sum ||y - mean y||^2,
-  y being the MLP output (the target) and yhat the transcoder's output on the real MLP input.
+  y being the MLP output in the transcoder's output space (the target) and yhat the transcoder's output on
+  the real MLP input in its input space (tccli.spaces: each transcoder is evaluated where it was trained).
 - Next-token cross-entropy of the model clean, with the MLP's output replaced by the transcoder's
   output (the transcoder fed the MLP input of that same forward pass), with the MLP output zero-ablated
   and mean-ablated, the fraction of CE recovered (CE_ablated - CE_spliced) / (CE_ablated - CE_clean) for
@@ -176,36 +177,42 @@ class MeanOutput:
 # ----------------------------------------------------------------------------- splicing
 
 
-def splice_hooks(info: Any, transcoders: dict[int, Transcoder]) -> list[tuple[str, Callable]]:
-    """Hooks replacing each layer's MLP output by its transcoder's output.
+def splice_hooks(loaded: Any, transcoders: dict[int, Transcoder]) -> list[tuple[str, Callable]]:
+    """Hooks replacing each layer's MLP output (hook_mlp_out) by its transcoder's output.
 
-    A transcoder reads the MLP input of the same forward pass (captured by a hook that fires first);
-    an SAE reads the MLP output it replaces.
+    A transcoder reads its input space (tccli.spaces) from hooks of the same forward pass that fire before
+    the MLP output; an SAE reads the output space it replaces. An output in mlp_output space enters the
+    residual as the model would pass it on (centred for LayerNorm models, through Gemma-2's post-MLP norm).
     """
     hooks: list[tuple[str, Callable]] = []
     for layer, transcoder in transcoders.items():
-        names = info.layer(layer)
-        if transcoder.config.kind == "sae":
-            hooks.append((names.mlp_out, _replace_with(transcoder, None)))
-        else:
-            seen: dict[str, torch.Tensor] = {}
-            hooks.append((names.mlp_in, _remember(seen)))
-            hooks.append((names.mlp_out, _replace_with(transcoder, seen)))
+        names = loaded.info.layer(layer)
+        seen: dict[str, torch.Tensor] = {}
+        sources = loaded.info.input_hooks(layer, transcoder.config.input_space)
+        hooks += [(name, _remember(seen, name)) for name in sources if name != names.mlp_out]
+        hooks.append((names.mlp_out, _replace_with(loaded, layer, transcoder, seen)))
     return hooks
 
 
-def _remember(seen: dict) -> Callable:
+def _remember(seen: dict, name: str) -> Callable:
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-        seen["input"] = tensor
+        seen[name] = tensor
         return tensor
     return hook
 
 
-def _replace_with(transcoder: Transcoder, seen: Optional[dict]) -> Callable:
+def _replace_with(loaded: Any, layer: int, transcoder: Transcoder, seen: dict) -> Callable:
+    from tccli.models import space_activation
+    from tccli.spaces import written_to_residual
+
+    names = loaded.info.layer(layer)
+    config = transcoder.config
+
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-        source = tensor if seen is None else seen.pop("input")
+        source = space_activation(loaded, layer, config.input_space, {**seen, names.mlp_out: tensor})
+        seen.clear()
         output = transcoder(source.to(transcoder.W_enc.dtype))[0]
-        return output.to(tensor.dtype)
+        return written_to_residual(config.output_space, output, loaded.spaces[layer]).to(tensor.dtype)
     return hook
 
 
@@ -301,7 +308,11 @@ def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tens
     means = {layer: means_acc[layer].mean().to(loaded.device) for layer in layers}
 
     # pass 2: clean run, then spliced / ablated runs per layer and for all layers at once
-    in_hooks = {layer: info.layer(layer).mlp_in for layer in layers}
+    from tccli.models import space_activation
+
+    space_hooks = [name for layer in layers for name in
+                   info.input_hooks(layer, transcoders[layer].config.input_space)
+                   + info.output_hooks(layer, transcoders[layer].config.output_space)]
     recon = {layer: ReconstructionStats(transcoders[layer].n_features) for layer in layers}
     fidelity = {layer: _Fidelity() for layer in layers}
     all_at_once = _Fidelity() if len(layers) > 1 else None
@@ -309,15 +320,16 @@ def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tens
     n_scored = 0
     for index, batch in enumerate(batches):
         batch = batch.to(loaded.device)
-        clean_logits, captured = run_logits(loaded, batch, [*in_hooks.values(), *out_hooks.values()])
+        clean_logits, captured = run_logits(loaded, batch, space_hooks)
         ce_clean_sum += _total(next_token_loss(clean_logits, batch))
         n_scored += batch.shape[0] * (batch.shape[1] - 1)
         for layer in layers:
             transcoder = transcoders[layer]
-            source = captured[out_hooks[layer] if transcoder.config.kind == "sae" else in_hooks[layer]]
+            source = space_activation(loaded, layer, transcoder.config.input_space, captured)
+            target = space_activation(loaded, layer, transcoder.config.output_space, captured)
             with torch.no_grad():
                 output, acts = transcoder(source.to(transcoder.W_enc.dtype))
-            recon[layer].update(captured[out_hooks[layer]], output, acts)
+            recon[layer].update(target, output, acts)
             _score_settings(loaded, batch, clean_logits, fidelity[layer], {layer: transcoder}, means)
         if all_at_once is not None:
             _score_settings(loaded, batch, clean_logits, all_at_once, transcoders, means)
@@ -348,7 +360,7 @@ def _score_settings(loaded: Any, batch: torch.Tensor, clean_logits: torch.Tensor
 
     info = loaded.info
     run = partial(run_logits, loaded, batch)
-    logits, _ = run(extra_hooks=splice_hooks(info, transcoders))
+    logits, _ = run(extra_hooks=splice_hooks(loaded, transcoders))
     sums.ce_spliced += _total(next_token_loss(logits, batch))
     sums.kl += _total(kl_to_clean(clean_logits, logits))
     logits, _ = run(extra_hooks=ablation_hooks(info, transcoders, None))
@@ -362,7 +374,8 @@ def _score_settings(loaded: Any, batch: torch.Tensor, clean_logits: torch.Tensor
 
 def load_for_eval(config: EvalConfig, loaded: Any) -> dict[int, Transcoder]:
     """The transcoders ``config`` names, checked against the model."""
-    from tccli.transcoder_io import check_matches_model, load_transcoder_set
+    from tccli.formats import load_transcoder_set
+    from tccli.transcoder_io import check_matches_model
 
     info = loaded.info
     layers = parse_layers(config.layers, info.n_layers) if config.layers else None

@@ -77,6 +77,8 @@ def node_label(attrs: dict) -> str:
         return f"L{attrs['layer']} H{attrs['head']} {where}"
     if kind == "error":
         return f"err L{attrs['layer']} @{attrs.get('position')}"
+    if kind == "skip":
+        return f"skip L{attrs['layer']} {where}"
     if kind == "target":
         return target_label(attrs)
     return f"{kind} {where}"
@@ -91,6 +93,8 @@ def short_label(attrs: dict) -> str:
         return f"L{attrs['layer']}.H{attrs['head']}"
     if kind == "error":
         return f"err L{attrs['layer']}"
+    if kind == "skip":
+        return f"skip L{attrs['layer']}"
     if kind == "target":
         return target_label(attrs)
     return str(kind)
@@ -151,8 +155,8 @@ CURVED_EDGES = 120  # up to this many edges are drawn curved (parallel ones stay
 MAX_EDGE_LABELS = 40  # more labels than this cover a dense graph's edges: only the largest are written
 CHAR_WIDTH = 0.075  # inches per character at fontsize 10 (Helvetica, on average)
 COLOURS = {"feature": "#cfe2f3", "head": "#fff2cc", "embed": "#d9ead3", "pos": "#d9ead3", "error": "#e0e0e0",
-           "target": "#f4cccc"}
-_CELL_ORDER = {"feature": 0, "head": 0, "embed": 0, "pos": 1, "error": 2, "target": 0}
+           "skip": "#e6d0ec", "target": "#f4cccc"}
+_CELL_ORDER = {"feature": 0, "head": 0, "embed": 0, "pos": 1, "skip": 2, "error": 3, "target": 0}
 
 
 def row_of(attrs: dict) -> tuple[int, int]:
@@ -357,6 +361,10 @@ def read_graph(path: str | Path) -> nx.DiGraph:
 # ----------------------------------------------------------------------------- Neuronpedia
 
 
+# Nodes that are linear paths in circuit-tracer's graphs (folded away in its JSON).
+LINEAR_PATH_KINDS = ("head", "skip")
+
+
 def _neuronpedia_id(node: str, attrs: dict, n_layers: int) -> str:
     kind, pos = attrs.get("kind"), attrs.get("position")
     if kind == "feature":
@@ -373,9 +381,10 @@ def _neuronpedia_id(node: str, attrs: dict, n_layers: int) -> str:
 def to_neuronpedia(graph: nx.DiGraph) -> str:
     """circuit-tracer's attribution-graph JSON (metadata, qParams, nodes, links).
 
-    circuit-tracer freezes attention, so its graphs have no head nodes: each attention head node is
-    folded away, its upstream edges relinked to its downstream nodes with the upstream weight (that
-    weight already is the attribution through the head). A feature target becomes a feature node; a
+    circuit-tracer freezes attention, so its graphs have no head nodes, and treats a skip connection as
+    part of the linear paths: each attention head node and each skip node is folded away, its upstream
+    edges relinked to its downstream nodes with the upstream weight (that weight already is the
+    attribution through the head or skip). A feature target becomes a feature node; a
     logit, logit-difference or direction target a logit node. influence = |contribution| / |target|.
     """
     meta = graph.graph.get("metadata", {})
@@ -385,7 +394,7 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
     nodes = []
     for node, attrs in graph.nodes(data=True):
         kind = attrs.get("kind")
-        if kind == "head":
+        if kind in LINEAR_PATH_KINDS:
             continue
         entry = {"node_id": ids[node], "jsNodeId": ids[node], "layer": str(attrs.get("layer")),
                  "ctx_idx": attrs.get("position"), "feature": attrs.get("feature") if kind == "feature" else -1,
@@ -411,15 +420,15 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
 
     def downstream_of(node: str):
         for _, v in graph.out_edges(node):
-            if graph.nodes[v].get("kind") == "head":
+            if graph.nodes[v].get("kind") in LINEAR_PATH_KINDS:
                 yield from downstream_of(v)
             else:
                 yield v
 
     for u, v, w in graph.edges(data="weight"):
-        if graph.nodes[u].get("kind") == "head":
+        if graph.nodes[u].get("kind") in LINEAR_PATH_KINDS:
             continue
-        targets = [v] if graph.nodes[v].get("kind") != "head" else list(downstream_of(v))
+        targets = [v] if graph.nodes[v].get("kind") not in LINEAR_PATH_KINDS else list(downstream_of(v))
         for t in targets:
             key = (ids[u], ids[t])
             links[key] = links.get(key, 0.0) + w

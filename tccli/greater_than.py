@@ -160,7 +160,8 @@ def run_greater_than(config: GreaterThanConfig) -> dict:
     """
     from tccli.evaluate import splice_hooks
     from tccli.models import load_model
-    from tccli.transcoder_io import check_matches_model, load_transcoder_set
+    from tccli.formats import load_transcoder_set
+    from tccli.transcoder_io import check_matches_model
 
     config.validate()
     loaded = load_model(config.model, config.device, config.model_dtype)

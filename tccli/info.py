@@ -115,34 +115,36 @@ def _cache_lines(s: dict) -> list[str]:
 
 
 def _transcoder_summary(path: Path) -> dict:
-    from tccli.transcoder_io import load_transcoder_set
+    from tccli.formats import format_of, load_transcoder_set, single_transcoder_path
 
     transcoders = load_transcoder_set(path)
     per_layer = []
     for layer, tc in transcoders.items():
         cfg = tc.config.to_dict()
         per_layer.append({"layer": layer, **{k: cfg.get(k) for k in (
-            "kind", "activation", "d_in", "d_out", "n_features", "model_name", "input_hook", "output_hook")}})
-    from tccli.transcoder_io import is_transcoder_folder
-
-    return {"kind": "transcoder", "path": str(path), "set": not is_transcoder_folder(path),
+            "kind", "activation", "k", "skip", "input_space", "output_space", "d_in", "d_out", "n_features",
+            "model_name", "input_hook", "output_hook")}, "source": cfg.get("source") or {"format": "tc"}})
+    return {"kind": "transcoder", "path": str(path), "format": format_of(path) or "folder of transcoders",
+            "set": not (single_transcoder_path(path) and len(transcoders) == 1),
             "layers": sorted(transcoders), "transcoders": per_layer}
 
 
 def _is_transcoder_or_set(path: Path) -> bool:
-    from tccli.transcoder_io import is_transcoder_folder
+    from tccli.formats import format_of
 
-    if not path.is_dir():
-        return False
-    return is_transcoder_folder(path) or any(p.is_dir() and is_transcoder_folder(p) for p in path.iterdir())
+    if format_of(path) is not None:
+        return True
+    return path.is_dir() and any(format_of(p) is not None for p in path.iterdir())
 
 
 def _transcoder_lines(s: dict) -> list[str]:
     title = "transcoder" if not s["set"] else f"set of {len(s['transcoders'])} transcoders"
-    lines = [f"{s['path']}: {title}"]
+    lines = [f"{s['path']}: {title} ({s['format']})"]
     for t in s["transcoders"]:
-        lines.append(f"  layer {t['layer']}: {t.get('kind')} ({t.get('activation')}) {t.get('d_in')} -> {t.get('n_features')} features "
-                     f"-> {t.get('d_out')}, {t.get('input_hook')} -> {t.get('output_hook')} ({t.get('model_name')})")
+        kind = t.get("activation") + (f" k={t['k']}" if t.get("k") else "") + (", skip" if t.get("skip") else "")
+        lines.append(f"  layer {t['layer']}: {t.get('kind')} ({kind}) {t.get('d_in')} -> {t.get('n_features')} "
+                     f"features -> {t.get('d_out')}, reads {t.get('input_space')}, writes {t.get('output_space')} "
+                     f"({t.get('model_name')}; from {t['source'].get('format')})")
     return lines
 
 

@@ -48,8 +48,14 @@ class LayerHooks:
     resid_mid: Optional[str]  # None for parallel blocks (GPT-NeoX), where attention and MLP both read resid_pre
     mlp_in: str  # ln2 output: the transcoder's input
     mlp_scale: str
-    mlp_out: str  # the transcoder's target
+    mlp_out: str  # the transcoder's target: what the MLP adds to the residual (after any post-norm)
     resid_post: str
+    mlp_norm_input: str = ""  # what the norm in front of the MLP reads (resid_mid; resid_pre in parallel blocks)
+    mlp_output: str = ""  # the MLP module's own output (before any post-norm; centred for LayerNorm models)
+    mlp_hidden: str = ""  # the MLP's hidden activations (their mean restores a LayerNorm model's raw output)
+    attn_post_in: Optional[str] = None  # Gemma-2: attention's output before its post-norm
+    attn_post_scale: Optional[str] = None  # Gemma-2: the post-attention norm's scale
+    mlp_post_scale: Optional[str] = None  # Gemma-2: the post-MLP norm's scale
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,10 @@ class ModelInfo:
     gated_mlp: bool
     bos_token_id: int
     weight_processing: dict = field(default_factory=lambda: dict(WEIGHT_PROCESSING))
+    post_norms: bool = False  # Gemma-2: a norm after attention and after the MLP, before each enters the residual
+    embed_scale: float = 1.0  # the token embedding enters the residual times this (Gemma: sqrt(d_model))
+    final_logit_softcap: Optional[float] = None  # logits = c tanh(raw / c) (Gemma-2); tc attributes the raw logit
+    attn_logit_softcap: Optional[float] = None  # inside the attention pattern, frozen with it
 
     # Hooks outside the blocks.
     embed_hook: str = "hook_embed"
@@ -95,7 +105,29 @@ class ModelInfo:
             mlp_scale=p + "ln2.hook_scale",
             mlp_out=p + "hook_mlp_out",
             resid_post=p + "hook_resid_post",
+            mlp_norm_input=p + ("hook_resid_pre" if self.parallel_attn_mlp else "hook_resid_mid"),
+            mlp_output=p + "mlp.hook_out",
+            mlp_hidden=p + "mlp.hook_post",
+            attn_post_in=p + "ln1_post.hook_in" if self.post_norms else None,
+            attn_post_scale=p + "ln1_post.hook_scale" if self.post_norms else None,
+            mlp_post_scale=p + "ln2_post.hook_scale" if self.post_norms else None,
         )
+
+    def input_hooks(self, layer: int, space: str) -> list[str]:
+        """The hooks ``spaces.transcoder_input`` needs for ``space`` at ``layer`` (an SAE's: its output space)."""
+        hooks = self.layer(layer)
+        if space in ("normalized", "mlp_input"):
+            return [hooks.mlp_in]
+        if space == "resid_mid":
+            return [hooks.mlp_norm_input]
+        return self.output_hooks(layer, space)
+
+    def output_hooks(self, layer: int, space: str) -> list[str]:
+        """The hooks ``spaces.mlp_output`` needs for ``space`` at ``layer``."""
+        hooks = self.layer(layer)
+        if space == "mlp_out":
+            return [hooks.mlp_out]
+        return [hooks.mlp_output] + ([hooks.mlp_hidden] if self.normalization == "layernorm" else [])
 
     def mlp_in_hook(self, layer: int) -> str:
         return self.layer(layer).mlp_in
@@ -122,6 +154,8 @@ class LoadedModel:
     info: ModelInfo
     device: torch.device
     dtype: str = "float32"  # the dtype the model runs in (--model-dtype)
+    # per layer, the unprocessed weights that tell a transcoder's spaces apart (tccli.spaces)
+    spaces: list = field(default_factory=list)
 
 
 def resolve_model_name(model: Optional[str]) -> str:
@@ -173,6 +207,7 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
 
         try:
             bridge = TransformerBridge.boot_transformers(name, device=str(dev), dtype=torch_dtype(dtype))
+            spaces = read_layer_spaces(bridge)  # before compatibility mode folds the norms away
             bridge.enable_compatibility_mode(**{k: v for k, v in WEIGHT_PROCESSING.items()
                                                 if k != "compatibility_mode"})
         except Exception as exc:  # hub unreachable, unknown architecture, corrupt weights, ...
@@ -182,7 +217,60 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
     tokenizer = bridge.tokenizer
     if tokenizer is None:
         raise fail(f"model {name!r} has no tokenizer")
-    return LoadedModel(bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype)
+    return LoadedModel(bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype,
+                       spaces=spaces)
+
+
+def space_activation(loaded: LoadedModel, layer: int, space: str, captured: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layer ``layer``'s activation in ``space`` (tccli.spaces) from the hooks ``ModelInfo.input_hooks`` /
+    ``output_hooks`` name, captured on one forward pass."""
+    from tccli.spaces import mlp_output, transcoder_input
+    from tccli.transcoder import INPUT_SPACES
+
+    hooks, spaces = loaded.info.layer(layer), loaded.spaces[layer]
+    if space in INPUT_SPACES:
+        return transcoder_input(space, captured.get(hooks.mlp_in), captured.get(hooks.mlp_norm_input), spaces)
+    if space == "mlp_out":
+        return captured[hooks.mlp_out]
+    return mlp_output(captured[hooks.mlp_output], captured.get(hooks.mlp_hidden), spaces)
+
+
+def _norm_gain(component: Any) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """(g, beta or None, eps) of a HuggingFace norm module: the factor it multiplies the normalised vector
+    by, the bias it adds. Gemma's RMSNorm multiplies by (1 + weight)."""
+    weight = component.weight.detach().float().clone()
+    if "Gemma" in type(component).__name__:
+        weight = weight + 1.0
+    bias = getattr(component, "bias", None)
+    eps = getattr(component, "eps", None) or getattr(component, "variance_epsilon", None) or 1e-6
+    return weight, (None if bias is None else bias.detach().float().clone()), float(eps)
+
+
+def read_layer_spaces(bridge: Any) -> list:
+    """Per layer, a ``tccli.spaces.LayerSpaces`` from the booted, not yet processed bridge."""
+    from tccli.spaces import LayerSpaces
+
+    layernorm = not str(getattr(bridge.cfg, "normalization_type", "LN") or "LN").upper().startswith("RMS")
+    out_mean_weight = out_mean_bias = None
+    if layernorm:  # the processed MLP output is centred: keep what restores the raw output's mean
+        out_mean_weight = bridge.W_out.detach().float().mean(-1)  # [L, d_mlp]
+        try:
+            out_mean_bias = bridge.b_out.detach().float().mean(-1)  # [L]
+        except AttributeError:
+            out_mean_bias = None
+    layers = []
+    for index, block in enumerate(bridge.blocks):
+        weight, bias, _ = _norm_gain(block.ln2.original_component)
+        spaces = LayerSpaces(layernorm=layernorm, norm_weight=weight, norm_bias=bias)
+        if hasattr(block, "ln2_post"):
+            spaces.post_weight, _, spaces.post_eps = _norm_gain(block.ln2_post.original_component)
+        if hasattr(block, "ln1_post"):
+            spaces.attn_post_weight, _, spaces.attn_post_eps = _norm_gain(block.ln1_post.original_component)
+        if out_mean_weight is not None:
+            spaces.output_mean_weight = out_mean_weight[index].clone()
+            spaces.output_mean_bias = 0.0 if out_mean_bias is None else float(out_mean_bias[index])
+        layers.append(spaces)
+    return layers
 
 
 def describe(bridge: Any, name: str) -> ModelInfo:
@@ -200,6 +288,8 @@ def describe(bridge: Any, name: str) -> ModelInfo:
     n_heads = int(cfg.n_heads)
     n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
     pos = str(getattr(cfg, "positional_embedding_type", "standard"))
+    first = bridge.blocks[0]
+    embed = getattr(getattr(bridge, "embed", None), "original_component", None)
     return ModelInfo(
         name=name,
         architecture=str(architectures[0]),
@@ -217,7 +307,15 @@ def describe(bridge: Any, name: str) -> ModelInfo:
         gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
         bos_token_id=int(bos),
         pos_embed_hook="hook_pos_embed" if pos == "standard" else None,
+        post_norms=hasattr(first, "ln1_post") and hasattr(first, "ln2_post"),
+        embed_scale=float(getattr(embed, "scalar_embed_scale", 1.0) or 1.0),
+        final_logit_softcap=_softcap(getattr(cfg, "output_logits_soft_cap", None)),
+        attn_logit_softcap=_softcap(getattr(cfg, "attn_scores_soft_cap", None)),
     )
+
+
+def _softcap(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 class _StopForward(Exception):
@@ -304,7 +402,7 @@ def run_logits(
 #           (different attention kernels), and verified only for the architectures listed here; others
 #           fall back to the bridge.
 MLP_ACTIVATIONS = ("mlp_in", "mlp_scale", "mlp_out")  # what MlpCapture.capture returns per layer
-NATIVE_ARCHITECTURES = ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM")
+NATIVE_ARCHITECTURES = ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -312,7 +410,7 @@ class NativeMlpSite:
     """Where one layer's MLP sits in the plain HuggingFace module tree."""
 
     norm_module: str  # the norm the MLP reads (ln_2 / post_attention_layernorm); its *input* is captured
-    mlp_module: str
+    mlp_module: str  # the module whose output enters the residual: the MLP, or Gemma-2's post-MLP norm
     eps: float
     # The bridge computes hook_normalized as x * rsqrt(var + eps) on some architectures and as
     # x / sqrt(var + eps) on others; doing the same keeps the two engines equal wherever inputs are.
@@ -330,7 +428,7 @@ def native_mlp_sites(loaded: LoadedModel) -> Optional[list[NativeMlpSite]]:
              for name, module in bridge.original_model.named_modules()}
     sites = []
     for block in bridge.blocks:
-        norm, mlp = block.ln2, block.mlp
+        norm, mlp = block.ln2, getattr(block, "ln2_post", None) or block.mlp
         if id(norm) not in paths or id(mlp) not in paths:
             return None
         component = norm.original_component
@@ -368,6 +466,8 @@ class MlpCapture:
 
     ``capture(tokens)`` returns {layer: {"mlp_in", "mlp_scale", "mlp_out"}} with tensors
     [batch, pos, d_model] ([batch, pos, 1] for the scale); each pass stops after the last chosen MLP.
+    ``input_spaces`` ({layer: space}, default normalized) says in which input space (tccli.spaces) each
+    layer's "mlp_in" is given; "mlp_out" is always what the MLP adds to the residual (hook_mlp_out).
     ``engine`` is 'native' or 'bridge' (see ENGINES); ``engine_used`` says which one runs (native
     falls back to the bridge for unverified architectures, and ``fallback_reason`` says why).
     With ``release_bridge`` the native engine drops the bridge before loading the plain model, so only
@@ -375,14 +475,18 @@ class MlpCapture:
     """
 
     def __init__(self, loaded: LoadedModel, layers: Iterable[int], engine: str = "native",
-                 release_bridge: bool = False):
+                 release_bridge: bool = False, input_spaces: Optional[dict[int, str]] = None):
         if engine not in ENGINES:
             raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.loaded, self.info = loaded, loaded.info
         self.layers = sorted(set(layers))
+        self.input_spaces = {layer: (input_spaces or {}).get(layer, "normalized") for layer in self.layers}
         self.engine_used, self.fallback_reason, self.attention = engine, "", "bridge-eager"
         self._bridge_hooks = {layer: {which: getattr(self.info.layer(layer), which) for which in MLP_ACTIVATIONS}
                               for layer in self.layers}
+        for layer, space in self.input_spaces.items():
+            if space == "resid_mid":  # spaces.transcoder_input reads the residual from this name
+                self._bridge_hooks[layer]["mlp_norm_input"] = self.info.layer(layer).mlp_norm_input
         sites = native_mlp_sites(loaded) if engine == "native" else None
         if engine == "native" and sites is None:
             self.engine_used = "bridge"
@@ -430,13 +534,18 @@ class MlpCapture:
             self._model.get_submodule(site.mlp_module).register_forward_hook(save_output)
 
     def capture(self, tokens: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        from tccli.spaces import transcoder_input
+
         tokens = tokens.to(self.loaded.device)
         if self.engine_used == "bridge":
             names = [name for hooks in self._bridge_hooks.values() for name in hooks.values()]
             captured = run_capture(self.loaded, tokens, names,
                                    stop_after=self._bridge_hooks[self.layers[-1]]["mlp_out"])
-            return {layer: {which: captured[name] for which, name in hooks.items()}
-                    for layer, hooks in self._bridge_hooks.items()}
+            out = {}
+            for layer, hooks in self._bridge_hooks.items():
+                out[layer] = {which: captured[hooks[which]] for which in MLP_ACTIVATIONS}
+                out[layer]["mlp_in"] = space_activation(self.loaded, layer, self.input_spaces[layer], captured)
+            return out
         self._captured.clear()
         with torch.no_grad():
             try:
@@ -446,8 +555,12 @@ class MlpCapture:
         out = {}
         for layer in self.layers:
             site = self._sites[layer]
-            normalized, scale = compat_normalized(self._captured[layer, "norm_input"], self.info.normalization,
-                                                  site.eps, site.inverse_sqrt)
+            norm_input = self._captured[layer, "norm_input"]
+            normalized, scale = compat_normalized(norm_input, self.info.normalization, site.eps, site.inverse_sqrt)
+            if self.input_spaces[layer] != "normalized":
+                # the bridge's residual is centred for LayerNorm models, like a write (compat_mlp_out)
+                residual = compat_mlp_out(norm_input.float(), self.info.normalization)
+                normalized = transcoder_input(self.input_spaces[layer], normalized, residual, self.loaded.spaces[layer])
             out[layer] = {"mlp_in": normalized, "mlp_scale": scale,
                           "mlp_out": compat_mlp_out(self._captured[layer, "mlp_out"], self.info.normalization)}
         self._captured.clear()

@@ -55,7 +55,8 @@ def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> d
     from tccli.config import to_json_dict
     from tccli.models import load_model, torch_dtype
     from tccli.text import stream_rows
-    from tccli.transcoder_io import check_matches_model, load_transcoder_set
+    from tccli.formats import load_transcoder_set
+    from tccli.transcoder_io import check_matches_model
 
     if Path(config.out).exists() and not config.force:
         raise fail(f"{config.out} already exists (pass --force to replace it)")

@@ -504,10 +504,41 @@ def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
     return out
 
 
-def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor, W_U: torch.Tensor,
+@dataclass
+class LayerReads:
+    """How one layer's transcoder meets the residual stream, per-token scales left out (METHOD.md section 8):
+    its encoder vectors as read from the residual [m, d], its decoder vectors as written to it [m, d], the
+    constant its input space adds to every pre-activation [m] (b_enc - b_pre . f_enc, + beta . f_enc when it
+    reads mlp_input), and whether its input is divided by the norm's scale (not for resid_mid)."""
+
+    encoders: torch.Tensor
+    decoders: torch.Tensor
+    constant: torch.Tensor
+    scaled: bool
+
+    @classmethod
+    def of(cls, transcoder, spaces) -> "LayerReads":
+        from tccli.spaces import LayerSpaces, input_map, output_map
+
+        spaces = spaces or LayerSpaces(layernorm=False)
+        config = transcoder.config
+        f_enc = transcoder.encoder_vectors.detach().float().cpu()
+        spaces = spaces.to("cpu", torch.float32)
+        read, norm_bias = input_map(config.input_space, spaces, None)
+        constant = transcoder.b_enc.detach().float().cpu() - f_enc @ transcoder.b_pre.detach().float().cpu()
+        if norm_bias is not None:
+            constant = constant + f_enc @ norm_bias
+        decoders = output_map(config.output_space, spaces, None).push(transcoder.decoder_vectors.detach().float().cpu())
+        return cls(encoders=read.pull(f_enc), decoders=decoders, constant=constant,
+                   scaled=config.input_space != "resid_mid")
+
+
+def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.Tensor, W_U: torch.Tensor,
                  earlier_decoders: dict[int, torch.Tensor], normalization: str, n_tokens: int, context: int,
                  settings: ScoreSettings) -> LayerScores:
-    """Turn a layer's streaming state and its transcoder's weights into LayerScores."""
+    """Turn a layer's streaming state and its transcoder's reads and writes into LayerScores. ``W_E`` is the
+    embedding as it enters the residual (Gemma: scaled); ``earlier_decoders`` are earlier layers'
+    ``LayerReads.decoders``."""
     count = stream.active_count.cpu().numpy()
     frequency = count / max(n_tokens, 1)
     mean = np.where(count > 0, stream.activation_sum.cpu().numpy() / np.maximum(count, 1), 0.0)
@@ -518,9 +549,9 @@ def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor,
 
     with torch.no_grad():
         embed = embedding_for_norm(W_E, normalization)
-        f_enc = transcoder.encoder_vectors.detach().float().cpu()
+        f_enc = reads.encoders
         deemb = deembedding(embed, f_enc)
-        logits = logit_effect(transcoder.decoder_vectors.detach().float().cpu(), W_U.float())
+        logits = logit_effect(reads.decoders, W_U.float())
         deembed_tokens, deembed_values = top_entries(deemb, settings.top_tokens)
         promoted_tokens, promoted_values = top_entries(logits, settings.top_tokens)
         suppressed_tokens, suppressed_values = top_entries(logits, settings.top_tokens, largest=False)
@@ -528,10 +559,10 @@ def finish_layer(layer: int, stream: LayerStream, transcoder, W_E: torch.Tensor,
 
         # the direct path of each top example's own token through the frozen normalisation
         centre_token = torch.as_tensor(top.window_tokens[:, :, settings.half_window]).clamp(min=0)
-        bias = (transcoder.b_enc.detach().float().cpu() - transcoder.b_pre.detach().float().cpu() @ f_enc.T)
         scale = stream.top_slots.sorted().scale.float().cpu().clamp(min=1e-30)
         m = f_enc.shape[0]
-        direct = torch.gather(deemb, 1, centre_token.reshape(m, -1)) / scale + bias[:, None]
+        direct = torch.gather(deemb, 1, centre_token.reshape(m, -1))
+        direct = (direct / scale if reads.scaled else direct) + reads.constant[:, None]
         context_free = context_free_scores(direct, torch.as_tensor(top.activation)).numpy()
     return LayerScores(layer=layer, frequency=frequency, mean_activation=mean.astype(np.float32),
                        max_activation=stream.activation_max.cpu().numpy(), top=top, quantile=quantile,
@@ -586,18 +617,23 @@ def score_rows(loaded, transcoders: dict, row_batches, context: int, settings: S
     encoders = {layer: feature_major_encoder(transcoders[layer]) for layer in layers}
     n_features = {layer: transcoders[layer].n_features for layer in layers}
     bridge = loaded.bridge
-    W_E, W_U = bridge.W_E.detach().float().cpu(), bridge.W_U.detach().float().cpu()
+    # the embedding as it enters the residual stream (Gemma scales it by sqrt(d_model))
+    W_E = bridge.W_E.detach().float().cpu() * loaded.info.embed_scale
+    W_U = bridge.W_U.detach().float().cpu()
     del bridge
-    capture = MlpCapture(loaded, layers, engine, release_bridge=release_bridge)
+    capture = MlpCapture(loaded, layers, engine, release_bridge=release_bridge,
+                         input_spaces={layer: transcoders[layer].config.input_space for layer in layers})
     if capture.fallback_reason:
         log(capture.fallback_reason)
     with torch.no_grad():
         streams, n_tokens = stream_layers(encoders, model_batches(capture, row_batches, progress, total_rows),
                                           n_features, settings, device=loaded.device)
+    reads = {layer: LayerReads.of(transcoders[layer], loaded.spaces[layer] if loaded.spaces else None)
+             for layer in layers}
     out = {}
     for layer in layers:
-        earlier = {lo: transcoders[lo].decoder_vectors.detach().float().cpu() for lo in layers if lo < layer}
-        out[layer] = finish_layer(layer, streams[layer], transcoders[layer], W_E, W_U, earlier,
+        earlier = {lo: reads[lo].decoders for lo in layers if lo < layer}
+        out[layer] = finish_layer(layer, streams[layer], reads[layer], W_E, W_U, earlier,
                                   loaded.info.normalization, n_tokens, context, settings)
     return out
 

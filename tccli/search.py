@@ -6,7 +6,9 @@ A path starts at the target and walks upstream; each step's contribution is the 
 the new node to the previous node's vector, which equals the path's attribution (the product of the
 input-invariant weights along it times the first node's activation). Every iteration extends every
 path in the beam by its ``branches`` best upstream candidates (transcoder features of earlier layers
-at the same token, (attention head, source token) pairs, token and position embeddings), then keeps the
+at the same token, the skip connections of earlier skip transcoders at the same token (``skip8@5``: the
+linear term x W_skip, continued upstream through the norm like an OV circuit), (attention head, source
+token) pairs, token and position embeddings), then keeps the
 ``branches`` extended paths whose last contribution is largest. No capping is applied.
 
 Graph (Algorithm 2): the union of all paths the beams held; an edge upstream -> downstream carries the
@@ -42,7 +44,7 @@ TERMINAL_KINDS = ("embed", "pos", "error")
 class NodeKey:
     """A graph node: (kind, layer, index, position). index: feature or head; -1 when meaningless."""
 
-    kind: str  # target | feature | head | embed | pos | error
+    kind: str  # target | feature | head | skip | embed | pos | error
     layer: int = -1
     index: int = -1
     position: int = -1
@@ -57,6 +59,8 @@ class NodeKey:
             return f"attn{self.layer}.h{self.index}@{self.position}"
         if self.kind == "error":
             return f"err{self.layer}@{self.position}"
+        if self.kind == "skip":
+            return f"skip{self.layer}@{self.position}"
         return f"{self.kind}@{self.position}"  # embed, pos
 
 
@@ -100,6 +104,9 @@ def _candidates(frozen: FrozenForward, rows: Rows):
         indices, contributions = attribution.feature_contributions(frozen, rows, layer)
         blocks.append(contributions)
         segments.append(("feature", layer, indices, None))
+        if frozen.layers[layer].skip_out is not None:  # a skip transcoder's linear path: one node per token
+            blocks.append(attribution.skip_contributions(frozen, rows, layer).unsqueeze(1))
+            segments.append(("skip", layer, None, None))
     T = frozen.n_tokens
     for layer in range(max_attn):
         heads = attribution.head_contributions(frozen, rows, layer)  # [P, H, T]
@@ -124,6 +131,8 @@ def _candidates(frozen: FrozenForward, rows: Rows):
             return kind, layer, int(extra[local]), -1
         if kind == "head":
             return kind, layer, local // T_, local % T_
+        if kind == "skip":
+            return kind, layer, -1, -1
         return kind, -1, -1, -1
 
     source_positions = []  # for BOS exclusion: the token each candidate is read from
@@ -146,6 +155,9 @@ def _extend(frozen: FrozenForward, path: Path, kind: str, layer: int, index: int
     elif kind == "head":
         vector, read_point = attribution.head_upstream(frozen, layer, index, source, t, path.vector)
         key, position = NodeKey("head", layer, index, source), source
+    elif kind == "skip":
+        vector, read_point, _ = attribution.skip_upstream(frozen, layer, t, path.vector)
+        key, position = NodeKey("skip", layer, -1, t), t
     else:
         vector, read_point, key, position = None, (0, 0), NodeKey(kind, -1, -1, t), t
     return Path(nodes=path.nodes + (key,), contributions=path.contributions + (contribution,),
@@ -226,6 +238,9 @@ def _direct_to_target(key: NodeKey, direct: attribution.DirectContributions, tar
     if key.kind == "error":
         error = direct.errors.get(key.layer)
         return 0.0 if error is None else float(error)
+    if key.kind == "skip":
+        skip = direct.skips.get(key.layer)
+        return 0.0 if skip is None else float(skip)
     if key.kind == "embed":
         return float(direct.embed)
     if key.kind == "pos":

@@ -1,9 +1,9 @@
-"""Transcoder files: one folder per transcoder, a folder of such folders for a set.
+"""tc's own transcoder files: one folder per transcoder, a folder of such folders for a set.
 
 A transcoder folder holds ``transcoder.safetensors`` (W_enc, b_enc, W_dec, b_dec, b_pre, and
 ``threshold`` / ``W_skip`` for the kinds that have them, in float32) and ``config.json`` (a
-TranscoderConfig). A set is a folder whose sub-folders are transcoder folders
-(named ``layer_L`` when written by tc). Every command that takes transcoders accepts either.
+TranscoderConfig). A set is a folder whose sub-folders are transcoder folders (named ``layer_L`` when
+written by tc). Other formats, and reading any of them as a set, are in tccli.formats.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tccli.errors import fail
-from tccli.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoder import INPUT_SPACES, OUTPUT_SPACES, Transcoder, TranscoderConfig
 
 WEIGHTS_FILE = "transcoder.safetensors"
 CONFIG_FILE = "config.json"
 
 
-# (input space, output space) pairs the model layer can produce (transcoder.INPUT_SPACES / OUTPUT_SPACES).
-SUPPORTED_SPACES = (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
+# (input space, output space) pairs the model layer can produce (tccli.spaces): a transcoder reads any input
+# space and writes any output space; an SAE reads and writes one output space.
+SUPPORTED_SPACES = tuple((i, o) for i in INPUT_SPACES for o in OUTPUT_SPACES) + tuple((o, o) for o in OUTPUT_SPACES)
+# The spaces whose hooks are tc's own names (ModelInfo.layer): only there is a recorded hook name checked.
+TC_SPACES = (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
 
 
 def layer_folder_name(layer: int) -> str:
@@ -38,13 +41,13 @@ def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
                for name in transcoder.tensor_names()}
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     text = json.dumps(transcoder.config.to_dict(), indent=2)
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return folder
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -96,73 +99,20 @@ def read_config(path: Path) -> TranscoderConfig:
     return config.validate(str(path))
 
 
-def single_transcoder_path(path: Path) -> bool:
-    """Whether ``path`` is one transcoder in a readable format (tc folder, SAELens folder, paper .pt)."""
-    from tccli.interop import is_paper_file, is_saelens_folder
-
-    return is_transcoder_folder(path) or is_saelens_folder(path) or is_paper_file(path)
-
-
-def load_any_transcoder(path: str | Path, device: str | torch.device = "cpu") -> Transcoder:
-    """One transcoder from a tc folder, a SAELens folder or a paper .pt file (see tccli.interop)."""
-    from tccli.interop import is_paper_file, is_saelens_folder, read_paper_file, read_saelens
-
-    path = Path(path)
-    if is_transcoder_folder(path):
-        return load_transcoder(path, device)
-    if is_saelens_folder(path):
-        return read_saelens(path).to(device)
-    if is_paper_file(path):
-        return read_paper_file(path).to(device)
-    raise fail(f"{path} is not a transcoder: expected a tc or SAELens folder, or a paper .pt file")
-
-
-def load_transcoder_set(path: str | Path, device: str | torch.device = "cpu",
-                        layers: Optional[list[int]] = None) -> dict[int, Transcoder]:
-    """A single transcoder or a folder of them -> {layer: Transcoder}.
-
-    Each transcoder may be a tc folder, a SAELens folder or a paper .pt file (tccli.interop).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise fail(f"transcoders {path} do not exist")
-    if single_transcoder_path(path):
-        folders = [path]
-    elif not path.is_dir():
-        raise fail(f"{path} is not a transcoder: expected a tc or SAELens folder, or a paper .pt file")
-    else:
-        folders = sorted(p for p in path.iterdir() if single_transcoder_path(p))
-        if not folders:
-            raise fail(f"{path} holds no transcoder folders")
-    out: dict[int, Transcoder] = {}
-    for folder in folders:
-        transcoder = load_any_transcoder(folder, device)
-        layer = transcoder.config.layer
-        if layer is None:
-            raise fail(f"{folder}: config names no layer")
-        if layer in out:
-            raise fail(f"{path} holds two transcoders for layer {layer}")
-        if layers is None or layer in layers:
-            out[layer] = transcoder
-    if layers is not None:
-        missing = [layer for layer in layers if layer not in out]
-        if missing:
-            raise fail(f"no transcoder for layer {missing[0]} in {path} (has {sorted(out) or 'none'})")
-    return dict(sorted(out.items()))
-
-
 def check_matches_model(transcoder: Transcoder, info) -> None:
     """Refuse a transcoder trained on another model, hook or width (info: models.ModelInfo)."""
     cfg = transcoder.config
     where = f"transcoder for layer {cfg.layer}"
-    if (cfg.input_space, cfg.output_space) not in SUPPORTED_SPACES:
-        raise fail(f"{where} reads {cfg.input_space} and writes {cfg.output_space}; tc runs transcoders "
-                   f"that read normalized and write mlp_out (SAEs: mlp_out to mlp_out)")
+    spaces = (cfg.input_space, cfg.output_space)
+    if spaces not in SUPPORTED_SPACES or (cfg.kind == "sae") != (cfg.input_space in OUTPUT_SPACES):
+        raise fail(f"{where} ({cfg.kind}) reads {cfg.input_space} and writes {cfg.output_space}; tc runs "
+                   f"transcoders from {'/'.join(INPUT_SPACES)} to {'/'.join(OUTPUT_SPACES)} and SAEs on one "
+                   f"of {'/'.join(OUTPUT_SPACES)}")
     if cfg.d_in != info.d_model or cfg.d_out != info.d_model:
         raise fail(f"{where} has d_in={cfg.d_in}, d_out={cfg.d_out} but the model's d_model is {info.d_model}")
     if cfg.layer is not None and cfg.layer >= info.n_layers:
         raise fail(f"{where}: the model has only {info.n_layers} layers")
-    if cfg.layer is not None and cfg.input_hook is not None:
+    if cfg.layer is not None and cfg.input_hook is not None and spaces in TC_SPACES:
         hooks = info.layer(cfg.layer)
         expected_in = hooks.mlp_out if cfg.kind == "sae" else hooks.mlp_in
         if cfg.input_hook != expected_in or (cfg.output_hook and cfg.output_hook != hooks.mlp_out):

@@ -23,25 +23,36 @@ def loaded_model(path, dtype: str = "float32"):
     return _LOADED[key]
 
 
+# Every (input space, output space) pair a transcoder can have (tccli.transcoder).
+SPACE_PAIRS = [(i, o) for i in ("normalized", "mlp_input", "resid_mid") for o in ("mlp_out", "mlp_output")]
+
+
 def random_transcoders(info, n_features: int = 48, seed: int = 0, dtype=torch.float32,
-                       layers=None, bias_shift: float = 0.0) -> dict[int, Transcoder]:
+                       layers=None, bias_shift: float = 0.0, activation: str = "relu", skip: bool = False,
+                       input_space: str = "normalized", output_space: str = "mlp_out") -> dict[int, Transcoder]:
     """One random transcoder per layer, its config naming the model, hooks and processing.
 
-    ``bias_shift`` is added to b_enc: a negative shift makes features sparse, as trained ones are.
+    ``bias_shift`` is added to b_enc: a negative shift makes features sparse, as trained ones are. A
+    threshold kind gets thresholds of 0.05; topk/batchtopk get k = n_features // 4.
     """
     generator = torch.Generator().manual_seed(seed)
     out = {}
+    tc_spaces = (input_space, output_space) == ("normalized", "mlp_out")
     for layer in (range(info.n_layers) if layers is None else layers):
         hooks = info.layer(layer)
         transcoder = Transcoder(TranscoderConfig(
             d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=layer, model_name=info.name,
             model_architecture=info.architecture, weight_processing=dict(info.weight_processing),
-            input_hook=hooks.mlp_in, output_hook=hooks.mlp_out))
+            activation=activation, k=n_features // 4 if activation in ("topk", "batchtopk") else None,
+            skip=skip, input_space=input_space, output_space=output_space,
+            input_hook=hooks.mlp_in if tc_spaces else None, output_hook=hooks.mlp_out if tc_spaces else None))
         with torch.no_grad():
             for name, param in transcoder.named_parameters():
                 scale = 1.0 / info.d_model ** 0.5 if name.startswith("W_") else 0.1
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
             transcoder.b_enc.add_(bias_shift)
+            if transcoder.threshold is not None:
+                transcoder.threshold.fill_(0.05)
         out[layer] = transcoder.to(dtype)
     return out
 

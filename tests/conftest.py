@@ -18,6 +18,10 @@ STORIES = SHARED / "models" / "stories260K"
 CORPORA = SHARED / "corpora"
 
 ARCHITECTURES = ("gpt2", "neox", "llama")
+# Built on demand (fixture modern_model_dirs), not in the default parametrisation every test runs over:
+# Gemma-2 (post-norms, (1 + w) RMSNorm, soft-capping, sliding windows, scaled embeddings) and Qwen3
+# (RMSNorm on queries and keys, grouped-query attention).
+MODERN_ARCHITECTURES = ("gemma2", "qwen3")
 
 TOKENIZER_TEXT = [
     "The war lasted from 1735 to 1789. The cat sat on the mat.",
@@ -44,8 +48,8 @@ def build_tokenizer(folder: Path):
 
 
 def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 32, seed: int = 0) -> Path:
-    """A random model of ``arch`` ('gpt2', 'neox', 'llama') saved as a HuggingFace folder."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    """A random model of ``arch`` ('gpt2', 'neox', 'llama', 'gemma2', 'qwen3') saved as a HuggingFace folder."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen3Config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +66,16 @@ def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 
         config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * d_model // 2,
                              max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    elif arch == "gemma2":  # a sliding window shorter than the test prompts, both soft-caps on
+        config = Gemma2Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, intermediate_size=3 * d_model // 2,
+                              max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=8,
+                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, bos_token_id=0,
+                              eos_token_id=0, pad_token_id=1)
+    elif arch == "qwen3":
+        config = Qwen3Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, intermediate_size=3 * d_model // 2,
+                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -89,6 +103,18 @@ def one_torch_thread():
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def modern_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("modern_models")
+    return {arch: build_tiny_model(arch, root / arch) for arch in MODERN_ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def all_model_dirs(tiny_model_dirs, modern_model_dirs) -> dict[str, Path]:
+    """All five tiny architectures."""
+    return {**tiny_model_dirs, **modern_model_dirs}
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

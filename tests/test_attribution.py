@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuit_helpers import loaded_model, paper_model, random_transcoders
+from circuit_helpers import SPACE_PAIRS, loaded_model, paper_model, random_transcoders
 from tccli import attribution
 from tccli.attribution import FrozenForward
 from tccli.circuit import freeze_prompt
@@ -15,10 +15,10 @@ from tccli.circuit import freeze_prompt
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]  # BOS first; ids < the tiny vocab of 320
 
 
-def frozen_for(path, dtype: str, n_features: int = 48, seed: int = 0):
+def frozen_for(path, dtype: str, n_features: int = 48, seed: int = 0, **kinds):
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    transcoders = random_transcoders(loaded.info, n_features, seed, torch_dtype)
+    transcoders = random_transcoders(loaded.info, n_features, seed, torch_dtype, **kinds)
     tokens = torch.tensor(PROMPT_IDS[: min(len(PROMPT_IDS), 9)])
     return loaded, freeze_prompt(loaded, transcoders, tokens)
 
@@ -44,7 +44,7 @@ def terms(contributions: attribution.DirectContributions) -> torch.Tensor:
         parts.append(contributions.pos_embed.reshape(1))
     parts += [t.reshape(-1) for t in contributions.features.values()]
     parts += [t.reshape(-1) for t in contributions.heads.values()]
-    for group in (contributions.attn_bias, contributions.decoder_bias, contributions.errors):
+    for group in (contributions.attn_bias, contributions.decoder_bias, contributions.errors, contributions.skips):
         parts += [t.reshape(1) for t in group.values()]
     return torch.cat(parts)
 
@@ -54,7 +54,10 @@ def terms(contributions: attribution.DirectContributions) -> torch.Tensor:
 # scale: the model's attention (HF eager, float32 softmax / norms inside) does not satisfy
 # attn_out == sum_h pattern_h V_h W_O better than that; test_llama_float64_limit_is_the_model's shows it.
 TOLERANCE = {("float32", "gpt2"): 1e-5, ("float32", "neox"): 1e-5, ("float32", "llama"): 1e-5,
-             ("float64", "gpt2"): 1e-10, ("float64", "neox"): 1e-10, ("float64", "llama"): 1e-7}
+             ("float64", "gpt2"): 1e-10, ("float64", "neox"): 1e-10, ("float64", "llama"): 1e-7,
+             # Gemma-2 and Qwen3 compute their norms and softmax in float32 inside the float64 model too
+             ("float32", "gemma2"): 1e-5, ("float32", "qwen3"): 1e-5,
+             ("float64", "gemma2"): 1e-7, ("float64", "qwen3"): 1e-7}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -108,23 +111,49 @@ def test_stories260k_identity(stories_dir):
 # ----------------------------------------------------------------------------- autograd
 
 
+def _centre(x):
+    return x - x.mean(-1, keepdim=True)
+
+
 def replacement_target(frozen: FrozenForward, target: attribution.Target, leaves: dict) -> torch.Tensor:
     """The target recomputed from leaves with patterns' values, scales and attention inputs frozen:
-    a direct-effect model, so gradient x activation of a leaf is its direct contribution."""
+    a direct-effect model, so gradient x activation of a leaf is its direct contribution. Spaces are
+    written out here from METHOD.md section 8, independently of tccli.spaces."""
     t = target.position
     resid = leaves["embed"] + (leaves["pos"] if "pos" in leaves else 0)
     n_attn, n_mlp = target.read_point
 
     def normalised(x, scale):
         if frozen.layernorm:
-            x = x - x.mean(-1, keepdim=True)
+            x = _centre(x)
         return x / scale.unsqueeze(-1)
+
+    def transcoder_input(layer, r):
+        space = layer.transcoder.config.input_space
+        if space == "resid_mid":
+            return r
+        x = normalised(r, layer.mlp_scale)
+        if space == "mlp_input":
+            x = x * layer.spaces.norm_weight + (0 if layer.spaces.norm_bias is None else layer.spaces.norm_bias)
+        return x
+
+    def written(layer, y):  # the transcoder's output as it enters the residual
+        if layer.transcoder.config.output_space == "mlp_out":
+            return y
+        if layer.spaces.post_weight is not None:
+            return layer.spaces.post_weight * y / layer.mlp_post_scale.unsqueeze(-1)
+        return _centre(y) if frozen.layernorm else y
 
     for index, layer in enumerate(frozen.layers):
         if index == n_attn == n_mlp:
             break
-        attn = torch.einsum("hts,she,hed->td", leaves["pattern", index], layer.values, layer.W_O) + layer.b_O
-        mlp = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec + layer.error
+        heads = torch.einsum("hts,she,hed->td", leaves["pattern", index], layer.values, layer.W_O) + layer.b_O
+        attn = heads if layer.attn_post_scale is None else (layer.spaces.attn_post_weight * heads
+                                                            / layer.attn_post_scale.unsqueeze(-1))
+        output = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec
+        if ("skip", index) in leaves:
+            output = output + leaves["skip", index]
+        mlp = written(layer, output) + layer.error
         if frozen.parallel:
             resid = resid + attn + mlp
         else:
@@ -135,8 +164,7 @@ def replacement_target(frozen: FrozenForward, target: attribution.Target, leaves
     kind = target.description["kind"]
     if kind == "feature":
         layer = frozen.layers[target.description["layer"]]
-        x = normalised(resid[t], layer.mlp_scale[t])
-        return layer.transcoder.pre_activation(x)[target.description["feature"]]
+        return layer.transcoder.pre_activation(transcoder_input(layer, resid)[t])[target.description["feature"]]
     if kind in ("logit", "logit_diff"):
         logits = normalised(resid[t], frozen.final_scale[t]) @ frozen.W_U + frozen.b_U
         value = logits[target.description["token"]]
@@ -146,16 +174,16 @@ def replacement_target(frozen: FrozenForward, target: attribution.Target, leaves
     return resid[t] @ target.vector
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_direct_contributions_match_autograd(tiny_model_dirs, arch):
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
-    for target in all_targets(frozen, loaded.info.d_model):
+def check_against_autograd(frozen: FrozenForward, d_model: int) -> None:
+    for target in all_targets(frozen, d_model):
         leaves = {"embed": frozen.embed.clone().requires_grad_()}
         if frozen.pos_embed is not None:
             leaves["pos"] = frozen.pos_embed.clone().requires_grad_()
         for index, layer in enumerate(frozen.layers):
             leaves["pattern", index] = layer.pattern.clone().requires_grad_()
             leaves["z", index] = layer.z.clone().requires_grad_()
+            if layer.skip_out is not None:
+                leaves["skip", index] = layer.skip_out.clone().requires_grad_()
         value = replacement_target(frozen, target, leaves)
         value.backward()
         direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
@@ -173,10 +201,92 @@ def test_direct_contributions_match_autograd(tiny_model_dirs, arch):
             # nothing at other tokens: a direct effect lives at the target's token only
             if z.grad is not None:
                 assert float(z.grad[torch.arange(z.shape[0]) != t].abs().max()) == 0.0
+            if ("skip", index) in leaves:
+                skip = leaves["skip", index]
+                grad_x_act = float((skip.grad * skip)[t].sum()) if skip.grad is not None else 0.0
+                assert abs(grad_x_act - float(direct.skips.get(index, 0.0))) < atol, (target.description, index)
             pattern = leaves["pattern", index]
             heads = (pattern.grad * pattern)[:, t, :] if pattern.grad is not None else torch.zeros_like(pattern[:, t])
             expected = direct.heads.get(index, torch.zeros_like(heads))
             assert torch.allclose(heads, expected, atol=atol, rtol=0), (target.description, index)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_direct_contributions_match_autograd(tiny_model_dirs, arch):
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
+    check_against_autograd(frozen, loaded.info.d_model)
+
+
+# ----------------------------------------------------------------------------- spaces and skip connections
+
+
+def check_identity(frozen: FrozenForward, d_model: int, tolerance: float) -> None:
+    for target in all_targets(frozen, d_model):
+        direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
+        flat = terms(direct)
+        total = float(flat.sum()) + target.constant
+        scale = float(flat.abs().sum()) + abs(target.constant)
+        assert abs(total - target.value) <= tolerance * scale, (target.description, total, target.value, scale)
+
+
+@pytest.mark.parametrize("spaces", SPACE_PAIRS, ids=["-".join(p) for p in SPACE_PAIRS])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_every_space_with_a_skip_is_exact(tiny_model_dirs, arch, spaces):
+    """JumpReLU skip transcoders reading and writing every space: the identity in float32 and float64,
+    and every direct term (features, skip terms, heads, embeddings) equal to autograd's."""
+    kinds = dict(activation="jumprelu", skip=True, input_space=spaces[0], output_space=spaces[1])
+    for dtype in ("float32", "float64"):
+        loaded, frozen = frozen_for(tiny_model_dirs[arch], dtype, **kinds)
+        assert all(layer.skip_out is not None and float(layer.skip_out.abs().max()) > 0 for layer in frozen.layers)
+        check_identity(frozen, loaded.info.d_model, TOLERANCE[(dtype, arch)])
+    check_against_autograd(frozen, loaded.info.d_model)
+
+
+@pytest.mark.parametrize("spaces", SPACE_PAIRS, ids=["-".join(p) for p in SPACE_PAIRS])
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+def test_gemma2_and_qwen3_every_space_is_exact(modern_model_dirs, arch, spaces):
+    """Gemma-2's post-norms (frozen scales: linear maps), (1 + w) norms, soft-caps, sliding windows and
+    scaled embeddings, and Qwen3's query/key norms: the identity and autograd, as for the other three."""
+    kinds = dict(activation="jumprelu", skip=True, input_space=spaces[0], output_space=spaces[1])
+    for dtype in ("float32", "float64"):
+        loaded, frozen = frozen_for(modern_model_dirs[arch], dtype, **kinds)
+        check_identity(frozen, loaded.info.d_model, TOLERANCE[(dtype, arch)])
+        if arch == "gemma2":
+            assert frozen.final_logit_softcap == 30.0 and frozen.layers[0].attn_post_scale is not None
+    check_against_autograd(frozen, loaded.info.d_model)
+
+
+def test_spaces_read_different_inputs(tiny_model_dirs):
+    """The three input spaces are different activations (so the tests above tell them apart)."""
+    firsts = {}
+    for space in ("normalized", "mlp_input", "resid_mid"):
+        _, frozen = frozen_for(tiny_model_dirs["gpt2"], "float64", input_space=space)
+        firsts[space] = frozen.layers[1].transcoder_input
+    assert not torch.allclose(firsts["normalized"], firsts["mlp_input"], atol=1e-3)
+    assert not torch.allclose(firsts["normalized"], firsts["resid_mid"], atol=1e-3)
+    # normalized is resid_mid centred and divided by its scale
+    layer = frozen.layers[1]
+    expected = _centre(firsts["resid_mid"]) / layer.mlp_scale.unsqueeze(-1)
+    assert torch.allclose(firsts["normalized"], expected, atol=1e-10)
+
+
+def test_skip_path_one_step_upstream_is_exact(tiny_model_dirs):
+    """The skip node's upstream vector explains its contribution: direct terms of W_skip W(v) moved through
+    the norm, plus the norm bias's constant, sum to the skip term's contribution."""
+    for arch in ("gpt2", "llama"):
+        loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", skip=True, input_space="mlp_input",
+                                    output_space="mlp_output")
+        target = attribution.unembed_target(frozen, 17, None, 8)
+        rows = attribution.Rows.from_target(target)
+        for layer in range(frozen.n_layers):
+            contribution = float(attribution.skip_contributions(frozen, rows, layer)[0])
+            vector, read_point, constant = attribution.skip_upstream(frozen, layer, 8, target.vector)
+            upstream = attribution.direct_contributions(frozen, vector, 8, read_point)
+            scale = float(terms(upstream).abs().sum())
+            error = abs(float(upstream.total()) + float(constant) - contribution)
+            assert error <= TOLERANCE[("float64", arch)] * scale and abs(contribution) > 1e-4
+            if arch == "gpt2":  # LayerNorm: the norm bias enters as a constant
+                assert abs(float(constant)) > 1e-6
 
 
 # ----------------------------------------------------------------------------- a model on paper

@@ -116,6 +116,27 @@ def test_deembed_rows_and_bad_input(gpt2, transcoder_dir):
         deembed_rows(gpt2, transcoders, DeembedConfig(transcoders="x", feature="L0.F17", head="L0.H9"))
 
 
+@pytest.mark.parametrize("space", ["normalized", "mlp_input", "resid_mid"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch, space):
+    """In every input space, a token's de-embedding score is the embedding's direct contribution to the
+    feature's pre-activation at a position holding that token, times the norm's scale there (resid_mid: 1)."""
+    from tccli import attribution
+    from tccli.circuit import freeze_prompt
+
+    loaded = load_model(str(tiny_model_dirs[arch]), "cpu", "float64")
+    transcoders = transcoders_of(loaded, dtype=torch.float64, input_space=space, output_space="mlp_output")
+    tokens = torch.tensor([0, 37, 90, 151, 12])
+    frozen = freeze_prompt(loaded, transcoders, tokens)
+    scores = {int(token): score for score, token, _ in
+              deembed_rows(loaded, transcoders, DeembedConfig(transcoders="x", feature="L0.F17", top=400))}
+    for position in (1, 3):
+        target = attribution.feature_target(frozen, 0, 17, position)
+        embed = float(attribution.direct_contributions(frozen, target.vector, position, target.read_point).embed)
+        scale = 1.0 if space == "resid_mid" else float(frozen.layers[0].mlp_scale[position])
+        assert abs(scores[int(tokens[position])] - embed * scale) < 1e-9
+
+
 def test_cli_end_to_end(tiny_model_dirs, transcoder_dir, tmp_path):
     model = str(tiny_model_dirs["gpt2"])
     result = run_tc("circuit", "--model", model, "--transcoders", str(transcoder_dir), "--prompt", "-",

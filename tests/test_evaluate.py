@@ -68,20 +68,23 @@ def test_mean_output_per_position_and_global():
 # ----------------------------------------------------------------------------- on tiny models
 
 
-def make_transcoder(info, layer, kind="transcoder", n_features=None):
+def make_transcoder(info, layer, kind="transcoder", n_features=None, input_space=None, output_space="mlp_out"):
     hooks = info.layer(layer)
     d = info.d_model
+    input_space = input_space or (output_space if kind == "sae" else "normalized")
+    tc_spaces = (input_space, output_space) in (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
     config = TranscoderConfig(d_in=d, d_out=d, n_features=n_features or 2 * d, kind=kind, layer=layer,
                               model_name=info.name, model_architecture=info.architecture,
                               weight_processing=dict(info.weight_processing),
-                              input_hook=hooks.mlp_out if kind == "sae" else hooks.mlp_in,
-                              output_hook=hooks.mlp_out)
+                              input_space=input_space, output_space=output_space,
+                              input_hook=(hooks.mlp_out if kind == "sae" else hooks.mlp_in) if tc_spaces else None,
+                              output_hook=hooks.mlp_out if tc_spaces else None)
     return Transcoder(config)
 
 
-def identity(info, layer, kind):
+def identity(info, layer, kind, **spaces):
     """relu(x) - relu(-x) = x: features [I, -I] reproduce their input exactly."""
-    transcoder = make_transcoder(info, layer, kind)
+    transcoder = make_transcoder(info, layer, kind, **spaces)
     eye = torch.eye(info.d_model)
     with torch.no_grad():
         transcoder.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -150,8 +153,63 @@ def test_transcoder_reads_mlp_input_and_replaces_mlp_output(loaded_models, arch)
     hooks = info.layer(layer)
     clean, captured = run_logits(loaded, tokens, [hooks.mlp_in])
     by_hand, _ = run_logits(loaded, tokens, extra_hooks=[(hooks.mlp_out, lambda t, hook: captured[hooks.mlp_in])])
-    spliced, _ = run_logits(loaded, tokens, extra_hooks=splice_hooks(info, {layer: identity(info, layer, "transcoder")}))
+    spliced, _ = run_logits(loaded, tokens, extra_hooks=splice_hooks(loaded, {layer: identity(info, layer, "transcoder")}))
     assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_exact_sae_on_the_raw_mlp_output(loaded_models, arch):
+    """An identity SAE reading and writing mlp_output (the MLP module's raw output; for LayerNorm models
+    uncentred, its mean restored from the hidden activations) leaves the model unchanged."""
+    loaded = loaded_models[arch]
+    info = loaded.info
+    saes = {layer: identity(info, layer, "sae", output_space="mlp_output") for layer in range(info.n_layers)}
+    result = evaluate(loaded, saes, sample_tokens(loaded), batch_size=4)
+    for row in [*result.layers, result.all_layers]:
+        assert row["ce_spliced"] == pytest.approx(row["ce_clean"], abs=1e-6) and row["kl"] < 1e-7  # float32 rounding
+    for row in result.layers:
+        assert row["fvu"] < 1e-10
+
+
+@pytest.mark.parametrize("space", ["normalized", "mlp_input", "resid_mid"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_transcoder_reads_its_input_space(loaded_models, arch, space):
+    """An identity transcoder in each input space, writing mlp_output, replaces the MLP output by its input
+    as that space defines it (written out here by hand), passed on as the model would (centred for LayerNorm)."""
+    loaded = loaded_models[arch]
+    info = loaded.info
+    tokens = sample_tokens(loaded, rows=2)
+    layer = 1
+    hooks = info.layer(layer)
+    clean, captured = run_logits(loaded, tokens, [hooks.mlp_in, hooks.mlp_norm_input])
+    g, beta = loaded.spaces[layer].norm_weight, loaded.spaces[layer].norm_bias
+    x = {"normalized": captured[hooks.mlp_in], "resid_mid": captured[hooks.mlp_norm_input],
+         "mlp_input": captured[hooks.mlp_in] * g + (0 if beta is None else beta)}[space]
+    written = x - x.mean(-1, keepdim=True) if info.normalization == "layernorm" else x
+    by_hand, _ = run_logits(loaded, tokens, extra_hooks=[(hooks.mlp_out, lambda t, hook: written)])
+    transcoder = identity(info, layer, "transcoder", input_space=space, output_space="mlp_output")
+    spliced, _ = run_logits(loaded, tokens, extra_hooks=splice_hooks(loaded, {layer: transcoder}))
+    assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
+
+
+def test_skip_transcoder_eval_counts_the_skip_term(loaded_models):
+    """A skip transcoder with no live features and W_skip = I reproduces its input: FVU against the MLP
+    output is that of the input, and its L0 is 0."""
+    loaded = loaded_models["llama"]
+    info = loaded.info
+    transcoder = make_transcoder(info, 1, input_space="mlp_input", output_space="mlp_output")
+    transcoder = Transcoder(TranscoderConfig(**{**transcoder.config.to_dict(), "skip": True}))
+    with torch.no_grad():
+        transcoder.b_enc.fill_(-1e4)
+        transcoder.W_skip.copy_(torch.eye(info.d_model))
+    tokens = sample_tokens(loaded, rows=2)
+    row = evaluate(loaded, {1: transcoder}, tokens, batch_size=2).layers[0]
+    hooks = info.layer(1)
+    _, captured = run_logits(loaded, tokens, [hooks.mlp_in, hooks.mlp_out])
+    x = captured[hooks.mlp_in] * loaded.spaces[1].norm_weight
+    y = captured[hooks.mlp_out]
+    fvu = float(((y - x) ** 2).sum() / ((y - y.reshape(-1, y.shape[-1]).mean(0)) ** 2).sum())
+    assert row["l0"] == 0 and row["fvu"] == pytest.approx(fvu, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -77,11 +77,11 @@ def _random_tokens(info, rows=4, seq=24, seed=0):
     return tokens
 
 
-def _native_equals_bridge_up_to_rounding(model_dir):
+def _native_equals_bridge_up_to_rounding(model_dir, attention="sdpa"):
     loaded = load_model(str(model_dir), device="cpu")
     layers = list(range(loaded.info.n_layers))
     native, bridge = MlpCapture(loaded, layers, "native"), MlpCapture(loaded, layers, "bridge")
-    assert (native.engine_used, native.attention, bridge.engine_used) == ("native", "sdpa", "bridge")
+    assert (native.engine_used, native.attention, bridge.engine_used) == ("native", attention, "bridge")
     tokens = _random_tokens(loaded.info)
     got, want = native.capture(tokens), bridge.capture(tokens)
     for layer in layers:
@@ -152,3 +152,21 @@ def test_release_bridge_keeps_one_copy(tiny_model_dirs):
     loaded = load_model(str(tiny_model_dirs["gpt2"]), device="cpu")
     capture = MlpCapture(loaded, [0, 1], "native", release_bridge=True)
     assert loaded.bridge is None and capture.capture(_random_tokens(loaded.info))[1]["mlp_out"].shape[-1] == 32
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+def test_native_capture_equals_bridge_on_gemma2_and_qwen3(modern_model_dirs, arch):
+    """Gemma-2's MLP output is taken after its post-MLP norm (what enters the residual), as the bridge's.
+    HuggingFace runs Gemma-2 with eager attention (its soft-capping), Qwen3 with SDPA."""
+    _native_equals_bridge_up_to_rounding(modern_model_dirs[arch], "eager" if arch == "gemma2" else "sdpa")
+
+
+@pytest.mark.parametrize("space", ["mlp_input", "resid_mid"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_native_capture_in_other_input_spaces(all_model_dirs, arch, space):
+    loaded = load_model(str(all_model_dirs[arch]), device="cpu")
+    native = MlpCapture(loaded, [1], "native", input_spaces={1: space})
+    bridge = MlpCapture(loaded, [1], "bridge", input_spaces={1: space})
+    tokens = _random_tokens(loaded.info)
+    a, b = native.capture(tokens)[1]["mlp_in"], bridge.capture(tokens)[1]["mlp_in"]
+    assert (a - b).abs().max() <= 2e-6 * b.abs().max()

@@ -423,3 +423,52 @@ def test_without_numba_the_cpu_runs_the_torch_formulation(monkeypatch):
     assert torch.equal(fallback.top_slots.keys, expected.top_slots.keys)
     assert torch.equal(fallback.sample_slots.keys, expected.sample_slots.keys)
     assert torch.equal(fallback.active_count, expected.active_count)
+
+
+@pytest.mark.parametrize("space", ["mlp_input", "resid_mid"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
+    """A transcoder reading another input space is scored on that space's activations (both engines)."""
+    from tccli.models import load_model, run_capture, space_activation
+    from tccli.transcoder import Transcoder, TranscoderConfig
+
+    loaded = load_model(str(tiny_model_dirs[arch]), "cpu")
+    info = loaded.info
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, info.d_vocab, (6, 12), generator=generator)
+    rows[:, 0] = info.bos_token_id
+    doc_ids = np.zeros(rows.shape, dtype=np.int64)
+    transcoder = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=6, layer=1,
+                                             input_space=space, output_space="mlp_output"))
+    with torch.no_grad():
+        transcoder.W_enc.copy_(torch.randn(info.d_model, 6, generator=generator))
+        transcoder.b_enc.fill_(-0.5)
+    hooks = info.input_hooks(1, space)
+    x = space_activation(loaded, 1, space, run_capture(loaded, rows, hooks)).reshape(-1, info.d_model)
+    expected = transcoder.encode(x).detach()
+    settings = ScoreSettings(top=4, quantiles=0, per_quantile=0, half_window=1, top_tokens=3, batch_size=3)
+    for engine in ("bridge", "native"):
+        scores = score_model(loaded, {1: transcoder}, rows.numpy(), doc_ids, settings, engine=engine)[1]
+        assert np.allclose(scores.max_activation, expected.max(0).values.numpy(), atol=1e-5), engine
+        assert np.array_equal(scores.frequency, (expected > 0).double().mean(0).numpy()), engine
+
+
+def test_layer_reads_by_hand():
+    """Encoder vectors read from the residual and decoder vectors written to it, per space (scales left out)."""
+    from tccli.scoring import LayerReads
+    from tccli.spaces import LayerSpaces
+    from tccli.transcoder import Transcoder, TranscoderConfig
+
+    spaces = LayerSpaces(layernorm=True, norm_weight=torch.tensor([2.0, 1.0]), norm_bias=torch.tensor([1.0, 0.0]))
+    transcoder = Transcoder(TranscoderConfig(d_in=2, d_out=2, n_features=1, input_space="mlp_input",
+                                             output_space="mlp_output"))
+    with torch.no_grad():
+        transcoder.W_enc.copy_(torch.tensor([[1.0], [3.0]]))
+        transcoder.W_dec.copy_(torch.tensor([[4.0, 0.0]]))
+        transcoder.b_enc.fill_(0.5)
+    reads = LayerReads.of(transcoder, spaces)
+    assert reads.encoders.tolist() == [[-0.5, 0.5]]  # g * f = [2, 3], centred
+    assert reads.decoders.tolist() == [[2.0, -2.0]]  # the raw output is centred on its way in
+    assert reads.constant.tolist() == [1.5] and reads.scaled  # b_enc + beta . f = .5 + 1
+    transcoder.config.input_space = "resid_mid"
+    assert not LayerReads.of(transcoder, spaces).scaled

@@ -24,6 +24,7 @@ def test_node_ids():
     assert NodeKey("embed", position=4).id == "embed@4"
     assert NodeKey("pos", position=4).id == "pos@4"
     assert NodeKey("error", 8, position=5).id == "err8@5"
+    assert NodeKey("skip", 8, position=5).id == "skip8@5"
     assert NodeKey("target", position=9).id == "target"
 
 
@@ -133,3 +134,39 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
                 assert attrs["direct_contribution"] == pytest.approx(float(expected[kind]()), abs=1e-12)
                 assert attrs["path_contribution"] == pytest.approx(
                     sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-12)
+
+
+def test_skip_nodes_are_searched_and_exact(tiny_model_dirs):
+    """With skip transcoders (reading mlp_input, writing mlp_output) the search offers skip{L}@t nodes; a
+    skip node's contribution is its direct term and the path continues upstream through the norm exactly."""
+    loaded = load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float64")
+    transcoders = random_transcoders(loaded.info, 48, 2, torch.float64, skip=True, input_space="mlp_input",
+                                     output_space="mlp_output", bias_shift=-0.3)
+    with torch.no_grad():
+        for transcoder in transcoders.values():
+            transcoder.W_skip.mul_(8.0)  # a strong linear path, so the beam keeps it
+    frozen = freeze_prompt(loaded, transcoders, torch.tensor([0, 37, 90, 151, 12, 200, 64]))
+    with torch.no_grad():
+        target = attribution.unembed_target(frozen, 17, None, 6)
+        result = greedy_search(frozen, target, SearchParams(iters=3, branches=10, both_signs=True))
+        direct = attribution.direct_contributions(frozen, target.vector, 6, target.read_point)
+        skips = [p for p in result.paths if p.nodes[-1].kind == "skip"]
+        assert skips
+        for p in skips:
+            key = p.nodes[-1]
+            if len(p.nodes) == 2:
+                assert abs(p.contributions[-1] - float(direct.skips[key.layer])) < 1e-12
+            previous_vector = target.vector if len(p.nodes) == 2 else None
+            if previous_vector is not None:
+                vector, read_point, constant = attribution.skip_upstream(frozen, key.layer, key.position,
+                                                                         previous_vector)
+                assert torch.equal(vector, p.vector) and read_point == p.read_point
+                upstream = attribution.direct_contributions(frozen, p.vector, p.position, p.read_point)
+                assert abs(float(upstream.total()) + float(constant) - p.contributions[-1]) < 1e-9
+        graph = build_graph(frozen, target, result, [str(t) for t in range(7)])
+        skip_nodes = [n for n in graph if graph.nodes[n]["kind"] == "skip"]
+        assert skip_nodes
+        for node in skip_nodes:
+            attrs = graph.nodes[node]
+            expected = float(direct.skips[attrs["layer"]]) if attrs["position"] == 6 else 0.0
+            assert attrs["direct_contribution"] == expected
