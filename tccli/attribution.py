@@ -1,23 +1,28 @@
-"""Exact direct attributions through a frozen forward pass (METHOD.md section 5). Pure math.
+"""Exact direct attributions through a frozen forward pass (METHOD.md sections 5 and 8). Pure math.
 
 The frozen forward pass is the ORIGINAL model's forward pass on one prompt: its residual stream,
 attention patterns and normalisation scales are the real ones. Each MLP output is split into the
-transcoder's part (feature activations z times decoder rows, plus b_dec), computed from the MLP's
-real input, and an error term ``mlp_out - transcoder_out``. With patterns and scales frozen, a
-target ``v . resid(t)`` is linear in every upstream write, so
+transcoder's part (feature activations z times decoder rows, plus b_dec, plus a skip transcoder's
+x W_skip), computed from the MLP's real input in the transcoder's input space and written to the
+residual through its output space (tccli.spaces), and an error term ``mlp_out - written(transcoder_out)``.
+With patterns and scales frozen, a target ``v . resid(t)`` is linear in every upstream write, so
 
-    target = constant + sum(features) + sum(head, source) + embed + pos + sum(biases) + sum(errors)
+    target = constant + sum(features) + sum(skips) + sum(head, source) + embed + pos + sum(biases) + sum(errors)
 
-holds to floating-point precision (tests/test_attribution.py checks it).
+holds to floating-point precision (tests/test_attribution.py checks it for every space pair).
 
 Normalisation: a vector ``w`` dotted with a normalised residual equals ``(P w / scale) . x`` with
 ``x`` the raw residual, ``P`` the mean-centring projection for LayerNorm (identity for RMSNorm).
 Applying ``P`` to the vector makes this exact whether or not the residual writes are centred, so
-nothing relies on compatibility mode's centring of writing weights.
+nothing relies on compatibility mode's centring of writing weights. The other maps (a transcoder's input
+and output spaces, Gemma-2's post-attention and post-MLP norms with frozen scales, the skip path) are
+``FrozenForward`` methods, so every consumer moves vectors through them the same way.
 
 Read points: a vector is dotted with the residual stream that includes the attention outputs of
 layers ``< n_attn`` and the MLP outputs of layers ``< n_mlp``. The MLP of layer l reads
 ``(l + 1, l)`` in a sequential block and ``(l, l)`` in a parallel one (it cannot see attention l).
+
+Logit targets are the logits before any final soft-cap (Gemma-2's ``c tanh(logit / c)`` is not linear).
 
 All functions are batched over "rows": a row is one vector [d] at one token with one read point.
 """

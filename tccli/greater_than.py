@@ -180,12 +180,12 @@ def run_greater_than(config: GreaterThanConfig) -> dict:
             check_matches_model(transcoder, loaded.info)
             transcoder.eval()
         for layer, transcoder in (transcoders.items() if out["not_applicable"] is None else ()):
-            hooks = splice_hooks(loaded.info, {layer: transcoder})
+            hooks = splice_hooks(loaded, {layer: transcoder})
             out["replaced"][layer] = probability_difference_of_model(loaded, extra_hooks=hooks,
                                                                      noun=config.noun).mean
         if len(transcoders) > 1 and out["not_applicable"] is None:
             out["all_replaced"] = probability_difference_of_model(
-                loaded, extra_hooks=splice_hooks(loaded.info, transcoders), noun=config.noun).mean
+                loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun).mean
         if config.graph:
             from tccli.graph_io import read_graph
 

@@ -32,8 +32,6 @@ from typing import Optional
 
 import torch
 
-from tccli.transcoder import INPUT_SPACES, OUTPUT_SPACES
-
 
 def centre(vectors: torch.Tensor) -> torch.Tensor:
     """P v: each vector less its mean over the last dimension."""
@@ -113,11 +111,6 @@ def written_to_residual(space: str, y: torch.Tensor, spaces: LayerSpaces) -> tor
         return post_norm(y, spaces.post_weight, spaces.post_eps)
     return centre(y) if spaces.layernorm else y
 
-
-def check_space(space: str, input_side: bool) -> None:
-    allowed = INPUT_SPACES + OUTPUT_SPACES if input_side else OUTPUT_SPACES
-    if space not in allowed:
-        raise ValueError(f"unknown space {space!r}")
 
 
 # ============================================================================ frozen maps (attribution)

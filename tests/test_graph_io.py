@@ -213,3 +213,22 @@ def test_tc_info_describes_graph_files(graph, tmp_path):
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(TcError, match="not something tc knows"):
         info.describe(tmp_path / "other.json")
+
+
+def test_skip_nodes_are_labelled_and_folded_for_neuronpedia():
+    import networkx as nx
+
+    from tccli.graph_io import node_label, to_neuronpedia
+
+    graph = nx.DiGraph()
+    graph.graph["metadata"] = {"n_layers": 2, "target": {"kind": "logit"}}
+    graph.add_node("target", kind="target", layer=2, position=3, token="x", activation=2.0, contribution=2.0)
+    graph.add_node("skip1@3", kind="skip", layer=1, position=3, token="x", contribution=1.5)
+    graph.add_node("mlp0.f4@3", kind="feature", layer=0, feature=4, position=3, token="x", activation=1.0,
+                   contribution=0.5)
+    graph.add_edge("skip1@3", "target", weight=1.5)
+    graph.add_edge("mlp0.f4@3", "skip1@3", weight=0.5)
+    assert node_label(graph.nodes["skip1@3"]) == 'skip L1 "x" @3'
+    document = json.loads(to_neuronpedia(graph))
+    assert all(node["node_id"] != "skip1@3" for node in document["nodes"])
+    assert [(link["source"], link["weight"]) for link in document["links"]] == [("0_4_3", 0.5)]

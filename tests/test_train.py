@@ -40,7 +40,8 @@ from tccli.train import (
 from tccli import sparse_coding as sc
 from tccli.sparse_coding import select_auxk
 from tccli.transcoder import Transcoder, TranscoderConfig
-from tccli.transcoder_io import load_transcoder, load_transcoder_set
+from tccli.formats import load_transcoder_set
+from tccli.transcoder_io import load_transcoder
 
 D = 8
 

@@ -6,7 +6,8 @@ import torch
 from tccli.errors import TcError
 
 from tccli.transcoder import Transcoder, TranscoderConfig
-from tccli.transcoder_io import load_transcoder, load_transcoder_set, save_transcoder
+from tccli.formats import load_transcoder_set
+from tccli.transcoder_io import load_transcoder, save_transcoder
 
 
 def random_transcoder(layer=0, d=8, m=32, activation="relu", k=None, seed=0, skip=False):
