@@ -267,6 +267,14 @@ class FrozenForward:
         """Vectors dotted with the residual -> vectors dotted with attention's output before any post-norm."""
         return self.attn_output_map(layer).pull(vectors, positions)
 
+    def skip_backward(self, layer: int, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``read_skip`` for gradients [R, P, d] at the residual (tokens 0..P-1): (the gradient at the raw
+        residual ``layer``'s MLP reads [R, P, d], each row's constant [R] from the norm's bias)."""
+        R, P, d = grad.shape
+        positions = torch.arange(P, device=grad.device).repeat(R)
+        raw, constants = self.read_skip(layer, grad.reshape(R * P, d), positions)
+        return raw.reshape(R, P, d), constants.reshape(R, P).sum(1)
+
     def read_skip(self, layer: int, vectors: torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The skip path: vectors [P, d] dotted with the residual at ``positions`` -> (vectors dotted with

@@ -215,8 +215,10 @@ def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor
         transcoder = frozen_layer.transcoder
         f, p = indices[mask], positions[mask]
         encoder = transcoder.W_enc[:, f].T.to(dtype)
-        vectors[mask] = frozen.to_raw(encoder, frozen_layer.mlp_scale[p])
-        constant[mask] = (transcoder.b_enc[f] - transcoder.b_pre @ transcoder.W_enc[:, f]).to(dtype)
+        # through the transcoder's input space (attribution.FrozenForward.read_mlp_input): the norm's
+        # frozen scale, its weight and bias for mlp_input, nothing for resid_mid
+        vectors[mask], norm_bias = frozen.read_mlp_input(layer, encoder, p)
+        constant[mask] = (transcoder.b_enc[f] - transcoder.b_pre @ transcoder.W_enc[:, f]).to(dtype) + norm_bias
         value[mask] = frozen_layer.pre[p, f].to(dtype)
         n_attn[mask] = frozen.mlp_read_point(layer)[0]
     rows = Rows(vectors=vectors, positions=positions, n_attn=n_attn, n_mlp=layers.clone())
@@ -231,7 +233,8 @@ class NodeWrites:
 
     Per layer and token: the error term in slot 0, then the active features' writes ``z * f_dec`` in
     feature order ([T, 1 + k_max, d]), so one batched matmul per layer dots every row's gradient with
-    every write of that layer."""
+    every write of that layer. Writes are as they enter the residual stream (``write_mlp_output``: the
+    transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``)."""
 
     def __init__(self, frozen: FrozenForward, table: NodeTable):
         self.frozen, self.table = frozen, table
@@ -242,6 +245,7 @@ class NodeWrites:
         self.per_token: list[torch.Tensor] = []  # [T+1] cumulative feature count per token
         self.padded: list[torch.Tensor] = []  # [T, 1 + k_max, d]
         self.slot_valid: list[torch.Tensor] = []  # [T, 1 + k_max] bool, feature slots only
+        self.bias_writes: list[Optional[torch.Tensor]] = []  # [T, d] b_dec as written, None without a transcoder
         start = 0
         for layer in range(frozen.n_layers):
             count = int((table.feature_layer == layer).sum())
@@ -258,8 +262,12 @@ class NodeWrites:
                 decoder = frozen.layers[layer].transcoder.W_dec
                 indices = table.feature_index[start:start + count]
                 activations = table.feature_activation[start:start + count]
-                padded[positions, slots] = decoder[indices].to(dtype) * activations.unsqueeze(1)
+                written = frozen.write_mlp_output(layer, decoder[indices].to(dtype), positions)
+                padded[positions, slots] = written * activations.unsqueeze(1)
                 valid[positions, slots] = True
+            transcoder = frozen.layers[layer].transcoder
+            self.bias_writes.append(None if transcoder is None else frozen.write_mlp_output(
+                layer, transcoder.b_dec.to(dtype).expand(T, -1), torch.arange(T, device=device)))
             self.layer_start.append(start)
             self.per_token.append(cumulative)
             self.padded.append(padded)
@@ -346,22 +354,29 @@ def dense_rows(writes: NodeWrites, spec: RowSpec) -> DenseBatch:
     n_active = inject(2 * L)
     for layer in reversed(range(L)):
         a = n_active
+        skip = None  # a skip transcoder's linear path: the gradient it carries to the MLP's input
         if a:
             g = grad[:a]
             features, errors = writes.layer_edges(layer, g)
             out[:a, feature_offset[layer]:feature_offset[layer + 1]] = features
             out[:a, error_offset + layer * P:error_offset + (layer + 1) * P] = errors
             flop += 2 * a * P * d * writes.padded[layer].shape[1]
-            transcoder = frozen.layers[layer].transcoder
-            if transcoder is not None:
-                bias[:a] += g.sum(1) @ transcoder.b_dec.to(g.dtype)
+            if writes.bias_writes[layer] is not None:
+                bias[:a] += (g * writes.bias_writes[layer][:P]).sum((1, 2))
+            if frozen.layers[layer].skip_out is not None:
+                skip, skip_constant = frozen.skip_backward(layer, g)
+                bias[:a] += skip_constant
         if not frozen.parallel:
+            if skip is not None:  # the MLP reads resid_mid: before rows reading there join
+                grad[:skip.shape[0]] += skip
             n_active = a = inject(2 * layer + 1)
         if a:
             g = grad[:a]
             bias[:a] += frozen.attention_bias(layer, g)
             g += frozen.attention_backward(layer, g)
             flop += 4 * a * P * d * d + 2 * a * P * P * d
+        if frozen.parallel and skip is not None:  # the MLP reads resid_pre, beside attention
+            grad[:skip.shape[0]] += skip
         n_active = inject(2 * layer)
     if n_active:
         out[:n_active, error_offset + L * P:] = writes.input_edges(grad[:n_active])

@@ -395,9 +395,9 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""
     from tccli import attribution_graph_io
+    from tccli.formats import load_transcoder_set
     from tccli.graph import attribution_graph
     from tccli.models import load_model
-    from tccli.transcoder_io import load_transcoder_set
 
     prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
     loaded = load_model(config.model, config.device, config.model_dtype)

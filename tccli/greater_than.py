@@ -159,8 +159,8 @@ def run_greater_than(config: GreaterThanConfig) -> dict:
     Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
     """
     from tccli.evaluate import splice_hooks
-    from tccli.models import load_model
     from tccli.formats import load_transcoder_set
+    from tccli.models import load_model
     from tccli.transcoder_io import check_matches_model
 
     config.validate()

@@ -53,9 +53,9 @@ def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> d
     """`tc score`: load, stream, write the features file. Returns a small summary for stderr."""
     from tccli import __version__
     from tccli.config import to_json_dict
+    from tccli.formats import load_transcoder_set
     from tccli.models import load_model, torch_dtype
     from tccli.text import stream_rows
-    from tccli.formats import load_transcoder_set
     from tccli.transcoder_io import check_matches_model
 
     if Path(config.out).exists() and not config.force:

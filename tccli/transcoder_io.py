@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError
@@ -80,14 +79,20 @@ def load_transcoder(folder: str | Path, device: str | torch.device = "cpu") -> T
     return transcoder.to(device)
 
 
-def read_config(path: Path) -> TranscoderConfig:
-    """A transcoder's config.json, every field checked (one line naming the bad field otherwise)."""
+def read_json_object(path: Path, what: str = "a JSON object") -> dict:
+    """A JSON file holding an object; one line saying why not otherwise."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise fail(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise fail(f"{path} is not a tc transcoder config (not a JSON object)")
+        raise fail(f"{path} is not {what} (not a JSON object)")
+    return data
+
+
+def read_config(path: Path) -> TranscoderConfig:
+    """A transcoder's config.json, every field checked (one line naming the bad field otherwise)."""
+    data = read_json_object(path, "a tc transcoder config")
     known = set(TranscoderConfig.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:

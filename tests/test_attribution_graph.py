@@ -95,6 +95,25 @@ def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, one_torch_thread):
         assert torch.equal(graph.adjacency.cat("target_value")[feature_rows], pre)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("spaces", [("mlp_input", "mlp_output"), ("resid_mid", "mlp_out")])
+def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_torch_thread):
+    """JumpReLU skip transcoders reading mlp_input or resid_mid and writing either output space, on all five
+    architectures (Gemma-2's post-norms): every row's edges + bias == its value; the skip connection is a
+    linear path between nodes (METHOD.md section 9), not an error."""
+    loaded = loaded_model(all_model_dirs[arch])
+    transcoders = random_transcoders(loaded.info, 48, 0, bias_shift=-0.1, activation="jumprelu", skip=True,
+                                     input_space=spaces[0], output_space=spaces[1])
+    frozen = freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
+    for targets, weights in every_target(frozen, loaded.info.d_model)[:3]:
+        graph = ag.build_graph(frozen, targets, weights, ALL)
+        assert graph.table.n_features > 10
+        for chunk, total, magnitude in dense_row_sums(graph):
+            scale = magnitude + chunk.bias.abs()
+            error = (total + chunk.bias - chunk.target_value).abs()
+            assert bool((error <= 1e-5 * scale).all()), (arch, spaces, float((error / scale).max()))
+
+
 @pytest.mark.parametrize("kind, skip", [("topk", False), ("batchtopk", False), ("jumprelu", False),
                                         ("relu", True)])
 def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, one_torch_thread):

@@ -2,40 +2,16 @@
 
 import json
 import os
-import sys
-import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_tc
+from format_helpers import D, M, outputs, random_transcoder
 from tccli.errors import TcError
-from tccli.formats import saelens
-from tccli.formats import convert, load_transcoder_set
-from tccli.transcoder import Transcoder, TranscoderConfig
+from tccli.formats import load_transcoder_set, saelens
 from tccli.transcoder_io import save_transcoder
 
-D, M = 8, 24
-
-
-def random_transcoder(layer=1, kind="transcoder", activation="relu", k=None, seed=0, **extra):
-    torch.manual_seed(seed)
-    config = TranscoderConfig(d_in=D, d_out=D, n_features=M, activation=activation, k=k, kind=kind, layer=layer,
-                              model_name="some/model", model_architecture="GPT2LMHeadModel",
-                              weight_processing={"fold_ln": True},
-                              input_hook=f"blocks.{layer}.{'hook_mlp_out' if kind == 'sae' else 'ln2.hook_normalized'}",
-                              output_hook=f"blocks.{layer}.hook_mlp_out", feature_frequency=[0.5] * M, **extra)
-    transcoder = Transcoder(config)
-    with torch.no_grad():
-        for param in transcoder.parameters():
-            param.normal_()
-    return transcoder
-
-
-def outputs(transcoder, x):
-    with torch.no_grad():
-        return transcoder(x)
 
 
 # ----------------------------------------------------------------------------- SAELens

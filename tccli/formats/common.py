@@ -109,15 +109,9 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def read_json(path: Path) -> dict:
-    import json
+    from tccli.transcoder_io import read_json_object
 
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise fail(f"{path} is not a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def read_yaml(path: Path) -> dict:
