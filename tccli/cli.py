@@ -432,9 +432,9 @@ MULTI_VALUE_OPTIONS.update({"--ablate", "--set", "--scale"})
 @command_from(InterveneConfig)
 def intervene_command(config: InterveneConfig) -> None:
     """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
+    from tccli.formats import load_transcoder_set
     from tccli.intervention import intervene_lines, run_intervene
     from tccli.models import load_model
-    from tccli.transcoder_io import load_transcoder_set
 
     prompt = _prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)

@@ -29,7 +29,10 @@ clean one plus the changed nodes' own writes, so a target changes by exactly tho
 edges into it (`tc circuit`'s edges).
 
 Hook names come from ``models.ModelInfo``; where a transcoder reads and writes comes from
-``transcoder_input_site`` / ``transcoder_output_site`` alone.
+``transcoder_input_site`` / ``transcoder_output_site`` (its spaces, tccli.spaces) with ``input_in_space`` /
+``output_at_site``. Gemma-2's post-norms run on the changed sums (head terms are added before the
+post-attention norm, an mlp_output transcoder's output before the post-MLP norm), their scales frozen in
+frozen and direct modes.
 """
 
 from __future__ import annotations
@@ -138,13 +141,38 @@ class RowSpec:
 
 
 def transcoder_input_site(info: Any, layer: int, transcoder: Transcoder) -> str:
-    """The hook whose activation is ``transcoder``'s input x (its input space, METHOD.md section 8)."""
-    return info.layer(layer).mlp_in
+    """The hook whose activation gives ``transcoder``'s input x (its input space, METHOD.md section 8;
+    ``input_in_space`` turns it into x): ln2.hook_normalized for normalized and mlp_input, the residual the
+    MLP's norm reads for resid_mid."""
+    hooks = info.layer(layer)
+    return hooks.mlp_norm_input if transcoder.config.input_space == "resid_mid" else hooks.mlp_in
 
 
-def transcoder_output_site(info: Any, layer: int, transcoder: Transcoder) -> str:
-    """The hook whose activation ``transcoder``'s output (skip term included) stands in for."""
-    return info.layer(layer).mlp_out
+def transcoder_output_site(info: Any, layer: int, transcoder: Optional[Transcoder]) -> str:
+    """The hook whose activation ``transcoder``'s output (skip term included) stands in for: what the MLP
+    adds to the residual (mlp_out), or the MLP module's output (mlp_output: before Gemma-2's post-norm,
+    which then runs on it; centred for LayerNorm models, see ``output_at_site``)."""
+    hooks = info.layer(layer)
+    if transcoder is not None and transcoder.config.output_space == "mlp_output":
+        return hooks.mlp_output
+    return hooks.mlp_out
+
+
+def input_in_space(loaded: LoadedModel, layer: int, transcoder: Transcoder, activation: torch.Tensor) -> torch.Tensor:
+    """The activation at ``transcoder_input_site`` as the transcoder's input x (mlp_input: g * x + beta)."""
+    from tccli.spaces import transcoder_input
+
+    return transcoder_input(transcoder.config.input_space, activation, activation, loaded.spaces[layer])
+
+
+def output_at_site(loaded: LoadedModel, layer: int, transcoder: Transcoder, y: torch.Tensor) -> torch.Tensor:
+    """A transcoder output (or a change of it) as the activation at ``transcoder_output_site``: a LayerNorm
+    model's MLP output hook is centred (compatibility mode), so a raw mlp_output is centred there."""
+    from tccli.spaces import centre
+
+    if transcoder.config.output_space == "mlp_output" and loaded.info.normalization == "layernorm":
+        return centre(y)
+    return y
 
 
 # ============================================================================ the replacement model
@@ -219,8 +247,8 @@ class ReplacementModel:
         names = [info.final_scale_hook]
         for layer in range(info.n_layers):
             hooks = info.layer(layer)
-            names += [hooks.attn_scale, hooks.attn_pattern, hooks.attn_values, hooks.attn_out, hooks.mlp_scale,
-                      self.output_site[layer]]
+            names += [hooks.attn_scale, hooks.attn_pattern, hooks.attn_values, _attention_site(hooks),
+                      hooks.mlp_scale, self.output_site[layer]] + _post_norm_scales(hooks)
         names += list(self.input_site.values())
         logits, captured = run_logits(loaded, self.tokens, names)
         self.clean_logits = logits
@@ -248,7 +276,7 @@ class ReplacementModel:
             x = x[prompts]
         transcoder = self.transcoders[layer]
         with torch.no_grad():
-            return transcoder.encode(x.to(transcoder.W_enc.dtype))
+            return transcoder.encode(input_in_space(self.loaded, layer, transcoder, x).to(transcoder.W_enc.dtype))
 
     # ------------------------------------------------------------------------ compiling interventions
 
@@ -383,14 +411,14 @@ class ReplacementModel:
             if probes is not None and layer in probes.head_factor:
                 head_factor = probes.head_factor[layer] if head_factor is None else head_factor * probes.head_factor[layer]
             if frozen:
-                for name in (names.attn_scale, names.attn_pattern, names.mlp_scale):
+                for name in [names.attn_scale, names.attn_pattern, names.mlp_scale] + _post_norm_scales(names):
                     hooks.append((name, _replacer(clean(name), always)))
             if mode == "direct":
-                hooks.append((names.attn_out, self._direct_attention(layer, head_factor, clean)))
+                hooks.append((_attention_site(names), self._direct_attention(layer, head_factor, clean)))
             elif head_factor is not None:
                 hooks.append((names.attn_pattern, _saver(store, names.attn_pattern)))
                 hooks.append((names.attn_values, _saver(store, names.attn_values)))
-                hooks.append((names.attn_out, self._attention_with_terms(layer, head_factor, store)))
+                hooks.append((_attention_site(names), self._attention_with_terms(layer, head_factor, store)))
             error_factor = plan.error_factor
             if probes is not None and layer in probes.error_factor:
                 error_factor = probes.error_factor[layer] if error_factor is None else error_factor * probes.error_factor[layer]
@@ -420,7 +448,7 @@ class ReplacementModel:
         names = self.info.layer(layer)
 
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-            held = clean(names.attn_out)
+            held = clean(_attention_site(names))
             if factor is None:
                 return held
             return held + self._head_terms(layer, factor, clean(names.attn_pattern),
@@ -443,12 +471,12 @@ class ReplacementModel:
         dtype = transcoder.W_enc.dtype
 
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-            x_clean = clean(site)
+            x_clean = input_in_space(self.loaded, layer, transcoder, clean(site))
             z_clean = transcoder.encode(x_clean.to(dtype))
             if mode == "direct":
                 x, z = x_clean, z_clean
             else:
-                x = store[site]
+                x = input_in_space(self.loaded, layer, transcoder, store[site])
                 z = transcoder.encode(x.to(dtype))
                 if exact:  # a position whose input is bitwise unchanged keeps its clean activations exactly
                     same = (x == x_clean).all(dim=-1, keepdim=True)
@@ -467,12 +495,13 @@ class ReplacementModel:
             delta = (z - z_clean) @ transcoder.W_dec
             if mode != "direct" and transcoder.W_skip is not None:
                 delta = delta + transcoder.skip_term(x.to(dtype)) - transcoder.skip_term(x_clean.to(dtype))
+            delta = output_at_site(self.loaded, layer, transcoder, delta)
             held = clean(output)
             if error_factor is not None:
                 y_clean = transcoder.decode(z_clean)
                 if transcoder.W_skip is not None:
                     y_clean = y_clean + transcoder.skip_term(x_clean.to(dtype))
-                error = held.to(dtype) - y_clean
+                error = held.to(dtype) - output_at_site(self.loaded, layer, transcoder, y_clean)
                 delta = delta + (error_factor.to(dtype) - 1.0).unsqueeze(-1) * error
             return held + delta.to(held.dtype)
         return hook
@@ -531,6 +560,17 @@ def _replacer(value: torch.Tensor, always: bool) -> Callable:
     return hook
 
 
+def _attention_site(hooks: Any) -> str:
+    """Where head terms are added or held: attention's output, or (Gemma-2) its sum before the post-norm,
+    which then runs on it (with its scale frozen in frozen and direct modes)."""
+    return hooks.attn_post_in or hooks.attn_out
+
+
+def _post_norm_scales(hooks: Any) -> list[str]:
+    """Gemma-2's post-attention and post-MLP norm scales (frozen with the others)."""
+    return [name for name in (hooks.attn_post_scale, hooks.mlp_post_scale) if name]
+
+
 def _mlp_output(held: Optional[torch.Tensor], error_factor: Optional[torch.Tensor]) -> Callable:
     """A layer without a transcoder (all of its output is error): held (direct mode) and/or scaled."""
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -571,7 +611,7 @@ class TargetSpec:
         """[R] the target on each row of a run."""
         position = model.position(self.position)
         if self.kind in ("logit", "logit_diff"):
-            logits = _widened(output.logits[:, position])
+            logits = _uncapped(_widened(output.logits[:, position]), model.info.final_logit_softcap)
             value = logits[:, self.token]
             if self.demeaned:
                 value = value - logits.mean(dim=-1)
@@ -580,9 +620,18 @@ class TargetSpec:
         activation = output.captured[name][:, position]
         if self.kind == "feature":
             transcoder = model.transcoders[self.layer]
-            return transcoder.pre_activation(activation.to(transcoder.W_enc.dtype))[:, self.feature]
+            x = input_in_space(model.loaded, self.layer, transcoder, activation)
+            return transcoder.pre_activation(x.to(transcoder.W_enc.dtype))[:, self.feature]
         activation = _widened(activation)
         return activation @ self.direction.to(activation.device, activation.dtype)
+
+
+def _uncapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """The logits before a final soft-cap ``c tanh(logit / c)`` (Gemma-2), which tc circuit and tc graph
+    attribute: the cap is undone exactly, up to float rounding (``c atanh(capped / c)``)."""
+    if not softcap:
+        return logits
+    return softcap * torch.atanh(logits / softcap)
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:

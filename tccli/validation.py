@@ -348,9 +348,9 @@ def run_validation(config: ValidateConfig, log=lambda message: None) -> tuple[An
     """Everything `tc validate` computes: (the graph, results dict)."""
     from tccli.circuit import check_transcoders, prompt_tokens
     from tccli.graph_io import read_graph
+    from tccli.formats import load_transcoder_set
     from tccli.intervention import ReplacementModel, feature_means
     from tccli.models import load_model
-    from tccli.transcoder_io import load_transcoder_set
 
     graph = read_graph(config.graph)
     meta = graph.graph.get("metadata", {})

@@ -470,7 +470,7 @@ def test_mean_ablation_reads_means_from_a_tc_score_file(gpt2_files, text_file):
     change = json.loads(result.stdout)["target"]["change"]
     # direct mode: the change is (mean - z) f_dec . v, computed here from the frozen forward pass
     loaded = loaded_model(gpt2_files["model"])
-    from tccli.transcoder_io import load_transcoder_set
+    from tccli.formats import load_transcoder_set
 
     transcoders = load_transcoder_set(gpt2_files["tcs"])
     ids = torch.tensor([loaded.info.bos_token_id] + loaded.tokenizer.encode(PROMPT, add_special_tokens=False))
@@ -480,3 +480,51 @@ def test_mean_ablation_reads_means_from_a_tc_score_file(gpt2_files, text_file):
     z = float(frozen.layers[1].z[last, feature])
     slope = float(transcoders[1].W_dec[feature] @ target.vector)
     assert change == pytest.approx((float(means[feature]) - z) * slope, rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- other spaces, Gemma-2 and Qwen3
+
+
+SPACE_CASES = [("gpt2", "mlp_input", "mlp_output"), ("neox", "resid_mid", "mlp_output"),
+               ("llama", "mlp_input", "mlp_output"), ("gemma2", "resid_mid", "mlp_out"),
+               ("gemma2", "mlp_input", "mlp_output"), ("qwen3", "normalized", "mlp_out")]
+
+
+@pytest.mark.parametrize("arch, input_space, output_space", SPACE_CASES)
+def test_skip_transcoders_in_other_spaces(all_model_dirs, arch, input_space, output_space, tmp_path,
+                                          one_torch_thread):
+    """Skip transcoders read and write their own spaces (Gemma-2: head terms before the post-attention norm,
+    an mlp_output before the post-MLP norm): no intervention reproduces the model in every mode, and in direct
+    mode ablating a node changes the target by exactly its edge into it."""
+    kinds = dict(skip=True, activation="jumprelu", input_space=input_space, output_space=output_space)
+    loaded, transcoders = setup(all_model_dirs[arch], "float32", **kinds)
+    tokens = torch.tensor([PROMPT_IDS])
+    logits = loaded.bridge.run_with_hooks(tokens, return_type="logits").detach()
+    model = ReplacementModel(loaded, transcoders, tokens)
+    for mode in MODES:
+        assert torch.equal(model.run([RowSpec(0)], mode).logits, logits), mode
+    loaded, transcoders = setup(all_model_dirs[arch], "float64", **kinds)
+    frozen = freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
+    model = ReplacementModel(loaded, transcoders, torch.tensor([PROMPT_IDS]))
+    spec = TargetSpec(kind="logit", position=8, token=17)
+    clean = float(spec.values(model, model.run([RowSpec(0)], "direct"))[0])
+    target = attribution.unembed_target(frozen, 17, None, 8)
+    assert clean == pytest.approx(target.value, rel=1e-6)
+    direct = attribution.direct_contributions(frozen, target.vector, 8, target.read_point)
+    layer = frozen.n_layers - 1
+    for feature in direct.features[layer].abs().topk(3).indices.tolist():
+        out = model.run([RowSpec(0, ablate(NodeRef("feature", layer, feature, 8)))], "direct")
+        change = float(spec.values(model, out)[0]) - clean
+        weight = float(direct.features[layer][feature])
+        assert abs(change + weight) <= 1e-5 * abs(weight) + 1e-9, (feature, change, weight)
+    edges = direct.heads[layer]
+    for flat in edges.abs().reshape(-1).topk(3).indices.tolist():
+        head, source = divmod(flat, edges.shape[1])
+        out = model.run([RowSpec(0, ablate(NodeRef("head", layer, head, source)))], "direct")
+        change = float(spec.values(model, out)[0]) - clean
+        assert abs(change + float(edges[head, source])) <= 1e-5 * abs(float(edges[head, source])) + 1e-9
+    # a feature target in the transcoder's own input space
+    feature_spec = TargetSpec(kind="feature", position=8, layer=layer, feature=int(frozen.layers[layer].pre[8].argmax()))
+    out = model.run([RowSpec(0)], "free", capture=feature_spec.capture_names(model))
+    assert float(feature_spec.values(model, out)[0]) == pytest.approx(
+        float(frozen.layers[layer].pre[8, feature_spec.feature]), rel=1e-6)
