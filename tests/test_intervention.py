@@ -199,9 +199,8 @@ def local_replacement_target(frozen: attribution.FrozenForward, target: attribut
             x = normalised(mlp_read, fl.mlp_scale)
             z = fl.transcoder.encode(x) + feature_shift[layer]
             out = fl.transcoder.decode(z) + error_factor[layer].unsqueeze(-1) * fl.error
-            if fl.transcoder.W_skip is not None:  # freeze holds the skip term in the error: recompute it
-                skip = fl.transcoder.skip_term(x) - fl.transcoder.skip_term(fl.mlp_in)
-                out = out + skip - (error_factor[layer].unsqueeze(-1) - 1) * fl.transcoder.skip_term(fl.mlp_in)
+            if fl.transcoder.W_skip is not None:  # the skip term is the transcoder's (freeze keeps it out of
+                out = out + fl.transcoder.skip_term(x)  # the error): recomputed from the input
         else:
             out = error_factor[layer].unsqueeze(-1) * fl.mlp_out
         resid = resid + attn + out
