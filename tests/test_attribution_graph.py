@@ -146,8 +146,9 @@ def test_stories260k_identity(stories_dir, one_torch_thread):
 
 def replacement_value(frozen: FrozenForward, target_row: dict, leaves: dict) -> torch.Tensor:
     """A row's value recomputed from leaves (inputs, feature activations, error terms) through the frozen
-    model: patterns and norm scales held, each MLP output = z W_dec + b_dec + error from the leaves,
-    never recomputed. Written from the model's definition, not from attribution_graph."""
+    model: patterns and norm scales held, each MLP output = z W_dec + b_dec + error from the leaves (+ a
+    skip transcoder's x W_skip from the MLP's input), never recomputed. Written from the model's
+    definition, not from attribution_graph."""
     position, (n_attn, n_mlp) = target_row["position"], target_row["read_point"]
 
     def normalized(x, scale):
@@ -164,12 +165,18 @@ def replacement_value(frozen: FrozenForward, target_row: dict, leaves: dict) -> 
             values = values + layer.b_V.unsqueeze(1)
         attn = torch.einsum("hts,hse,hed->td", layer.pattern, values, layer.W_O) + layer.b_O
         mlp = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec + leaves["error", index]
-        if frozen.parallel:
+        if layer.transcoder.W_skip is not None:  # a linear path from the MLP's input (normalized -> mlp_out)
+            assert (layer.input_space, layer.transcoder.config.output_space) == ("normalized", "mlp_out")
+        if frozen.parallel:  # the MLP reads resid_pre
+            if layer.transcoder.W_skip is not None:
+                mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + attn + mlp
         else:
             resid = resid + attn
             if (n_attn, n_mlp) == (index + 1, index):
                 break
+            if layer.transcoder.W_skip is not None:  # the MLP reads resid_mid
+                mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + mlp
     return target_row["read"](resid[position])
 
@@ -232,7 +239,7 @@ def dense_row(graph: ag.AttributionGraph, node: int, missing_ok: bool = False) -
                                               ("llama", "topk", False), ("gpt2", "jumprelu", True)])
 def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_thread):
     """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model (the kind only
-    decides which features are active; a skip term is part of the error node, as attribution.freeze has it)."""
+    decides which features are active; a skip term is a linear path from its MLP's input, not a node)."""
     loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", kind=kind, skip=skip)
     inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
     for targets, weights in every_target(frozen, loaded.info.d_model):
