@@ -299,34 +299,44 @@ def deembedding(W_E: torch.Tensor, encoder: torch.Tensor, layernorm: bool,
     return W_E @ vector
 
 
+def feature_deembedding(loaded: LoadedModel, transcoder: Transcoder, layer: int, feature: int,
+                        head: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Scores [vocab] of feature ``feature`` of ``layer``'s transcoder: its encoder vector read back from the
+    transcoder's input space to the residual (``spaces.input_map``), dotted with each token's embedding as it
+    enters the residual, optionally through head ``(layer, head)``'s OV circuit."""
+    bridge, info = loaded.bridge, loaded.info
+    W_V = W_O = post = None
+    with torch.no_grad():
+        W_E = bridge.W_E.detach() * info.embed_scale  # as the embedding enters the residual
+        if head is not None:
+            head_layer, index = head
+            kv = index // (info.n_heads // info.n_kv_heads)
+            W_V = bridge.W_V[head_layer, kv].detach().to(W_E.dtype)
+            W_O = bridge.W_O[head_layer, index].detach().to(W_E.dtype)
+            if loaded.spaces and loaded.spaces[head_layer].attn_post_weight is not None:
+                post = loaded.spaces[head_layer].attn_post_weight.to(W_E.device, W_E.dtype)
+        spaces = loaded.spaces[layer] if loaded.spaces else LayerSpaces(layernorm=False)
+        spaces = spaces.to(W_E.device, W_E.dtype)
+        read, _ = input_map(transcoder.config.input_space, spaces, None)  # the input space's read map, unscaled
+        encoder = read.pull(transcoder.W_enc[:, feature].to(W_E.dtype).unsqueeze(0))[0]
+        return deembedding(W_E, encoder, info.normalization == "layernorm", W_V, W_O, post)
+
+
 def deembed_rows(loaded: LoadedModel, transcoders: dict[int, Transcoder], config: DeembedConfig) -> list[tuple]:
     """[(score, token id, token string)] best first."""
     check_transcoders(transcoders, loaded)
     layer, feature = parse_feature(config.feature)
     transcoder = check_feature(transcoders, layer, feature)
-    bridge = loaded.bridge
-    W_V = W_O = None
+    head = None
     if config.head is not None:
-        head_layer, head = parse_head(config.head)
+        head_layer, index = parse_head(config.head)
         info = loaded.info
-        if not 0 <= head < info.n_heads:
-            raise fail(f"head {head} is out of range: the model has {info.n_heads} heads per layer")
+        if not 0 <= index < info.n_heads:
+            raise fail(f"head {index} is out of range: the model has {info.n_heads} heads per layer")
         visible = head_layer < layer or (head_layer == layer and not info.parallel_attn_mlp)
         if not visible:
-            raise fail(f"head L{head_layer}.H{head} is not upstream of layer {layer}'s MLP")
-        kv = head // (info.n_heads // info.n_kv_heads)
-        W_V, W_O = bridge.W_V[head_layer, kv].detach(), bridge.W_O[head_layer, head].detach()
-    spaces = loaded.spaces[layer] if loaded.spaces else LayerSpaces(layernorm=False)
-    with torch.no_grad():
-        W_E = bridge.W_E.detach() * loaded.info.embed_scale  # as the embedding enters the residual
-        spaces = spaces.to(W_E.device, W_E.dtype)
-        read, _ = input_map(transcoder.config.input_space, spaces, None)  # the input space's read map, unscaled
-        encoder = read.pull(transcoder.W_enc[:, feature].to(W_E.dtype).unsqueeze(0))[0]
-        post = None
-        if W_V is not None and loaded.spaces and loaded.spaces[head_layer].attn_post_weight is not None:
-            post = loaded.spaces[head_layer].attn_post_weight.to(W_E.device, W_E.dtype)
-        scores = deembedding(W_E, encoder, loaded.info.normalization == "layernorm",
-                             None if W_V is None else W_V.to(W_E.dtype), None if W_O is None else W_O.to(W_E.dtype),
-                             post)
+            raise fail(f"head L{head_layer}.H{index} is not upstream of layer {layer}'s MLP")
+        head = (head_layer, index)
+    scores = feature_deembedding(loaded, transcoder, layer, feature, head)
     top = scores.topk(min(config.top, scores.shape[0]))
     return [(float(s), int(i), display_token(loaded.tokenizer, int(i))) for s, i in zip(top.values, top.indices)]

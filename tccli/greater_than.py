@@ -203,19 +203,16 @@ def graph_nodes(graph: Any) -> list[dict]:
 def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> list[dict]:
     """The ``top`` feature and head nodes by path contribution, best first; features get their
     de-embedding."""
-    from tccli.circuit import deembedding
+    from tccli.circuit import feature_deembedding
 
     chosen = sorted((n for n in nodes if n.get("kind") in ("feature", "head")),
                     key=lambda n: -float(n.get("path_contribution") or 0.0))[:top]
-    W_E = loaded.bridge.W_E.detach()
     out = []
     for node in chosen:
         row = {k: node.get(k) for k in ("id", "kind", "layer", "feature", "head", "position", "token",
                                         "activation", "path_contribution", "direct_contribution")}
         if node["kind"] == "feature" and node["layer"] in transcoders:
-            encoder = transcoders[node["layer"]].W_enc[:, node["feature"]].detach().to(W_E.dtype)
-            with torch.no_grad():
-                scores = deembedding(W_E, encoder, loaded.info.normalization == "layernorm")
+            scores = feature_deembedding(loaded, transcoders[node["layer"]], node["layer"], node["feature"])
             # Byte tokens that are never whole characters (shown <0xE2>) carry no meaning to show.
             texts = (display_token(loaded.tokenizer, i) for i in scores.argsort(descending=True).tolist())
             row["deembedding"] = [t for t in texts if t.isprintable() and "<0x" not in t][:top]
