@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import run_tc
 from tccli.evaluate import (MeanOutput, ReconstructionStats, evaluate, fraction_recovered, kl_to_clean,
@@ -210,6 +211,43 @@ def test_skip_transcoder_eval_counts_the_skip_term(loaded_models):
     y = captured[hooks.mlp_out]
     fvu = float(((y - x) ** 2).sum() / ((y - y.reshape(-1, y.shape[-1]).mean(0)) ** 2).sum())
     assert row["l0"] == 0 and row["fvu"] == pytest.approx(fvu, rel=1e-5)
+
+
+@pytest.mark.parametrize("output_space", ["mlp_out", "mlp_output"])
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+def test_exact_sae_on_gemma2_and_qwen3(modern_model_dirs, arch, output_space):
+    """An identity SAE at every layer on either output space leaves Gemma-2 and Qwen3 unchanged: Gemma-2's
+    mlp_output (before the post-MLP norm) is passed on through that norm, its scale recomputed from the
+    SAE's output."""
+    loaded = load_model(str(modern_model_dirs[arch]), "cpu")
+    info = loaded.info
+    saes = {layer: identity(info, layer, "sae", output_space=output_space) for layer in range(info.n_layers)}
+    result = evaluate(loaded, saes, sample_tokens(loaded), batch_size=4)
+    for row in [*result.layers, result.all_layers]:
+        assert row["ce_spliced"] == pytest.approx(row["ce_clean"], abs=1e-6) and row["kl"] < 1e-7  # float32 rounding
+        assert row["ce_zero_ablated"] != row["ce_clean"]  # the splice point carries something
+    for row in result.layers:
+        assert row["fvu"] < 1e-10
+
+
+def test_gemma2_resid_mid_transcoder_writes_through_the_post_norm(modern_model_dirs):
+    """An identity transcoder reading resid_mid and writing mlp_output on Gemma-2: what enters the residual
+    is the post-MLP RMSNorm of resid_mid, (1 + w) x / sqrt(mean(x^2) + eps), written out here by hand."""
+    loaded = load_model(str(modern_model_dirs["gemma2"]), "cpu")
+    info = loaded.info
+    tokens = sample_tokens(loaded, rows=2)
+    layer = 1
+    hooks = info.layer(layer)
+    clean, captured = run_logits(loaded, tokens, [hooks.mlp_norm_input])
+    x = captured[hooks.mlp_norm_input]
+    folder = modern_model_dirs["gemma2"]  # the norm's weight and eps as HuggingFace stores them
+    w = load_file(str(folder / "model.safetensors"))[f"model.layers.{layer}.post_feedforward_layernorm.weight"]
+    eps = json.loads((folder / "config.json").read_text())["rms_norm_eps"]
+    written = (1 + w.float()) * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    by_hand, _ = run_logits(loaded, tokens, extra_hooks=[(hooks.mlp_out, lambda t, hook: written)])
+    transcoder = identity(info, layer, "transcoder", input_space="resid_mid", output_space="mlp_output")
+    spliced, _ = run_logits(loaded, tokens, extra_hooks=splice_hooks(loaded, {layer: transcoder}))
+    assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -1,6 +1,7 @@
 """The issue's bar, end to end as users run it: tc eval and tc circuit on a tiny Gemma-2 with a JumpReLU
 skip-transcoder set in circuit-tracer's layout (reading resid_mid, writing mlp_out after the post-norm), and
-on a tiny Llama with a sparsify TopK skip-transcoder set (mlp_input -> mlp_output); the exactness identity
+on a tiny Llama with a sparsify TopK skip-transcoder set (mlp_input -> mlp_output), and on a tiny Qwen3
+with a circuit-tracer set in its Qwen3 layout (mlp.hook_in -> mlp.hook_out); the exactness identity
 holds to 1e-5 relative in float32."""
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ N_FEATURES = 64
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 
 
-def circuit_tracer_gemma_set(folder, d_model: int, n_layers: int = 2):
-    """JumpReLU skip transcoders as circuit-tracer publishes them: W_enc [m, d], W_skip [d_out, d_in]."""
+def circuit_tracer_set(folder, d_model: int, n_layers: int = 2, model_name: str = "google/gemma-2-2b",
+                             input_hook: str = "hook_resid_mid", output_hook: str = "hook_mlp_out"):
+    """JumpReLU skip transcoders as circuit-tracer publishes them: W_enc [m, d], W_skip [d_out, d_in]; its
+    Gemma-2 sets read hook_resid_mid and write hook_mlp_out (after the post-MLP norm), its Qwen3 sets read
+    mlp.hook_in and write mlp.hook_out."""
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(11)
     for layer in range(n_layers):
@@ -35,8 +39,8 @@ def circuit_tracer_gemma_set(folder, d_model: int, n_layers: int = 2):
                    "activation_function.threshold": torch.rand(N_FEATURES, generator=generator),
                    "W_skip": torch.randn(d_model, d_model, generator=generator) / d_model ** 0.5}
         save_file(tensors, str(folder / f"layer_{layer}.safetensors"))
-    config = {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set",
-              "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+    config = {"model_name": model_name, "model_kind": "transcoder_set",
+              "feature_input_hook": input_hook, "feature_output_hook": output_hook}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder
 
@@ -64,16 +68,19 @@ def sparsify_llama_set(folder, d_model: int, n_layers: int = 2, k: int = 8):
 def public_sets(modern_model_dirs, tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("public_sets")
     return {
-        "gemma2": (modern_model_dirs["gemma2"], circuit_tracer_gemma_set(root / "gemma_ct", 32)),
+        "gemma2": (modern_model_dirs["gemma2"], circuit_tracer_set(root / "gemma_ct", 32)),
         "llama": (tiny_model_dirs["llama"], sparsify_llama_set(root / "llama_sparsify", 32)),
+        "qwen3": (modern_model_dirs["qwen3"], circuit_tracer_set(root / "qwen3_ct", 32, 2, "Qwen/Qwen3-0.6B",
+                                                                        "mlp.hook_in", "mlp.hook_out")),
     }
 
 
 EXPECTED = {"gemma2": ("circuit-tracer", "resid_mid", "mlp_out", "jumprelu"),
-            "llama": ("sparsify", "mlp_input", "mlp_output", "topk")}
+            "llama": ("sparsify", "mlp_input", "mlp_output", "topk"),
+            "qwen3": ("circuit-tracer", "mlp_input", "mlp_output", "jumprelu")}
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+@pytest.mark.parametrize("arch", ["gemma2", "llama", "qwen3"])
 def test_identity_holds_to_1e5_in_float32(public_sets, arch):
     model_dir, set_dir = public_sets[arch]
     loaded = load_model(str(model_dir), "cpu", "float32")
@@ -105,7 +112,7 @@ def test_identity_holds_to_1e5_in_float32(public_sets, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+@pytest.mark.parametrize("arch", ["gemma2", "llama", "qwen3"])
 def test_eval_and_circuit_end_to_end(public_sets, arch, text_file, tmp_path):
     model_dir, set_dir = public_sets[arch]
     result = run_tc("eval", "--model", str(model_dir), "--transcoders", str(set_dir), "--data", str(text_file),
@@ -143,7 +150,7 @@ def test_cache_and_score_on_gemma2_and_qwen3(modern_model_dirs, text_file, tmp_p
     assert result.returncode == 0, result.stderr
     with h5py.File(tmp_path / "c.h5") as f:
         assert f.attrs["engine"] == "native" and f["layers/1/mlp_out"].shape == (512, 32)
-    set_dir = circuit_tracer_gemma_set(tmp_path / "set", 32)
+    set_dir = circuit_tracer_set(tmp_path / "set", 32)
     result = run_tc("score", "--model", model, "--transcoders", str(set_dir), "--data", str(text_file),
                     "--tokens", "256", "--context", "32", "--top", "3", "--out", str(tmp_path / "f.h5"), "--quiet")
     assert result.returncode == 0, result.stderr
