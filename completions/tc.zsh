@@ -71,6 +71,7 @@ _tc() {
                     '*--include-bos[Allow the BOS position as a source.]' \
                     '*--format[Output\: dot, json or neuronpedia.]:value:_files' \
                     '*--out[Write the graph here instead of stdout.]:value:_files' \
+                    '*--force[Replace --out if it exists.]' \
                     '*--quiet[No summary on stderr.]' \
                     '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
                     '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
@@ -114,6 +115,7 @@ _tc() {
                 export) _arguments \
                     '*--format[Output\: dot, svg, png, graphml, json or neuronpedia.]:value:_files' \
                     '*--out[Write here instead of stdout.]:value:_files' \
+                    '*--force[Replace --out if it exists (never the input graph).]' \
                     '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
                     '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
@@ -139,6 +141,7 @@ _tc() {
                     '*--heads[Split each kept edge'\''s attention part by the head of its first attention hop (and show head nodes in dot/json).]' \
                     '*--format[Output\: json, neuronpedia, dot or pt.]:value:_files' \
                     '*--out[Write the graph here instead of stdout.]:value:_files' \
+                    '*--force[Replace --out if it exists.]' \
                     '*--batch-size[Rows per backward pass (memory grows with it and with the prompt).]:value:_files' \
                     '*--drop-mass[Per row, drop the smallest entries while their absolute sum stays within this share of the row'\''s (0 keeps every nonzero entry); reported.]:value:_files' \
                     '*--quiet[No progress or summary on stderr.]' \
@@ -219,6 +222,7 @@ _tc() {
                     '*--limit[Cards in the HTML page when --features is not given.]:value:_files' \
                     '*--examples[Examples shown per feature (top and quantile each).]:value:_files' \
                     '*--model[Refuse the file unless it was computed on this model (name or folder).]:value:_files' \
+                    '*--force[Replace --html if it exists.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 train) _arguments \
@@ -256,7 +260,8 @@ _tc() {
                     '*--autocast[none or bfloat16\: the encoder'\''s dense product in bfloat16 on a GPU (the sparse parts and the weights stay float32).]:value:_files' \
                     '*--checkpoint-every[Steps between checkpoints (0\: only at the end).]:value:_files' \
                     '*--log-every[Steps between metric lines (stderr and the JSONL log).]:value:_files' \
-                    '*--resume[Continue the run in --out from its checkpoint.]' \
+                    '*--resume[Continue the run in --out from its checkpoint (from step 0 if it was stopped before its first one).]' \
+                    '*--force[Start the run again in --out, replacing the files an earlier tc train left there (others are kept).]' \
                     '*--quiet[No progress on stderr.]' \
                     '*--dist-timeout[Under torchrun\: seconds a rank waits for the others in a collective before it stops with an error (a rank died or stalled).]:value:_files' \
                     '*--distribute-layers[Under torchrun\: each rank trains whole layers (layer i of the list on rank i % N) instead of a share of every batch.]' \

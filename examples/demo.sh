@@ -25,7 +25,7 @@ tc info "$OUT/acts.h5"
 # ---------------------------------------------------------------------------- issue 6: the rest of the method
 echo "== tc train: one transcoder per layer (TopK, k 8, 8 x d_model features, 400k tokens)" >&2
 tc train --cache "$OUT/acts.h5" --out "$OUT/transcoders" --tokens 400k --expansion 8 --k 8 \
-  --batch-size 1024 --warmup-steps 50 --quiet
+  --batch-size 1024 --warmup-steps 50 --force --quiet
 if [[ " $SKIP " != *" eval "* ]]; then
   echo "== tc eval: fidelity on text the cache did not read (--seed 1 packs other rows first)" >&2
   tc eval --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --seed 1 --tokens 10k \
@@ -34,15 +34,15 @@ fi
 if [[ " $SKIP " != *" score "* ]]; then
   echo "== tc score: density, examples, de-embeddings, logit effects of every feature" >&2
   tc score --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --tokens 30k \
-    --transcoders "$OUT/transcoders" --out "$OUT/features.jsonl" --quiet
-  tc show "$OUT/features.jsonl" --html "$OUT/features.html" --limit 40
+    --transcoders "$OUT/transcoders" --out "$OUT/features.jsonl" --force --quiet
+  tc show "$OUT/features.jsonl" --html "$OUT/features.html" --limit 40 --force
 fi
 PROMPT=${PROMPT:-The war lasted from the year 1735 to the year 17}
 TARGET=${TARGET:-40 20}
 echo "== tc circuit --logit-diff $TARGET on: $PROMPT" >&2
 # shellcheck disable=SC2086  # TARGET is two tokens
 tc circuit --model "$MODEL" --device "$DEVICE" --transcoders "$OUT/transcoders" --prompt "$PROMPT" \
-  --logit-diff $TARGET --iters 3 --branches 10 --format json --out "$OUT/circuit.json"
-tc export "$OUT/circuit.json" --format dot --out "$OUT/circuit.dot"
-tc export "$OUT/circuit.json" --format svg --out "$OUT/circuit.svg"
+  --logit-diff $TARGET --iters 3 --branches 10 --format json --out "$OUT/circuit.json" --force
+tc export "$OUT/circuit.json" --format dot --out "$OUT/circuit.dot" --force
+tc export "$OUT/circuit.json" --format svg --out "$OUT/circuit.svg" --force
 echo "demo: done in $(( $(date +%s) - started )) s; the picture is $OUT/circuit.svg, the features $OUT/features.html" >&2

@@ -25,13 +25,13 @@ if [ ! -e "$OUT/transcoders/layer_0/config.json" ]; then
   echo "== tc cache + tc train (every layer): transcoders to splice in and trace through" >&2
   tc cache --model "$MODEL" --data "$DATA" --tokens 100k --out "$OUT/acts.h5" --device "$DEVICE" --force --quiet
   tc train --cache "$OUT/acts.h5" --out "$OUT/transcoders" --tokens 400k --expansion 8 --k 8 \
-    --batch-size 1024 --warmup-steps 50 --quiet
+    --batch-size 1024 --warmup-steps 50 --force --quiet
 fi
 
 echo "== tc circuit --logit-diff 40 20 on: $PROMPT" >&2
 tc circuit --model "$MODEL" --device "$DEVICE" --transcoders "$OUT/transcoders" --prompt "$PROMPT" \
-  --logit-diff 40 20 --iters 3 --branches 10 --format json --out "$OUT/greater_than.json"
-tc export "$OUT/greater_than.json" --format svg --out "$OUT/greater_than.svg"
+  --logit-diff 40 20 --iters 3 --branches 10 --format json --out "$OUT/greater_than.json" --force
+tc export "$OUT/greater_than.json" --format svg --out "$OUT/greater_than.svg" --force
 echo "== the probability difference with MLPs replaced, and the circuit's top nodes" >&2
 tc greater-than --model "$MODEL" --device "$DEVICE" --transcoders "$OUT/transcoders" \
   --graph "$OUT/greater_than.json" --top 10

@@ -34,6 +34,7 @@ Crash safety (why this works under SIGKILL at any moment):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -50,6 +51,7 @@ import numpy as np
 from tccli import __version__
 from tccli.config import CaptureOptions, DataOptions, ModelOptions, option, parse_layers, to_json_dict
 from tccli.distributed import DistributedOptions, check_joined_sources
+from tccli import outputs
 from tccli.errors import TcError, fail
 
 FORMAT = "tc-activation-cache"
@@ -66,6 +68,12 @@ CONTENT_OPTIONS = ("model", "model_dtype", "engine", "data", "tokens", "context"
                    "compression")
 FLOAT16_OVERFLOW = 65520.0  # the smallest magnitude float16 rounds to inf
 WRITE_QUEUE_BATCHES = 4  # batches the forward pass may run ahead of the disk
+# HDF5's own bytes, bounds measured on files tc writes (tests/test_cache.py checks them): a chunked dataset's
+# B-tree costs under 100 bytes per chunk (a 64-entry node is about 2 KiB), its object header about 1 KiB;
+# the superblock, root group and free space come to a few KiB. Attributes are counted from their values.
+HDF5_BYTES_PER_CHUNK = 100
+HDF5_BYTES_PER_DATASET = 4096
+HDF5_FIXED_BYTES = 64 * 1024
 
 
 @dataclass
@@ -153,6 +161,23 @@ class CachePlan:
         """Uncompressed size of the file's data (tokens, doc ids, activations)."""
         return self.n_rows * (self.bytes_per_row + self.context * (4 + 8))
 
+    @property
+    def n_chunks(self) -> int:
+        """Chunks per dataset (every dataset is cut into chunks of ``chunk_rows`` rows)."""
+        return -(-self.n_rows // max(1, self.chunk_rows))
+
+    def file_bytes(self, attribute_bytes: int = 0) -> int:
+        """An upper bound on the file's size as HDF5 lays it out: every chunk is stored whole (the last one
+        too, past the end of the data), each chunk costs an entry in its dataset's B-tree index, and the
+        attributes and object headers come on top."""
+        itemsize = numpy_storage_dtype(self.dtype).itemsize
+        rows = self.n_chunks * self.chunk_rows  # the rows the chunks can hold
+        activations = rows * self.context * self.d_model * itemsize * 2 * len(self.layers)
+        token_rows = rows * self.context * (4 + 8)
+        n_datasets = 2 + 2 * len(self.layers)
+        index = n_datasets * (self.n_chunks * HDF5_BYTES_PER_CHUNK + HDF5_BYTES_PER_DATASET)
+        return activations + token_rows + index + 2 * attribute_bytes + HDF5_FIXED_BYTES
+
 
 def make_plan(config: CacheConfig, layers: list[int], n_rows: int, d_model: int) -> CachePlan:
     itemsize = numpy_storage_dtype(config.dtype).itemsize
@@ -179,6 +204,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def attribute_bytes(attrs: dict) -> int:
+    """Bytes the root attributes' values take (strings, numbers and arrays)."""
+    total = 0
+    for key, value in attrs.items():
+        total += len(key) + (np.asarray(value).nbytes if not isinstance(value, str) else len(value.encode()))
+    return total
+
+
 def check_disk_room(path: Path, needed: int, reclaimable: int = 0) -> None:
     """Refuse before starting when the disk holding ``path`` has less free space than ``needed``."""
     free = shutil.disk_usage(path.parent).free + reclaimable
@@ -190,12 +223,34 @@ def check_disk_room(path: Path, needed: int, reclaimable: int = 0) -> None:
 # ============================================================================ file attributes
 
 
-def config_fingerprint(config: CacheConfig, device: str) -> dict:
-    """The arguments that decide the file's content; a resumed run must match them."""
+def config_fingerprint(config: CacheConfig, device: str, n_layers: Optional[int] = None) -> dict:
+    """The arguments that decide the file's content, by meaning: the model as ``models.model_identity``
+    names it, data paths resolved, the layer list resolved (given ``n_layers``). A resumed run must match."""
     saved = to_json_dict(config)
     fingerprint = {key: saved[key] for key in CONTENT_OPTIONS}
     fingerprint["device"] = device
-    return fingerprint
+    return _meaning(fingerprint, n_layers)
+
+
+def _meaning(fingerprint: Optional[dict], n_layers: Optional[int]) -> Optional[dict]:
+    """A fingerprint (recorded by any tc version, or made now) in comparable terms: caches from before
+    --engine were all made by the bridge; `--model builtin`, the default and the install path are one
+    model; `0-0` and `0` are one layer list; a relative and an absolute path are one file."""
+    from tccli.models import model_identity
+
+    if not isinstance(fingerprint, dict):
+        return fingerprint
+    out = dict(fingerprint)
+    out.setdefault("engine", "bridge")
+    out["model"] = model_identity(out.get("model"))
+    if isinstance(out.get("data"), list):
+        out["data"] = [item if item == "-" else os.path.realpath(os.path.expanduser(str(item)))
+                       for item in out["data"]]
+    layers = out.get("layers")
+    if n_layers is not None and isinstance(layers, str):
+        with contextlib.suppress(TcError):
+            out["layers"] = parse_layers(layers, n_layers)
+    return out
 
 
 def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: str,
@@ -206,7 +261,8 @@ def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: s
         "format": FORMAT,
         "format_version": 1,
         "tc_version": __version__,
-        "model": info.name,
+        "model": config.model or "builtin",  # the name given; model_path is where it was loaded from
+        "model_path": info.name,
         "architecture": info.architecture,
         "model_info": json.dumps(info.to_dict()),
         "weight_processing": json.dumps(info.weight_processing),
@@ -228,7 +284,7 @@ def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: s
         "data_sources": json.dumps(list(config.data)),
         "seed": config.seed,
         "bos_token_id": info.bos_token_id,
-        "config": json.dumps(config_fingerprint(config, device), sort_keys=True),
+        "config": json.dumps(config_fingerprint(config, device, info.n_layers), sort_keys=True),
         "complete": False,
         "tokens_written": 0,
     }
@@ -245,30 +301,10 @@ def creating_path(out: Path) -> Path:
     return out.with_name(out.name + ".creating")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_progress(out: Path, fingerprint: dict, units: list[tuple[int, str]]) -> None:
     """Atomically replace the progress file: temp file, fsync, rename, fsync the folder."""
-    target = progress_path(out)
-    tmp = target.with_name(target.name + ".tmp")
     text = json.dumps({"format": PROGRESS_FORMAT, "config": fingerprint, "units": [list(u) for u in units]})
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    outputs.atomic_write_text(progress_path(out), text)
 
 
 def read_progress(out: Path) -> Optional[dict]:
@@ -431,18 +467,30 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
     ``tccli.distributed.Shard``) makes this run write only that shard's rows.
     """
     from tccli import distributed
-    from tccli.models import MlpCapture, load_model
-    from tccli.text import load_rows
 
     if shard is None and distributed.launched():
         return distributed.run_sharded_cache(config, log, progress, stdin)
 
     out = Path(config.out).expanduser()
-    prior = _check_output(out, config)
+    if out.is_dir():
+        raise fail(f"--out {out} is a folder, not a file")
     if not out.parent.is_dir():
         raise fail(f"output folder {out.parent} does not exist")
+    outputs.check_not_input(out, [*config.data, config.model])
+    with outputs.locked(out):
+        return _run_cache(config, out, log, progress, stdin, shard)
+
+
+def _run_cache(config: CacheConfig, out: Path, log: Callable[[str], None], progress: Optional[Callable[[int, int], None]],
+               stdin: Any, shard: Any) -> CacheResult:
+    """`run_cache` once ``out`` is locked."""
+    from tccli.models import MlpCapture, check_context, load_model
+    from tccli.text import load_rows
+
+    prior = _check_output(out, config)
     loaded = load_model(config.model, config.device, config.model_dtype)
     info = loaded.info
+    check_context(config.context, info)
     layers = parse_layers(config.layers, info.n_layers)
     rows = load_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed,
                      stdin=stdin)
@@ -454,7 +502,7 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
         rows, shard_attrs = shard.select(rows, config.batch_size)
     plan = make_plan(config, layers, rows.tokens.shape[0], info.d_model)
     device = str(loaded.device)
-    fingerprint = config_fingerprint(config, device)
+    fingerprint = config_fingerprint(config, device, info.n_layers)
     capture = MlpCapture(loaded, layers, config.engine, release_bridge=True)
     if capture.fallback_reason:
         log(capture.fallback_reason)
@@ -463,15 +511,16 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
 
     start_row, units = 0, []
     if prior == "resume":
-        start_row, units = _verify_for_resume(out, fingerprint, rows.tokens, plan, log)
+        start_row, units = _verify_for_resume(out, fingerprint, rows.tokens, plan, log, info.n_layers)
     if start_row is None:  # complete already
         return CacheResult(out, plan.n_tokens, plan.n_rows, 0.0)
     if not units and start_row == 0:
         reclaim = out.stat().st_size if out.exists() else 0
+        needed = plan.file_bytes(attribute_bytes(attrs))
         log(f"writing {plan.n_tokens} tokens x {len(layers)} layers x (mlp_in, mlp_out) x {info.d_model} in "
             f"{config.dtype}: expected file size {'at most ' if config.compression != 'none' else ''}"
-            f"{human_bytes(plan.expected_bytes)}")
-        check_disk_room(out, plan.expected_bytes, reclaimable=reclaim)
+            f"{human_bytes(needed)}")
+        check_disk_room(out, needed, reclaimable=reclaim)
         _start_file(out, plan, attrs, rows, config.compression, fingerprint)
     else:
         log(f"resuming at token {start_row * plan.context} of {plan.n_tokens}")
@@ -495,7 +544,7 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
         f.attrs["complete"] = True
         _durable_flush(f)
     progress_path(out).unlink(missing_ok=True)
-    _fsync_dir(out.parent)
+    outputs.fsync_folder(out.parent)
     return CacheResult(out, plan.n_tokens, start_row, time.monotonic() - began)
 
 
@@ -518,16 +567,17 @@ def _start_file(out: Path, plan: CachePlan, attrs: dict, rows: Any, compression:
     tmp = creating_path(out)
     try:
         create_file(tmp, plan, attrs, rows.tokens, rows.doc_ids, compression)
+        write_progress(out, fingerprint, [])
+        os.replace(tmp, out)
     except OSError as exc:
+        raise outputs.write_error(out, exc) from None
+    finally:  # also on Ctrl-C: no half-created file is left behind
         tmp.unlink(missing_ok=True)
-        raise fail(f"cannot write {tmp}: {exc}") from None
-    write_progress(out, fingerprint, [])
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    outputs.fsync_folder(out.parent)
 
 
 def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: CachePlan,
-                       log: Callable[[str], None]) -> tuple[Optional[int], list]:
+                       log: Callable[[str], None], n_layers: Optional[int] = None) -> tuple[Optional[int], list]:
     """Row to resume at and the units kept; (None, []) when already complete; (0, []) means start again.
 
     Without a progress file, ``out`` must be a readable tc cache (it is never overwritten otherwise). With
@@ -536,7 +586,7 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
     import h5py
 
     progress = read_progress(out)
-    if progress is not None and _as_now(progress.get("config")) != fingerprint:
+    if progress is not None and _meaning(progress.get("config"), n_layers) != fingerprint:
         raise fail(f"--resume: {out} was started with other arguments "
                    f"({_difference(progress['config'], fingerprint)}); use the same arguments, or --force")
     if not out.exists():
@@ -552,7 +602,7 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
         with f:
             if f.attrs.get("format") != FORMAT:
                 raise fail(f"--resume: {out} is not a tc activation cache; refusing to touch it")
-            recorded = _as_now(json.loads(f.attrs["config"]))
+            recorded = _meaning(json.loads(f.attrs["config"]), n_layers)
             if recorded != fingerprint:
                 raise fail(f"--resume: {out} was written with other arguments "
                            f"({_difference(recorded, fingerprint)}); use the same arguments, or --force")
@@ -574,13 +624,6 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
                        "use --force to start again") from None
         log(f"{out} was damaged by the interruption ({type(exc).__name__}); starting again from the beginning")
         return 0, []
-
-
-def _as_now(recorded: Optional[dict]) -> Optional[dict]:
-    """A recorded fingerprint in today's terms: caches from before --engine were all made by the bridge."""
-    if isinstance(recorded, dict) and "engine" not in recorded:
-        return {**recorded, "engine": "bridge"}
-    return recorded
 
 
 def _verified_units(f: Any, units: list, plan: CachePlan, out: Path, log: Callable[[str], None]) -> tuple[int, list]:
@@ -605,10 +648,10 @@ def _difference(recorded: dict, now: dict) -> str:
 
 def _write_error(exc: BaseException, out: Path) -> TcError:
     if isinstance(exc, TcError):
-        return exc
+        return fail(f"{exc}; the rows committed so far are kept: fix that and run again with --resume")
     if isinstance(exc, OSError) or "No space" in str(exc):
-        return fail(f"writing {out} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                    "the rows committed so far are kept: free space and run again with --resume")
+        return fail(f"{outputs.write_error(out, exc)}; the rows committed so far are kept: free space and run "
+                    "again with --resume")
     return fail(f"writing {out} failed: {type(exc).__name__}: {exc}")
 
 
@@ -745,6 +788,7 @@ def summarize(cache: ActivationCache) -> dict:
         "path": str(cache.path),
         "complete": cache.complete,
         "model": a.get("model"),
+        "model_path": a.get("model_path"),  # caches before it recorded the path alone, as "model"
         "architecture": a.get("architecture"),
         "layers": cache.layers,
         "d_model": cache.d_model,

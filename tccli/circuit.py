@@ -176,6 +176,7 @@ class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
     include_bos: bool = option(False, "Allow the BOS position as a source.")
     format: str = option("dot", "Output: dot, json or neuronpedia.")
     out: Optional[str] = option(None, "Write the graph here instead of stdout.")
+    force: bool = option(False, "Replace --out if it exists.", save=False)
     quiet: bool = option(False, "No summary on stderr.", save=False)
 
     def validate(self) -> None:
@@ -214,6 +215,12 @@ def load_direction(path: str, d_model: int) -> torch.Tensor:
         raise fail(f"cannot read direction {path}: {exc}") from None
     if array.reshape(-1).shape[0] != d_model or array.size != d_model:
         raise fail(f"direction {path} has shape {array.shape}; the model's d_model is {d_model}")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise fail(f"direction {path} holds {array.dtype} values, not real numbers")
+    if not np.isfinite(array).all():
+        raise fail(f"direction {path} holds non-finite values (NaN or inf)")
+    if not np.any(array):
+        raise fail(f"direction {path} is all zeros")
     return torch.from_numpy(array.astype("float64").reshape(-1))
 
 

@@ -7,7 +7,6 @@ logs go to stderr; bad input ends with one line ``tc: error: ...`` and a non-zer
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ _NO_ARGS_IS_HELP = _exception_classes("NoArgsIsHelpError")
 _CLICK_ERROR = _exception_classes("ClickException")
 _EXIT = _exception_classes("Exit")
 
-from tccli import __version__
+from tccli import __version__, interrupts, outputs, progress
 from tccli.cache import CacheConfig
 from tccli.circuit import CircuitConfig, DeembedConfig
 from tccli.config import command_from, plain_arguments
@@ -88,13 +87,6 @@ def _root(
     """tc: transcoder circuits from the command line."""
 
 
-def stderr_console():
-    """A rich console on stderr (progress and logs never touch stdout)."""
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
 # ============================================================================ tc cache / tc info (issue 2)
 
 
@@ -105,50 +97,12 @@ def cache_command(config: CacheConfig) -> None:
     from tccli.cache import human_bytes, run_cache
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc cache: {message}", file=sys.stderr))
-    with token_progress(config.quiet, "caching") as progress:
-        result = run_cache(config, log=log, progress=progress)
+    with progress.bar(config.quiet, "tokens") as update:
+        result = run_cache(config, log=log, progress=lambda done, total: update("caching", done, total))
     if not config.quiet and result.seconds > 0:
         done = result.n_tokens - result.resumed_from_row * int(config.context)
         log(f"wrote {result.path} ({result.n_tokens} tokens, {human_bytes(result.path.stat().st_size)}) "
             f"in {result.seconds:.1f} s, {done / result.seconds:,.0f} tokens/s")
-
-
-def token_progress(quiet: bool, label: str):
-    """A context manager yielding ``progress(done, total)`` that draws tokens/s and ETA on stderr.
-
-    A no-op with --quiet or when stderr is not a terminal.
-    """
-    import contextlib
-
-    @contextlib.contextmanager
-    def manager():
-        console = stderr_console()
-        if quiet or not console.is_terminal:
-            yield None
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn(label), BarColumn(), TextColumn("{task.fields[count]}"),
-                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            # the count is a field, not task.total: total is None until the first update, and
-            # formatting None with ":," crashed every progress bar on a terminal
-            task = bar.add_task(label, total=None, rate="", count="")
-            started: dict = {}
-
-            def update(done: int, total: int) -> None:
-                import time
-
-                now = time.monotonic()
-                start = started.setdefault("t", (now, done))
-                elapsed = now - start[0]
-                rate = (done - start[1]) / elapsed if elapsed > 0 else 0.0
-                bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s",
-                           count=f"{done:,}/{total:,} tokens")
-
-            yield update
-
-    return manager()
 
 
 @app.command("info", epilog=example("tc info acts.h5"))
@@ -202,8 +156,8 @@ def eval_command(config: EvalConfig) -> None:
     """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
     from tccli.evaluate import result_table, run_eval
 
-    with stage_progress(config.quiet) as progress:
-        result = run_eval(config, progress)
+    with progress.bar(config.quiet, "batches") as update:
+        result = run_eval(config, update)
     if config.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -213,26 +167,6 @@ def eval_command(config: EvalConfig) -> None:
         if not console.is_terminal:  # a pipe or file: do not squeeze the columns to 80 characters
             console = Console(highlight=False, width=200)
         console.print(result_table(result, wide=config.wide))
-
-
-@contextlib.contextmanager
-def stage_progress(quiet: bool):
-    """A callback ``(stage, done, total)`` drawing a rich progress bar on stderr (a no-op when quiet or not a TTY)."""
-    console = stderr_console()
-    if quiet or not console.is_terminal:
-        yield lambda stage, done, total: None
-        return
-    from rich.progress import Progress
-
-    with Progress(console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)  # a total may shrink when data runs out
-
-        yield update
 
 
 # ---------------------------------------------------------------------------- tc convert
@@ -257,10 +191,7 @@ MULTI_VALUE_OPTIONS.add("--logit-diff")
 def _write_output(data: bytes, out: Optional[str]) -> None:
     """Bytes to --out (atomically) or to stdout."""
     if out:
-        tmp = out + ".tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, out)
+        outputs.atomic_write_bytes(out, data)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -277,10 +208,16 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli.formats import load_transcoder_set
 
     prompt = _prompt_text(config.prompt)
-    loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
-    graph, summary = circuit_graph(loaded, transcoders, prompt, config)
-    _write_output(graph_io.render(graph, config.format, config), config.out)
+    with outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]), \
+            progress.bar(config.quiet, "steps") as update:
+        update("loading the model", 0, 1)
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        update("loading the model", 1, 1)
+        update("tracing the circuit", 0, 1)
+        graph, summary = circuit_graph(loaded, transcoders, prompt, config)
+        update("tracing the circuit", 1, 1)
+        _write_output(graph_io.render(graph, config.format, config), config.out)
     if not config.quiet:
         print(f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
               f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
@@ -298,8 +235,11 @@ def export_command(config: ExportConfig) -> None:
     """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
     from tccli import graph_io
 
-    graph = graph_io.read_graph(config.graph)
-    _write_output(graph_io.render(graph, config.format, config), config.out)
+    if not config.out and config.format == "png" and sys.stdout.isatty():
+        raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
+    with outputs.claim(config.out, config.force, [config.graph]):
+        graph = graph_io.read_graph(config.graph)
+        _write_output(graph_io.render(graph, config.format, config), config.out)
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))
@@ -326,10 +266,10 @@ def score_command(config: ScoreConfig) -> None:
     from tccli.score_command import run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
-    with stage_progress(config.quiet) as progress:
-        summary = run_score(config, progress, log=log)
+    with progress.bar(config.quiet, "rows") as update:
+        summary = run_score(config, update, log=log)
     if not config.quiet:
-        console = stderr_console()
+        console = progress.stderr_console()
         if summary["available_tokens"] is not None:
             console.print(f"the data holds only {summary['available_tokens']} tokens; scored {summary['tokens']}")
         console.print(f"scored layers {', '.join(map(str, summary['layers']))} on {summary['tokens']} tokens "
@@ -340,34 +280,27 @@ def score_command(config: ScoreConfig) -> None:
 @command_from(ShowConfig)
 def show_command(config: ShowConfig) -> None:
     """Show features from a features file: one in the terminal, or many as one HTML page (--html)."""
-    from pathlib import Path
-
     from rich.console import Console
 
     from tccli.features_io import FeaturesFile, check_features_match_model
     from tccli.show import parse_feature_ref, render_html, render_terminal, resolve_refs
 
     features = FeaturesFile.open(config.features_file)
-    if config.model:
-        from tccli.models import load_model
+    with outputs.claim(config.html, config.force, [config.features_file]):
+        if config.model:
+            from tccli.models import load_model
 
-        check_features_match_model(features, load_model(config.model, "cpu").info)
-    if config.feature:
-        layer, index = parse_feature_ref(config.feature)
-        features.check_feature(layer, index)
-        console = Console(highlight=False)
-        if not console.is_terminal:
-            console = Console(highlight=False, width=160)
-        render_terminal(features, features.feature(layer, index), config.examples, console)
-    if config.html:
-        page = render_html(features, resolve_refs(features, config), config.examples)
-        out = Path(config.html)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            tmp.write_text(page, encoding="utf-8")
-        except OSError as exc:
-            raise TcError(f"cannot write {out}: {exc.strerror}") from None
-        tmp.replace(out)
+            check_features_match_model(features, load_model(config.model, "cpu").info)
+        if config.feature:
+            layer, index = parse_feature_ref(config.feature)
+            features.check_feature(layer, index)
+            console = Console(highlight=False)
+            if not console.is_terminal:
+                console = Console(highlight=False, width=160)
+            render_terminal(features, features.feature(layer, index), config.examples, console)
+        if config.html:
+            page = render_html(features, resolve_refs(features, config), config.examples)
+            outputs.atomic_write_text(config.html, page)
 
 
 # ============================================================================ tc greater-than (issue 6)
@@ -379,7 +312,8 @@ def greater_than_command(config: GreaterThanConfig) -> None:
     """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
     from tccli.greater_than import result_lines, run_greater_than
 
-    result = run_greater_than(config)
+    with progress.bar(False, "runs") as update:
+        result = run_greater_than(config, update)
     if config.json:
         print(json.dumps(result, indent=2))
     else:
@@ -400,18 +334,19 @@ def graph_command(config: GraphConfig) -> None:
     from tccli.models import load_model
 
     prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
-    loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
-    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
+    with outputs.claim(config.out, config.force, [config.transcoders, config.model]):
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % (4 * config.batch_size) == 0:
-            log(f"feature rows {done}/{total}")
+        def progress(done: int, total: int) -> None:
+            if done == total or done % (4 * config.batch_size) == 0:
+                log(f"feature rows {done}/{total}")
 
-    run = attribution_graph(loaded, transcoders, prompt, config, None if config.quiet else progress)
-    data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
-                                       run.heads, config)
-    _write_output(data, config.out)
+        run = attribution_graph(loaded, transcoders, prompt, config, None if config.quiet else progress)
+        data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
+                                           run.heads, config)
+        _write_output(data, config.out)
     graph, stats = run.graph, run.graph.stats
     log(f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "
         f"{int(graph.node_mask.sum())} nodes ({int(graph.node_mask[:graph.table.n_features].sum())} features), "
@@ -493,19 +428,28 @@ def _exit_torchrun_rank() -> None:
         os._exit(0)
 
 
+def _interrupted(args: list[str], signum: int = 2, detail: str = "") -> None:
+    print(f"tc: interrupted; {detail or interrupts.hint(args)}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Run `tc`; turn every failure into one line on stderr and a non-zero exit."""
+    interrupts.install()
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     command = plain_arguments(typer.main.get_command(app))
     try:
-        command.main(args=args, prog_name="tc", standalone_mode=False)
+        result = command.main(args=args, prog_name="tc", standalone_mode=False)
+        if result == 130:  # typer's answer to a KeyboardInterrupt that did not come from our handler
+            _interrupted(args)
         _exit_torchrun_rank()
+    except interrupts.Interrupted as exc:
+        _interrupted(args, exc.signum, exc.detail)
     except TcError as exc:
         print(f"tc: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except _ABORT:
-        print("tc: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(args)
     except _NO_ARGS_IS_HELP as exc:
         print(exc.ctx.get_help() if exc.ctx else str(exc), file=sys.stderr)
         sys.exit(2)

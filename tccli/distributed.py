@@ -146,6 +146,10 @@ class Distributed:
             return int(flag)
         return int(self.all_reduce_sum(torch.tensor([int(flag)], dtype=torch.int64)).item())
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank must call this at the same points)."""
+        return self.vote(flag) > 0 if self.world > 1 else flag
+
     def barrier(self) -> None:
         if self.world > 1:
             self.vote(True)
@@ -282,6 +286,9 @@ class SilentReporter:
     """Stands in for train's Reporter on ranks that do not write the log."""
 
     def record(self, entry: dict) -> None:
+        pass
+
+    def step(self, step: int) -> None:
         pass
 
     def close(self) -> None:

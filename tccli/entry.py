@@ -17,6 +17,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         print(f"tc {__version__}")
         return
-    from tccli.cli import main as cli_main
+    from tccli import interrupts
 
+    interrupts.install()  # before the slow imports below: Ctrl-C during start-up is one line too
+    try:
+        from tccli.cli import main as cli_main
+    except interrupts.Interrupted as exc:
+        print(f"tc: interrupted; {interrupts.hint(args)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     cli_main(args)

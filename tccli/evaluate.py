@@ -391,10 +391,11 @@ def load_for_eval(config: EvalConfig, loaded: Any) -> dict[int, Transcoder]:
 
 def run_eval(config: EvalConfig, progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
     """Load the model, the text and the transcoders named by ``config``, and evaluate."""
-    from tccli.models import load_model
+    from tccli.models import check_context, load_model
     from tccli.text import load_rows
 
     loaded = load_model(config.model, config.device, config.model_dtype)
+    check_context(config.context, loaded.info)
     transcoders = load_for_eval(config, loaded)
     rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context,
                      config.tokens, config.seed)

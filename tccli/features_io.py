@@ -15,13 +15,13 @@ Either way ``FeaturesFile.feature(layer, index)`` returns the same record dict.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from tccli import outputs
 from tccli.errors import fail
 from tccli.scoring import ExampleArrays, LayerScores
 
@@ -101,18 +101,12 @@ def write_features(path: str | Path, scores: dict[int, LayerScores], metadata: d
                 n_features={str(layer): s.n_features for layer, s in scores.items()})
     if path.parent and not path.parent.exists():
         raise fail(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if path.suffix == ".jsonl":
-            _write_jsonl(tmp, scores, meta)
-        elif path.suffix in (".h5", ".hdf5"):
-            _write_h5(tmp, scores, meta)
-        else:
-            raise fail(f"features file {path} must end in .h5 or .jsonl")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if path.suffix == ".jsonl":
+        outputs.atomic_write(path, lambda tmp: _write_jsonl(tmp, scores, meta))
+    elif path.suffix in (".h5", ".hdf5"):
+        outputs.atomic_write(path, lambda tmp: _write_h5(tmp, scores, meta))
+    else:
+        raise fail(f"features file {path} must end in .h5 or .jsonl")
     return path
 
 
@@ -164,6 +158,8 @@ class FeaturesFile:
     @staticmethod
     def open(path: str | Path) -> "FeaturesFile":
         path = Path(path)
+        if path.is_dir():
+            raise fail(f"{path} is a folder, not a features file (.h5 or .jsonl written by tc score)")
         if not path.is_file():
             raise fail(f"features file {path} does not exist")
         if path.suffix == ".jsonl":

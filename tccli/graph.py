@@ -46,6 +46,7 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
                          "(and show head nodes in dot/json).")
     format: str = option("json", "Output: json, neuronpedia, dot or pt.")
     out: Optional[str] = option(None, "Write the graph here instead of stdout.")
+    force: bool = option(False, "Replace --out if it exists.", save=False)
     batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")
     drop_mass: float = option(1e-3, "Per row, drop the smallest entries while their absolute sum stays within "
                               "this share of the row's (0 keeps every nonzero entry); reported.")

@@ -348,14 +348,53 @@ def from_json(text: str, where: str = "graph") -> nx.DiGraph:
     for node in data.get("nodes", []):  # written before the two contribution figures had their names
         if isinstance(node, dict) and "contribution" in node and "path_contribution" not in node:
             node["path_contribution"] = node.pop("contribution")
-    return nx.node_link_graph(data, directed=True, edges="links")
+    try:
+        graph = nx.node_link_graph(data, directed=True, edges="links")
+    except (KeyError, TypeError, ValueError, AttributeError, nx.NetworkXError) as exc:
+        raise fail(f"{where} is a damaged tc circuit graph ({type(exc).__name__}: {exc})") from None
+    for node, attrs in graph.nodes(data=True):
+        if not isinstance(attrs.get("kind"), str):
+            raise fail(f"{where} is a damaged tc circuit graph (node {node!r} has no kind)")
+    if not all(isinstance(w, (int, float)) for _, _, w in graph.edges(data="weight", default=0.0)):
+        raise fail(f"{where} is a damaged tc circuit graph (an edge weight is not a number)")
+    return graph
 
 
 def read_graph(path: str | Path) -> nx.DiGraph:
     path = Path(path)
+    if path.is_dir():
+        raise fail(f"{path} is a folder, not a graph file (JSON written by tc circuit --format json)")
     if not path.is_file():
         raise fail(f"graph file {path} does not exist")
-    return from_json(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise fail(f"{path} is not a tc circuit graph (not even text: JSON written by tc circuit --format json "
+                   "is needed)") from None
+    return from_json(text, str(path))
+
+
+def check_graph_matches_model(graph: nx.DiGraph, info: Any, where: str) -> None:
+    """Refuse a graph traced on another model than ``info`` (a models.ModelInfo), or one naming layers or
+    heads this model does not have."""
+    from tccli.models import known_different_models
+
+    meta = graph.graph.get("metadata") or {}
+    recorded = (meta.get("model"), meta.get("architecture"), meta.get("n_layers"))
+    if known_different_models(meta.get("model"), info.name) or (
+            recorded[1] not in (None, info.architecture)) or recorded[2] not in (None, info.n_layers):
+        raise fail(f"{where} was traced on the model {recorded[0]} ({recorded[1]}, {recorded[2]} layers), not on "
+                   f"{info.name} ({info.architecture}, {info.n_layers} layers)")
+    for node, attrs in graph.nodes(data=True):
+        layer = attrs.get("layer")
+        if attrs.get("kind") in ("feature", "head", "error") and not (
+                isinstance(layer, int) and 0 <= layer < info.n_layers):
+            raise fail(f"{where}: node {node} is in layer {layer!r}; the model has layers 0-{info.n_layers - 1}")
+        head = attrs.get("head")
+        if attrs.get("kind") == "head" and not (isinstance(head, int) and 0 <= head < info.n_heads):
+            raise fail(f"{where}: node {node} is head {head!r}; the model has heads 0-{info.n_heads - 1} per layer")
 
 
 # ----------------------------------------------------------------------------- Neuronpedia
@@ -502,6 +541,7 @@ class ExportConfig(PictureOptions):
                         metavar="GRAPH.json")
     format: str = option("dot", "Output: dot, svg, png, graphml, json or neuronpedia.")
     out: Optional[str] = option(None, "Write here instead of stdout.")
+    force: bool = option(False, "Replace --out if it exists (never the input graph).", save=False)
 
     def validate(self) -> None:
         PictureOptions.validate(self)

@@ -153,11 +153,14 @@ class GreaterThanConfig(ModelOptions):
             raise fail("--noun must not be empty")
 
 
-def run_greater_than(config: GreaterThanConfig) -> dict:
+def run_greater_than(config: GreaterThanConfig, progress: Optional[Callable[[str, int, Optional[int]], None]] = None
+                     ) -> dict:
     """The model's probability difference on the prompt set, clean and with MLPs replaced by transcoders.
 
     Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
+    ``progress(stage, done, total)`` counts the model runs.
     """
+    update = progress or (lambda stage, done, total: None)
     from tccli.evaluate import splice_hooks
     from tccli.formats import load_transcoder_set
     from tccli.models import load_model
@@ -171,25 +174,38 @@ def run_greater_than(config: GreaterThanConfig) -> dict:
         two_digit_token_ids(loaded.tokenizer)
     except TcError as exc:  # e.g. a tokenizer with single digits: the task is undefined, the graph is not
         out["not_applicable"] = str(exc)
-    if out["not_applicable"] is None:
-        out["clean"] = probability_difference_of_model(loaded, noun=config.noun).mean
+    transcoders: dict = {}
     if config.transcoders:
         layers = parse_layers(config.layers, loaded.info.n_layers) if config.layers else None
         transcoders = load_transcoder_set(config.transcoders, loaded.device, layers)
         for transcoder in transcoders.values():
             check_matches_model(transcoder, loaded.info)
             transcoder.eval()
-        for layer, transcoder in (transcoders.items() if out["not_applicable"] is None else ()):
+    applicable = out["not_applicable"] is None
+    runs = (1 + len(transcoders) + (len(transcoders) > 1)) if applicable else 0
+    done = 0
+    update("model runs", done, runs)
+    if applicable:
+        out["clean"] = probability_difference_of_model(loaded, noun=config.noun).mean
+        done += 1
+        update("model runs", done, runs)
+    if config.transcoders:
+        for layer, transcoder in (transcoders.items() if applicable else ()):
             hooks = splice_hooks(loaded, {layer: transcoder})
             out["replaced"][layer] = probability_difference_of_model(loaded, extra_hooks=hooks,
                                                                      noun=config.noun).mean
-        if len(transcoders) > 1 and out["not_applicable"] is None:
+            done += 1
+            update("model runs", done, runs)
+        if len(transcoders) > 1 and applicable:
             out["all_replaced"] = probability_difference_of_model(
                 loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun).mean
+            update("model runs", done + 1, runs)
         if config.graph:
-            from tccli.graph_io import read_graph
+            from tccli.graph_io import check_graph_matches_model, read_graph
 
-            out["top_nodes"] = top_nodes(graph_nodes(read_graph(config.graph)), loaded, transcoders, config.top)
+            graph = read_graph(config.graph)
+            check_graph_matches_model(graph, loaded.info, config.graph)
+            out["top_nodes"] = top_nodes(graph_nodes(graph), loaded, transcoders, config.top)
     return out
 
 
@@ -212,6 +228,11 @@ def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> li
         row = {k: node.get(k) for k in ("id", "kind", "layer", "feature", "head", "position", "token",
                                         "activation", "path_contribution", "direct_contribution")}
         if node["kind"] == "feature" and node["layer"] in transcoders:
+            n_features = transcoders[node["layer"]].n_features
+            if not (isinstance(node.get("feature"), int) and 0 <= node["feature"] < n_features):
+                raise fail(f"the graph's node {node['id']} is feature {node.get('feature')!r}, but layer "
+                           f"{node['layer']}'s transcoder has features 0-{n_features - 1}: not the transcoders "
+                           "it was traced with")
             scores = feature_deembedding(loaded, transcoders[node["layer"]], node["layer"], node["feature"])
             # Byte tokens that are never whole characters (shown <0xE2>) carry no meaning to show.
             texts = (display_token(loaded.tokenizer, i) for i in scores.argsort(descending=True).tolist())

@@ -99,7 +99,8 @@ def _cache_lines(s: dict) -> list[str]:
     state = "complete" if s["complete"] else f"INCOMPLETE ({s['tokens_written']} of {s['tokens_total']} tokens; finish with tc cache --resume)"
     return [
         f"{s['path']}: tc activation cache, {state}",
-        f"  model        {s['model']} ({s['architecture']}), d_model {s['d_model']}",
+        f"  model        {s['model']}{' at ' + s['model_path'] if s.get('model_path') else ''} "
+        f"({s['architecture']}), d_model {s['d_model']}",
         f"  layers       {', '.join(map(str, s['layers']))} (mlp_in and mlp_out each)",
         f"  tokens       {s['tokens_written']} in rows of {s['context']} (requested {s['tokens_requested']})",
         f"  storage      {s['storage']}, compression {s['compression']}; "
@@ -130,6 +131,7 @@ def _transcoder_summary(path: Path) -> dict:
 
 
 def _is_transcoder_or_set(path: Path) -> bool:
+    """A transcoder in any format tc reads, or a folder of them."""
     from tccli.formats import format_of
 
     if format_of(path) is not None:

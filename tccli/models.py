@@ -167,6 +167,45 @@ def resolve_model_name(model: Optional[str]) -> str:
     return model
 
 
+def model_identity(model: Optional[str]) -> str:
+    """What a --model value means, for comparing runs and files: 'builtin' for the shipped model however it
+    was named (None, 'builtin', its folder, or the install path an older tc recorded), the resolved
+    absolute folder for any other local model, else the hub name as given."""
+    if model is None or model == "builtin":
+        return "builtin"
+    if _looks_like_local_path(model) or os.path.isabs(model):
+        resolved = os.path.realpath(os.path.expanduser(model))
+        if resolved == os.path.realpath(BUILTIN_MODEL_DIR) or resolved.endswith(os.path.join("tccli", "builtin", "model")):
+            return "builtin"
+        return resolved
+    return model
+
+
+def known_different_models(recorded: Optional[str], loaded: Optional[str]) -> bool:
+    """Whether a file made with model ``recorded`` is known to come from another model than ``loaded``: both
+    name the built-in model or a local folder, and they are not the same one. A recorded folder that no
+    longer exists may have been moved, and hub names have aliases (gpt2 / gpt2-small), so those are not
+    judged."""
+    if not recorded or not loaded:
+        return False
+    a, b = model_identity(recorded), model_identity(loaded)
+    if a == b:
+        return False
+
+    def local(identity: str) -> bool:
+        return identity == "builtin" or os.path.isabs(identity)
+
+    if not (local(a) and local(b)):
+        return False
+    return a == "builtin" or os.path.isdir(a)
+
+
+def check_context(context: int, info: "ModelInfo") -> None:
+    """Refuse rows longer than the model's context before any work (positions past it do not exist)."""
+    if context > info.n_ctx:
+        raise fail(f"--context {context} is longer than the model's maximum context of {info.n_ctx} tokens")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

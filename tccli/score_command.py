@@ -51,17 +51,24 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
 
 def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> dict:
     """`tc score`: load, stream, write the features file. Returns a small summary for stderr."""
+    from tccli import outputs
+
+    with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
+        return _score(config, progress, log)
+
+
+def _score(config: ScoreConfig, progress, log) -> dict:
+    """`run_score` once its output is claimed (checked and locked)."""
     from tccli import __version__
     from tccli.config import to_json_dict
     from tccli.formats import load_transcoder_set
-    from tccli.models import load_model, torch_dtype
+    from tccli.models import check_context, load_model, torch_dtype
     from tccli.text import stream_rows
     from tccli.transcoder_io import check_matches_model
 
-    if Path(config.out).exists() and not config.force:
-        raise fail(f"{config.out} already exists (pass --force to replace it)")
     loaded = load_model(config.model, config.device, config.model_dtype)
     info = loaded.info
+    check_context(config.context, info)
     layers = parse_layers(config.layers, info.n_layers) if config.layers else None
     transcoders = load_transcoder_set(config.transcoders, loaded.device, layers)
     for transcoder in transcoders.values():

@@ -38,6 +38,7 @@ class ShowConfig:
     limit: int = option(50, "Cards in the HTML page when --features is not given.")
     examples: int = option(10, "Examples shown per feature (top and quantile each).")
     model: Optional[str] = option(None, "Refuse the file unless it was computed on this model (name or folder).")
+    force: bool = option(False, "Replace --html if it exists.", save=False)
 
     def validate(self) -> None:
         if not self.feature and not self.html:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from tccli.config import from_json_dict, option, parse_count, parse_layers, to_json_dict
-from tccli import distributed, sparse_coding
-from tccli.errors import fail
+from tccli import distributed, interrupts, outputs, progress, sparse_coding
+from tccli.errors import TcError, fail
 from tccli.optim import ScheduleFreeSign
 from tccli.transcoder import K_ACTIVATIONS, KINDS, THRESHOLD_ACTIVATIONS, Transcoder, TranscoderConfig
 from tccli.transcoder_io import layer_folder_name, save_transcoder
@@ -115,7 +115,10 @@ class TrainConfig(distributed.TrainDistributedOptions):
                            "(the sparse parts and the weights stay float32).")
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end).")
     log_every: int = option(50, "Steps between metric lines (stderr and the JSONL log).")
-    resume: bool = option(False, "Continue the run in --out from its checkpoint.", save=False)
+    resume: bool = option(False, "Continue the run in --out from its checkpoint (from step 0 if it was stopped "
+                          "before its first one).", save=False)
+    force: bool = option(False, "Start the run again in --out, replacing the files an earlier tc train left "
+                         "there (others are kept).", save=False)
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -126,6 +129,8 @@ class TrainConfig(distributed.TrainDistributedOptions):
         if self.lr is not None:
             finite_positive("lr", self.lr)
         finite_positive("bandwidth", self.bandwidth)
+        if self.resume and self.force:
+            raise fail("--resume and --force contradict each other: pick one")
         distributed.DistributedOptions.validate(self)
         if self.activation not in TRAINABLE_ACTIVATIONS:
             raise fail(f"--activation must be one of {', '.join(TRAINABLE_ACTIVATIONS)}, got {self.activation!r}")
@@ -183,7 +188,8 @@ class TrainConfig(distributed.TrainDistributedOptions):
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("device", "autocast", "threads", "checkpoint_every", "log_every", "resume", "quiet", "out", "cache")
+RESUME_FREE_FIELDS = ("device", "autocast", "threads", "checkpoint_every", "log_every", "resume", "force", "quiet",
+                      "out", "cache")
 
 
 # ----------------------------------------------------------------------------- training math (pure)
@@ -715,6 +721,8 @@ def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
 
 def save_checkpoint(out: Path, step: int, config: TrainConfig, states: dict[int, LayerState],
                     name: str = CHECKPOINT_FILE) -> None:
+    """Replace ``out/name`` atomically; a failed write (full disk, read-only folder) removes its temporary
+    file, keeps the previous checkpoint and raises one line naming the file and the cause."""
     payload = {
         "step": step,
         "config": to_json_dict(config),
@@ -724,29 +732,36 @@ def save_checkpoint(out: Path, step: int, config: TrainConfig, states: dict[int,
                    for layer, s in states.items()},
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = out / (name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out / name)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            recording = outputs.RecordingFile(handle)
+            try:
+                torch.save(payload, recording)
+            except RuntimeError as exc:  # torch reports a full disk as "unexpected pos ..."
+                if recording.error is None:
+                    raise
+                raise recording.error from exc
+
+    outputs.atomic_write(out / name, write)
 
 
-def load_checkpoint(out: Path, config: TrainConfig, states: dict[int, LayerState],
+def load_checkpoint(out: Path, config: TrainConfig, states: dict[int, LayerState], d_model: int,
                     name: str = CHECKPOINT_FILE) -> int:
+    """Restore ``states`` from ``out/name``; the step it was saved at."""
     path = out / name
-    if not path.is_file():
-        raise fail(f"--resume: {out} holds no {name} to continue from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config = payload["config"]
+        saved_layers = payload["layers"]
     except Exception as exc:  # a truncated or foreign file
-        raise fail(f"cannot read checkpoint {path}: {exc}") from None
-    saved = from_json_dict(TrainConfig, payload["config"])
-    for name, value in to_json_dict(config).items():
-        if name not in RESUME_FREE_FIELDS and getattr(saved, name) != value:
-            raise fail(f"--resume: --{name.replace('_', '-')} is {value!r} but the checkpointed run used "
-                       f"{getattr(saved, name)!r}")
-    if sorted(payload["layers"]) != sorted(states):
-        raise fail(f"--resume: the checkpoint holds layers {sorted(payload['layers'])}, not {sorted(states)}")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise fail(f"cannot read checkpoint {path}: {reason}; start again with --force") from None
+    check_same_run(saved_config, config, d_model, f"the checkpointed run")
+    if sorted(saved_layers) != sorted(states):
+        raise fail(f"--resume: the checkpoint holds layers {sorted(saved_layers)}, not {sorted(states)}")
     for layer, state in states.items():
-        saved_layer = payload["layers"][layer]
+        saved_layer = saved_layers[layer]
         state.transcoder.load_state_dict(saved_layer["transcoder"])
         state.optimizer.load_state_dict(saved_layer["optimizer"])
         device = state.steps_since_fired.device
@@ -757,22 +772,42 @@ def load_checkpoint(out: Path, config: TrainConfig, states: dict[int, LayerState
     return int(payload["step"])
 
 
+def check_same_run(saved: dict, config: TrainConfig, d_model: int, what: str) -> None:
+    """Refuse to continue a run whose options would change the result. Compared by meaning: the layer
+    lists are compared once resolved (by the caller), and --features / --expansion by the width they give."""
+    saved_config = from_json_dict(TrainConfig, saved)
+    for name, value in to_json_dict(config).items():
+        if name in RESUME_FREE_FIELDS or name in ("layers", "expansion", "features"):
+            continue
+        if getattr(saved_config, name) != value:
+            raise fail(f"--resume: --{name.replace('_', '-')} is {value!r} but {what} used "
+                       f"{getattr(saved_config, name)!r}")
+    if saved_config.n_features(d_model) != config.n_features(d_model):
+        raise fail(f"--resume: this run would have {config.n_features(d_model)} features per layer but {what} "
+                   f"has {saved_config.n_features(d_model)}")
+
+
 class Reporter:
-    """Metric lines on stderr (when it is a terminal and not --quiet) and in the JSONL log."""
+    """Metric lines in the JSONL log, and on a terminal (not --quiet) a progress bar with them above it."""
 
-    def __init__(self, out: Path, quiet: bool, total_steps: int):
-        self.log = open(out / LOG_FILE, "a")
+    def __init__(self, out: Path, quiet: bool, total_steps: int, start_step: int = 0):
+        try:
+            self.log = open(out / LOG_FILE, "a")
+        except OSError as exc:
+            raise outputs.write_error(out / LOG_FILE, exc) from None
         self.total_steps = total_steps
-        self.console = None
-        if not quiet and sys.stderr.isatty():
-            from rich.console import Console
-
-            self.console = Console(stderr=True, highlight=False)
+        self._bar = progress.bar(quiet, "steps")
+        self.update = self._bar.__enter__()
+        self.console = progress.stderr_console() if self.update is not progress.no_progress else None
+        self.update("training", start_step, total_steps)
         self.started = time.time()
 
     def record(self, entry: dict) -> None:
-        self.log.write(json.dumps(entry) + "\n")
-        self.log.flush()
+        try:
+            self.log.write(json.dumps(entry) + "\n")
+            self.log.flush()
+        except OSError as exc:
+            raise outputs.write_error(Path(self.log.name), exc) from None
         if self.console is not None:
             m = entry
             self.console.print(
@@ -780,19 +815,91 @@ class Reporter:
                 f"mse {m['mse']:.4g} L1 {m['l1']:.3g} L0 {m['l0']:.1f} FVU {m['fvu']:.4f} "
                 f"dead {m['dead_fraction']:.3f} ({time.time() - self.started:.0f}s)")
 
+    def step(self, step: int) -> None:
+        self.update("training", step, self.total_steps)
+
     def close(self) -> None:
-        self.log.close()
+        self._bar.__exit__(None, None, None)
+        with contextlib.suppress(OSError):
+            self.log.close()
 
 
-def prepare_out(out: Path, resume: bool) -> None:
+def run_files(out: Path) -> list[Path]:
+    """The files and folders tc train writes in ``out`` (what --force replaces; nothing else is touched)."""
+    found = [out / name for name in (CONFIG_FILE, LOG_FILE) if (out / name).exists()]
+    found += sorted(p for p in out.glob("checkpoint*.tcstate*"))
+    found += sorted(p for p in out.glob(f"{CONFIG_FILE}.*{outputs.TEMP_SUFFIX}"))
+    found += sorted(p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"layer_\d+", p.name))
+    return found
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove a previous run's files from ``out`` (its transcoder folders only when they hold nothing else)."""
+    try:
+        for path in run_files(out):
+            if path.is_dir():
+                for inner in path.iterdir():
+                    if inner.name in ("config.json", "transcoder.safetensors") or inner.name.endswith(
+                            outputs.TEMP_SUFFIX):
+                        inner.unlink()
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink()
+    except OSError as exc:
+        raise outputs.write_error(getattr(exc, "filename", None) or out, exc) from None
+
+
+def prepare_out(out: Path, resume: bool, force: bool = False, log: Any = lambda message: None) -> bool:
+    """Make ``out`` ready (the caller holds its lock); True when a started run is there to continue.
+
+    A run is resumable from any moment: ``train_config.json`` is written before anything else, so a run
+    killed before its first checkpoint continues from step 0; --resume where nothing was started yet
+    simply starts.
+    """
+    entries = [p for p in out.iterdir()]
+    started = (out / CONFIG_FILE).is_file() or any(out.glob("checkpoint*.tcstate"))
     if resume:
-        if not out.is_dir():
-            raise fail(f"--resume: {out} does not exist")
+        if started:
+            return True
+        if not entries:
+            log(f"nothing to resume in {out} yet; starting the run")
+            return False
+        raise fail(f"--resume: {out} holds no tc train run (no {CONFIG_FILE}); choose another folder, or "
+                   "--force to start a run there")
+    if force:
+        remove_run_files(out)
+        return False
+    if entries:
+        raise fail(f"--out {out} already exists and is not empty; pass --resume to continue the run there, "
+                   "--force to start it again, or choose another folder")
+    return False
+
+
+def make_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} is a file; tc train writes a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise outputs.write_error(out, exc) from None
+
+
+def trim_log(out: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (the point a resumed run continues from), so every step is
+    logged once."""
+    path = out / LOG_FILE
+    if not path.is_file():
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise fail(f"--out {out} already exists and is not empty; pass --resume to continue the run there "
-                   f"or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry_step = int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            continue  # a line cut short by a kill
+        if entry_step <= step:
+            kept.append(line)
+    outputs.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
@@ -802,11 +909,37 @@ def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
     ``config.cache`` is opened. Under torchrun the ranks train together (see ``tccli.distributed``).
     """
     config.validate()
-    with distributed.session(config.dist_timeout, config.device, config.distribute_layers) as dist:
-        return _train(config, cache, dist)
+    with distributed.session(config.dist_timeout, config.device, config.distribute_layers) as dist, \
+            contextlib.ExitStack() as held:  # holds the lock on --out for the whole run
+        return _train(config, cache, dist, held)
 
 
-def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> dict[int, Transcoder]:
+def _log(config: TrainConfig) -> Any:
+    if config.quiet:
+        return lambda message: None
+    return lambda message: print(f"tc train: {message}", file=sys.stderr)
+
+
+def _open_out(config: TrainConfig, cache: Any, layers: list[int], held: contextlib.ExitStack) -> bool:
+    """Rank 0: create and lock --out (``held`` keeps the lock), check what it holds, write the run's config
+    first of all (so the run is resumable from here on); whether a started run is continued."""
+    out = Path(config.out)
+    make_out_folder(out)
+    held.enter_context(outputs.locked(out))
+    continuing = prepare_out(out, config.resume, config.force, _log(config))
+    if continuing and (out / CONFIG_FILE).is_file():
+        saved = _read_run_config(out / CONFIG_FILE)
+        check_same_run(saved, config, int(cache.d_model), "the run in --out")
+        saved_layers = check_cache(cache, config.cache, saved.get("layers", "all"))
+        if saved_layers != layers:
+            raise fail(f"--resume: --layers gives {layers} but the run in --out trains {saved_layers}")
+    if not continuing:
+        outputs.atomic_write_text(out / CONFIG_FILE, json.dumps(to_json_dict(config), indent=2))
+    return continuing
+
+
+def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed,
+           held: contextlib.ExitStack) -> dict[int, Transcoder]:
     from tccli.models import resolve_device
 
     device = resolve_device(config.device)
@@ -820,7 +953,7 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
                                    config.seed)
         distributed.check_batch_split(config.batch_size, dist)
         mine = distributed.own_layers(layers, dist)
-        dist.from_main(lambda: prepare_out(out, config.resume))
+        continuing = dist.from_main(lambda: _open_out(config, cache, layers, held))
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         stats = data_stats(cache, mine, config.kind)
@@ -833,12 +966,17 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
                 init_transcoder(tc_configs[layer], torch.zeros(tc_configs[layer].d_in),
                                 torch.zeros(tc_configs[layer].d_out), generator)
         checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
-        start_step = load_checkpoint(out, config, states, checkpoint) if config.resume else 0
-        if not config.resume and dist.is_main:
-            (out / CONFIG_FILE).write_text(json.dumps(to_json_dict(config), indent=2))
+        start_step = 0
+        if continuing and (out / checkpoint).is_file():
+            start_step = load_checkpoint(out, config, states, int(cache.d_model), checkpoint)
+        elif continuing:
+            _log(config)(f"{out} holds no checkpoint yet; continuing the run from step 0")
+        if continuing and dist.world == 1:
+            trim_log(out, start_step)
         d_model = int(cache.d_model)
         with torch_threads(step_threads(config.threads, d_model * config.n_features(d_model) * config.batch_size)):
-            run_steps(config, cache, mine, schedule, states, start_step, out, device, dist)
+            run_steps(config, cache, mine, schedule, states, start_step, out, device, dist,
+                      saved_step=start_step if start_step else None)
     finally:
         if owns_cache:
             cache.close()
@@ -851,6 +989,16 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed) -> di
             save_transcoder(state.transcoder.to("cpu"), out / layer_folder_name(layer))
     dist.barrier()  # every rank's layers are saved before rank 0 reports the run done
     return {layer: state.transcoder for layer, state in states.items()}
+
+
+def _read_run_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot read {path}: {exc}; start again with --force") from None
+    if not isinstance(saved, dict):
+        raise fail(f"{path} is not a tc train config; start again with --force")
+    return saved
 
 
 def step_threads(requested: int, multiply_adds: int) -> int:
@@ -874,40 +1022,65 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: ShuffleSchedule,
               states: dict[int, LayerState], start_step: int, out: Path, device: torch.device,
-              dist: distributed.Distributed = distributed.SINGLE_PROCESS) -> None:
+              dist: distributed.Distributed = distributed.SINGLE_PROCESS, saved_step: Optional[int] = None) -> None:
+    """Train from ``start_step`` to the end, checkpointing on the way (``saved_step``: the step of the
+    checkpoint already in ``out``, if any). Ctrl-C / SIGTERM stop it between two steps with a checkpoint
+    of the step reached; a non-finite loss stops it saying which checkpoint, if any, is left."""
     total = config.total_steps
     frequency_from = total - max(1, total // 10)  # feature frequencies over the last tenth of training
-    reporter = Reporter(out, config.quiet, total) if dist.writes_run_files else distributed.SilentReporter()
+    reporter = (Reporter(out, config.quiet or not dist.is_main, total, start_step) if dist.writes_run_files
+                else distributed.SilentReporter())
     checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
     batch_size = config.batch_size // dist.data_world  # this rank's share of every batch
     base_lr = config.learning_rate_for(next(iter(states.values())).transcoder.config.n_features) if states else 0.0
     loader = WindowLoader(cache, layers, config.kind, cache.context, device, share=lambda order, window:
                           distributed.batch_share(order, window.n_steps, config.batch_size, dist))
     step = start_step
+
+    def checkpoint_now() -> None:
+        nonlocal saved_step
+        if dist.writes_run_files:
+            save_checkpoint(out, step, config, states, checkpoint)
+        saved_step = step
+
     try:
-        for window, data in loader.stream(schedule.windows(start_step)):
-            for batch_index in range(step - window.first_step, window.n_steps):
+        with interrupts.deferred():
+            for window, data in loader.stream(schedule.windows(start_step)):
+                for batch_index in range(step - window.first_step, window.n_steps):
+                    if step >= total:
+                        break
+                    lr = learning_rate(step, total, base_lr, config.warmup_steps, config.decay_fraction)
+                    rows = slice(batch_index * batch_size, (batch_index + 1) * batch_size)
+                    for layer, state in states.items():
+                        x, y = data[layer][0][rows], data[layer][1][rows]
+                        metrics = train_one_step(state, x, y, config, step, lr, layer, step >= frequency_from, dist)
+                        if (step + 1) % config.log_every == 0 or step + 1 == total:
+                            reporter.record(dict(step=step + 1, layer=layer, lr=lr, **metrics()))
+                    step += 1
+                    reporter.step(step)
+                    dist.step_done()
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                        checkpoint_now()
+                    if dist.any(interrupts.pending() is not None) and step < total:
+                        if saved_step != step:
+                            checkpoint_now()
+                        raise interrupts.take(f"stopped at step {step} of {total} with a checkpoint; resume "
+                                              "with --resume")
                 if step >= total:
                     break
-                lr = learning_rate(step, total, base_lr, config.warmup_steps, config.decay_fraction)
-                rows = slice(batch_index * batch_size, (batch_index + 1) * batch_size)
-                for layer, state in states.items():
-                    x, y = data[layer][0][rows], data[layer][1][rows]
-                    metrics = train_one_step(state, x, y, config, step, lr, layer, step >= frequency_from, dist)
-                    if (step + 1) % config.log_every == 0 or step + 1 == total:
-                        reporter.record(dict(step=step + 1, layer=layer, lr=lr, **metrics()))
-                step += 1
-                dist.step_done()
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                    if dist.writes_run_files:
-                        save_checkpoint(out, step, config, states, checkpoint)
-            if step >= total:
-                break
+    except NonFiniteLoss as exc:
+        kept = (f"its last checkpoint (step {saved_step}) is kept in {out}" if saved_step is not None
+                else "no checkpoint had been written")
+        raise fail(f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
+                   f"again with a lower --lr (--force reuses {out})") from None
     finally:
         loader.close()
         reporter.close()
-    if dist.writes_run_files:
-        save_checkpoint(out, step, config, states, checkpoint)
+    checkpoint_now()
+
+
+class NonFiniteLoss(TcError):
+    """The loss became NaN or infinite (run_steps says which checkpoint is left)."""
 
 
 def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, step: int,
@@ -919,8 +1092,7 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
     dead = state.steps_since_fired >= config.dead_window
     result = transcoder_loss(transcoder, x, y, dead, config, step, state.scales)
     if not bool(torch.isfinite(result.loss)):
-        raise fail(f"the loss became {float(result.loss)} at step {step + 1} (layer {layer}); stopped, the last "
-                   f"good checkpoint is kept in {config.out}. Try a lower --lr.")
+        raise NonFiniteLoss(f"the loss became {float(result.loss.detach())} at step {step + 1} (layer {layer})")
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)

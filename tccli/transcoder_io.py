@@ -9,7 +9,6 @@ written by tc). Other formats, and reading any of them as a set, are in tccli.fo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tccli.errors import fail
+from tccli.outputs import atomic_write, write_error
 from tccli.transcoder import INPUT_SPACES, OUTPUT_SPACES, Transcoder, TranscoderConfig
 
 WEIGHTS_FILE = "transcoder.safetensors"
@@ -37,7 +37,10 @@ def layer_folder_name(layer: int) -> str:
 def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
     """Write a transcoder folder atomically enough that a crash never leaves half a config."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
     tensors = {name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
                for name in transcoder.tensor_names()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -46,10 +49,6 @@ def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
     return folder
 
 
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def is_transcoder_folder(path: Path) -> bool:
@@ -128,3 +127,7 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
                    f"not this {info.architecture}")
     if cfg.weight_processing and cfg.weight_processing != info.weight_processing:
         raise fail(f"{where} was trained under other weight processing: {cfg.weight_processing}")
+    from tccli.models import known_different_models
+
+    if known_different_models(cfg.model_name, info.name):
+        raise fail(f"{where} was trained on the model {cfg.model_name}, not on {info.name}")

@@ -146,7 +146,7 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-def run_tc(*args: str, input: str | None = None, env: dict | None = None):
+def run_tc(*args: str, input: str | None = None, env: dict | None = None, cwd: Path | None = None):
     """Run `tc` in a subprocess (the real console script path, so exit codes and streams are real)."""
     import subprocess
     import sys
@@ -154,7 +154,58 @@ def run_tc(*args: str, input: str | None = None, env: dict | None = None):
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("TC_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "tccli", *args], input=input, capture_output=True,
-                          text=True, env=full_env, timeout=600)
+                          text=True, env=full_env, timeout=600, cwd=cwd)
+
+
+def run_tc_in_terminal(*args: str, cwd: Path | None = None, timeout: float = 600, columns: int = 80,
+                       program: tuple[str, ...] | None = None) -> tuple[int, str]:
+    """Run `tc ARGS` (or ``program``) with stdin, stdout and stderr on a pseudo-terminal of ``columns`` x 24,
+    as in an interactive shell; (exit code, everything it wrote to the terminal, ANSI codes removed)."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(columns), OMP_NUM_THREADS="1")
+    env.pop("TC_DEBUG", None)
+    for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(name, None)
+    command = list(program) if program else [sys.executable, "-m", "tccli", *args]
+    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    chunks = []
+    deadline = time.time() + timeout
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+        if time.time() > deadline:
+            proc.kill()
+            break
+    os.close(master)
+    code = proc.wait(timeout=60)
+    text = b"".join(chunks).decode("utf-8", errors="replace")
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r", "", text)
+
+
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory):
+    """A cache, transcoders, an SAE, a features file, a graph and another model, made once per session by
+    real `tc` runs (tests/battery.py); tests read them and never write them."""
+    import battery
+
+    return battery.build_artefacts(tmp_path_factory.mktemp("battery") / "shared")
 
 
 # Where each verified architecture keeps the norm in front of the MLP and the MLP, written out by hand

@@ -137,6 +137,30 @@ def test_plan_commits_on_batch_boundaries_and_chunks_divide_batches():
     assert plan.expected_bytes == 1000 * (128 * 768 * 2 * 2 * 3 + 128 * 12)
 
 
+@pytest.mark.parametrize("n_rows, context, d_model, layers, dtype, batch_size", [
+    (10, 64, 128, [0, 1], "float16", 32),  # one chunk, mostly padding and attributes
+    (1563, 64, 128, [0, 1, 2, 3], "float16", 32),  # the built-in model's 100k-token demo cache
+    (7, 128, 768, [0], "float32", 5),
+    (3000, 16, 32, [0, 1], "bfloat16", 2),  # thousands of chunks: the index is what counts
+    (100, 128, 64, list(range(12)), "float16", 32),  # the last chunk mostly past the data
+])
+def test_disk_estimate_bounds_the_real_file_tightly(tmp_path, n_rows, context, d_model, layers, dtype, batch_size):
+    from tccli.cache import attribute_bytes, create_file
+
+    config = CacheConfig(model="x", data=["d"], context=context, batch_size=batch_size, dtype=dtype)
+    plan = make_plan(config, layers, n_rows=n_rows, d_model=d_model)
+    attrs = {"model_info": json.dumps({"layers": ["blocks.0.ln2.hook_normalized"] * 300}), "complete": False,
+             "layers": np.array(layers), "tokens_written": 0}
+    path = tmp_path / "acts.h5"
+    create_file(path, plan, attrs, np.zeros((n_rows, context), np.int32), np.zeros((n_rows, context), np.int64), "none")
+    with h5py.File(path, "r+") as f:  # what a finished run writes on top
+        f.attrs["complete"] = True
+        f.attrs["tokens_written"] = plan.n_tokens
+    real = path.stat().st_size
+    estimate = plan.file_bytes(attribute_bytes(attrs))
+    assert real <= estimate <= 1.05 * real + 128 * 1024, (real, estimate)
+
+
 def test_only_layers_up_to_the_last_requested_run(tiny_model_dirs, text_file, tmp_path, monkeypatch):
     import tccli.models as models
 
@@ -349,3 +373,20 @@ def test_reader_rejects_missing_foreign_and_corrupt_files(tmp_path):
         f.attrs["format"] = "something-else"
     with pytest.raises(TcError, match="not a tc activation cache"):
         ActivationCache.open(foreign)
+
+
+def test_resume_compares_what_the_arguments_mean(artefacts):
+    """The shared cache was made with no --model, --layers 0-1 and an absolute --data path; the same run
+    spelt `--model builtin` or the built-in folder, `--layers 0,1`, and a relative path is the same run."""
+    from tccli.models import BUILTIN_MODEL_DIR
+
+    before = file_content(artefacts.cache)
+    for model in ("builtin", str(BUILTIN_MODEL_DIR)):
+        result = run_tc("cache", "--model", model, "--data", artefacts.text.name, "--tokens", "4000", "--context", "64",
+                        "--layers", "0,1", "--batch-size", "2", "--device", "cpu", "--out", str(artefacts.cache),
+                        "--resume", cwd=artefacts.root)
+        assert result.returncode == 0 and "is already complete" in result.stderr, result.stderr
+    result = run_tc("cache", "--data", artefacts.text.name, "--tokens", "4k", "--context", "64", "--layers", "0",
+                    "--batch-size", "2", "--device", "cpu", "--out", str(artefacts.cache), "--resume", cwd=artefacts.root)
+    assert result.returncode == 2 and "layers: [0, 1] then, [0] now" in result.stderr, result.stderr
+    assert file_content(artefacts.cache) == before

@@ -78,14 +78,3 @@ def test_every_command_is_in_the_help_tests():
 
     assert {command.name for command in app.registered_commands} == set(COMMANDS)
 
-
-def test_token_progress_draws_on_a_terminal_before_its_first_update(monkeypatch):
-    """The bar renders while total is still unknown (it formatted None and crashed every terminal run)."""
-    from tccli import cli
-
-    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats stderr as a terminal
-    monkeypatch.setattr(cli, "stderr_console", lambda: __import__("rich.console").console.Console(
-        stderr=True, force_terminal=True))
-    with cli.token_progress(False, "caching") as update:
-        assert update is not None
-        update(1, 2)

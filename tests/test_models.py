@@ -154,19 +154,29 @@ def test_release_bridge_keeps_one_copy(tiny_model_dirs):
     assert loaded.bridge is None and capture.capture(_random_tokens(loaded.info))[1]["mlp_out"].shape[-1] == 32
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
-def test_native_capture_equals_bridge_on_gemma2_and_qwen3(modern_model_dirs, arch):
-    """Gemma-2's MLP output is taken after its post-MLP norm (what enters the residual), as the bridge's.
-    HuggingFace runs Gemma-2 with eager attention (its soft-capping), Qwen3 with SDPA."""
-    _native_equals_bridge_up_to_rounding(modern_model_dirs[arch], "eager" if arch == "gemma2" else "sdpa")
+def test_model_identity_compares_meaning_not_spelling(tmp_path, monkeypatch):
+    from tccli.models import BUILTIN_MODEL_DIR, known_different_models, model_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "n").mkdir()
+    assert model_identity(None) == model_identity("builtin") == model_identity(str(BUILTIN_MODEL_DIR)) == "builtin"
+    assert model_identity("/old/install/site-packages/tccli/builtin/model") == "builtin"  # an older tc's record
+    assert model_identity("./m") == model_identity(str(tmp_path / "m")) == str((tmp_path / "m").resolve())
+    assert model_identity("gpt2") == "gpt2"
+    assert known_different_models(str(tmp_path / "m"), str(tmp_path / "n"))
+    assert known_different_models("builtin", str(tmp_path / "n"))
+    assert not known_different_models("./m", str(tmp_path / "m"))
+    assert not known_different_models(str(tmp_path / "moved-away"), str(tmp_path / "n"))  # cannot tell
+    assert not known_different_models("gpt2-small", "gpt2")  # hub aliases are not judged
+    assert not known_different_models(None, "gpt2")
 
 
-@pytest.mark.parametrize("space", ["mlp_input", "resid_mid"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
-def test_native_capture_in_other_input_spaces(all_model_dirs, arch, space):
-    loaded = load_model(str(all_model_dirs[arch]), device="cpu")
-    native = MlpCapture(loaded, [1], "native", input_spaces={1: space})
-    bridge = MlpCapture(loaded, [1], "bridge", input_spaces={1: space})
-    tokens = _random_tokens(loaded.info)
-    a, b = native.capture(tokens)[1]["mlp_in"], bridge.capture(tokens)[1]["mlp_in"]
-    assert (a - b).abs().max() <= 2e-6 * b.abs().max()
+def test_context_longer_than_the_model_is_refused():
+    from types import SimpleNamespace
+
+    from tccli.models import check_context
+
+    check_context(256, SimpleNamespace(n_ctx=256))
+    with pytest.raises(TcError, match="--context 257 is longer than the model's maximum context of 256 tokens"):
+        check_context(257, SimpleNamespace(n_ctx=256))

@@ -148,20 +148,51 @@ def convert(source: str | Path, destination: str | Path, fmt: str) -> list[Path]
     (sparsify: ``layers.L.mlp``; circuit-tracer: config.yaml + layer_L.safetensors). Refuses to write into
     an existing non-empty folder, and checks the whole set can be written before writing any of it.
     """
+    import os
+    import shutil
+
+    from tccli import outputs
+
     if fmt not in WRITE_FORMATS:
         raise fail(f"unknown output format {fmt!r}: use {', '.join(WRITE_FORMATS)}")
-    destination = Path(destination)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise fail(f"{destination} already exists and is not an empty folder")
+    destination = Path(destination).expanduser()
+    outputs.check_not_input(destination, [source])
+
+    def refuse_existing() -> None:
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise fail(f"{destination} already exists and is not an empty folder; choose another --out")
+
+    refuse_existing()
     local = resolve(source)
     transcoders = load_transcoder_set(local)
-    if fmt == "circuit-tracer":
-        return circuit_tracer.write_set(transcoders, destination)
-    single = single_transcoder_path(local) and len(transcoders) == 1
-    targets = {layer: destination if single else destination / _member_name(fmt, layer) for layer in transcoders}
-    for layer, folder in targets.items():  # every layer must be expressible before anything is written
-        WRITERS[fmt][0](transcoders[layer], f"writing {folder} as {fmt}")
-    return [write_transcoder(transcoders[layer], folder, fmt) for layer, folder in targets.items()]
+    single = fmt != "circuit-tracer" and single_transcoder_path(local) and len(transcoders) == 1
+    members = {layer: Path() if single else Path(_member_name(fmt, layer)) for layer in transcoders}
+    if fmt != "circuit-tracer":
+        for layer, member in members.items():  # every layer must be expressible before anything is written
+            WRITERS[fmt][0](transcoders[layer], f"writing {destination / member} as {fmt}")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise outputs.write_error(destination, exc) from None
+    # Everything is written into a staging folder that becomes the destination in one rename, so a failure
+    # (a full disk, Ctrl-C) leaves no half-converted set behind.
+    staging = outputs.temp_path(destination)
+    with outputs.locked(destination):
+        refuse_existing()
+        try:
+            if fmt == "circuit-tracer":
+                written = circuit_tracer.write_set(transcoders, staging)
+            else:
+                written = [write_transcoder(transcoders[layer], staging / member, fmt)
+                           for layer, member in members.items()]
+            if destination.is_dir():
+                destination.rmdir()  # empty: checked above
+            os.replace(staging, destination)
+        except OSError as exc:
+            raise outputs.write_error(destination, exc) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [destination / Path(path).relative_to(staging) for path in written]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from tccli.errors import fail
+from tccli.outputs import atomic_write
 from tccli.transcoder import Transcoder, TranscoderConfig
 
 # TransformerLens-style hook names (without the "blocks.L." prefix) and the spaces they are (tccli.spaces).
@@ -90,21 +91,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from tccli.transcoder_io import atomic_write
-
     plain = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(plain, str(tmp)))
 
 
 def write_text(path: Path, text: str) -> None:
-    from tccli.transcoder_io import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    from tccli.transcoder_io import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 

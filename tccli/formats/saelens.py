@@ -69,6 +69,14 @@ def _activation(name: str, k: Any, where: str) -> tuple[str, Optional[int]]:
     raise fail(f"{where}: activation {name!r} is not supported by tc (relu and topk are)")
 
 
+def _size(config: dict, key: str, default: Any, where: str) -> int:
+    """A positive integer field of a foreign config (one line naming it otherwise)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def read(folder: str | Path) -> Transcoder:
     """A SAELens folder (SAE or transcoder) as a tc Transcoder."""
     folder = Path(folder)
@@ -101,9 +109,9 @@ def read(folder: str | Path) -> Transcoder:
 
     hook_in = merged.get("hook_name", merged.get("hook_point"))
     hook_out = merged.get("hook_name_out", merged.get("out_hook_point")) if is_transcoder else hook_in
-    d_in = int(merged.get("d_in", tensors["W_enc"].shape[0] if "W_enc" in tensors else 0))
-    d_out = int(merged.get("d_out", d_in)) if is_transcoder else d_in
-    n_features = int(merged.get("d_sae", tensors["W_enc"].shape[1] if "W_enc" in tensors else 0))
+    d_in = _size(merged, "d_in", tensors["W_enc"].shape[0] if "W_enc" in tensors else 0, where)
+    d_out = _size(merged, "d_out", d_in, where) if is_transcoder else d_in
+    n_features = _size(merged, "d_sae", tensors["W_enc"].shape[1] if "W_enc" in tensors else 0, where)
     layer = merged.get("hook_layer", merged.get("hook_point_layer"))
     layer = int(layer) if isinstance(layer, int) and not isinstance(layer, bool) else layer_of_hook(hook_in)
 
@@ -113,6 +121,7 @@ def read(folder: str | Path) -> Transcoder:
             config = TranscoderConfig(**tc_config)
         except TypeError as exc:
             raise fail(f"{where}: its tc_config is not a tc transcoder config: {exc}") from None
+        config.validate(f"{folder / CONFIG} (tc_config)")
     else:
         input_space, output_space = _spaces(merged, hook_in, hook_out, is_transcoder, where)
         config = TranscoderConfig(

@@ -1,0 +1,259 @@
+"""Writing outputs safely: refuse what exists, never write over an input, one writer at a time, no debris.
+
+Every command that writes a file or folder goes through these helpers:
+
+- ``check_new(path, force)``: an existing output is refused unless ``--force`` is given.
+- ``check_not_input(out, inputs)``: an output that is one of the command's inputs (the same file under
+  another spelling, a folder holding it, or a file inside an input folder) is refused, ``--force`` or not.
+- ``locked(path)``: an exclusive ``flock`` for the whole run, so a second run writing the same output
+  stops at once with one line (exit 2) instead of both "succeeding" or both leaving debris. A file
+  output is locked through ``PATH.lock`` (removed when the run ends); a folder output through the
+  folder itself.
+- ``atomic_write(path, write)``: the bytes go to a temporary name beside ``path``, are fsynced and renamed
+  over it; on any failure (full disk, read-only folder, Ctrl-C) the temporary file is removed, whatever
+  ``path`` held before is untouched, and the error is one line naming the path and the cause.
+- ``write_error(path, exc)``: that one line for an OSError (or the opaque errors h5py and torch.save wrap
+  around one).
+
+No math and no knowledge of file formats here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from tccli.errors import TcError, fail
+
+LOCK_SUFFIX = ".lock"
+TEMP_SUFFIX = ".tmp"
+
+
+# ============================================================================ messages
+
+
+def os_cause(exc: BaseException) -> str:
+    """The human cause inside an OSError, or inside the longer texts h5py and torch wrap around one."""
+    if isinstance(exc, OSError) and exc.errno:
+        text = str(exc)
+        match = re.search(r"error message = '([^']+)'", text)  # h5py: "... errno = 28, error message = '...'"
+        return match.group(1) if match else os.strerror(exc.errno)
+    text = str(exc)
+    match = re.search(r"error message = '([^']+)'|strerror: ([^\n]+)", text)
+    if match:
+        return (match.group(1) or match.group(2)).strip()
+    code = os_errno(exc)
+    if code:
+        return os.strerror(code)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
+def os_errno(exc: BaseException) -> Optional[int]:
+    """The errno of an OSError, or of one a library reported inside its own exception (safetensors says
+    "I/O error: No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+def write_error(path: Path | str, exc: BaseException) -> TcError:
+    """One line for a failed write of ``path``: what, where and why (disk full, read-only, ...)."""
+    cause = os_cause(exc)
+    code = os_errno(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in cause:
+        cause += " (the disk is full)"
+    return fail(f"cannot write {path}: {cause}")
+
+
+# ============================================================================ refusing outputs
+
+
+def check_new(path: Path | str, force: bool, what: str = "") -> None:
+    """Refuse an existing ``path`` unless ``force``."""
+    path = Path(path)
+    if not force and (path.exists() or path.is_symlink()):
+        label = f"{what} {path}" if what else str(path)
+        raise fail(f"{label.strip()} already exists; pass --force to replace it")
+
+
+def _resolved(path: Path | str) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_not_input(out: Path | str, inputs: Iterable[Optional[Path | str]]) -> None:
+    """Refuse writing ``out`` where it would destroy an input: the same file, a folder that holds an input,
+    or a path inside an input folder (spellings, symlinks and hard links all resolved)."""
+    target = _resolved(out)
+    for item in inputs:
+        if item is None or str(item) in ("", "-"):
+            continue
+        source = _resolved(item)
+        same = target == source
+        if not same and target.exists() and source.exists():
+            try:
+                same = os.path.samefile(target, source)
+            except OSError:
+                same = False
+        if same or source.is_relative_to(target) or target.is_relative_to(source):
+            raise fail(f"the output {out} would overwrite the input {item}; write somewhere else")
+
+
+@contextlib.contextmanager
+def claim(out: Optional[Path | str], force: bool, inputs: Iterable[Optional[Path | str]] = ()) -> Iterator[None]:
+    """Everything a command checks before writing the file ``out``, held for its whole run: the folder
+    exists, ``out`` is not an input and not a folder, the lock is ours, and ``out`` is new unless ``force``.
+    A no-op when ``out`` is None (the command writes to stdout)."""
+    if not out:
+        yield
+        return
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise fail(f"{out} is a folder; name a file to write")
+    if not path.parent.is_dir():
+        raise fail(f"cannot write {out}: folder {path.parent} does not exist")
+    check_not_input(path, inputs)
+    with locked(path):
+        check_new(path, force)
+        yield
+
+
+# ============================================================================ locks
+
+
+@contextlib.contextmanager
+def locked(path: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock on output ``path`` (a file, or an existing folder) for the block's duration."""
+    path = Path(path)
+    if path.is_dir():
+        with _locked_folder(path):
+            yield
+        return
+    lock_path = path.with_name(path.name + LOCK_SUFFIX)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise fail(f"{path} is being written by another tc process (it holds {lock_path.name}); "
+                       "wait for it to finish or write elsewhere") from None
+        # A run that finishes unlinks its lock file; make sure the file locked is the one still there.
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked_folder(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise fail(f"{folder} is being written by another tc process; wait for it to finish or write "
+                       "elsewhere") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# ============================================================================ atomic writes
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside ``path``, unique to this process."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+class RecordingFile:
+    """A binary file wrapper that remembers the OSError of a failed write: torch.save reports a full disk
+    only as "unexpected pos 576 vs 534", so the real cause is kept here to be named."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it over ``path``.
+
+    Any failure removes the temporary file and leaves ``path`` as it was; an OSError (or an opaque
+    library error wrapping one) becomes one ``TcError`` line naming ``path`` and the cause.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except TcError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    except Exception as exc:  # a library's own exception around an OSError (safetensors)
+        if os_errno(exc) is None:
+            raise
+        raise write_error(path, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
