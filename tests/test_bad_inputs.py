@@ -133,7 +133,7 @@ def graph_edit(edit):
 
 def _head_99(data: dict) -> None:
     data["nodes"].append({"id": "L0.H99@3", "kind": "head", "layer": 0, "head": 99, "position": 3,
-                          "token": "x", "contribution": 1e9})
+                          "token": "x", "path_contribution": 1e9})
 
 
 def _other_model(data: dict) -> None:
