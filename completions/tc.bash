@@ -15,7 +15,7 @@ _tc() {
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
         intervene) opts='--transcoders --prompt --model --device --model-dtype --ablation --features --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --mode --top --json --help' ;;
-        plot) opts='-o --out --metric --title --help' ;;
+        plot) opts='-o --out --metric --title --force --help' ;;
         score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
         show) opts='--html --features --limit --examples --model --force --help' ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --skip --no-skip --l1 --l0-coef --bandwidth --l1-warmup --normalize-mse --optimizer --lr --decoder-norm --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --threads --autocast --checkpoint-every --log-every --resume --force --quiet --dist-timeout --distribute-layers --help' ;;

@@ -167,6 +167,7 @@ complete -c tc -n '__fish_seen_subcommand_from plot' -F
 complete -c tc -n '__fish_seen_subcommand_from plot' -s o -l out -r -F -d 'Output image: .svg, .png or .pdf.'
 complete -c tc -n '__fish_seen_subcommand_from plot' -l metric -r -F -d 'pareto: the fidelity axis, recovered (CE loss recovered) or ce (spliced CE).'
 complete -c tc -n '__fish_seen_subcommand_from plot' -l title -r -F -d 'Title above the figure.'
+complete -c tc -n '__fish_seen_subcommand_from plot' -l force -d 'Replace --out if it exists (never one of the files plotted).'
 complete -c tc -n '__fish_seen_subcommand_from plot' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from score' -F
 complete -c tc -n '__fish_seen_subcommand_from score' -l transcoders -r -F -d 'Transcoder folder, or a folder of layer_L transcoder folders.'

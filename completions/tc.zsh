@@ -192,6 +192,7 @@ _tc() {
                     '*--out[Output image\: .svg, .png or .pdf.]:value:_files' \
                     '*--metric[pareto\: the fidelity axis, recovered (CE loss recovered) or ce (spliced CE).]:value:_files' \
                     '*--title[Title above the figure.]:value:_files' \
+                    '*--force[Replace --out if it exists (never one of the files plotted).]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 score) _arguments \

@@ -38,6 +38,7 @@ class PlotConfig:
     metric: str = option("recovered", "pareto: the fidelity axis, recovered (CE loss recovered) or ce "
                          "(spliced CE).")
     title: Optional[str] = option(None, "Title above the figure.")
+    force: bool = option(False, "Replace --out if it exists (never one of the files plotted).", save=False)
 
     def validate(self) -> None:
         if self.what not in WHATS:
@@ -146,15 +147,12 @@ def _pyplot():
 
 
 def _save(fig, out: str) -> Path:
+    from tccli import outputs
+
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"Date": None} if path.suffix.lower() in (".svg", ".pdf") else {}
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    try:
-        fig.savefig(tmp, metadata=metadata, bbox_inches="tight")
-    except OSError as exc:
-        raise fail(f"cannot write {out}: {exc}") from None
-    tmp.replace(path)
+    outputs.atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower()[1:], metadata=metadata,
+                                                       bbox_inches="tight"))
     return path
 
 
@@ -212,7 +210,15 @@ def plot_training(logs: list[tuple[str, list[dict], Optional[int]]], out: str, t
 
 
 def run_plot(config: PlotConfig) -> Path:
-    if config.what == "pareto":
-        return plot_pareto(read_pareto_points(config.inputs, config.metric), config.out, config.metric, config.title)
-    logs = [(path, *read_training_log(path)) for path in config.inputs]
-    return plot_training(logs, config.out, config.title)
+    from tccli import outputs
+
+    try:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise outputs.write_error(config.out, exc) from None
+    with outputs.claim(config.out, config.force, config.inputs):
+        if config.what == "pareto":
+            return plot_pareto(read_pareto_points(config.inputs, config.metric), config.out, config.metric,
+                               config.title)
+        logs = [(path, *read_training_log(path)) for path in config.inputs]
+        return plot_training(logs, config.out, config.title)

@@ -560,6 +560,37 @@ CASES["convert"] = [
 ]
 
 
+GRAPH = ("graph", T, "{tcs}", *PROMPT, *CPU)
+CASES["graph"] = [  # tc graph (issue 13): whoever extends the command extends this list
+    Case("two-targets", (*GRAPH, "--logit", "4", "--feature", "L0.F1"), "give at most one target"),
+    Case("missing-transcoders", ("graph", T, "{tmp}/none", *PROMPT, *CPU), "do not exist"),
+    Case("feature-no-transcoder", (*GRAPH, "--feature", "L3.F1"), "no transcoder for layer 3"),
+    Case("out-exists", (*GRAPH, "--out", "{file}"), "already exists", setup=existing_output("g.json")),
+    Case("out-inside-transcoders", ("graph", T, "{file}", *PROMPT, *CPU, "--out", "{file}/layer_0/g.json",
+                                    "--force"), "would overwrite the input",
+         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
+    Case("other-model", ("graph", T, "{other_tcs}", *PROMPT, *CPU), "was trained on the model"),
+    Case("out-read-only", (*GRAPH, "--out", "{mnt}/g.json", "--quiet"), "Read-only file system", sandbox="readonly"),
+]
+
+CASES["plot"] = [  # tc plot (issue 12)
+    Case("what-unknown", ("plot", "bars", "{text}", "-o", "{tmp}/p.svg"), "the first argument must be one of"),
+    Case("no-files", ("plot", "pareto", "-o", "{tmp}/p.svg"), "give at least one file"),
+    Case("out-suffix", ("plot", "training", "{file}", "-o", "{tmp}/p.txt"), "the suffix must be one of",
+         setup=lambda tmp, a: {"file": a.tcs / "train_log.jsonl"}),
+    Case("out-exists", ("plot", "training", "{log}", "-o", "{file}"), "already exists",
+         setup=lambda tmp, a: {**existing_output("p.svg")(tmp, a), "log": a.tcs / "train_log.jsonl"}),
+    Case("out-is-input", ("plot", "training", "{file}", "-o", "{file}", "--force"), "would overwrite the input",
+         setup=lambda tmp, a: {"file": shutil.copy(a.tcs / "train_log.jsonl", tmp / "log.svg")}),
+    Case("pareto-png", ("plot", "pareto", "{png}", "-o", "{tmp}/p.svg"), "cannot read"),
+    Case("training-png", ("plot", "training", "{png}", "-o", "{tmp}/p.svg"), "cannot read"),
+    Case("pareto-not-eval", ("plot", "pareto", "{graph}", "-o", "{tmp}/p.svg"), "is not the output of `tc eval"),
+    Case("out-read-only", ("plot", "training", "{log}", "-o", "{mnt}/p.svg"), "Read-only file system",
+         setup=lambda tmp, a: {"log": a.tcs / "train_log.jsonl"}, sandbox="readonly"),
+    Case("input-missing", ("plot", "training", "{tmp}/none.jsonl", "-o", "{tmp}/p.svg"), "does not exist"),
+]
+
+
 def _saelens_tc_config(tmp: Path, a, **changes) -> dict:
     folder = tmp / "bad_sae"
     shutil.copytree(a.saelens / "layer_0", folder)
