@@ -38,7 +38,7 @@ def test_pareto_svg_is_written_and_deterministic(tmp_path):
     first = run_plot(PlotConfig(what="pareto", inputs=files, out=str(tmp_path / "p.svg")))
     content = first.read_bytes()
     assert content.startswith(b"<?xml") and b"<svg" in content
-    second = run_plot(PlotConfig(what="pareto", inputs=files, out=str(tmp_path / "p.svg")))
+    second = run_plot(PlotConfig(what="pareto", inputs=files, out=str(tmp_path / "p.svg"), force=True))
     assert second.read_bytes() == content
     png = run_plot(PlotConfig(what="pareto", inputs=files, out=str(tmp_path / "p.png")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
