@@ -213,11 +213,20 @@ def attribute_bytes(attrs: dict) -> int:
 
 
 def check_disk_room(path: Path, needed: int, reclaimable: int = 0) -> None:
-    """Refuse before starting when the disk holding ``path`` has less free space than ``needed``."""
+    """Refuse before starting when the disk holding ``path`` has less free space than ``needed``, or when
+    this process may not write a file that large (``ulimit -f``). Both are checked up front because HDF5
+    can crash the process (a segmentation fault in h5py's close) when a write fails while it creates the
+    file's structure."""
     free = shutil.disk_usage(path.parent).free + reclaimable
     if free < needed:
         raise fail(f"not enough disk space for {path}: needs {human_bytes(needed)}, "
                    f"{human_bytes(free)} free on its disk")
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        raise fail(f"cannot write {path}: File too large: it needs {human_bytes(needed)} and this shell limits "
+                   f"files to {human_bytes(limit)} (ulimit -f)")
 
 
 # ============================================================================ file attributes

@@ -334,16 +334,13 @@ def graph_command(config: GraphConfig) -> None:
     from tccli.models import load_model
 
     prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
-    with outputs.claim(config.out, config.force, [config.transcoders, config.model]):
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
+    with outputs.claim(config.out, config.force, [config.transcoders, config.model]), \
+            progress.bar(config.quiet, "rows") as update:
         loaded = load_model(config.model, config.device, config.model_dtype)
         transcoders = load_transcoder_set(config.transcoders, loaded.device)
-        log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
-
-        def progress(done: int, total: int) -> None:
-            if done == total or done % (4 * config.batch_size) == 0:
-                log(f"feature rows {done}/{total}")
-
-        run = attribution_graph(loaded, transcoders, prompt, config, None if config.quiet else progress)
+        run = attribution_graph(loaded, transcoders, prompt, config,
+                                lambda done, total: update("feature rows", done, total))
         data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
                                            run.heads, config)
         _write_output(data, config.out)
@@ -382,11 +379,13 @@ def intervene_command(config: InterveneConfig) -> None:
 @command_from(ValidateConfig)
 def validate_command(config: ValidateConfig) -> None:
     """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
-    from tccli.validation import results_json, run_validation, summary_lines, write_validated_graph
+    from tccli.validation import input_paths, results_json, run_validation, summary_lines, write_validated_graph
 
-    graph, results = run_validation(config, log=lambda message: print(f"tc validate: {message}", file=sys.stderr))
-    if config.out:
-        write_validated_graph(graph, results, config.out)
+    with outputs.claim(config.out, config.force, input_paths(config) if config.out else ()), \
+            progress.bar(False, "rows") as update:
+        graph, results = run_validation(config, update=update)  # the bar names each group of prompts
+        if config.out:
+            write_validated_graph(graph, results, config.out)
     print("\n".join(summary_lines(results)), file=sys.stderr)
     if config.json:
         print(results_json(results))

@@ -509,11 +509,16 @@ class ReplacementModel:
     # ------------------------------------------------------------------------ batches and gradients
 
     def run_rows(self, rows: Sequence[RowSpec], reduce: Callable[[RunOutput], torch.Tensor], mode: str = "free",
-                 ablation: str = "zero", capture: Iterable[str] = (), batch_size: int = 64) -> torch.Tensor:
-        """``reduce`` (a run's output -> [rows] values) over every row, ``batch_size`` rows per pass."""
+                 ablation: str = "zero", capture: Iterable[str] = (), batch_size: int = 64,
+                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """``reduce`` (a run's output -> [rows] values) over every row, ``batch_size`` rows per pass;
+        ``progress(rows done, rows)`` after each pass."""
         capture = list(capture)
-        parts = [reduce(self.run(rows[lo:lo + batch_size], mode, ablation, capture)).detach()
-                 for lo in range(0, len(rows), batch_size)]
+        parts = []
+        for lo in range(0, len(rows), batch_size):
+            parts.append(reduce(self.run(rows[lo:lo + batch_size], mode, ablation, capture)).detach())
+            if progress is not None:
+                progress(min(lo + batch_size, len(rows)), len(rows))
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def node_gradients(self, target: "TargetSpec", prompts: Optional[Sequence[int]] = None) -> NodeGradients:

@@ -120,8 +120,20 @@ def claim(out: Optional[Path | str], force: bool, inputs: Iterable[Optional[Path
         raise fail(f"cannot write {out}: folder {path.parent} does not exist")
     check_not_input(path, inputs)
     with locked(path):
+        remove_stale_temps(path)
         check_new(path, force)
         yield
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files a killed run (SIGKILL, power loss) left beside ``path``; only called
+    with ``path`` locked, so no live writer owns them."""
+    pattern = re.compile(re.escape(path.name) + r"\.\d+" + re.escape(TEMP_SUFFIX))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 # ============================================================================ locks

@@ -35,6 +35,7 @@ import torch
 
 from tccli.config import ModelOptions, option
 from tccli.errors import fail
+from tccli.progress import no_progress
 from tccli.intervention import AblationOptions, Intervention, NodeRef, RowSpec, TargetSpec
 
 VALIDATE_MODES = ("free", "frozen")
@@ -325,10 +326,16 @@ def graph_model_name(meta: dict) -> Optional[str]:
 
 
 def read_prompts(path: str) -> list[str]:
+    if not Path(path).exists():
+        raise fail(f"prompts file {path} does not exist")
+    if Path(path).is_dir():
+        raise fail(f"prompts file {path} is a folder; name a file of prompts, one a line")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise fail(f"cannot read prompts from {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise fail(f"prompts file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise fail(f"cannot read prompts from {path}: {exc.strerror}") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise fail(f"{path} holds no prompts (one a line)")
@@ -344,8 +351,20 @@ class _Group:
     years: Optional[list[int]]
 
 
-def run_validation(config: ValidateConfig, log=lambda message: None) -> tuple[Any, dict]:
-    """Everything `tc validate` computes: (the graph, results dict)."""
+def input_paths(config: ValidateConfig) -> list[Optional[str]]:
+    """Every file or folder `tc validate` reads (its --out must be none of them): the graph, the prompts,
+    the features, and the transcoders and model given or named by the graph's metadata."""
+    from tccli.graph_io import read_graph
+
+    meta = read_graph(config.graph).graph.get("metadata", {})
+    return [config.graph, config.prompts, config.features, config.transcoders or meta.get("transcoders"),
+            config.model or meta.get("model")]
+
+
+def run_validation(config: ValidateConfig, log=lambda message: None,
+                   update: Any = no_progress) -> tuple[Any, dict]:
+    """Everything `tc validate` computes: (the graph, results dict). ``update(stage, done, total)`` follows
+    the forward passes and the backward passes of each group of prompts."""
     from tccli.circuit import check_transcoders, prompt_tokens
     from tccli.graph_io import read_graph
     from tccli.formats import load_transcoder_set
@@ -438,8 +457,10 @@ def run_validation(config: ValidateConfig, log=lambda message: None) -> tuple[An
                     rows += [RowSpec(p, (Intervention(r, "ablate"),)) for p in range(len(indices))]
                     layout.append(("single", c, k))
         group_years = [years[i] for i in indices] if years is not None else None
+        stage = f"{len(indices)} prompt(s) of {n_tokens} tokens: model runs"
         values = model.run_rows(rows, _reducer(model, target, group_years), config.mode, config.ablation,
-                                target.capture_names(model), config.batch_size)
+                                target.capture_names(model), config.batch_size,
+                                lambda done, total: update(stage, done, total))
         blocks = values.reshape(len(layout), len(indices), -1)
         for (what, c, k), block in zip(layout, blocks):
             t_values = block[:, 0].tolist()
@@ -457,11 +478,13 @@ def run_validation(config: ValidateConfig, log=lambda message: None) -> tuple[An
                     single[c][k].append(t_values[j] - clean_t[i])
         # one backward pass per few prompts: its probes hold every feature of every layer at every position
         for lo in range(0, len(indices), GRADIENT_PROMPTS):
+            update(f"{len(indices)} prompt(s) of {n_tokens} tokens: gradients", lo, len(indices))
             gradients = model.node_gradients(target, range(lo, min(lo + GRADIENT_PROMPTS, len(indices))))
             for c, refs in enumerate(mapped):
                 for k, r in enumerate(refs):
                     if r.position is not None:
                         predicted_total[c][k] += _linear_predictions(model, gradients, r, config.ablation)
+        update(f"{len(indices)} prompt(s) of {n_tokens} tokens: gradients", len(indices), len(indices))
     results = _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric_clean, metric,
                          single, predicted_total, dropped, n_prompts, years is not None, transcoders, means)
     return graph, results
@@ -593,19 +616,13 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def write_validated_graph(graph: Any, results: dict, out: str) -> None:
-    """The graph with ``results`` under metadata["validation"], written atomically."""
-    import os
-
+    """The graph with ``results`` under metadata["validation"], written atomically (no temp file left on
+    a full disk or a Ctrl-C; an existing ``out`` untouched by a failure)."""
     from tccli.graph_io import to_json
+    from tccli.outputs import atomic_write_text
 
     graph.graph.setdefault("metadata", {})["validation"] = results
-    tmp = out + ".tmp"
-    try:
-        Path(tmp).write_text(to_json(graph))
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise fail(f"cannot write {out}: {exc.strerror}") from None
+    atomic_write_text(out, to_json(graph))
 
 
 def results_json(results: dict) -> str:

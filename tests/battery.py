@@ -33,7 +33,10 @@ class Case:
     ``args`` may name the shared artefacts and the case's own folder as ``{cache}``, ``{tcs}``, ``{tmp}``
     and so on (see ``Artefacts``); ``setup(tmp, artefacts)`` may create further inputs in ``tmp`` and
     return more names for ``args``. ``sandbox`` runs the command with ``{mnt}`` a read-only filesystem
-    ("readonly") or a nearly full one ("full", 4 KiB). ``stdin`` is fed to the command.
+    ("readonly") or a nearly full one ("full", 4 KiB), both private tmpfs mounts that need user namespaces;
+    every "full" case also runs as a "fsize" twin that needs no privilege: ``{mnt}`` is an ordinary
+    folder and the command may write no file beyond 4 KiB (``ulimit -f``: the writes fail with EFBIG,
+    "File too large", where a full disk says ENOSPC; the same code paths). ``stdin`` is fed to the command.
     """
 
     id: str
@@ -145,6 +148,13 @@ def digest_tree(root: Path) -> dict[str, str]:
     return out
 
 
+def fsize_twin(case: Case) -> Case:
+    """The unprivileged twin of a "full" case: every file capped at ``FSIZE_BYTES`` instead of a full disk."""
+    import dataclasses
+
+    return dataclasses.replace(case, id=case.id + "-fsize", sandbox="fsize", message="File too large")
+
+
 def debris(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(DEBRIS_SUFFIXES))
 
@@ -168,13 +178,17 @@ def sandbox_available() -> bool:
 
 
 FILLER = ".filler"  # what makes the "full" filesystem full
+FSIZE_BYTES = 4096  # the "fsize" sandbox's largest file
 
 
 def sandbox_prefix(kind: str, mnt: Path, listing: Path) -> tuple[str, ...]:
     """A command prefix running the rest in a private mount namespace where ``mnt`` is a tmpfs, either
     read-only or full (4 KiB, all taken by a filler file: files can still be created, not written); the
     files left in ``mnt`` are listed into ``listing`` when the command ends (the mount disappears with
-    the namespace)."""
+    the namespace). For "fsize": a shell that caps every file the command writes at ``FSIZE_BYTES``
+    (``ulimit -f`` counts 512-byte blocks; Python ignores SIGXFSZ, so a write past the cap fails with EFBIG)."""
+    if kind == "fsize":
+        return ("sh", "-c", f'ulimit -f {FSIZE_BYTES // 512} && exec "$@"', "fsize")
     if kind == "readonly":
         prepare = 'mount -t tmpfs -o size=64k tmpfs "$MNT" && mount -o remount,ro "$MNT"'
     else:
@@ -193,6 +207,7 @@ class Outcome:
     result: subprocess.CompletedProcess
     tmp: Path
     sandbox_listing: Optional[list[str]]
+    before: dict  # digest_tree(tmp) after the case's setup, before `tc` ran: what must survive it
 
 
 class Runner:
@@ -226,9 +241,11 @@ class Runner:
         if case.sandbox:
             (tmp / "mnt").mkdir(exist_ok=True)
             prefix = sandbox_prefix(case.sandbox, tmp / "mnt", listing_path)
+        before = digest_tree(tmp)
         result = run_tc(*args, stdin=case.stdin, prefix=prefix, cwd=tmp)
-        listing = listing_path.read_text().split() if case.sandbox and listing_path.exists() else None
-        return Outcome(result, tmp, listing)
+        listing = (listing_path.read_text().split() if case.sandbox in ("readonly", "full") and listing_path.exists()
+                   else None)
+        return Outcome(result, tmp, listing, before)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -571,6 +571,21 @@ CASES["graph"] = [  # tc graph (issue 13): whoever extends the command extends t
          setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
     Case("other-model", ("graph", T, "{other_tcs}", *PROMPT, *CPU), "was trained on the model"),
     Case("out-read-only", (*GRAPH, "--out", "{mnt}/g.json", "--quiet"), "Read-only file system", sandbox="readonly"),
+    Case("out-full-disk", (*GRAPH, "--out", "{mnt}/g.json", "--quiet"), "No space left on device", sandbox="full"),
+    Case("locked-out", (*GRAPH, "--out", "{out}"), "is being written by another tc process",
+         setup=locked_output("g.json")),
+    Case("empty-prompt", ("graph", T, "{tcs}", "--prompt", " ", *CPU), "the prompt is empty"),
+    Case("prompt-too-long", ("graph", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
+         "longer than the model's context"),
+    Case("sae", ("graph", T, "{sae}", *PROMPT, *CPU), "holds an SAE"),
+    Case("bad-format", (*GRAPH, "--format", "bmp"), "--format must be one of"),
+    Case("node-threshold-2", (*GRAPH, "--node-threshold", "2"), "--node-threshold must be between 0 and 1"),
+    Case("target-unknown", (*GRAPH, "--target", "words"), "--target must be 'logits'"),
+    Case("batch-size-0", (*GRAPH, "--batch-size", "0"), "--batch-size must be at least 1"),
+    Case("direction-nan", (*GRAPH, "--direction", "{file}", "--layer", "1"), "non-finite values",
+         setup=direction([float("nan")] * 128)),
+    Case("logit-multi-token", (*GRAPH, "--logit", "hello"), "not one"),
+    Case("pos-outside", (*GRAPH, "--pos", "99"), "outside the prompt"),
 ]
 
 CASES["plot"] = [  # tc plot (issue 12)
@@ -591,6 +606,86 @@ CASES["plot"] = [  # tc plot (issue 12)
 ]
 
 
+IV = ("intervene", T, "{tcs}", *PROMPT, *CPU)
+CASES["intervene"] = [  # tc intervene (issue 14): prints to stdout, writes no file
+    Case("no-prompt", ("intervene", T, "{tcs}"), "Missing option"),
+    Case("missing-transcoders", ("intervene", T, "{tmp}/none", *PROMPT, *CPU), "do not exist"),
+    Case("transcoders-is-text", ("intervene", T, "{text}", *PROMPT, *CPU), "is not a transcoder"),
+    Case("bad-config-activation", ("intervene", T, "{bad}", *PROMPT, *CPU), "activation must be one of",
+         setup=bad_config(activation="gelu")),
+    Case("bad-config-k", ("intervene", T, "{bad}", *PROMPT, *CPU), "needs k, a positive integer",
+         setup=bad_config(k=-4)),
+    Case("other-model", ("intervene", T, "{other_tcs}", *PROMPT, *CPU), "was trained on the model"),
+    Case("sae", ("intervene", T, "{sae}", *PROMPT, *CPU, "--ablate", "mlp0.f1@3"), "holds an SAE"),
+    Case("node-garbage", (*IV, "--ablate", "garbage"), "bad node 'garbage'"),
+    Case("node-layer-out-of-range", (*IV, "--ablate", "mlp9.f1@3"), "layer 9 is out of range"),
+    Case("node-no-transcoder", (*IV, "--ablate", "mlp3.f1@3"), "no transcoder for layer 3"),
+    Case("node-feature-out-of-range", (*IV, "--ablate", "mlp0.f99999@3"), "feature 99999 is out of range"),
+    Case("node-head-out-of-range", (*IV, "--ablate", "attn0.h9@3"), "head 9 is out of range"),
+    Case("node-position-outside", (*IV, "--ablate", "mlp0.f1@300"), "outside the prompt"),
+    Case("set-without-value", (*IV, "--set", "mlp0.f1@3"), "bad --set"),
+    Case("set-nan", (*IV, "--set", "mlp0.f1@3=nan"), "bad --set"),
+    Case("scale-inf", (*IV, "--scale", "mlp0.f1@3=inf"), "bad --scale"),
+    Case("scale-not-a-number", (*IV, "--scale", "mlp0.f1@3=abc"), "bad --scale"),
+    Case("mode-unknown", (*IV, "--mode", "weird"), "--mode must be one of"),
+    Case("top-0", (*IV, "--top", "0"), "--top must be at least 1"),
+    Case("empty-prompt", ("intervene", T, "{tcs}", "--prompt", " ", *CPU), "the prompt is empty"),
+    Case("prompt-too-long", ("intervene", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
+         "longer than the model's context"),
+    Case("logit-multi-token", (*IV, "--logit", "hello"), "not one"),
+    Case("logit-diff-one-token", (*IV, "--logit-diff", "4"), "needs exactly two tokens"),
+    Case("pos-outside", (*IV, "--logit", "4", "--pos", "99"), "outside the prompt"),
+    Case("direction-nan", (*IV, "--direction", "{file}", "--layer", "1"), "non-finite values",
+         setup=direction([float("nan")] * 128)),
+    Case("direction-wrong-shape", (*IV, "--direction", "{file}", "--layer", "1"), "the model's d_model is 128",
+         setup=direction([1.0] * 7)),
+    Case("mean-without-features", (*IV, "--ablation", "mean"), "--ablation mean needs --features"),
+    Case("ablation-unknown", (*IV, "--ablation", "median"), "--ablation must be one of"),
+    Case("features-png", (*IV, "--ablation", "mean", "--features", "{png}"), "is not a features file"),
+    Case("features-missing", (*IV, "--ablation", "mean", "--features", "{tmp}/none.jsonl"), "does not exist"),
+]
+
+VALIDATE = ("validate", "{graph}", *CPU, "--random", "1")
+CASES["validate"] = [  # tc validate (issue 14)
+    Case("missing-graph", ("validate", "{tmp}/none.json"), "does not exist"),
+    Case("graph-folder", ("validate", "{tmp}"), "is a folder"),
+    Case("graph-png", ("validate", "{png}"), "is not a tc circuit graph"),
+    Case("graph-text", ("validate", "{text}"), "is not JSON"),
+    Case("graph-other-json", ("validate", "{file}"), "is not a tc circuit graph",
+         setup=write_file("g.json", '{"a": 1}')),
+    Case("graph-damaged", ("validate", "{file}", *CPU), "damaged", setup=graph_edit(_no_kind)),
+    Case("graph-of-other-model", ("validate", "{file}", *CPU, "--model", "{other_model}"),
+         "was trained on the model", setup=lambda tmp, a: {"file": a.graph}),
+    Case("transcoders-missing", (*VALIDATE, T, "{tmp}/none"), "are not here"),
+    Case("transcoders-of-other-model", (*VALIDATE, T, "{other_tcs}"), "was trained on the model"),
+    Case("model-missing", (*VALIDATE, "--model", "{tmp}/none"), "does not exist"),
+    Case("mode-unknown", (*VALIDATE, "--mode", "direct"), "--mode must be one of"),
+    Case("task-unknown", (*VALIDATE, "--task", "less-than"), "--task must be one of"),
+    Case("task-and-prompts", (*VALIDATE, "--task", "greater-than", "--prompts", "{text}"), "not both"),
+    Case("random-negative", (*VALIDATE, "--random", "-1"), "--random must be at least 0"),
+    Case("top-0", (*VALIDATE, "--top", "0"), "--top must be at least 1"),
+    Case("batch-size-0", (*VALIDATE, "--batch-size", "0"), "--batch-size must be at least 1"),
+    Case("prompts-missing", (*VALIDATE, "--prompts", "{tmp}/none.txt"), "does not exist"),
+    Case("prompts-empty", (*VALIDATE, "--prompts", "{file}"), "holds no prompts", setup=write_file("p.txt", "\n \n")),
+    Case("prompts-binary", (*VALIDATE, "--prompts", "{png}"), "is not UTF-8 text"),
+    Case("mean-without-features", (*VALIDATE, "--ablation", "mean"), "--ablation mean needs --features"),
+    Case("features-png", (*VALIDATE, "--ablation", "mean", "--features", "{png}"), "is not a features file"),
+    Case("out-is-the-graph", ("validate", "{file}", *CPU, "--out", "{file}", "--force"), "is the graph being read",
+         setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
+    Case("out-is-the-graph-other-spelling", ("validate", "{file}", *CPU, "--out", "./g.json", "--force"),
+         "is the graph being read", setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
+    Case("out-inside-transcoders", (*VALIDATE, T, "{file}", "--out", "{file}/layer_0/config.json", "--force"),
+         "would overwrite the input", setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
+    Case("out-exists", (*VALIDATE, "--out", "{file}"), "exists; pass --force", setup=existing_output("v.json")),
+    Case("out-folder-missing", (*VALIDATE, "--out", "{tmp}/no/v.json"), "does not exist"),
+    Case("out-is-a-folder", (*VALIDATE, "--out", "{tmp}", "--force"), "is a folder"),
+    Case("locked-out", (*VALIDATE, "--out", "{out}"), "is being written by another tc process",
+         setup=locked_output("v.json")),
+    Case("out-read-only", (*VALIDATE, "--out", "{mnt}/v.json"), "Read-only file system", sandbox="readonly"),
+    Case("out-full-disk", (*VALIDATE, "--out", "{mnt}/v.json"), "No space left on device", sandbox="full"),
+]
+
+
 def _saelens_tc_config(tmp: Path, a, **changes) -> dict:
     folder = tmp / "bad_sae"
     shutil.copytree(a.saelens / "layer_0", folder)
@@ -599,6 +694,9 @@ def _saelens_tc_config(tmp: Path, a, **changes) -> dict:
     (folder / "cfg.json").write_text(json.dumps(cfg))
     return {"bad": folder}
 
+
+for _cases in CASES.values():  # every full-disk case also runs where no namespace can mount a tmpfs
+    _cases += [battery.fsize_twin(case) for case in _cases if case.sandbox == "full"]
 
 ALL_CASES = [(f"{command}-{case.id}", case) for command, cases in CASES.items() for case in cases]
 
@@ -615,7 +713,7 @@ def runner(request, artefacts, tmp_path_factory):
     by_key = dict(ALL_CASES)
     for key in selected:
         case = by_key[key]
-        if case.sandbox is None or battery.sandbox_available():
+        if not _needs_namespaces(case) or battery.sandbox_available():
             runner.submit(key, case)
     yield runner
     runner.close()
@@ -627,9 +725,14 @@ def runner(request, artefacts, tmp_path_factory):
 # ============================================================================ the battery
 
 
+def _needs_namespaces(case: Case) -> bool:
+    return case.sandbox in ("readonly", "full")
+
+
+
 @pytest.mark.parametrize("case", [case for _, case in ALL_CASES], ids=[key for key, _ in ALL_CASES])
 def test_bad_input(case: Case, request, runner, artefacts):
-    if case.sandbox and not battery.sandbox_available():
+    if _needs_namespaces(case) and not battery.sandbox_available():
         pytest.skip("no user/mount namespaces here (unshare -rm): cannot make a read-only or full filesystem")
     outcome = runner.outcome(request.node.callspec.id, case)
     result = outcome.result
@@ -641,6 +744,9 @@ def test_bad_input(case: Case, request, runner, artefacts):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert battery.digest_tree(artefacts.root) == artefacts.digests, "a shared input was changed"
     held = {str(target.relative_to(outcome.tmp)) for _, target, _ in HOLDERS if target.is_relative_to(outcome.tmp)}
+    after = battery.digest_tree(outcome.tmp)  # the case's own inputs and existing outputs: all still there, unchanged
+    assert {name: after.get(name) for name in outcome.before if name not in held} == \
+        {name: digest for name, digest in outcome.before.items() if name not in held}
     assert [name for name in battery.debris(outcome.tmp) if name not in held] == []  # the other writer's lock stays
     assert battery.debris(artefacts.root) == []
     if outcome.sandbox_listing is not None:
@@ -760,7 +866,7 @@ def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, t
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
-@pytest.mark.parametrize("command", ["score", "circuit", "eval"])
+@pytest.mark.parametrize("command", ["score", "circuit", "eval", "graph", "validate"])
 def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, signum, command):
     out = tmp_path / ("f.jsonl" if command == "score" else "g.json")
     args = {
@@ -770,6 +876,10 @@ def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, si
                     "--device", "cpu", "--iters", "200", "--branches", "200", "--format", "json", "--out", str(out)),
         "eval": ("eval", "--data", str(artefacts.text), "--tokens", "400k", "--context", "64", "--device", "cpu",
                  "--transcoders", str(artefacts.tcs), "--batch-size", "1"),
+        "graph": ("graph", "--transcoders", str(artefacts.tcs), "--prompt", "one two three " * 18, "--device", "cpu",
+                  "--batch-size", "1", "--out", str(out)),
+        "validate": ("validate", str(artefacts.graph), "--task", "greater-than", "--device", "cpu", "--batch-size",
+                     "1", "--out", str(out)),
     }[command]
     proc = _start(*args, cwd=tmp_path)
     if command == "eval":
@@ -782,6 +892,49 @@ def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, si
     assert proc.returncode == 128 + signum, stderr
     assert _one_line(stderr) == "tc: interrupted; nothing was written" and stdout == ""
     assert not out.exists() and battery.debris(tmp_path) == []
+
+
+def test_score_killed_then_run_again_leaves_nothing_behind(artefacts, tmp_path):
+    """SIGKILL cannot be caught: the kill leaves the lock file (and, mid-rename, a temporary file); the next
+    run of the same output takes the lock, removes both and writes the output."""
+    out = tmp_path / "f.jsonl"
+
+    def score(tokens: str, *more: str) -> tuple[str, ...]:
+        return ("score", "--data", str(artefacts.text), "--tokens", tokens, "--context", "64", "--device", "cpu",
+                "--transcoders", str(artefacts.tcs), "--top", "4", "--out", str(out), "--quiet", *more)
+
+    proc = _start(*score("400k", "--batch-size", "1"), cwd=tmp_path)
+    _wait_until(lambda: Path(f"{out}.lock").exists() or proc.poll() is not None, what="the output's lock")
+    time.sleep(2.0)
+    proc.kill()
+    proc.wait()
+    assert not out.exists()
+    (tmp_path / f"{out.name}.{proc.pid}.tmp").write_text("half a file")  # as a kill inside the rename would
+    result = battery.run_tc(*score("1k"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(out.read_text().splitlines()) == len(artefacts.features.read_text().splitlines())
+    assert battery.debris(tmp_path) == []
+
+
+def test_two_trains_of_one_folder_at_once_then_ctrl_c(artefacts, tmp_path):
+    """A second `tc train --out` of a folder in use gets one line and exit 2 without touching it; the
+    first, interrupted, keeps a checkpoint its --resume continues from."""
+    out = tmp_path / "run"
+    args = ("train", "--cache", str(artefacts.cache), "--out", str(out), "--tokens", "200k", "--batch-size", "64",
+            "--expansion", "2", "--log-every", "1", "--checkpoint-every", "0", "--quiet")
+    first = _start(*args, cwd=tmp_path)
+    _wait_until(lambda: (out / "train_log.jsonl").exists() and (out / "train_log.jsonl").stat().st_size > 0,
+                what="the first logged step")
+    before = {p.name for p in out.iterdir()}
+    second = battery.run_tc(*args, cwd=tmp_path)
+    assert second.returncode == 2 and "is being written by another tc process" in _one_line(second.stderr)
+    forced = battery.run_tc(*args, "--force", cwd=tmp_path)  # --force does not take a folder in use either
+    assert forced.returncode == 2 and "is being written by another tc process" in _one_line(forced.stderr)
+    assert {p.name for p in out.iterdir()} >= before
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 130 and "with a checkpoint; resume with --resume" in _one_line(stderr)
+    assert (out / "checkpoint.tcstate").exists() and battery.debris(tmp_path) == []
 
 
 def test_two_caches_of_one_output_at_once(artefacts, tmp_path):

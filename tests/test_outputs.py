@@ -124,3 +124,18 @@ def test_claim_checks_everything_before_the_work(tmp_path):
     with outputs.claim(existing, force=True):
         assert (tmp_path / "g.json.lock").exists()
     assert not (tmp_path / "g.json.lock").exists()
+
+
+def test_claim_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    """A SIGKILL between writing a temporary file and renaming it leaves `OUT.PID.tmp`; the next run of the
+    output (holding its lock, so no live writer owns such a file) removes it, and only it."""
+    out = tmp_path / "g.json"
+    stale = [tmp_path / "g.json.12345.tmp", tmp_path / "g.json.7.tmp"]
+    kept = [tmp_path / "g.json.tmp", tmp_path / "g.json.x.tmp", tmp_path / "other.json.12345.tmp",
+            tmp_path / "g.json.12345.tmp.bak"]
+    for path in stale + kept:
+        path.write_text("x")
+    with outputs.claim(out, force=False):
+        outputs.atomic_write_text(out, "{}")
+    assert out.read_text() == "{}"
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)

@@ -66,6 +66,26 @@ def test_greater_than_draws_its_bar_in_a_terminal(artefacts):
     assert_clean_progress(code, output, "model runs", "probability difference")
 
 
+def test_graph_draws_its_bar_in_a_terminal(artefacts, tmp_path):
+    code, output = run_tc_in_terminal("graph", "--transcoders", str(artefacts.tcs), "--prompt", PROMPT, "--device",
+                                      "cpu", "--batch-size", "8", "--out", str(tmp_path / "g.json"))
+    assert_clean_progress(code, output, "feature rows", "replacement score")
+
+
+def test_validate_draws_its_bar_in_a_terminal(artefacts, tmp_path):
+    code, output = run_tc_in_terminal("validate", str(artefacts.graph), "--device", "cpu", "--random", "2",
+                                      "--batch-size", "4", "--out", str(tmp_path / "v.json"))
+    assert_clean_progress(code, output, "model runs", "rows")
+    assert (tmp_path / "v.json").is_file()
+
+
+def test_intervene_runs_in_a_terminal(artefacts):
+    """Two forward passes: too short for a bar, but it must run cleanly on a terminal."""
+    code, output = run_tc_in_terminal("intervene", "--transcoders", str(artefacts.tcs), "--prompt", PROMPT,
+                                      "--device", "cpu", "--ablate", "mlp0.f1@3", "--logit", "4")
+    assert code == 0 and "Traceback" not in output and "tc: error" not in output, output[-3000:]
+
+
 def test_torchrun_cache_draws_one_bar_in_a_terminal(artefacts, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
