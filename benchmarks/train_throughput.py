@@ -69,18 +69,23 @@ def write_hdf5(path: Path, x: np.ndarray, y: np.ndarray, context: int) -> None:
                        hook_names=json.dumps({"0": {"mlp_in": "mlp_in", "mlp_out": "mlp_out"}}))
 
 
-def matmul_flops_per_second(batch: int, d: int, m: int, device: torch.device, dtype: torch.dtype,
-                            repeats: int = 3) -> float:
-    """FLOP/s of [batch x d] x [d x m] with the weight stored feature-major, as tc train stores W_enc."""
-    a = torch.randn(batch, d, device=device, dtype=dtype)
-    b = torch.randn(m, d, device=device, dtype=dtype).t()
-    torch.mm(a, b)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    synchronize(device)
-    return 2 * batch * d * m * repeats / (time.perf_counter() - start)
+class MatmulProbe:
+    """Times [batch x d] x [d x m] with the weight stored feature-major, as tc train stores W_enc."""
+
+    def __init__(self, batch: int, d: int, m: int, device: torch.device, dtype: torch.dtype):
+        self.a = torch.randn(batch, d, device=device, dtype=dtype)
+        self.b = torch.randn(m, d, device=device, dtype=dtype).t()
+        self.out = torch.empty(batch, m, device=device, dtype=dtype)
+        self.flops = 2 * batch * d * m
+        self.device = device
+        self()
+
+    def __call__(self) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        synchronize(self.device)
+        return time.perf_counter() - start
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,8 +93,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_loop_tokens_per_second(source, config: TrainConfig, steps: int, device: torch.device) -> float:
-    """Tokens/s of ``steps`` training steps after two warm-up steps, window loading included."""
+def timed_steps(source, config: TrainConfig, steps: int, device: torch.device, probe: MatmulProbe
+                ) -> tuple[list[float], list[float]]:
+    """(seconds of each of ``steps`` training steps, window loading included, after two warm-up steps;
+    seconds of the probe product timed just before each of them). Interleaving the two makes their
+    ratio fair on a machine whose load changes from minute to minute."""
     tc_config = transcoder_config(config, source, 0)
     sample = min(8192, source.n_tokens)
     x0 = torch.from_numpy(source.read(0, "mlp_in", 0, sample))
@@ -98,23 +106,30 @@ def step_loop_tokens_per_second(source, config: TrainConfig, steps: int, device:
     state = new_layer_state(tc_config, stats, config, torch.Generator().manual_seed(0), device)
     schedule = ShuffleSchedule(source.n_rows, source.context, config.batch_size, config.shuffle_buffer, 0)
     loader = WindowLoader(source, [0], config.kind, source.context, device)
-    done, start, warmup = 0, None, 2
     lr = config.learning_rate_for(tc_config.n_features)
+    step_times: list[float] = []
+    probe_times: list[float] = []
+    done, warmup, window, data = 0, 2, None, None
     try:
-        for window, data in loader.stream(schedule.windows()):
-            for batch_index in range(window.n_steps):
-                rows = slice(batch_index * config.batch_size, (batch_index + 1) * config.batch_size)
-                train_one_step(state, data[0][0][rows], data[0][1][rows], config, done, lr, 0, False)
-                done += 1
-                if done == warmup:
-                    synchronize(device)
-                    start = time.perf_counter()
-                if done == steps + warmup:
-                    synchronize(device)
-                    return steps * config.batch_size / (time.perf_counter() - start)
+        stream = loader.stream(schedule.windows())
+        while True:
+            if done >= warmup:
+                probe_times.append(probe())
+            start = time.perf_counter()
+            # as in run_steps: the next window comes from the loader (prefetched) when the current one ends
+            if window is None or done - window.first_step >= window.n_steps:
+                window, data = next(stream)
+            batch_index = done - window.first_step
+            rows = slice(batch_index * config.batch_size, (batch_index + 1) * config.batch_size)
+            train_one_step(state, data[0][0][rows], data[0][1][rows], config, done, lr, 0, False)
+            synchronize(device)
+            if done >= warmup:
+                step_times.append(time.perf_counter() - start)
+            done += 1
+            if done == steps + warmup:
+                return step_times, probe_times
     finally:
         loader.close()
-    raise RuntimeError("the data ran out before the timed steps were done")
 
 
 def main() -> None:
@@ -151,6 +166,7 @@ def main() -> None:
         write_hdf5(path, x, y, context)
     from tccli.cache import ActivationCache
 
+    probe = MatmulProbe(batch, d, m, device, dtype)
     for activation in args.activation:
         overrides = {} if args.optimizer is None else {"optimizer": args.optimizer}
         config = TrainConfig(cache="-", out="-", activation=activation, features=m, k=args.k, batch_size=batch,
@@ -162,19 +178,19 @@ def main() -> None:
         if not args.no_hdf5:
             sources.append(("HDF5", lambda: ActivationCache.open(path)))
         for label, open_source in sources:
-            before = matmul_flops_per_second(batch, d, m, device, dtype)
             source = open_source()
             try:
-                rate = step_loop_tokens_per_second(source, config, args.steps, device)
+                step_times, probe_times = timed_steps(source, config, args.steps, device, probe)
             finally:
                 source.close()
-            after = matmul_flops_per_second(batch, d, m, device, dtype)
-            peak = (before + after) / 2
+            rate = args.steps * batch / sum(step_times)
+            peak = probe.flops * len(probe_times) / sum(probe_times)
             ceiling = peak / flops_per_token
             target = 60 if label == "memory" else 55
-            print(f"{activation:9s} {label:6s}: {rate:9,.0f} tokens/s; matmul {before / 1e9:.1f} / {after / 1e9:.1f} "
-                  f"GFLOP/s -> ceiling {ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% "
-                  f"(target >= {target}%)", flush=True)
+            print(f"{activation:9s} {label:6s}: {rate:9,.0f} tokens/s; matmul {peak / 1e9:.1f} GFLOP/s -> ceiling "
+                  f"{ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% (target >= {target}%); steps "
+                  f"{' '.join(f'{t:.2f}' for t in step_times)} s, products {' '.join(f'{t:.2f}' for t in probe_times)} s",
+                  flush=True)
     tmp.cleanup()
 
 
