@@ -54,11 +54,35 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "signum-half-free": ["--optimizer", "signum", "--lr", "1e-2", "--decoder-norm", "free"] + EQUAL_BUDGET,
         "signum-double-free": ["--optimizer", "signum", "--lr", "4e-2", "--decoder-norm", "free"] + EQUAL_BUDGET,
     },
-    # the defaults at the equal budget, every layer
+    # the defaults at the equal budget, every layer (--layers 0,1,2,3,4 --seeds 0,1)
     "defaults": {"defaults-4M": ["--tokens", "4M"]},
     # `tc train --layers 4` with no other flag
     "bare": {"bare": []},
+    # the kinds at L0 ~16 (--layers 2,4); topk itself is the defaults-4M run
+    "kinds": {
+        "topk-skip": ["--tokens", "4M", "--skip"],
+        "batchtopk": ["--tokens", "4M", "--activation", "batchtopk"],
+        "batchtopk-skip": ["--tokens", "4M", "--activation", "batchtopk", "--skip"],
+        "jumprelu": ["--tokens", "4M", "--activation", "jumprelu", "--l0-coef", "JUMPRELU_COEF"],
+        "jumprelu-skip": ["--tokens", "4M", "--activation", "jumprelu", "--l0-coef", "JUMPRELU_COEF", "--skip"],
+        "relu": ["--tokens", "4M", "--activation", "relu", "--l1", "RELU_L1"],
+        "relu-skip": ["--tokens", "4M", "--activation", "relu", "--l1", "RELU_L1", "--skip"],
+        "sae-topk": ["--tokens", "4M", "--kind", "sae"],
+    },
+    # the Pareto figure's sweeps (--layers 4): k for TopK, lambda for L1 and JumpReLU, transcoders and SAEs
+    "pareto": {
+        **{f"topk-k{k}": ["--tokens", "4M", "--k", str(k)] for k in (8, 32)},
+        **{f"relu-l1-{c}": ["--tokens", "4M", "--activation", "relu", "--l1", c] for c in ("0.3", "0.7", "1.5")},
+        **{f"jumprelu-{c}": ["--tokens", "4M", "--activation", "jumprelu", "--l0-coef", c]
+           for c in ("1e-3", "3e-3", "1e-2")},
+        **{f"sae-topk-k{k}": ["--tokens", "4M", "--kind", "sae", "--k", str(k)] for k in (8, 32)},
+        **{f"sae-relu-l1-{c}": ["--tokens", "4M", "--kind", "sae", "--activation", "relu", "--l1", c]
+           for c in ("0.3", "1.5")},
+    },
 }
+# the L0 ~16 coefficients of the kinds table, read off the pareto sweep on layer 4
+CHOSEN = {"JUMPRELU_COEF": "3e-3", "RELU_L1": "0.7"}
+GROUPS["kinds"] = {name: [CHOSEN.get(flag, flag) for flag in flags] for name, flags in GROUPS["kinds"].items()}
 
 
 def split_corpus(work: Path) -> tuple[Path, Path]:

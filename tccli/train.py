@@ -44,9 +44,9 @@ OPTIMIZERS = ("adam", "signum")
 DECODER_NORMS = ("unit", "free")
 AUTOCASTS = ("none", "bfloat16")
 # Base learning rates at 16,384 features, scaled by 1/sqrt(features / 16384) (the form of Gao et al. 2024's rule
-# for Adam, which sparsify uses for sign descent too). Adam's base is measured (README: 3e-3 at 1,024 features
-# beat 1e-3 and Gao et al.'s 2e-4 base); signum's is sparsify's.
-BASE_LR = {"adam": 7.5e-4, "signum": 5e-3}
+# for Adam, which sparsify uses for sign descent too). Adam's base is measured on stories260K (README: 6e-3 at
+# 1,024 features beat 1e-3, 3e-3 and Gao et al.'s 2e-4 base and matched 1e-2); signum's is sparsify's.
+BASE_LR = {"adam": 1.5e-3, "signum": 5e-3}
 CHECKPOINT_FILE = "checkpoint.tcstate"  # not .pt: a set folder's .pt files are read as paper transcoders
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -87,20 +87,21 @@ class TrainConfig(distributed.TrainDistributedOptions):
     optimizer: str = option("adam", "adam (with the decoder-norm constraint and the schedule below) or signum "
                             "(sign descent with schedule-free momentum, sparsify's; constant lr after warm-up, "
                             "the averaged weights are saved).")
-    lr: Optional[float] = option(None, "Learning rate (default: adam 7.5e-4, signum 5e-3, times "
-                                 "1/sqrt(features / 16384): adam 3e-3 at 1,024 features).")
+    lr: Optional[float] = option(None, "Learning rate (default: adam 1.5e-3, signum 5e-3, times "
+                                 "1/sqrt(features / 16384): adam 6e-3 at 1,024 features).")
     decoder_norm: str = option("unit", "unit (decoder rows kept at norm 1; the paper's, needed by relu's L1) or "
                                "free.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
     lr_decay: Optional[float] = option(None, "Fraction of the run, at its end, over which the learning rate "
                                        "decays linearly to 0 (0: constant after warm-up, the paper; default: "
                                        "adam 0.3, signum 0).")
-    batch_size: int = option(4096, "Tokens per step.", parser=parse_count)
+    batch_size: int = option(1024, "Tokens per step.", parser=parse_count)
     tokens: int = option(12_000_000, "Training tokens (accepts 200k, 12M); the cache is read again, "
                          "reshuffled, as often as needed.", parser=parse_count)
     shuffle_buffer: int = option(262_144, "Tokens held in the shuffle buffer: each batch is drawn from this "
                                  "many tokens of randomly chosen rows (bounds memory).", parser=parse_count)
-    dead_window: int = option(500, "A feature is dead after this many steps without firing.")
+    dead_window: int = option(50, "A feature is dead after this many steps without firing (AuxK and ghost "
+                              "gradients train the dead ones).")
     ghost_grads: bool = option(True, "relu: train dead features on the residual target - output with "
                                "ghost gradients.", flags=("--ghost-grads/--no-ghost-grads",))
     aux_k: int = option(256, "topk, batchtopk, jumprelu: dead features used by the auxiliary loss (AuxK) that "
@@ -357,6 +358,7 @@ class LossScales:
 
     target_variance: float = 1.0  # mean over tokens of ||y - mean y||^2: the loss is mse / this (an FVU)
     bandwidth: float = 1.0  # jumprelu: the kernel width in pre-activation units
+    threshold_scale: float = 1.0  # jumprelu: the mean initial threshold
 
 
 def transcoder_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
@@ -429,6 +431,12 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
     mse = reconstruction_loss(output, y, config.normalize_mse)
     loss = mse / scales.target_variance
     aux = auxk_loss(values[1], groups[1], y, output, transcoder.W_dec) if use_aux else mse.new_zeros(())
+    if activation == "jumprelu" and use_aux:
+        # AuxK alone can reconstruct with a dead feature's pre-activations far below its threshold (even
+        # negative); a JumpReLU feature fires again only above it, so its AuxK entries are also pulled up
+        # to the threshold (in units of the mean initial threshold)
+        gap = torch.relu(transcoder.threshold.detach()[groups[1].feature] - values[1])
+        aux = aux + gap.mean() / scales.threshold_scale
     loss = loss + config.aux_coef * aux
     if l0_penalty is not None:
         loss = loss + config.l0_coef * l0_penalty
@@ -682,9 +690,10 @@ def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: Train
     transcoder = init_transcoder(tc_config, stats.input_mean, stats.target_mean, generator)
     init_thresholds_(transcoder, stats.input_sample, config.k)
     calibrate_encoder_(transcoder, stats.input_sample, stats.target_sample)
-    bandwidth = 1.0
+    bandwidth = threshold_scale = 1.0
     if tc_config.activation == "jumprelu":  # relative to the initial thresholds' scale
-        bandwidth = config.bandwidth * max(float(transcoder.threshold.detach().mean()), 1e-8)
+        threshold_scale = max(float(transcoder.threshold.detach().mean()), 1e-8)
+        bandwidth = config.bandwidth * threshold_scale
     transcoder = transcoder.to(device)
     if tc_config.activation != "relu":
         # feature-major storage of W_enc [d_in, m] (strides (1, d_in)): the sparse encoder gradient is built
@@ -692,14 +701,19 @@ def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: Train
         transcoder.W_enc = torch.nn.Parameter(transcoder.W_enc.detach().t().contiguous().t())
     if tc_config.activation == "batchtopk":  # estimated, not trained (finish_layer)
         transcoder.threshold.requires_grad_(False)
-    params = [p for p in transcoder.parameters() if p.requires_grad]
+    weights = [p for name, p in transcoder.named_parameters() if p.requires_grad and name != "threshold"]
+    groups = [dict(params=weights, lr_scale=1.0)]
+    if tc_config.activation == "jumprelu":
+        # JumpReLU's thresholds step in units of their own initial size, so that a step changes a
+        # threshold by about lr of itself (as training log thresholds would) whatever the activations' scale
+        groups.append(dict(params=[transcoder.threshold], lr_scale=threshold_scale))
     lr = config.learning_rate_for(tc_config.n_features)
-    optimizer = (ScheduleFreeSign(params, lr=lr) if config.optimizer == "signum"
-                 else torch.optim.Adam(params, lr=lr, fused=True))  # one pass over each tensor (half the time)
+    optimizer = (ScheduleFreeSign(groups, lr=lr) if config.optimizer == "signum"
+                 else torch.optim.Adam(groups, lr=lr, fused=True))  # one pass over each tensor (half the time)
     m = tc_config.n_features
     return LayerState(transcoder, optimizer, torch.zeros(m, dtype=torch.long, device=device),
                       torch.zeros(m, dtype=torch.long, device=device),
-                      scales=LossScales(stats.target_variance, bandwidth))
+                      scales=LossScales(stats.target_variance, bandwidth, threshold_scale))
 
 
 def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
@@ -1094,7 +1108,7 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
     if not bool(torch.isfinite(result.loss)):
         raise NonFiniteLoss(f"the loss became {float(result.loss.detach())} at step {step + 1} (layer {layer})")
     for group in state.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     state.optimizer.zero_grad(set_to_none=True)
     result.loss.backward()
     dist.average_gradients([p for p in transcoder.parameters() if p.requires_grad])

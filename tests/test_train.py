@@ -365,7 +365,7 @@ def test_sparse_step_gradients_equal_dense_autograd():
                 transcoder.threshold.uniform_(0.1, 0.6)
         dead = torch.zeros(12, dtype=torch.bool)
         dead[[2, 5, 9]] = True
-        scales = tr.LossScales(target_variance=3.0, bandwidth=0.2)
+        scales = tr.LossScales(target_variance=3.0, bandwidth=0.2, threshold_scale=0.7)
         result = tr.sparse_loss(transcoder, x, y, dead, config, scales)
         params = dict(transcoder.named_parameters())
         sparse = dict(zip(params, torch.autograd.grad(result.loss, list(params.values()), allow_unused=True)))
@@ -392,6 +392,9 @@ def test_sparse_step_gradients_equal_dense_autograd():
         aux_mask = torch.zeros_like(dead_pre).scatter(1, dead_pre.detach().topk(3, dim=1).indices, 1.0)
         aux_out = (dead_pre * aux_mask) @ transcoder.W_dec[dead]
         aux = (aux_out - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        if activation == "jumprelu":  # the AuxK entries are pulled up to their thresholds too
+            gap = torch.relu(transcoder.threshold.detach()[dead] - dead_pre) * aux_mask
+            aux = aux + gap.sum() / aux_mask.sum() / scales.threshold_scale
         loss = loss + config.aux_coef * aux
         if activation == "jumprelu":
             loss = loss + 0.05 * l0
