@@ -243,14 +243,14 @@ _tc() {
                     '*--l1-warmup[Steps over which the L1 coefficient ramps linearly from 0 (0\: none, the paper).]:value:_files' \
                     '*--normalize-mse[Divide each token'\''s squared error by the norm of its target (the reference code'\''s normalisation).]' \
                     '*--optimizer[adam (with the decoder-norm constraint and the schedule below) or signum (sign descent with schedule-free momentum, sparsify'\''s; constant lr after warm-up, the averaged weights are saved).]:value:_files' \
-                    '*--lr[Learning rate (default\: adam 7.5e-4, signum 5e-3, times 1/sqrt(features / 16384)\: adam 3e-3 at 1,024 features).]:value:_files' \
+                    '*--lr[Learning rate (default\: adam 1.5e-3, signum 5e-3, times 1/sqrt(features / 16384)\: adam 6e-3 at 1,024 features).]:value:_files' \
                     '*--decoder-norm[unit (decoder rows kept at norm 1; the paper'\''s, needed by relu'\''s L1) or free.]:value:_files' \
                     '*--warmup-steps[Steps of linear learning-rate warm-up from 0.]:value:_files' \
                     '*--lr-decay[Fraction of the run, at its end, over which the learning rate decays linearly to 0 (0\: constant after warm-up, the paper; default\: adam 0.3, signum 0).]:value:_files' \
                     '*--batch-size[Tokens per step.]:value:_files' \
                     '*--tokens[Training tokens (accepts 200k, 12M); the cache is read again, reshuffled, as often as needed.]:value:_files' \
                     '*--shuffle-buffer[Tokens held in the shuffle buffer\: each batch is drawn from this many tokens of randomly chosen rows (bounds memory).]:value:_files' \
-                    '*--dead-window[A feature is dead after this many steps without firing.]:value:_files' \
+                    '*--dead-window[A feature is dead after this many steps without firing (AuxK and ghost gradients train the dead ones).]:value:_files' \
                     '*--ghost-grads[relu\: train dead features on the residual target - output with ghost gradients.]' \
                     '*--no-ghost-grads[relu\: train dead features on the residual target - output with ghost gradients.]' \
                     '*--aux-k[topk, batchtopk, jumprelu\: dead features used by the auxiliary loss (AuxK) that revives them; 0\: off.]:value:_files' \

@@ -172,11 +172,13 @@ def table(work: Path, names: list[str]) -> str:
             dead = [r["dead_features"] / r["n_features"] for r in mine]
             fvu = " / ".join(f"{r['fvu']:.3f}" for r in mine)
             recovered = " / ".join(f"{r['recovered_zero']:.3f}" for r in mine)
-            times = " / ".join(f"{r['train_wall_s']:.0f} ({r['train_cpu_s']:.0f})" for r in mine)
+            times = " / ".join(f"{r['train_wall_s']:.0f} ({r['train_cpu_s']:.0f})" if r["train_cpu_s"] else "-"
+                               for r in mine)
             seeds = ",".join(str(r["seed"]) for r in mine)
             l0 = sum(r["l0"] for r in mine) / len(mine)
+            dead_range = f"{min(dead):.1%}" if min(dead) == max(dead) else f"{min(dead):.1%}-{max(dead):.1%}"
             lines.append(f"| {name} | {layer} | {seeds} | {l0:.1f} | {fvu} | {recovered} | "
-                         f"{min(dead):.1%}-{max(dead):.1%} | {times} |")
+                         f"{dead_range} | {times} |")
     return "\n".join(lines)
 
 
