@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -189,8 +190,8 @@ def main() -> None:
             target = 60 if label == "memory" else 55
             print(f"{activation:9s} {label:6s}: {rate:9,.0f} tokens/s; matmul {peak / 1e9:.1f} GFLOP/s -> ceiling "
                   f"{ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% (target >= {target}%); steps "
-                  f"{' '.join(f'{t:.2f}' for t in step_times)} s, products {' '.join(f'{t:.2f}' for t in probe_times)} s",
-                  flush=True)
+                  f"{' '.join(f'{t:.2f}' for t in step_times)} s, "
+                  f"products {' '.join(f'{t:.2f}' for t in probe_times)} s; load average {os.getloadavg()[0]:.1f}", flush=True)
     tmp.cleanup()
 
 

@@ -158,6 +158,8 @@ def _save(fig, out: str) -> Path:
 
 def plot_pareto(points: list[ParetoPoint], out: str, metric: str, title: Optional[str] = None) -> Path:
     plt = _pyplot()
+    from matplotlib import ticker
+
     layers = sorted({p.layer for p in points})
     series = sorted({p.series for p in points})
     fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 3.8), squeeze=False, sharey=True)
@@ -169,6 +171,10 @@ def plot_pareto(points: list[ParetoPoint], out: str, metric: str, title: Optiona
                 ax.plot([p.l0 for p in mine], [p.value for p in mine], marker=markers[i % len(markers)],
                         label=name, color=f"C{i}")
         ax.set_xscale("log")
+        # plain numbers on the log axis (L0 spans a few units to a few hundred; 1.6 x 10^1 reads badly)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.set_xlabel("L0 (active features per token)")
         ax.set_title(f"layer {layer}")
         ax.grid(True, which="both", alpha=0.3)
