@@ -113,7 +113,7 @@ def _plain_file(folder: Path) -> Path:
 def test_info_reads_what_convert_writes_and_names_the_model_given(artefacts):
     result = run_tc("info", str(artefacts.saelens))  # SAELens folders written by tc convert
     assert result.returncode == 0, result.stderr
-    assert "set of 2 transcoders" in result.stdout and "layer 1: transcoder (topk)" in result.stdout
+    assert "set of 2 transcoders" in result.stdout and "layer 1: transcoder (topk k=" in result.stdout
     result = run_tc("info", str(artefacts.saelens / "layer_0"))
     assert result.returncode == 0 and "layer 0: transcoder" in result.stdout, result.stderr
     summary = json.loads(run_tc("info", "--json", str(artefacts.cache)).stdout)
