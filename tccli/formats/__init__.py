@@ -9,8 +9,10 @@ Readable (``load_transcoder_set`` takes any of these, a folder of single ones, o
     paper-pt        the paper's GPT-2 .pt files (restricted unpickler)
     gemma-scope     params.npz (a file, a folder holding one, or a layer_L/... tree with one per layer)
     circuit-tracer  a set: config.yaml + layer_{i}.safetensors (or the files config.yaml lists)
+    peek            the paper authors' Peek folders: sae_info.json + sae.json + sae.safetensors (their
+                    Pythia-2.8B and re-packaged GPT-2 sets)
 
-Writable (``tc convert --to``): tc, saelens, sparsify, gemma-scope, circuit-tracer, where the format can
+Writable (``tc convert --to``): tc, saelens, sparsify, gemma-scope, circuit-tracer, peek, where the format can
 hold the transcoder (each writer refuses with one line what it cannot express).
 """
 
@@ -24,7 +26,7 @@ import torch
 
 from tccli.config import option
 from tccli.errors import fail
-from tccli.formats import circuit_tracer, gemma_scope, paper, saelens, sparsify
+from tccli.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
 from tccli.formats.hub import download, looks_like_hub_id
 from tccli.transcoder import Transcoder
 from tccli.transcoder_io import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
@@ -36,8 +38,9 @@ SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transco
     ("sparsify", sparsify.detect, sparsify.read),
     ("paper-pt", paper.detect, paper.read),
     ("gemma-scope", gemma_scope.detect, gemma_scope.read),
+    ("peek", peek.detect, peek.read),
 ]
-WRITE_FORMATS = ("tc", "saelens", "sparsify", "gemma-scope", "circuit-tracer")
+WRITE_FORMATS = ("tc", "saelens", "sparsify", "gemma-scope", "circuit-tracer", "peek")
 
 
 def format_of(path: Path) -> Optional[str]:
@@ -62,8 +65,8 @@ def load_any_transcoder(path: str | Path, device: str | torch.device = "cpu") ->
     for _, detect, read in SINGLE_FORMATS:
         if detect(path):
             return read(path).to(device)
-    raise fail(f"{path} is not a transcoder: expected a tc, SAELens or sparsify folder, a paper .pt file or a "
-               "Gemma Scope params.npz")
+    raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file "
+               "or a Gemma Scope params.npz")
 
 
 def resolve(path: str | Path) -> Path:
@@ -88,8 +91,8 @@ def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
     if gemma_scope.is_set(path):
         return {layer: gemma_scope.read(file, layer) for layer, file in gemma_scope.find_set(path).items()}
     if not path.is_dir():
-        raise fail(f"{path} is not a transcoder: expected a tc, SAELens or sparsify folder, a paper .pt file, a "
-                   "Gemma Scope params.npz, a circuit-tracer set (config.yaml) or a folder of them")
+        raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file, "
+                   "a Gemma Scope params.npz, a circuit-tracer set (config.yaml) or a folder of them")
     out: dict[int, Transcoder] = {}
     children = sorted(p for p in path.iterdir() if single_transcoder_path(p))
     if not children:
@@ -128,6 +131,7 @@ WRITERS: dict[str, tuple[Callable, Callable]] = {
     "saelens": (saelens.check, saelens.write),
     "sparsify": (sparsify.check, sparsify.write),
     "gemma-scope": (gemma_scope.check, gemma_scope.write),
+    "peek": (peek.check, peek.write),
 }
 
 
@@ -200,12 +204,13 @@ class ConvertConfig:
     """Options of `tc convert`."""
 
     input: str = option("", "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
-                        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt), a folder of them, or a hub id.",
+                        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
+                        "hub id.",
                         required=True)
     out: str = option("", "Where to write: one folder for one transcoder, else a folder of per-layer folders "
                       "(must not exist or be empty).", required=True)
-    to: str = option("tc", "Output format: tc, saelens, sparsify, gemma-scope or circuit-tracer (the paper's .pt "
-                     "format is read only).")
+    to: str = option("tc", "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
+                     "paper's .pt format is read only).")
 
     def validate(self) -> None:
         if self.to not in WRITE_FORMATS:
