@@ -85,6 +85,26 @@ def bad_saelens(**changes):
     return setup
 
 
+def bad_peek(target: str, **changes):
+    """setup: the layer-0 transcoder written as a Peek folder (no tc_config) with ``changes`` to ``target``
+    (sae.json or sae_info.json; no changes: the file removed): ``{bad}``."""
+    def setup(tmp: Path, a) -> dict:
+        from tccli.formats import load_transcoder_set, peek
+
+        folder = peek.write(load_transcoder_set(a.tc0)[0], tmp / "bad_peek")
+        info = json.loads((folder / "sae_info.json").read_text())
+        info.pop("tc_config")
+        (folder / "sae_info.json").write_text(json.dumps(info))
+        if not changes:
+            (folder / target).unlink()
+        else:
+            data = json.loads((folder / target).read_text())
+            data.update(changes)
+            (folder / target).write_text(json.dumps(data))
+        return {"bad": folder}
+    return setup
+
+
 def truncated(artefact: str, inner: str = "", keep: int = 200):
     """setup: a copy of an artefact (file, or ``inner`` file of a folder) cut to ``keep`` bytes: ``{bad}``."""
     def setup(tmp: Path, a) -> dict:
@@ -550,6 +570,16 @@ CASES["convert"] = [
          setup=bad_saelens(k=-4)),
     Case("saelens-tc-config", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "d_in must be a positive integer",
          setup=lambda tmp, a: _saelens_tc_config(tmp, a, d_in="wide")),
+    Case("peek-act-fn", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "act_fn 'id' is not supported",
+         setup=bad_peek("sae.json", act_fn="id")),
+    Case("peek-dtype", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "is not a floating-point type",
+         setup=bad_peek("sae.json", dtype="torch.int64")),
+    Case("peek-num-features", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "num_features must be a positive",
+         setup=bad_peek("sae.json", num_features=0)),
+    Case("peek-sublayer", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "sublayer 'attn_out' is not supported",
+         setup=bad_peek("sae_info.json", input_layer={"layer": 0, "sublayer": "attn_out"})),
+    Case("peek-no-info", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "needs sae_info.json",
+         setup=bad_peek("sae_info.json")),
     Case("malicious-pt", (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"), "refusing to load", setup=malicious_pt),
     Case("pt-not-torch", (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"), "is not a torch.save file",
          setup=write_file("x.pt", "not a torch file")),
