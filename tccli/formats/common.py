@@ -78,6 +78,25 @@ def filled(config: TranscoderConfig, tensors: dict[str, torch.Tensor], where: st
     return transcoder
 
 
+def positive_int(config: dict, key: str, default: Any, where: str) -> int:
+    """A positive integer field of a foreign config (one line naming it otherwise)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def restored_config(tc_config: Any, where: str) -> Optional[TranscoderConfig]:
+    """The full tc config a tc writer kept in a foreign config (under ``tc_config``), or None if there is none."""
+    if not isinstance(tc_config, dict):
+        return None
+    try:
+        config = TranscoderConfig(**tc_config)
+    except TypeError as exc:
+        raise fail(f"{where}: its tc_config is not a tc transcoder config: {exc}") from None
+    return config.validate(f"{where} (tc_config)")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -39,8 +39,8 @@ from typing import Any, Optional
 import torch
 
 from tccli.errors import fail
-from tccli.formats.common import (filled, input_bias_folded, read_json, read_safetensors, source, space_of_hook,
-                                  write_safetensors, write_text)
+from tccli.formats.common import (filled, input_bias_folded, positive_int, read_json, read_safetensors,
+                                  restored_config, source, space_of_hook, write_safetensors, write_text)
 from tccli.transcoder import Transcoder, TranscoderConfig
 
 INFO = "sae_info.json"
@@ -67,13 +67,6 @@ def _plain_name(value: Any, key: str, where: str) -> str:
     return value
 
 
-def _count(cfg: dict, key: str, default: Any, where: str) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(f"{where}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
 def _layer_sublayer(info: dict, key: str, where: str) -> tuple[int, str]:
     entry = info.get(key)
     if not isinstance(entry, dict):
@@ -92,7 +85,7 @@ def _activation(cfg: dict, where: str) -> tuple[str, Optional[int]]:
     if act_fn == "relu":
         return "relu", None
     if act_fn == "top_k":
-        return "topk", _count(cfg, "top_k", None, where)
+        return "topk", positive_int(cfg, "top_k", None, where)
     raise fail(f"{where}: act_fn {act_fn!r} is not supported (relu and top_k are)")
 
 
@@ -116,9 +109,9 @@ def read(folder: str | Path) -> Transcoder:
     if not weights_file.is_file():
         raise fail(f"{folder} lacks {weights_file.name}, which {config_file.name} names")
 
-    d_in = _count(cfg, "d_in", None, cfg_where)
-    n_features = _count(cfg, "num_features", None, cfg_where)
-    d_out = d_in if cfg.get("d_out") is None else _count(cfg, "d_out", None, cfg_where)
+    d_in = positive_int(cfg, "d_in", None, cfg_where)
+    n_features = positive_int(cfg, "num_features", None, cfg_where)
+    d_out = d_in if cfg.get("d_out") is None else positive_int(cfg, "d_out", None, cfg_where)
     if cfg.get("dtype") not in FLOAT_DTYPES:
         raise fail(f"{cfg_where}: dtype {cfg.get('dtype')!r} is not a floating-point type")
     activation, k = _activation(cfg, cfg_where)
@@ -138,14 +131,8 @@ def read(folder: str | Path) -> Transcoder:
     for name in TENSORS:
         if name not in tensors:
             raise fail(f"{weights_file} lacks tensor {name}")
-    tc_config = info.get("tc_config")
-    if isinstance(tc_config, dict):  # written by tc: restore everything it knew
-        try:
-            config = TranscoderConfig(**tc_config)
-        except TypeError as exc:
-            raise fail(f"{where}: its tc_config is not a tc transcoder config: {exc}") from None
-        config.validate(f"{where} (tc_config)")
-    else:
+    config = restored_config(info.get("tc_config"), where)  # written by tc: everything it knew
+    if config is None:
         from tccli.models import WEIGHT_PROCESSING
 
         model = info.get("model_path")

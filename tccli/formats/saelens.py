@@ -33,8 +33,9 @@ from typing import Any, Optional
 import torch
 
 from tccli.errors import fail
-from tccli.formats.common import (filled, hook_of_space, input_bias_folded, layer_of_hook, read_json,
-                                  read_safetensors, source, space_of_hook, write_safetensors, write_text)
+from tccli.formats.common import (filled, hook_of_space, input_bias_folded, layer_of_hook, positive_int, read_json,
+                                  read_safetensors, restored_config, source, space_of_hook, write_safetensors,
+                                  write_text)
 from tccli.transcoder import OUTPUT_SPACES, Transcoder, TranscoderConfig
 
 CONFIG = "cfg.json"
@@ -69,14 +70,6 @@ def _activation(name: str, k: Any, where: str) -> tuple[str, Optional[int]]:
     raise fail(f"{where}: activation {name!r} is not supported by tc (relu and topk are)")
 
 
-def _size(config: dict, key: str, default: Any, where: str) -> int:
-    """A positive integer field of a foreign config (one line naming it otherwise)."""
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(f"{where}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
 def read(folder: str | Path) -> Transcoder:
     """A SAELens folder (SAE or transcoder) as a tc Transcoder."""
     folder = Path(folder)
@@ -109,20 +102,14 @@ def read(folder: str | Path) -> Transcoder:
 
     hook_in = merged.get("hook_name", merged.get("hook_point"))
     hook_out = merged.get("hook_name_out", merged.get("out_hook_point")) if is_transcoder else hook_in
-    d_in = _size(merged, "d_in", tensors["W_enc"].shape[0] if "W_enc" in tensors else 0, where)
-    d_out = _size(merged, "d_out", d_in, where) if is_transcoder else d_in
-    n_features = _size(merged, "d_sae", tensors["W_enc"].shape[1] if "W_enc" in tensors else 0, where)
+    d_in = positive_int(merged, "d_in", tensors["W_enc"].shape[0] if "W_enc" in tensors else 0, where)
+    d_out = positive_int(merged, "d_out", d_in, where) if is_transcoder else d_in
+    n_features = positive_int(merged, "d_sae", tensors["W_enc"].shape[1] if "W_enc" in tensors else 0, where)
     layer = merged.get("hook_layer", merged.get("hook_point_layer"))
     layer = int(layer) if isinstance(layer, int) and not isinstance(layer, bool) else layer_of_hook(hook_in)
 
-    tc_config = cfg.get("tc_config")
-    if isinstance(tc_config, dict):  # written by tc: restore everything it knew
-        try:
-            config = TranscoderConfig(**tc_config)
-        except TypeError as exc:
-            raise fail(f"{where}: its tc_config is not a tc transcoder config: {exc}") from None
-        config.validate(f"{folder / CONFIG} (tc_config)")
-    else:
+    config = restored_config(cfg.get("tc_config"), str(folder / CONFIG))  # written by tc: everything it knew
+    if config is None:
         input_space, output_space = _spaces(merged, hook_in, hook_out, is_transcoder, where)
         config = TranscoderConfig(
             d_in=d_in, d_out=d_out, n_features=n_features, activation=activation, k=k, skip=skip,
