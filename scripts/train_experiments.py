@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" if (ROOT.parent / "shared").is_dir() else Path("/work/shared")
@@ -81,6 +82,13 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         **{f"sae-topk-k{k}": ["--tokens", "4M", "--kind", "sae", "--k", str(k)] for k in (8, 32)},
         **{f"sae-relu-l1-{c}": ["--tokens", "4M", "--kind", "sae", "--activation", "relu", "--l1", c]
            for c in ("0.3", "1.5")},
+    },
+    # layer 2's MLP writes less than layer 4's, so the paper's unnormalised L1 at layer 4's lambda (0.7) kills
+    # almost every feature there (L0 0.6): smaller lambdas for the layer-2 rows of the kinds table
+    "relu-layer2": {
+        **{f"relu-l1-{c}": ["--tokens", "4M", "--activation", "relu", "--l1", c] for c in ("0.05", "0.15")},
+        **{f"relu-skip-l1-{c}": ["--tokens", "4M", "--activation", "relu", "--l1", c, "--skip"]
+           for c in ("0.05", "0.15")},
     },
 }
 # the L0 ~16 coefficients of the kinds table, read off the pareto sweep on layer 4
@@ -165,8 +173,9 @@ def run_one(work: Path, name: str, flags: list[str], layers: list[int], seed: in
         + f" ({train_wall:.0f} s, {train_cpu:.0f} CPU s, load {load0:.1f}-{load1:.1f})", file=sys.stderr)
 
 
-def table(work: Path, names: list[str]) -> str:
+def table(work: Path, names: list[str], layers: Optional[list[int]] = None) -> str:
     rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if layers is None or r["layer"] in layers]
     lines = ["| run | layer | seeds | L0 | FVU | CE recovered | dead on held-out | train s (CPU s) |",
              "|---|---:|---|---:|---|---|---:|---|"]
     for name in names:
@@ -200,7 +209,7 @@ def pareto(work: Path, names: list[str], layers: list[int], out: Path) -> None:
                     evals[-1].write_text(json.dumps(evaluation))
         if not evals:
             sys.exit("no evaluated runs to plot")
-        result = tc("plot", "pareto", *map(str, evals), "-o", str(out), "--title",
+        result = tc("plot", "pareto", *map(str, evals), "-o", str(out), "--force", "--title",
                     "stories260K: CE loss recovered against L0 (held-out text, 1,024 features, 4M tokens)")
         if result.returncode:
             sys.exit(result.stderr)
@@ -213,7 +222,8 @@ def main() -> None:
     parser.add_argument("group", nargs="+")
     parser.add_argument("-o", "--out", default=str(ROOT / "docs" / "pareto-stories260k.svg"), help="pareto: the figure")
     parser.add_argument("--work", default=str(ROOT / "runs" / "train-experiments"))
-    parser.add_argument("--layers", default="4", help="comma-separated; one tc train per run covers them all")
+    parser.add_argument("--layers", default=None, help="comma-separated; one tc train per run covers them all "
+                        "(run and pareto: default 4; table: default every layer measured)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--only", default=None, help="comma-separated run names within the group(s)")
     args = parser.parse_args()
@@ -222,15 +232,16 @@ def main() -> None:
     runs = {name: flags for group in args.group for name, flags in GROUPS[group].items()}
     if args.only:
         runs = {name: runs[name] for name in args.only.split(",")}
+    layers = [int(layer) for layer in args.layers.split(",")] if args.layers else None
     if args.action == "run":
-        layers = [int(layer) for layer in args.layers.split(",")]
+        layers = layers or [4]
         for seed in (int(s) for s in args.seeds.split(",")):
             for name, flags in runs.items():
                 run_one(work, name, flags, layers, seed)
     elif args.action == "pareto":
-        pareto(work, list(runs), [int(layer) for layer in args.layers.split(",")], Path(args.out))
+        pareto(work, list(runs), layers or [4], Path(args.out))
     else:
-        print(table(work, list(runs)))
+        print(table(work, list(runs), layers))
 
 
 if __name__ == "__main__":
