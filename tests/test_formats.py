@@ -114,7 +114,7 @@ def test_info_shows_kind_spaces_and_source(tmp_path):
     assert "from circuit-tracer" in text and "some/model" in text
 
 
-def test_hub_id_offline_is_one_line(tmp_path):
+def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
     result = run_tc("info", "nobody-here/no-such-transcoders", env={"HF_HUB_OFFLINE": "1",
                                                                     "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode != 0
@@ -124,16 +124,7 @@ def test_hub_id_offline_is_one_line(tmp_path):
 
     assert hub.looks_like_hub_id("mntss/transcoder-Llama-3.2-1B") and not hub.looks_like_hub_id("/abs/path")
     assert hub.split_hub_id("org/repo/sub/dir@rev") == ("org/repo", "sub/dir", "rev")
-    import os
-
-    previous = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HOME")}
-    os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    try:
-        with pytest.raises(TcError, match="cannot download nobody-here/no-such-transcoders from the HuggingFace hub"):
-            load_transcoder_set("nobody-here/no-such-transcoders")
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(TcError, match="cannot download nobody-here/no-such-transcoders from the HuggingFace hub"):
+        load_transcoder_set("nobody-here/no-such-transcoders")
