@@ -175,11 +175,14 @@ def eval_command(config: EvalConfig) -> None:
 @app.command("convert", epilog=example("tc convert --input tcs --out tcs-saelens --to saelens"))
 @command_from(ConvertConfig)
 def convert_command(config: ConvertConfig) -> None:
-    """Convert transcoders between tc folders, SAELens folders and the paper's .pt files (read only)."""
+    """Convert transcoders between tc folders and every public format (see tc info's formats)."""
     from tccli.formats import convert
 
-    for folder in convert(config.input, config.out, config.to):
+    notes: list[str] = []
+    for folder in convert(config.input, config.out, config.to, notes=notes):
         print(folder)
+    for note in notes:
+        print(f"tc convert: note: {note}", file=sys.stderr)
 
 
 # ============================================================================ tc circuit / export / deembed (issue 4)

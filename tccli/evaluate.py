@@ -125,7 +125,7 @@ class ReconstructionStats:
         """target, output: [..., d]; acts: [..., m] feature activations."""
         y = target.reshape(-1, target.shape[-1]).double()
         yhat = output.reshape(-1, output.shape[-1]).double()
-        active = acts.reshape(-1, acts.shape[-1]) > 0
+        active = acts.reshape(-1, acts.shape[-1]) != 0  # signed_topk keeps negative values: active too
         if self.target_sum is None:
             self.d = y.shape[-1]
             self.target_sum = torch.zeros(self.d, dtype=torch.float64, device=y.device)

@@ -66,7 +66,7 @@ class ParetoPoint:
 def series_name(kind: str, description: Optional[dict]) -> str:
     """'transcoder TopK', 'SAE ReLU+L1', 'skip transcoder JumpReLU', ...; from the per-layer description
     `tc eval --json` writes (older files have only the kind)."""
-    names = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU+L1"}
+    names = {"topk": "TopK", "signed_topk": "signed TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU+L1"}
     who = "SAE" if kind == "sae" else "transcoder"
     if not description:
         return who

@@ -6,7 +6,10 @@
 
 ``act`` is one of
 - ``relu``: ReLU(pre) (the paper; sparsity from an L1 penalty);
-- ``topk``: the k largest pre-activations of each token, then ReLU;
+- ``topk``: the k largest pre-activations of each token, then ReLU (what tc, SAELens and sparsify train);
+- ``signed_topk``: the k largest pre-activations of each token as they are, negative ones included
+  (circuit-tracer's and Peek's TopK). The two differ only on a token with fewer than k positive
+  pre-activations; tc reads those formats' TopK as this kind, so that they are used exactly as trained;
 - ``batchtopk``: during training the k x batch largest entries of the batch (train.py); at inference
   ``pre * (pre > threshold)`` with the threshold estimated during training (Bussmann et al. 2024);
 - ``jumprelu``: ``pre * (pre > threshold_i)``, a threshold per feature (Gemma Scope).
@@ -30,9 +33,9 @@ from torch import nn
 
 from tccli.errors import fail
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+ACTIVATIONS = ("relu", "topk", "signed_topk", "batchtopk", "jumprelu")
 THRESHOLD_ACTIVATIONS = ("batchtopk", "jumprelu")  # the kinds with a `threshold` tensor
-K_ACTIVATIONS = ("topk", "batchtopk")  # the kinds that need k
+K_ACTIVATIONS = ("topk", "signed_topk", "batchtopk")  # the kinds that need k
 KINDS = ("transcoder", "sae")
 # What the transcoder reads (METHOD.md section 8), with r the residual the MLP's norm reads:
 #   normalized  r_c / s: the norm's output with its weight folded into the MLP (tc's own; compatibility
@@ -53,7 +56,7 @@ class TranscoderConfig:
     d_out: int
     n_features: int
     activation: str = "relu"  # one of ACTIVATIONS
-    k: Optional[int] = None  # active features per token for topk and batchtopk
+    k: Optional[int] = None  # active features per token for topk, signed_topk and batchtopk
     skip: bool = False  # a skip connection x W_skip
     kind: str = "transcoder"  # "transcoder" (MLP in -> MLP out) or "sae" (MLP out -> MLP out)
     input_space: str = "normalized"  # one of INPUT_SPACES (an SAE reads its output space)
@@ -134,10 +137,11 @@ class Transcoder(nn.Module):
         activation = self.config.activation
         if activation == "relu":
             return torch.relu(pre)
-        if activation == "topk":
+        if activation in ("topk", "signed_topk"):
             k = min(int(self.config.k), pre.shape[-1])
             top = pre.topk(k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+            values = torch.relu(top.values) if activation == "topk" else top.values
+            return torch.zeros_like(pre).scatter(-1, top.indices, values)
         return pre * (pre > self.threshold)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def random_transcoders(info, n_features: int = 48, seed: int = 0, dtype=torch.fl
         transcoder = Transcoder(TranscoderConfig(
             d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=layer, model_name=info.name,
             model_architecture=info.architecture, weight_processing=dict(info.weight_processing),
-            activation=activation, k=n_features // 4 if activation in ("topk", "batchtopk") else None,
+            activation=activation, k=n_features // 4 if activation in ("topk", "signed_topk", "batchtopk") else None,
             skip=skip, input_space=input_space, output_space=output_space,
             input_hook=hooks.mlp_in if tc_spaces else None, output_hook=hooks.mlp_out if tc_spaces else None))
         with torch.no_grad():

@@ -19,7 +19,8 @@ PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed: int = 0) -> Transcoder:
     """The same weights as another kind of transcoder (thresholds and W_skip random)."""
     config = TranscoderConfig(**{**transcoder.config.to_dict(), "activation": activation, "skip": skip,
-                                 "k": 6 if activation in ("topk", "batchtopk") else None})
+                                 # signed_topk keeps 30 of 48: most tokens then keep negative values too
+                                 "k": {"topk": 6, "batchtopk": 6, "signed_topk": 30}.get(activation)})
     out = Transcoder(config).to(transcoder.W_enc.dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -114,13 +115,15 @@ def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_to
             assert bool((error <= 1e-5 * scale).all()), (arch, spaces, float((error / scale).max()))
 
 
-@pytest.mark.parametrize("kind, skip", [("topk", False), ("batchtopk", False), ("jumprelu", False),
-                                        ("relu", True)])
+@pytest.mark.parametrize("kind, skip", [("topk", False), ("signed_topk", False), ("batchtopk", False),
+                                        ("jumprelu", False), ("relu", True)])
 def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, one_torch_thread):
     loaded, frozen = frozen_for(tiny_model_dirs["llama"], kind=kind, skip=skip)
     targets, weights = ag.salient_logit_targets(frozen, 8, max_logits=3)
     graph = ag.build_graph(frozen, targets, weights, ALL)
     assert graph.table.n_features > 10
+    if kind == "signed_topk":  # active features with negative activations are nodes like any other
+        assert int((graph.table.feature_activation < 0).sum()) > 10
     for chunk, total, magnitude in dense_row_sums(graph):
         error = (total + chunk.bias - chunk.target_value).abs()
         assert bool((error <= 1e-5 * (magnitude + chunk.bias.abs())).all())

@@ -56,6 +56,14 @@ def test_reconstruction_stats_by_hand():
     assert result["dense_features"] == 1  # feature 0 fires on 100% > 60%; feature 1 on 50%
 
 
+def test_negative_activations_count_as_active():
+    # signed_topk (circuit-tracer's, Peek's TopK) keeps negative values: they are written to the output
+    stats = ReconstructionStats(n_features=3)
+    stats.update(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, -0.25, 0.0]]))
+    result = stats.result(dense_threshold=0.6)
+    assert result["l0"] == 2.0 and result["dead_features"] == 1
+
+
 def test_mean_output_per_position_and_global():
     a = torch.tensor([[[1.0], [2.0]], [[3.0], [6.0]]])  # [batch 2, seq 2, d 1]
     per_position, overall = MeanOutput(True), MeanOutput(False)

@@ -81,10 +81,15 @@ def test_activation_from_config_and_topk(tmp_path):
         assert torch.allclose(relu[1](x)[0], circuit_tracer_formula(layers[1], x)[0], atol=1e-4)
     layers = write_set(tmp_path / "topk", jumprelu=False, skip=False, extra={"activation": "topk", "k": 5})
     topk = load_transcoder_set(tmp_path / "topk")
-    assert topk[0].config.activation == "topk" and topk[0].config.k == 5
-    with torch.no_grad():  # with at least k positive pre-activations, circuit-tracer's TopK is tc's
-        x = x * 0 + layers[0]["W_enc"][:5].sum(0) * 10
-        assert torch.allclose(topk[0](x)[0], circuit_tracer_formula(layers[0], x, topk=5)[0], atol=1e-3)
+    assert topk[0].config.activation == "signed_topk" and topk[0].config.k == 5
+    with torch.no_grad():  # circuit-tracer's TopK keeps negative values among the k largest: so does tc's reading
+        for shift in (0.0, -100.0):  # -100: every pre-activation negative, the k largest kept as they are
+            tensors = dict(layers[0], b_enc=layers[0]["b_enc"] + shift)
+            topk[0].b_enc.copy_(tensors["b_enc"])
+            y, z = topk[0](x)
+            assert torch.allclose(y, circuit_tracer_formula(tensors, x, topk=5)[0], rtol=1e-5, atol=1e-4)
+            assert bool(((z != 0).sum(-1) == 5).all())
+        assert bool((z < 0).sum(-1).eq(5).all())
 
 
 def test_older_layout_lists_files(tmp_path):

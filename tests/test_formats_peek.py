@@ -13,6 +13,7 @@ from tccli.circuit import freeze_prompt
 from tccli.errors import TcError
 from tccli.formats import convert, format_of, load_transcoder_set, peek
 from tccli.models import load_model
+from tccli.transcoder_io import save_transcoder
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 
@@ -88,20 +89,19 @@ def test_peek_set_reads_exactly_on_tiny_neox(tiny_model_dirs, tmp_path):
 def test_peek_top_k_and_half_precision(tmp_path):
     tensors = peek_folder(tmp_path / "tk", 3, act_fn="top_k", top_k=4, dtype=torch.float16)
     transcoder = peek.read(tmp_path / "tk")
-    assert (transcoder.config.activation, transcoder.config.k, transcoder.config.layer) == ("topk", 4, 3)
+    assert (transcoder.config.activation, transcoder.config.k, transcoder.config.layer) == ("signed_topk", 4, 3)
     x = torch.randn(50, D)
-    with torch.no_grad():  # inputs with k positive pre-activations: identical
-        transcoder.b_enc.add_(5.0)
-    shifted = dict(tensors, b_enc=tensors["b_enc"] + 5.0)
-    y, z = peek_formula(shifted, x, "top_k", 4)
-    y_tc, z_tc = outputs(transcoder, x)
-    assert torch.allclose(z_tc, z, rtol=1e-5, atol=1e-6) and torch.allclose(y_tc, y, rtol=1e-5, atol=1e-5)
-    assert int((z_tc != 0).sum(-1).max()) == 4
-    # the one difference, documented: Peek keeps negative values among the k largest, tc's topk does not
-    with torch.no_grad():
-        transcoder.b_enc.sub_(100.0)
-    _, z_peek = peek_formula(dict(tensors, b_enc=tensors["b_enc"] - 95.0), x, "top_k", 4)
-    assert bool((z_peek < 0).any()) and not outputs(transcoder, x)[1].any()
+    # Peek keeps the k largest values as they are: all positive (+5), some negative (-3), all negative (-100)
+    negatives = []
+    for shift in (5.0, -3.0, -100.0):
+        with torch.no_grad():
+            transcoder.b_enc.copy_(tensors["b_enc"] + shift)
+        y, z = peek_formula(dict(tensors, b_enc=tensors["b_enc"] + shift), x, "top_k", 4)
+        y_tc, z_tc = outputs(transcoder, x)
+        assert torch.allclose(z_tc, z, rtol=1e-5, atol=1e-6) and torch.allclose(y_tc, y, rtol=1e-5, atol=1e-5)
+        assert bool(((z_tc != 0).sum(-1) == 4).all())
+        negatives.append(int((z_tc < 0).sum()))
+    assert negatives[0] == 0 < negatives[1] < negatives[2] == 50 * 4, negatives
 
 
 def test_peek_sae_on_mlp_out(tmp_path):
@@ -131,7 +131,9 @@ def test_peek_round_trips(tmp_path):
     original = random_transcoder(layer=2, activation="topk", k=3)
     peek.write(original, tmp_path / "one")
     again = peek.read(tmp_path / "one")
-    assert again.config == original.config
+    assert again.config == original.config  # tc's config travels with the folder: tc's own topk comes back
+    cfg = json.loads((tmp_path / "one" / "sae.json").read_text())
+    assert (cfg["act_fn"], cfg["top_k"]) == ("top_k", 3)
     x = torch.randn(20, D)
     assert torch.allclose(outputs(again, x)[0], outputs(original, x)[0], rtol=1e-5, atol=1e-4)
     with torch.no_grad():
@@ -139,6 +141,28 @@ def test_peek_round_trips(tmp_path):
     peek.write(original, tmp_path / "zero_b_pre")
     for a, b in zip(outputs(original, x), outputs(peek.read(tmp_path / "zero_b_pre"), x)):
         assert torch.equal(a, b)
+
+
+def test_signed_topk_round_trips_and_tc_topk_is_noted(tmp_path):
+    # circuit-tracer's / Peek's TopK (signed_topk) -> Peek -> tc: the same function, negative values included
+    signed = random_transcoder(layer=1, activation="signed_topk", k=3)
+    with torch.no_grad():
+        signed.b_enc.sub_(10.0)  # every pre-activation negative
+    peek.write(signed, tmp_path / "signed")
+    x = torch.randn(20, D)
+    again = peek.read(tmp_path / "signed")
+    z = outputs(again, x)[1]
+    assert again.config.activation == "signed_topk" and bool((z < 0).sum(-1).eq(3).all())
+    assert torch.allclose(outputs(again, x)[0], outputs(signed, x)[0], rtol=1e-5, atol=1e-4)
+    # tc's own topk converted to Peek: written, with one note on stderr; relu: no note
+    save_transcoder(random_transcoder(layer=1, activation="topk", k=3), tmp_path / "tc_topk")
+    save_transcoder(random_transcoder(layer=1), tmp_path / "tc_relu")
+    topk = run_tc("convert", "--input", str(tmp_path / "tc_topk"), "--out", str(tmp_path / "p1"), "--to", "peek")
+    relu = run_tc("convert", "--input", str(tmp_path / "tc_relu"), "--out", str(tmp_path / "p2"), "--to", "peek")
+    assert topk.returncode == 0 and relu.returncode == 0, topk.stderr + relu.stderr
+    assert topk.stdout.strip() == str(tmp_path / "p1") and (tmp_path / "p1" / "sae.json").is_file()
+    assert topk.stderr.count("tc convert: note: peek's TopK keeps the k largest pre-activations even when") == 1
+    assert "note" not in relu.stderr
 
 
 def test_peek_writer_refusals(tmp_path):

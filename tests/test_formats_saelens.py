@@ -205,3 +205,6 @@ def test_saelens_refuses_what_it_cannot_hold(tmp_path):
     with pytest.raises(TcError, match="negative threshold"):
         saelens.write(transcoder, tmp_path / "neg")
     assert not (tmp_path / "neg").exists()
+    with pytest.raises(TcError, match="SAELens's TopK applies ReLU after the selection; a signed_topk"):
+        saelens.write(random_transcoder(activation="signed_topk", k=3), tmp_path / "signed")
+    assert not (tmp_path / "signed").exists()

@@ -35,6 +35,13 @@ def test_topk_then_relu():
     assert torch.equal(tc.activate(pre), torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.5]]))
 
 
+def test_signed_topk_keeps_the_k_largest_as_they_are():
+    tc = make("signed_topk", k=2)
+    pre = torch.tensor([[3.0, -1.0, 2.0, 1.0], [-3.0, -1.0, -2.0, 0.5]])
+    # row 0: as topk; row 1 has one positive value, so the second largest (-1.0) is kept negative
+    assert torch.equal(tc.activate(pre), torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, -1.0, 0.0, 0.5]]))
+
+
 def test_skip_term_is_added_on_the_raw_input():
     tc = make("relu", skip=True, d=2, m=2)
     with torch.no_grad():

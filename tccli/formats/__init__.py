@@ -145,12 +145,19 @@ def _member_name(fmt: str, layer: int) -> str:
     return sparsify.folder_name(layer) if fmt == "sparsify" else layer_folder_name(layer)
 
 
-def convert(source: str | Path, destination: str | Path, fmt: str) -> list[Path]:
+# Formats whose TopK keeps the k largest pre-activations as they are (tc's signed_topk): tc's own topk
+# written there differs on tokens with fewer than k positive pre-activations.
+SIGNED_TOPK_FORMATS = ("circuit-tracer", "peek")
+
+
+def convert(source: str | Path, destination: str | Path, fmt: str, notes: Optional[list[str]] = None) -> list[Path]:
     """Convert a transcoder or a set (any readable format) to ``fmt`` under ``destination``.
 
     A single transcoder becomes one folder at ``destination``; a set becomes ``destination/layer_L``
     (sparsify: ``layers.L.mlp``; circuit-tracer: config.yaml + layer_L.safetensors). Refuses to write into
     an existing non-empty folder, and checks the whole set can be written before writing any of it.
+    Where the written file computes something other than the transcoder (tc's topk in a signed-TopK
+    format), one line saying so is appended to ``notes``.
     """
     import os
     import shutil
@@ -170,6 +177,11 @@ def convert(source: str | Path, destination: str | Path, fmt: str) -> list[Path]
     local = resolve(source)
     transcoders = load_transcoder_set(local)
     single = fmt != "circuit-tracer" and single_transcoder_path(local) and len(transcoders) == 1
+    if notes is not None and fmt in SIGNED_TOPK_FORMATS and any(
+            t.config.activation == "topk" for t in transcoders.values()):
+        notes.append(f"{fmt}'s TopK keeps the k largest pre-activations even when negative; tc's topk applies "
+                     "ReLU after the selection, so the two differ on tokens with fewer than k positive "
+                     f"pre-activations when {fmt} runs the files")
     members = {layer: Path() if single else Path(_member_name(fmt, layer)) for layer in transcoders}
     if fmt != "circuit-tracer":
         for layer, member in members.items():  # every layer must be expressible before anything is written

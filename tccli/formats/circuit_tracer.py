@@ -42,6 +42,10 @@ from tccli.transcoder import Transcoder, TranscoderConfig
 
 CONFIG = "config.yaml"
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+# tc kinds -> the circuit-tracer activation that stands for them. signed_topk is circuit-tracer's TopK
+# exactly; tc's topk (ReLU after the selection) is written as it too, which differs only on a token with
+# fewer than k positive pre-activations (tc convert says so on stderr).
+WRITTEN_AS = {"batchtopk": "jumprelu", "signed_topk": "topk"}
 
 
 def is_set(path: Path) -> bool:
@@ -141,6 +145,7 @@ def read_layer(file: Path, activation: Optional[str], k, info: dict) -> Transcod
         k = int(tensors["k"]) if k is None and "k" in tensors else k
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise fail(f"{where}: a topk transcoder needs k in config.yaml")
+        activation = "signed_topk"  # circuit-tracer's TopK keeps the k largest values as they are, even negative
     else:
         k = None
     m, d_in = tensors["W_enc"].shape
@@ -159,7 +164,7 @@ def read_layer(file: Path, activation: Optional[str], k, info: dict) -> Transcod
 def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Path]:
     """``folder/config.yaml`` + ``folder/layer_{i}.safetensors``. circuit-tracer needs layers 0..n-1 with one
     config: every transcoder must share its spaces, activation (batchtopk is written as jumprelu, its
-    inference rule) and k. ``b_pre`` is folded into ``b_enc``."""
+    inference rule; topk and signed_topk as topk, see WRITTEN_AS) and k. ``b_pre`` is folded into ``b_enc``."""
     import yaml
 
     folder = Path(folder)
@@ -169,11 +174,11 @@ def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Pa
         raise fail(f"{where}: circuit-tracer needs a transcoder for every layer from 0, got {layers}")
     configs = [transcoders[layer].config for layer in layers]
     first = configs[0]
-    activation = "jumprelu" if first.activation == "batchtopk" else first.activation
+    activation = WRITTEN_AS.get(first.activation, first.activation)
     for config in configs:
         same = (config.input_space, config.output_space, config.k, config.kind) == (
             first.input_space, first.output_space, first.k, first.kind)
-        if not same or ("jumprelu" if config.activation == "batchtopk" else config.activation) != activation:
+        if not same or WRITTEN_AS.get(config.activation, config.activation) != activation:
             raise fail(f"{where}: all layers must share spaces, activation and k (layer {config.layer} differs)")
     if first.kind != "transcoder":
         raise fail(f"{where}: circuit-tracer sets hold transcoders, not SAEs")

@@ -13,9 +13,10 @@ One folder per transcoder:
 
 ``SAE.forward`` computes ``z = act(x W_enc + b_enc)``, ``y = z W_dec + b_dec``: no input-side bias (tc's
 ``b_pre`` is 0; the paper's ``.pt`` files subtract one, so their re-packaging folded it into ``b_enc``).
-``top_k`` keeps the k largest pre-activations as they are, negative ones included; tc's topk applies ReLU
-after the selection, so the two agree exactly whenever k pre-activations are positive (as with
-circuit-tracer's TopK). ``id`` (no non-linearity) is refused.
+``top_k`` keeps the k largest pre-activations as they are, negative ones included (as circuit-tracer's
+TopK does): tc reads it as ``signed_topk``. tc's own ``topk`` applies ReLU after the selection; written as
+``top_k`` it differs only on a token with fewer than k positive pre-activations (tc convert says so on
+stderr). ``id`` (no non-linearity) is refused.
 
 Sublayers name TransformerLens hooks (``LayerSublayer.to_hookpoint_str``): ``mlp_in`` is
 ``blocks.L.ln2.hook_normalized``, ``mid`` ``blocks.L.hook_resid_mid``, ``mlp_out`` ``blocks.L.hook_mlp_out``.
@@ -25,7 +26,7 @@ on every architecture, Pythia's parallel blocks included (there ln2 reads the bl
 and output on the same sublayer is an SAE (tc reads those on mlp_out); other sublayers and transcoders from
 one layer to another are refused with one line.
 
-Writing: relu and topk transcoders (normalized or resid_mid -> mlp_out) and SAEs on mlp_out, without skip;
+Writing: relu, topk and signed_topk transcoders (normalized or resid_mid -> mlp_out) and SAEs on mlp_out, without skip;
 ``b_pre`` is folded into ``b_enc`` (``b_enc - b_pre W_enc``). The tc config travels in sae_info.json under
 ``tc_config`` (Peek reads only the keys it knows), so a round trip restores it.
 """
@@ -85,7 +86,7 @@ def _activation(cfg: dict, where: str) -> tuple[str, Optional[int]]:
     if act_fn == "relu":
         return "relu", None
     if act_fn == "top_k":
-        return "topk", positive_int(cfg, "top_k", None, where)
+        return "signed_topk", positive_int(cfg, "top_k", None, where)
     raise fail(f"{where}: act_fn {act_fn!r} is not supported (relu and top_k are)")
 
 
@@ -153,7 +154,7 @@ def read(folder: str | Path) -> Transcoder:
 def check(transcoder: Transcoder, where: str) -> None:
     """Refuse (one line) a transcoder a Peek folder cannot hold."""
     config = transcoder.config
-    if config.activation not in ("relu", "topk") or config.skip:
+    if config.activation not in ("relu", "topk", "signed_topk") or config.skip:
         raise fail(f"{where}: Peek holds relu and top_k transcoders without skip connections; this is a "
                    f"{config.activation}{' skip' if config.skip else ''} {config.kind}")
     spaces = (config.input_space, config.output_space)
@@ -173,8 +174,8 @@ def write(transcoder: Transcoder, folder: str | Path) -> Path:
     W_enc, b_enc = input_bias_folded(transcoder)
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": transcoder.W_dec, "b_dec": transcoder.b_dec}
     cfg = {"d_in": config.d_in, "num_features": config.n_features, "d_out": config.d_out, "dtype": "torch.float32",
-           "act_fn": "top_k" if config.activation == "topk" else "relu",
-           "top_k": config.k if config.activation == "topk" else None, "tensors_filename": WEIGHTS}
+           "act_fn": "relu" if config.activation == "relu" else "top_k",
+           "top_k": None if config.activation == "relu" else config.k, "tensors_filename": WEIGHTS}
     parallel = config.model_architecture == "GPTNeoXForCausalLM"
     sides = {key: {"layer": config.layer, "sublayer": SPACE_SUBLAYERS[space], "parallel_attn_mlp": parallel}
              for key, space in (("input_layer", config.input_space), ("output_layer", config.output_space))}

@@ -142,6 +142,9 @@ def _spaces(merged: dict, hook_in: Optional[str], hook_out: Optional[str], is_tr
 def check(transcoder: Transcoder, where: str) -> None:
     """Refuse (one line) a transcoder SAELens cannot hold."""
     config = transcoder.config
+    if config.activation == "signed_topk":
+        raise fail(f"{where}: SAELens's TopK applies ReLU after the selection; a signed_topk {config.kind} "
+                   "(circuit-tracer's or Peek's TopK) cannot be written exactly")
     if config.kind == "sae" and config.activation not in ("relu", "topk"):
         raise fail(f"{where}: a {config.activation} SAE cannot be written (standard and topk SAEs can)")
     if config.kind != "sae" and config.activation in ("jumprelu", "batchtopk"):
