@@ -4,7 +4,7 @@ complete -c tc -n '__fish_use_subcommand' -l version -d 'Print the version and e
 complete -c tc -n '__fish_use_subcommand' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_use_subcommand' -a cache -d 'Run a model over text; store each chosen layer'\''s MLP input and output in HDF5.'
 complete -c tc -n '__fish_use_subcommand' -a circuit -d 'Trace the paths into a feature, logit or direction; the graph goes to stdout...'
-complete -c tc -n '__fish_use_subcommand' -a convert -d 'Convert transcoders between tc folders, SAELens folders and the paper'\''s .pt...'
+complete -c tc -n '__fish_use_subcommand' -a convert -d 'Convert transcoders between tc folders and every public format (see tc info'\''s...'
 complete -c tc -n '__fish_use_subcommand' -a deembed -d 'Top tokens of W_E f_enc for a feature (optionally through one head'\''s OV...'
 complete -c tc -n '__fish_use_subcommand' -a eval -d 'Measure transcoders: L0, FVU, dead/dense features, next-token CE with each...'
 complete -c tc -n '__fish_use_subcommand' -a export -d 'Convert a graph saved with `tc circuit --format json` to dot, svg, png,...'

@@ -13,7 +13,7 @@ _tc() {
             commands=(
                 'cache:Run a model over text; store each chosen layer'\''s MLP input and output in HDF5.'
                 'circuit:Trace the paths into a feature, logit or direction; the graph goes to stdout...'
-                'convert:Convert transcoders between tc folders, SAELens folders and the paper'\''s .pt...'
+                'convert:Convert transcoders between tc folders and every public format (see tc info'\''s...'
                 'deembed:Top tokens of W_E f_enc for a feature (optionally through one head'\''s OV...'
                 'eval:Measure transcoders\: L0, FVU, dead/dense features, next-token CE with each...'
                 'export:Convert a graph saved with `tc circuit --format json` to dot, svg, png,...'
