@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tccli import allocator
 from tccli.train import (DataStats, ShuffleSchedule, TrainConfig, WindowLoader, new_layer_state, train_one_step,
                          transcoder_config)
 
@@ -147,7 +148,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
     parser.add_argument("--no-hdf5", action="store_true", help="only the in-memory loop")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings as they are (tc train changes them: tccli.allocator)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        allocator.keep_freed_memory()  # as tc train does
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

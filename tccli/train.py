@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tccli.config import from_json_dict, option, parse_count, parse_layers, to_json_dict
-from tccli import distributed, interrupts, outputs, progress, sparse_coding
+from tccli import allocator, distributed, interrupts, outputs, progress, sparse_coding
 from tccli.errors import TcError, fail
 from tccli.optim import ScheduleFreeSign
 from tccli.transcoder import K_ACTIVATIONS, KINDS, THRESHOLD_ACTIVATIONS, Transcoder, TranscoderConfig
@@ -923,6 +923,7 @@ def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
     ``config.cache`` is opened. Under torchrun the ranks train together (see ``tccli.distributed``).
     """
     config.validate()
+    allocator.keep_freed_memory()  # the step's buffers are reused instead of page-faulted every step
     with distributed.session(config.dist_timeout, config.device, config.distribute_layers) as dist, \
             contextlib.ExitStack() as held:  # holds the lock on --out for the whole run
         return _train(config, cache, dist, held)
