@@ -671,14 +671,19 @@ def check_cache(cache: Any, path: str, layer_spec: str) -> list[int]:
 
 
 def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> TranscoderConfig:
+    from tccli.models import model_identity
+
     info = cache.model_info
+    model_name = info.get("name")
+    if model_identity(model_name) == "builtin":  # not this machine's install path: it means nothing elsewhere
+        model_name = "builtin"
     hooks = info["layers"][layer]
     d_model = int(cache.d_model)
     return TranscoderConfig(
         d_in=d_model, d_out=d_model, n_features=config.n_features(d_model), activation=config.activation,
         k=config.k if config.activation in K_ACTIVATIONS else None, skip=config.skip, kind=config.kind, layer=layer,
         input_space="mlp_out" if config.kind == "sae" else "normalized", output_space="mlp_out",
-        model_name=info.get("name"), model_architecture=info.get("architecture"),
+        model_name=model_name, model_architecture=info.get("architecture"),
         weight_processing=dict(info.get("weight_processing") or {}),
         input_hook=hooks["mlp_out"] if config.kind == "sae" else hooks["mlp_in"], output_hook=hooks["mlp_out"],
         training=to_json_dict(config),

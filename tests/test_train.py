@@ -282,6 +282,17 @@ def test_multi_layer_run_trains_and_saves_complete_configs(tmp_path):
     assert cache.reads > 0
 
 
+def test_the_builtin_model_is_recorded_by_name_not_install_path(tmp_path):
+    from tccli.models import BUILTIN_MODEL_DIR
+    from tccli.train import transcoder_config
+
+    cache = toy_cache(layers=(0,))
+    config = small_config(tmp_path)
+    assert transcoder_config(config, cache, 0).model_name == "toy"
+    cache.model_info["name"] = str(BUILTIN_MODEL_DIR)  # what the cache of `tc cache` (no --model) records
+    assert transcoder_config(config, cache, 0).model_name == "builtin"
+
+
 def test_sae_kind_reads_only_the_mlp_output(tmp_path):
     cache = toy_cache(layers=(1,))
     trained = train(small_config(tmp_path, kind="sae", activation="relu", l1=1e-3, tokens=64 * 20, lr=1e-3), cache)[1]
