@@ -90,19 +90,10 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         **{f"relu-skip-l1-{c}": ["--tokens", "4M", "--activation", "relu", "--l1", c, "--skip"]
            for c in ("0.05", "0.15")},
     },
-    # JumpReLU leaves ~20% of layer 4's features dead on the held-out text though none is dead in training
-    # (they fire less than once per 46k tokens): revive sooner (dead window) or harder (AuxK weight)
-    "jumprelu-dead": {
-        "jumprelu-dw10": ["--tokens", "4M", "--activation", "jumprelu", "--l0-coef", "JUMPRELU_COEF",
-                          "--dead-window", "10"],
-        "jumprelu-aux4x": ["--tokens", "4M", "--activation", "jumprelu", "--l0-coef", "JUMPRELU_COEF",
-                           "--aux-coef", "0.125"],
-    },
 }
 # the L0 ~16 coefficients of the kinds table, read off the pareto sweep on layer 4
 CHOSEN = {"JUMPRELU_COEF": "3e-3", "RELU_L1": "0.7"}
-for group in ("kinds", "jumprelu-dead"):
-    GROUPS[group] = {name: [CHOSEN.get(flag, flag) for flag in flags] for name, flags in GROUPS[group].items()}
+GROUPS["kinds"] = {name: [CHOSEN.get(flag, flag) for flag in flags] for name, flags in GROUPS["kinds"].items()}
 
 
 def split_corpus(work: Path) -> tuple[Path, Path]:

@@ -433,9 +433,11 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
     aux = auxk_loss(values[1], groups[1], y, output, transcoder.W_dec) if use_aux else mse.new_zeros(())
     if activation == "jumprelu" and use_aux:
         # AuxK alone can reconstruct with a dead feature's pre-activations far below its threshold (even
-        # negative); a JumpReLU feature fires again only above it, so its AuxK entries are also pulled up
-        # to the threshold (in units of the mean initial threshold)
-        gap = torch.relu(transcoder.threshold.detach()[groups[1].feature] - values[1])
+        # negative); a JumpReLU feature fires again only above it, so the gap between its AuxK entries and
+        # its threshold is closed from both sides (in units of the mean initial threshold): the entries
+        # are pulled up and the threshold down. Pulling the entries alone left ~20% of layer 4's features
+        # dead on stories260K (README, "JumpReLU's dead features"), the L0 penalty holding thresholds up
+        gap = torch.relu(transcoder.threshold[groups[1].feature] - values[1])
         aux = aux + gap.mean() / scales.threshold_scale
     loss = loss + config.aux_coef * aux
     if l0_penalty is not None:

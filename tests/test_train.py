@@ -403,8 +403,8 @@ def test_sparse_step_gradients_equal_dense_autograd():
         aux_mask = torch.zeros_like(dead_pre).scatter(1, dead_pre.detach().topk(3, dim=1).indices, 1.0)
         aux_out = (dead_pre * aux_mask) @ transcoder.W_dec[dead]
         aux = (aux_out - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
-        if activation == "jumprelu":  # the AuxK entries are pulled up to their thresholds too
-            gap = torch.relu(transcoder.threshold.detach()[dead] - dead_pre) * aux_mask
+        if activation == "jumprelu":  # the gap between AuxK entries and their thresholds closes from both sides
+            gap = torch.relu(transcoder.threshold[dead] - dead_pre) * aux_mask
             aux = aux + gap.sum() / aux_mask.sum() / scales.threshold_scale
         loss = loss + config.aux_coef * aux
         if activation == "jumprelu":
