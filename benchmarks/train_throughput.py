@@ -10,7 +10,7 @@ vector-matrix product, the decoder is k-sparse). The ceiling is re-measured befo
 timed loop and averaged, because the machine is shared.
 
     python benchmarks/train_throughput.py [--activation topk batchtopk jumprelu] [--steps 4]
-        [--batch-size 4096] [--threads N] [--device cpu|cuda] [--autocast bfloat16]
+        [--batch-size 4096] [--threads N] [--device cpu|cuda] [--autocast bfloat16] [--default-malloc]
 
 Targets (issue 12): >= 60% of the ceiling from memory and >= 55% from HDF5, at 768 -> 24,576, k 32,
 batch 4,096, for topk, batchtopk and jumprelu. The HDF5 file is written to a temporary folder first and
