@@ -7,7 +7,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tccli.errors import TcError
-from tccli.formats import circuit_tracer, load_transcoder_set
+from tccli.formats import circuit_tracer, convert, load_transcoder_set
+from tccli.transcoder_io import save_transcoder
 
 D, M = 8, 24
 
@@ -129,6 +130,13 @@ def test_write_set_and_refusals(tmp_path):
         assert torch.allclose(circuit_tracer_formula(again, x)[0], circuit_tracer_formula(tensors, x)[0], atol=1e-4)
     with pytest.raises(TcError, match="every layer from 0"):
         circuit_tracer.write_set({1: transcoders[1]}, tmp_path / "gap")
+    # through tc convert: refused before anything is written, naming the destination (not its staging folder)
+    save_transcoder(transcoders[1], tmp_path / "layer1")
+    with pytest.raises(TcError) as refused:
+        convert(tmp_path / "layer1", tmp_path / "gap2", "circuit-tracer")
+    assert str(refused.value).startswith(f"writing {tmp_path / 'gap2'} as a circuit-tracer set: circuit-tracer "
+                                         "needs a transcoder for every layer from 0, got [1]")
+    assert not (tmp_path / "gap2").exists() and not list(tmp_path.glob("gap2*"))
     (tmp_path / "clt").mkdir()
     (tmp_path / "clt" / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
                                                                  "feature_input_hook": "hook_resid_mid"}))

@@ -183,8 +183,12 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
                      "ReLU after the selection, so the two differ on tokens with fewer than k positive "
                      f"pre-activations when {fmt} runs the files")
     members = {layer: Path() if single else Path(_member_name(fmt, layer)) for layer in transcoders}
-    if fmt != "circuit-tracer":
-        for layer, member in members.items():  # every layer must be expressible before anything is written
+    # every layer must be expressible before anything is written (errors name the destination, not the
+    # staging folder below)
+    if fmt == "circuit-tracer":
+        circuit_tracer.check_set(transcoders, f"writing {destination} as a circuit-tracer set")
+    else:
+        for layer, member in members.items():
             WRITERS[fmt][0](transcoders[layer], f"writing {destination / member} as {fmt}")
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -161,14 +161,8 @@ def read_layer(file: Path, activation: Optional[str], k, info: dict) -> Transcod
     return filled(config, weights, where)
 
 
-def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Path]:
-    """``folder/config.yaml`` + ``folder/layer_{i}.safetensors``. circuit-tracer needs layers 0..n-1 with one
-    config: every transcoder must share its spaces, activation (batchtopk is written as jumprelu, its
-    inference rule; topk and signed_topk as topk, see WRITTEN_AS) and k. ``b_pre`` is folded into ``b_enc``."""
-    import yaml
-
-    folder = Path(folder)
-    where = f"writing {folder} as a circuit-tracer set"
+def check_set(transcoders: dict[int, Transcoder], where: str) -> str:
+    """Refuse (one line) a set circuit-tracer cannot hold; returns the activation its config will name."""
     layers = sorted(transcoders)
     if layers != list(range(len(layers))):
         raise fail(f"{where}: circuit-tracer needs a transcoder for every layer from 0, got {layers}")
@@ -182,6 +176,20 @@ def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Pa
             raise fail(f"{where}: all layers must share spaces, activation and k (layer {config.layer} differs)")
     if first.kind != "transcoder":
         raise fail(f"{where}: circuit-tracer sets hold transcoders, not SAEs")
+    return activation
+
+
+def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Path]:
+    """``folder/config.yaml`` + ``folder/layer_{i}.safetensors``. circuit-tracer needs layers 0..n-1 with one
+    config: every transcoder must share its spaces, activation (batchtopk is written as jumprelu, its
+    inference rule; topk and signed_topk as topk, see WRITTEN_AS) and k. ``b_pre`` is folded into ``b_enc``."""
+    import yaml
+
+    folder = Path(folder)
+    where = f"writing {folder} as a circuit-tracer set"
+    activation = check_set(transcoders, where)
+    layers = sorted(transcoders)
+    first = transcoders[layers[0]].config
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for layer in layers:
