@@ -436,7 +436,7 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
         # negative); a JumpReLU feature fires again only above it, so the gap between its AuxK entries and
         # its threshold is closed from both sides (in units of the mean initial threshold): the entries
         # are pulled up and the threshold down. Pulling the entries alone left ~20% of layer 4's features
-        # dead on stories260K (README, "JumpReLU's dead features"), the L0 penalty holding thresholds up
+        # dead on stories260K (README: AuxK, and the Kinds table), the L0 penalty holding thresholds up
         gap = torch.relu(transcoder.threshold[groups[1].feature] - values[1])
         aux = aux + gap.mean() / scales.threshold_scale
     loss = loss + config.aux_coef * aux
