@@ -1,6 +1,7 @@
 """Speed of `tc score`'s scoring pass against its floor: forward + every layer's encoder, no statistics.
 
     python benchmarks/score_throughput.py [--tokens-stories 131072] [--tokens-gpt2 4096] [--repeats 3] [--threads N]
+                                        [--device auto|cpu|cuda] [--profile]
 
 Models ($TC_SHARED instead of ../shared where the checkout has none beside it): ../shared/models/stories260K with 4,096 random features on each of its 5 layers, and a random
 GPT-2-small-shaped model (d_model 768, 12 layers, 12 heads; built as in cache_throughput.py) with
@@ -117,6 +118,11 @@ def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
                 seconds[name].append(time.perf_counter() - start)
                 cpu_seconds[name].append(time.process_time() - cpu_start)
                 streams[1:] = []  # keep one result (for the density), not one per repeat
+        if args.profile:
+            import profiling
+
+            profiling.profile(f"{model_dir.name}: one scoring pass", scoring_pass, loaded.device)
+            streams[1:] = []
     density = sum(float(s.active_count.sum()) for s in streams[0].values()) / (rows.size * n_features * len(layers))
     best = {name: min(values) for name, values in seconds.items()}
     return dict(tokens=rows.size, layers=len(layers), density=density, best=best, all=seconds, cpu=cpu_seconds,
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--density", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="then profile one scoring pass (benchmarks/profiling.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()

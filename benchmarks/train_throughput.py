@@ -10,7 +10,7 @@ vector-matrix product, the decoder is k-sparse). The ceiling is re-measured befo
 timed loop and averaged, because the machine is shared.
 
     python benchmarks/train_throughput.py [--activation topk batchtopk jumprelu] [--steps 4]
-        [--batch-size 4096] [--threads N] [--device cpu|cuda] [--autocast bfloat16] [--default-malloc]
+        [--batch-size 4096] [--threads N] [--device cpu|cuda] [--autocast bfloat16] [--default-malloc] [--profile]
 
 Targets (issue 12): >= 60% of the ceiling from memory and >= 55% from HDF5, at 768 -> 24,576, k 32,
 batch 4,096, for topk, batchtopk and jumprelu. The HDF5 file is written to a temporary folder first and
@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--no-hdf5", action="store_true", help="only the in-memory loop")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings as they are (tc train changes them: tccli.allocator)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile 4 more steps from memory per kind (benchmarks/profiling.py)")
     args = parser.parse_args()
     if not args.default_malloc:
         allocator.keep_freed_memory()  # as tc train does
@@ -197,6 +199,12 @@ def main() -> None:
                   f"{ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% (target >= {target}%); steps "
                   f"{' '.join(f'{t:.2f}' for t in step_times)} s, "
                   f"products {' '.join(f'{t:.2f}' for t in probe_times)} s; load average {os.getloadavg()[0]:.1f}", flush=True)
+        if args.profile:
+            import profiling
+
+            source = MemorySource(x, y, context)
+            profiling.profile(f"{activation}, 4 steps from memory after 2 warm-up steps",
+                              lambda: timed_steps(source, config, 4, device, probe), device)
     tmp.cleanup()
 
 

@@ -2,11 +2,20 @@
 # The GPU check, as one script for a lent machine: the benchmarks with --device cuda and the test suite
 # (whose default device, auto, is cuda there), each under its own time limit, logs written to $OUT.
 #
-#   OUT=/some/folder BUDGET=480 bash scripts/device_check.sh
+#   OUT=/some/folder BUDGET=480 [STEPS="train_throughput tests ..."] bash scripts/device_check.sh
 #
+# The test suite runs with --device cuda (tests/conftest.py), so the commands' default device is the GPU.
+# STEPS names the steps to run, in order (default: all but the profiles and the A/B); see the case below.
+# train_ab compares the tccli in .base/ (an older checkout's package, copied there) with this one, in
+# the same call, so the two figures come from one machine.
 # Where the machine lacks packages, wheels in .whl/ are installed into /tmp/site first (and those in
 # .whl2/ too when tc or TransformerLens still fails to import); ../shared is copied from .devshared/
 # when it is not beside the checkout. Nothing is installed into the machine's own environment.
+# On 2026-11-27 the machine's image lacked transformer-lens 4.3.0, beartype, fancy-einsum, typeguard,
+# graphviz, datasets, dill and multiprocess (.whl/, from `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 --platform any`); .whl2/ held transformers,
+# huggingface_hub and their HTTP stack at this checkout's versions, in case the image's were too old
+# (they were not needed).
 set -u
 OUT=${OUT:-/tmp/device_check}
 BUDGET=${BUDGET:-480}          # seconds for everything; each step gets what is left of it, capped
@@ -45,13 +54,30 @@ torch.cuda.is_available(), 'transformers', transformers.__version__, 'numpy', nu
 [ -d ../shared ] || { [ -d .devshared ] && cp -r .devshared ../shared; }
 cat "$OUT/env.txt"
 
-# issue 12's GPU items first: the step loop on cuda from memory and HDF5, then bf16 autocast (memory only)
-step train_throughput 110 python3 benchmarks/train_throughput.py --device cuda --steps 20
-step train_throughput_bf16 50 python3 benchmarks/train_throughput.py --device cuda --steps 20 --autocast bfloat16 --no-hdf5
-step tests 230 python3 -m pytest -q -p xdist -n 14 --timeout 200 -p no:cacheprovider -v --tb=short --durations 15 tests
-step graph_latency 70 python3 benchmarks/graph_latency.py --device cuda --tokens 32 128
-step score_throughput 50 python3 benchmarks/score_throughput.py --device cuda --repeats 2
-step distributed_scaling 40 python3 benchmarks/distributed_scaling.py --device cuda --procs 1
-step cache_throughput 50 python3 benchmarks/cache_throughput.py --repeats 2
-step circuit_latency 50 python3 benchmarks/circuit_latency.py --repeats 3
+run_step() {
+  case $1 in
+    # issue 12's GPU items: the step loop on cuda from memory and HDF5, then bf16 autocast (memory only)
+    train_throughput) step train_throughput 110 python3 benchmarks/train_throughput.py --device cuda --steps 20 ;;
+    train_throughput_bf16) step train_throughput_bf16 50 python3 benchmarks/train_throughput.py --device cuda \
+                             --steps 20 --autocast bfloat16 --no-hdf5 ;;
+    train_ab) step train_base 60 env PYTHONPATH="$PWD/.base:$PYTHONPATH" python3 benchmarks/train_throughput.py \
+                --device cuda --steps 20
+              step train_profiled 80 python3 benchmarks/train_throughput.py --device cuda --steps 20 --profile ;;
+    score_profile) step score_profile 40 python3 benchmarks/score_throughput.py --device cuda --tokens-gpt2 0 \
+                     --repeats 1 --profile ;;
+    # -v names every test as it ends, so a run cut short still says which failed
+    tests) step tests 230 python3 -m pytest --device cuda -p xdist -n 14 --dist loadfile --timeout 200 -p no:cacheprovider -v \
+             --tb=short --durations 15 tests ;;
+    graph_latency) step graph_latency 70 python3 benchmarks/graph_latency.py --device cuda --tokens 32 128 ;;
+    score_throughput) step score_throughput 50 python3 benchmarks/score_throughput.py --device cuda --repeats 2 ;;
+    distributed_scaling) step distributed_scaling 40 python3 benchmarks/distributed_scaling.py --device cuda --procs 1 ;;
+    cache_throughput) step cache_throughput 50 python3 benchmarks/cache_throughput.py --repeats 2 ;;
+    circuit_latency) step circuit_latency 50 python3 benchmarks/circuit_latency.py --repeats 3 ;;
+    *) echo "unknown step $1" | tee -a "$OUT/summary.txt" ;;
+  esac
+}
+for name in ${STEPS:-train_throughput train_throughput_bf16 tests graph_latency score_throughput distributed_scaling \
+                    cache_throughput circuit_latency}; do
+  run_step "$name"
+done
 cat "$OUT/summary.txt"

@@ -43,8 +43,29 @@ class Entries:
 
     def offsets(self, n_tokens: int) -> torch.Tensor:
         """[n_tokens] start of each token's entries (embedding_bag's offsets)."""
-        counts = torch.bincount(self.token, minlength=n_tokens)
-        return torch.cumsum(counts, 0) - counts
+        return offsets_of(self.token, n_tokens)
+
+
+def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] how often each value 0..size-1 occurs in ``index`` (bincount's result, without bincount's
+    wait for the GPU: bincount reads the largest value back to size its output)."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+def offsets_of(index: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] where each value's run starts in ``index`` once sorted (embedding_bag's offsets)."""
+    counts = counts_of(index, size)
+    return torch.cumsum(counts, 0) - counts
+
+
+def sum_by_index(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] the sum of ``values`` at each index. On a GPU index_add_ adds with atomics, in an order that
+    changes from run to run (so do the float sums); index_put_ with accumulate sorts first and is
+    deterministic there. On the CPU index_add_ is the deterministic one."""
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    if values.device.type == "cuda":
+        return out.index_put_((index,), values, accumulate=True)
+    return out.index_add_(0, index, values)
 
 
 # A selection rule: dense pre-activations [n, m] -> groups of entries (each sorted by token).
@@ -76,16 +97,13 @@ class _EncodeSelected(torch.autograd.Function):
         m = W_enc.shape[1]
         grad_values = grad_values.contiguous()
         # d loss / d b_enc[j] = sum of the gradients of feature j's entries
-        grad_b_enc = torch.zeros(m, dtype=grad_values.dtype, device=grad_values.device)
-        grad_b_enc.index_add_(0, feature, grad_values)
+        grad_b_enc = sum_by_index(grad_values, feature, m)
         grad_W_enc = None
         if ctx.needs_input_grad[1]:
             # column j of the W_enc gradient = sum over feature j's entries of gradient x centred input:
             # embedding_bag over the entries grouped by feature, in the layout of W_enc
             order = torch.argsort(feature, stable=True)
-            counts = torch.bincount(feature, minlength=m)
-            offsets = torch.cumsum(counts, 0) - counts
-            per_feature = F.embedding_bag(token[order], centred, offsets, mode="sum",
+            per_feature = F.embedding_bag(token[order], centred, offsets_of(feature, m), mode="sum",
                                           per_sample_weights=grad_values[order])  # [m, d]
             grad_W_enc = per_feature.t() if W_enc.stride(0) == 1 else per_feature.t().contiguous()
         grad_b_pre = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
@@ -143,7 +161,7 @@ def select_batchtopk(pre: torch.Tensor, k: int) -> tuple[Entries, torch.Tensor]:
         top = pre.topk(per_token, dim=-1, sorted=False)
         chosen = top.values.reshape(-1).topk(total, sorted=False).indices
         token = chosen // per_token
-        if per_token == m or int(torch.bincount(token, minlength=n).max()) < per_token:
+        if per_token == m or int(counts_of(token, n).max()) < per_token:
             break
         per_token = m
     feature = top.indices.reshape(-1)[chosen]

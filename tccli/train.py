@@ -427,7 +427,8 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
         z = torch.relu(values[0])
     output = sparse_coding.decode_entries(z, entries, transcoder.W_dec, n) + transcoder.b_dec + skip_term(transcoder, x)
     active = z > 0
-    fires = torch.bincount(entries.feature[active], minlength=m)
+    # counted without a boolean index, which would wait for the GPU (a sync) to learn the result's size
+    fires = torch.zeros(m, dtype=torch.long, device=x.device).index_add_(0, entries.feature, active.long())
     mse = reconstruction_loss(output, y, config.normalize_mse)
     loss = mse / scales.target_variance
     aux = auxk_loss(values[1], groups[1], y, output, transcoder.W_dec) if use_aux else mse.new_zeros(())
@@ -544,9 +545,11 @@ class WindowLoader:
     returns, per layer, the window's inputs and targets already in shuffled order; the next window is
     read in a background thread while the current one trains.
 
-    On a GPU the shuffled window is gathered straight into pinned host memory and copied on a stream of
-    its own, so the copy overlaps the steps running on the compute stream; the compute stream waits for
-    the copy (an event) only when it reaches the window."""
+    The window travels to the device unshuffled and is shuffled there (a gather). On a GPU it is read
+    into pinned host memory and copied on a stream of its own, so the copy overlaps the steps running on
+    the compute stream, which waits for the copy (an event) only when it reaches the window; the gather
+    runs on the GPU too, rather than as a random-access copy by this one host thread (on an H200 that
+    copy took longer than the steps it fed)."""
 
     def __init__(self, cache: Any, layers: list[int], kind: str, context: int, device: torch.device,
                  share: Optional[Any] = None):
@@ -556,25 +559,32 @@ class WindowLoader:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._copied: dict[int, Any] = {}  # window index -> the CUDA event marking its copy done
 
-    def _shuffled(self, part: np.ndarray, order: np.ndarray) -> torch.Tensor:
+    def _read(self, layer: int, which: str, window: Window) -> torch.Tensor:
+        """The window's rows of one array, in cache order, in pinned host memory when bound for a GPU."""
+        parts = [self.cache.read(layer, which, a * self.context, b * self.context) for a, b in window.row_ranges]
+        rows = sum(len(part) for part in parts)
+        host = torch.empty((rows, parts[0].shape[1]), dtype=torch.from_numpy(parts[0][:0]).dtype,
+                           pin_memory=self._copy_stream is not None)
+        np.concatenate(parts, out=host.numpy())
+        return host
+
+    def _shuffled(self, host: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         if self._copy_stream is None:
-            return torch.from_numpy(np.ascontiguousarray(part[order], dtype=np.float32)).to(self.device)
-        pinned = torch.empty((len(order), part.shape[1]), dtype=torch.float32, pin_memory=True)
-        np.take(part.astype(np.float32, copy=False), order, axis=0, out=pinned.numpy())
+            return host[order].float()
         with torch.cuda.stream(self._copy_stream):
-            return pinned.to(self.device, non_blocking=True)
+            return host.to(self.device, non_blocking=True)[order.to(self.device, non_blocking=True)].float()
 
     def load(self, window: Window) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         order = None
         out = {}
         for layer in self.layers:
-            parts = {which: np.concatenate([self.cache.read(layer, which, a * self.context, b * self.context)
-                                            for a, b in window.row_ranges])
+            parts = {which: self._read(layer, which, window)
                      for which in (("mlp_out",) if self.kind == "sae" else ("mlp_in", "mlp_out"))}
             if order is None:
                 order = window.token_order(len(parts["mlp_out"]))
                 if self.share is not None:
                     order = self.share(order, window)
+                order = torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))
             target = self._shuffled(parts["mlp_out"], order)
             source = target if self.kind == "sae" else self._shuffled(parts["mlp_in"], order)
             out[layer] = (source, target)
@@ -1126,7 +1136,7 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
     with torch.no_grad():
         fires = dist.sum_counts(result.fires)
         state.steps_since_fired += 1
-        state.steps_since_fired[fires > 0] = 0
+        state.steps_since_fired.masked_fill_(fires > 0, 0)  # a boolean index would sync with the GPU
         if count_frequency:
             state.fire_counts += fires
             state.frequency_tokens += x.shape[0] * dist.data_world

@@ -90,6 +90,20 @@ def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 
     return folder
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cpu (default): hide any GPU, so every command's default device (auto) is the CPU, as "
+                          "in CI; cuda: leave the GPU visible, so auto means cuda (scripts/device_check.sh)")
+
+
+def pytest_configure(config):
+    # set before anything starts CUDA; the tc subprocesses the tests run inherit it
+    if config.getoption("device") == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no GPU is visible to torch here")
+
+
 @pytest.fixture()
 def one_torch_thread():
     """2 cores shared by many processes: several OpenMP threads per op make tiny models 50x slower."""

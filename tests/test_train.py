@@ -354,7 +354,7 @@ def test_signum_saves_the_averaged_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "finish_layer", spy)
     trained = train(small_config(tmp_path, optimizer="signum", decoder_norm="free"), toy_cache(layers=(0,)))[0]
     assert not torch.equal(captured["x"], captured["y"])
-    assert torch.equal(trained.W_dec.detach(), captured["x"])
+    assert torch.equal(trained.W_dec.detach().cpu(), captured["x"].cpu())  # trained on a GPU under --device cuda
 
 
 def test_sparse_step_gradients_equal_dense_autograd():
