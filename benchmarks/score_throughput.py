@@ -86,7 +86,7 @@ def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
 
     def floor() -> None:
         encoders = {layer: scoring.feature_major_encoder(transcoders[layer]) for layer in layers}
-        rows_per_tile = max(1, scoring.TILE_VALUES // (n_features * args.context))
+        rows_per_tile = max(1, scoring.tile_values(loaded.device) // (n_features * args.context))
         tile = rows_per_tile * args.context
         for _, _, inputs in batches():
             for layer in layers:

@@ -48,6 +48,16 @@ MAX_TOKENS = 1 << 32  # token indices must fit the low 32 bits of a key
 # the kernel faults in and zeroes: that, not arithmetic, took half the encoder's time. Tiles stay in the
 # heap and are reused. Results do not depend on the tiling (they do not depend on the batch size).
 TILE_VALUES = 1 << 22
+# On a GPU a tile's cost is mostly fixed, not per value (some hundred kernel launches and a few waits
+# for the device): on an H200 a tile of 3-4 M values took about 5 ms whatever its shape, and the scoring
+# pass ran at 0.03-0.07 of its floor (README, "On a GPU"). There tiles hold up to 2^26 values (256 MiB).
+GPU_TILE_VALUES = 1 << 26
+
+
+def tile_values(device) -> int:
+    """The most float32 values in one [features, tokens] tile of the streaming statistics on ``device``."""
+    return TILE_VALUES if torch.device(device).type == "cpu" else GPU_TILE_VALUES
+
 # On the CPU the statistics of a tile are computed by one compiled pass (tccli.scoring_kernel); tests set
 # this to False to check the torch formulation (what GPUs run) on the CPU against it.
 FUSED_ON_CPU = True
@@ -462,7 +472,7 @@ def stream_layers(
             if settings.quantiles * settings.per_quantile else None
         for layer, encode in encoders.items():
             mlp_in, scale = inputs[layer]
-            rows_per_tile = max(1, TILE_VALUES // (n_features[layer] * context))
+            rows_per_tile = max(1, tile_values(device) // (n_features[layer] * context))
             for r0 in range(0, tokens.shape[0], rows_per_tile):  # tiles of whole rows: see TILE_VALUES
                 r1 = min(tokens.shape[0], r0 + rows_per_tile)
                 batch = BatchView(tokens=tokens[r0:r1], doc_ids=doc_ids[r0:r1],
