@@ -179,76 +179,6 @@ def summary_lines(s: dict) -> list[str]:
 # ----------------------------------------------------------------------------- Neuronpedia
 
 
-def to_neuronpedia(graph: nx.DiGraph) -> str:
-    """circuit-tracer's graph file for Neuronpedia's viewer, from a pruned attribution graph.
-
-    As circuit-tracer writes it: `metadata` (slug, scan, transcoder_list, prompt_tokens, prompt,
-    node_threshold; plus schema_version 1 and tc's own metadata under `tc`), `qParams`, `nodes`
-    (feature `{layer}_{feature}_{pos}`, embedding `E_{token}_{pos}`, logit `{n_layers+1}_{token}_{pos}`,
-    with `influence` = the node's cumulative influence share, `activation`, `token_prob`,
-    `is_target_logit`), `links` (`source`, `target`, `weight`). Error nodes are `{layer}_-1_{pos}`, not
-    circuit-tracer's `0_{layer}_{pos}`, which collides with layer-0 feature ids. Head nodes (--heads)
-    do not exist in this schema: their parts stay on the direct edges."""
-    meta = graph.graph.get("metadata", {})
-    n_layers = int(meta.get("n_layers", 0))
-    top_probability = max((t.get("weight", 0.0) for t in meta.get("targets", [])), default=0.0)
-    ids: dict[str, str] = {}
-    nodes = []
-    for node, attrs in graph.nodes(data=True):
-        kind, position = attrs.get("kind"), attrs.get("position")
-        entry = {"feature": -1, "layer": str(attrs.get("layer")), "ctx_idx": position, "token_prob": 0.0,
-                 "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
-                 "influence": attrs.get("cumulative_influence"), "activation": attrs.get("activation")}
-        if kind == "head":
-            continue
-        if kind == "feature":
-            entry.update(node_id=f"{attrs['layer']}_{attrs['feature']}_{position}", feature=attrs["feature"],
-                         feature_type="cross layer transcoder", jsNodeId=f"{attrs['layer']}_{attrs['feature']}-0")
-        elif kind == "error":
-            entry.update(node_id=f"{attrs['layer']}_-1_{position}", feature_type="mlp reconstruction error",
-                         jsNodeId=f"{attrs['layer']}_{position}-0", activation=None)
-        elif kind == "embed":
-            token = attrs.get("token_id", -1)
-            entry.update(node_id=f"E_{token}_{position}", feature=position, layer="E", feature_type="embedding",
-                         jsNodeId=f"E_{token}-{position}", activation=None)
-        else:
-            entry.update(_neuronpedia_target(attrs, n_layers, position, top_probability))
-        ids[node] = entry["node_id"]
-        nodes.append(entry)
-    links = [{"source": ids[u], "target": ids[v], "weight": w} for u, v, w in graph.edges(data="weight")
-             if u in ids and v in ids]
-    document = {
-        "metadata": {"slug": meta.get("slug", "tc-graph"), "scan": meta.get("model", ""),
-                     "transcoder_list": meta.get("transcoder_list", []), "prompt_tokens": meta.get("tokens", []),
-                     "prompt": meta.get("prompt", ""), "node_threshold": meta.get("config", {}).get("node_threshold"),
-                     "schema_version": 1, "tc": meta},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": nodes,
-        "links": links,
-    }
-    return json.dumps(document, indent=1, default=float) + "\n"
-
-
-def _neuronpedia_target(attrs: dict, n_layers: int, position: int, top_probability: float) -> dict:
-    kind = attrs.get("target_kind")
-    if kind == "feature":
-        layer, feature = attrs["layer"], attrs["target_feature"]
-        return {"node_id": f"{layer}_{feature}_{position}", "feature": feature, "layer": str(layer),
-                "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{feature}-0",
-                "clerp": f"target: L{layer} F{feature} pre-activation"}
-    token = attrs.get("target_token", -1) if kind in ("logit", "logit_diff") else -1
-    text = attrs.get("target_token_string", "")
-    if kind == "logit_diff":
-        text = f"{text}\" - \"{attrs.get('target_token_b_string', '')}"
-    elif kind == "direction":
-        text = f"direction at layer {attrs.get('layer')}"
-    probability = attrs.get("weight", 0.0) if kind == "logit" and attrs.get("target_demeaned") else 0.0
-    return {"node_id": f"{n_layers + 1}_{token}_{position}", "feature": token, "layer": str(n_layers + 1),
-            "feature_type": "logit", "jsNodeId": f"L_{token}-{position}", "token_prob": probability,
-            "is_target_logit": probability == top_probability or kind != "logit",
-            "clerp": f'Output "{text}" (p={probability:.3f})', "activation": attrs.get("activation")}
-
-
 # ----------------------------------------------------------------------------- torch file
 
 
@@ -295,7 +225,7 @@ def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_id
     if fmt == "json":
         return graph_io.to_json(pruned).encode()
     if fmt == "neuronpedia":
-        return to_neuronpedia(pruned).encode()
+        return graph_io.attribution_graph_to_neuronpedia(pruned).encode()
     if fmt == "dot":
         return graph_io.to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")

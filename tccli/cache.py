@@ -35,6 +35,7 @@ Crash safety (why this works under SIGKILL at any moment):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -50,7 +51,7 @@ import numpy as np
 
 from tccli import __version__
 from tccli.config import CaptureOptions, DataOptions, ModelOptions, option, parse_layers, to_json_dict
-from tccli.distributed import DistributedOptions, check_joined_sources
+from tccli.distributed import DistributedOptions, Shard, launched, session, shard_path
 from tccli import outputs
 from tccli.errors import TcError, fail
 
@@ -475,10 +476,8 @@ def run_cache(config: CacheConfig, log: Callable[[str], None] = lambda s: None,
     Under torchrun this rank writes its shard and rank 0 joins them (``tccli.distributed``); ``shard`` (a
     ``tccli.distributed.Shard``) makes this run write only that shard's rows.
     """
-    from tccli import distributed
-
-    if shard is None and distributed.launched():
-        return distributed.run_sharded_cache(config, log, progress, stdin)
+    if shard is None and launched():
+        return run_sharded_cache(config, log, progress, stdin)
 
     out = Path(config.out).expanduser()
     if out.is_dir():
@@ -819,3 +818,105 @@ def summarize(cache: ActivationCache) -> dict:
         "tc_version": a.get("tc_version"),
     }
 
+
+# ============================================================================ torchrun: shards and the joined file
+# (how the ranks split the rows and step together: tccli/distributed.py's docstring)
+
+
+SHARD_ATTRS = ("shard_rank", "shard_count", "shard_first_row", "total_rows")
+ROW_DATASETS = ("tokens", "doc_ids")
+
+
+def run_sharded_cache(config: Any, log: Callable[[str], None], progress: Any, stdin: Any) -> Any:
+    """`tc cache` under torchrun: this rank's shard, then (rank 0) the joined virtual-dataset file."""
+    if "-" in config.data:
+        raise fail("--data - (stdin) cannot be shared among torchrun ranks; give files")
+    out = Path(config.out).expanduser()
+    if (out.exists() or out.is_symlink()) and not (config.resume or config.force):
+        raise fail(f"{out} already exists: pass --resume to complete an interrupted run or --force to overwrite it")
+    with session(config.dist_timeout, config.device) as context:
+        shard_out = shard_path(out, context.rank, context.world)
+        shard_config = dataclasses.replace(config, out=str(shard_out))
+        prefix = f"rank {context.rank}/{context.world}: "
+        began = time.monotonic()
+        result = run_cache(shard_config, log=lambda message: log(prefix + message),
+                           progress=progress if context.is_main else None, stdin=stdin,
+                           shard=Shard(context.rank, context.world, heartbeat=lambda: context.vote(True)))
+        while context.vote(False):  # step with the ranks still caching until every shard is complete
+            pass
+        if context.is_main:
+            n_tokens = write_joined_cache(out, [shard_path(out, r, context.world) for r in range(context.world)])
+            log(f"joined {context.world} shards into {out}")
+            result = CacheResult(out, n_tokens, result.resumed_from_row, time.monotonic() - began)
+        context.barrier()
+        return result
+
+
+def _shard_summary(path: Path) -> dict:
+    """Root attributes and dataset descriptions of a complete shard; TcError otherwise."""
+    import h5py
+
+    if not path.is_file():
+        raise fail(f"shard {path} is missing")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs.items())
+            datasets = {}
+            f.visititems(lambda name, obj: datasets.__setitem__(name, (obj.shape, obj.dtype, dict(obj.attrs)))
+                         if isinstance(obj, h5py.Dataset) else None)
+    except OSError:
+        raise fail(f"shard {path} is not a readable HDF5 file") from None
+    if attrs.get("format") != FORMAT or "shard_rank" not in attrs:
+        raise fail(f"{path} is not a tc cache shard")
+    if not bool(attrs.get("complete")) or progress_path(path).exists():
+        raise fail(f"shard {path} is incomplete; run the same torchrun command again with --resume")
+    return {"attrs": attrs, "datasets": datasets}
+
+
+def write_joined_cache(out: Path, shards: list[Path]) -> int:
+    """Write ``out``: virtual datasets over the complete ``shards`` (in order), root attributes those of a
+    single-process cache of the same arguments. Written under a temporary name, then renamed."""
+    import h5py
+
+    summaries = [_shard_summary(path) for path in shards]
+    first = summaries[0]["attrs"]
+    context = int(first["context"])
+    total_rows = int(first["total_rows"])
+    row_starts = [int(s["attrs"]["shard_first_row"]) for s in summaries]
+    row_counts = [int(s["attrs"]["n_rows"]) for s in summaries]
+    if row_starts != list(np.cumsum([0] + row_counts[:-1])) or sum(row_counts) != total_rows or any(
+            s["attrs"]["config"] != first["config"] for s in summaries):
+        raise fail(f"the shards {shards[0].name} ... do not belong to one run; run again with --force")
+    attrs = {k: v for k, v in first.items() if k not in SHARD_ATTRS}
+    attrs.update(n_rows=total_rows, tokens_written=total_rows * context, complete=True,
+                 shards=json.dumps([{"file": p.name, "first_row": a, "n_rows": n}
+                                    for p, a, n in zip(shards, row_starts, row_counts)]))
+    tmp = out.with_name(out.name + ".joining")
+    with h5py.File(tmp, "w") as f:
+        for name, (shape, dtype, dataset_attrs) in summaries[0]["datasets"].items():
+            per_row = 1 if name in ROW_DATASETS else context  # /tokens and /doc_ids hold rows, the rest tokens
+            layout = h5py.VirtualLayout(shape=(total_rows * per_row,) + shape[1:], dtype=dtype)
+            for path, start, count in zip(shards, row_starts, row_counts):
+                layout[start * per_row:(start + count) * per_row] = h5py.VirtualSource(
+                    path.name, name, shape=(count * per_row,) + shape[1:])
+            dataset = f.create_virtual_dataset(name, layout)
+            for key, value in dataset_attrs.items():
+                dataset.attrs[key] = value
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
+    os.replace(tmp, out)
+    return total_rows * context
+
+
+def check_joined_sources(handle: Any, path: Path) -> None:
+    """For a joined cache: every shard it names is there, complete and from the same run (HDF5 would
+    silently read a missing shard as zeros)."""
+    if "shards" not in handle.attrs:
+        return
+    for entry in json.loads(handle.attrs["shards"]):
+        summary = _shard_summary(path.parent / entry["file"])["attrs"]
+        if summary["config"] != handle.attrs["config"] or int(summary["n_rows"]) != int(entry["n_rows"]) or int(
+                summary["shard_first_row"]) != int(entry["first_row"]):
+            raise fail(f"shard {entry['file']} of {path} is from another run; run the torchrun cache again")

@@ -52,7 +52,7 @@ def test_pruned_graph_nodes_edges_and_metadata(graph):
 
 
 def test_neuronpedia_schema(graph):
-    document = json.loads(agio.to_neuronpedia(agio.to_networkx(graph, METADATA, ["x"], [7])))
+    document = json.loads(graph_io.attribution_graph_to_neuronpedia(agio.to_networkx(graph, METADATA, ["x"], [7])))
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
     assert document["metadata"]["schema_version"] == 1 and document["metadata"]["prompt_tokens"] == ["x"]
     by_id = {node["node_id"]: node for node in document["nodes"]}

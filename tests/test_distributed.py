@@ -6,7 +6,6 @@ subprocess and compare with a single process run here, in-process, on the same d
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from tccli import distributed
-from tccli.cache import ActivationCache, CacheConfig, run_cache
+from tccli.cache import ActivationCache, CacheConfig, run_cache, run_sharded_cache
 from tccli.distributed import (Distributed, Shard, batch_share, checkpoint_name, own_layers, shard_path,
                                shard_rows)
 from tccli.errors import TcError
@@ -100,10 +99,10 @@ def test_single_process_gradient_averaging_and_counts_are_identities():
 def test_sharded_cache_refuses_stdin_and_an_existing_output_before_starting(tmp_path):
     out = tmp_path / "acts.h5"
     with pytest.raises(TcError, match="stdin.* cannot be shared among torchrun ranks"):
-        distributed.run_sharded_cache(CacheConfig(data=["-"], out=str(out)), print, None, None)
+        run_sharded_cache(CacheConfig(data=["-"], out=str(out)), print, None, None)
     out.write_bytes(b"something")
     with pytest.raises(TcError, match="already exists: pass --resume"):
-        distributed.run_sharded_cache(CacheConfig(data=["a.txt"], out=str(out)), print, None, None)
+        run_sharded_cache(CacheConfig(data=["a.txt"], out=str(out)), print, None, None)
     assert out.read_bytes() == b"something"
     with pytest.raises(TcError, match="--dist-timeout must be a positive number"):
         CacheConfig(data=["a.txt"], dist_timeout=0).validate()
