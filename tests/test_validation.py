@@ -146,7 +146,8 @@ def validate(traced, **kwargs):
 
 
 def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
-    results = validate(traced, mode="frozen", random=2, seed=3)
+    # on the reference model's device (the CPU): the figures are compared to 1e-9 (pytest --device cuda)
+    results = validate(traced, mode="frozen", random=2, seed=3, device=str(traced["loaded"].device))
     loaded, transcoders, graph = traced["loaded"], traced["transcoders"], traced["graph"]
     meta = graph.graph["metadata"]
     model = ReplacementModel(loaded, transcoders, torch.tensor([meta["token_ids"]]))
@@ -210,7 +211,8 @@ def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torc
     config.validate()
     graph, _ = circuit_graph(loaded, transcoders, prompt, config)
     (tmp_path / "g.json").write_text(to_json(graph))
-    results = run_validation(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1))[1]
+    results = run_validation(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1,
+                                            device="cpu"))[1]  # the reference's device (pytest --device cuda)
     assert results["prompts"] == 100
     assert results["metric"]["clean"] == pytest.approx(probability_difference_of_model(loaded).mean, rel=1e-6)
     for key in ("metric_ablated", "metric_kept"):
