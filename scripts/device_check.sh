@@ -8,7 +8,7 @@
 # STEPS names the steps to run, in order (default: all but the profiles and the A/B); see the case below.
 # train_ab compares the tccli in .base/ (an older checkout's package, copied there) with this one, in
 # the same call, so the two figures come from one machine.
-# Where the machine lacks packages, wheels in .whl/ are installed into /tmp/site first (and those in
+# scripts/device_prepare.sh makes .whl/, .devshared/ and .base/ here first. Where the machine lacks packages, wheels in .whl/ are installed into /tmp/site first (and those in
 # .whl2/ too when tc or TransformerLens still fails to import); ../shared is copied from .devshared/
 # when it is not beside the checkout. Nothing is installed into the machine's own environment.
 # On 2026-11-27 the machine's image lacked transformer-lens 4.3.0, beartype, fancy-einsum, typeguard,
