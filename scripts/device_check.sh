@@ -8,14 +8,12 @@
 # STEPS names the steps to run, in order (default: all but the profiles and the A/B); see the case below.
 # train_ab compares the tccli in .base/ (an older checkout's package, copied there) with this one, in
 # the same call, so the two figures come from one machine.
-# scripts/device_prepare.sh makes .whl/, .devshared/ and .base/ here first. Where the machine lacks packages, wheels in .whl/ are installed into /tmp/site first (and those in
-# .whl2/ too when tc or TransformerLens still fails to import); ../shared is copied from .devshared/
-# when it is not beside the checkout. Nothing is installed into the machine's own environment.
-# On 2026-11-27 the machine's image lacked transformer-lens 4.3.0, beartype, fancy-einsum, typeguard,
-# graphviz, datasets, dill and multiprocess (.whl/, from `pip download --no-deps --only-binary=:all:
-# --python-version 3.12 --platform manylinux2014_x86_64 --platform any`); .whl2/ held transformers,
-# huggingface_hub and their HTTP stack at this checkout's versions, in case the image's were too old
-# (they were not needed).
+# scripts/device_prepare.sh makes .whl/, .devshared/ and .base/ here first. Wheels in .whl/ are
+# installed into /tmp/site there (and those in .whl2/, if present, when tc or TransformerLens still fails
+# to import); ../shared is copied from .devshared/ when it is not beside the checkout. Nothing is
+# installed into the machine's own environment. On 2026-11-27 the image lacked transformer-lens 4.3.0,
+# beartype, fancy-einsum, typeguard, graphviz, datasets, dill and multiprocess; its transformers,
+# huggingface_hub and torch 2.11 did.
 set -u
 OUT=${OUT:-/tmp/device_check}
 BUDGET=${BUDGET:-480}          # seconds for everything; each step gets what is left of it, capped
