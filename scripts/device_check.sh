@@ -12,8 +12,8 @@
 # installed into /tmp/site there (and those in .whl2/, if present, when tc or TransformerLens still fails
 # to import); ../shared is copied from .devshared/ when it is not beside the checkout. Nothing is
 # installed into the machine's own environment. On 2026-11-27 the image lacked transformer-lens 4.3.0,
-# beartype, fancy-einsum, typeguard, graphviz, datasets, dill and multiprocess; its transformers,
-# huggingface_hub and torch 2.11 did.
+# beartype, fancy-einsum, typeguard, graphviz, datasets, dill and multiprocess; its own transformers,
+# huggingface_hub and torch 2.11 served.
 set -u
 OUT=${OUT:-/tmp/device_check}
 BUDGET=${BUDGET:-480}          # seconds for everything; each step gets what is left of it, capped
