@@ -5,8 +5,8 @@ weight gradients) to hundreds (the dense pre-activations). glibc's malloc serves
 threshold (at most 32 MiB) with fresh mappings and returns freed memory at the top of its heap to the
 system once more than the trim threshold is free, so every step page-faults (and the kernel zeroes) those
 pages again. Keeping freed memory in the heap avoids that work (benchmarks/train_throughput.py compares
-with ``--default-malloc``: the README gives the figures, a gain at the edge of the machine's noise). The cost is a resident set that does not shrink
-between steps, which a training process needs anyway.
+with ``--default-malloc``: the README gives the figures, a gain at the edge of the machine's noise). The
+cost is a resident set that does not shrink between steps, which a training process needs anyway.
 """
 
 from __future__ import annotations

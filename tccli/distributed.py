@@ -20,9 +20,9 @@ stored numbers are the same. When every shard is complete, rank 0 writes ``OUT``
 attributes as a single-process cache (plus ``shards``, the shard files and their rows), and every dataset
 an HDF5 virtual dataset over the shards in rank order, i.e. exactly the single-process row order.
 Shard files are named relative to ``OUT``'s folder, so the folder can be moved as a whole. ``--resume``
-resumes each shard separately. (That code, the shards and the joined file, is in ``tccli/cache.py``, which
-imports this module; this module imports no part of tc's I/O.) The ranks step together (one tiny all-reduce per batch, a heartbeat),
-so a rank that dies is noticed by the others within ``--dist-timeout``.
+resumes each shard separately. The ranks step together (one tiny all-reduce per batch, a heartbeat),
+so a rank that dies is noticed by the others within ``--dist-timeout``. (That code, the shards and the
+joined file, is in ``tccli/cache.py``, which imports this module; this module imports no part of tc's I/O.)
 
 Data-parallel training. ``--batch-size`` stays the global batch (tokens per optimiser step, all ranks
 together); it must divide by N. Every rank follows the same shuffle schedule and keeps, of every batch,

@@ -58,6 +58,7 @@ def tile_values(device) -> int:
     """The most float32 values in one [features, tokens] tile of the streaming statistics on ``device``."""
     return TILE_VALUES if torch.device(device).type == "cpu" else GPU_TILE_VALUES
 
+
 # On the CPU the statistics of a tile are computed by one compiled pass (tccli.scoring_kernel); tests set
 # this to False to check the torch formulation (what GPUs run) on the CPU against it.
 FUSED_ON_CPU = True

@@ -46,10 +46,12 @@ class Entries:
         return offsets_of(self.token, n_tokens)
 
 
-def counts_of(index: torch.Tensor, size: int) -> torch.Tensor:
-    """[size] how often each value 0..size-1 occurs in ``index`` (bincount's result, without bincount's
-    wait for the GPU: bincount reads the largest value back to size its output)."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+def counts_of(index: torch.Tensor, size: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[size] how often each value 0..size-1 occurs in ``index``, each occurrence counted ``weights`` (long)
+    times or once (bincount's result, without bincount's wait for the GPU: bincount reads the largest
+    value back to size its output, and a boolean index to pick the occurrences would wait likewise)."""
+    weights = torch.ones_like(index) if weights is None else weights
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, weights)
 
 
 def offsets_of(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -427,8 +427,7 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
         z = torch.relu(values[0])
     output = sparse_coding.decode_entries(z, entries, transcoder.W_dec, n) + transcoder.b_dec + skip_term(transcoder, x)
     active = z > 0
-    # counted without a boolean index, which would wait for the GPU (a sync) to learn the result's size
-    fires = torch.zeros(m, dtype=torch.long, device=x.device).index_add_(0, entries.feature, active.long())
+    fires = sparse_coding.counts_of(entries.feature, m, active.long())
     mse = reconstruction_loss(output, y, config.normalize_mse)
     loss = mse / scales.target_variance
     aux = auxk_loss(values[1], groups[1], y, output, transcoder.W_dec) if use_aux else mse.new_zeros(())
@@ -563,16 +562,15 @@ class WindowLoader:
         """The window's rows of one array, in cache order, in pinned host memory when bound for a GPU."""
         parts = [self.cache.read(layer, which, a * self.context, b * self.context) for a, b in window.row_ranges]
         rows = sum(len(part) for part in parts)
-        host = torch.empty((rows, parts[0].shape[1]), dtype=torch.from_numpy(parts[0][:0]).dtype,
-                           pin_memory=self._copy_stream is not None)
+        host = torch.empty((rows, parts[0].shape[1]), dtype=torch.float32, pin_memory=self._copy_stream is not None)
         np.concatenate(parts, out=host.numpy())
         return host
 
     def _shuffled(self, host: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         if self._copy_stream is None:
-            return host[order].float()
+            return host[order]
         with torch.cuda.stream(self._copy_stream):
-            return host.to(self.device, non_blocking=True)[order.to(self.device, non_blocking=True)].float()
+            return host.to(self.device, non_blocking=True)[order.to(self.device, non_blocking=True)]
 
     def load(self, window: Window) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         order = None

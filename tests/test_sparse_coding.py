@@ -121,6 +121,7 @@ def test_counts_offsets_and_sums_by_index_by_hand():
     assert sc.counts_of(index, 5).tolist() == [1, 1, 0, 3, 0]  # value 4 never occurs, 2 neither
     assert sc.counts_of(index, 5).tolist() == torch.bincount(index, minlength=5).tolist()
     assert sc.offsets_of(index, 5).tolist() == [0, 1, 2, 2, 5]  # sorted: 0 1 3 3 3
+    assert sc.counts_of(index, 5, torch.tensor([1, 0, 1, 0, 1])).tolist() == [0, 1, 0, 2, 0]  # weighted
     values = torch.tensor([0.5, 2.0, -1.0, 4.0, 8.0])
     assert sc.sum_by_index(values, index, 5).tolist() == [2.0, 8.0, 0.0, 3.5, 0.0]
     assert sc.counts_of(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
