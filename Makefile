@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 completions: install
-	$(PY) -m tccli.completions completions
+	$(PY) -m tccli.cli.completions completions
 
 figures: install
 	$(PY) scripts/readme_figures.py update

@@ -1,7 +1,7 @@
 """Tokens/s of `tc cache` (all layers, float16) against a plain HuggingFace forward pass.
 
 The plain pass is the same model loaded with AutoModelForCausalLM, run on the same batches with no
-hooks (full forward, logits included). The caching path is `tccli.cache.run_cache` with its default
+hooks (full forward, logits included). The caching path is `tccli.data.cache.run_cache` with its default
 engine (native: the plain HF model with hooks), timed from its first forward pass to the durable end of
 the file (model loading and tokenising excluded from both). Intermediate figures locate any gap: the
 TransformerBridge forward alone (no hooks), the native capture without writing, and `tc cache
@@ -57,9 +57,9 @@ def best_time(fn, repeats: int) -> float:
 def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repeats: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tccli.cache import CacheConfig, run_cache
-    from tccli.models import MlpCapture, load_model
-    from tccli.text import load_rows
+    from tccli.data.cache import CacheConfig, run_cache
+    from tccli.model.loading import MlpCapture, load_model
+    from tccli.data.text import load_rows
 
     loaded = load_model(str(model_dir), "cpu", "float32")
     rows = load_rows([str(CORPUS)], loaded.tokenizer, loaded.info.bos_token_id, context, n_tokens, seed=0)

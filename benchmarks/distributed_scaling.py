@@ -5,7 +5,7 @@
 
 Writes a synthetic activation cache (one layer, random inputs, a fixed nonlinear target) to a temporary
 folder, then for each process count runs `torchrun --standalone --nproc-per-node N` on this script in
-worker mode, which times `tccli.train.train` (the whole run: statistics, initialisation, the step loop
+worker mode, which times `tccli.training.train.train` (the whole run: statistics, initialisation, the step loop
 with its all-reduces, saving) and prints tokens/s from rank 0. Every process runs one torch thread
 (torchrun's OMP_NUM_THREADS=1); for comparison the 1-process run is repeated with as many threads as the
 largest process count. On CPU, 2 processes share this machine's cores with each other (and with anyone
@@ -41,7 +41,7 @@ def write_cache(path: Path, d_model: int, n_tokens: int, context: int = 128) -> 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from tccli.train import TrainConfig, train
+    from tccli.training.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ its own, so its peak memory (max RSS) is its own; the model and transcoders are 
 starts, and their RSS is printed apart.
 
 Timed: everything `tc graph` does after loading (the forward pass and freezing, the targets, the rows,
-the ranking, influence, pruning, scores), as in tccli.graph.attribution_graph. The floor: the FLOP of the
+the ranking, influence, pruning, scores), as in tccli.graph.trace.attribution_graph. The floor: the FLOP of the
 matmuls of the backward passes it did (attribution_graph.dense_rows counts them: per layer 4 a P d^2 for
 the OV circuits, 2 a P^2 d for the patterns, 2 a P d (1 + k) for the writes, with a rows and P tokens
 carried) divided by the float32 matmul rate measured in the same process on the shape those matmuls have.
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from circuit_helpers import random_transcoders  # noqa: E402
 from circuit_latency import build_model, sparsify  # noqa: E402
 
-from tccli.attribution_graph import GraphParams, build_graph, salient_logit_targets  # noqa: E402
-from tccli.circuit import freeze_prompt  # noqa: E402
-from tccli.models import load_model  # noqa: E402
+from tccli.graph.attribution_graph import GraphParams, build_graph, salient_logit_targets  # noqa: E402
+from tccli.circuit.trace import freeze_prompt  # noqa: E402
+from tccli.model.loading import load_model  # noqa: E402
 
 
 def matmul_rate(device: str, rows: int, d: int = 768, repeats: int = 5) -> float:

@@ -16,7 +16,7 @@ pass, ...) in one process, best of --repeats each:
 - floor: the capture, then every layer's encoder on the same [features x tokens] tiles tc score uses:
   matmul, bias and ReLU, i.e. every activation, and nothing done with them. Any scorer that computes
   every feature's activation exactly does at least this;
-- scoring pass: the capture and `tccli.scoring.stream_layers`, i.e. what `tc score` runs between
+- scoring pass: the capture and `tccli.features.scoring.stream_layers`, i.e. what `tc score` runs between
   loading and finishing: encoding plus every streaming statistic (counts, sums, maxima, exact top and
   sampled examples with their windows).
 
@@ -41,7 +41,7 @@ from cache_throughput import CORPUS, STORIES, build_gpt2_small  # noqa: E402
 
 
 def random_transcoders(info, n_features: int, density: float, seed: int = 0):
-    from tccli.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
 
     out = {}
     # the MLP input is a normalised residual with |x| ~ sqrt(d); a unit-norm encoder column then gives a
@@ -59,9 +59,9 @@ def random_transcoders(info, n_features: int, density: float, seed: int = 0):
 
 
 def measure(model_dir: Path, n_features: int, n_tokens: int, args) -> dict:
-    import tccli.scoring as scoring
-    from tccli.models import MlpCapture, load_model
-    from tccli.text import load_rows
+    import tccli.features.scoring as scoring
+    from tccli.model.loading import MlpCapture, load_model
+    from tccli.data.text import load_rows
 
     loaded = load_model(str(model_dir), args.device)
     info = loaded.info

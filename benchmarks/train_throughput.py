@@ -1,6 +1,6 @@
 """Training throughput of `tc train`'s step loop at GPT-2-small dimensions, against the floor every method shares.
 
-Prints tokens/s of the real step loop (tccli.train: WindowLoader with its prefetch thread,
+Prints tokens/s of the real step loop (tccli.training.train: WindowLoader with its prefetch thread,
 train_one_step) fed from memory and from an HDF5 activation cache, for each kind asked for, beside the
 ceiling measured in the same process: the matrix-multiply FLOP/s of the encoder product's own shape
 ([batch x d] x [d x m], the weight in the layout tc trains it in) divided by 2·d·m FLOP per token. That
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tccli import allocator
-from tccli.train import (DataStats, ShuffleSchedule, TrainConfig, WindowLoader, new_layer_state, train_one_step,
+from tccli.runtime import allocator
+from tccli.training.train import (DataStats, ShuffleSchedule, TrainConfig, WindowLoader, new_layer_state, train_one_step,
                          transcoder_config)
 
 
@@ -57,7 +57,7 @@ def write_hdf5(path: Path, x: np.ndarray, y: np.ndarray, context: int) -> None:
     """A minimal file in the tc activation-cache layout (only what ActivationCache.open reads)."""
     import h5py
 
-    from tccli.cache import FORMAT
+    from tccli.data.cache import FORMAT
 
     n, d = x.shape
     with h5py.File(path, "w") as f:
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
     parser.add_argument("--no-hdf5", action="store_true", help="only the in-memory loop")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc settings as they are (tc train changes them: tccli.allocator)")
+                        help="leave glibc's malloc settings as they are (tc train changes them: tccli.runtime.allocator)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile 4 more steps from memory per kind (benchmarks/profiling.py)")
     args = parser.parse_args()
@@ -172,7 +172,7 @@ def main() -> None:
     path = Path(tmp.name) / "bench.h5"
     if not args.no_hdf5:
         write_hdf5(path, x, y, context)
-    from tccli.cache import ActivationCache
+    from tccli.data.cache import ActivationCache
 
     probe = MatmulProbe(batch, d, m, device, dtype)
     for activation in args.activation:

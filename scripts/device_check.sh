@@ -39,7 +39,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-imports() { python3 -c "import tccli.cli, tccli.models; from transformer_lens.model_bridge import TransformerBridge"; }
+imports() { python3 -c "import tccli.cli.app, tccli.model.loading; from transformer_lens.model_bridge import TransformerBridge"; }
 if ! imports >> "$OUT/env.txt" 2>&1 && [ -d .whl2 ]; then
   echo "imports failed; installing .whl2 too" >> "$OUT/env.txt"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl2/*.whl \

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tccli import greater_than  # noqa: E402
+from tccli.evaluation import greater_than  # noqa: E402
 
 BOS = "<|endoftext|>"
 
@@ -375,7 +375,7 @@ gradient clipping 1.0, no dropout, seed {args.seed}. Trained on {device} in {sec
 ## Results
 Final held-out cross-entropy (nats/token): KJV {final['held_out_loss_kjv']:.3f}, generated
 {final['held_out_loss_generated']:.3f}. Greater-than probability difference on the 100 prompts of
-`tccli.greater_than` (YY 02..98): **{final['prob_diff']:.3f}** (bar 0.6; GPT-2 small 0.883).
+`tccli.evaluation.greater_than` (YY 02..98): **{final['prob_diff']:.3f}** (bar 0.6; GPT-2 small 0.883).
 
 | step | held-out loss KJV | held-out loss generated | greater-than prob. diff. |
 |---:|---:|---:|---:|

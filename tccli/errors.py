@@ -4,7 +4,7 @@
 class TcError(Exception):
     """Bad input or an unusable environment, described in one line for the user.
 
-    Library code raises this instead of letting a traceback reach the terminal; `tccli.cli.main`
+    Library code raises this instead of letting a traceback reach the terminal; `tccli.cli.app.main`
     prints ``tc: error: <message>`` on stderr and exits non-zero.
     """
 

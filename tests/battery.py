@@ -91,7 +91,7 @@ def build_other_model(folder: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tccli.models import BUILTIN_MODEL_DIR
+    from tccli.model.loading import BUILTIN_MODEL_DIR
 
     folder.mkdir(parents=True)
     for name in os.listdir(BUILTIN_MODEL_DIR):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from tccli.attribution import FrozenForward, FrozenLayer
-from tccli.models import load_model
-from tccli.transcoder import Transcoder, TranscoderConfig
-from tccli.transcoder_io import save_transcoder
+from tccli.replacement.attribution import FrozenForward, FrozenLayer
+from tccli.model.loading import load_model
+from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.files import save_transcoder
 
 
 _LOADED: dict = {}
@@ -23,7 +23,7 @@ def loaded_model(path, dtype: str = "float32"):
     return _LOADED[key]
 
 
-# Every (input space, output space) pair a transcoder can have (tccli.transcoder).
+# Every (input space, output space) pair a transcoder can have (tccli.transcoders.transcoder).
 SPACE_PAIRS = [(i, o) for i in ("normalized", "mlp_input", "resid_mid") for o in ("mlp_out", "mlp_output")]
 
 

@@ -235,11 +235,11 @@ PLAIN_MLP_MODULES = {
 def plain_model_reference(model_dir: Path, tokens, layers: list[int], batch_size: int) -> dict:
     """{(layer, 'mlp_in'|'mlp_out'): float32 [n_tokens, d]} from a plain HuggingFace forward pass over the
     same batches: the norm input normalised and the MLP output centred as compatibility mode defines them.
-    What the native engine must store, computed independently of tccli.models.MlpCapture's plumbing."""
+    What the native engine must store, computed independently of tccli.model.loading.MlpCapture's plumbing."""
     import numpy as np
     from transformers import AutoModelForCausalLM
 
-    from tccli.models import compat_mlp_out, compat_normalized
+    from tccli.model.loading import compat_mlp_out, compat_normalized
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

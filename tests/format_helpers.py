@@ -2,7 +2,7 @@
 
 import torch
 
-from tccli.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
 
 D, M = 8, 24
 

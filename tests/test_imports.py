@@ -37,9 +37,9 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_import_graph_sees_function_level_imports():
     graph = import_graph()
-    assert graph.has_edge("tccli.cache", "tccli.distributed")  # at the top of cache.py
-    assert graph.has_edge("tccli.attribution_graph_io", "tccli.graph_io")  # inside render()
-    assert graph.has_edge("tccli.formats", "tccli.formats.circuit_tracer")
+    assert graph.has_edge("tccli.data.cache", "tccli.runtime.distributed")  # at the top of cache.py
+    assert graph.has_edge("tccli.graph.files", "tccli.circuit.files")  # inside render()
+    assert graph.has_edge("tccli.transcoders.formats", "tccli.transcoders.formats.circuit_tracer")
 
 
 def test_no_import_cycles():

@@ -1,0 +1,482 @@
+"""The `tc` command: a thin layer that parses flags and calls library code.
+
+Each subcommand is a function here whose options come from one config dataclass (see
+``tccli.config.fields``). No math lives in this module. Data goes to stdout or named files; progress and
+logs go to stderr; bad input ends with one line ``tc: error: ...`` and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import click
+import typer
+
+
+def _exception_classes(name: str) -> tuple[type, ...]:
+    """``name`` from click and from typer's bundled copy of click (typer 0.29 raises its own)."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions", "typer"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_ABORT = _exception_classes("Abort") + (KeyboardInterrupt,)
+_NO_ARGS_IS_HELP = _exception_classes("NoArgsIsHelpError")
+_CLICK_ERROR = _exception_classes("ClickException")
+_EXIT = _exception_classes("Exit")
+
+from tccli import __version__
+
+from tccli.runtime import interrupts
+
+from tccli.runtime import outputs
+
+from tccli.runtime import progress
+from tccli.data.cache import CacheConfig
+from tccli.circuit.trace import CircuitConfig, DeembedConfig
+from tccli.config.fields import command_from, plain_arguments
+from tccli.evaluation.evaluate import EvalConfig
+from tccli.graph.trace import GraphConfig
+from tccli.circuit.files import ExportConfig
+from tccli.evaluation.greater_than import GreaterThanConfig
+from tccli.transcoders.formats import ConvertConfig
+from tccli.replacement.intervention import InterveneConfig
+from tccli.evaluation.plot import PlotConfig
+from tccli.features.score import ScoreConfig
+from tccli.features.show import ShowConfig
+from tccli.training.train import TrainConfig
+from tccli.evaluation.validation import ValidateConfig
+from tccli.errors import TcError
+
+app = typer.Typer(
+    name="tc",
+    help="tc: transcoder circuits from the command line (cache, train, eval, score, circuit).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options that take several values after one flag (`--data a.txt b.txt`); click options take one
+# value each, so main() rewrites `--data a b` as `--data a --data b` before parsing.
+MULTI_VALUE_OPTIONS = {"--data"}
+
+
+def example(*lines: str) -> str:
+    """A command's --help epilog: one example, kept as written (click's \\b stops re-wrapping)."""
+    return "\b\nExample:\n" + "\n".join("  " + line for line in lines)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"tc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    """tc: transcoder circuits from the command line."""
+
+
+# ============================================================================ tc cache / tc info (issue 2)
+
+
+@app.command("cache", epilog=example("tc cache --model gpt2 --data corpus.txt --layers all --tokens 1M --out acts.h5"))
+@command_from(CacheConfig)
+def cache_command(config: CacheConfig) -> None:
+    """Run a model over text; store each chosen layer's MLP input and output in HDF5."""
+    from tccli.data.cache import human_bytes, run_cache
+
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc cache: {message}", file=sys.stderr))
+    with progress.bar(config.quiet, "tokens") as update:
+        result = run_cache(config, log=log, progress=lambda done, total: update("caching", done, total))
+    if not config.quiet and result.seconds > 0:
+        done = result.n_tokens - result.resumed_from_row * int(config.context)
+        log(f"wrote {result.path} ({result.n_tokens} tokens, {human_bytes(result.path.stat().st_size)}) "
+            f"in {result.seconds:.1f} s, {done / result.seconds:,.0f} tokens/s")
+
+
+@app.command("info", epilog=example("tc info acts.h5"))
+def info_command(
+    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON.",
+                               metavar="PATH"),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
+) -> None:
+    """Summarise a tc file: activation cache, transcoder(s), or graph."""
+    import json as _json
+
+    from tccli.cli.info import describe, render
+
+    summary = describe(path)
+    print(_json.dumps(summary, indent=2) if json_output else render(summary))
+
+
+# ============================================================================ tc train / tc eval (issue 3)
+
+# ---------------------------------------------------------------------------- tc train
+
+
+@app.command("train", epilog=example("tc train --cache acts.h5 --out tcs --tokens 400k --k 8"))
+@command_from(TrainConfig)
+def train_command(config: TrainConfig) -> None:
+    """Train one transcoder (or MLP-output SAE) per layer from an activation cache."""
+    from tccli.training.train import train
+
+    train(config)
+    print(config.out)
+
+# ---------------------------------------------------------------------------- tc plot (issue 12)
+
+
+@app.command("plot", epilog=example("tc plot pareto runs/k8/eval.json runs/k16/eval.json -o pareto.svg"))
+@command_from(PlotConfig)
+def plot_command(config: PlotConfig) -> None:
+    """Figures: `tc plot pareto EVAL.json... -o f.svg` (CE recovered against L0, one series per kind) or
+    `tc plot training train_log.jsonl... -o f.svg` (loss, FVU, L0, dead fraction against tokens)."""
+    from tccli.evaluation.plot import run_plot
+
+    print(run_plot(config))
+
+
+# ---------------------------------------------------------------------------- tc eval
+
+
+@app.command("eval", epilog=example("tc eval --model gpt2 --transcoders tcs --data held-out.txt --tokens 10k"))
+@command_from(EvalConfig)
+def eval_command(config: EvalConfig) -> None:
+    """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
+    from tccli.evaluation.evaluate import result_table, run_eval
+
+    with progress.bar(config.quiet, "batches") as update:
+        result = run_eval(config, update)
+    if config.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+        if not console.is_terminal:  # a pipe or file: do not squeeze the columns to 80 characters
+            console = Console(highlight=False, width=200)
+        console.print(result_table(result, wide=config.wide))
+
+
+# ---------------------------------------------------------------------------- tc convert
+
+
+@app.command("convert", epilog=example("tc convert --input tcs --out tcs-saelens --to saelens"))
+@command_from(ConvertConfig)
+def convert_command(config: ConvertConfig) -> None:
+    """Convert transcoders between tc folders and every public format (see tc info's formats)."""
+    from tccli.transcoders.formats import convert
+
+    notes: list[str] = []
+    for folder in convert(config.input, config.out, config.to, notes=notes):
+        print(folder)
+    for note in notes:
+        print(f"tc convert: note: {note}", file=sys.stderr)
+
+
+# ============================================================================ tc circuit / export / deembed (issue 4)
+
+
+MULTI_VALUE_OPTIONS.add("--logit-diff")
+
+
+def _write_output(data: bytes, out: Optional[str]) -> None:
+    """Bytes to --out (atomically) or to stdout."""
+    if out:
+        outputs.atomic_write_bytes(out, data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+@app.command("circuit", epilog=example("tc circuit --transcoders tcs --logit-diff 40 20 --format json --out g.json \\",
+                                       "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@command_from(CircuitConfig)
+def circuit_command(config: CircuitConfig) -> None:
+    """Trace the paths into a feature, logit or direction; the graph goes to stdout (or --out)."""
+    from tccli.circuit.trace import files as graph_io
+    from tccli.circuit.trace import circuit_graph
+    from tccli.model.loading import load_model
+    from tccli.transcoders.formats import load_transcoder_set
+
+    prompt = _prompt_text(config.prompt)
+    with outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]), \
+            progress.bar(config.quiet, "steps") as update:
+        update("loading the model", 0, 1)
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        update("loading the model", 1, 1)
+        update("tracing the circuit", 0, 1)
+        graph, summary = circuit_graph(loaded, transcoders, prompt, config)
+        update("tracing the circuit", 1, 1)
+        _write_output(graph_io.render(graph, config.format, config), config.out)
+    if not config.quiet:
+        print(f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
+              f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
+              f"transcoder error into the target {summary['error']:.6g}", file=sys.stderr)
+
+
+def _prompt_text(prompt: str) -> str:
+    """--prompt, or stdin for `-` (`echo text | tc circuit --prompt -`: echo's newline is not part of it)."""
+    return sys.stdin.read().removesuffix("\n").removesuffix("\r") if prompt == "-" else prompt
+
+
+@app.command("export", epilog=example("tc export g.json --format svg --out g.svg"))
+@command_from(ExportConfig)
+def export_command(config: ExportConfig) -> None:
+    """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
+    from tccli.circuit.trace import files as graph_io
+
+    if not config.out and config.format == "png" and sys.stdout.isatty():
+        raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
+    with outputs.claim(config.out, config.force, [config.graph]):
+        graph = graph_io.read_graph(config.graph)
+        _write_output(graph_io.render(graph, config.format, config), config.out)
+
+
+@app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))
+@command_from(DeembedConfig)
+def deembed_command(config: DeembedConfig) -> None:
+    """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
+    from tccli.circuit.trace import deembed_rows
+    from tccli.model.loading import load_model
+    from tccli.transcoders.formats import load_transcoder_set
+
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    for score, token_id, token in deembed_rows(loaded, transcoders, config):
+        print(f"{score:.6g}\t{token_id}\t{json.dumps(token, ensure_ascii=False)}")
+
+
+# ============================================================================ tc score / tc show (issue 5)
+
+
+@app.command("score", epilog=example("tc score --transcoders tcs --data corpus.txt --tokens 1M --out features.h5"))
+@command_from(ScoreConfig)
+def score_command(config: ScoreConfig) -> None:
+    """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
+    from tccli.features.score import run_score
+
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
+    with progress.bar(config.quiet, "rows") as update:
+        summary = run_score(config, update, log=log)
+    if not config.quiet:
+        console = progress.stderr_console()
+        if summary["available_tokens"] is not None:
+            console.print(f"the data holds only {summary['available_tokens']} tokens; scored {summary['tokens']}")
+        console.print(f"scored layers {', '.join(map(str, summary['layers']))} on {summary['tokens']} tokens "
+                      f"-> {summary['out']}")
+
+
+@app.command("show", epilog=example("tc show features.h5 L2.F57"))
+@command_from(ShowConfig)
+def show_command(config: ShowConfig) -> None:
+    """Show features from a features file: one in the terminal, or many as one HTML page (--html)."""
+    from rich.console import Console
+
+    from tccli.features.files import FeaturesFile, check_features_match_model
+    from tccli.features.show import parse_feature_ref, render_html, render_terminal, resolve_refs
+
+    features = FeaturesFile.open(config.features_file)
+    with outputs.claim(config.html, config.force, [config.features_file]):
+        if config.model:
+            from tccli.model.loading import load_model
+
+            check_features_match_model(features, load_model(config.model, "cpu").info)
+        if config.feature:
+            layer, index = parse_feature_ref(config.feature)
+            features.check_feature(layer, index)
+            console = Console(highlight=False)
+            if not console.is_terminal:
+                console = Console(highlight=False, width=160)
+            render_terminal(features, features.feature(layer, index), config.examples, console)
+        if config.html:
+            page = render_html(features, resolve_refs(features, config), config.examples)
+            outputs.atomic_write_text(config.html, page)
+
+
+# ============================================================================ tc greater-than (issue 6)
+
+
+@app.command("greater-than", epilog=example("tc greater-than --transcoders tcs --graph g.json"))
+@command_from(GreaterThanConfig)
+def greater_than_command(config: GreaterThanConfig) -> None:
+    """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
+    from tccli.evaluation.greater_than import result_lines, run_greater_than
+
+    with progress.bar(False, "runs") as update:
+        result = run_greater_than(config, update)
+    if config.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(result_lines(result)))
+
+
+# ============================================================================ tc graph (issue 13)
+
+
+@app.command("graph", epilog=example("tc graph --transcoders tcs --format dot --out g.dot \\",
+                                     "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@command_from(GraphConfig)
+def graph_command(config: GraphConfig) -> None:
+    """Whole attribution graph of the local replacement model, pruned by influence and scored."""
+    from tccli.graph.trace import files as attribution_graph_io
+    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.graph.trace import attribution_graph
+    from tccli.model.loading import load_model
+
+    prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
+    log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
+    with outputs.claim(config.out, config.force, [config.transcoders, config.model]), \
+            progress.bar(config.quiet, "rows") as update:
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        run = attribution_graph(loaded, transcoders, prompt, config,
+                                lambda done, total: update("feature rows", done, total))
+        data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
+                                           run.heads, config)
+        _write_output(data, config.out)
+    graph, stats = run.graph, run.graph.stats
+    log(f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "
+        f"{int(graph.node_mask.sum())} nodes ({int(graph.node_mask[:graph.table.n_features].sum())} features), "
+        f"{sum(int(m.sum()) for m in graph.edge_mask)} edges; replacement score {graph.replacement:.4f}, "
+        f"completeness score {graph.completeness:.4f}; dropped {stats['dropped_share_total']:.2%} of sum |A| "
+        f"({stats['dropped_small_share']:.2%} small entries, {stats['dropped_budget_share']:.2%} from features "
+        f"without rows); {stats['stored_entries']:,} entries stored")
+
+
+# ============================================================================ tc intervene / tc validate (issue 14)
+
+
+MULTI_VALUE_OPTIONS.update({"--ablate", "--set", "--scale"})
+
+
+@app.command("intervene", epilog=example("tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",
+                                         "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@command_from(InterveneConfig)
+def intervene_command(config: InterveneConfig) -> None:
+    """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
+    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.replacement.intervention import intervene_lines, run_intervene
+    from tccli.model.loading import load_model
+
+    prompt = _prompt_text(config.prompt)
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    result = run_intervene(config, loaded, transcoders, prompt)
+    print(json.dumps(result, indent=2) if config.json else "\n".join(intervene_lines(result)))
+
+
+@app.command("validate", epilog=example("tc validate g.json --task greater-than --out g-validated.json"))
+@command_from(ValidateConfig)
+def validate_command(config: ValidateConfig) -> None:
+    """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
+    from tccli.evaluation.validation import input_paths, results_json, run_validation, summary_lines, write_validated_graph
+
+    with outputs.claim(config.out, config.force, input_paths(config) if config.out else ()), \
+            progress.bar(False, "rows") as update:
+        graph, results = run_validation(config, update=update)  # the bar names each group of prompts
+        if config.out:
+            write_validated_graph(graph, results, config.out)
+    print("\n".join(summary_lines(results)), file=sys.stderr)
+    if config.json:
+        print(results_json(results))
+
+
+# ============================================================================ entry point
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """`--data a b --x` -> `--data a --data b --x` for the options in MULTI_VALUE_OPTIONS."""
+    out: list[str] = []
+    current: Optional[str] = None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            out.append(arg)
+            continue
+        if current is not None and (arg == "-" or not arg.startswith("-")):
+            if out[-1] != current:
+                out.append(current)
+            out.append(arg)
+            continue
+        current = None
+        out.append(arg)
+    return out
+
+
+def _exit_torchrun_rank() -> None:
+    """End a torchrun rank's successful run without C++ teardown.
+
+    With the gloo backend a rank sometimes aborts in torch's exit-time destructors ("terminate called
+    without an active exception", no Python frame), after every file is written and the process group
+    destroyed; torchrun then reports the whole run failed. All our files are closed by now, so flush
+    the streams and leave at once.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _interrupted(args: list[str], signum: int = 2, detail: str = "") -> None:
+    print(f"tc: interrupted; {detail or interrupts.hint(args)}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run `tc`; turn every failure into one line on stderr and a non-zero exit."""
+    interrupts.install()
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    command = plain_arguments(typer.main.get_command(app))
+    try:
+        result = command.main(args=args, prog_name="tc", standalone_mode=False)
+        if result == 130:  # typer's answer to a KeyboardInterrupt that did not come from our handler
+            _interrupted(args)
+        _exit_torchrun_rank()
+    except interrupts.Interrupted as exc:
+        _interrupted(args, exc.signum, exc.detail)
+    except TcError as exc:
+        print(f"tc: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except _ABORT:
+        _interrupted(args)
+    except _NO_ARGS_IS_HELP as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc), file=sys.stderr)
+        sys.exit(2)
+    except _CLICK_ERROR as exc:
+        print(f"tc: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except _EXIT as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `tc ... | head`: the reader went away; that is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as exc:  # a bug of ours: still one line, the traceback only on request
+        if os.environ.get("TC_DEBUG"):
+            raise
+        print(f"tc: internal error: {type(exc).__name__}: {exc} (set TC_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""`tc info PATH`: say what a tc file or folder holds.
+
+A small dispatcher: each kind of artefact registers a ``detect(path) -> bool`` and a
+``summarize(path) -> dict`` (the dict is what ``--json`` prints; it must carry ``kind`` and ``path``),
+optionally a ``lines(summary) -> list[str]`` for the human view. Kinds are tried in registration order.
+Built in: activation caches (HDF5), transcoder folders and sets. Other modules (e.g. graph JSON files
+from `tc circuit`) call ``register_kind`` at import time and are imported by ``_load_plugins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tccli.errors import fail
+
+
+@dataclass
+class InfoKind:
+    name: str
+    detect: Callable[[Path], bool]
+    summarize: Callable[[Path], dict]
+    lines: Optional[Callable[[dict], list[str]]] = None
+
+
+KINDS: list[InfoKind] = []
+
+# Modules that register further kinds when imported. EXTENSION POINT: the circuit/graph module adds
+# itself here (or calls register_kind from a module already imported).
+PLUGIN_MODULES: list[str] = ["tccli.circuit.files", "tccli.graph.files"]
+
+
+def register_kind(name: str, detect: Callable[[Path], bool], summarize: Callable[[Path], dict],
+                  lines: Optional[Callable[[dict], list[str]]] = None) -> None:
+    """Teach `tc info` a new kind of file; registering a name again replaces the earlier entry."""
+    KINDS[:] = [k for k in KINDS if k.name != name]
+    KINDS.append(InfoKind(name, detect, summarize, lines))
+
+
+def _load_plugins() -> None:
+    for module in PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def describe(path: str | Path) -> dict:
+    """The summary dict of whatever tc artefact ``path`` is; TcError when it is none."""
+    path = Path(path)
+    if not path.exists():
+        raise fail(f"{path} does not exist")
+    _load_plugins()
+    for kind in KINDS:
+        if kind.detect(path):
+            return kind.summarize(path)
+    names = ", ".join(k.name for k in KINDS)
+    raise fail(f"{path} is not something tc knows ({names})")
+
+
+def render(summary: dict) -> str:
+    """The human view of a summary: the kind's own lines, or key: value lines."""
+    for kind in KINDS:
+        if kind.name == summary.get("kind") and kind.lines is not None:
+            return "\n".join(kind.lines(summary))
+    return "\n".join(f"{key}: {_short(value)}" for key, value in summary.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+# ============================================================================ activation caches
+
+
+def _is_hdf5(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    return head == b"\x89HDF\r\n\x1a\n" or path.suffix in (".h5", ".hdf5")
+
+
+def _cache_summary(path: Path) -> dict:
+    from tccli.data.cache import ActivationCache, summarize
+
+    with ActivationCache.open(path) as cache:
+        return summarize(cache)
+
+
+def _cache_lines(s: dict) -> list[str]:
+    from tccli.data.cache import human_bytes
+
+    state = "complete" if s["complete"] else f"INCOMPLETE ({s['tokens_written']} of {s['tokens_total']} tokens; finish with tc cache --resume)"
+    return [
+        f"{s['path']}: tc activation cache, {state}",
+        f"  model        {s['model']}{' at ' + s['model_path'] if s.get('model_path') else ''} "
+        f"({s['architecture']}), d_model {s['d_model']}",
+        f"  layers       {', '.join(map(str, s['layers']))} (mlp_in and mlp_out each)",
+        f"  tokens       {s['tokens_written']} in rows of {s['context']} (requested {s['tokens_requested']})",
+        f"  storage      {s['storage']}, compression {s['compression']}; "
+        f"{human_bytes(s['activation_bytes'])} of activations, file {human_bytes(s['file_bytes'])}",
+        f"  data         {', '.join(s['data_sources'])} (seed {s['seed']})",
+        f"  processing   {', '.join(k for k, v in s['weight_processing'].items() if v) or 'none'}",
+        f"  engine       {s['engine']} (attention {s['attention']})",
+        f"  written by   tc {s['tc_version']}",
+    ]
+
+
+# ============================================================================ transcoders
+
+
+def _transcoder_summary(path: Path) -> dict:
+    from tccli.transcoders.formats import format_of, load_transcoder_set, single_transcoder_path
+
+    transcoders = load_transcoder_set(path)
+    per_layer = []
+    for layer, tc in transcoders.items():
+        cfg = tc.config.to_dict()
+        per_layer.append({"layer": layer, **{k: cfg.get(k) for k in (
+            "kind", "activation", "k", "skip", "input_space", "output_space", "d_in", "d_out", "n_features",
+            "model_name", "input_hook", "output_hook")}, "source": cfg.get("source") or {"format": "tc"}})
+    return {"kind": "transcoder", "path": str(path), "format": format_of(path) or "folder of transcoders",
+            "set": not (single_transcoder_path(path) and len(transcoders) == 1),
+            "layers": sorted(transcoders), "transcoders": per_layer}
+
+
+def _is_transcoder_or_set(path: Path) -> bool:
+    """A transcoder in any format tc reads, or a folder of them."""
+    from tccli.transcoders.formats import format_of
+
+    if format_of(path) is not None:
+        return True
+    return path.is_dir() and any(format_of(p) is not None for p in path.iterdir())
+
+
+def _transcoder_lines(s: dict) -> list[str]:
+    title = "transcoder" if not s["set"] else f"set of {len(s['transcoders'])} transcoders"
+    lines = [f"{s['path']}: {title} ({s['format']})"]
+    for t in s["transcoders"]:
+        kind = t.get("activation") + (f" k={t['k']}" if t.get("k") else "") + (", skip" if t.get("skip") else "")
+        lines.append(f"  layer {t['layer']}: {t.get('kind')} ({kind}) {t.get('d_in')} -> {t.get('n_features')} "
+                     f"features -> {t.get('d_out')}, reads {t.get('input_space')}, writes {t.get('output_space')} "
+                     f"({t.get('model_name')}; from {t['source'].get('format')})")
+    return lines
+
+
+register_kind("activation-cache", _is_hdf5, _cache_summary, _cache_lines)
+register_kind("transcoder", _is_transcoder_or_set, _transcoder_summary, _transcoder_lines)

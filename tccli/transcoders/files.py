@@ -1,0 +1,133 @@
+"""tc's own transcoder files: one folder per transcoder, a folder of such folders for a set.
+
+A transcoder folder holds ``transcoder.safetensors`` (W_enc, b_enc, W_dec, b_dec, b_pre, and
+``threshold`` / ``W_skip`` for the kinds that have them, in float32) and ``config.json`` (a
+TranscoderConfig). A set is a folder whose sub-folders are transcoder folders (named ``layer_L`` when
+written by tc). Other formats, and reading any of them as a set, are in tccli.transcoders.formats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tccli.errors import fail
+from tccli.runtime.outputs import atomic_write, write_error
+from tccli.transcoders.transcoder import INPUT_SPACES, OUTPUT_SPACES, Transcoder, TranscoderConfig
+
+WEIGHTS_FILE = "transcoder.safetensors"
+CONFIG_FILE = "config.json"
+
+
+# (input space, output space) pairs the model layer can produce (tccli.model.spaces): a transcoder reads any input
+# space and writes any output space; an SAE reads and writes one output space.
+SUPPORTED_SPACES = tuple((i, o) for i in INPUT_SPACES for o in OUTPUT_SPACES) + tuple((o, o) for o in OUTPUT_SPACES)
+# The spaces whose hooks are tc's own names (ModelInfo.layer): only there is a recorded hook name checked.
+TC_SPACES = (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
+
+
+def layer_folder_name(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
+    """Write a transcoder folder atomically enough that a crash never leaves half a config."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    tensors = {name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
+               for name in transcoder.tensor_names()}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    text = json.dumps(transcoder.config.to_dict(), indent=2)
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+
+
+def is_transcoder_folder(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_transcoder(folder: str | Path, device: str | torch.device = "cpu") -> Transcoder:
+    folder = Path(folder)
+    if not is_transcoder_folder(folder):
+        raise fail(f"{folder} is not a transcoder folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = read_config(folder / CONFIG_FILE)
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise fail(f"cannot read {folder / WEIGHTS_FILE}: {exc}") from None
+    transcoder = Transcoder(config)
+    missing = [n for n in transcoder.tensor_names() if n not in tensors]
+    if missing:
+        raise fail(f"{folder / WEIGHTS_FILE} lacks tensor {missing[0]}")
+    with torch.no_grad():
+        for name in transcoder.tensor_names():
+            param = getattr(transcoder, name)
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise fail(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                           f"config says {tuple(param.shape)}")
+            param.copy_(tensors[name])
+    return transcoder.to(device)
+
+
+def read_json_object(path: Path, what: str = "a JSON object") -> dict:
+    """A JSON file holding an object; one line saying why not otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise fail(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail(f"{path} is not {what} (not a JSON object)")
+    return data
+
+
+def read_config(path: Path) -> TranscoderConfig:
+    """A transcoder's config.json, every field checked (one line naming the bad field otherwise)."""
+    data = read_json_object(path, "a tc transcoder config")
+    known = set(TranscoderConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise fail(f"{path} is not a tc transcoder config: unknown field {unknown[0]!r}")
+    try:
+        config = TranscoderConfig(**data)
+    except TypeError as exc:  # a required field missing
+        raise fail(f"{path} is not a tc transcoder config: {exc}") from None
+    return config.validate(str(path))
+
+
+def check_matches_model(transcoder: Transcoder, info) -> None:
+    """Refuse a transcoder trained on another model, hook or width (info: models.ModelInfo)."""
+    cfg = transcoder.config
+    where = f"transcoder for layer {cfg.layer}"
+    spaces = (cfg.input_space, cfg.output_space)
+    if spaces not in SUPPORTED_SPACES or (cfg.kind == "sae") != (cfg.input_space in OUTPUT_SPACES):
+        raise fail(f"{where} ({cfg.kind}) reads {cfg.input_space} and writes {cfg.output_space}; tc runs "
+                   f"transcoders from {'/'.join(INPUT_SPACES)} to {'/'.join(OUTPUT_SPACES)} and SAEs on one "
+                   f"of {'/'.join(OUTPUT_SPACES)}")
+    if cfg.d_in != info.d_model or cfg.d_out != info.d_model:
+        raise fail(f"{where} has d_in={cfg.d_in}, d_out={cfg.d_out} but the model's d_model is {info.d_model}")
+    if cfg.layer is not None and cfg.layer >= info.n_layers:
+        raise fail(f"{where}: the model has only {info.n_layers} layers")
+    if cfg.layer is not None and cfg.input_hook is not None and spaces in TC_SPACES:
+        hooks = info.layer(cfg.layer)
+        expected_in = hooks.mlp_out if cfg.kind == "sae" else hooks.mlp_in
+        if cfg.input_hook != expected_in or (cfg.output_hook and cfg.output_hook != hooks.mlp_out):
+            raise fail(f"{where} reads {cfg.input_hook} -> {cfg.output_hook}; this model's MLP is "
+                       f"{expected_in} -> {hooks.mlp_out}")
+    if cfg.model_architecture and cfg.model_architecture != info.architecture:
+        raise fail(f"{where} was trained on a {cfg.model_architecture} model ({cfg.model_name}), "
+                   f"not this {info.architecture}")
+    if cfg.weight_processing and cfg.weight_processing != info.weight_processing:
+        raise fail(f"{where} was trained under other weight processing: {cfg.weight_processing}")
+    from tccli.model.loading import known_different_models
+
+    if known_different_models(cfg.model_name, info.name):
+        raise fail(f"{where} was trained on the model {cfg.model_name}, not on {info.name}")

@@ -1,0 +1,233 @@
+"""Every transcoder format tc reads, and ``tc convert`` between them. I/O only (no model, no maths).
+
+Readable (``load_transcoder_set`` takes any of these, a folder of single ones, or a hub id):
+
+    tc              a folder with transcoder.safetensors + config.json (tccli.transcoders.files), or a folder of them
+    saelens         cfg.json + sae_weights.safetensors (standard, topk, transcoder, skip_transcoder,
+                    jumprelu_transcoder, jumprelu_skip_transcoder)
+    sparsify        layers.N.mlp/ with cfg.json + sae.safetensors
+    paper-pt        the paper's GPT-2 .pt files (restricted unpickler)
+    gemma-scope     params.npz (a file, a folder holding one, or a layer_L/... tree with one per layer)
+    circuit-tracer  a set: config.yaml + layer_{i}.safetensors (or the files config.yaml lists)
+    peek            the paper authors' Peek folders: sae_info.json + sae.json + sae.safetensors (their
+                    Pythia-2.8B and re-packaged GPT-2 sets)
+
+Writable (``tc convert --to``): tc, saelens, sparsify, gemma-scope, circuit-tracer, peek, where the format can
+hold the transcoder (each writer refuses with one line what it cannot express).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from tccli.config.fields import option
+from tccli.errors import fail
+from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
+from tccli.transcoders.formats.hub import download, looks_like_hub_id
+from tccli.transcoders.transcoder import Transcoder
+from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
+
+# One transcoder per path: (name, detect(path), read(path)), tried in this order.
+SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transcoder]]] = [
+    ("tc", is_transcoder_folder, load_transcoder),
+    ("saelens", saelens.detect, saelens.read),
+    ("sparsify", sparsify.detect, sparsify.read),
+    ("paper-pt", paper.detect, paper.read),
+    ("gemma-scope", gemma_scope.detect, gemma_scope.read),
+    ("peek", peek.detect, peek.read),
+]
+WRITE_FORMATS = ("tc", "saelens", "sparsify", "gemma-scope", "circuit-tracer", "peek")
+
+
+def format_of(path: Path) -> Optional[str]:
+    """The format of one transcoder or set at ``path``, or None."""
+    if circuit_tracer.is_set(path):
+        return "circuit-tracer"
+    for name, detect, _ in SINGLE_FORMATS:
+        if detect(path):
+            return name
+    if gemma_scope.is_set(path):
+        return "gemma-scope"
+    return None
+
+
+def single_transcoder_path(path: Path) -> bool:
+    """Whether ``path`` is one transcoder in a readable single-transcoder format."""
+    return any(detect(path) for _, detect, _ in SINGLE_FORMATS)
+
+
+def load_any_transcoder(path: str | Path, device: str | torch.device = "cpu") -> Transcoder:
+    path = Path(path)
+    for _, detect, read in SINGLE_FORMATS:
+        if detect(path):
+            return read(path).to(device)
+    raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file "
+               "or a Gemma Scope params.npz")
+
+
+def resolve(path: str | Path) -> Path:
+    """A local path, downloading a hub id first (formats.hub)."""
+    text = str(path)
+    if looks_like_hub_id(text):
+        return download(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise fail(f"transcoders {path} do not exist")
+    return path
+
+
+def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
+    if circuit_tracer.is_set(path):
+        return circuit_tracer.read_set(path, origin)
+    if single_transcoder_path(path):
+        transcoder = load_any_transcoder(path)
+        if transcoder.config.layer is None:
+            raise fail(f"{path}: config names no layer")
+        return {transcoder.config.layer: transcoder}
+    if gemma_scope.is_set(path):
+        return {layer: gemma_scope.read(file, layer) for layer, file in gemma_scope.find_set(path).items()}
+    if not path.is_dir():
+        raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file, "
+                   "a Gemma Scope params.npz, a circuit-tracer set (config.yaml) or a folder of them")
+    out: dict[int, Transcoder] = {}
+    children = sorted(p for p in path.iterdir() if single_transcoder_path(p))
+    if not children:
+        raise fail(f"{path} holds no transcoder folders")
+    for child in children:
+        transcoder = load_any_transcoder(child)
+        layer = transcoder.config.layer
+        if layer is None:
+            raise fail(f"{child}: config names no layer")
+        if layer in out:
+            raise fail(f"{path} holds two transcoders for layer {layer}")
+        out[layer] = transcoder
+    return out
+
+
+def load_transcoder_set(path: str | Path, device: str | torch.device = "cpu",
+                        layers: Optional[list[int]] = None) -> dict[int, Transcoder]:
+    """A transcoder, a set, a folder of single transcoders in any readable format, or a hub id ->
+    {layer: Transcoder}, restricted to ``layers`` when given (each must be there)."""
+    local = resolve(path)
+    everything = _read_all(local, str(path))
+    if layers is not None:
+        missing = [layer for layer in layers if layer not in everything]
+        if missing:
+            raise fail(f"no transcoder for layer {missing[0]} in {path} (has {sorted(everything) or 'none'})")
+        everything = {layer: everything[layer] for layer in layers}
+    return {layer: t.to(device) for layer, t in sorted(everything.items())}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+# One transcoder per folder: format -> (check(transcoder, where), write(transcoder, folder)).
+WRITERS: dict[str, tuple[Callable, Callable]] = {
+    "tc": (lambda transcoder, where: None, save_transcoder),
+    "saelens": (saelens.check, saelens.write),
+    "sparsify": (sparsify.check, sparsify.write),
+    "gemma-scope": (gemma_scope.check, gemma_scope.write),
+    "peek": (peek.check, peek.write),
+}
+
+
+def write_transcoder(transcoder: Transcoder, folder: str | Path, fmt: str) -> Path:
+    if fmt not in WRITERS:
+        raise fail(f"unknown output format {fmt!r}: use {', '.join(WRITE_FORMATS)}")
+    return WRITERS[fmt][1](transcoder, folder)
+
+
+def _member_name(fmt: str, layer: int) -> str:
+    return sparsify.folder_name(layer) if fmt == "sparsify" else layer_folder_name(layer)
+
+
+# Formats whose TopK keeps the k largest pre-activations as they are (tc's signed_topk): tc's own topk
+# written there differs on tokens with fewer than k positive pre-activations.
+SIGNED_TOPK_FORMATS = ("circuit-tracer", "peek")
+
+
+def convert(source: str | Path, destination: str | Path, fmt: str, notes: Optional[list[str]] = None) -> list[Path]:
+    """Convert a transcoder or a set (any readable format) to ``fmt`` under ``destination``.
+
+    A single transcoder becomes one folder at ``destination``; a set becomes ``destination/layer_L``
+    (sparsify: ``layers.L.mlp``; circuit-tracer: config.yaml + layer_L.safetensors). Refuses to write into
+    an existing non-empty folder, and checks the whole set can be written before writing any of it.
+    Where the written file computes something other than the transcoder (tc's topk in a signed-TopK
+    format), one line saying so is appended to ``notes``.
+    """
+    import os
+    import shutil
+
+    from tccli.runtime import outputs
+
+    if fmt not in WRITE_FORMATS:
+        raise fail(f"unknown output format {fmt!r}: use {', '.join(WRITE_FORMATS)}")
+    destination = Path(destination).expanduser()
+    outputs.check_not_input(destination, [source])
+
+    def refuse_existing() -> None:
+        if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+            raise fail(f"{destination} already exists and is not an empty folder; choose another --out")
+
+    refuse_existing()
+    local = resolve(source)
+    transcoders = load_transcoder_set(local)
+    single = fmt != "circuit-tracer" and single_transcoder_path(local) and len(transcoders) == 1
+    if notes is not None and fmt in SIGNED_TOPK_FORMATS and any(
+            t.config.activation == "topk" for t in transcoders.values()):
+        notes.append(f"{fmt}'s TopK keeps the k largest pre-activations even when negative; tc's topk applies "
+                     "ReLU after the selection, so the two differ on tokens with fewer than k positive "
+                     f"pre-activations when {fmt} runs the files")
+    members = {layer: Path() if single else Path(_member_name(fmt, layer)) for layer in transcoders}
+    # every layer must be expressible before anything is written (errors name the destination, not the
+    # staging folder below)
+    if fmt == "circuit-tracer":
+        circuit_tracer.check_set(transcoders, f"writing {destination} as a circuit-tracer set")
+    else:
+        for layer, member in members.items():
+            WRITERS[fmt][0](transcoders[layer], f"writing {destination / member} as {fmt}")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise outputs.write_error(destination, exc) from None
+    # Everything is written into a staging folder that becomes the destination in one rename, so a failure
+    # (a full disk, Ctrl-C) leaves no half-converted set behind.
+    staging = outputs.temp_path(destination)
+    with outputs.locked(destination):
+        refuse_existing()
+        try:
+            if fmt == "circuit-tracer":
+                written = circuit_tracer.write_set(transcoders, staging)
+            else:
+                written = [write_transcoder(transcoders[layer], staging / member, fmt)
+                           for layer, member in members.items()]
+            if destination.is_dir():
+                destination.rmdir()  # empty: checked above
+            os.replace(staging, destination)
+        except OSError as exc:
+            raise outputs.write_error(destination, exc) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [destination / Path(path).relative_to(staging) for path in written]
+
+
+@dataclass
+class ConvertConfig:
+    """Options of `tc convert`."""
+
+    input: str = option("", "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
+                        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
+                        "hub id.",
+                        required=True)
+    out: str = option("", "Where to write: one folder for one transcoder, else a folder of per-layer folders "
+                      "(must not exist or be empty).", required=True)
+    to: str = option("tc", "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
+                     "paper's .pt format is read only).")
+
+    def validate(self) -> None:
+        if self.to not in WRITE_FORMATS:
+            raise fail(f"--to must be one of {', '.join(WRITE_FORMATS)}, got {self.to!r}")
