@@ -57,7 +57,8 @@ def best_time(fn, repeats: int) -> float:
 def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repeats: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tccli.data.cache import CacheConfig, run_cache
+    from tccli.data.cache import run_cache
+    from tccli.config.data import CacheConfig
     from tccli.model.loading import MlpCapture, load_model
     from tccli.data.text import load_rows
 

@@ -41,7 +41,8 @@ def write_cache(path: Path, d_model: int, n_tokens: int, context: int = 128) -> 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from tccli.training.train import TrainConfig, train
+    from tccli.training.train import train
+    from tccli.config.training import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,7 +41,8 @@ from cache_throughput import CORPUS, STORIES, build_gpt2_small  # noqa: E402
 
 
 def random_transcoders(info, n_features: int, density: float, seed: int = 0):
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     out = {}
     # the MLP input is a normalised residual with |x| ~ sqrt(d); a unit-norm encoder column then gives a

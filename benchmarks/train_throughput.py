@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from tccli.runtime import allocator
-from tccli.training.train import (DataStats, ShuffleSchedule, TrainConfig, WindowLoader, new_layer_state, train_one_step,
-                         transcoder_config)
+from tccli.training.train import DataStats, ShuffleSchedule, WindowLoader, new_layer_state, train_one_step, transcoder_config
+from tccli.config.training import TrainConfig
 
 
 class MemorySource:

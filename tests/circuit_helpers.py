@@ -8,7 +8,8 @@ import torch
 
 from tccli.replacement.attribution import FrozenForward, FrozenLayer
 from tccli.model.loading import load_model
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.files import save_transcoder
 
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 D, M = 8, 24
 

@@ -48,11 +48,10 @@ from typing import Any, Optional
 
 import networkx as nx
 
-from tccli.config.fields import option
 from tccli.errors import fail
+from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 
 GRAPH_FORMAT = "tc-circuit-graph"
-EXPORT_FORMATS = ("dot", "svg", "png", "graphml", "json", "neuronpedia")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -127,23 +126,6 @@ def target_label(attrs: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- pictures
-
-
-@dataclass
-class PictureOptions:
-    """How a graph is drawn (dot, svg, png): which edges, and which weights are written."""
-
-    min_edge: float = option(0.01, "Pictures (dot, svg, png): draw only edges whose |weight| is at least this "
-                             "fraction of the target's |value|; nodes left without an edge (mostly error "
-                             "nodes) are hidden. 0 draws everything.", metavar="FRACTION", late=True)
-    min_edge_label: float = option(0.05, "Pictures: write the weight (3 significant figures) on edges whose "
-                                   "|weight| is at least this fraction of the target's |value|.",
-                                   metavar="FRACTION", late=True)
-
-    def validate(self) -> None:
-        for flag, value in (("--min-edge", self.min_edge), ("--min-edge-label", self.min_edge_label)):
-            if not value >= 0:  # also refuses NaN
-                raise fail(f"{flag} must be a fraction >= 0, got {value}")
 
 
 NODE_HEIGHT = 0.34  # inches
@@ -602,22 +584,6 @@ def _graphml(graph: nx.DiGraph) -> bytes:
     return "\n".join(nx.generate_graphml(clean)).encode() + b"\n"
 
 
-@dataclass
-class ExportConfig(PictureOptions):
-    """Options of `tc export`."""
-
-    graph: str = option("", "A graph written by `tc circuit --format json`.", argument=True, required=True,
-                        metavar="GRAPH.json")
-    format: str = option("dot", "Output: dot, svg, png, graphml, json or neuronpedia.")
-    out: Optional[str] = option(None, "Write here instead of stdout.")
-    force: bool = option(False, "Replace --out if it exists (never the input graph).", save=False)
-
-    def validate(self) -> None:
-        PictureOptions.validate(self)
-        if self.format not in EXPORT_FORMATS:
-            raise fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
-
-
 # ----------------------------------------------------------------------------- tc info
 
 
@@ -673,7 +639,7 @@ def graph_summary_lines(s: dict) -> list[str]:
 
 
 def _register_info_kind() -> None:
-    from tccli.cli.app import info
+    from tccli.cli import info
 
     info.register_kind("circuit-graph", _is_graph_file, graph_summary, graph_summary_lines)
 

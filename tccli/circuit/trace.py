@@ -7,22 +7,18 @@ greedy path search (search.py) and hands the graph to graph_io. No file formats 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from tccli.replacement import attribution
-from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
-from tccli.circuit.files import PictureOptions
 from tccli.model.loading import LoadedModel, run_capture
 from tccli.model.spaces import LayerSpaces, input_map
 from tccli.data.text import display_token
 from tccli.transcoders.transcoder import Transcoder
 from tccli.transcoders.files import check_matches_model
-
-FORMATS = ("dot", "json", "neuronpedia")
+from tccli.config.circuit import TargetOptions, CircuitConfig, DeembedConfig
 
 
 def bridge_weights(bridge: Any) -> dict[str, Optional[torch.Tensor]]:
@@ -132,63 +128,6 @@ def frozen_prompt(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
 # ----------------------------------------------------------------------------- tc circuit
 
 
-@dataclass
-class TargetOptions:
-    """The scalar a command explains or watches (`tc circuit`, `tc intervene`): one of four kinds."""
-
-    feature: Optional[str] = option(None, "Target: a transcoder feature's pre-activation, e.g. L8.F1234.")
-    logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
-    logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
-                                   metavar="A B")
-    direction: Optional[str] = option(None, "Target: a direction (.npy, [d_model]) dotted with the residual "
-                                      "stream entering block --layer (--layer n_layers: after the last block).")
-    layer: Optional[int] = option(None, "The residual stream --direction is read from.")
-    pos: int = option(-1, "Token position of the target (negative counts from the end).")
-
-    def chosen_targets(self) -> list[str]:
-        return [name for name, value in (("--feature", self.feature), ("--logit", self.logit),
-                                         ("--logit-diff", self.logit_diff or None), ("--direction", self.direction))
-                if value is not None]
-
-    def validate_target(self, required: bool = True) -> None:
-        """At most one target (exactly one when ``required``), each well formed."""
-        chosen = self.chosen_targets()
-        if len(chosen) > 1 or (required and not chosen):
-            raise fail("give exactly one target: --feature, --logit, --logit-diff A B or --direction FILE "
-                       f"(got {', '.join(chosen) or 'none'})")
-        if self.logit_diff and len(self.logit_diff) != 2:
-            raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
-        if self.direction is not None and self.layer is None:
-            raise fail("--direction needs --layer L (the residual stream it is read from)")
-
-
-@dataclass
-class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
-    """Options of `tc circuit`."""
-
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
-    iters: int = option(3, "Path search iterations (path length).")
-    branches: int = option(15, "Paths kept per iteration, and candidates per path.")
-    min_contribution: float = option(0.0, "Ignore candidates whose contribution is at most this.")
-    both_signs: bool = option(False, "Follow negative contributions too (rank by absolute value).")
-    include_bos: bool = option(False, "Allow the BOS position as a source.")
-    format: str = option("dot", "Output: dot, json or neuronpedia.")
-    out: Optional[str] = option(None, "Write the graph here instead of stdout.")
-    force: bool = option(False, "Replace --out if it exists.", save=False)
-    quiet: bool = option(False, "No summary on stderr.", save=False)
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        PictureOptions.validate(self)
-        self.validate_target()
-        if self.format not in FORMATS:
-            raise fail(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.iters < 1 or self.branches < 1:
-            raise fail("--iters and --branches must be at least 1")
-
-
 def build_target(config: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder],
                  frozen: attribution.FrozenForward, position: int) -> attribution.Target:
     if config.feature is not None:
@@ -271,22 +210,6 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
 
 
 # ----------------------------------------------------------------------------- tc deembed
-
-
-@dataclass
-class DeembedConfig(ModelOptions):
-    """Options of `tc deembed`."""
-
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
-    feature: str = option("", "The feature, e.g. L0.F17.", required=True)
-    top: int = option(20, "How many tokens to list.")
-    head: Optional[str] = option(None, "Go through this attention head's OV circuit, e.g. L0.H3.")
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        if self.top < 1:
-            raise fail("--top must be at least 1")
 
 
 def deembedding(W_E: torch.Tensor, encoder: torch.Tensor, layernorm: bool,

@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Optional
 
-import click
 import typer
 
 
@@ -37,27 +36,17 @@ _CLICK_ERROR = _exception_classes("ClickException")
 _EXIT = _exception_classes("Exit")
 
 from tccli import __version__
-
-from tccli.runtime import interrupts
-
-from tccli.runtime import outputs
-
-from tccli.runtime import progress
-from tccli.data.cache import CacheConfig
-from tccli.circuit.trace import CircuitConfig, DeembedConfig
-from tccli.config.fields import command_from, plain_arguments
-from tccli.evaluation.evaluate import EvalConfig
-from tccli.graph.trace import GraphConfig
-from tccli.circuit.files import ExportConfig
-from tccli.evaluation.greater_than import GreaterThanConfig
-from tccli.transcoders.formats import ConvertConfig
-from tccli.replacement.intervention import InterveneConfig
-from tccli.evaluation.plot import PlotConfig
-from tccli.features.score import ScoreConfig
-from tccli.features.show import ShowConfig
-from tccli.training.train import TrainConfig
-from tccli.evaluation.validation import ValidateConfig
+from tccli.cli.options import command_from, multi_value_flags, plain_arguments
+from tccli.config.circuit import CircuitConfig, DeembedConfig, ExportConfig
+from tccli.config.data import CacheConfig
+from tccli.config.evaluation import EvalConfig, GreaterThanConfig, PlotConfig, ValidateConfig
+from tccli.config.features import ScoreConfig, ShowConfig
+from tccli.config.graph import GraphConfig
+from tccli.config.replacement import InterveneConfig
+from tccli.config.training import TrainConfig
+from tccli.config.transcoders import ConvertConfig
 from tccli.errors import TcError
+from tccli.runtime import interrupts, outputs, progress
 
 app = typer.Typer(
     name="tc",
@@ -69,9 +58,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options that take several values after one flag (`--data a.txt b.txt`); click options take one
-# value each, so main() rewrites `--data a b` as `--data a --data b` before parsing.
-MULTI_VALUE_OPTIONS = {"--data"}
+# Options that take several values after one flag (`--data a.txt b.txt`, declared ``several`` in their
+# settings); click options take one value each, so main() rewrites `--data a b` as `--data a --data b`
+# before parsing.
+MULTI_VALUE_OPTIONS = multi_value_flags([CacheConfig, CircuitConfig, DeembedConfig, EvalConfig, ExportConfig,
+                                         GraphConfig, GreaterThanConfig, InterveneConfig, PlotConfig, ScoreConfig,
+                                         ShowConfig, TrainConfig, ValidateConfig, ConvertConfig])
 
 
 def example(*lines: str) -> str:
@@ -194,7 +186,6 @@ def convert_command(config: ConvertConfig) -> None:
 # ============================================================================ tc circuit / export / deembed (issue 4)
 
 
-MULTI_VALUE_OPTIONS.add("--logit-diff")
 
 
 def _write_output(data: bytes, out: Optional[str]) -> None:
@@ -211,7 +202,7 @@ def _write_output(data: bytes, out: Optional[str]) -> None:
 @command_from(CircuitConfig)
 def circuit_command(config: CircuitConfig) -> None:
     """Trace the paths into a feature, logit or direction; the graph goes to stdout (or --out)."""
-    from tccli.circuit.trace import files as graph_io
+    from tccli.circuit import files as graph_io
     from tccli.circuit.trace import circuit_graph
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
@@ -242,7 +233,7 @@ def _prompt_text(prompt: str) -> str:
 @command_from(ExportConfig)
 def export_command(config: ExportConfig) -> None:
     """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
-    from tccli.circuit.trace import files as graph_io
+    from tccli.circuit import files as graph_io
 
     if not config.out and config.format == "png" and sys.stdout.isatty():
         raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
@@ -337,7 +328,7 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 @command_from(GraphConfig)
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""
-    from tccli.graph.trace import files as attribution_graph_io
+    from tccli.graph import files as attribution_graph_io
     from tccli.transcoders.formats import load_transcoder_set
     from tccli.graph.trace import attribution_graph
     from tccli.model.loading import load_model
@@ -365,7 +356,6 @@ def graph_command(config: GraphConfig) -> None:
 # ============================================================================ tc intervene / tc validate (issue 14)
 
 
-MULTI_VALUE_OPTIONS.update({"--ablate", "--set", "--scale"})
 
 
 @app.command("intervene", epilog=example("tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",

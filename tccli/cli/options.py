@@ -80,6 +80,13 @@ def command_from(config_cls: type) -> Callable:
     return decorator
 
 
+def multi_value_flags(config_classes: Iterable[type]) -> frozenset[str]:
+    """Every flag declared ``several`` in these settings (``--data``, ``--logit-diff``, ``--ablate``...)."""
+    return frozenset(name for config_cls in config_classes for f in fields(config_cls)
+                     if f.metadata.get("several") for name in (f.metadata.get("flags") or
+                                                                ("--" + f.name.replace("_", "-"),)))
+
+
 def _help_order(config_cls: type) -> list:
     """The CLI fields of ``config_cls``: required first, then the others, then the late ones, torchrun-only
     last; declaration order within each group."""

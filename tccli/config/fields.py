@@ -185,7 +185,7 @@ class DataOptions:
     data: list[str] = option(
         [], "Text: plain .txt files (documents separated by blank lines), .jsonl files with a 'text' "
         "field, folders saved by datasets' save_to_disk, or - for stdin. Several paths may follow one "
-        "--data.", metavar="PATH...")
+        "--data.", metavar="PATH...", several=True)
     tokens: int = option(1_000_000, "Stop after this many tokens (accepts 200k, 1M).", parser=parse_count)
     context: int = option(128, "Tokens per row, BOS included.")
     seed: int = option(0, "Seed for the order in which documents are packed into rows.")

@@ -50,16 +50,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from tccli import __version__
-from tccli.config.fields import CaptureOptions, DataOptions, ModelOptions, option, parse_layers, to_json_dict
-from tccli.runtime.distributed import DistributedOptions, Shard, launched, session, shard_path
+from tccli.config.fields import parse_layers, to_json_dict
+from tccli.runtime.distributed import Shard, launched, session, shard_path
 from tccli.runtime import outputs
 from tccli.errors import TcError, fail
+from tccli.config.data import CacheConfig
 
 FORMAT = "tc-activation-cache"
 PROGRESS_FORMAT = "tc-activation-cache-progress"
 WHICH = ("mlp_in", "mlp_out")
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-COMPRESSIONS = ("none", "lzf", "gzip")
 BF16_STORAGE = "bfloat16-as-uint16"
 COMMIT_BYTES = 64 * 2**20  # bytes of activations per crash-safe commit (when --commit-every is 0)
 COMMIT_SECONDS = 10.0  # ... or sooner, once this long has passed since the last commit
@@ -75,39 +74,6 @@ WRITE_QUEUE_BATCHES = 4  # batches the forward pass may run ahead of the disk
 HDF5_BYTES_PER_CHUNK = 100
 HDF5_BYTES_PER_DATASET = 4096
 HDF5_FIXED_BYTES = 64 * 1024
-
-
-@dataclass
-class CacheConfig(ModelOptions, CaptureOptions, DataOptions, DistributedOptions):
-    """Options of `tc cache`."""
-
-    layers: str = option("all", "Layers to cache: all, 2, or a list like 0,3-5.")
-    out: str = option("acts.h5", "Output HDF5 file.", flags=("--out", "-o"))
-    dtype: str = option("float16", "Storage dtype of activations: float16, bfloat16 (kept bit-exact as "
-                        "uint16) or float32.")
-    batch_size: int = option(32, "Rows per forward pass.")
-    compression: str = option("none", "HDF5 compression: none, lzf or gzip.")
-    commit_every: int = option(0, "Rows per crash-safe commit; 0 picks about 64 MiB of activations.",
-                               save=False)
-    resume: bool = option(False, "Complete an interrupted run of the same arguments.", save=False)
-    force: bool = option(False, "Overwrite an existing output file.", save=False)
-    quiet: bool = option(False, "No progress on stderr.", save=False)
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        CaptureOptions.validate(self)
-        DataOptions.validate(self)
-        DistributedOptions.validate(self)
-        if self.dtype not in STORAGE_DTYPES:
-            raise fail(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
-        if self.compression not in COMPRESSIONS:
-            raise fail(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
-        if self.batch_size < 1:
-            raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.commit_every < 0:
-            raise fail(f"--commit-every must be 0 (auto) or positive, got {self.commit_every}")
-        if self.resume and self.force:
-            raise fail("--resume and --force contradict each other: pick one")
 
 
 # ============================================================================ storage dtype conversion

@@ -35,47 +35,10 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from tccli.config.fields import DataOptions, ModelOptions, option, parse_count, parse_layers, to_json_dict
+from tccli.config.fields import parse_layers, to_json_dict
 from tccli.errors import fail
 from tccli.transcoders.transcoder import Transcoder
-
-MEAN_ABLATIONS = ("position", "global")
-KIND_CHOICES = ("auto", "transcoder", "sae")
-
-
-@dataclass
-class EvalConfig(ModelOptions, DataOptions):
-    """Options of `tc eval`."""
-
-    transcoders: str = option("", "Transcoders: a tc transcoder folder, a folder of them, a SAELens folder "
-                              "(cfg.json + sae_weights.safetensors) or a paper .pt file.", required=True)
-    layers: Optional[str] = option(None, "Layers to evaluate, e.g. 2, 0,3-4 or all (default: every layer "
-                                   "the transcoders cover).")
-    kind: str = option("auto", "What the files are: transcoder (MLP in -> MLP out, spliced at the MLP "
-                       "output), sae (MLP out -> MLP out) or auto (as their configs say).")
-    mean_ablation: str = option("position", "Mean ablation replaces the MLP output by its mean over the "
-                                "evaluation tokens at each position (position) or over all tokens (global).")
-    dense_threshold: float = option(0.1, "A feature active on more than this fraction of tokens counts as dense.")
-    batch_size: int = option(32, "Rows per forward pass.")
-    tokens: int = option(100_000, "Evaluate on this many tokens (accepts 200k, 1M).", parser=parse_count)
-    json: bool = option(False, "Print the results as JSON on stdout instead of a table.")
-    wide: bool = option(False, "Show every metric in the table (MSE, dense features, each CE); needs about "
-                        "150 columns. The default table fits 80.", save=False)
-    quiet: bool = option(False, "No progress on stderr.", save=False)
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        DataOptions.validate(self)
-        if not self.transcoders:
-            raise fail("no transcoders given: pass --transcoders PATH")
-        if self.kind not in KIND_CHOICES:
-            raise fail(f"--kind must be one of {', '.join(KIND_CHOICES)}, got {self.kind!r}")
-        if self.mean_ablation not in MEAN_ABLATIONS:
-            raise fail(f"--mean-ablation must be position or global, got {self.mean_ablation!r}")
-        if not 0 <= self.dense_threshold <= 1 or math.isnan(self.dense_threshold):
-            raise fail(f"--dense-threshold must be a fraction in [0, 1], got {self.dense_threshold}")
-        if self.batch_size < 1:
-            raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
+from tccli.config.evaluation import EvalConfig
 
 
 # ----------------------------------------------------------------------------- metric math

@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from tccli.config.fields import ModelOptions, option, parse_layers
+from tccli.config.fields import parse_layers
 from tccli.errors import TcError, fail
 from tccli.data.text import display_token
+from tccli.config.evaluation import GreaterThanConfig
 
 TEMPLATE = "The {noun} lasted from the year 17{yy:02d} to the year 17"
 N_PROMPTS = 100
@@ -125,32 +126,6 @@ def probability_difference_of_model(loaded: Any, years: Optional[Sequence[int]] 
 
 
 # ----------------------------------------------------------------------------- the command
-
-
-@dataclass
-class GreaterThanConfig(ModelOptions):
-    """Options of `tc greater-than`."""
-
-    transcoders: Optional[str] = option(None, "Transcoders to splice in (a folder of per-layer transcoder folders, "
-                                        "or one): each layer's MLP is replaced alone, then all together.")
-    layers: Optional[str] = option(None, "Layers whose MLP is replaced, e.g. 3 or 0,2-3 (default: every "
-                                   "transcoder given).")
-    noun: str = option("war", "The noun of the prompt 'The NOUN lasted from the year 17YY to the year 17'.")
-    graph: Optional[str] = option(None, "A graph written by `tc circuit --format json`: also list its top "
-                                  "features and heads, with the tokens the features de-embed to.")
-    top: int = option(8, "How many graph nodes (and de-embedding tokens) to list with --graph.")
-    json: bool = option(False, "Print the results as JSON on stdout instead of lines of text.")
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        if self.layers and not self.transcoders:
-            raise fail("--layers given without --transcoders")
-        if self.graph and not self.transcoders:
-            raise fail("--graph needs --transcoders (the ones the graph was traced with), for de-embeddings")
-        if self.top < 1:
-            raise fail(f"--top must be at least 1, got {self.top}")
-        if not self.noun.strip():
-            raise fail("--noun must not be empty")
 
 
 def run_greater_than(config: GreaterThanConfig, progress: Optional[Callable[[str, int, Optional[int]], None]] = None

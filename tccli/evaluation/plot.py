@@ -17,38 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tccli.config.fields import option
 from tccli.errors import fail
+from tccli.config.evaluation import METRICS, PlotConfig
 
-WHATS = ("pareto", "training")
-METRICS = {"recovered": ("recovered_zero", "CE loss recovered (vs zero ablation)"),
-           "ce": ("ce_spliced", "CE loss with the MLP spliced (nats)")}
-FORMATS = (".svg", ".png", ".pdf")
 TRAINING_PANELS = (("loss", "training loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
-
-
-@dataclass
-class PlotConfig:
-    """Options of `tc plot`."""
-
-    what: str = option("", "pareto (from `tc eval --json` files) or training (from train_log.jsonl files).",
-                       argument=True, required=True, metavar="WHAT")
-    inputs: list[str] = option([], "The files to plot.", argument=True, metavar="FILE...")
-    out: Optional[str] = option(None, "Output image: .svg, .png or .pdf.", flags=("-o", "--out"), required=True)
-    metric: str = option("recovered", "pareto: the fidelity axis, recovered (CE loss recovered) or ce "
-                         "(spliced CE).")
-    title: Optional[str] = option(None, "Title above the figure.")
-    force: bool = option(False, "Replace --out if it exists (never one of the files plotted).", save=False)
-
-    def validate(self) -> None:
-        if self.what not in WHATS:
-            raise fail(f"tc plot: the first argument must be one of {', '.join(WHATS)}, got {self.what!r}")
-        if not self.inputs:
-            raise fail(f"tc plot {self.what}: give at least one file to plot")
-        if self.metric not in METRICS:
-            raise fail(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if Path(self.out).suffix.lower() not in FORMATS:
-            raise fail(f"--out {self.out}: the suffix must be one of {', '.join(FORMATS)}")
 
 
 # ----------------------------------------------------------------------------- reading

@@ -33,13 +33,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
 from tccli.runtime.progress import no_progress
-from tccli.replacement.intervention import AblationOptions, Intervention, NodeRef, RowSpec, TargetSpec
+from tccli.replacement.intervention import Intervention, NodeRef, RowSpec, TargetSpec
+from tccli.config.evaluation import ValidateConfig
 
-VALIDATE_MODES = ("free", "frozen")
-TASKS = ("greater-than",)
 CIRCUIT_KINDS = ("feature", "head")
 GRADIENT_PROMPTS = 8  # prompts per backward pass of the unpruned prediction
 
@@ -270,51 +268,6 @@ def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
 
 
 # ============================================================================ tc validate
-
-
-@dataclass
-class ValidateConfig(AblationOptions, ModelOptions):
-    """Options of `tc validate`."""
-
-    graph: str = option("", "A graph written by `tc circuit --format json` or `tc graph --format json`.",
-                        argument=True, required=True, metavar="GRAPH.json")
-    model: Optional[str] = option(None, "Model (default: the one the graph was traced on): a HuggingFace hub "
-                                  "name, a local HuggingFace folder, or 'builtin'.")
-    transcoders: Optional[str] = option(None, "The transcoders the graph was traced with (default: the path its "
-                                        "metadata names).")
-    prompts: Optional[str] = option(None, "A file of prompts, one a line, instead of the graph's own prompt: "
-                                    "nodes are matched by layer and index, positions by offset from the end.",
-                                    metavar="PATH")
-    task: Optional[str] = option(None, "greater-than: the 100 greater-than prompts instead, with the paper's "
-                                 "probability difference reported beside the target.")
-    noun: str = option("war", "The noun of the greater-than prompts (with --task greater-than).")
-    mode: str = option("free", "free (everything downstream recomputed) or frozen (attention patterns and norm "
-                       "scales held at their clean values).")
-    random: int = option(5, "Random circuits of equal size and layers drawn as the baseline.")
-    seed: int = option(0, "Seed of the random circuits.")
-    top: int = option(5, "How many nodes of largest disagreement to list.")
-    batch_size: int = option(64, "Rows (prompt x intervention) per forward pass.")
-    out: Optional[str] = option(None, "Write the graph with the results in its metadata here.")
-    force: bool = option(False, "Overwrite --out if it exists.")
-    json: bool = option(False, "Print the results as JSON on stdout.")
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        if self.mode not in VALIDATE_MODES:
-            raise fail(f"--mode must be one of {', '.join(VALIDATE_MODES)}, got {self.mode!r}")
-        self.validate_ablation()
-        if self.task is not None and self.task not in TASKS:
-            raise fail(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.task and self.prompts:
-            raise fail("give --prompts or --task, not both")
-        for name in ("random", "top", "batch_size"):
-            if getattr(self, name) < (0 if name == "random" else 1):
-                raise fail(f"--{name.replace('_', '-')} must be at least {0 if name == 'random' else 1}")
-        if self.out:
-            if Path(self.out).resolve() == Path(self.graph).resolve():
-                raise fail(f"--out {self.out} is the graph being read; write the results elsewhere")
-            if Path(self.out).exists() and not self.force:
-                raise fail(f"{self.out} exists; pass --force to overwrite it")
 
 
 def graph_model_name(meta: dict) -> Optional[str]:

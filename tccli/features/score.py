@@ -6,47 +6,12 @@ by ``tccli.features.files``. This module ties them to the model, the transcoders
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
-from tccli.config.fields import CaptureOptions, DataOptions, ModelOptions, option, parse_layers
+from tccli.config.fields import parse_layers
 from tccli.errors import fail
 from tccli.features.files import vocabulary, write_features
 from tccli.features.scoring import ScoreSettings, score_rows
-
-
-@dataclass
-class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
-    """Options of `tc score`."""
-
-    transcoders: Optional[str] = option(
-        None, "Transcoder folder, or a folder of layer_L transcoder folders.", required=True)
-    layers: Optional[str] = option(None, "Layers to score, e.g. 2 or 0,3-4 (default: every transcoder given).")
-    out: Optional[str] = option(None, "Features file to write: .h5 (HDF5) or .jsonl (one feature a line).",
-                                required=True)
-    top: int = option(20, "Top-activating examples kept per feature.")
-    quantiles: int = option(10, "Activation bands to sample examples from (0: none).")
-    per_quantile: int = option(2, "Examples kept per band.")
-    context_window: int = option(8, "Tokens shown on each side of an example.")
-    top_tokens: int = option(10, "Tokens (and pullback features) listed per de-embedding / logit / pullback table.")
-    batch_size: int = option(32, "Rows of --context tokens per forward pass.")
-    force: bool = option(False, "Replace --out if it exists (it is still written to a temporary file first).",
-                         save=False)
-    quiet: bool = option(False, "No progress on stderr.", save=False)
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        CaptureOptions.validate(self)
-        DataOptions.validate(self)
-        if not self.out or not str(self.out).endswith((".h5", ".hdf5", ".jsonl")):
-            raise fail(f"--out must end in .h5 or .jsonl, got {self.out!r}")
-        for name in ("top", "batch_size", "top_tokens"):
-            if getattr(self, name) < 1:
-                raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("quantiles", "per_quantile", "context_window"):
-            if getattr(self, name) < 0:
-                raise fail(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+from tccli.config.features import ScoreConfig
 
 
 def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> dict:

@@ -12,41 +12,15 @@ from __future__ import annotations
 import html
 import math
 import re
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from tccli.config.fields import option
 from tccli.errors import fail
 from tccli.features.files import FeaturesFile
+from tccli.config.features import ShowConfig
 
 FEATURE_REF = re.compile(r"L(\d+)\.F(\d+)", re.IGNORECASE)
-
-
-@dataclass
-class ShowConfig:
-    """Options of `tc show`."""
-
-    features_file: Optional[str] = option(None, "Features file written by tc score (.h5 or .jsonl).",
-                                          argument=True, required=True, metavar="FEATURES_FILE")
-    feature: Optional[str] = option(None, "Feature to show in the terminal, e.g. L2.F57.", argument=True,
-                                    metavar="FEATURE")
-    html: Optional[str] = option(None, "Write one self-contained HTML page with a card per feature here.")
-    features: Optional[str] = option(None, "Features for --html, e.g. L2.F57,L3.F1 (default: the first "
-                                     "--limit features that fire).")
-    limit: int = option(50, "Cards in the HTML page when --features is not given.")
-    examples: int = option(10, "Examples shown per feature (top and quantile each).")
-    model: Optional[str] = option(None, "Refuse the file unless it was computed on this model (name or folder).")
-    force: bool = option(False, "Replace --html if it exists.", save=False)
-
-    def validate(self) -> None:
-        if not self.feature and not self.html:
-            raise fail("nothing to show: name a feature (e.g. L2.F57) or give --html OUT.html")
-        if self.examples < 1 or self.limit < 1:
-            raise fail("--examples and --limit must be at least 1")
-        if self.html and not str(self.html).endswith((".html", ".htm")):
-            raise fail(f"--html must name an .html file, got {self.html!r}")
 
 
 def parse_feature_ref(text: str) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from tccli.graph.attribution_graph import AttributionGraph, HeadSplit, NodeTable
 from tccli.circuit.search import NodeKey
 
 if TYPE_CHECKING:
-    from tccli.circuit.files import PictureOptions
+    from tccli.config.circuit import PictureOptions
 
 GRAPH_KIND = "attribution-graph"
 
@@ -217,7 +217,7 @@ def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
 def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], fmt: str,
            heads: Optional[HeadSplit] = None, picture: Optional["PictureOptions"] = None) -> bytes:
     """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes; ``picture`` says how dot draws it."""
-    from tccli.circuit.trace import files as graph_io
+    from tccli.circuit import files as graph_io
 
     if fmt == "pt":
         return to_pt(graph, metadata)
@@ -232,7 +232,7 @@ def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_id
 
 
 def _register_info_kind() -> None:
-    from tccli.cli.app import info
+    from tccli.cli import info
 
     info.register_kind(GRAPH_KIND, _is_attribution_graph_file, file_summary, summary_lines)
 

@@ -264,7 +264,7 @@ def space_activation(loaded: LoadedModel, layer: int, space: str, captured: dict
     """Layer ``layer``'s activation in ``space`` (tccli.model.spaces) from the hooks ``ModelInfo.input_hooks`` /
     ``output_hooks`` name, captured on one forward pass."""
     from tccli.model.spaces import mlp_output, transcoder_input
-    from tccli.transcoders.transcoder import INPUT_SPACES
+    from tccli.config.transcoders import INPUT_SPACES
 
     hooks, spaces = loaded.info.layer(layer), loaded.spaces[layer]
     if space in INPUT_SPACES:

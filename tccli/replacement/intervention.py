@@ -45,14 +45,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from tccli.circuit.trace import TargetOptions
-from tccli.config.fields import ModelOptions, option
+from tccli.config.circuit import TargetOptions
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.transcoders.transcoder import Transcoder
+from tccli.config.replacement import MODES, ABLATIONS, InterveneConfig
 
-MODES = ("free", "frozen", "direct")
-ABLATIONS = ("zero", "mean")
 OPS = ("ablate", "set", "scale")
 
 
@@ -110,6 +108,13 @@ class Intervention:
         if self.op == "ablate":
             return f"ablate {self.node.id}"
         return f"{self.op} {self.node.id}={self.value:g}"
+
+
+def parse_interventions(config: InterveneConfig) -> tuple[Intervention, ...]:
+    """`tc intervene`'s --ablate, --set and --scale, in that order."""
+    return (tuple(Intervention(parse_node(text), "ablate") for text in config.ablate)
+            + tuple(parse_assignment(text, "set") for text in config.set)
+            + tuple(parse_assignment(text, "scale") for text in config.scale))
 
 
 def parse_assignment(text: str, op: str) -> Intervention:
@@ -695,53 +700,6 @@ def feature_means(path: str, loaded: LoadedModel, transcoders: dict[int, Transco
 # ============================================================================ tc intervene
 
 
-@dataclass
-class AblationOptions:
-    """What an ablated feature becomes (`tc intervene`, `tc validate`)."""
-
-    ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (its mean activation over "
-                           "all tokens, from --features). Head and error terms are always removed.")
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
-
-    def validate_ablation(self) -> None:
-        if self.ablation not in ABLATIONS:
-            raise fail(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
-        if self.ablation == "mean" and not self.features:
-            raise fail("--ablation mean needs --features FILE (a tc score features file)")
-
-
-@dataclass
-class InterveneConfig(TargetOptions, AblationOptions, ModelOptions):
-    """Options of `tc intervene`."""
-
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
-    ablate: list[str] = option([], "Nodes to ablate: mlp8.f1234@5 (feature), attn3.h2@4 (head 2's term from "
-                               "source token 4), err8@5 (error term); @* every position.", metavar="NODE...")
-    set: list[str] = option([], "Set features' activations: NODE=VALUE.", metavar="NODE=VALUE...")
-    scale: list[str] = option([], "Scale features, head terms or error terms: NODE=FACTOR.",
-                              metavar="NODE=FACTOR...")
-    mode: str = option("free", "free (everything downstream recomputed), frozen (attention patterns and norm "
-                       "scales held at their clean values) or direct (every other node held too).")
-    top: int = option(10, "How many top next-token predictions to list before and after.")
-    json: bool = option(False, "Print the result as JSON on stdout.")
-
-    def validate(self) -> None:
-        ModelOptions.validate(self)
-        self.validate_target(required=False)
-        self.validate_ablation()
-        if self.mode not in MODES:
-            raise fail(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.top < 1:
-            raise fail(f"--top must be at least 1, got {self.top}")
-
-    def interventions(self) -> tuple[Intervention, ...]:
-        return (tuple(Intervention(parse_node(text), "ablate") for text in self.ablate)
-                + tuple(parse_assignment(text, "set") for text in self.set)
-                + tuple(parse_assignment(text, "scale") for text in self.scale))
-
-
 def top_tokens(probabilities: torch.Tensor, tokenizer: Any, k: int) -> list[dict]:
     top = probabilities.topk(min(k, probabilities.shape[-1]))
     return [{"token": tokenizer.decode([int(i)]), "id": int(i), "probability": float(p)}
@@ -759,7 +717,7 @@ def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: dic
     from tccli.circuit.trace import check_transcoders, prompt_tokens, resolve_position, token_strings
 
     check_transcoders(transcoders, loaded)
-    interventions = config.interventions()
+    interventions = parse_interventions(config)
     tokens = prompt_tokens(loaded, prompt)
     position = resolve_position(config.pos, int(tokens.shape[0]))
     target = target_from_options(config, loaded, transcoders)

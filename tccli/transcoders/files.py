@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write, write_error
-from tccli.transcoders.transcoder import INPUT_SPACES, OUTPUT_SPACES, Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import INPUT_SPACES, OUTPUT_SPACES, TranscoderConfig
 
 WEIGHTS_FILE = "transcoder.safetensors"
 CONFIG_FILE = "config.json"

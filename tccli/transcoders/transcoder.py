@@ -25,84 +25,12 @@ target the same activation. Pure math: no file I/O here (see transcoder_io).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from tccli.errors import fail
-
-ACTIVATIONS = ("relu", "topk", "signed_topk", "batchtopk", "jumprelu")
-THRESHOLD_ACTIVATIONS = ("batchtopk", "jumprelu")  # the kinds with a `threshold` tensor
-K_ACTIVATIONS = ("topk", "signed_topk", "batchtopk")  # the kinds that need k
-KINDS = ("transcoder", "sae")
-# What the transcoder reads (METHOD.md section 8), with r the residual the MLP's norm reads:
-#   normalized  r_c / s: the norm's output with its weight folded into the MLP (tc's own; compatibility
-#               mode's ln2.hook_normalized)
-#   mlp_input   g * r_c / s + beta: the MLP module's input (sparsify)
-#   resid_mid   r itself (circuit-tracer's sets; resid_pre in parallel blocks)
-INPUT_SPACES = ("normalized", "mlp_input", "resid_mid")
-# What it writes: mlp_out (tc's: centred for LayerNorm models as compatibility mode does) or mlp_output
-# (the MLP module's raw output).
-OUTPUT_SPACES = ("mlp_out", "mlp_output")
-
-
-@dataclass
-class TranscoderConfig:
-    """Everything needed to use a transcoder correctly later; saved as its config.json."""
-
-    d_in: int
-    d_out: int
-    n_features: int
-    activation: str = "relu"  # one of ACTIVATIONS
-    k: Optional[int] = None  # active features per token for topk, signed_topk and batchtopk
-    skip: bool = False  # a skip connection x W_skip
-    kind: str = "transcoder"  # "transcoder" (MLP in -> MLP out) or "sae" (MLP out -> MLP out)
-    input_space: str = "normalized"  # one of INPUT_SPACES (an SAE reads its output space)
-    output_space: str = "mlp_out"  # one of OUTPUT_SPACES
-    layer: Optional[int] = None
-    model_name: Optional[str] = None
-    model_architecture: Optional[str] = None
-    weight_processing: dict = field(default_factory=dict)
-    input_hook: Optional[str] = None
-    output_hook: Optional[str] = None
-    training: dict = field(default_factory=dict)  # the TrainConfig it came from, as saved
-    feature_frequency: Optional[list] = None  # per-feature firing frequency measured during training
-    source: dict = field(default_factory=dict)  # where it came from (format, file or hub id), for tc info
-    format_version: int = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self, where: str = "transcoder config") -> "TranscoderConfig":
-        """Refuse values no transcoder can have, with one line naming the field; returns self."""
-        for name in ("d_in", "d_out", "n_features"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise fail(f"{where}: {name} must be a positive integer, got {value!r}")
-        if self.activation not in ACTIVATIONS:
-            raise fail(f"{where}: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.activation in K_ACTIVATIONS:
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-                raise fail(f"{where}: {self.activation} needs k, a positive integer, got {self.k!r}")
-        elif self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
-            raise fail(f"{where}: k must be a positive integer or null, got {self.k!r}")
-        if not isinstance(self.skip, bool):
-            raise fail(f"{where}: skip must be true or false, got {self.skip!r}")
-        if self.kind not in KINDS:
-            raise fail(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.input_space not in INPUT_SPACES + OUTPUT_SPACES:
-            raise fail(f"{where}: input_space must be one of {', '.join(INPUT_SPACES)}, got {self.input_space!r}")
-        if self.output_space not in OUTPUT_SPACES:
-            raise fail(f"{where}: output_space must be one of {', '.join(OUTPUT_SPACES)}, got {self.output_space!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 0):
-            raise fail(f"{where}: layer must be a non-negative integer or null, got {self.layer!r}")
-        for name in ("weight_processing", "training", "source"):
-            if not isinstance(getattr(self, name), dict):
-                raise fail(f"{where}: {name} must be an object, got {getattr(self, name)!r}")
-        return self
+from tccli.config.transcoders import THRESHOLD_ACTIVATIONS, TranscoderConfig
 
 
 class Transcoder(nn.Module):

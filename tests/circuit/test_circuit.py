@@ -9,7 +9,8 @@ import torch
 
 from circuit_helpers import random_transcoders, save_transcoders
 from conftest import run_tc
-from tccli.circuit.trace import CircuitConfig, DeembedConfig, circuit_graph, deembed_rows, deembedding, parse_feature
+from tccli.circuit.trace import circuit_graph, deembed_rows, deembedding, parse_feature
+from tccli.config.circuit import CircuitConfig, DeembedConfig
 from tccli.errors import TcError
 from tccli.model.loading import load_model
 

@@ -13,7 +13,8 @@ import torch
 
 from circuit_helpers import paper_model
 from tccli.replacement import attribution
-from tccli.circuit.trace import files as graph_io
+from tccli.circuit import files as graph_io
+from tccli.config.circuit import PictureOptions
 from tccli.errors import TcError
 from tccli.circuit.search import SearchParams, build_graph, greedy_search
 
@@ -72,10 +73,10 @@ def test_dot_thresholds_hide_small_edges_and_label_at_3_significant_figures(grap
     assert 'label="6.12"' in edges['"mlp0.f1@1" -> "target"']
     assert "label=" not in edges['"err0@1" -> "target"']  # 0.5 < 0.65: drawn, not labelled
     assert "not drawn: 1 edges below 0.01 x |target| and 1 nodes left without an edge" in text
-    everything = graph_io.to_dot(graph, graph_io.PictureOptions(min_edge=0.0, min_edge_label=0.0))
+    everything = graph_io.to_dot(graph, PictureOptions(min_edge=0.0, min_edge_label=0.0))
     assert '"err0@0" -> "mlp0.f0@1"' in everything and 'label="0.0001"' in everything
     with pytest.raises(TcError, match="--min-edge must be a fraction >= 0"):
-        graph_io.PictureOptions(min_edge=float("nan")).validate()
+        PictureOptions(min_edge=float("nan")).validate()
 
 
 def test_dense_graphs_get_straight_edges_and_at_most_40_labels():
@@ -203,7 +204,7 @@ def test_svg_without_dot_says_so(graph, monkeypatch):
 
 
 def test_tc_info_describes_graph_files(graph, tmp_path):
-    from tccli.cli.app import info
+    from tccli.cli import info
 
     path = tmp_path / "g.json"
     path.write_text(graph_io.to_json(graph))

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import run_tc
-from tccli.cli.app import info
+from tccli.cli import info
 from tccli.errors import TcError
 
 
 @pytest.fixture(scope="module")
 def small_cache(tiny_model_dirs, tmp_path_factory) -> Path:
-    from tccli.data.cache import CacheConfig, run_cache
+    from tccli.data.cache import run_cache
+    from tccli.config.data import CacheConfig
 
     folder = tmp_path_factory.mktemp("info")
     data = folder / "text.txt"
@@ -55,7 +56,8 @@ def test_incomplete_cache_says_so(small_cache, tmp_path):
 
 
 def test_transcoder_folder_and_set(tmp_path):
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import layer_folder_name, save_transcoder
 
     for layer in (0, 2):

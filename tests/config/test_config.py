@@ -5,7 +5,8 @@ import typer
 from typer.testing import CliRunner
 
 from tccli.cli.app import expand_multi_value_options
-from tccli.config.fields import DataOptions, ModelOptions, command_from, option, parse_count, parse_layers, to_json_dict
+from tccli.cli.options import command_from
+from tccli.config.fields import DataOptions, ModelOptions, option, parse_count, parse_layers, to_json_dict
 from tccli.errors import TcError
 
 
@@ -61,7 +62,7 @@ def test_expand_multi_value_options():
 def test_default_metavars():
     from typing import Optional
 
-    from tccli.config.fields import default_metavar
+    from tccli.cli.options import default_metavar
 
     assert default_metavar("tokens", int, parse_count) == "N"
     assert default_metavar("batch_size", int) == default_metavar("pos", Optional[int]) == "N"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import plain_model_reference, run_tc
-from tccli.data.cache import (ActivationCache, CacheConfig, from_storage, make_plan, progress_path, run_cache,
-                         to_storage)
+from tccli.data.cache import ActivationCache, from_storage, make_plan, progress_path, run_cache, to_storage
+from tccli.config.data import CacheConfig
 from tccli.errors import TcError
 from tccli.model.loading import load_model, run_capture
 

@@ -9,7 +9,8 @@ from conftest import run_tc
 from tccli.evaluation.evaluate import (MeanOutput, ReconstructionStats, evaluate, fraction_recovered, kl_to_clean,
                             next_token_loss, splice_hooks)
 from tccli.model.loading import load_model, run_capture, run_logits
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.files import save_transcoder
 
 # ----------------------------------------------------------------------------- metric math by hand
@@ -293,7 +294,8 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models,
 
 def test_load_for_eval_refuses_mismatches(tmp_path, loaded_models, tiny_model_dirs):
     from tccli.errors import TcError
-    from tccli.evaluation.evaluate import EvalConfig, load_for_eval
+    from tccli.evaluation.evaluate import load_for_eval
+    from tccli.config.evaluation import EvalConfig
 
     loaded = loaded_models["llama"]
     info = loaded.info

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tccli.errors import TcError
-from tccli.evaluation.plot import PlotConfig, read_pareto_points, read_training_log, run_plot, series_name
+from tccli.evaluation.plot import read_pareto_points, read_training_log, run_plot, series_name
+from tccli.config.evaluation import PlotConfig
 
 
 def eval_json(path: Path, rows: list[tuple[int, float, float]], activation="topk", kind="transcoder", skip=False):

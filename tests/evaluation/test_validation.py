@@ -12,14 +12,14 @@ import torch
 
 from circuit_helpers import random_transcoders, save_transcoders
 from conftest import run_tc
-from tccli.circuit.trace import CircuitConfig, circuit_graph
+from tccli.circuit.trace import circuit_graph
+from tccli.config.circuit import CircuitConfig
 from tccli.errors import TcError
 from tccli.circuit.files import to_json
 from tccli.replacement.intervention import Intervention, NodeRef, ReplacementModel, RowSpec, parse_node
 from tccli.model.loading import load_model
-from tccli.evaluation.validation import (ValidateConfig, average_ranks, largest_disagreements, map_position, necessity,
-                              node_attribution, run_validation, sample_random_circuit, spearman, sufficiency,
-                              target_from_metadata)
+from tccli.evaluation.validation import average_ranks, largest_disagreements, map_position, necessity, node_attribution, run_validation, sample_random_circuit, spearman, sufficiency, target_from_metadata
+from tccli.config.evaluation import ValidateConfig
 
 PROMPT = "The war lasted from 1735 to 17"
 

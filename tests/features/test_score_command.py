@@ -15,7 +15,8 @@ from tccli.errors import TcError
 def scored_files(tiny_model_dirs, tmp_path_factory):
     """`tc score` run once on the tiny Llama with random transcoders, to .h5 and .jsonl."""
     from tccli.model.loading import load_model
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import save_transcoder
 
     root = tmp_path_factory.mktemp("score")
@@ -94,7 +95,7 @@ def test_score_bad_input_is_one_line(scored_files, tiny_model_dirs, tmp_path):
 
 
 def test_score_config_validation():
-    from tccli.features.score import ScoreConfig
+    from tccli.config.features import ScoreConfig
 
     with pytest.raises(TcError, match="--out must end in .h5 or .jsonl"):
         ScoreConfig(transcoders="t", out="f.csv", data=["x.txt"]).validate()
@@ -103,7 +104,7 @@ def test_score_config_validation():
 
 
 def score_config(files, out, **overrides):
-    from tccli.features.score import ScoreConfig
+    from tccli.config.features import ScoreConfig
 
     options = dict(model=str(files["model"]), transcoders=str(files["root"] / "tcs"), data=[str(files["corpus"])],
                    tokens=240, context=24, top=3, quantiles=2, per_quantile=1, batch_size=4, out=str(out), quiet=True)

@@ -195,7 +195,8 @@ def test_best_per_feature_orders_by_key_and_ties_go_to_the_earlier_token():
 
 
 def test_feature_major_encoder_matches_the_transcoder():
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     for activation, k in (("relu", None), ("topk", 2)):
         torch.manual_seed(0)
@@ -273,7 +274,8 @@ def planted_setup(model_dir):
     """A tiny Llama, rows of text, and a transcoder whose feature 1 fires exactly on one token id."""
     from tccli.model.loading import load_model, run_capture
     from tccli.data.text import pack_rows
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     loaded = load_model(str(model_dir), "cpu")
     info = loaded.info
@@ -327,7 +329,8 @@ def test_planted_feature_has_its_token_everywhere(tiny_model_dirs):
 
 def random_layer0_transcoder(info, n_features: int = 8):
     """A random transcoder for layer 0 whose features fire on part of the tokens."""
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     transcoder = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=0))
     with torch.no_grad():
@@ -430,7 +433,8 @@ def test_without_numba_the_cpu_runs_the_torch_formulation(monkeypatch):
 def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
     """A transcoder reading another input space is scored on that space's activations (both engines)."""
     from tccli.model.loading import load_model, run_capture, space_activation
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     loaded = load_model(str(tiny_model_dirs[arch]), "cpu")
     info = loaded.info
@@ -457,7 +461,8 @@ def test_layer_reads_by_hand():
     """Encoder vectors read from the residual and decoder vectors written to it, per space (scales left out)."""
     from tccli.features.scoring import LayerReads
     from tccli.model.spaces import LayerSpaces
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     spaces = LayerSpaces(layernorm=True, norm_weight=torch.tensor([2.0, 1.0]), norm_bias=torch.tensor([1.0, 0.0]))
     transcoder = Transcoder(TranscoderConfig(d_in=2, d_out=2, n_features=1, input_space="mlp_input",

@@ -22,8 +22,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_features_html
 def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     """Features of one random 24-feature transcoder on layer 0 of the tiny Llama, scored in-process."""
     from tccli.model.loading import load_model
-    from tccli.features.score import ScoreConfig, run_score
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.features.score import run_score
+    from tccli.config.features import ScoreConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import save_transcoder
 
     root = tmp_path_factory.mktemp("show")

@@ -9,10 +9,11 @@ import torch
 
 from circuit_helpers import loaded_model, random_transcoders
 from tccli.replacement import attribution
-from tccli.graph.trace import attribution_graph as ag
+from tccli.graph import attribution_graph as ag
 from tccli.replacement.attribution import FrozenForward
 from tccli.circuit.trace import freeze_prompt
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 

@@ -11,11 +11,11 @@ import subprocess
 import pytest
 import torch
 
-from tccli.graph.trace import attribution_graph as ag
+from tccli.graph import attribution_graph as ag
 
-from tccli.graph.trace import files as agio
+from tccli.graph import files as agio
 
-from tccli.circuit.trace import files as graph_io
+from tccli.circuit import files as graph_io
 from test_attribution_graph import hand_graph
 
 METADATA = {"kind": "attribution-graph", "model": "hand", "n_layers": 1, "prompt": "x", "tokens": ["x"],
@@ -98,7 +98,7 @@ def test_dot_is_valid_graphviz(graph):
 
 
 def test_info_summary(graph, tmp_path):
-    from tccli.cli.app import info
+    from tccli.cli import info
 
     path = tmp_path / "g.json"
     path.write_text(graph_io.to_json(agio.to_networkx(graph, METADATA, ["x"], [7])))

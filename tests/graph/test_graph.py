@@ -11,7 +11,8 @@ import torch
 from circuit_helpers import random_transcoders, save_transcoders
 from conftest import run_tc
 from tccli.errors import TcError
-from tccli.graph.trace import GraphConfig, attribution_graph
+from tccli.graph.trace import attribution_graph
+from tccli.config.graph import GraphConfig
 from tccli.model.loading import load_model
 
 PROMPT = "The cat sat on the mat"
@@ -124,7 +125,7 @@ def test_command_errors_are_one_line(tiny_model_dirs, transcoder_dir, tmp_path):
 
 
 def test_heads_become_nodes_and_edges_keep_their_totals(gpt2, transcoder_dir, one_torch_thread):
-    from tccli.graph.trace import files as attribution_graph_io
+    from tccli.graph import files as attribution_graph_io
 
     run = attribution_graph(gpt2, transcoders(gpt2), PROMPT, config(transcoder_dir, heads=True, max_logits=3))
     assert run.heads is not None

@@ -79,7 +79,8 @@ def test_greater_than_probability_difference_passes_bar(builtin):
 
 def _transcoder_with_feature_on(builtin, layer: int, token_id: int):
     """A transcoder whose feature 0's encoder vector is the (centred) embedding of one token."""
-    from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
+    from tccli.config.transcoders import TranscoderConfig
 
     d = builtin.info.d_model
     transcoder = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=3, layer=layer))

@@ -11,10 +11,11 @@ import torch
 from circuit_helpers import loaded_model, random_transcoders, save_transcoders
 from conftest import run_tc
 from tccli.replacement import attribution
-from tccli.circuit.trace import CircuitConfig, circuit_graph, freeze_prompt
+from tccli.circuit.trace import circuit_graph, freeze_prompt
+from tccli.config.circuit import CircuitConfig
 from tccli.errors import TcError
-from tccli.replacement.intervention import (MODES, Intervention, NodeRef, ReplacementModel, RowSpec, TargetSpec,
-                                parse_assignment, parse_node)
+from tccli.replacement.intervention import Intervention, NodeRef, ReplacementModel, RowSpec, TargetSpec, parse_assignment, parse_node
+from tccli.config.replacement import MODES
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 PROMPT = "The war lasted from 1735 to 17"
@@ -294,7 +295,8 @@ def test_frozen_steer_is_the_path_sum_of_the_unpruned_tc_graph(tiny_model_dirs, 
     attribution over the paths of an unpruned attribution graph is the frozen model's derivative (one
     backward pass), and a small steer of a node moves the target by it."""
     from tccli.graph.files import to_networkx
-    from tccli.graph.trace import GraphConfig, attribution_graph
+    from tccli.graph.trace import attribution_graph
+    from tccli.config.graph import GraphConfig
     from tccli.evaluation.validation import path_attributions, target_from_metadata
 
     loaded, transcoders = setup(tiny_model_dirs[arch], "float64")

@@ -20,11 +20,13 @@ import pytest
 import torch
 
 from tccli.runtime import distributed
-from tccli.data.cache import ActivationCache, CacheConfig, run_cache, run_sharded_cache
+from tccli.data.cache import ActivationCache, run_cache, run_sharded_cache
+from tccli.config.data import CacheConfig
 from tccli.runtime.distributed import (Distributed, Shard, batch_share, checkpoint_name, own_layers, shard_path,
                                shard_rows)
 from tccli.errors import TcError
-from tccli.training.train import CHECKPOINT_FILE, LOG_FILE, TrainConfig, train
+from tccli.training.train import CHECKPOINT_FILE, LOG_FILE, train
+from tccli.config.training import TrainConfig
 from tccli.transcoders.files import load_transcoder
 
 REPO = Path(__file__).resolve().parents[2]

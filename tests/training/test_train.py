@@ -22,24 +22,12 @@ import torch
 
 from tccli.config.fields import to_json_dict
 from tccli.errors import TcError
-from tccli.training.train import (
-    CHECKPOINT_FILE,
-    LOG_FILE,
-    ShuffleSchedule,
-    TrainConfig,
-    WindowLoader,
-    auxk_loss,
-    calibrate_encoder_,
-    constrained_step,
-    ghost_grad_loss,
-    init_transcoder,
-    learning_rate,
-    remove_parallel_gradient,
-    train,
-)
+from tccli.training.train import CHECKPOINT_FILE, LOG_FILE, ShuffleSchedule, WindowLoader, auxk_loss, calibrate_encoder_, constrained_step, ghost_grad_loss, init_transcoder, learning_rate, remove_parallel_gradient, train
+from tccli.config.training import TrainConfig
 from tccli.training import sparse_coding as sc
 from tccli.training.sparse_coding import select_auxk
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.formats import load_transcoder_set
 from tccli.transcoders.files import load_transcoder
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tccli.errors import TcError
-from tccli.transcoders.transcoder import ACTIVATIONS, K_ACTIVATIONS, Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import ACTIVATIONS, K_ACTIVATIONS, TranscoderConfig
 
 
 def make(activation="relu", k=None, skip=False, d=3, m=4):

@@ -5,7 +5,8 @@ import torch
 
 from tccli.errors import TcError
 
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.formats import load_transcoder_set
 from tccli.transcoders.files import load_transcoder, save_transcoder
 

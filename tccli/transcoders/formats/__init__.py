@@ -18,18 +18,19 @@ hold the transcoder (each writer refuses with one line what it cannot express).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from tccli.config.fields import option
+
 from tccli.errors import fail
 from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
 from tccli.transcoders.formats.hub import download, looks_like_hub_id
 from tccli.transcoders.transcoder import Transcoder
 from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
+from tccli.config.transcoders import WRITE_FORMATS
 
 # One transcoder per path: (name, detect(path), read(path)), tried in this order.
 SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transcoder]]] = [
@@ -40,7 +41,6 @@ SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transco
     ("gemma-scope", gemma_scope.detect, gemma_scope.read),
     ("peek", peek.detect, peek.read),
 ]
-WRITE_FORMATS = ("tc", "saelens", "sparsify", "gemma-scope", "circuit-tracer", "peek")
 
 
 def format_of(path: Path) -> Optional[str]:
@@ -215,19 +215,3 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     return [destination / Path(path).relative_to(staging) for path in written]
 
 
-@dataclass
-class ConvertConfig:
-    """Options of `tc convert`."""
-
-    input: str = option("", "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
-                        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
-                        "hub id.",
-                        required=True)
-    out: str = option("", "Where to write: one folder for one transcoder, else a folder of per-layer folders "
-                      "(must not exist or be empty).", required=True)
-    to: str = option("tc", "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
-                     "paper's .pt format is read only).")
-
-    def validate(self) -> None:
-        if self.to not in WRITE_FORMATS:
-            raise fail(f"--to must be one of {', '.join(WRITE_FORMATS)}, got {self.to!r}")

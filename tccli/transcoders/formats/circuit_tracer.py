@@ -38,7 +38,8 @@ from tccli.errors import fail
 from tccli.transcoders.formats import gemma_scope
 from tccli.transcoders.formats.common import (filled, hook_of_space, inference_threshold, input_bias_folded, read_safetensors,
                                   read_yaml, source, space_of_hook, write_safetensors, write_text)
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 CONFIG = "config.yaml"
 ACTIVATIONS = ("relu", "jumprelu", "topk")

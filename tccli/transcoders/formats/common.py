@@ -12,7 +12,8 @@ import torch
 
 from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 # TransformerLens-style hook names (without the "blocks.L." prefix) and the spaces they are (tccli.model.spaces).
 # "mlp.hook_in" is the MLP module's input (circuit-tracer's ReplacementMLP, TransformerLens loaded with

@@ -23,7 +23,8 @@ import torch
 from tccli.errors import fail
 from tccli.transcoders.formats.common import (filled, inference_threshold, input_bias_folded, layer_in_name, source,
                                   write_bytes)
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 PARAMS = "params.npz"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")

@@ -21,7 +21,8 @@ import torch
 
 from tccli.errors import fail
 from tccli.transcoders.formats.common import filled, layer_of_hook, source
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 # The config class of the paper's reference code (jacobdunefsky/transcoder_circuits, an old SAELens fork),
 # under the module paths it was pickled from. Only these names get the stand-in; nothing else is allowed.

@@ -42,7 +42,8 @@ import torch
 from tccli.errors import fail
 from tccli.transcoders.formats.common import (filled, input_bias_folded, positive_int, read_json, read_safetensors,
                                   restored_config, source, space_of_hook, write_safetensors, write_text)
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 INFO = "sae_info.json"
 CONFIG = "sae.json"

@@ -36,7 +36,8 @@ from tccli.errors import fail
 from tccli.transcoders.formats.common import (filled, hook_of_space, input_bias_folded, layer_of_hook, positive_int, read_json,
                                   read_safetensors, restored_config, source, space_of_hook, write_safetensors,
                                   write_text)
-from tccli.transcoders.transcoder import OUTPUT_SPACES, Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import OUTPUT_SPACES, TranscoderConfig
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"

@@ -22,7 +22,8 @@ import torch
 from tccli.errors import fail
 from tccli.transcoders.formats.common import (filled, input_bias_folded, layer_in_name, read_json, read_safetensors, source,
                                   write_safetensors, write_text)
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae.safetensors"

@@ -10,7 +10,8 @@ from format_helpers import D, M, outputs, random_transcoder
 from test_formats_paper import paper_config_class, paper_payload, save_pickled
 from tccli.errors import TcError
 from tccli.transcoders.formats import convert, load_transcoder_set
-from tccli.transcoders.transcoder import Transcoder, TranscoderConfig
+from tccli.transcoders.transcoder import Transcoder
+from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.files import save_transcoder
 
 
@@ -103,7 +104,7 @@ def test_convert_refuses_before_writing(tmp_path):
 
 
 def test_info_shows_kind_spaces_and_source(tmp_path):
-    from tccli.cli.app import info
+    from tccli.cli import info
 
     save_transcoder(skip_transcoder(0, "jumprelu", "resid_mid", "mlp_out"), tmp_path / "tcs" / "layer_0")
     convert(tmp_path / "tcs", tmp_path / "ct", "circuit-tracer")
