@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from circuit_helpers import random_transcoders  # noqa: E402
 from conftest import build_tokenizer  # noqa: E402
 
-from tccli.circuit.trace import circuit_graph, freeze_prompt, prompt_tokens
+from tccli.circuit.trace import circuit_graph
+from tccli.replacement.prompts import freeze_prompt, prompt_tokens
 from tccli.config.circuit import CircuitConfig
 from tccli.model.loading import load_model  # noqa: E402
 

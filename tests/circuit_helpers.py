@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tccli.replacement.attribution import FrozenForward, FrozenLayer
+from tccli.replacement.frozen import FrozenForward, FrozenLayer
 from tccli.model.loading import load_model
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig

@@ -35,33 +35,12 @@ import networkx as nx
 import torch
 
 from tccli.replacement import attribution
-from tccli.replacement.attribution import FrozenForward, Rows, Target
+from tccli.replacement.attribution import Rows
+from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.targets import Target
+from tccli.nodes import NodeRef
 
 TERMINAL_KINDS = ("embed", "pos", "error")
-
-
-@dataclass(frozen=True)
-class NodeKey:
-    """A graph node: (kind, layer, index, position). index: feature or head; -1 when meaningless."""
-
-    kind: str  # target | feature | head | skip | embed | pos | error
-    layer: int = -1
-    index: int = -1
-    position: int = -1
-
-    @property
-    def id(self) -> str:
-        if self.kind == "target":
-            return "target"
-        if self.kind == "feature":
-            return f"mlp{self.layer}.f{self.index}@{self.position}"
-        if self.kind == "head":
-            return f"attn{self.layer}.h{self.index}@{self.position}"
-        if self.kind == "error":
-            return f"err{self.layer}@{self.position}"
-        if self.kind == "skip":
-            return f"skip{self.layer}@{self.position}"
-        return f"{self.kind}@{self.position}"  # embed, pos
 
 
 @dataclass
@@ -75,7 +54,7 @@ class SearchParams:
 
 @dataclass
 class Path:
-    nodes: tuple  # NodeKey, target first
+    nodes: tuple  # NodeRef, target first
     contributions: tuple  # contribution of each node along the path (target: its value)
     vector: Optional[torch.Tensor]  # the last node's vector upstream (None: terminal)
     position: int
@@ -151,22 +130,22 @@ def _extend(frozen: FrozenForward, path: Path, kind: str, layer: int, index: int
     if kind == "feature":
         decoder = frozen.layers[layer].transcoder.W_dec[index].to(path.vector.dtype)
         vector, read_point, _ = attribution.feature_upstream(frozen, layer, index, t, decoder @ path.vector)
-        key, position = NodeKey("feature", layer, index, t), t
+        key, position = NodeRef("feature", layer, index, t), t
     elif kind == "head":
         vector, read_point = attribution.head_upstream(frozen, layer, index, source, t, path.vector)
-        key, position = NodeKey("head", layer, index, source), source
+        key, position = NodeRef("head", layer, index, source), source
     elif kind == "skip":
         vector, read_point, _ = attribution.skip_upstream(frozen, layer, t, path.vector)
-        key, position = NodeKey("skip", layer, -1, t), t
+        key, position = NodeRef("skip", layer, -1, t), t
     else:
-        vector, read_point, key, position = None, (0, 0), NodeKey(kind, -1, -1, t), t
+        vector, read_point, key, position = None, (0, 0), NodeRef(kind, -1, -1, t), t
     return Path(nodes=path.nodes + (key,), contributions=path.contributions + (contribution,),
                 vector=vector, position=position, read_point=read_point)
 
 
 def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -> SearchResult:
     """The paper's Algorithm 1 (beam over paths); returns every path the beams held."""
-    start = Path(nodes=(NodeKey("target", position=target.position),), contributions=(target.value,),
+    start = Path(nodes=(NodeRef("target", position=target.position),), contributions=(target.value,),
                  vector=target.vector, position=target.position, read_point=target.read_point)
     beam, found, errors = [start], [], {}
     for _ in range(params.iters):
@@ -207,7 +186,7 @@ def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -
 # ----------------------------------------------------------------------------- graph
 
 
-def _node_attributes(frozen: FrozenForward, key: NodeKey, tokens: list[str],
+def _node_attributes(frozen: FrozenForward, key: NodeRef, tokens: list[str],
                      direct: attribution.DirectContributions, target_position: int) -> dict:
     attrs = {"kind": key.kind, "layer": key.layer, "feature": None, "head": None, "position": key.position,
              "token": tokens[key.position] if 0 <= key.position < len(tokens) else "",
@@ -223,7 +202,7 @@ def _node_attributes(frozen: FrozenForward, key: NodeKey, tokens: list[str],
     return attrs
 
 
-def _direct_to_target(key: NodeKey, direct: attribution.DirectContributions, target_position: int) -> Optional[float]:
+def _direct_to_target(key: NodeRef, direct: attribution.DirectContributions, target_position: int) -> Optional[float]:
     """``key``'s term in the target's direct decomposition (None for the target itself)."""
     if key.kind == "target":
         return None
@@ -253,7 +232,7 @@ def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tok
     """Merge the paths into one DiGraph (Algorithm 2: each distinct path prefix counted once)."""
     graph = nx.DiGraph()
     direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
-    root = NodeKey("target", position=target.position)
+    root = NodeRef("target", position=target.position)
     graph.add_node(root.id, **_node_attributes(frozen, root, tokens, direct, target.position))
     graph.nodes[root.id].update(activation=target.value, path_contribution=None,
                                 layer=target.description.get("layer", frozen.n_layers),
@@ -261,7 +240,7 @@ def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tok
                                                              target.description.items() if k != "layer"})
     seen = set()
 
-    def add_edge(upstream: NodeKey, downstream: NodeKey, contribution: float) -> None:
+    def add_edge(upstream: NodeRef, downstream: NodeRef, contribution: float) -> None:
         if upstream.id not in graph:
             graph.add_node(upstream.id, **_node_attributes(frozen, upstream, tokens, direct, target.position))
         graph.nodes[upstream.id]["path_contribution"] += contribution
@@ -283,7 +262,7 @@ def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tok
         position = prefix[-1].position
         for layer, value in per_layer.items():
             if value != 0.0 and abs(value) >= min_contribution:
-                add_edge(NodeKey("error", layer, -1, position), prefix[-1], value)
+                add_edge(NodeRef("error", layer, -1, position), prefix[-1], value)
     return graph
 
 

@@ -246,7 +246,7 @@ def export_command(config: ExportConfig) -> None:
 @command_from(DeembedConfig)
 def deembed_command(config: DeembedConfig) -> None:
     """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
-    from tccli.circuit.trace import deembed_rows
+    from tccli.features.deembed import deembed_rows
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
 
@@ -283,7 +283,8 @@ def show_command(config: ShowConfig) -> None:
     from rich.console import Console
 
     from tccli.features.files import FeaturesFile, check_features_match_model
-    from tccli.features.show import parse_feature_ref, render_html, render_terminal, resolve_refs
+    from tccli.nodes import parse_feature
+    from tccli.features.show import render_html, render_terminal, resolve_refs
 
     features = FeaturesFile.open(config.features_file)
     with outputs.claim(config.html, config.force, [config.features_file]):
@@ -292,7 +293,7 @@ def show_command(config: ShowConfig) -> None:
 
             check_features_match_model(features, load_model(config.model, "cpu").info)
         if config.feature:
-            layer, index = parse_feature_ref(config.feature)
+            layer, index = parse_feature(config.feature)
             features.check_feature(layer, index)
             console = Console(highlight=False)
             if not console.is_terminal:

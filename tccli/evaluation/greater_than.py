@@ -194,7 +194,7 @@ def graph_nodes(graph: Any) -> list[dict]:
 def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> list[dict]:
     """The ``top`` feature and head nodes by path contribution, best first; features get their
     de-embedding."""
-    from tccli.circuit.trace import feature_deembedding
+    from tccli.features.deembed import feature_deembedding
 
     chosen = sorted((n for n in nodes if n.get("kind") in ("feature", "head")),
                     key=lambda n: -float(n.get("path_contribution") or 0.0))[:top]

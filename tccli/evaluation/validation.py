@@ -35,7 +35,10 @@ import torch
 
 from tccli.errors import fail
 from tccli.runtime.progress import no_progress
-from tccli.replacement.intervention import Intervention, NodeRef, RowSpec, TargetSpec
+from tccli.nodes import NodeRef
+from tccli.nodes import Intervention
+from tccli.replacement.model import RowSpec
+from tccli.replacement.targets import TargetSpec
 from tccli.config.evaluation import ValidateConfig
 
 CIRCUIT_KINDS = ("feature", "head")
@@ -200,7 +203,7 @@ def path_attributions(graph: Any, target: str) -> dict[str, float]:
 def circuit_nodes(graph: Any) -> list[CircuitNode]:
     """The graph's feature and head nodes (a networkx graph as graph_io reads it), each with its total
     attribution to the target along the graph's paths."""
-    from tccli.replacement.intervention import parse_node
+    from tccli.nodes import parse_node
 
     summed = (path_attributions(graph, graph_target(graph.graph.get("metadata", {}))[1])
               if is_attribution_graph(graph) else None)
@@ -257,7 +260,7 @@ def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
         return TargetSpec(kind, offset, layer=description.get("layer"), feature=description.get("feature"),
                           description=description)
     if kind == "direction":
-        from tccli.circuit.trace import load_direction
+        from tccli.replacement.targets import load_direction
 
         path = (meta.get("config") or {}).get("direction")
         if not path or not Path(path).is_file():
@@ -318,10 +321,12 @@ def run_validation(config: ValidateConfig, log=lambda message: None,
                    update: Any = no_progress) -> tuple[Any, dict]:
     """Everything `tc validate` computes: (the graph, results dict). ``update(stage, done, total)`` follows
     the forward passes and the backward passes of each group of prompts."""
-    from tccli.circuit.trace import check_transcoders, prompt_tokens
+    from tccli.replacement.prompts import prompt_tokens
+    from tccli.transcoders.files import check_transcoders
     from tccli.circuit.files import read_graph
     from tccli.transcoders.formats import load_transcoder_set
-    from tccli.replacement.intervention import ReplacementModel, feature_means
+    from tccli.replacement.intervention import feature_means
+    from tccli.replacement.model import ReplacementModel
     from tccli.model.loading import load_model
 
     graph = read_graph(config.graph)

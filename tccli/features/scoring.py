@@ -351,7 +351,7 @@ def embedding_for_norm(W_E: torch.Tensor, normalization: str) -> torch.Tensor:
     return W_E - W_E.mean(dim=1, keepdim=True) if normalization == "layernorm" else W_E
 
 
-def deembedding(W_E: torch.Tensor, encoder_vectors: torch.Tensor) -> torch.Tensor:
+def deembedding_matrix(W_E: torch.Tensor, encoder_vectors: torch.Tensor) -> torch.Tensor:
     """[m, vocab]: W_E f_enc for every feature (how much each token alone drives it, direct path)."""
     return encoder_vectors.float() @ W_E.float().T
 
@@ -561,7 +561,7 @@ def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.
     with torch.no_grad():
         embed = embedding_for_norm(W_E, normalization)
         f_enc = reads.encoders
-        deemb = deembedding(embed, f_enc)
+        deemb = deembedding_matrix(embed, f_enc)
         logits = logit_effect(reads.decoders, W_U.float())
         deembed_tokens, deembed_values = top_entries(deemb, settings.top_tokens)
         promoted_tokens, promoted_values = top_entries(logits, settings.top_tokens)

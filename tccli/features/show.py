@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from typing import Optional
 
 import numpy as np
 
 from tccli.errors import fail
 from tccli.features.files import FeaturesFile
+from tccli.nodes import parse_feature
 from tccli.config.features import ShowConfig
 
-FEATURE_REF = re.compile(r"L(\d+)\.F(\d+)", re.IGNORECASE)
-
-
-def parse_feature_ref(text: str) -> tuple[int, int]:
-    """'L2.F57' -> (2, 57)."""
-    match = FEATURE_REF.fullmatch(text.strip())
-    if not match:
-        raise fail(f"bad feature name {text!r}: use L<layer>.F<index>, e.g. L2.F57")
-    return int(match.group(1)), int(match.group(2))
-
-
 def parse_feature_list(text: str) -> list[tuple[int, int]]:
-    return [parse_feature_ref(part) for part in text.split(",") if part.strip()]
+    return [parse_feature(part) for part in text.split(",") if part.strip()]
 
 
 def default_refs(features: FeaturesFile, limit: int) -> list[tuple[int, int]]:

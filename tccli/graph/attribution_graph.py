@@ -47,7 +47,10 @@ from typing import Callable, Optional
 
 import torch
 
-from tccli.replacement.attribution import FrozenForward, Rows, Target
+from tccli.replacement.attribution import Rows
+from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.targets import Target
+from tccli.replacement.frozen import FrozenForward
 
 # node kinds, in layout order
 FEATURE, ERROR, EMBED, TARGET = "feature", "error", "embed", "target"
@@ -215,7 +218,7 @@ def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor
         transcoder = frozen_layer.transcoder
         f, p = indices[mask], positions[mask]
         encoder = transcoder.W_enc[:, f].T.to(dtype)
-        # through the transcoder's input space (attribution.FrozenForward.read_mlp_input): the norm's
+        # through the transcoder's input space (FrozenForward.read_mlp_input): the norm's
         # frozen scale, its weight and bias for mlp_input, nothing for resid_mid
         vectors[mask], norm_bias = frozen.read_mlp_input(layer, encoder, p)
         constant[mask] = (transcoder.b_enc[f] - transcoder.b_pre @ transcoder.W_enc[:, f]).to(dtype) + norm_bias

@@ -19,7 +19,7 @@ import networkx as nx
 import torch
 
 from tccli.graph.attribution_graph import AttributionGraph, HeadSplit, NodeTable
-from tccli.circuit.search import NodeKey
+from tccli.nodes import NodeRef
 
 if TYPE_CHECKING:
     from tccli.config.circuit import PictureOptions
@@ -29,11 +29,11 @@ GRAPH_KIND = "attribution-graph"
 
 def node_ids(table: NodeTable, targets: list[dict]) -> list[str]:
     """The id of every node of ``table`` (in table order)."""
-    ids = [NodeKey("feature", layer, feature, position).id for layer, feature, position in
+    ids = [NodeRef("feature", layer, feature, position).id for layer, feature, position in
            zip(table.feature_layer.tolist(), table.feature_index.tolist(), table.feature_position.tolist())]
-    ids += [NodeKey("error", layer, -1, position).id for layer in range(table.n_layers)
+    ids += [NodeRef("error", layer, -1, position).id for layer in range(table.n_layers)
             for position in range(table.n_tokens)]
-    ids += [NodeKey("embed", -1, -1, position).id for position in range(table.n_tokens)]
+    ids += [NodeRef("embed", -1, -1, position).id for position in range(table.n_tokens)]
     ids += [target_id(target, len(targets)) for target in targets]
     return ids
 
@@ -118,7 +118,7 @@ def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: l
         edge.update(total=edge["weight"], residual=residual, heads=shown,
                     other_heads=sum(p for layer in by_head[e] for p in layer) - sum(shown.values()))
         for (layer, head, position), part in heads.parts[e].items():
-            key = NodeKey("head", layer, head, position)
+            key = NodeRef("head", layer, head, position)
             if key.id not in out:
                 out.add_node(key.id, kind="head", layer=layer, feature=None, head=head, position=position,
                              token=strings[position], activation=None, influence=None)

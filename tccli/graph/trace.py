@@ -1,6 +1,6 @@
 """`tc graph`: glue between the model, the transcoders and the attribution-graph math.
 
-Runs the model once on the prompt, freezes the forward pass (attribution.freeze, as `tc circuit`
+Runs the model once on the prompt, freezes the forward pass (freeze, as `tc circuit`
 does), builds the targets (circuit-tracer's salient logits by default, or one of `tc circuit`'s
 targets), computes the graph (attribution_graph.build_graph) and describes it for the file formats
 (attribution_graph_io). No math and no file formats here.
@@ -13,14 +13,16 @@ from typing import Callable, Optional
 
 import torch
 
-from tccli.replacement import attribution
 from tccli.graph.attribution_graph import (AttributionGraph, GraphParams, HeadSplit, build_graph, head_split,
                                      salient_logit_targets)
-from tccli.circuit.trace import build_target, frozen_prompt, token_strings
+from tccli.replacement.targets import build_target
+from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.graph import GraphConfig
+from tccli.replacement.targets import Target
+from tccli.replacement.frozen import FrozenForward
 
 
 @dataclass
@@ -28,8 +30,8 @@ class GraphRun:
     """What `tc graph` computed, with what the file formats need to describe it."""
 
     graph: AttributionGraph
-    frozen: attribution.FrozenForward
-    targets: list[attribution.Target]
+    frozen: FrozenForward
+    targets: list[Target]
     tokens: list[int]
     strings: list[str]
     position: int

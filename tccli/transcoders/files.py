@@ -9,6 +9,7 @@ written by tc). Other formats, and reading any of them as a set, are in tccli.tr
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write, write_error
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import INPUT_SPACES, OUTPUT_SPACES, TranscoderConfig
+
+if TYPE_CHECKING:
+    from tccli.model.loading import LoadedModel
 
 WEIGHTS_FILE = "transcoder.safetensors"
 CONFIG_FILE = "config.json"
@@ -132,3 +136,21 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
 
     if known_different_models(cfg.model_name, info.name):
         raise fail(f"{where} was trained on the model {cfg.model_name}, not on {info.name}")
+
+
+def check_transcoders(transcoders: dict[int, Transcoder], loaded: LoadedModel) -> None:
+    for transcoder in transcoders.values():
+        check_matches_model(transcoder, loaded.info)
+        if transcoder.config.kind != "transcoder":
+            raise fail(f"layer {transcoder.config.layer} holds an SAE, not a transcoder: circuits need "
+                       f"transcoders (MLP input -> MLP output)")
+
+
+def check_feature(transcoders: dict[int, Transcoder], layer: int, feature: int) -> Transcoder:
+    if layer not in transcoders:
+        raise fail(f"no transcoder for layer {layer} (have layers {sorted(transcoders) or 'none'})")
+    transcoder = transcoders[layer]
+    if not 0 <= feature < transcoder.n_features:
+        raise fail(f"feature {feature} is out of range: layer {layer}'s transcoder has "
+                   f"{transcoder.n_features} features (0-{transcoder.n_features - 1})")
+    return transcoder

@@ -9,10 +9,13 @@ import torch
 
 from circuit_helpers import random_transcoders, save_transcoders
 from conftest import run_tc
-from tccli.circuit.trace import circuit_graph, deembed_rows, deembedding, parse_feature
+from tccli.circuit.trace import circuit_graph
+from tccli.features.deembed import deembed_rows, deembedding
+from tccli.nodes import parse_feature
 from tccli.config.circuit import CircuitConfig, DeembedConfig
 from tccli.errors import TcError
 from tccli.model.loading import load_model
+from tccli.replacement.targets import feature_target
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch,
     """In every input space, a token's de-embedding score is the embedding's direct contribution to the
     feature's pre-activation at a position holding that token, times the norm's scale there (resid_mid: 1)."""
     from tccli.replacement import attribution
-    from tccli.circuit.trace import freeze_prompt
+    from tccli.replacement.prompts import freeze_prompt
 
     loaded = load_model(str(tiny_model_dirs[arch]), "cpu", "float64")
     transcoders = transcoders_of(loaded, dtype=torch.float64, input_space=space, output_space="mlp_output")
@@ -132,7 +135,7 @@ def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch,
     scores = {int(token): score for score, token, _ in
               deembed_rows(loaded, transcoders, DeembedConfig(transcoders="x", feature="L0.F17", top=400))}
     for position in (1, 3):
-        target = attribution.feature_target(frozen, 0, 17, position)
+        target = feature_target(frozen, 0, 17, position)
         embed = float(attribution.direct_contributions(frozen, target.vector, position, target.read_point).embed)
         scale = 1.0 if space == "resid_mid" else float(frozen.layers[0].mlp_scale[position])
         assert abs(scores[int(tokens[position])] - embed * scale) < 1e-9

@@ -7,25 +7,27 @@ import torch
 
 from circuit_helpers import paper_model, random_transcoders
 from tccli.replacement import attribution
-from tccli.circuit.trace import freeze_prompt
+from tccli.replacement.prompts import freeze_prompt
 from tccli.model.loading import load_model
-from tccli.circuit.search import NodeKey, Path, SearchParams, SearchResult, build_graph, explained, greedy_search
+from tccli.nodes import NodeRef
+from tccli.circuit.search import Path, SearchParams, SearchResult, build_graph, explained, greedy_search
+from tccli.replacement.targets import direction_target, unembed_target
 
 TOKENS = ["<bos>", "x"]
 
 
 def paper_target(frozen):
-    return attribution.direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
+    return direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
 
 
 def test_node_ids():
-    assert NodeKey("feature", 8, 1234, 5).id == "mlp8.f1234@5"
-    assert NodeKey("head", 3, 2, 4).id == "attn3.h2@4"
-    assert NodeKey("embed", position=4).id == "embed@4"
-    assert NodeKey("pos", position=4).id == "pos@4"
-    assert NodeKey("error", 8, position=5).id == "err8@5"
-    assert NodeKey("skip", 8, position=5).id == "skip8@5"
-    assert NodeKey("target", position=9).id == "target"
+    assert NodeRef("feature", 8, 1234, 5).id == "mlp8.f1234@5"
+    assert NodeRef("head", 3, 2, 4).id == "attn3.h2@4"
+    assert NodeRef("embed", position=4).id == "embed@4"
+    assert NodeRef("pos", position=4).id == "pos@4"
+    assert NodeRef("error", 8, position=5).id == "err8@5"
+    assert NodeRef("skip", 8, position=5).id == "skip8@5"
+    assert NodeRef("target", position=9).id == "target"
 
 
 def test_paper_model_search_worked_by_hand():
@@ -62,7 +64,7 @@ def test_include_bos_and_both_signs():
     found = {tuple(k.id for k in p.nodes[1:]) for p in result.paths}
     assert ("mlp0.f0@1", "attn0.h0@0") in found  # contribution 4 through the BOS source
     # a negative direction: nothing is positive, so nothing is followed unless both signs are
-    negative = attribution.direction_target(frozen, torch.tensor([-1.0, -1.0]), 1, 1)
+    negative = direction_target(frozen, torch.tensor([-1.0, -1.0]), 1, 1)
     assert greedy_search(frozen, negative, SearchParams(iters=1, branches=3)).paths == []
     both = greedy_search(frozen, negative, SearchParams(iters=1, branches=3, both_signs=True))
     assert [p.contributions[-1] for p in both.paths] == [-6.0, -4.0, -1.0]
@@ -77,8 +79,8 @@ def test_min_contribution_filters_candidates():
 def test_each_path_prefix_counted_once():
     frozen = paper_model()
     target = paper_target(frozen)
-    T, A, B, C = (NodeKey("target", position=1), NodeKey("feature", 0, 1, 1), NodeKey("head", 0, 0, 1),
-                  NodeKey("embed", position=1))
+    T, A, B, C = (NodeRef("target", position=1), NodeRef("feature", 0, 1, 1), NodeRef("head", 0, 0, 1),
+                  NodeRef("embed", position=1))
 
     def path(nodes, contributions):
         return Path(nodes=nodes, contributions=(13.0,) + contributions, vector=None, position=1, read_point=(0, 0))
@@ -96,7 +98,7 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
     transcoders = random_transcoders(loaded.info, 48, 2, torch.float64)
     frozen = freeze_prompt(loaded, transcoders, torch.tensor([0, 37, 90, 151, 12, 200, 64]))
     with torch.no_grad():
-        target = attribution.unembed_target(frozen, 17, None, 6)
+        target = unembed_target(frozen, 17, None, 6)
         params = SearchParams(iters=3, branches=5)
         result = greedy_search(frozen, target, params)
         direct = attribution.direct_contributions(frozen, target.vector, 6, target.read_point)
@@ -147,7 +149,7 @@ def test_skip_nodes_are_searched_and_exact(tiny_model_dirs):
             transcoder.W_skip.mul_(8.0)  # a strong linear path, so the beam keeps it
     frozen = freeze_prompt(loaded, transcoders, torch.tensor([0, 37, 90, 151, 12, 200, 64]))
     with torch.no_grad():
-        target = attribution.unembed_target(frozen, 17, None, 6)
+        target = unembed_target(frozen, 17, None, 6)
         result = greedy_search(frozen, target, SearchParams(iters=3, branches=10, both_signs=True))
         direct = attribution.direct_contributions(frozen, target.vector, 6, target.read_point)
         skips = [p for p in result.paths if p.nodes[-1].kind == "skip"]

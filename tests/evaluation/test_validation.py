@@ -16,10 +16,13 @@ from tccli.circuit.trace import circuit_graph
 from tccli.config.circuit import CircuitConfig
 from tccli.errors import TcError
 from tccli.circuit.files import to_json
-from tccli.replacement.intervention import Intervention, NodeRef, ReplacementModel, RowSpec, parse_node
+from tccli.nodes import NodeRef, parse_node
+from tccli.nodes import Intervention
+from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.model.loading import load_model
 from tccli.evaluation.validation import average_ranks, largest_disagreements, map_position, necessity, node_attribution, run_validation, sample_random_circuit, spearman, sufficiency, target_from_metadata
 from tccli.config.evaluation import ValidateConfig
+from tccli.replacement.targets import unembed_target
 
 PROMPT = "The war lasted from 1735 to 17"
 
@@ -120,15 +123,15 @@ def traced(tiny_model_dirs, tmp_path_factory):
     # the random model's heads are too weak for the greedy search: add the largest head term into the target
     # as tc circuit would (its direct contribution as edge and contribution)
     from tccli.replacement import attribution
-    from tccli.circuit.trace import freeze_prompt
-    from tccli.circuit.search import NodeKey
+    from tccli.replacement.prompts import freeze_prompt
+    from tccli.nodes import NodeRef
 
     meta = graph.graph["metadata"]
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
-    target = attribution.unembed_target(frozen, meta["target"]["token"], meta["target"]["token_b"], meta["position"])
+    target = unembed_target(frozen, meta["target"]["token"], meta["target"]["token_b"], meta["position"])
     heads = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point).heads[1]
     head, source = divmod(int(heads[:, 1:].abs().argmax()), heads.shape[1] - 1)
-    key = NodeKey("head", 1, head, source + 1)
+    key = NodeRef("head", 1, head, source + 1)
     weight = float(heads[head, source + 1])
     graph.add_node(key.id, kind="head", layer=1, feature=None, head=head, position=source + 1,
                    token=meta["tokens"][source + 1], activation=None, path_contribution=weight,

@@ -13,7 +13,8 @@ import torch
 from conftest import TOKENIZER_TEXT, run_tc
 from tccli.errors import TcError
 from tccli.features.files import FeaturesFile
-from tccli.features.show import default_refs, parse_feature_list, parse_feature_ref, render_html, visible
+from tccli.features.show import default_refs, parse_feature_list, render_html, visible
+from tccli.nodes import parse_feature
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_features_html.sh"
 
@@ -48,11 +49,11 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
 
 
 def test_feature_names():
-    assert parse_feature_ref("L2.F57") == (2, 57)
-    assert parse_feature_ref("l0.f3") == (0, 3)
+    assert parse_feature("L2.F57") == (2, 57)
+    assert parse_feature("l0.f3") == (0, 3)
     assert parse_feature_list("L2.F57, L3.F1") == [(2, 57), (3, 1)]
     with pytest.raises(TcError, match="bad feature name 'F57'"):
-        parse_feature_ref("F57")
+        parse_feature("F57")
 
 
 def test_visible_marks_whitespace_and_control_characters():

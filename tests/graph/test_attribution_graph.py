@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from circuit_helpers import loaded_model, random_transcoders
-from tccli.replacement import attribution
 from tccli.graph import attribution_graph as ag
-from tccli.replacement.attribution import FrozenForward
-from tccli.circuit.trace import freeze_prompt
+from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.prompts import freeze_prompt
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.replacement.targets import Target, direction_target, feature_target, unembed_target
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 
@@ -48,7 +48,7 @@ def frozen_for(path, dtype: str = "float32", kind: str = "relu", skip: bool = Fa
     return loaded, freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
 
 
-def every_target(frozen: FrozenForward, d_model: int) -> list[tuple[list[attribution.Target], torch.Tensor]]:
+def every_target(frozen: FrozenForward, d_model: int) -> list[tuple[list[Target], torch.Tensor]]:
     """(targets, weights) for each kind of target tc graph takes."""
     last = frozen.n_layers - 1
     direction = torch.randn(d_model, generator=torch.Generator().manual_seed(1), dtype=frozen.embed.dtype)
@@ -56,9 +56,9 @@ def every_target(frozen: FrozenForward, d_model: int) -> list[tuple[list[attribu
     active = torch.nonzero(frozen.layers[last].z[8]).reshape(-1)
     return [
         ag.salient_logit_targets(frozen, 8, max_logits=4, probability=0.95),
-        ([attribution.feature_target(frozen, last, int(active[0]), 8)], one),
-        ([attribution.unembed_target(frozen, 40, 20, 6)], one),
-        ([attribution.direction_target(frozen, direction, last, 7)], one),
+        ([feature_target(frozen, last, int(active[0]), 8)], one),
+        ([unembed_target(frozen, 40, 20, 6)], one),
+        ([direction_target(frozen, direction, last, 7)], one),
     ]
 
 
@@ -516,8 +516,8 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind,
     from tccli.circuit.search import SearchParams, greedy_search
 
     loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", decoder_scale=decoder_scale)
-    target = (attribution.feature_target(frozen, 1, 5, 8) if target_kind == "feature"
-              else attribution.unembed_target(frozen, 40, None, 8))
+    target = (feature_target(frozen, 1, 5, 8) if target_kind == "feature"
+              else unembed_target(frozen, 40, None, 8))
     graph = ag.build_graph(frozen, [target], torch.ones(1, dtype=torch.float64), ALL)
     table = graph.table
     result = greedy_search(frozen, target, SearchParams(iters=3, branches=branches, both_signs=True))

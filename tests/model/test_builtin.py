@@ -104,7 +104,7 @@ def test_top_nodes_orders_by_contribution_and_deembeds(builtin):
     rows = gt.top_nodes(nodes, builtin, transcoders, top=5)
     assert [r["id"] for r in rows] == ["mlp0.f0@8", "attn1.h2@8"]  # only features and heads, best first
     # The listed tokens are the best-scoring W_E f_enc entries in order, minus undecodable byte pieces.
-    from tccli.circuit.trace import deembedding
+    from tccli.features.deembed import deembedding
 
     scores = deembedding(builtin.bridge.W_E.detach(), transcoders[0].W_enc[:, 0].detach(), True)
     ranked = [builtin.tokenizer.decode([i]) for i in scores.argsort(descending=True).tolist()]

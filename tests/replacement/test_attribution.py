@@ -9,8 +9,9 @@ import torch
 
 from circuit_helpers import SPACE_PAIRS, loaded_model, paper_model, random_transcoders
 from tccli.replacement import attribution
-from tccli.replacement.attribution import FrozenForward
-from tccli.circuit.trace import freeze_prompt
+from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.prompts import freeze_prompt
+from tccli.replacement.targets import Target, direction_target, feature_target, unembed_target
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]  # BOS first; ids < the tiny vocab of 320
 
@@ -28,12 +29,12 @@ def all_targets(frozen: FrozenForward, d_model: int):
     generator = torch.Generator().manual_seed(1)
     direction = torch.randn(d_model, generator=generator, dtype=torch.float64)
     return [
-        attribution.feature_target(frozen, last, 5, 8),
-        attribution.feature_target(frozen, 0, 11, 4),
-        attribution.unembed_target(frozen, 17, None, 8),
-        attribution.unembed_target(frozen, 40, 20, 6),
-        attribution.direction_target(frozen, direction, last, 7),
-        attribution.direction_target(frozen, direction, frozen.n_layers, 8),
+        feature_target(frozen, last, 5, 8),
+        feature_target(frozen, 0, 11, 4),
+        unembed_target(frozen, 17, None, 8),
+        unembed_target(frozen, 40, 20, 6),
+        direction_target(frozen, direction, last, 7),
+        direction_target(frozen, direction, frozen.n_layers, 8),
     ]
 
 
@@ -115,7 +116,7 @@ def _centre(x):
     return x - x.mean(-1, keepdim=True)
 
 
-def replacement_target(frozen: FrozenForward, target: attribution.Target, leaves: dict) -> torch.Tensor:
+def replacement_target(frozen: FrozenForward, target: Target, leaves: dict) -> torch.Tensor:
     """The target recomputed from leaves with patterns' values, scales and attention inputs frozen:
     a direct-effect model, so gradient x activation of a leaf is its direct contribution. Spaces are
     written out here from METHOD.md section 8, independently of tccli.model.spaces."""
@@ -276,7 +277,7 @@ def test_skip_path_one_step_upstream_is_exact(tiny_model_dirs):
     for arch in ("gpt2", "llama"):
         loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", skip=True, input_space="mlp_input",
                                     output_space="mlp_output")
-        target = attribution.unembed_target(frozen, 17, None, 8)
+        target = unembed_target(frozen, 17, None, 8)
         rows = attribution.Rows.from_target(target)
         for layer in range(frozen.n_layers):
             contribution = float(attribution.skip_contributions(frozen, rows, layer)[0])
@@ -295,7 +296,7 @@ def test_skip_path_one_step_upstream_is_exact(tiny_model_dirs):
 def test_paper_model_direct_terms():
     frozen = paper_model()
     assert frozen.final_resid[1].tolist() == [3.5, 9.5]
-    target = attribution.direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
+    target = direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
     assert target.value == 13.0
     direct = attribution.direct_contributions(frozen, target.vector, 1, target.read_point)
     assert float(direct.embed) == 1.0  # [1,1].[0,1]
@@ -337,7 +338,7 @@ def test_layernorm_vectors_are_centred():
 
 
 def test_direction_file_shape(tmp_path):
-    from tccli.circuit.trace import load_direction
+    from tccli.replacement.targets import load_direction
     from tccli.errors import TcError
 
     np.save(tmp_path / "d.npy", np.ones(4))

@@ -11,11 +11,17 @@ import torch
 from circuit_helpers import loaded_model, random_transcoders, save_transcoders
 from conftest import run_tc
 from tccli.replacement import attribution
-from tccli.circuit.trace import circuit_graph, freeze_prompt
+from tccli.circuit.trace import circuit_graph
+from tccli.replacement.prompts import freeze_prompt
 from tccli.config.circuit import CircuitConfig
 from tccli.errors import TcError
-from tccli.replacement.intervention import Intervention, NodeRef, ReplacementModel, RowSpec, TargetSpec, parse_assignment, parse_node
+from tccli.nodes import NodeRef, parse_node
+from tccli.nodes import Intervention, parse_assignment
+from tccli.replacement.model import ReplacementModel, RowSpec
+from tccli.replacement.targets import TargetSpec
 from tccli.config.replacement import MODES
+from tccli.replacement.targets import Target, feature_target, unembed_target
+from tccli.replacement.frozen import FrozenForward
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 PROMPT = "The war lasted from 1735 to 17"
@@ -114,8 +120,8 @@ def test_direct_mode_changes_the_target_by_exactly_the_edges_into_it(tiny_model_
     # the three largest head edges of the unpruned one-hop graph (what tc circuit's edges are made of)
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
     position = meta["position"]
-    vector = (attribution.unembed_target(frozen, spec.token, spec.token_b, position) if spec.kind == "logit_diff"
-              else attribution.feature_target(frozen, spec.layer, spec.feature, position))
+    vector = (unembed_target(frozen, spec.token, spec.token_b, position) if spec.kind == "logit_diff"
+              else feature_target(frozen, spec.layer, spec.feature, position))
     heads = attribution.direct_contributions(frozen, vector.vector, position, vector.read_point).heads
     for layer, edges in heads.items():
         for flat in edges.abs().reshape(-1).topk(3).indices.tolist():
@@ -132,7 +138,7 @@ def test_direct_mode_float32_and_keep_only(tiny_model_dirs, one_torch_thread):
     loaded, transcoders = setup(tiny_model_dirs["llama"], "float32")
     tokens = torch.tensor(PROMPT_IDS)
     frozen = freeze_prompt(loaded, transcoders, tokens)
-    target = attribution.unembed_target(frozen, 17, 40, 8)
+    target = unembed_target(frozen, 17, 40, 8)
     direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
     spec = TargetSpec("logit_diff", 8, token=17, token_b=40)
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0))
@@ -153,7 +159,7 @@ def test_set_scale_and_mean_ablation_of_a_feature_in_direct_mode(tiny_model_dirs
     loaded, transcoders = setup(tiny_model_dirs["gpt2"], "float64")
     tokens = torch.tensor(PROMPT_IDS)
     frozen = freeze_prompt(loaded, transcoders, tokens)
-    target = attribution.unembed_target(frozen, 17, None, 8)
+    target = unembed_target(frozen, 17, None, 8)
     contributions = attribution.direct_contributions(frozen, target.vector, 8, target.read_point).features[1]
     feature = int(contributions.abs().argmax())
     z = float(frozen.layers[1].z[8, feature])
@@ -177,7 +183,7 @@ def test_set_scale_and_mean_ablation_of_a_feature_in_direct_mode(tiny_model_dirs
 # ---------------------------------------------------------------------------- frozen mode: first order
 
 
-def local_replacement_target(frozen: attribution.FrozenForward, target: attribution.Target,
+def local_replacement_target(frozen: FrozenForward, target: Target,
                              feature_shift: dict, head_factor: dict, error_factor: dict) -> torch.Tensor:
     """An independent oracle: the local replacement model (patterns and norm scales frozen, errors held,
     features recomputed) written out in plain torch from the frozen forward pass, with every feature
@@ -249,7 +255,7 @@ def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_mod
         transcoders = with_skip(transcoders)
     tokens = torch.tensor(PROMPT_IDS)
     frozen = freeze_prompt(loaded, transcoders, tokens)
-    target = attribution.unembed_target(frozen, 17, 40, 8)
+    target = unembed_target(frozen, 17, 40, 8)
     value, d_feature, d_head, d_error = oracle_gradients(frozen, target)
     # the oracle is the frozen forward pass (Llama's float64 attention rounds in float32 inside, so its
     # decomposition holds to ~1e-7 of the terms' scale only: see test_attribution)
@@ -388,7 +394,7 @@ def test_stories260k_no_intervention_and_direct_edges(stories_dir, one_torch_thr
     frozen = freeze_prompt(loaded, transcoders, tokens)
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0))
     assert torch.equal(model.run([RowSpec(0)], "free").logits, model.clean_logits)
-    target = attribution.unembed_target(frozen, she, he, last)
+    target = unembed_target(frozen, she, he, last)
     direct = attribution.direct_contributions(frozen, target.vector, last, target.read_point)
     spec = TargetSpec("logit_diff", last, token=she, token_b=he)
     rows = [RowSpec(0)]
@@ -477,7 +483,7 @@ def test_mean_ablation_reads_means_from_a_tc_score_file(gpt2_files, text_file):
     ids = torch.tensor([loaded.info.bos_token_id] + loaded.tokenizer.encode(PROMPT, add_special_tokens=False))
     frozen = freeze_prompt(loaded, transcoders, ids)
     last = len(ids) - 1
-    target = attribution.unembed_target(frozen, loaded.tokenizer.encode("1", add_special_tokens=False)[0], None, last)
+    target = unembed_target(frozen, loaded.tokenizer.encode("1", add_special_tokens=False)[0], None, last)
     z = float(frozen.layers[1].z[last, feature])
     slope = float(transcoders[1].W_dec[feature] @ target.vector)
     assert change == pytest.approx((float(means[feature]) - z) * slope, rel=1e-4, abs=1e-6)
@@ -509,7 +515,7 @@ def test_skip_transcoders_in_other_spaces(all_model_dirs, arch, input_space, out
     model = ReplacementModel(loaded, transcoders, torch.tensor([PROMPT_IDS]))
     spec = TargetSpec(kind="logit", position=8, token=17)
     clean = float(spec.values(model, model.run([RowSpec(0)], "direct"))[0])
-    target = attribution.unembed_target(frozen, 17, None, 8)
+    target = unembed_target(frozen, 17, None, 8)
     assert clean == pytest.approx(target.value, rel=1e-6)
     direct = attribution.direct_contributions(frozen, target.vector, 8, target.read_point)
     layer = frozen.n_layers - 1

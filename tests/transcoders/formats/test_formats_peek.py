@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import plain_model_reference, run_tc
 from format_helpers import D, M, outputs, random_transcoder
-from tccli.circuit.trace import freeze_prompt
+from tccli.replacement.prompts import freeze_prompt
 from tccli.errors import TcError
 from tccli.transcoders.formats import convert, format_of, load_transcoder_set, peek
 from tccli.model.loading import load_model

@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 
 from conftest import run_tc
 from tccli.replacement import attribution
-from tccli.circuit.trace import freeze_prompt
+from tccli.replacement.prompts import freeze_prompt
 from tccli.transcoders.formats import load_transcoder_set
 from tccli.model.loading import load_model
 from tccli.transcoders.files import check_matches_model
+from tccli.replacement.targets import feature_target, unembed_target
 
 N_FEATURES = 64
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
@@ -97,9 +98,9 @@ def test_identity_holds_to_1e5_in_float32(public_sets, arch):
     # well away from 0 (a value near 0 from cancelling terms is exact only relative to the terms' size)
     logits = frozen.final_normalized[8] @ frozen.W_U + frozen.b_U
     first, last_token = int(logits.argmax()), int(logits.argmin())
-    targets = [attribution.feature_target(frozen, last, int(frozen.layers[last].pre[8].argmax()), 8),
-               attribution.unembed_target(frozen, first, None, 8),
-               attribution.unembed_target(frozen, first, last_token, 8)]
+    targets = [feature_target(frozen, last, int(frozen.layers[last].pre[8].argmax()), 8),
+               unembed_target(frozen, first, None, 8),
+               unembed_target(frozen, first, last_token, 8)]
     for target in targets:
         direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
         total = float(direct.total()) + target.constant

@@ -1,0 +1,109 @@
+"""How users and files name the things of a circuit: features, heads and nodes (one home for their ids).
+
+A feature is ``L8.F1234`` (or ``8.1234``) on the command line; a head ``L3.H2``; a node of a graph or an
+intervention ``mlp8.f1234@5`` (a transcoder feature's activation at token 5), ``attn3.h2@4`` (head 2 of
+layer 3's term read from source token 4), ``err8@5`` (an error term); ``@*`` every position, a negative
+position counts from the end. Imports no torch."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from tccli.errors import fail
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A node of a circuit or attribution graph, or one to intervene on: (kind, layer, index, position).
+
+    ``index`` is the feature or the head, -1 where the kind has none; ``position`` None means every position
+    (interventions only), a negative one counts from the end. Its ``id`` is the node's name in every graph
+    tc writes and every node tc intervene and tc validate read.
+    """
+
+    kind: str  # feature | head | error | skip | embed | pos | target
+    layer: int = -1
+    index: int = -1
+    position: Optional[int] = None
+
+    @property
+    def id(self) -> str:
+        where = "*" if self.position is None else str(self.position)
+        if self.kind == "target":
+            return "target"
+        if self.kind == "feature":
+            return f"mlp{self.layer}.f{self.index}@{where}"
+        if self.kind == "head":
+            return f"attn{self.layer}.h{self.index}@{where}"
+        if self.kind == "error":
+            return f"err{self.layer}@{where}"
+        if self.kind == "skip":
+            return f"skip{self.layer}@{where}"
+        return f"{self.kind}@{where}"  # embed, pos
+
+    def at(self, position: Optional[int]) -> "NodeRef":
+        return NodeRef(self.kind, self.layer, self.index, position)
+
+
+_NODE_ID = re.compile(r"(?:mlp(?P<feature_layer>\d+)\.f(?P<feature>\d+)|attn(?P<head_layer>\d+)\.h(?P<head>\d+)"
+                      r"|err(?P<error_layer>\d+))@(?P<position>\*|-?\d+)")
+
+
+def parse_node(text: str) -> NodeRef:
+    """'mlp8.f1234@5', 'attn3.h2@4', 'err8@5', any of them '@*' -> NodeRef."""
+    match = _NODE_ID.fullmatch((text or "").strip())
+    if not match:
+        raise fail(f"bad node {text!r}: use mlp8.f1234@5 (a feature), attn3.h2@4 (a head's term from source "
+                   "token 4), err8@5 (an error term); @* for every position, @-1 for the last")
+    groups = match.groupdict()
+    position = None if groups["position"] == "*" else int(groups["position"])
+    if groups["feature_layer"] is not None:
+        return NodeRef("feature", int(groups["feature_layer"]), int(groups["feature"]), position)
+    if groups["head_layer"] is not None:
+        return NodeRef("head", int(groups["head_layer"]), int(groups["head"]), position)
+    return NodeRef("error", int(groups["error_layer"]), -1, position)
+
+
+def parse_feature(spec: str) -> tuple[int, int]:
+    """'L8.F1234', '8.1234' -> (8, 1234)."""
+    match = re.fullmatch(r"\s*[Ll]?(\d+)\.[Ff]?(\d+)\s*", spec or "")
+    if not match:
+        raise fail(f"bad feature name {spec!r}: use L<layer>.F<index>, e.g. L8.F1234 (or 8.1234)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_head(spec: str) -> tuple[int, int]:
+    """'L3.H2', '3.2' -> (3, 2)."""
+    match = re.fullmatch(r"\s*[Ll]?(\d+)\.[Hh]?(\d+)\s*", spec or "")
+    if not match:
+        raise fail(f"bad head {spec!r}: use LAYER.HEAD, e.g. L3.H2")
+    return int(match.group(1)), int(match.group(2))
+
+
+OPS = ("ablate", "set", "scale")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    node: NodeRef
+    op: str  # ablate | set | scale
+    value: float = 0.0  # set: the activation; scale: the factor; ablate: unused
+
+    def describe(self) -> str:
+        if self.op == "ablate":
+            return f"ablate {self.node.id}"
+        return f"{self.op} {self.node.id}={self.value:g}"
+
+
+def parse_assignment(text: str, op: str) -> Intervention:
+    """'mlp8.f1234@5=2.5' -> Intervention(op=op, value=2.5)."""
+    node_text, sep, value_text = (text or "").rpartition("=")
+    try:
+        value = float(value_text)
+    except ValueError:
+        value = float("nan")
+    if not sep or not math.isfinite(value):
+        raise fail(f"bad --{op} {text!r}: use NODE=NUMBER, e.g. mlp8.f1234@5=2.5")
+    return Intervention(parse_node(node_text), op, value)
