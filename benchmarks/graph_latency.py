@@ -10,7 +10,7 @@ starts, and their RSS is printed apart.
 
 Timed: everything `tc graph` does after loading (the forward pass and freezing, the targets, the rows,
 the ranking, influence, pruning, scores), as in tccli.graph.trace.attribution_graph. The floor: the FLOP of the
-matmuls of the backward passes it did (attribution_graph.dense_rows counts them: per layer 4 a P d^2 for
+matmuls of the backward passes it did (tccli.graph.rows.dense_rows counts them: per layer 4 a P d^2 for
 the OV circuits, 2 a P^2 d for the patterns, 2 a P d (1 + k) for the writes, with a rows and P tokens
 carried) divided by the float32 matmul rate measured in the same process on the shape those matmuls have.
 On a GPU (--device cuda) the same, with CUDA's peak allocated memory.
@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from circuit_helpers import random_transcoders  # noqa: E402
 from circuit_latency import build_model, sparsify  # noqa: E402
 
-from tccli.graph.attribution_graph import GraphParams, build_graph, salient_logit_targets  # noqa: E402
-from tccli.replacement.prompts import freeze_prompt
+from tccli.graph.attribution_graph import GraphParams, build_attribution_graph  # noqa: E402
+from tccli.graph.nodes import salient_logit_targets  # noqa: E402
+from tccli.replacement.prompts import freeze_prompt  # noqa: E402
 from tccli.model.loading import load_model  # noqa: E402
 
 
@@ -85,7 +86,8 @@ def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int
     start, cpu_start = time.perf_counter(), time.process_time()
     frozen = freeze_prompt(loaded, transcoders, tokens)
     targets, weights = salient_logit_targets(frozen, n_tokens - 1)
-    graph = build_graph(frozen, targets, weights, GraphParams(max_feature_nodes=budget, batch_size=batch_size))
+    graph = build_attribution_graph(frozen, targets, weights,
+                                    GraphParams(max_feature_nodes=budget, batch_size=batch_size))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -227,8 +227,8 @@ def _direct_to_target(key: NodeRef, direct: attribution.DirectContributions, tar
     raise ValueError(f"unknown node kind {key.kind!r}")
 
 
-def build_graph(frozen: FrozenForward, target: Target, result: SearchResult, tokens: list[str],
-                min_contribution: float = 0.0) -> nx.DiGraph:
+def paths_to_graph(frozen: FrozenForward, target: Target, result: SearchResult, tokens: list[str],
+                   min_contribution: float = 0.0) -> nx.DiGraph:
     """Merge the paths into one DiGraph (Algorithm 2: each distinct path prefix counted once)."""
     graph = nx.DiGraph()
     direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)

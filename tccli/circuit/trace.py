@@ -26,7 +26,7 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
     """Everything `tc circuit` computes: (graph, summary dict)."""
     from tccli import __version__
     from tccli.config.fields import to_json_dict
-    from tccli.circuit.search import SearchParams, build_graph, explained, greedy_search
+    from tccli.circuit.search import SearchParams, explained, greedy_search, paths_to_graph
 
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
@@ -36,7 +36,7 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
                               include_bos=config.include_bos)
         result = greedy_search(frozen, target, params)
         strings = token_strings(loaded.tokenizer, tokens.tolist())
-        graph = build_graph(frozen, target, result, strings, config.min_contribution)
+        graph = paths_to_graph(frozen, target, result, strings, config.min_contribution)
     kept, error = explained(graph)
     description = dict(target.description)
     for key in ("token", "token_b"):

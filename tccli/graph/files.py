@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Optional
 import networkx as nx
 import torch
 
-from tccli.graph.attribution_graph import AttributionGraph, HeadSplit, NodeTable
+from tccli.graph.attribution_graph import AttributionGraph
+from tccli.graph.heads import HeadSplit
+from tccli.graph.nodes import NodeTable
 from tccli.nodes import NodeRef
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], tok
                 heads: Optional[HeadSplit] = None) -> nx.DiGraph:
     """The pruned graph with tc circuit's node attribute conventions and the run's metadata.
 
-    With ``heads`` (attribution_graph.head_split of the kept edges) every kept edge also carries its
+    With ``heads`` (heads.head_split of the kept edges) every kept edge also carries its
     ``residual`` part and its parts per head (``heads``: {"L3.H2": part} for the heads holding at least 1%
     of the edge's absolute mass, ``other_heads``: the rest), and each (layer, head, token) part of at least
     ``heads.share`` of that mass is routed through a head node `attn{L}.h{H}@{token}`: the direct edge's

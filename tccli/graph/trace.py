@@ -2,8 +2,8 @@
 
 Runs the model once on the prompt, freezes the forward pass (freeze, as `tc circuit`
 does), builds the targets (circuit-tracer's salient logits by default, or one of `tc circuit`'s
-targets), computes the graph (attribution_graph.build_graph) and describes it for the file formats
-(attribution_graph_io). No math and no file formats here.
+targets), computes the graph (attribution_graph.build_attribution_graph) and describes it for the file
+formats (attribution_graph_io). No math and no file formats here.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Callable, Optional
 
 import torch
 
-from tccli.graph.attribution_graph import (AttributionGraph, GraphParams, HeadSplit, build_graph, head_split,
-                                     salient_logit_targets)
+from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
+from tccli.graph.heads import HeadSplit, head_split
+from tccli.graph.nodes import salient_logit_targets
 from tccli.replacement.targets import build_target
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.errors import fail
@@ -61,7 +62,7 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
         else:
             targets = [build_target(config, loaded, transcoders, frozen, position)]
             weights = torch.ones(1, dtype=frozen.embed.dtype, device=frozen.embed.device)
-    graph = build_graph(frozen, targets, weights, graph_params(config), progress)
+    graph = build_attribution_graph(frozen, targets, weights, graph_params(config), progress)
     heads = None
     if config.heads:
         sources, edge_targets, _ = graph.kept_edges()

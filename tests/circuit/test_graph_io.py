@@ -15,7 +15,7 @@ from circuit_helpers import paper_model
 from tccli.circuit import files as graph_io
 from tccli.config.circuit import PictureOptions
 from tccli.errors import TcError
-from tccli.circuit.search import SearchParams, build_graph, greedy_search
+from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.replacement.targets import direction_target
 
 
@@ -23,7 +23,7 @@ from tccli.replacement.targets import direction_target
 def graph() -> nx.DiGraph:
     frozen = paper_model()
     target = direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
-    g = build_graph(frozen, target, greedy_search(frozen, target, SearchParams(iters=2, branches=2)),
+    g = paths_to_graph(frozen, target, greedy_search(frozen, target, SearchParams(iters=2, branches=2)),
                     ["<bos>", 'say "hi"'])
     g.graph["metadata"] = {"model": "paper", "n_layers": 1, "prompt": "x", "tokens": ["<bos>", 'say "hi"'],
                            "target": target.description, "transcoder_list": ["layer_0"],

@@ -10,7 +10,7 @@ from tccli.replacement import attribution
 from tccli.replacement.prompts import freeze_prompt
 from tccli.model.loading import load_model
 from tccli.nodes import NodeRef
-from tccli.circuit.search import Path, SearchParams, SearchResult, build_graph, explained, greedy_search
+from tccli.circuit.search import Path, SearchParams, SearchResult, explained, greedy_search, paths_to_graph
 from tccli.replacement.targets import direction_target, unembed_target
 
 TOKENS = ["<bos>", "x"]
@@ -40,7 +40,7 @@ def test_paper_model_search_worked_by_hand():
     found = {tuple(k.id for k in p.nodes[1:]): p.contributions[-1] for p in result.paths}
     assert found == {("mlp0.f1@1",): 6.0, ("mlp0.f0@1",): 4.0, ("mlp0.f1@1", "embed@1"): 4.0,
                      ("mlp0.f1@1", "attn0.h0@1"): 2.0}
-    graph = build_graph(frozen, target, result, TOKENS)
+    graph = paths_to_graph(frozen, target, result, TOKENS)
     edges = {(u, v): w for u, v, w in graph.edges(data="weight")}
     assert edges == {("mlp0.f1@1", "target"): 6.0, ("mlp0.f0@1", "target"): 4.0,
                      ("embed@1", "mlp0.f1@1"): 4.0, ("attn0.h0@1", "mlp0.f1@1"): 2.0,
@@ -87,7 +87,7 @@ def test_each_path_prefix_counted_once():
 
     paths = [path((T, A), (6.0,)), path((T, B), (0.5,)), path((T, A, C), (6.0, 4.0)), path((T, B, A), (0.5, 1.0)),
              path((T, B, A, C), (0.5, 1.0, 0.7)), path((T, A, C), (6.0, 4.0))]  # the last repeats a path
-    graph = build_graph(frozen, target, SearchResult(paths=paths), TOKENS)
+    graph = paths_to_graph(frozen, target, SearchResult(paths=paths), TOKENS)
     assert graph.edges[C.id, A.id]["weight"] == 4.7  # via (T,A,C) once and via (T,B,A,C)
     assert graph.edges[A.id, T.id]["weight"] == 6.0 and graph.edges[A.id, B.id]["weight"] == 1.0
     assert graph.nodes[A.id]["path_contribution"] == 7.0
@@ -122,7 +122,7 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
                                                               torch.tensor(coefficient, dtype=torch.float64))
                 upstream = attribution.direct_contributions(frozen, p.vector, p.position, p.read_point)
                 assert abs(float(upstream.total()) + float(constant) - p.contributions[-1]) < 1e-9
-        graph = build_graph(frozen, target, result, [str(t) for t in range(7)])
+        graph = paths_to_graph(frozen, target, result, [str(t) for t in range(7)])
         assert any(graph.nodes[n]["kind"] == "error" for n in graph)
         assert graph.number_of_nodes() > 5
         for node, attrs in graph.nodes(data=True):  # each node's direct figure is its term in `direct`
@@ -165,7 +165,7 @@ def test_skip_nodes_are_searched_and_exact(tiny_model_dirs):
                 assert torch.equal(vector, p.vector) and read_point == p.read_point
                 upstream = attribution.direct_contributions(frozen, p.vector, p.position, p.read_point)
                 assert abs(float(upstream.total()) + float(constant) - p.contributions[-1]) < 1e-9
-        graph = build_graph(frozen, target, result, [str(t) for t in range(7)])
+        graph = paths_to_graph(frozen, target, result, [str(t) for t in range(7)])
         skip_nodes = [n for n in graph if graph.nodes[n]["kind"] == "skip"]
         assert skip_nodes
         for node in skip_nodes:

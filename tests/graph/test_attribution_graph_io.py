@@ -16,7 +16,7 @@ from tccli.graph import attribution_graph as ag
 from tccli.graph import files as agio
 
 from tccli.circuit import files as graph_io
-from test_attribution_graph import hand_graph
+from graph_helpers import hand_graph
 
 METADATA = {"kind": "attribution-graph", "model": "hand", "n_layers": 1, "prompt": "x", "tokens": ["x"],
             "token_ids": [7], "transcoder_list": ["layer_0"], "tc_version": "0",

@@ -7,7 +7,6 @@ not depend on `tc cache`; the resume test kills a real subprocess.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess

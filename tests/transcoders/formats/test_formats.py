@@ -1,6 +1,5 @@
 """Reading any format as a set, tc convert between formats, hub ids."""
 
-import os
 
 import pytest
 import torch
