@@ -547,7 +547,7 @@ def render(graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None
     if fmt == "json":
         return to_json(graph).encode()
     if fmt == "neuronpedia":
-        if _attribution_graph(graph):
+        if is_attribution_graph(graph):
             return attribution_graph_to_neuronpedia(graph).encode()
         return to_neuronpedia(graph).encode()
     if fmt == "graphml":
@@ -598,18 +598,18 @@ def graph_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) and data.get("format") == GRAPH_FORMAT else None
 
 
-def _is_graph_file(path: Path) -> bool:
+def is_circuit_graph_file(path: Path) -> bool:
     data = graph_json(path)
-    return data is not None and not _attribution_graph(data.get("graph", {}))
+    return data is not None and not is_attribution_graph(data.get("graph", {}))
 
 
-def _attribution_graph(graph: nx.DiGraph | dict) -> bool:
+def is_attribution_graph(graph: nx.DiGraph | dict) -> bool:
     """Written by `tc graph` (attribution_graph_io, which `tc info` asks about such files), not `tc circuit`."""
     attrs = graph.graph if isinstance(graph, nx.DiGraph) else graph
     return attrs.get("metadata", {}).get("kind") == "attribution-graph"
 
 
-def graph_summary(path: Path) -> dict:
+def circuit_graph_summary(path: Path) -> dict:
     graph = read_graph(path)
     meta = graph.graph.get("metadata", {})
     kinds: dict[str, int] = {}
@@ -624,7 +624,7 @@ def graph_summary(path: Path) -> dict:
             "tc_version": meta.get("tc_version")}
 
 
-def graph_summary_lines(s: dict) -> list[str]:
+def circuit_graph_summary_lines(s: dict) -> list[str]:
     return [
         f"{s['path']}: tc circuit graph, {s['nodes']} nodes, {s['edges']} edges "
         f"({', '.join(f'{n} {k}' for k, n in sorted(s['node_kinds'].items()))})",
@@ -637,11 +637,3 @@ def graph_summary_lines(s: dict) -> list[str]:
         f"  written by   tc {s['tc_version']}",
     ]
 
-
-def _register_info_kind() -> None:
-    from tccli.cli import info
-
-    info.register_kind("circuit-graph", _is_graph_file, graph_summary, graph_summary_lines)
-
-
-_register_info_kind()

@@ -3,13 +3,13 @@
 A small dispatcher: each kind of artefact registers a ``detect(path) -> bool`` and a
 ``summarize(path) -> dict`` (the dict is what ``--json`` prints; it must carry ``kind`` and ``path``),
 optionally a ``lines(summary) -> list[str]`` for the human view. Kinds are tried in registration order.
-Built in: activation caches (HDF5), transcoder folders and sets. Other modules (e.g. graph JSON files
-from `tc circuit`) call ``register_kind`` at import time and are imported by ``_load_plugins``.
+Registered here: activation caches (HDF5), transcoder folders and sets, circuit graphs (`tc circuit`) and
+attribution graphs (`tc graph`); each kind's module is imported only when a file is asked about.
+``register_kind`` adds another kind.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,6 @@ class InfoKind:
 
 KINDS: list[InfoKind] = []
 
-# Modules that register further kinds when imported. EXTENSION POINT: the circuit/graph module adds
-# itself here (or calls register_kind from a module already imported).
-PLUGIN_MODULES: list[str] = ["tccli.circuit.files", "tccli.graph.files"]
-
 
 def register_kind(name: str, detect: Callable[[Path], bool], summarize: Callable[[Path], dict],
                   lines: Optional[Callable[[dict], list[str]]] = None) -> None:
@@ -40,20 +36,11 @@ def register_kind(name: str, detect: Callable[[Path], bool], summarize: Callable
     KINDS.append(InfoKind(name, detect, summarize, lines))
 
 
-def _load_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-
-
 def describe(path: str | Path) -> dict:
     """The summary dict of whatever tc artefact ``path`` is; TcError when it is none."""
     path = Path(path)
     if not path.exists():
         raise fail(f"{path} does not exist")
-    _load_plugins()
     for kind in KINDS:
         if kind.detect(path):
             return kind.summarize(path)
@@ -150,5 +137,46 @@ def _transcoder_lines(s: dict) -> list[str]:
     return lines
 
 
+# ============================================================================ graphs (their own modules say how)
+
+
+def _is_circuit_graph(path: Path) -> bool:
+    from tccli.circuit.files import is_circuit_graph_file
+
+    return is_circuit_graph_file(path)
+
+
+def _circuit_graph_summary(path: Path) -> dict:
+    from tccli.circuit.files import circuit_graph_summary
+
+    return circuit_graph_summary(path)
+
+
+def _circuit_graph_lines(summary: dict) -> list[str]:
+    from tccli.circuit.files import circuit_graph_summary_lines
+
+    return circuit_graph_summary_lines(summary)
+
+
+def _is_attribution_graph(path: Path) -> bool:
+    from tccli.graph.files import is_attribution_graph_file
+
+    return is_attribution_graph_file(path)
+
+
+def _attribution_graph_summary(path: Path) -> dict:
+    from tccli.graph.files import attribution_graph_file_summary
+
+    return attribution_graph_file_summary(path)
+
+
+def _attribution_graph_lines(summary: dict) -> list[str]:
+    from tccli.graph.files import summary_lines
+
+    return summary_lines(summary)
+
+
 register_kind("activation-cache", _is_hdf5, _cache_summary, _cache_lines)
 register_kind("transcoder", _is_transcoder_or_set, _transcoder_summary, _transcoder_lines)
+register_kind("circuit-graph", _is_circuit_graph, _circuit_graph_summary, _circuit_graph_lines)
+register_kind("attribution-graph", _is_attribution_graph, _attribution_graph_summary, _attribution_graph_lines)

@@ -35,6 +35,7 @@ import torch
 
 from tccli.errors import fail
 from tccli.runtime.progress import no_progress
+from tccli.circuit.files import is_attribution_graph
 from tccli.nodes import NodeRef
 from tccli.nodes import Intervention
 from tccli.replacement.model import RowSpec
@@ -159,11 +160,6 @@ def node_attribution(attrs: dict) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return 0.0
-
-
-def is_attribution_graph(graph: Any) -> bool:
-    """Written by `tc graph` (edges: direct effects) rather than `tc circuit` (edges: path attributions)."""
-    return graph.graph.get("metadata", {}).get("kind") == "attribution-graph"
 
 
 def whole_edge(data: dict) -> float:

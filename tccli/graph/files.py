@@ -135,14 +135,14 @@ def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: l
 # ----------------------------------------------------------------------------- tc info / tc export
 
 
-def _is_attribution_graph_file(path: Path) -> bool:
-    from tccli.circuit.files import graph_json
+def is_attribution_graph_file(path: Path) -> bool:
+    from tccli.circuit.files import graph_json, is_attribution_graph
 
     data = graph_json(path)
-    return data is not None and data.get("graph", {}).get("metadata", {}).get("kind") == GRAPH_KIND
+    return data is not None and is_attribution_graph(data.get("graph", {}))
 
 
-def file_summary(path: Path) -> dict:
+def attribution_graph_file_summary(path: Path) -> dict:
     from tccli.circuit.files import read_graph
 
     return summary(read_graph(path), str(path))
@@ -232,11 +232,3 @@ def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_id
         return graph_io.to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")
 
-
-def _register_info_kind() -> None:
-    from tccli.cli import info
-
-    info.register_kind(GRAPH_KIND, _is_attribution_graph_file, file_summary, summary_lines)
-
-
-_register_info_kind()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -30,9 +30,6 @@ from tccli.model.loading import LoadedModel
 from tccli.config.replacement import ABLATIONS, MODES
 from tccli.nodes import Intervention, NodeRef
 from tccli.transcoders.transcoder import Transcoder
-
-if TYPE_CHECKING:
-    from tccli.replacement.targets import TargetSpec
 
 @dataclass(frozen=True)
 class RowSpec:
@@ -425,8 +422,9 @@ class ReplacementModel:
                 progress(min(lo + batch_size, len(rows)), len(rows))
         return torch.cat(parts) if parts else torch.zeros(0)
 
-    def node_gradients(self, target: "TargetSpec", prompts: Optional[Sequence[int]] = None) -> NodeGradients:
-        """Every node's derivative of ``target`` in the frozen replacement model (one backward pass)."""
+    def node_gradients(self, target: Any, prompts: Optional[Sequence[int]] = None) -> NodeGradients:
+        """Every node's derivative of ``target`` (a tccli.replacement.targets.TargetSpec, which reads this
+        model's runs) in the frozen replacement model (one backward pass)."""
         prompts = list(range(self.n_prompts)) if prompts is None else list(prompts)
         R, T, device = len(prompts), self.n_tokens, self.loaded.device
         dtype = widened(self.clean_logits).dtype
