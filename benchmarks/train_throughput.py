@@ -1,13 +1,13 @@
 """Training throughput of `tc train`'s step loop at GPT-2-small dimensions, against the floor every method shares.
 
-Prints tokens/s of the real step loop (tccli.training.train: WindowLoader with its prefetch thread,
-train_one_step) fed from memory and from an HDF5 activation cache, for each kind asked for, beside the
-ceiling measured in the same process: the matrix-multiply FLOP/s of the encoder product's own shape
-([batch x d] x [d x m], the weight in the layout tc trains it in) divided by 2·d·m FLOP per token. That
-product (the encoder forward) is the one dense product any trainer must do; tc's sparse step does no
-other (the encoder gradient is summed over the k selected features only, the b_pre gradient is a
-vector-matrix product, the decoder is k-sparse). The ceiling is re-measured before and after every
-timed loop and averaged, because the machine is shared.
+Prints tokens/s of the real step loop (tccli.training.data_stream's WindowLoader with its prefetch thread,
+tccli.training.train's train_one_step) fed from memory and from an HDF5 activation cache, for each kind
+asked for, beside the ceiling measured in the same process: the matrix-multiply FLOP/s of the encoder
+product's own shape ([batch x d] x [d x m], the weight in the layout tc trains it in) divided by 2·d·m
+FLOP per token. That product (the encoder forward) is the one dense product any trainer must do; tc's
+sparse step does no other (the encoder gradient is summed over the k selected features only, the b_pre
+gradient is a vector-matrix product, the decoder is k-sparse). The ceiling is re-measured before and
+after every timed loop and averaged, because the machine is shared.
 
     python benchmarks/train_throughput.py [--activation topk batchtopk jumprelu] [--steps 4]
         [--batch-size 4096] [--threads N] [--device cpu|cuda] [--autocast bfloat16] [--default-malloc] [--profile]
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from tccli.runtime import allocator
-from tccli.training.train import DataStats, ShuffleSchedule, WindowLoader, new_layer_state, train_one_step, transcoder_config
+from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader
+from tccli.training.train import new_layer_state, train_one_step, transcoder_config
 from tccli.config.training import TrainConfig
 
 

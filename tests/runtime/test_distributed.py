@@ -25,7 +25,8 @@ from tccli.config.data import CacheConfig
 from tccli.runtime.distributed import (Distributed, Shard, batch_share, checkpoint_name, own_layers, shard_path,
                                shard_rows)
 from tccli.errors import TcError
-from tccli.training.train import CHECKPOINT_FILE, LOG_FILE, train
+from tccli.training.run_folder import CHECKPOINT_FILE, LOG_FILE
+from tccli.training.train import train
 from tccli.config.training import TrainConfig
 from tccli.transcoders.files import load_transcoder
 
