@@ -10,7 +10,7 @@
 - ``signed_topk``: the k largest pre-activations of each token as they are, negative ones included
   (circuit-tracer's and Peek's TopK). The two differ only on a token with fewer than k positive
   pre-activations; tc reads those formats' TopK as this kind, so that they are used exactly as trained;
-- ``batchtopk``: during training the k x batch largest entries of the batch (train.py); at inference
+- ``batchtopk``: during training the k x batch largest entries of the batch (training/step_math.py); at inference
   ``pre * (pre > threshold)`` with the threshold estimated during training (Bussmann et al. 2024);
 - ``jumprelu``: ``pre * (pre > threshold_i)``, a threshold per feature (Gemma Scope).
 ``threshold`` [m] exists for the two threshold kinds (batchtopk stores its one threshold in every entry).
