@@ -7,10 +7,11 @@ position counts from the end. Imports no torch."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from tccli.errors import fail
 
@@ -107,3 +108,93 @@ def parse_assignment(text: str, op: str) -> Intervention:
     if not sep or not math.isfinite(value):
         raise fail(f"bad --{op} {text!r}: use NODE=NUMBER, e.g. mlp8.f1234@5=2.5")
     return Intervention(parse_node(node_text), op, value)
+
+
+# ============================================================================ labels (what people read)
+
+
+def feature_name(layer: int, feature: int) -> str:
+    """`L8.F1234`: a feature as users type it (``parse_feature`` reads it back) and tables show it."""
+    return f"L{layer}.F{feature}"
+
+
+def head_name(layer: int, head: int) -> str:
+    """`L3.H2`: a head as users type it (``parse_head`` reads it back)."""
+    return f"L{layer}.H{head}"
+
+
+def quoted_token(text: Any) -> str:
+    """A token in double quotes, so its spaces show: `" 17"`."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def node_label(attrs: dict) -> str:
+    """`L8 F1234 "Paris" @5`, `L3 H2 "cat" @4`, `embed "cat" @4`, `err L8 @5`, or the target's description."""
+    where = f"{quoted_token(attrs.get('token', ''))} @{attrs.get('position')}"
+    kind = attrs.get("kind")
+    if kind == "feature":
+        return f"L{attrs['layer']} F{attrs['feature']} {where}"
+    if kind == "head":
+        return f"L{attrs['layer']} H{attrs['head']} {where}"
+    if kind == "error":
+        return f"err L{attrs['layer']} @{attrs.get('position')}"
+    if kind == "skip":
+        return f"skip L{attrs['layer']} {where}"
+    if kind == "target":
+        return target_label(attrs)
+    return f"{kind} {where}"
+
+
+def short_label(attrs: dict) -> str:
+    """A node's name inside its cell of the picture (the column already says the token)."""
+    kind = attrs.get("kind")
+    if kind == "feature":
+        return feature_name(attrs["layer"], attrs["feature"])
+    if kind == "head":
+        return head_name(attrs["layer"], attrs["head"])
+    if kind == "error":
+        return f"err L{attrs['layer']}"
+    if kind == "skip":
+        return f"skip L{attrs['layer']}"
+    if kind == "target":
+        return target_label(attrs)
+    return str(kind)
+
+
+def target_description(attrs: dict) -> str:
+    """What a target node measures: `logit(" 40") - logit(" 20")`, `L3.F545 pre-activation`, ..."""
+    kind = attrs.get("target_kind")
+
+    def token(which: str) -> str:
+        text = attrs.get(f"target_{which}_string")
+        return quoted_token(text) if text is not None else f"#{attrs.get(f'target_{which}')}"
+
+    if kind == "logit":
+        return f"logit({token('token')})"
+    if kind == "logit_diff":
+        return f"logit({token('token')}) - logit({token('token_b')})"
+    if kind == "feature":
+        return f"{feature_name(attrs.get('layer'), attrs.get('target_feature'))} pre-activation"
+    if kind == "direction":
+        return f"direction . resid_pre[{attrs.get('layer')}]"
+    return "target"
+
+
+def target_label(attrs: dict) -> str:
+    """`logit(" 40") - logit(" 20") at " 17"@12 = 0.735`."""
+    value = attrs.get("activation")
+    shown = f" = {value:.3g}" if isinstance(value, (int, float)) else ""
+    return f"{target_description(attrs)} at {quoted_token(attrs.get('token', ''))}@{attrs.get('position')}{shown}"
+
+
+def target_spec_label(target: dict) -> str:
+    """What a ``TargetSpec``'s description measures, as `tc intervene` prints it: `logit(' 40')`, ..."""
+    kind = target.get("kind")
+    if kind == "feature":
+        return f"{feature_name(target['layer'], target['feature'])} pre-activation"
+    if kind == "logit":
+        return f"logit({target.get('token_string', target.get('token'))!r})"
+    if kind == "logit_diff":
+        return (f"logit({target.get('token_string', target.get('token'))!r}) - "
+                f"logit({target.get('token_b_string', target.get('token_b'))!r})")
+    return f"direction . resid_pre[{target.get('layer')}]"

@@ -49,6 +49,7 @@ from typing import Any, Optional
 import networkx as nx
 
 from tccli.errors import fail
+from tccli.nodes import node_label, quoted_token, short_label
 from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 
 GRAPH_FORMAT = "tc-circuit-graph"
@@ -59,70 +60,6 @@ GRAPH_FORMAT = "tc-circuit-graph"
 
 def _quote(text: str) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _token(text: Any) -> str:
-    """A token in double quotes, so its spaces show: `" 17"`."""
-    return json.dumps(str(text), ensure_ascii=False)
-
-
-def node_label(attrs: dict) -> str:
-    """`L8 F1234 "Paris" @5`, `L3 H2 "cat" @4`, `embed "cat" @4`, `err L8 @5`, or the target's description."""
-    where = f"{_token(attrs.get('token', ''))} @{attrs.get('position')}"
-    kind = attrs.get("kind")
-    if kind == "feature":
-        return f"L{attrs['layer']} F{attrs['feature']} {where}"
-    if kind == "head":
-        return f"L{attrs['layer']} H{attrs['head']} {where}"
-    if kind == "error":
-        return f"err L{attrs['layer']} @{attrs.get('position')}"
-    if kind == "skip":
-        return f"skip L{attrs['layer']} {where}"
-    if kind == "target":
-        return target_label(attrs)
-    return f"{kind} {where}"
-
-
-def short_label(attrs: dict) -> str:
-    """A node's name inside its cell of the picture (the column already says the token)."""
-    kind = attrs.get("kind")
-    if kind == "feature":
-        return f"L{attrs['layer']}.F{attrs['feature']}"
-    if kind == "head":
-        return f"L{attrs['layer']}.H{attrs['head']}"
-    if kind == "error":
-        return f"err L{attrs['layer']}"
-    if kind == "skip":
-        return f"skip L{attrs['layer']}"
-    if kind == "target":
-        return target_label(attrs)
-    return str(kind)
-
-
-def target_description(attrs: dict) -> str:
-    """What a target node measures: `logit(" 40") - logit(" 20")`, `L3.F545 pre-activation`, ..."""
-    kind = attrs.get("target_kind")
-
-    def token(which: str) -> str:
-        text = attrs.get(f"target_{which}_string")
-        return _token(text) if text is not None else f"#{attrs.get(f'target_{which}')}"
-
-    if kind == "logit":
-        return f"logit({token('token')})"
-    if kind == "logit_diff":
-        return f"logit({token('token')}) - logit({token('token_b')})"
-    if kind == "feature":
-        return f"L{attrs.get('layer')}.F{attrs.get('target_feature')} pre-activation"
-    if kind == "direction":
-        return f"direction . resid_pre[{attrs.get('layer')}]"
-    return "target"
-
-
-def target_label(attrs: dict) -> str:
-    """`logit(" 40") - logit(" 20") at " 17"@12 = 0.735`."""
-    value = attrs.get("activation")
-    shown = f" = {value:.3g}" if isinstance(value, (int, float)) else ""
-    return f"{target_description(attrs)} at {_token(attrs.get('token', ''))}@{attrs.get('position')}{shown}"
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -202,7 +139,7 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
     x = 0.0
     column_x = []
     for position in range(n_positions):
-        width = max([_text_width(_token(tokens[position]), 0.07)] +
+        width = max([_text_width(quoted_token(tokens[position]), 0.07)] +
                     [cell_width(m) for (row, p), m in cells.items() if p == position])
         column_x.append(x + width / 2)
         layout.columns.append((position, x + width / 2, tokens[position]))
@@ -243,7 +180,7 @@ def _caption(graph: nx.DiGraph, hidden_edges: int, hidden_nodes: int, options: P
     lines = []
     if meta.get("prompt") is not None:
         prompt = str(meta["prompt"])
-        lines.append("prompt: " + _token(prompt if len(prompt) <= 120 else prompt[:117] + "..."))
+        lines.append("prompt: " + quoted_token(prompt if len(prompt) <= 120 else prompt[:117] + "..."))
     if meta.get("explained") is not None and meta.get("target_value"):
         lines.append(f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
                      f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
@@ -286,7 +223,7 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
     bottom = -NODE_HEIGHT - 0.25
     for position, x, token in layout.columns:
         lines.append(f"  \"token:{position}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
-                     f"label={_quote(_token(token) + chr(10) + str(position))}, pos=\"{x:.3f},{bottom:.3f}!\"];")
+                     f"label={_quote(quoted_token(token) + chr(10) + str(position))}, pos=\"{x:.3f},{bottom:.3f}!\"];")
     for index, (name, y) in enumerate(layout.rows):
         lines.append(f"  \"row:{index}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
                      f"fontcolor=\"#666666\", label={_quote(name)}, pos=\"{layout.left:.3f},{y:.3f}!\"];")
@@ -304,7 +241,7 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
 
 def _tooltip(node: str, attrs: dict) -> str:
     """What hovering a node in the SVG shows: its id, token and figures."""
-    parts = [node, f"token {_token(attrs.get('token', ''))} @{attrs.get('position')}"]
+    parts = [node, f"token {quoted_token(attrs.get('token', ''))} @{attrs.get('position')}"]
     for key in ("activation", "direct_contribution", "path_contribution", "influence"):
         if isinstance(attrs.get(key), (int, float)):
             parts.append(f"{key} {attrs[key]:.4g}")

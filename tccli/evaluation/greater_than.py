@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from tccli.config.fields import parse_layers
+from tccli.nodes import feature_name, head_name
 from tccli.errors import TcError, fail
 from tccli.data.text import display_token
 from tccli.config.evaluation import GreaterThanConfig
@@ -234,10 +235,10 @@ def result_lines(result: dict) -> list[str]:
             direct = node.get("direct_contribution")  # None in graphs written before it existed
             figures = f"path {node['path_contribution']:<7.3g} direct " + ("n/a" if direct is None else f"{direct:<7.3g}")
             if node["kind"] == "feature":
-                name, where = f"L{node['layer']}.F{node['feature']}", f"at {token}"
+                name, where = feature_name(node["layer"], node["feature"]), f"at {token}"
                 detail = f"z {node['activation']:.3g}; de-embeds to " + " ".join(
                     json.dumps(t, ensure_ascii=False) for t in node.get("deembedding", []))
             else:
-                name, where, detail = f"L{node['layer']}.H{node['head']}", f"reads {token}", ""
+                name, where, detail = head_name(node["layer"], node["head"]), f"reads {token}", ""
             lines.append(f"  {name:<9} {where:<18} {figures}  {detail}".rstrip())
     return lines

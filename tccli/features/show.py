@@ -15,9 +15,10 @@ from typing import Optional
 
 import numpy as np
 
+from tccli.nodes import feature_name, parse_feature
 from tccli.errors import fail
 from tccli.features.files import FeaturesFile
-from tccli.nodes import parse_feature
+
 from tccli.config.features import ShowConfig
 
 def parse_feature_list(text: str) -> list[tuple[int, int]]:
@@ -88,7 +89,7 @@ def render_terminal(features: FeaturesFile, record: dict, n_examples: int, conso
     from rich.panel import Panel
     from rich.table import Table
 
-    name = f"L{record['layer']}.F{record['feature']}"
+    name = feature_name(record["layer"], record["feature"])
     cf = record.get("context_free")
     header = (f"density {density_text(record['frequency'])}   mean {record['mean_activation']:.3g}   "
               f"max {record['max_activation']:.3g}   context-free {'-' if cf is None else f'{cf:.2f}'}")
@@ -99,7 +100,7 @@ def render_terminal(features: FeaturesFile, record: dict, n_examples: int, conso
     if record["pullbacks"]:
         pulls = Table(title="pullbacks", show_header=False, box=None, padding=(0, 1))
         for layer, feature, value in record["pullbacks"]:
-            pulls.add_row(f"L{layer}.F{feature}", f"{value:+.3f}")
+            pulls.add_row(feature_name(layer, feature), f"{value:+.3f}")
         tables.append(pulls)
     console.print(Columns(tables, padding=(0, 4)))
     peak = record["max_activation"]
@@ -223,7 +224,7 @@ def activation_histogram(record: dict, bins: int = 16) -> str:
 
 
 def html_card(features: FeaturesFile, record: dict, n_examples: int, frequencies: np.ndarray) -> str:
-    name = f"L{record['layer']}.F{record['feature']}"
+    name = feature_name(record["layer"], record["feature"])
     cf = record.get("context_free")
     peak = record["max_activation"]
     stats = (f"density {density_text(record['frequency'])} · mean {record['mean_activation']:.3g} · "

@@ -21,7 +21,8 @@ import torch
 from tccli.graph.attribution_graph import AttributionGraph
 from tccli.graph.heads import HeadSplit
 from tccli.graph.nodes import NodeTable
-from tccli.nodes import NodeRef
+from tccli.nodes import NodeRef, head_name
+
 
 if TYPE_CHECKING:
     from tccli.config.circuit import PictureOptions
@@ -115,7 +116,7 @@ def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: l
         edge = out.edges[u, v]
         residual = float(heads.residual[e])
         mass = abs(residual) + sum(abs(p) for layer in by_head[e] for p in layer)
-        shown = {f"L{layer}.H{head}": part for layer, per_head in enumerate(by_head[e])
+        shown = {head_name(layer, head): part for layer, per_head in enumerate(by_head[e])
                  for head, part in enumerate(per_head) if part != 0.0 and abs(part) >= 0.01 * mass}
         edge.update(total=edge["weight"], residual=residual, heads=shown,
                     other_heads=sum(p for layer in by_head[e] for p in layer) - sum(shown.values()))

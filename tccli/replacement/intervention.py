@@ -27,7 +27,7 @@ import torch
 from tccli.config.replacement import InterveneConfig
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
-from tccli.nodes import Intervention, parse_assignment, parse_node
+from tccli.nodes import Intervention, parse_assignment, parse_node, target_spec_label
 from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.replacement.targets import target_from_options
 from tccli.transcoders.transcoder import Transcoder
@@ -121,7 +121,7 @@ def intervene_lines(result: dict) -> list[str]:
              f"{result['tokens'][result['position']]!r}"]
     target = result["target"]
     if target is not None:
-        lines.append(f"target {target_label(target)}: {target['before']:.6g} -> {target['after']:.6g} "
+        lines.append(f"target {target_spec_label(target)}: {target['before']:.6g} -> {target['after']:.6g} "
                      f"(change {target['change']:+.6g})")
     lines.append(f"KL(before || after) of the next-token distribution: {result['kl']:.6g} nats")
     lines.append(f"{'before':<32}after")
@@ -129,18 +129,6 @@ def intervene_lines(result: dict) -> list[str]:
         left = f"{before['token']!r} {before['probability']:.4f}"
         lines.append(f"  {left:<30}{after['token']!r} {after['probability']:.4f}")
     return lines
-
-
-def target_label(target: dict) -> str:
-    kind = target.get("kind")
-    if kind == "feature":
-        return f"L{target['layer']}.F{target['feature']} pre-activation"
-    if kind == "logit":
-        return f"logit({target.get('token_string', target.get('token'))!r})"
-    if kind == "logit_diff":
-        return (f"logit({target.get('token_string', target.get('token'))!r}) - "
-                f"logit({target.get('token_b_string', target.get('token_b'))!r})")
-    return f"direction . resid_pre[{target.get('layer')}]"
 
 
 def parse_interventions(config: InterveneConfig) -> tuple[Intervention, ...]:

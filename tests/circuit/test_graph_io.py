@@ -15,6 +15,7 @@ from circuit_helpers import paper_model
 from tccli.circuit import files as graph_io
 from tccli.config.circuit import PictureOptions
 from tccli.errors import TcError
+from tccli.nodes import node_label, target_description, target_label
 from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.replacement.targets import direction_target
 
@@ -32,11 +33,11 @@ def graph() -> nx.DiGraph:
 
 
 def test_node_labels():
-    assert graph_io.node_label({"kind": "feature", "layer": 8, "feature": 1234, "token": "Paris",
+    assert node_label({"kind": "feature", "layer": 8, "feature": 1234, "token": "Paris",
                                 "position": 5}) == 'L8 F1234 "Paris" @5'
-    assert graph_io.node_label({"kind": "head", "layer": 3, "head": 2, "token": "cat",
+    assert node_label({"kind": "head", "layer": 3, "head": 2, "token": "cat",
                                 "position": 4}) == 'L3 H2 "cat" @4'
-    assert graph_io.node_label({"kind": "error", "layer": 8, "position": 5}) == "err L8 @5"
+    assert node_label({"kind": "error", "layer": 8, "position": 5}) == "err L8 @5"
 
 
 def render_svg(text: str) -> bytes:
@@ -98,11 +99,11 @@ def test_dense_graphs_get_straight_edges_and_at_most_40_labels():
 def test_target_labels_say_what_the_target_is():
     logit_diff = {"kind": "target", "target_kind": "logit_diff", "target_token_string": " 40",
                   "target_token_b_string": " 20", "token": " 17", "position": 12, "activation": 0.73512}
-    assert graph_io.target_label(logit_diff) == 'logit(" 40") - logit(" 20") at " 17"@12 = 0.735'
-    assert graph_io.target_description({"target_kind": "logit", "target_token": 7}) == "logit(#7)"
-    assert graph_io.target_description({"target_kind": "feature", "layer": 3, "target_feature": 545}) == \
+    assert target_label(logit_diff) == 'logit(" 40") - logit(" 20") at " 17"@12 = 0.735'
+    assert target_description({"target_kind": "logit", "target_token": 7}) == "logit(#7)"
+    assert target_description({"target_kind": "feature", "layer": 3, "target_feature": 545}) == \
         "L3.F545 pre-activation"
-    assert graph_io.target_description({"target_kind": "direction", "layer": 2}) == "direction . resid_pre[2]"
+    assert target_description({"target_kind": "direction", "layer": 2}) == "direction . resid_pre[2]"
 
 
 def grid_graph(names: dict) -> nx.DiGraph:
@@ -220,7 +221,8 @@ def test_tc_info_describes_graph_files(graph, tmp_path):
 def test_skip_nodes_are_labelled_and_folded_for_neuronpedia():
     import networkx as nx
 
-    from tccli.circuit.files import node_label, to_neuronpedia
+    from tccli.circuit.files import to_neuronpedia
+    from tccli.nodes import node_label
 
     graph = nx.DiGraph()
     graph.graph["metadata"] = {"n_layers": 2, "target": {"kind": "logit"}}
