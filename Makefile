@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]"  # tests, ruff, notebooks + the plot and fast-score extras
 	touch $@
 
 install: $(VENV)/.installed

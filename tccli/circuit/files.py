@@ -59,6 +59,8 @@ GRAPH_FORMAT = "tc-circuit-graph"
 
 
 def _quote(text: str) -> str:
+    """A DOT quoted string, always quoted. Not the graphviz package's quoting: it leaves a valid ID bare
+    (``target``, ``6.12``), reads a ``:`` in an edge's end as a port and ``<...>`` as an HTML label."""
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 

@@ -8,6 +8,9 @@
 
 The format follows the output's suffix (.svg, .png, .pdf). SVG output is deterministic (no date, fixed
 ids), so a figure regenerated from the same inputs is byte-identical. I/O only; no maths here.
+
+matplotlib is optional (``pip install 'tccli[plot]'``): without it `tc plot` stops with one line saying so,
+before it reads or writes anything.
 """
 
 from __future__ import annotations
@@ -108,9 +111,20 @@ def read_training_log(path: str) -> tuple[list[dict], Optional[int]]:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _pyplot():
-    import matplotlib
+PLOT_EXTRA_HINT = "tc plot needs matplotlib: pip install 'tccli[plot]'"
 
+
+def _matplotlib():
+    """The matplotlib package, or the one-line TcError that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise fail(PLOT_EXTRA_HINT) from None
+    return matplotlib
+
+
+def _pyplot():
+    matplotlib = _matplotlib()
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "tc"  # fixed element ids: the same figure gives the same file
     import matplotlib.pyplot as plt
@@ -190,6 +204,7 @@ def plot_training(logs: list[tuple[str, list[dict], Optional[int]]], out: str, t
 def run_plot(config: PlotConfig) -> Path:
     from tccli.runtime import outputs
 
+    _matplotlib()  # a missing matplotlib is said before any input is read or output claimed
     try:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -66,11 +66,14 @@ FUSED_ON_CPU = True
 
 @lru_cache(maxsize=None)
 def numba_available() -> bool:
-    """numba is a dependency; an environment installed before it was (``make install`` adds it) falls back
-    to the torch formulation, which gives the same results more slowly."""
-    from importlib.util import find_spec
-
-    return find_spec("numba") is not None
+    """Whether the compiled CPU pass can run. numba is optional (``pip install 'tccli[fast-score]'``);
+    without it the CPU runs the torch formulation, which gives the same results more slowly. Importing it
+    (not just finding it) also sends a numba that cannot load, e.g. one built for another numpy, there."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ============================================================================ exact streaming top-k (pure)

@@ -5,6 +5,9 @@ exact keys, the slots, the windows); this module computes the same thing on the 
 tile, where the torch formulation (``LayerStream.update_torch``, kept for GPUs) makes several dense
 passes over it plus a ``nonzero`` that alone costs more than the encoder matmul on a small model.
 
+numba is the optional extra ``tccli[fast-score]``: only ``LayerStream.update_fused`` imports this module,
+and only once ``scoring.numba_available()`` said numba imports.
+
 For each feature (row of the tile, in parallel over features) and each token in order:
 - a value v > 0 is an active entry: count, float64 running sum (in token order, so the sum does not
   depend on batch size or tiling), max;

@@ -93,3 +93,37 @@ def test_tc_plot_command(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("tc: error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "g.svg").exists()
+
+
+def hide_module(monkeypatch, name: str) -> None:
+    """Make ``import name`` (and of its submodules) fail as when the package is not installed."""
+    import sys
+
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: import raises ImportError
+
+
+def test_without_matplotlib_plot_says_how_to_install_it(tmp_path, monkeypatch):
+    good = eval_json(tmp_path / "a.json", [(2, 8.0, 0.8)])
+    hide_module(monkeypatch, "matplotlib")
+    with pytest.raises(TcError, match=r"^tc plot needs matplotlib: pip install 'tccli\[plot\]'$"):
+        run_plot(PlotConfig(what="pareto", inputs=[good], out=str(tmp_path / "f.svg")))
+    assert not (tmp_path / "f.svg").exists()
+
+
+def test_tc_plot_without_matplotlib_is_one_line(tmp_path):
+    """The real command, in a Python where `import matplotlib` fails as when it is not installed."""
+    import os
+
+    from conftest import run_tc
+
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ModuleNotFoundError("No module named matplotlib", name="matplotlib")\n')
+    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH")) if p)
+    good = eval_json(tmp_path / "a.json", [(2, 8.0, 0.8)])
+    result = run_tc("plot", "pareto", good, "-o", str(tmp_path / "f.svg"), env={"PYTHONPATH": path})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "tc: error: tc plot needs matplotlib: pip install 'tccli[plot]'"
+    assert not (tmp_path / "f.svg").exists()

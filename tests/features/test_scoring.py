@@ -428,6 +428,39 @@ def test_without_numba_the_cpu_runs_the_torch_formulation(monkeypatch):
     assert torch.equal(fallback.active_count, expected.active_count)
 
 
+@pytest.mark.parametrize("numba_is", ["missing", "broken"])
+def test_without_the_numba_package_the_cpu_runs_the_torch_formulation(numba_is, tmp_path, monkeypatch):
+    """numba is the optional extra fast-score: when `import numba` fails (not installed, or installed but
+    unable to load, e.g. built for another numpy) numba_available says no and scoring gives the compiled
+    pass's results through torch."""
+    import sys
+
+    import tccli.features.scoring as scoring
+
+    z, tokens = tied_activations(seed=3)
+    settings = ScoreSettings(top=3, quantiles=2, per_quantile=1, half_window=1)
+    expected = run_stream(z, tokens, 4, settings)[0]
+    for name in [m for m in sys.modules if m == "numba" or m.startswith("numba.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tccli.features.scoring_kernel", None)
+    if numba_is == "missing":
+        monkeypatch.setitem(sys.modules, "numba", None)  # None in sys.modules: import raises ImportError
+    else:  # a numba that is found but fails to import
+        (tmp_path / "numba").mkdir()
+        (tmp_path / "numba" / "__init__.py").write_text('raise ImportError("Numba needs NumPy 1.0 or less")\n')
+        monkeypatch.syspath_prepend(str(tmp_path))
+    scoring.numba_available.cache_clear()
+    try:
+        assert not scoring.numba_available()
+        fallback = run_stream(z, tokens, 4, settings)[0]
+    finally:
+        scoring.numba_available.cache_clear()  # numba is back once monkeypatch undoes the above
+    assert torch.equal(fallback.top_slots.keys, expected.top_slots.keys)
+    assert torch.equal(fallback.sample_slots.keys, expected.sample_slots.keys)
+    assert torch.equal(fallback.active_count, expected.active_count)
+    assert torch.equal(fallback.activation_sum, expected.activation_sum)
+
+
 @pytest.mark.parametrize("space", ["mlp_input", "resid_mid"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
