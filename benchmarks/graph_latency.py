@@ -39,7 +39,7 @@ from circuit_helpers import random_transcoders  # noqa: E402
 from circuit_latency import build_model, sparsify  # noqa: E402
 
 from tccli.graph.attribution_graph import GraphParams, build_attribution_graph  # noqa: E402
-from tccli.graph.nodes import salient_logit_targets  # noqa: E402
+from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.prompts import freeze_prompt  # noqa: E402
 from tccli.model.loading import load_model  # noqa: E402
 

@@ -198,3 +198,10 @@ def target_spec_label(target: dict) -> str:
         return (f"logit({target.get('token_string', target.get('token'))!r}) - "
                 f"logit({target.get('token_b_string', target.get('token_b'))!r})")
     return f"direction . resid_pre[{target.get('layer')}]"
+
+
+def target_id(target: dict, n_targets: int) -> str:
+    """A target node's id: `logit{token}@{position}` for tc graph's logit targets, else `target`."""
+    if target.get("kind") == "logit" and target.get("demeaned"):
+        return f"logit{target['token']}@{target['position']}"
+    return "target"

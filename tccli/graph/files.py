@@ -21,7 +21,7 @@ import torch
 from tccli.graph.attribution_graph import AttributionGraph
 from tccli.graph.heads import HeadSplit
 from tccli.graph.nodes import NodeTable
-from tccli.nodes import NodeRef, head_name
+from tccli.nodes import NodeRef, head_name, target_id
 
 
 if TYPE_CHECKING:
@@ -39,12 +39,6 @@ def node_ids(table: NodeTable, targets: list[dict]) -> list[str]:
     ids += [NodeRef("embed", -1, -1, position).id for position in range(table.n_tokens)]
     ids += [target_id(target, len(targets)) for target in targets]
     return ids
-
-
-def target_id(target: dict, n_targets: int) -> str:
-    if target.get("kind") == "logit" and target.get("demeaned"):
-        return f"logit{target['token']}@{target['position']}"
-    return "target"
 
 
 def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int],

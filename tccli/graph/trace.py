@@ -15,7 +15,7 @@ import torch
 
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.graph.heads import HeadSplit, head_split
-from tccli.graph.nodes import salient_logit_targets
+from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.targets import build_target
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.errors import fail

@@ -171,3 +171,30 @@ def target_from_options(options: TargetOptions, loaded: LoadedModel, transcoders
         return TargetSpec("direction", options.pos, layer=options.layer, direction=direction,
                           description={"kind": "direction", "layer": options.layer})
     return None
+
+
+def salient_logit_targets(frozen: FrozenForward, position: int, max_logits: int = 10,
+                          probability: float = 0.95) -> tuple[list[Target], torch.Tensor]:
+    """circuit-tracer's logit targets: the most likely next tokens at ``position`` until their cumulative
+    probability reaches ``probability`` (at most ``max_logits``), each as ``logit_a - mean_b logit_b``
+    (the unembedding column minus the mean column, through the frozen final norm). Returns the targets and
+    their probabilities (the weights)."""
+    normalized = frozen.final_normalized[position]
+    logits = normalized @ frozen.W_U + frozen.b_U
+    probs = torch.softmax(logits.double(), dim=-1)
+    top = probs.topk(min(max_logits, probs.shape[0]))
+    count = int(torch.searchsorted(top.values.cumsum(0), torch.tensor(probability, dtype=torch.float64,
+                                                                      device=probs.device))) + 1
+    tokens, weights = top.indices[:count], top.values[:count]
+    mean_column, mean_bias = frozen.W_U.mean(dim=1), frozen.b_U.mean()
+    scale = frozen.final_scale[position:position + 1]
+    targets = []
+    for token, weight in zip(tokens.tolist(), weights.tolist()):
+        direction = frozen.W_U[:, token] - mean_column
+        constant = frozen.b_U[token] - mean_bias
+        targets.append(Target(vector=frozen.to_raw(direction.unsqueeze(0), scale)[0], position=position,
+                              read_point=(frozen.n_layers, frozen.n_layers), constant=float(constant),
+                              value=float(normalized @ direction + constant),
+                              description={"kind": "logit", "token": token, "demeaned": True,
+                                           "probability": weight}))
+    return targets, weights.to(frozen.embed.dtype)

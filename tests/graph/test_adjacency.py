@@ -7,7 +7,7 @@ import torch
 
 from graph_helpers import ALL, dense_row, frozen_for
 from tccli.graph.attribution_graph import GraphParams, build_attribution_graph
-from tccli.graph.nodes import salient_logit_targets
+from tccli.replacement.targets import salient_logit_targets
 
 
 def test_dropped_mass_is_bounded_and_accounted(tiny_model_dirs, one_torch_thread):

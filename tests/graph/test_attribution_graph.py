@@ -7,7 +7,8 @@ import torch
 
 from graph_helpers import ALL, dense_row, frozen_for
 from tccli.graph.attribution_graph import GraphParams, build_attribution_graph
-from tccli.graph.nodes import NodeTable, salient_logit_targets
+from tccli.graph.nodes import NodeTable
+from tccli.replacement.targets import salient_logit_targets
 
 
 def circuit_tracer_selection(dense: torch.Tensor, target_nodes: list[int], weights: torch.Tensor, n_features: int,

@@ -17,6 +17,7 @@ from tccli.graph import files as agio
 
 from tccli.circuit import files as graph_io
 from graph_helpers import hand_graph
+from tccli.nodes import target_id
 
 METADATA = {"kind": "attribution-graph", "model": "hand", "n_layers": 1, "prompt": "x", "tokens": ["x"],
             "token_ids": [7], "transcoder_list": ["layer_0"], "tc_version": "0",
@@ -35,7 +36,7 @@ def graph() -> ag.AttributionGraph:
 def test_node_ids():
     table, _ = hand_graph()
     assert agio.node_ids(table, METADATA["targets"]) == ["mlp0.f0@0", "mlp0.f1@0", "err0@0", "embed@0", "logit5@0"]
-    assert agio.target_id({"kind": "feature", "layer": 1, "feature": 3, "position": 2}, 1) == "target"
+    assert target_id({"kind": "feature", "layer": 1, "feature": 3, "position": 2}, 1) == "target"
 
 
 def test_pruned_graph_nodes_edges_and_metadata(graph):

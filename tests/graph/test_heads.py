@@ -9,7 +9,8 @@ import torch
 from graph_helpers import ALL, frozen_for, replacement_value, row_of
 from tccli.graph.attribution_graph import build_attribution_graph
 from tccli.graph.heads import head_split
-from tccli.graph.nodes import NodeTable, salient_logit_targets
+from tccli.graph.nodes import NodeTable
+from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.targets import feature_target, unembed_target
 

@@ -11,7 +11,7 @@ from circuit_helpers import loaded_model, random_transcoders
 from graph_helpers import ALL, PROMPT_IDS, dense_row, frozen_for, replacement_value, row_of
 from tccli.replacement.prompts import freeze_prompt
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
-from tccli.graph.nodes import salient_logit_targets
+from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.targets import Target, direction_target, feature_target, unembed_target
 
