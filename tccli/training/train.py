@@ -524,7 +524,7 @@ class LayerState:
 
 
 def open_cache(path: str) -> Any:
-    from tccli.data.cache import ActivationCache
+    from tccli.data.cache_reader import ActivationCache
 
     return ActivationCache.open(path)
 
