@@ -1,9 +1,9 @@
 """Tokens/s of `tc cache` (all layers, float16) against a plain HuggingFace forward pass.
 
 The plain pass is the same model loaded with AutoModelForCausalLM, run on the same batches with no
-hooks (full forward, logits included). The caching path is `tccli.data.cache.run_cache` with its default
-engine (native: the plain HF model with hooks), timed from its first forward pass to the durable end of
-the file (model loading and tokenising excluded from both). Intermediate figures locate any gap: the
+hooks (full forward, logits included). The caching path is `tccli.data.cache_writer.write_cache` with its
+default engine (native: the plain HF model with hooks), timed from its first forward pass to the durable end
+of the file (model loading and tokenising excluded from both). Intermediate figures locate any gap: the
 TransformerBridge forward alone (no hooks), the native capture without writing, and `tc cache
 --engine bridge` (TransformerLens' own hooks) for comparison.
 
@@ -57,7 +57,7 @@ def best_time(fn, repeats: int) -> float:
 def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repeats: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tccli.data.cache import run_cache
+    from tccli.data.cache_writer import cache_output, write_cache
     from tccli.config.data import CacheConfig
     from tccli.model.loading import MlpCapture, load_model
     from tccli.data.text import load_rows
@@ -101,7 +101,9 @@ def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repea
                              batch_size=batch_size, dtype="float16", device="cpu", out=str(workdir / "bench.h5"),
                              force=True, quiet=True, engine=engine)
         config.validate()
-        cache_seconds[engine].append(run_cache(config).seconds)
+        with cache_output(config) as output:  # as `tc cache` runs it: a fresh model each time
+            fresh_model = load_model(config.model, config.device, config.model_dtype)
+            cache_seconds[engine].append(write_cache(output, fresh_model).seconds)
 
     plain()  # warm-up
     figures = {"tokens": n}

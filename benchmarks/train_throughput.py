@@ -58,7 +58,7 @@ def write_hdf5(path: Path, x: np.ndarray, y: np.ndarray, context: int) -> None:
     """A minimal file in the tc activation-cache layout (only what ActivationCache.open reads)."""
     import h5py
 
-    from tccli.data.cache import FORMAT
+    from tccli.data.cache_format import FORMAT
 
     n, d = x.shape
     with h5py.File(path, "w") as f:
@@ -173,7 +173,7 @@ def main() -> None:
     path = Path(tmp.name) / "bench.h5"
     if not args.no_hdf5:
         write_hdf5(path, x, y, context)
-    from tccli.data.cache import ActivationCache
+    from tccli.data.cache_reader import ActivationCache
 
     probe = MatmulProbe(batch, d, m, device, dtype)
     for activation in args.activation:

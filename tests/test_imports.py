@@ -37,7 +37,7 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_import_graph_sees_function_level_imports():
     graph = import_graph()
-    assert graph.has_edge("tccli.data.cache", "tccli.runtime.distributed")  # at the top of cache.py
+    assert graph.has_edge("tccli.data.cache_shards", "tccli.runtime.distributed")  # at the top of cache_shards.py
     assert graph.has_edge("tccli.graph.files", "tccli.circuit.files")  # inside render()
     assert graph.has_edge("tccli.transcoders.formats", "tccli.transcoders.formats.circuit_tracer")
 

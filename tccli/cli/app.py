@@ -92,11 +92,16 @@ def _root(
 @command_from(CacheConfig)
 def cache_command(config: CacheConfig) -> None:
     """Run a model over text; store each chosen layer's MLP input and output in HDF5."""
-    from tccli.data.cache import human_bytes, run_cache
+    from tccli.data.cache_format import human_bytes
+    from tccli.data.cache_writer import cache_output, write_cache
+    from tccli.model.loading import load_model
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc cache: {message}", file=sys.stderr))
-    with progress.bar(config.quiet, "tokens") as update:
-        result = run_cache(config, log=log, progress=lambda done, total: update("caching", done, total))
+    with progress.bar(config.quiet, "tokens") as update, cache_output(config) as output:
+        # inside the block: the output is checked and locked first, and under torchrun each rank loads the
+        # model once it has joined the process group (on its own device)
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        result = write_cache(output, loaded, log=log, progress=lambda done, total: update("caching", done, total))
     if not config.quiet and result.seconds > 0:
         done = result.n_tokens - result.resumed_from_row * int(config.context)
         log(f"wrote {result.path} ({result.n_tokens} tokens, {human_bytes(result.path.stat().st_size)}) "

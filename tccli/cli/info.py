@@ -74,14 +74,14 @@ def _is_hdf5(path: Path) -> bool:
 
 
 def _cache_summary(path: Path) -> dict:
-    from tccli.data.cache import ActivationCache, summarize
+    from tccli.data.cache_reader import ActivationCache, summarize
 
     with ActivationCache.open(path) as cache:
         return summarize(cache)
 
 
 def _cache_lines(s: dict) -> list[str]:
-    from tccli.data.cache import human_bytes
+    from tccli.data.cache_format import human_bytes
 
     state = "complete" if s["complete"] else f"INCOMPLETE ({s['tokens_written']} of {s['tokens_total']} tokens; finish with tc cache --resume)"
     return [

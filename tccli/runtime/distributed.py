@@ -22,7 +22,8 @@ an HDF5 virtual dataset over the shards in rank order, i.e. exactly the single-p
 Shard files are named relative to ``OUT``'s folder, so the folder can be moved as a whole. ``--resume``
 resumes each shard separately. The ranks step together (one tiny all-reduce per batch, a heartbeat),
 so a rank that dies is noticed by the others within ``--dist-timeout``. (That code, the shards and the
-joined file, is in ``tccli/data/cache.py``, which imports this module; this module imports no part of tc's I/O.)
+joined file, is in ``tccli/data/cache_shards.py``, which imports this module; this module imports no part of
+tc's I/O.)
 
 Data-parallel training. ``--batch-size`` stays the global batch (tokens per optimiser step, all ranks
 together); it must divide by N. Every rank follows the same shuffle schedule and keeps, of every batch,
@@ -290,7 +291,7 @@ def shard_rows(n_rows: int, batch_size: int, rank: int, world: int) -> tuple[int
 
 @dataclass
 class Shard:
-    """What `run_cache` needs to write one rank's shard."""
+    """What `tccli.data.cache_writer.write_cache` needs to write one rank's shard."""
 
     rank: int
     world: int

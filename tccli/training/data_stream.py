@@ -1,4 +1,4 @@
-"""The data `tc train` trains on, from the HDF5 activation cache (``tccli.data.cache``): opening it and
+"""The data `tc train` trains on, from the HDF5 activation cache (``tccli.data.cache_reader``): opening it and
 checking it holds the layers asked for, the per-layer statistics the initialisation needs, and the
 deterministic shuffle buffer over it (``ShuffleSchedule`` decides from the seed alone which rows go into
 which window and in what token order; ``WindowLoader`` reads the windows, one ahead of the steps, and
@@ -23,7 +23,7 @@ from tccli.errors import fail
 
 
 def open_cache(path: str) -> Any:
-    from tccli.data.cache import ActivationCache
+    from tccli.data.cache_reader import ActivationCache
 
     return ActivationCache.open(path)
 
@@ -134,7 +134,7 @@ class ShuffleSchedule:
 
 
 class WindowLoader:
-    """Reads windows from a cache (``tccli.data.cache.ActivationCache`` or anything with its ``read``) and
+    """Reads windows from a cache (``tccli.data.cache_reader.ActivationCache`` or anything with its ``read``) and
     returns, per layer, the window's inputs and targets already in shuffled order; the next window is
     read in a background thread while the current one trains.
 

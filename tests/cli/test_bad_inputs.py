@@ -823,7 +823,7 @@ def _one_line(stderr: str) -> str:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
 @pytest.mark.parametrize("moment", ["starting", "writing"])
 def test_cache_interrupted_then_resumed_equals_an_uninterrupted_run(artefacts, tmp_path, signum, moment):
-    from test_cache import file_content
+    from cache_helpers import file_content
 
     out = tmp_path / "acts.h5"
     args = battery.cache_args(artefacts, out)
@@ -976,7 +976,7 @@ def test_two_caches_of_one_output_at_once(artefacts, tmp_path):
     assert "is being written by another tc process" in _one_line(second.stderr)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    from test_cache import file_content
+    from cache_helpers import file_content
 
     assert file_content(out) == file_content(artefacts.cache) and battery.debris(tmp_path) == []
 
@@ -985,7 +985,7 @@ def test_two_caches_of_one_output_at_once(artefacts, tmp_path):
 def test_cache_meeting_a_full_disk_keeps_its_committed_rows_and_resumes(artefacts, tmp_path):
     """The disk fills while the cache is being written (another program takes the space): one line, the
     rows committed are kept, and --resume after space is freed completes the same file."""
-    from test_cache import file_content
+    from cache_helpers import file_content
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()

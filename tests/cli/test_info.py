@@ -17,7 +17,7 @@ from tccli.errors import TcError
 
 @pytest.fixture(scope="module")
 def small_cache(tiny_model_dirs, tmp_path_factory) -> Path:
-    from tccli.data.cache import run_cache
+    from cache_helpers import cache_in_process
     from tccli.config.data import CacheConfig
 
     folder = tmp_path_factory.mktemp("info")
@@ -28,7 +28,7 @@ def small_cache(tiny_model_dirs, tmp_path_factory) -> Path:
     config = CacheConfig(model=str(tiny_model_dirs["llama"]), data=[str(data)], out=str(out), tokens=256,
                          context=32, layers="1", dtype="bfloat16", device="cpu", quiet=True)
     config.validate()
-    run_cache(config)
+    cache_in_process(config)
     return out
 
 

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from tccli.runtime import distributed
-from tccli.data.cache import ActivationCache, run_cache, run_sharded_cache
+from cache_helpers import cache_in_process
+from tccli.data.cache_reader import ActivationCache
+from tccli.data.cache_shards import sharded_run
 from tccli.config.data import CacheConfig
 from tccli.runtime.distributed import (Distributed, Shard, batch_share, checkpoint_name, own_layers, shard_path,
                                shard_rows)
@@ -102,10 +104,12 @@ def test_single_process_gradient_averaging_and_counts_are_identities():
 def test_sharded_cache_refuses_stdin_and_an_existing_output_before_starting(tmp_path):
     out = tmp_path / "acts.h5"
     with pytest.raises(TcError, match="stdin.* cannot be shared among torchrun ranks"):
-        run_sharded_cache(CacheConfig(data=["-"], out=str(out)), print, None, None)
+        with sharded_run(CacheConfig(data=["-"], out=str(out))):
+            pass
     out.write_bytes(b"something")
     with pytest.raises(TcError, match="already exists: pass --resume"):
-        run_sharded_cache(CacheConfig(data=["a.txt"], out=str(out)), print, None, None)
+        with sharded_run(CacheConfig(data=["a.txt"], out=str(out))):
+            pass
     assert out.read_bytes() == b"something"
     with pytest.raises(TcError, match="--dist-timeout must be a positive number"):
         CacheConfig(data=["a.txt"], dist_timeout=0).validate()
@@ -139,7 +143,7 @@ def caches(tiny_model_dirs, tmp_path_factory):
                                 for i in range(40)) + "\n")
     torch.set_num_threads(1)
     single = cache_values(tiny_model_dirs["llama"], text, root / "single.h5")
-    run_cache(CacheConfig(**single))
+    cache_in_process(CacheConfig(**single))
     sharded = dict(single, out=str(root / "acts.h5"))
     beats = []
 
@@ -149,8 +153,8 @@ def caches(tiny_model_dirs, tmp_path_factory):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run_cache(CacheConfig(**dict(sharded, out=str(root / "acts.rank1-of-2.h5"))),
-                  shard=Shard(1, 2, heartbeat=stop_after_three_batches))
+        cache_in_process(CacheConfig(**dict(sharded, out=str(root / "acts.rank1-of-2.h5"))),
+                         shard=Shard(1, 2, heartbeat=stop_after_three_batches))
     started = time.monotonic()
     result = torchrun(*cache_args(sharded), "--resume")
     return dict(single=Path(single["out"]), joined=Path(sharded["out"]), result=result, root=root,

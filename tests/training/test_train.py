@@ -252,7 +252,7 @@ def test_batchtopk_threshold_gives_the_training_l0_on_held_out_text(tmp_path, st
     (k per token on average) to within 5%: stories260K layer 2, trained on one slice of TinyStories,
     measured on a later slice."""
     from conftest import run_tc
-    from tccli.data.cache import ActivationCache
+    from tccli.data.cache_reader import ActivationCache
 
     text = (corpora_dir / "tinystories-valid-excerpt.txt").read_bytes()
     caches = {}

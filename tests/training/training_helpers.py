@@ -13,7 +13,7 @@ D = 8
 
 
 class ArrayCache:
-    """An in-memory stand-in for tccli.data.cache.ActivationCache (same attributes and read())."""
+    """An in-memory stand-in for tccli.data.cache_reader.ActivationCache (same attributes and read())."""
 
     def __init__(self, arrays: dict[int, tuple[np.ndarray, np.ndarray]], context: int, complete: bool = True):
         self.arrays = arrays

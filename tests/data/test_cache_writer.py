@@ -1,8 +1,7 @@
-"""tc cache: values equal the model's, bf16 round trip, crash safety under SIGKILL, bad input."""
+"""tc cache: values equal the model's, float16 overflow refused, crash safety under SIGKILL, bad input."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from cache_helpers import cache_in_process, file_content
 from conftest import plain_model_reference, run_tc
-from tccli.data.cache import ActivationCache, from_storage, make_plan, progress_path, run_cache, to_storage
+from tccli.data.cache_format import make_plan, progress_path
+from tccli.data.cache_reader import ActivationCache
 from tccli.config.data import CacheConfig
 from tccli.errors import TcError
 from tccli.model.loading import load_model, run_capture
@@ -52,20 +53,6 @@ def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int]
     return {key: torch.cat(chunks) for key, chunks in parts.items()}
 
 
-def file_content(path: Path) -> dict:
-    """Every dataset's bytes and every attribute (root and datasets) of an HDF5 file."""
-    content = {}
-    with h5py.File(path, "r") as f:
-        content["/"] = {k: np.asarray(v).tolist() for k, v in f.attrs.items()}
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                content[name] = (obj.dtype.str, obj.shape, hashlib.sha256(obj[()].tobytes()).hexdigest(),
-                                 {k: np.asarray(v).tolist() for k, v in obj.attrs.items()})
-        f.visititems(visit)
-    return content
-
-
 # ============================================================================ values
 
 
@@ -75,7 +62,7 @@ def test_cached_values_equal_the_model(tiny_model_dir, text_file, tmp_path, stor
     out = tmp_path / "acts.h5"
     config = cache_config(tiny_model_dir, text_file, out, layers="0-1", dtype=storage, compression="lzf",
                           engine=engine)
-    run_cache(config)
+    cache_in_process(config)
     with ActivationCache.open(out) as cache:
         assert cache.complete and cache.layers == [0, 1] and cache.n_tokens == 512
         assert cache.attrs["engine"] == engine
@@ -95,7 +82,7 @@ def test_stories260k_float16_equals_model_rounded(stories_dir, corpora_dir, tmp_
     out = tmp_path / "acts.h5"
     config = cache_config(stories_dir, corpora_dir / "tinystories-valid-excerpt.txt", out, layers="1,3",
                           dtype="float16", tokens=1024, context=64)
-    run_cache(config)
+    cache_in_process(config)
     with ActivationCache.open(out) as cache:
         reference = reference_activations(stories_dir, cache.tokens(), [1, 3], config.batch_size, "native")
         assert cache.attrs["architecture"] == "LlamaForCausalLM" and cache.layers == [1, 3]
@@ -106,19 +93,8 @@ def test_stories260k_float16_equals_model_rounded(stories_dir, corpora_dir, tmp_
         assert hooks["3"] == {"mlp_in": "blocks.3.ln2.hook_normalized", "mlp_out": "blocks.3.hook_mlp_out"}
 
 
-def test_bfloat16_storage_round_trips_bit_exact():
-    values = torch.randn(64, 16) * torch.logspace(-30, 30, 16)
-    values[0, :4] = torch.tensor([0.0, -0.0, float("inf"), 1e-40])  # signed zero, inf, subnormal
-    bf16 = values.to(torch.bfloat16)
-    stored = to_storage(values, "bfloat16")
-    assert stored.dtype == np.uint16
-    back = torch.from_numpy(from_storage(stored, "bfloat16-as-uint16"))
-    assert torch.equal(back.to(torch.bfloat16).view(torch.int16), bf16.view(torch.int16))
-    assert torch.equal(back, bf16.float())
-
-
 def test_float16_overflow_is_refused_not_stored_as_inf():
-    from tccli.data.cache import storage_array
+    from tccli.data.cache_writer import storage_array
 
     config = CacheConfig(model="x", data=["d"], context=2, batch_size=1, dtype="float16")
     plan = make_plan(config, [0], n_rows=1, d_model=3)
@@ -126,39 +102,6 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
     assert storage_array("layers/0/mlp_in", fine, plan)[0, 0] == np.float16(65504)
     with pytest.raises(TcError, match="beyond float16's range"):
         storage_array("layers/0/mlp_out", torch.tensor([[[70000.0, 0, 0], [0, 0, 0]]]), plan)
-
-
-def test_plan_commits_on_batch_boundaries_and_chunks_divide_batches():
-    config = CacheConfig(model="x", data=["d"], context=128, batch_size=24, dtype="float16", commit_every=50)
-    plan = make_plan(config, [0, 1, 2], n_rows=1000, d_model=768)
-    assert plan.commit_rows == 72  # 50 rounded up to whole batches
-    assert config.batch_size % plan.chunk_rows == 0
-    assert plan.chunk_rows * 128 * 768 * 2 <= 2**20
-    assert plan.expected_bytes == 1000 * (128 * 768 * 2 * 2 * 3 + 128 * 12)
-
-
-@pytest.mark.parametrize("n_rows, context, d_model, layers, dtype, batch_size", [
-    (10, 64, 128, [0, 1], "float16", 32),  # one chunk, mostly padding and attributes
-    (1563, 64, 128, [0, 1, 2, 3], "float16", 32),  # the built-in model's 100k-token demo cache
-    (7, 128, 768, [0], "float32", 5),
-    (3000, 16, 32, [0, 1], "bfloat16", 2),  # thousands of chunks: the index is what counts
-    (100, 128, 64, list(range(12)), "float16", 32),  # the last chunk mostly past the data
-])
-def test_disk_estimate_bounds_the_real_file_tightly(tmp_path, n_rows, context, d_model, layers, dtype, batch_size):
-    from tccli.data.cache import attribute_bytes, create_file
-
-    config = CacheConfig(model="x", data=["d"], context=context, batch_size=batch_size, dtype=dtype)
-    plan = make_plan(config, layers, n_rows=n_rows, d_model=d_model)
-    attrs = {"model_info": json.dumps({"layers": ["blocks.0.ln2.hook_normalized"] * 300}), "complete": False,
-             "layers": np.array(layers), "tokens_written": 0}
-    path = tmp_path / "acts.h5"
-    create_file(path, plan, attrs, np.zeros((n_rows, context), np.int32), np.zeros((n_rows, context), np.int64), "none")
-    with h5py.File(path, "r+") as f:  # what a finished run writes on top
-        f.attrs["complete"] = True
-        f.attrs["tokens_written"] = plan.n_tokens
-    real = path.stat().st_size
-    estimate = plan.file_bytes(attribute_bytes(attrs))
-    assert real <= estimate <= 1.05 * real + 128 * 1024, (real, estimate)
 
 
 def test_only_layers_up_to_the_last_requested_run(tiny_model_dirs, text_file, tmp_path, monkeypatch):
@@ -172,7 +115,7 @@ def test_only_layers_up_to_the_last_requested_run(tiny_model_dirs, text_file, tm
         return original(loaded, tokens, hook_names, stop_after=stop_after, extra_hooks=extra_hooks)
 
     monkeypatch.setattr(models, "run_capture", spy)
-    run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, tmp_path / "a.h5", layers="0", engine="bridge"))
+    cache_in_process(cache_config(tiny_model_dirs["gpt2"], text_file, tmp_path / "a.h5", layers="0", engine="bridge"))
     assert seen and set(seen) == {"blocks.0.hook_mlp_out"}
 
 
@@ -181,7 +124,7 @@ def test_fewer_tokens_than_asked_are_stored_and_said(tiny_model_dirs, tmp_path):
     data.write_text("The cat sat on the mat.\n\nOnce upon a time there was a girl.\n\n" * 6)
     messages: list[str] = []
     out = tmp_path / "a.h5"
-    run_cache(cache_config(tiny_model_dirs["llama"], data, out, tokens=10_000, context=16), log=messages.append)
+    cache_in_process(cache_config(tiny_model_dirs["llama"], data, out, tokens=10_000, context=16), log=messages.append)
     with ActivationCache.open(out) as cache:
         assert cache.complete and 0 < cache.n_tokens < 10_000
         assert cache.attrs["tokens_requested"] == 10_000
@@ -231,7 +174,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path
     model = tiny_model_dirs["gpt2"]
     data = long_text(tmp_path / "text.txt")
     reference = tmp_path / "reference.h5"
-    run_cache(cache_config(model, data, reference, tokens=6000, context=16, batch_size=2, dtype="bfloat16",
+    cache_in_process(cache_config(model, data, reference, tokens=6000, context=16, batch_size=2, dtype="bfloat16",
                            layers="all"))
     expected = file_content(reference)
 
@@ -257,52 +200,53 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path
         handle.seek(offset + 10)
         handle.write(b"\xff" * 64)
     messages: list[str] = []
-    run_cache(resume, log=messages.append)
+    cache_in_process(resume, log=messages.append)
     assert any("rows 0-3" in m and "do not match their checksum" in m for m in messages), messages
     assert not progress_path(out).exists()
     assert file_content(out) == expected
 
     # a second --resume of a complete file changes nothing
-    run_cache(resume, log=messages.append)
+    cache_in_process(resume, log=messages.append)
     assert "already complete" in messages[-1]
     assert file_content(out) == expected
 
 
 def test_resume_of_a_cache_from_before_engines_counts_it_as_the_bridge(tiny_model_dirs, text_file, tmp_path):
     out = tmp_path / "old.h5"
-    run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge"))
+    cache_in_process(cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge"))
     with h5py.File(out, "r+") as f:  # what tc wrote before --engine existed
         config = json.loads(f.attrs["config"])
         del config["engine"]
         f.attrs["config"] = json.dumps(config, sort_keys=True)
-    assert run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge", resume=True)).seconds == 0.0
+    resumed = cache_config(tiny_model_dirs["llama"], text_file, out, engine="bridge", resume=True)
+    assert cache_in_process(resumed).seconds == 0.0
     with pytest.raises(TcError, match="other arguments.*engine"):
-        run_cache(cache_config(tiny_model_dirs["llama"], text_file, out, engine="native", resume=True))
+        cache_in_process(cache_config(tiny_model_dirs["llama"], text_file, out, engine="native", resume=True))
 
 
 def test_resume_restarts_cleanly_when_the_file_is_unreadable(tiny_model_dirs, text_file, tmp_path):
     reference = tmp_path / "reference.h5"
-    run_cache(cache_config(tiny_model_dirs["neox"], text_file, reference))
+    cache_in_process(cache_config(tiny_model_dirs["neox"], text_file, reference))
     out = tmp_path / "acts.h5"
     config = cache_config(tiny_model_dirs["neox"], text_file, out, commit_every=8)
-    run_cache(config)
+    cache_in_process(config)
     # what a kill in the middle of a metadata write can leave: a progress file and a broken HDF5 file
-    from tccli.data.cache import config_fingerprint, write_progress
+    from tccli.data.cache_format import config_fingerprint, write_progress
 
     write_progress(out, config_fingerprint(config, "cpu"), [(8, "00000000")])
     out.write_bytes(out.read_bytes()[:2000])
     messages: list[str] = []
-    run_cache(cache_config(tiny_model_dirs["neox"], text_file, out, resume=True), log=messages.append)
+    cache_in_process(cache_config(tiny_model_dirs["neox"], text_file, out, resume=True), log=messages.append)
     assert any("starting again" in m for m in messages)
     assert file_content(out) == file_content(reference)
 
 
 def test_resume_refuses_other_arguments(tiny_model_dirs, text_file, tmp_path):
     out = tmp_path / "acts.h5"
-    run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, out))
+    cache_in_process(cache_config(tiny_model_dirs["gpt2"], text_file, out))
     before = out.read_bytes()
     with pytest.raises(TcError, match="other arguments"):
-        run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, out, resume=True, seed=5))
+        cache_in_process(cache_config(tiny_model_dirs["gpt2"], text_file, out, resume=True, seed=5))
     assert out.read_bytes() == before
 
 
@@ -356,23 +300,9 @@ def test_full_disk_is_refused_before_writing(tiny_model_dirs, text_file, tmp_pat
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(TcError, match="not enough disk space"):
-        run_cache(cache_config(tiny_model_dirs["gpt2"], text_file, out, force=True))
+        cache_in_process(cache_config(tiny_model_dirs["gpt2"], text_file, out, force=True))
     assert out.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["acts.h5", text_file.name])
-
-
-def test_reader_rejects_missing_foreign_and_corrupt_files(tmp_path):
-    with pytest.raises(TcError, match="does not exist"):
-        ActivationCache.open(tmp_path / "missing.h5")
-    corrupt = tmp_path / "corrupt.h5"
-    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
-    with pytest.raises(TcError, match="not a readable HDF5"):
-        ActivationCache.open(corrupt)
-    foreign = tmp_path / "foreign.h5"
-    with h5py.File(foreign, "w") as f:
-        f.attrs["format"] = "something-else"
-    with pytest.raises(TcError, match="not a tc activation cache"):
-        ActivationCache.open(foreign)
 
 
 def test_resume_compares_what_the_arguments_mean(artefacts):
