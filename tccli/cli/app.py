@@ -153,14 +153,39 @@ def plot_command(config: PlotConfig) -> None:
 # ---------------------------------------------------------------------------- tc eval
 
 
+def load_checked_transcoders(path: str, loaded, layers: Optional[str] = None) -> dict:
+    """The transcoders at ``path`` on ``loaded``'s device, only those of ``layers`` (e.g. "0,2-3", read
+    against the model) when given, each refused unless it was made for this model (hooks, width, weight
+    processing): how `tc eval`, `tc score` and `tc greater-than` load theirs, so that a mismatch ends the
+    command before any text is read."""
+    from tccli.config.fields import parse_layers
+    from tccli.transcoders.files import check_matches_model
+    from tccli.transcoders.formats import load_transcoder_set
+
+    chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
+    transcoders = load_transcoder_set(path, loaded.device, chosen)
+    for transcoder in transcoders.values():
+        check_matches_model(transcoder, loaded.info)
+        transcoder.eval()
+    return transcoders
+
+
 @app.command("eval", epilog=example("tc eval --model gpt2 --transcoders tcs --data held-out.txt --tokens 10k"))
 @command_from(EvalConfig)
 def eval_command(config: EvalConfig) -> None:
     """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
-    from tccli.evaluation.evaluate import result_table, run_eval
+    from tccli.data.text import load_rows
+    from tccli.evaluation.evaluate import check_kind, result_table, run_eval
+    from tccli.model.loading import check_context, load_model
 
     with progress.bar(config.quiet, "batches") as update:
-        result = run_eval(config, update)
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        check_context(config.context, loaded.info)
+        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+        check_kind(transcoders, config.kind)
+        rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                         config.seed)
+        result = run_eval(config, loaded, transcoders, rows.tokens, update)
     if config.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -268,11 +293,21 @@ def deembed_command(config: DeembedConfig) -> None:
 @command_from(ScoreConfig)
 def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
-    from tccli.features.score import run_score
+    from tccli.data.text import stream_rows
+    from tccli.features.score import check_scorable, run_score
+    from tccli.model.loading import check_context, load_model
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
-    with progress.bar(config.quiet, "rows") as update:
-        summary = run_score(config, update, log=log)
+    with progress.bar(config.quiet, "rows") as update, \
+            outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        check_context(config.context, loaded.info)
+        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+        check_scorable(transcoders, config.transcoders)
+        # the texts are read now (bad data fails before any work); the token rows come a batch at a time
+        rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                           config.seed, batch_rows=config.batch_size)
+        summary = run_score(config, loaded, transcoders, rows, update, log=log)
     if not config.quiet:
         console = progress.stderr_console()
         if summary["available_tokens"] is not None:
@@ -316,10 +351,18 @@ def show_command(config: ShowConfig) -> None:
 @command_from(GreaterThanConfig)
 def greater_than_command(config: GreaterThanConfig) -> None:
     """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
+    from tccli.circuit.files import check_graph_matches_model, read_graph
     from tccli.evaluation.greater_than import result_lines, run_greater_than
+    from tccli.model.loading import load_model
 
     with progress.bar(False, "runs") as update:
-        result = run_greater_than(config, update)
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        transcoders = (load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders
+                       else {})
+        graph = read_graph(config.graph) if config.graph else None
+        if graph is not None:
+            check_graph_matches_model(graph, loaded.info, config.graph)
+        result = run_greater_than(config, loaded, transcoders, graph, update)
     if config.json:
         print(json.dumps(result, indent=2))
     else:
@@ -384,11 +427,25 @@ def intervene_command(config: InterveneConfig) -> None:
 @command_from(ValidateConfig)
 def validate_command(config: ValidateConfig) -> None:
     """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
-    from tccli.evaluation.validation import input_paths, results_json, run_validation, summary_lines, write_validated_graph
+    from tccli.circuit.files import read_graph
+    from tccli.evaluation.validation import (check_fits_model, graph_model_name, input_paths, read_prompts,
+                                             results_json, run_validation, summary_lines, transcoders_path,
+                                             write_validated_graph)
+    from tccli.model.loading import load_model
+    from tccli.replacement.intervention import feature_means
+    from tccli.transcoders.formats import load_transcoder_set
 
-    with outputs.claim(config.out, config.force, input_paths(config) if config.out else ()), \
+    graph = read_graph(config.graph)  # its metadata names the model and transcoders to load
+    meta = graph.graph.get("metadata", {})
+    with outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()), \
             progress.bar(False, "rows") as update:
-        graph, results = run_validation(config, update=update)  # the bar names each group of prompts
+        loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
+        transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
+        check_fits_model(meta, loaded, transcoders)
+        means = feature_means(config.features, loaded, transcoders) if config.features else None
+        prompts = read_prompts(config.prompts) if config.prompts else None
+        # the bar names each group of prompts
+        results = run_validation(config, graph, loaded, transcoders, means, prompts, update=update)
         if config.out:
             write_validated_graph(graph, results, config.out)
     print("\n".join(summary_lines(results)), file=sys.stderr)

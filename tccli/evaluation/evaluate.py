@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from tccli.config.fields import parse_layers, to_json_dict
+from tccli.config.fields import to_json_dict
 from tccli.errors import fail
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.evaluation import EvalConfig
@@ -335,34 +335,20 @@ def _score_settings(loaded: Any, batch: torch.Tensor, clean_logits: torch.Tensor
 # ----------------------------------------------------------------------------- the command
 
 
-def load_for_eval(config: EvalConfig, loaded: Any) -> dict[int, Transcoder]:
-    """The transcoders ``config`` names, checked against the model."""
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.transcoders.files import check_matches_model
-
-    info = loaded.info
-    layers = parse_layers(config.layers, info.n_layers) if config.layers else None
-    transcoders = load_transcoder_set(config.transcoders, loaded.device, layers)
+def check_kind(transcoders: dict[int, Transcoder], kind: str) -> None:
+    """Refuse a file whose kind is not the ``--kind`` given (``auto``: whatever its config says)."""
     for transcoder in transcoders.values():
-        if config.kind != "auto" and transcoder.config.kind != config.kind:
-            raise fail(f"--kind {config.kind} given, but the file for layer {transcoder.config.layer} holds "
+        if kind != "auto" and transcoder.config.kind != kind:
+            raise fail(f"--kind {kind} given, but the file for layer {transcoder.config.layer} holds "
                        f"a {transcoder.config.kind}")
-        check_matches_model(transcoder, info)
-        transcoder.eval()
-    return transcoders
 
 
-def run_eval(config: EvalConfig, progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
-    """Load the model, the text and the transcoders named by ``config``, and evaluate."""
-    from tccli.model.loading import check_context, load_model
-    from tccli.data.text import load_rows
-
-    loaded = load_model(config.model, config.device, config.model_dtype)
-    check_context(config.context, loaded.info)
-    transcoders = load_for_eval(config, loaded)
-    rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context,
-                     config.tokens, config.seed)
-    tokens = torch.from_numpy(np.ascontiguousarray(rows.tokens))
+def run_eval(config: EvalConfig, loaded: Any, transcoders: dict[int, Transcoder], tokens: Any,
+             progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
+    """`tc eval` on what its command loaded: ``loaded``'s model, ``transcoders`` ({layer: Transcoder}, checked
+    against that model) and ``tokens`` [n_rows, context] (numpy or torch); the result carries ``config``."""
+    if isinstance(tokens, np.ndarray):
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
     result = evaluate(loaded, transcoders, tokens, config.batch_size, config.mean_ablation,
                       config.dense_threshold, progress)
     result.meta = {"model": loaded.info.name, "transcoders": config.transcoders,

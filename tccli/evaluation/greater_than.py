@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from tccli.config.fields import parse_layers
 from tccli.nodes import feature_name, head_name
 from tccli.errors import TcError, fail
 from tccli.data.text import display_token
@@ -129,34 +128,24 @@ def probability_difference_of_model(loaded: Any, years: Optional[Sequence[int]] 
 # ----------------------------------------------------------------------------- the command
 
 
-def run_greater_than(config: GreaterThanConfig, progress: Optional[Callable[[str, int, Optional[int]], None]] = None
-                     ) -> dict:
+def run_greater_than(config: GreaterThanConfig, loaded: Any, transcoders: dict, graph: Any = None,
+                     progress: Optional[Callable[[str, int, Optional[int]], None]] = None) -> dict:
     """The model's probability difference on the prompt set, clean and with MLPs replaced by transcoders.
 
-    Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
+    ``loaded``, ``transcoders`` ({layer: Transcoder}, checked against that model; empty when none were
+    given) and ``graph`` (read from ``--graph`` and checked against the model, or None) are what the command
+    loaded. Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
     ``progress(stage, done, total)`` counts the model runs.
     """
     update = progress or (lambda stage, done, total: None)
     from tccli.evaluation.evaluate import splice_hooks
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.model.loading import load_model
-    from tccli.transcoders.files import check_matches_model
 
-    config.validate()
-    loaded = load_model(config.model, config.device, config.model_dtype)
     out: dict = {"model": loaded.info.name, "prompts": N_PROMPTS, "clean": None, "replaced": {},
                  "all_replaced": None, "not_applicable": None}
     try:
         two_digit_token_ids(loaded.tokenizer)
     except TcError as exc:  # e.g. a tokenizer with single digits: the task is undefined, the graph is not
         out["not_applicable"] = str(exc)
-    transcoders: dict = {}
-    if config.transcoders:
-        layers = parse_layers(config.layers, loaded.info.n_layers) if config.layers else None
-        transcoders = load_transcoder_set(config.transcoders, loaded.device, layers)
-        for transcoder in transcoders.values():
-            check_matches_model(transcoder, loaded.info)
-            transcoder.eval()
     applicable = out["not_applicable"] is None
     runs = (1 + len(transcoders) + (len(transcoders) > 1)) if applicable else 0
     done = 0
@@ -176,11 +165,7 @@ def run_greater_than(config: GreaterThanConfig, progress: Optional[Callable[[str
             out["all_replaced"] = probability_difference_of_model(
                 loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun).mean
             update("model runs", done + 1, runs)
-        if config.graph:
-            from tccli.circuit.files import check_graph_matches_model, read_graph
-
-            graph = read_graph(config.graph)
-            check_graph_matches_model(graph, loaded.info, config.graph)
+        if graph is not None:
             out["top_nodes"] = top_nodes(graph_nodes(graph), loaded, transcoders, config.top)
     return out
 

@@ -19,7 +19,8 @@ Over many prompts each figure is a ratio of means over prompts (per-prompt ratio
 near zero); nodes are matched by layer and index and their positions by offset from the end (BOS stays
 BOS). With ``task='greater-than'`` the paper's probability difference is reported too.
 
-The top half of this module is pure math; ``run_validation`` is the glue.
+The top half of this module is pure math; ``run_validation`` is the glue, on the graph, model, transcoders
+(and feature means and prompts) its command loaded with the helpers beside it.
 """
 
 from __future__ import annotations
@@ -303,46 +304,47 @@ class _Group:
     years: Optional[list[int]]
 
 
-def input_paths(config: ValidateConfig) -> list[Optional[str]]:
+def input_paths(config: ValidateConfig, meta: dict) -> list[Optional[str]]:
     """Every file or folder `tc validate` reads (its --out must be none of them): the graph, the prompts,
-    the features, and the transcoders and model given or named by the graph's metadata."""
-    from tccli.circuit.files import read_graph
-
-    meta = read_graph(config.graph).graph.get("metadata", {})
+    the features, and the transcoders and model given or named by the graph's metadata ``meta``."""
     return [config.graph, config.prompts, config.features, config.transcoders or meta.get("transcoders"),
             config.model or meta.get("model")]
 
 
-def run_validation(config: ValidateConfig, log=lambda message: None,
-                   update: Any = no_progress) -> tuple[Any, dict]:
-    """Everything `tc validate` computes: (the graph, results dict). ``update(stage, done, total)`` follows
-    the forward passes and the backward passes of each group of prompts."""
-    from tccli.replacement.prompts import prompt_tokens
-    from tccli.transcoders.files import check_transcoders
-    from tccli.circuit.files import read_graph
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.replacement.intervention import feature_means
-    from tccli.replacement.model import ReplacementModel
-    from tccli.model.loading import load_model
+def transcoders_path(config: ValidateConfig, meta: dict) -> str:
+    """--transcoders, or the transcoders the graph's metadata names; refused unless they are here."""
+    path = config.transcoders or meta.get("transcoders")
+    if not path or not Path(path).exists():
+        raise fail(f"the graph's transcoders {path!r} are not here; pass --transcoders PATH")
+    return path
 
-    graph = read_graph(config.graph)
-    meta = graph.graph.get("metadata", {})
-    model_name = config.model or graph_model_name(meta)
-    loaded = load_model(model_name, config.device, config.model_dtype)
-    transcoder_path = config.transcoders or meta.get("transcoders")
-    if not transcoder_path or not Path(transcoder_path).exists():
-        raise fail(f"the graph's transcoders {transcoder_path!r} are not here; pass --transcoders PATH")
-    transcoders = load_transcoder_set(transcoder_path, loaded.device)
+
+def check_fits_model(meta: dict, loaded: Any, transcoders: dict) -> None:
+    """Refuse transcoders made for another model (or SAEs), and a graph traced on another architecture."""
+    from tccli.transcoders.files import check_transcoders
+
     check_transcoders(transcoders, loaded)
     if meta.get("architecture") and meta["architecture"] != loaded.info.architecture:
         raise fail(f"the graph was traced on a {meta['architecture']} model, not this {loaded.info.architecture}")
+
+
+def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders: dict,
+                   means: Optional[dict] = None, prompts: Optional[list[str]] = None, log=lambda message: None,
+                   update: Any = no_progress) -> dict:
+    """Everything `tc validate` computes, as a results dict, on what its command loaded: ``graph`` (read from
+    ``config.graph``), ``loaded`` and ``transcoders`` (checked by `check_fits_model`), the feature means of
+    ``--features`` (or None) and the prompts of ``--prompts`` (or None: the graph's own prompt, or the task's).
+    ``update(stage, done, total)`` follows the forward passes and the backward passes of each group of prompts."""
+    from tccli.replacement.prompts import prompt_tokens
+    from tccli.replacement.model import ReplacementModel
+
+    meta = graph.graph.get("metadata", {})
     target = target_from_metadata(meta, loaded)
     nodes = circuit_nodes(graph)
     if not nodes:
         raise fail(f"{config.graph} has no feature or head nodes to validate")
     graph_ids = [int(t) for t in meta["token_ids"]]
     n_graph = len(graph_ids)
-    means = feature_means(config.features, loaded, transcoders) if config.features else None
 
     # prompts
     years = None
@@ -352,10 +354,8 @@ def run_validation(config: ValidateConfig, log=lambda message: None,
         years = greater_than.prompt_years()
         texts = greater_than.prompts(years, config.noun)
         greater_than.two_digit_token_ids(loaded.tokenizer)
-    elif config.prompts:
-        texts = read_prompts(config.prompts)
     else:
-        texts = None
+        texts = prompts
     token_rows = [torch.tensor(graph_ids)] if texts is None else [prompt_tokens(loaded, t) for t in texts]
 
     # random circuits, drawn on the graph's own prompt
@@ -441,7 +441,7 @@ def run_validation(config: ValidateConfig, log=lambda message: None,
         update(f"{len(indices)} prompt(s) of {n_tokens} tokens: gradients", len(indices), len(indices))
     results = _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric_clean, metric,
                          single, predicted_total, dropped, n_prompts, years is not None, transcoders, means)
-    return graph, results
+    return results
 
 
 def _reducer(model: Any, target: TargetSpec, years: Optional[list[int]]):

@@ -1,50 +1,40 @@
-"""`tc score` as a command: its options, and loading, scoring and writing the features file.
+"""`tc score` on what its command loaded: scoring the rows and writing the features file.
 
-The scores themselves are computed by ``tccli.features.scoring`` (math, no files); the features file is written
-by ``tccli.features.files``. This module ties them to the model, the transcoders and the text.
+The command (``tccli.cli.app``) claims ``--out``, loads the model, the transcoders and the text; the scores
+themselves are computed by ``tccli.features.scoring`` (math, no files); the features file is written by
+``tccli.features.files``. This module ties them together.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-from tccli.config.fields import parse_layers
 from tccli.errors import fail
 from tccli.features.files import vocabulary, write_features
 from tccli.features.scoring import ScoreSettings, score_rows
 from tccli.config.features import ScoreConfig
 
 
-def run_score(config: ScoreConfig, progress=None, log=lambda message: None) -> dict:
-    """`tc score`: load, stream, write the features file. Returns a small summary for stderr."""
-    from tccli.runtime import outputs
+def check_scorable(transcoders: dict, path: str) -> None:
+    """Refuse SAEs: `tc score` describes transcoders (MLP input -> output); ``path`` names them in the message."""
+    for transcoder in transcoders.values():
+        if transcoder.config.kind != "transcoder":
+            raise fail(f"{path}: layer {transcoder.config.layer} is an SAE on the MLP output; "
+                       "tc score scores transcoders (MLP input -> output)")
 
-    with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
-        return _score(config, progress, log)
 
-
-def _score(config: ScoreConfig, progress, log) -> dict:
-    """`run_score` once its output is claimed (checked and locked)."""
+def run_score(config: ScoreConfig, loaded: Any, transcoders: dict, rows: Any, progress=None,
+              log=lambda message: None) -> dict:
+    """Score ``transcoders`` (checked against ``loaded``'s model and by `check_scorable`) on ``rows`` (a
+    ``tccli.data.text.RowStream``) and write the features file ``config.out``, which the caller has claimed.
+    Returns a small summary for stderr."""
     from tccli import __version__
     from tccli.config.fields import to_json_dict
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.model.loading import check_context, load_model, torch_dtype
-    from tccli.data.text import stream_rows
-    from tccli.transcoders.files import check_matches_model
+    from tccli.model.loading import torch_dtype
 
-    loaded = load_model(config.model, config.device, config.model_dtype)
     info = loaded.info
-    check_context(config.context, info)
-    layers = parse_layers(config.layers, info.n_layers) if config.layers else None
-    transcoders = load_transcoder_set(config.transcoders, loaded.device, layers)
     for transcoder in transcoders.values():
-        check_matches_model(transcoder, info)
-        if transcoder.config.kind != "transcoder":
-            raise fail(f"{config.transcoders}: layer {transcoder.config.layer} is an SAE on the MLP output; "
-                       "tc score scores transcoders (MLP input -> output)")
-        transcoder.to(torch_dtype(loaded.dtype))
-    # the texts are read now (bad data fails before any work); the token rows come a batch at a time
-    rows = stream_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed,
-                       batch_rows=config.batch_size)
+        transcoder.to(torch_dtype(loaded.dtype))  # in place: the kernels read activations in the model's dtype
     settings = ScoreSettings(top=config.top, quantiles=config.quantiles if config.per_quantile else 0,
                              per_quantile=config.per_quantile, half_window=config.context_window,
                              top_tokens=config.top_tokens, batch_size=config.batch_size, seed=config.seed)

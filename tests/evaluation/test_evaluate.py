@@ -293,9 +293,16 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models,
 
 
 def test_load_for_eval_refuses_mismatches(tmp_path, loaded_models, tiny_model_dirs):
+    from tccli.cli.app import load_checked_transcoders
     from tccli.errors import TcError
-    from tccli.evaluation.evaluate import load_for_eval
+    from tccli.evaluation.evaluate import check_kind
     from tccli.config.evaluation import EvalConfig
+
+    def load_for_eval(config, loaded):
+        """The transcoders `tc eval` loads: checked against the model, then against --kind."""
+        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+        check_kind(transcoders, config.kind)
+        return transcoders
 
     loaded = loaded_models["llama"]
     info = loaded.info

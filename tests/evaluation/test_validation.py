@@ -142,10 +142,28 @@ def traced(tiny_model_dirs, tmp_path_factory):
     return dict(root=root, loaded=loaded, transcoders=transcoders, graph=graph, path=path)
 
 
+def validate_files(config):
+    """What `tc validate` does once its settings are checked: read the graph, load the model, the transcoders
+    (and any --features, --prompts) it names, validate; the results dict."""
+    from tccli.circuit.files import read_graph
+    from tccli.evaluation.validation import check_fits_model, graph_model_name, read_prompts, transcoders_path
+    from tccli.replacement.intervention import feature_means
+    from tccli.transcoders.formats import load_transcoder_set
+
+    graph = read_graph(config.graph)
+    meta = graph.graph.get("metadata", {})
+    loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
+    transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
+    check_fits_model(meta, loaded, transcoders)
+    means = feature_means(config.features, loaded, transcoders) if config.features else None
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    return run_validation(config, graph, loaded, transcoders, means, prompts)
+
+
 def validate(traced, **kwargs):
     config = ValidateConfig(graph=str(traced["path"]), **kwargs)
     config.validate()
-    return run_validation(config)[1]
+    return validate_files(config)
 
 
 def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
@@ -214,8 +232,8 @@ def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torc
     config.validate()
     graph, _ = circuit_graph(loaded, transcoders, prompt, config)
     (tmp_path / "g.json").write_text(to_json(graph))
-    results = run_validation(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1,
-                                            device="cpu"))[1]  # the reference's device (pytest --device cuda)
+    results = validate_files(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1,
+                                            device="cpu"))  # the reference's device (pytest --device cuda)
     assert results["prompts"] == 100
     assert results["metric"]["clean"] == pytest.approx(probability_difference_of_model(loaded).mean, rel=1e-6)
     for key in ("metric_ablated", "metric_kept"):

@@ -111,10 +111,28 @@ def score_config(files, out, **overrides):
     return ScoreConfig(**{**options, **overrides})
 
 
+def score_files(config):
+    """What `tc score` does once its settings are checked: claim --out, load the model, the transcoders and
+    the text it names, score; the summary."""
+    from tccli.cli.app import load_checked_transcoders
+    from tccli.data.text import stream_rows
+    from tccli.features.score import check_scorable, run_score
+    from tccli.model.loading import check_context, load_model
+    from tccli.runtime import outputs
+
+    with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
+        loaded = load_model(config.model, config.device, config.model_dtype)
+        check_context(config.context, loaded.info)
+        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+        check_scorable(transcoders, config.transcoders)
+        rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                           config.seed, batch_rows=config.batch_size)
+        return run_score(config, loaded, transcoders, rows)
+
+
 def test_score_streams_its_rows(scored_files, tmp_path, monkeypatch):
     import tccli.data.text as text
     from tccli.features.files import FeaturesFile
-    from tccli.features.score import run_score
 
     def all_rows_at_once(*args, **kwargs):
         raise AssertionError("tc score must not hold every row at once")
@@ -123,7 +141,7 @@ def test_score_streams_its_rows(scored_files, tmp_path, monkeypatch):
         monkeypatch.setattr(text, name, all_rows_at_once)
     monkeypatch.setattr(text.RowStream, "collect", all_rows_at_once)
     out = tmp_path / "f.h5"
-    summary = run_score(score_config(scored_files, out, tokens=10**6))
+    summary = score_files(score_config(scored_files, out, tokens=10**6))
     features = FeaturesFile.open(out)
     # the corpus holds fewer tokens than asked for: counted once the stream has run out
     available = features.meta["data"]["available_tokens"]
@@ -133,7 +151,6 @@ def test_score_streams_its_rows(scored_files, tmp_path, monkeypatch):
 
 def test_score_refuses_an_existing_out_without_force(scored_files, tmp_path):
     from tccli.features.files import FeaturesFile
-    from tccli.features.score import run_score
 
     out = tmp_path / "f.jsonl"
     out.write_text("precious\n")
@@ -144,7 +161,7 @@ def test_score_refuses_an_existing_out_without_force(scored_files, tmp_path):
     assert lines[0].startswith("tc: error:") and "already exists" in lines[0] and "--force" in lines[0]
     assert out.read_text() == "precious\n"
     with pytest.raises(TcError, match="already exists"):
-        run_score(score_config(scored_files, out))
-    run_score(score_config(scored_files, out, force=True))
+        score_files(score_config(scored_files, out))
+    score_files(score_config(scored_files, out, force=True))
     assert FeaturesFile.open(out).meta["data"]["tokens"] == 240
     assert not list(tmp_path.glob("*.tmp"))

@@ -23,7 +23,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_features_html
 def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     """Features of one random 24-feature transcoder on layer 0 of the tiny Llama, scored in-process."""
     from tccli.model.loading import load_model
+    from tccli.data.text import stream_rows
     from tccli.features.score import run_score
+    from tccli.transcoders.formats import load_transcoder_set
     from tccli.config.features import ScoreConfig
     from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
@@ -42,9 +44,12 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(f"Tale {i}. " + TOKENIZER_TEXT[i % 4] for i in range(30)))
     out = root / "features.h5"
-    run_score(ScoreConfig(model=str(model_dir), transcoders=str(root / "tc"), data=[str(corpus)], tokens=640,
-                          context=32, top=5, quantiles=3, per_quantile=2, context_window=3, out=str(out),
-                          quiet=True))
+    config = ScoreConfig(model=str(model_dir), transcoders=str(root / "tc"), data=[str(corpus)], tokens=640,
+                         context=32, top=5, quantiles=3, per_quantile=2, context_window=3, out=str(out), quiet=True)
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                       config.seed, batch_rows=config.batch_size)
+    run_score(config, loaded, load_transcoder_set(config.transcoders, loaded.device), rows)
     return out
 
 
