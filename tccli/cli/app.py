@@ -153,27 +153,11 @@ def plot_command(config: PlotConfig) -> None:
 # ---------------------------------------------------------------------------- tc eval
 
 
-def load_checked_transcoders(path: str, loaded, layers: Optional[str] = None) -> dict:
-    """The transcoders at ``path`` on ``loaded``'s device, only those of ``layers`` (e.g. "0,2-3", read
-    against the model) when given, each refused unless it was made for this model (hooks, width, weight
-    processing): how `tc eval`, `tc score` and `tc greater-than` load theirs, so that a mismatch ends the
-    command before any text is read."""
-    from tccli.config.fields import parse_layers
-    from tccli.transcoders.files import check_matches_model
-    from tccli.transcoders.formats import load_transcoder_set
-
-    chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
-    transcoders = load_transcoder_set(path, loaded.device, chosen)
-    for transcoder in transcoders.values():
-        check_matches_model(transcoder, loaded.info)
-        transcoder.eval()
-    return transcoders
-
-
 @app.command("eval", epilog=example("tc eval --model gpt2 --transcoders tcs --data held-out.txt --tokens 10k"))
 @command_from(EvalConfig)
 def eval_command(config: EvalConfig) -> None:
     """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
+    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.data.text import load_rows
     from tccli.evaluation.evaluate import check_kind, result_table, run_eval
     from tccli.model.loading import check_context, load_model
@@ -214,8 +198,6 @@ def convert_command(config: ConvertConfig) -> None:
 
 
 # ============================================================================ tc circuit / export / deembed (issue 4)
-
-
 
 
 def _write_output(data: bytes, out: Optional[str]) -> None:
@@ -293,6 +275,7 @@ def deembed_command(config: DeembedConfig) -> None:
 @command_from(ScoreConfig)
 def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
+    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.data.text import stream_rows
     from tccli.features.score import check_scorable, run_score
     from tccli.model.loading import check_context, load_model
@@ -351,6 +334,7 @@ def show_command(config: ShowConfig) -> None:
 @command_from(GreaterThanConfig)
 def greater_than_command(config: GreaterThanConfig) -> None:
     """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
+    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.circuit.files import check_graph_matches_model, read_graph
     from tccli.evaluation.greater_than import result_lines, run_greater_than
     from tccli.model.loading import load_model
@@ -403,8 +387,6 @@ def graph_command(config: GraphConfig) -> None:
 
 
 # ============================================================================ tc intervene / tc validate (issue 14)
-
-
 
 
 @app.command("intervene", epilog=example("tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",

@@ -293,7 +293,7 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models,
 
 
 def test_load_for_eval_refuses_mismatches(tmp_path, loaded_models, tiny_model_dirs):
-    from tccli.cli.app import load_checked_transcoders
+    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.errors import TcError
     from tccli.evaluation.evaluate import check_kind
     from tccli.config.evaluation import EvalConfig

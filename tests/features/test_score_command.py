@@ -114,7 +114,7 @@ def score_config(files, out, **overrides):
 def score_files(config):
     """What `tc score` does once its settings are checked: claim --out, load the model, the transcoders and
     the text it names, score; the summary."""
-    from tccli.cli.app import load_checked_transcoders
+    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.data.text import stream_rows
     from tccli.features.score import check_scorable, run_score
     from tccli.model.loading import check_context, load_model

@@ -215,3 +215,17 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     return [destination / Path(path).relative_to(staging) for path in written]
 
 
+def load_checked_transcoders(path: str, loaded, layers: Optional[str] = None) -> dict:
+    """The transcoders at ``path`` on ``loaded``'s device, only those of ``layers`` (e.g. "0,2-3", read
+    against the model) when given, each refused unless it was made for this model (hooks, width, weight
+    processing): how `tc eval`, `tc score` and `tc greater-than` load theirs, so that a mismatch ends the
+    command before any text is read."""
+    from tccli.config.fields import parse_layers
+    from tccli.transcoders.files import check_matches_model
+
+    chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
+    transcoders = load_transcoder_set(path, loaded.device, chosen)
+    for transcoder in transcoders.values():
+        check_matches_model(transcoder, loaded.info)
+        transcoder.eval()
+    return transcoders
