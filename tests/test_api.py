@@ -213,3 +213,16 @@ def test_the_walkthrough_notebook_runs(stories_dir, corpora_dir, monkeypatch):
     work = Path(text.split("writing into ")[1].split()[0])
     assert work.name.startswith("tc-walkthrough-") and not work.exists()  # its temporary folder, removed
     assert sorted(path.name for path in NOTEBOOK.parent.iterdir()) == examples_before
+
+
+def test_score_and_greater_than_run_from_names(tiny_files, text_file, tmp_path, one_torch_thread):
+    """The wrappers whose library functions load from the settings themselves."""
+    from tccli.features.files import FeaturesFile
+
+    out = tmp_path / "features.jsonl"
+    summary = tccli.score_features(model=tiny_files["model"], transcoders=tiny_files["tcs"], data=text_file,
+                                   tokens="256", context=32, out=out, device="cpu", quiet=True)
+    assert (summary["out"], summary["layers"]) == (str(out), [0, 1])
+    assert FeaturesFile.open(str(out)) is not None
+    result = tccli.greater_than(model=tiny_files["model"], transcoders=tiny_files["tcs"], device="cpu")
+    assert result["model"] == tiny_files["model"] and set(result) >= {"clean", "replaced", "all_replaced"}
