@@ -194,16 +194,18 @@ def replacement_model(model: Any, transcoders: Any, prompt: str, features: Optio
     """The replacement model on one prompt (BOS prepended): every MLP replaced by its transcoder plus an error
     term, the clean run captured. ``model``: a name or folder, or ``load_model``'s result; ``transcoders``: a
     path, or ``load_transcoders``' result; ``features``: a `tc score` file, for mean ablation. Returns a
-    ``tccli.replacement.intervention.ReplacementModel``: ``.clean_logits``, ``.clean_activations(layer)``
+    ``tccli.replacement.model.ReplacementModel``: ``.clean_logits``, ``.clean_activations(layer)``
     [1, tokens, features], ``.run(rows, mode)`` for batched interventions (``intervene`` is the simple way).
 
     Example:
         >>> rm = tccli.replacement_model(loaded, transcoders, "Once upon a time")
         >>> rm.clean_activations(0)[0, -1].topk(3)  # layer 0's most active features at the last token
     """
-    from tccli.circuit.trace import check_transcoders, prompt_tokens
     from tccli.model.loading import LoadedModel
-    from tccli.replacement.intervention import ReplacementModel, feature_means
+    from tccli.replacement.intervention import feature_means
+    from tccli.replacement.model import ReplacementModel
+    from tccli.replacement.prompts import prompt_tokens
+    from tccli.transcoders.files import check_transcoders
 
     if not isinstance(model, LoadedModel):
         model = load_model(model, device, model_dtype)
@@ -229,10 +231,13 @@ def cache_activations(*, progress: Optional[Callable[[int, int], None]] = None, 
         >>> result.n_tokens
         8000
     """
-    from tccli.data.cache import run_cache
+    from tccli.data.cache_writer import cache_output, write_cache
+    from tccli.model.loading import load_model as load
 
     config = build_settings(CacheConfig, settings)
-    return run_cache(config, log=_stderr_log("cache", config.quiet), progress=progress)
+    with cache_output(config) as output:  # the output checked and locked before the model loads
+        loaded = load(config.model, config.device, config.model_dtype)
+        return write_cache(output, loaded, log=_stderr_log("cache", config.quiet), progress=progress)
 
 
 @takes_settings(TrainConfig)
@@ -261,15 +266,11 @@ def evaluate(*, progress: Optional[Callable[[str, int, int], None]] = None, **se
         ...                         data="held-out.txt", tokens="10k", context=64)
         >>> [(row["layer"], row["fvu"], row["recovered_zero"]) for row in result.layers]
     """
-    return _call_run_eval(build_settings(EvalConfig, settings), progress)
+    from tccli.evaluation.evaluate import load_eval_inputs, run_eval
 
-
-def _call_run_eval(config: EvalConfig, progress: Optional[Callable]) -> Any:
-    """The one call of ``run_eval``, which loads the model, the transcoders and the text that ``config``
-    names."""
-    from tccli.evaluation.evaluate import run_eval
-
-    return run_eval(config, progress)
+    config = build_settings(EvalConfig, settings)
+    loaded, transcoders, tokens = load_eval_inputs(config)
+    return run_eval(config, loaded, transcoders, tokens, progress)
 
 
 @takes_settings(ScoreConfig)
@@ -284,16 +285,13 @@ def score_features(*, progress: Optional[Callable[[str, int, int], None]] = None
         >>> summary["out"]
         'features.h5'
     """
+    from tccli.features.score import load_score_inputs, run_score
+    from tccli.runtime import outputs
+
     config = build_settings(ScoreConfig, settings)
-    return _call_run_score(config, progress, _stderr_log("score", config.quiet))
-
-
-def _call_run_score(config: ScoreConfig, progress: Optional[Callable], log: Callable[[str], None]) -> dict:
-    """The one call of ``run_score``, which loads the model, the transcoders and the text that ``config``
-    names."""
-    from tccli.features.score import run_score
-
-    return run_score(config, progress, log=log)
+    with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
+        loaded, transcoders, rows = load_score_inputs(config)
+        return run_score(config, loaded, transcoders, rows, progress, log=_stderr_log("score", config.quiet))
 
 
 # ============================================================================ tc graph, circuit, intervene
@@ -381,14 +379,11 @@ def greater_than(*, progress: Optional[Callable[[str, int, Optional[int]], None]
         >>> result = tccli.greater_than(model="gpt2", transcoders="tcs")
         >>> result["clean"], result["replaced"], result["all_replaced"]
     """
-    return _call_run_greater_than(build_settings(GreaterThanConfig, settings), progress)
+    from tccli.evaluation.greater_than import load_greater_than_inputs, run_greater_than
 
-
-def _call_run_greater_than(config: GreaterThanConfig, progress: Optional[Callable]) -> dict:
-    """The one call of ``run_greater_than``, which loads the model and the transcoders that ``config`` names."""
-    from tccli.evaluation.greater_than import run_greater_than
-
-    return run_greater_than(config, progress)
+    config = build_settings(GreaterThanConfig, settings)
+    loaded, transcoders, graph = load_greater_than_inputs(config)
+    return run_greater_than(config, loaded, transcoders, graph, progress)
 
 
 @takes_settings(ValidateConfig)
@@ -402,21 +397,17 @@ def validate_circuit(*, progress: Optional[Callable[[str, int, int], None]] = No
         >>> graph, results = tccli.validate_circuit(graph="g.json", task="greater-than")
         >>> results["circuit"], results["random"]["summary"]  # the circuit against random ones of its size
     """
-    from tccli.evaluation.validation import input_paths, write_validated_graph
+    from tccli.circuit.files import read_graph
+    from tccli.evaluation.validation import input_paths, load_validation_inputs, run_validation, write_validated_graph
     from tccli.runtime import outputs
+    from tccli.runtime.progress import no_progress
 
     config = build_settings(ValidateConfig, settings)
-    with outputs.claim(config.out, config.force, input_paths(config) if config.out else ()):
-        graph, results = _call_run_validation(config, progress)
+    graph = read_graph(config.graph)  # its metadata names the model and transcoders to load
+    meta = graph.graph.get("metadata", {})
+    with outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()):
+        loaded, transcoders, means, prompts = load_validation_inputs(config, meta)
+        results = run_validation(config, graph, loaded, transcoders, means, prompts, update=progress or no_progress)
         if config.out:
             write_validated_graph(graph, results, config.out)
     return graph, results
-
-
-def _call_run_validation(config: ValidateConfig, progress: Optional[Callable]) -> tuple[Any, dict]:
-    """The one call of ``run_validation``, which loads the model and the transcoders that the graph (or
-    ``config``) names."""
-    from tccli.evaluation.validation import run_validation
-    from tccli.runtime.progress import no_progress
-
-    return run_validation(config, update=progress or no_progress)

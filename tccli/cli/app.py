@@ -157,19 +157,11 @@ def plot_command(config: PlotConfig) -> None:
 @command_from(EvalConfig)
 def eval_command(config: EvalConfig) -> None:
     """Measure transcoders: L0, FVU, dead/dense features, next-token CE with each MLP replaced."""
-    from tccli.transcoders.formats import load_checked_transcoders
-    from tccli.data.text import load_rows
-    from tccli.evaluation.evaluate import check_kind, result_table, run_eval
-    from tccli.model.loading import check_context, load_model
+    from tccli.evaluation.evaluate import load_eval_inputs, result_table, run_eval
 
     with progress.bar(config.quiet, "batches") as update:
-        loaded = load_model(config.model, config.device, config.model_dtype)
-        check_context(config.context, loaded.info)
-        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
-        check_kind(transcoders, config.kind)
-        rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                         config.seed)
-        result = run_eval(config, loaded, transcoders, rows.tokens, update)
+        loaded, transcoders, tokens = load_eval_inputs(config)
+        result = run_eval(config, loaded, transcoders, tokens, update)
     if config.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -275,21 +267,12 @@ def deembed_command(config: DeembedConfig) -> None:
 @command_from(ScoreConfig)
 def score_command(config: ScoreConfig) -> None:
     """Describe features in one pass: density, top and quantile examples, de-embeddings, logit effects."""
-    from tccli.transcoders.formats import load_checked_transcoders
-    from tccli.data.text import stream_rows
-    from tccli.features.score import check_scorable, run_score
-    from tccli.model.loading import check_context, load_model
+    from tccli.features.score import load_score_inputs, run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
     with progress.bar(config.quiet, "rows") as update, \
             outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
-        loaded = load_model(config.model, config.device, config.model_dtype)
-        check_context(config.context, loaded.info)
-        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
-        check_scorable(transcoders, config.transcoders)
-        # the texts are read now (bad data fails before any work); the token rows come a batch at a time
-        rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                           config.seed, batch_rows=config.batch_size)
+        loaded, transcoders, rows = load_score_inputs(config)
         summary = run_score(config, loaded, transcoders, rows, update, log=log)
     if not config.quiet:
         console = progress.stderr_console()
@@ -334,18 +317,10 @@ def show_command(config: ShowConfig) -> None:
 @command_from(GreaterThanConfig)
 def greater_than_command(config: GreaterThanConfig) -> None:
     """The greater-than task: probability difference, clean and with MLPs replaced by transcoders."""
-    from tccli.transcoders.formats import load_checked_transcoders
-    from tccli.circuit.files import check_graph_matches_model, read_graph
-    from tccli.evaluation.greater_than import result_lines, run_greater_than
-    from tccli.model.loading import load_model
+    from tccli.evaluation.greater_than import load_greater_than_inputs, result_lines, run_greater_than
 
     with progress.bar(False, "runs") as update:
-        loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = (load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders
-                       else {})
-        graph = read_graph(config.graph) if config.graph else None
-        if graph is not None:
-            check_graph_matches_model(graph, loaded.info, config.graph)
+        loaded, transcoders, graph = load_greater_than_inputs(config)
         result = run_greater_than(config, loaded, transcoders, graph, update)
     if config.json:
         print(json.dumps(result, indent=2))
@@ -410,22 +385,14 @@ def intervene_command(config: InterveneConfig) -> None:
 def validate_command(config: ValidateConfig) -> None:
     """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
     from tccli.circuit.files import read_graph
-    from tccli.evaluation.validation import (check_fits_model, graph_model_name, input_paths, read_prompts,
-                                             results_json, run_validation, summary_lines, transcoders_path,
-                                             write_validated_graph)
-    from tccli.model.loading import load_model
-    from tccli.replacement.intervention import feature_means
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.evaluation.validation import (input_paths, load_validation_inputs, results_json, run_validation,
+                                             summary_lines, write_validated_graph)
 
     graph = read_graph(config.graph)  # its metadata names the model and transcoders to load
     meta = graph.graph.get("metadata", {})
     with outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()), \
             progress.bar(False, "rows") as update:
-        loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
-        transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
-        check_fits_model(meta, loaded, transcoders)
-        means = feature_means(config.features, loaded, transcoders) if config.features else None
-        prompts = read_prompts(config.prompts) if config.prompts else None
+        loaded, transcoders, means, prompts = load_validation_inputs(config, meta)
         # the bar names each group of prompts
         results = run_validation(config, graph, loaded, transcoders, means, prompts, update=update)
         if config.out:

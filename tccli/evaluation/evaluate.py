@@ -343,6 +343,22 @@ def check_kind(transcoders: dict[int, Transcoder], kind: str) -> None:
                        f"a {transcoder.config.kind}")
 
 
+def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder], Any]:
+    """What `tc eval` reads, loaded and checked before any measuring: (the model, its transcoders, the
+    token rows of --data)."""
+    from tccli.data.text import load_rows
+    from tccli.model.loading import check_context, load_model
+    from tccli.transcoders.formats import load_checked_transcoders
+
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    check_context(config.context, loaded.info)
+    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+    check_kind(transcoders, config.kind)
+    rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                     config.seed)
+    return loaded, transcoders, rows.tokens
+
+
 def run_eval(config: EvalConfig, loaded: Any, transcoders: dict[int, Transcoder], tokens: Any,
              progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
     """`tc eval` on what its command loaded: ``loaded``'s model, ``transcoders`` ({layer: Transcoder}, checked

@@ -128,6 +128,22 @@ def probability_difference_of_model(loaded: Any, years: Optional[Sequence[int]] 
 # ----------------------------------------------------------------------------- the command
 
 
+def load_greater_than_inputs(config: GreaterThanConfig) -> tuple[Any, dict, Any]:
+    """What `tc greater-than` reads: (the model, the transcoders of --transcoders or {}, the --graph or None),
+    each checked against the model."""
+    from tccli.circuit.files import check_graph_matches_model, read_graph
+    from tccli.model.loading import load_model
+    from tccli.transcoders.formats import load_checked_transcoders
+
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    transcoders = (load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders
+                   else {})
+    graph = read_graph(config.graph) if config.graph else None
+    if graph is not None:
+        check_graph_matches_model(graph, loaded.info, config.graph)
+    return loaded, transcoders, graph
+
+
 def run_greater_than(config: GreaterThanConfig, loaded: Any, transcoders: dict, graph: Any = None,
                      progress: Optional[Callable[[str, int, Optional[int]], None]] = None) -> dict:
     """The model's probability difference on the prompt set, clean and with MLPs replaced by transcoders.

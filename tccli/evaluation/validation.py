@@ -328,6 +328,22 @@ def check_fits_model(meta: dict, loaded: Any, transcoders: dict) -> None:
         raise fail(f"the graph was traced on a {meta['architecture']} model, not this {loaded.info.architecture}")
 
 
+def load_validation_inputs(config: ValidateConfig, meta: dict) -> tuple[Any, dict, Optional[dict], Optional[list]]:
+    """What `tc validate` reads besides the graph (whose ``meta`` names the model and transcoders when the
+    flags do not): (the model, the transcoders checked against it, the --features means or None, the
+    --prompts or None)."""
+    from tccli.model.loading import load_model
+    from tccli.replacement.intervention import feature_means
+    from tccli.transcoders.formats import load_transcoder_set
+
+    loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
+    transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
+    check_fits_model(meta, loaded, transcoders)
+    means = feature_means(config.features, loaded, transcoders) if config.features else None
+    prompts = read_prompts(config.prompts) if config.prompts else None
+    return loaded, transcoders, means, prompts
+
+
 def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders: dict,
                    means: Optional[dict] = None, prompts: Optional[list[str]] = None, log=lambda message: None,
                    update: Any = no_progress) -> dict:

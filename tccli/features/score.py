@@ -23,6 +23,23 @@ def check_scorable(transcoders: dict, path: str) -> None:
                        "tc score scores transcoders (MLP input -> output)")
 
 
+def load_score_inputs(config: ScoreConfig) -> tuple[Any, dict[int, Any], Any]:
+    """What `tc score` reads, loaded and checked before any scoring: (the model, its transcoders, a stream
+    of token rows: the texts are read now, so bad data fails before any work, and the rows come a batch at a
+    time)."""
+    from tccli.data.text import stream_rows
+    from tccli.model.loading import check_context, load_model
+    from tccli.transcoders.formats import load_checked_transcoders
+
+    loaded = load_model(config.model, config.device, config.model_dtype)
+    check_context(config.context, loaded.info)
+    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+    check_scorable(transcoders, config.transcoders)
+    rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
+                       config.seed, batch_rows=config.batch_size)
+    return loaded, transcoders, rows
+
+
 def run_score(config: ScoreConfig, loaded: Any, transcoders: dict, rows: Any, progress=None,
               log=lambda message: None) -> dict:
     """Score ``transcoders`` (checked against ``loaded``'s model and by `check_scorable`) on ``rows`` (a
