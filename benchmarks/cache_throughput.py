@@ -36,8 +36,15 @@ def build_gpt2_small(folder: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     tokenizer.save_pretrained(folder)
-    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -57,15 +64,15 @@ def best_time(fn, repeats: int) -> float:
 def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repeats: int, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tccli.data.cache_writer import cache_output, write_cache
     from tccli.config.data import CacheConfig
-    from tccli.model.loading import MlpCapture, load_model
+    from tccli.data.cache_writer import cache_output, write_cache
     from tccli.data.text import load_rows
+    from tccli.model.loading import MlpCapture, load_model
 
     loaded = load_model(str(model_dir), "cpu", "float32")
     rows = load_rows([str(CORPUS)], loaded.tokenizer, loaded.info.bos_token_id, context, n_tokens, seed=0)
     tokens = torch.from_numpy(rows.tokens)
-    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    batches = [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     n = tokens.numel()
 
     with warnings.catch_warnings():
@@ -97,9 +104,19 @@ def measure(model_dir: Path, n_tokens: int, context: int, batch_size: int, repea
     cache_seconds: dict = {"native": [], "bridge": []}
 
     def cache(engine: str) -> None:
-        config = CacheConfig(model=str(model_dir), data=[str(CORPUS)], tokens=n_tokens, context=context,
-                             batch_size=batch_size, dtype="float16", device="cpu", out=str(workdir / "bench.h5"),
-                             force=True, quiet=True, engine=engine)
+        config = CacheConfig(
+            model=str(model_dir),
+            data=[str(CORPUS)],
+            tokens=n_tokens,
+            context=context,
+            batch_size=batch_size,
+            dtype="float16",
+            device="cpu",
+            out=str(workdir / "bench.h5"),
+            force=True,
+            quiet=True,
+            engine=engine,
+        )
         config.validate()
         with cache_output(config) as output:  # as `tc cache` runs it: a fresh model each time
             fresh_model = load_model(config.model, config.device, config.model_dtype)
@@ -130,32 +147,45 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (tc cache's default)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: torch's default); 1 avoids OpenMP spin-waits on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 avoids OpenMP spin-waits on a busy machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not STORIES.exists():
         raise SystemExit(f"{STORIES} is absent: this benchmark needs ../shared")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
-    print(f"{'model':<22}{'tokens':>8}{'plain HF':>12}{'HF body':>12}{'bridge':>12}{'native':>12}"
-          f"{'cache -e br':>12}{'tc cache':>12}{'ratio':>8}{'vs body':>8}")
+    print(
+        f"{'model':<22}{'tokens':>8}{'plain HF':>12}{'HF body':>12}{'bridge':>12}{'native':>12}"
+        f"{'cache -e br':>12}{'tc cache':>12}{'ratio':>8}{'vs body':>8}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        models = [("stories260K", lambda: STORIES, args.tokens_stories),
-                  ("gpt2-small-shaped", lambda: build_gpt2_small(tmp_path / "gpt2s"), args.tokens_gpt2)]
+        models = [
+            ("stories260K", lambda: STORIES, args.tokens_stories),
+            ("gpt2-small-shaped", lambda: build_gpt2_small(tmp_path / "gpt2s"), args.tokens_gpt2),
+        ]
         for name, make_folder, n_tokens in models:
             if n_tokens <= 0:  # --tokens-X 0 skips that model
                 continue
             folder = make_folder()
             f = measure(folder, n_tokens, args.context, args.batch_size, args.repeats, tmp_path)
-            print(f"{name:<22}{f['tokens']:>8}{f['plain']:>12,.0f}{f['body']:>12,.0f}{f['bridge']:>12,.0f}"
-                  f"{f['capture']:>12,.0f}{f['cache_bridge']:>12,.0f}{f['cache']:>12,.0f}"
-                  f"{f['cache'] / f['plain']:>8.2f}{f['cache'] / f['body']:>8.2f}", flush=True)
-    print("columns: tokens/s; bridge = TransformerBridge forward, no hooks; native = the native engine's "
-          "capture of all MLP in/out converted to float16, no writing; cache -e br = tc cache --engine bridge; "
-          "tc cache = the default (native) engine; ratio = tc cache / plain HF (target >= 0.85); vs body = "
-          "tc cache / HF body (the plain pass without the unembedding, which tc cache skips)")
+            print(
+                f"{name:<22}{f['tokens']:>8}{f['plain']:>12,.0f}{f['body']:>12,.0f}{f['bridge']:>12,.0f}"
+                f"{f['capture']:>12,.0f}{f['cache_bridge']:>12,.0f}{f['cache']:>12,.0f}"
+                f"{f['cache'] / f['plain']:>8.2f}{f['cache'] / f['body']:>8.2f}",
+                flush=True,
+            )
+    print(
+        "columns: tokens/s; bridge = TransformerBridge forward, no hooks; native = the native engine's "
+        "capture of all MLP in/out converted to float16, no writing; cache -e br = tc cache --engine bridge; "
+        "tc cache = the default (native) engine; ratio = tc cache / plain HF (target >= 0.85); vs body = "
+        "tc cache / HF body (the plain pass without the unembedding, which tc cache skips)"
+    )
 
 
 if __name__ == "__main__":

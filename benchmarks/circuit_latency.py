@@ -31,22 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from circuit_helpers import random_transcoders  # noqa: E402
 from conftest import build_tokenizer  # noqa: E402
-
 from tccli.circuit.trace import circuit_graph
-from tccli.replacement.prompts import freeze_prompt, prompt_tokens
 from tccli.config.circuit import CircuitConfig
 from tccli.model.loading import load_model  # noqa: E402
+from tccli.replacement.prompts import freeze_prompt, prompt_tokens
 
-PROMPT = ("The war lasted from 1735 to 1789. Once upon a time there was a little girl named Lily. "
-          "She liked to play outside with the cat")
+PROMPT = (
+    "The war lasted from 1735 to 1789. Once upon a time there was a little girl named Lily. "
+    "She liked to play outside with the cat"
+)
 
 
 def build_model(folder: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = build_tokenizer(folder)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=1024, n_embd=768, n_layer=12, n_head=12, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,7 +88,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--build-only", tmp], check=True, capture_output=True)
         loaded = load_model(tmp, "cpu", "float32")
     transcoders = random_transcoders(loaded.info, args.features, 0)
-    ids = loaded.tokenizer.encode(PROMPT, add_special_tokens=False)[: 31]
+    ids = loaded.tokenizer.encode(PROMPT, add_special_tokens=False)[:31]
     prompt = loaded.tokenizer.decode(ids)
     n_tokens = int(prompt_tokens(loaded, prompt).shape[0])
     if args.l0:
@@ -98,9 +100,10 @@ def main() -> None:
     config = CircuitConfig(transcoders="-", prompt=prompt, logit="1", pos=-1, iters=3, branches=15)
     timings = {"logit": [], "feature L11": []}
     cpu_times = {"logit": [], "feature L11": []}
-    for name, cfg in (("logit", config),
-                      ("feature L11", CircuitConfig(transcoders="-", prompt=prompt, feature="L11.F0",
-                                                     iters=3, branches=15))):
+    for name, cfg in (
+        ("logit", config),
+        ("feature L11", CircuitConfig(transcoders="-", prompt=prompt, feature="L11.F0", iters=3, branches=15)),
+    ):
         for _ in range(args.repeats):
             start, cpu_start = time.perf_counter(), time.process_time()
             graph, summary = circuit_graph(loaded, transcoders, prompt, cfg)
@@ -113,18 +116,26 @@ def main() -> None:
         freeze_wall.append(time.perf_counter() - start)
         freeze_cpu.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads), {n_tokens} tokens with BOS; "
-          f"transcoders: {args.features} features x 12 layers, mean L0 {l0:.1f}; threads {args.threads}")
+    print(
+        f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads), {n_tokens} tokens with BOS; "
+        f"transcoders: {args.features} features x 12 layers, mean L0 {l0:.1f}; threads {args.threads}"
+    )
     for name, values in timings.items():
         values = sorted(values)
-        print(f"search ({name} target, iters 3, branches 15): median {values[len(values) // 2]:.3f} s, "
-              f"min {values[0]:.3f} s, max {values[-1]:.3f} s over {len(values)} runs; "
-              f"CPU time (all threads) median {sorted(cpu_times[name])[len(values) // 2]:.3f} s; "
-              f"last graph {summary['nodes']} nodes")
-    print(f"of which the forward pass and freezing (12 transcoder encoders over the prompt): median "
-          f"{sorted(freeze_wall)[len(freeze_wall) // 2]:.3f} s wall, {sorted(freeze_cpu)[len(freeze_cpu) // 2]:.3f} s CPU")
-    print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-          f"(wall time grows with other processes' load; CPU time much less)")
+        print(
+            f"search ({name} target, iters 3, branches 15): median {values[len(values) // 2]:.3f} s, "
+            f"min {values[0]:.3f} s, max {values[-1]:.3f} s over {len(values)} runs; "
+            f"CPU time (all threads) median {sorted(cpu_times[name])[len(values) // 2]:.3f} s; "
+            f"last graph {summary['nodes']} nodes"
+        )
+    print(
+        f"of which the forward pass and freezing (12 transcoder encoders over the prompt): median "
+        f"{sorted(freeze_wall)[len(freeze_wall) // 2]:.3f} s wall, {sorted(freeze_cpu)[len(freeze_cpu) // 2]:.3f} s CPU"
+    )
+    print(
+        f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+        f"(wall time grows with other processes' load; CPU time much less)"
+    )
     print(f"peak memory (max RSS): {peak:.2f} GiB (after loading model and transcoders: {rss_loaded:.2f} GiB)")
 
 

@@ -41,14 +41,25 @@ def write_cache(path: Path, d_model: int, n_tokens: int, context: int = 128) -> 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from tccli.training.train import train
     from tccli.config.training import TrainConfig
+    from tccli.training.train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(cache=args.cache, out=args.out, expansion=args.expansion, k=32, batch_size=args.batch_size,
-                         tokens=args.batch_size * args.steps, shuffle_buffer=args.batch_size * 8, warmup_steps=5,
-                         checkpoint_every=0, log_every=10**9, quiet=True, device=args.device)
+    config = TrainConfig(
+        cache=args.cache,
+        out=args.out,
+        expansion=args.expansion,
+        k=32,
+        batch_size=args.batch_size,
+        tokens=args.batch_size * args.steps,
+        shuffle_buffer=args.batch_size * 8,
+        warmup_steps=5,
+        checkpoint_every=0,
+        log_every=10**9,
+        quiet=True,
+        device=args.device,
+    )
     start = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - start
@@ -57,10 +68,32 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(procs: int, threads: int, cache: Path, out: Path, args: argparse.Namespace) -> float:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-               str(Path(__file__).resolve()), "--worker", "--cache", str(cache), "--out", str(out),
-               "--threads", str(threads), "--d-model", str(args.d_model), "--expansion", str(args.expansion),
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(procs),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+        "--d-model",
+        str(args.d_model),
+        "--expansion",
+        str(args.expansion),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -89,8 +122,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "acts.h5"
         write_cache(cache, args.d_model, args.batch_size * 16)
-        print(f"d_model {args.d_model}, {args.expansion * args.d_model} features (topk 32), batch "
-              f"{args.batch_size} tokens, {args.steps} steps, device {args.device}, {os.cpu_count()} CPU cores")
+        print(
+            f"d_model {args.d_model}, {args.expansion * args.d_model} features (topk 32), batch "
+            f"{args.batch_size} tokens, {args.steps} steps, device {args.device}, {os.cpu_count()} CPU cores"
+        )
         rates = {}
         for procs in counts:
             rates[procs] = launch(procs, 1, cache, Path(tmp) / f"run{procs}", args)

@@ -37,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from circuit_helpers import random_transcoders  # noqa: E402
 from circuit_latency import build_model, sparsify  # noqa: E402
-
 from tccli.graph.attribution_graph import GraphParams, build_attribution_graph  # noqa: E402
-from tccli.replacement.targets import salient_logit_targets
-from tccli.replacement.prompts import freeze_prompt  # noqa: E402
 from tccli.model.loading import load_model  # noqa: E402
+from tccli.replacement.prompts import freeze_prompt  # noqa: E402
+from tccli.replacement.targets import salient_logit_targets
 
 
 def matmul_rate(device: str, rows: int, d: int = 768, repeats: int = 5) -> float:
@@ -72,8 +71,12 @@ def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int
     loaded = load_model(folder, device, "float32")
     transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, 24576, 0).items()}
     generator = torch.Generator().manual_seed(n_tokens)
-    tokens = torch.cat([torch.tensor([loaded.info.bos_token_id]),
-                        torch.randint(1, loaded.info.d_vocab, (n_tokens - 1,), generator=generator)])
+    tokens = torch.cat(
+        [
+            torch.tensor([loaded.info.bos_token_id]),
+            torch.randint(1, loaded.info.d_vocab, (n_tokens - 1,), generator=generator),
+        ]
+    )
     mean_l0 = sparsify(loaded, transcoders, tokens, l0)
     import gc
 
@@ -86,18 +89,29 @@ def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int
     start, cpu_start = time.perf_counter(), time.process_time()
     frozen = freeze_prompt(loaded, transcoders, tokens)
     targets, weights = salient_logit_targets(frozen, n_tokens - 1)
-    graph = build_attribution_graph(frozen, targets, weights,
-                                    GraphParams(max_feature_nodes=budget, batch_size=batch_size))
+    graph = build_attribution_graph(
+        frozen, targets, weights, GraphParams(max_feature_nodes=budget, batch_size=batch_size)
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     rate = matmul_rate(device, batch_size * n_tokens)
-    out = {"tokens": n_tokens, "l0": mean_l0, "seconds": seconds, "cpu_seconds": cpu,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-           "rss_after_loading_gib": rss_loaded, "matmul_gflops": rate / 1e9,
-           "floor_seconds": graph.stats["backward_flop"] / rate, "active_features": graph.n_active_features,
-           "rows": graph.stats["rows"], "replacement": graph.replacement, "completeness": graph.completeness,
-           "load_average": os.getloadavg()[0], **{k: v for k, v in graph.stats.items() if k.startswith(("seconds", "backward", "stored", "dropped"))}}
+    out = {
+        "tokens": n_tokens,
+        "l0": mean_l0,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_loading_gib": rss_loaded,
+        "matmul_gflops": rate / 1e9,
+        "floor_seconds": graph.stats["backward_flop"] / rate,
+        "active_features": graph.n_active_features,
+        "rows": graph.stats["rows"],
+        "replacement": graph.replacement,
+        "completeness": graph.completeness,
+        "load_average": os.getloadavg()[0],
+        **{k: v for k, v in graph.stats.items() if k.startswith(("seconds", "backward", "stored", "dropped"))},
+    }
     if device.startswith("cuda"):
         out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["cuda_after_loading_gib"] = cuda_base
@@ -117,34 +131,64 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(one_length(args.model_folder, args.child, args.l0, args.max_feature_nodes,
-                                    args.batch_size, args.device)))
+        print(
+            json.dumps(
+                one_length(args.model_folder, args.child, args.l0, args.max_feature_nodes, args.batch_size, args.device)
+            )
+        )
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_folder or tmp
         if not (Path(folder) / "config.json").exists():
             build_model(Path(folder))
-        print(f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads); transcoders 24,576 features x 12 "
-              f"layers, target L0 {args.l0}; --max-feature-nodes {args.max_feature_nodes}, --batch-size "
-              f"{args.batch_size}; device {args.device}, {args.threads} threads", flush=True)
-        print("| tokens | L0 | active features | seconds | CPU s | floor s (GFLOP/s) | rows / ranking / finish s "
-              "| peak RSS GiB | after loading GiB | graph's own GiB | stored entries | load avg |", flush=True)
+        print(
+            f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads); transcoders 24,576 features x 12 "
+            f"layers, target L0 {args.l0}; --max-feature-nodes {args.max_feature_nodes}, --batch-size "
+            f"{args.batch_size}; device {args.device}, {args.threads} threads",
+            flush=True,
+        )
+        print(
+            "| tokens | L0 | active features | seconds | CPU s | floor s (GFLOP/s) | rows / ranking / finish s "
+            "| peak RSS GiB | after loading GiB | graph's own GiB | stored entries | load avg |",
+            flush=True,
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         for n_tokens in args.tokens:
-            child = subprocess.run([sys.executable, __file__, "--child", str(n_tokens), "--model-folder", folder,
-                                    "--l0", str(args.l0), "--max-feature-nodes", str(args.max_feature_nodes),
-                                    "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                                    "--device", args.device], capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(n_tokens),
+                    "--model-folder",
+                    folder,
+                    "--l0",
+                    str(args.l0),
+                    "--max-feature-nodes",
+                    str(args.max_feature_nodes),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if child.returncode != 0:
                 print(f"| {n_tokens} | failed: {child.stderr.strip().splitlines()[-1]} |", flush=True)
                 continue
             r = json.loads(child.stdout.strip().splitlines()[-1])
-            memory = (f"{r['cuda_peak_gib']:.2f} (CUDA)" if "cuda_peak_gib" in r else f"{r['peak_rss_gib']:.2f}")
-            print(f"| {r['tokens']} | {r['l0']:.0f} | {r['active_features']:,} | {r['seconds']:.1f} | "
-                  f"{r['cpu_seconds']:.1f} | {r['floor_seconds']:.1f} ({r['matmul_gflops']:.0f}) | "
-                  f"{r['seconds_rows']:.1f} / {r['seconds_ranking']:.1f} / {r['seconds_finish']:.1f} | {memory} | "
-                  f"{r['rss_after_loading_gib']:.2f} | {r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} | "
-                  f"{r['stored_entries']:,} | {r['load_average']:.1f} |", flush=True)
+            memory = f"{r['cuda_peak_gib']:.2f} (CUDA)" if "cuda_peak_gib" in r else f"{r['peak_rss_gib']:.2f}"
+            print(
+                f"| {r['tokens']} | {r['l0']:.0f} | {r['active_features']:,} | {r['seconds']:.1f} | "
+                f"{r['cpu_seconds']:.1f} | {r['floor_seconds']:.1f} ({r['matmul_gflops']:.0f}) | "
+                f"{r['seconds_rows']:.1f} / {r['seconds_ranking']:.1f} / {r['seconds_finish']:.1f} | {memory} | "
+                f"{r['rss_after_loading_gib']:.2f} | {r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} | "
+                f"{r['stored_entries']:,} | {r['load_average']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tccli.config.training import TrainConfig
 from tccli.runtime import allocator
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader
 from tccli.training.train import new_layer_state, train_one_step, transcoder_config
-from tccli.config.training import TrainConfig
 
 
 class MemorySource:
@@ -44,8 +44,13 @@ class MemorySource:
         self.n_tokens, self.d_model = x.shape
         self.n_rows = self.n_tokens // context
         self.layers = [0]
-        self.model_info = {"name": "benchmark", "architecture": "none", "n_layers": 1, "weight_processing": {},
-                           "layers": [{"mlp_in": "mlp_in", "mlp_out": "mlp_out"}]}
+        self.model_info = {
+            "name": "benchmark",
+            "architecture": "none",
+            "n_layers": 1,
+            "weight_processing": {},
+            "layers": [{"mlp_in": "mlp_in", "mlp_out": "mlp_out"}],
+        }
 
     def read(self, layer: int, which: str, start: int, stop: int) -> np.ndarray:
         return (self.x if which == "mlp_in" else self.y)[start:stop]
@@ -66,10 +71,18 @@ def write_hdf5(path: Path, x: np.ndarray, y: np.ndarray, context: int) -> None:
         f["doc_ids"] = np.zeros((n // context, context), dtype=np.int64)
         f["layers/0/mlp_in"] = x
         f["layers/0/mlp_out"] = y
-        f.attrs.update(format=FORMAT, complete=True, tokens_written=n, context=context, d_model=d,
-                       dtype="float32", storage="float32", layers=[0],
-                       model_info=json.dumps(MemorySource(x, y, context).model_info),
-                       hook_names=json.dumps({"0": {"mlp_in": "mlp_in", "mlp_out": "mlp_out"}}))
+        f.attrs.update(
+            format=FORMAT,
+            complete=True,
+            tokens_written=n,
+            context=context,
+            d_model=d,
+            dtype="float32",
+            storage="float32",
+            layers=[0],
+            model_info=json.dumps(MemorySource(x, y, context).model_info),
+            hook_names=json.dumps({"0": {"mlp_in": "mlp_in", "mlp_out": "mlp_out"}}),
+        )
 
 
 class MatmulProbe:
@@ -96,8 +109,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(source, config: TrainConfig, steps: int, device: torch.device, probe: MatmulProbe
-                ) -> tuple[list[float], list[float]]:
+def timed_steps(
+    source, config: TrainConfig, steps: int, device: torch.device, probe: MatmulProbe
+) -> tuple[list[float], list[float]]:
     """(seconds of each of ``steps`` training steps, window loading included, after two warm-up steps;
     seconds of the probe product timed just before each of them). Interleaving the two makes their
     ratio fair on a machine whose load changes from minute to minute."""
@@ -137,8 +151,12 @@ def timed_steps(source, config: TrainConfig, steps: int, device: torch.device, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--activation", nargs="+", choices=("topk", "batchtopk", "jumprelu", "relu"),
-                        default=["topk", "batchtopk", "jumprelu"])
+    parser.add_argument(
+        "--activation",
+        nargs="+",
+        choices=("topk", "batchtopk", "jumprelu", "relu"),
+        default=["topk", "batchtopk", "jumprelu"],
+    )
     parser.add_argument("--optimizer", choices=("adam", "signum"), default=None, help="default: tc train's")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--features", type=int, default=24_576)
@@ -149,10 +167,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=("none", "bfloat16"), default="none")
     parser.add_argument("--no-hdf5", action="store_true", help="only the in-memory loop")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc settings as they are (tc train changes them: tccli.runtime.allocator)")
-    parser.add_argument("--profile", action="store_true",
-                        help="then profile 4 more steps from memory per kind (benchmarks/profiling.py)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc settings as they are (tc train changes them: tccli.runtime.allocator)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile 4 more steps from memory per kind (benchmarks/profiling.py)",
+    )
     args = parser.parse_args()
     if not args.default_malloc:
         allocator.keep_freed_memory()  # as tc train does
@@ -167,8 +191,10 @@ def main() -> None:
     x = rng.standard_normal((n_tokens, d), dtype=np.float32)
     y = rng.standard_normal((n_tokens, d), dtype=np.float32)
     dtype = torch.bfloat16 if args.autocast == "bfloat16" and device.type == "cuda" else torch.float32
-    print(f"d_model {d} -> {m} features, k {args.k}, batch {batch}, {torch.get_num_threads()} threads, "
-          f"device {device}, encoder product in {dtype}; ceiling = matmul FLOP/s / (2 d m) per token")
+    print(
+        f"d_model {d} -> {m} features, k {args.k}, batch {batch}, {torch.get_num_threads()} threads, "
+        f"device {device}, encoder product in {dtype}; ceiling = matmul FLOP/s / (2 d m) per token"
+    )
     tmp = tempfile.TemporaryDirectory()
     path = Path(tmp.name) / "bench.h5"
     if not args.no_hdf5:
@@ -178,10 +204,22 @@ def main() -> None:
     probe = MatmulProbe(batch, d, m, device, dtype)
     for activation in args.activation:
         overrides = {} if args.optimizer is None else {"optimizer": args.optimizer}
-        config = TrainConfig(cache="-", out="-", activation=activation, features=m, k=args.k, batch_size=batch,
-                             tokens=10**12, shuffle_buffer=buffer_tokens, aux_k=0, ghost_grads=False,
-                             device=args.device, autocast=args.autocast, threads=torch.get_num_threads(),
-                             **overrides)
+        config = TrainConfig(
+            cache="-",
+            out="-",
+            activation=activation,
+            features=m,
+            k=args.k,
+            batch_size=batch,
+            tokens=10**12,
+            shuffle_buffer=buffer_tokens,
+            aux_k=0,
+            ghost_grads=False,
+            device=args.device,
+            autocast=args.autocast,
+            threads=torch.get_num_threads(),
+            **overrides,
+        )
         flops_per_token = (10 if activation == "relu" else 2) * d * m  # relu: dense, every product counted
         sources = [("memory", lambda: MemorySource(x, y, context))]
         if not args.no_hdf5:
@@ -196,16 +234,22 @@ def main() -> None:
             peak = probe.flops * len(probe_times) / sum(probe_times)
             ceiling = peak / flops_per_token
             target = 60 if label == "memory" else 55
-            print(f"{activation:9s} {label:6s}: {rate:9,.0f} tokens/s; matmul {peak / 1e9:.1f} GFLOP/s -> ceiling "
-                  f"{ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% (target >= {target}%); steps "
-                  f"{' '.join(f'{t:.2f}' for t in step_times)} s, "
-                  f"products {' '.join(f'{t:.2f}' for t in probe_times)} s; load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"{activation:9s} {label:6s}: {rate:9,.0f} tokens/s; matmul {peak / 1e9:.1f} GFLOP/s -> ceiling "
+                f"{ceiling:,.0f} tokens/s; {100 * rate / ceiling:.0f}% (target >= {target}%); steps "
+                f"{' '.join(f'{t:.2f}' for t in step_times)} s, "
+                f"products {' '.join(f'{t:.2f}' for t in probe_times)} s; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         if args.profile:
             import profiling
 
             source = MemorySource(x, y, context)
-            profiling.profile(f"{activation}, 4 steps from memory after 2 warm-up steps",
-                              lambda: timed_steps(source, config, 4, device, probe), device)
+            profiling.profile(
+                f"{activation}, 4 steps from memory after 2 warm-up steps",
+                lambda source=source, config=config: timed_steps(source, config, 4, device, probe),
+                device,
+            )
     tmp.cleanup()
 
 

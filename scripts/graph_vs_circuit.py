@@ -24,27 +24,40 @@ def main() -> None:
     meta = graph["graph"]["metadata"]
     nodes = {n["id"]: n for n in graph["nodes"]}
     in_circuit = {n["id"] for n in circuit["nodes"]}
-    print(f"graph: replacement {meta['replacement_score']:.3f}, completeness {meta['completeness_score']:.3f}; "
-          f"{meta['kept_features']} features kept of {meta['active_features']} active; "
-          f"{sum(n['kind'] == 'error' for n in nodes.values())} error nodes kept; circuit: "
-          f"{sum(n['kind'] == 'feature' for n in circuit['nodes'])} features")
+    print(
+        f"graph: replacement {meta['replacement_score']:.3f}, completeness {meta['completeness_score']:.3f}; "
+        f"{meta['kept_features']} features kept of {meta['active_features']} active; "
+        f"{sum(n['kind'] == 'error' for n in nodes.values())} error nodes kept; circuit: "
+        f"{sum(n['kind'] == 'feature' for n in circuit['nodes'])} features"
+    )
     ranked = sorted((n for n in nodes.values() if n["kind"] in ("feature", "error")), key=lambda n: -n["influence"])
     print(f"top {args.top} features and errors by influence ('*': also in the greedy circuit):")
-    for n in ranked[:args.top]:
-        print(f"  {'*' if n['id'] in in_circuit else ' '} {n['id']:<16} {json.dumps(n['token']):<10} {n['influence']:.4f}")
+    for n in ranked[: args.top]:
+        print(
+            f"  {'*' if n['id'] in in_circuit else ' '} {n['id']:<16} {json.dumps(n['token']):<10} {n['influence']:.4f}"
+        )
     only = [n for n in ranked if n["kind"] == "feature" and n["id"] not in in_circuit]
-    share = sum(n["influence"] for n in only) / max(sum(n["influence"] for n in ranked if n["kind"] == "feature"), 1e-30)
+    share = sum(n["influence"] for n in only) / max(
+        sum(n["influence"] for n in ranked if n["kind"] == "feature"), 1e-30
+    )
     where: dict = defaultdict(int)
     for n in only:
         where[f"L{n['layer']}@{n['position']} {json.dumps(n['token'])}"] += 1
-    print(f"features only in the graph: {len(only)} ({share:.0%} of the kept features' influence): "
-          + ", ".join(f"{k} x{v}" for k, v in sorted(where.items())))
+    print(
+        f"features only in the graph: {len(only)} ({share:.0%} of the kept features' influence): "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(where.items()))
+    )
     target_position = meta["targets"][0]["position"]
     by_source: dict = defaultdict(lambda: defaultdict(float))
     for link in graph["links"]:
         source, target = nodes.get(link["source"]), nodes.get(link["target"])
-        if ("heads" not in link or source is None or target is None or source["position"] == target_position
-                or target["position"] != target_position):
+        if (
+            "heads" not in link
+            or source is None
+            or target is None
+            or source["position"] == target_position
+            or target["position"] != target_position
+        ):
             continue
         for head, part in link["heads"].items():
             by_source[(source["position"], source["token"])][head] += part

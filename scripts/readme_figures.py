@@ -91,16 +91,29 @@ class Figure:
 
 # `make demo`, and stories260K's walkthrough. OUT is set to the work folder's demo-out (and its
 # stories260k folder), so the examples write there and not into the checkout.
-SETUPS = {s.name: s for s in [
-    # (their `tc eval` is a figure's command, not run twice; stories260K's figures need no features file)
-    Setup("builtin", ["bash examples/demo.sh"], env={"SKIP": "eval"}),
-    Setup("stories260k", ["bash examples/stories260k.sh"], out=f"{DEMO_OUT}/stories260k", needs_shared=True,
-          env={"SKIP": "eval score"}),
-    # examples/validate.sh, one part at a time, on the transcoders (and features file) the two above made
-    Setup("validate-builtin", ["bash examples/validate.sh"], after=["builtin"], env={"PARTS": "builtin"}),
-    Setup("validate-stories260k", ["bash examples/validate.sh"], needs_shared=True, after=["stories260k"],
-          env={"PARTS": "stories260k"}),
-]}
+SETUPS = {
+    s.name: s
+    for s in [
+        # (their `tc eval` is a figure's command, not run twice; stories260K's figures need no features file)
+        Setup("builtin", ["bash examples/demo.sh"], env={"SKIP": "eval"}),
+        Setup(
+            "stories260k",
+            ["bash examples/stories260k.sh"],
+            out=f"{DEMO_OUT}/stories260k",
+            needs_shared=True,
+            env={"SKIP": "eval score"},
+        ),
+        # examples/validate.sh, one part at a time, on the transcoders (and features file) the two above made
+        Setup("validate-builtin", ["bash examples/validate.sh"], after=["builtin"], env={"PARTS": "builtin"}),
+        Setup(
+            "validate-stories260k",
+            ["bash examples/validate.sh"],
+            needs_shared=True,
+            after=["stories260k"],
+            env={"PARTS": "stories260k"},
+        ),
+    ]
+}
 
 _STORIES = "../shared/models/stories260K"
 _STORIES_TEXT = "../shared/corpora/tinystories-valid-excerpt.txt"
@@ -108,41 +121,78 @@ _GT_PROMPT = "'The war lasted from the year 1735 to the year 17'"
 _GT_LARGEST = "mlp0.f339@12"  # the greater-than circuit's largest node (examples/validate.sh ablates it too)
 _STORIES_PROMPT = "'Once upon a time, there was a little girl named Lily. One day,'"
 
-FIGURES = {f.name: f for f in [
-    # examples/demo.sh's `tc eval` on the built-in model (10k held-out tokens: --seed 1 packs other rows)
-    Figure("builtin-eval", "builtin", [
-        "tc eval --device cpu --data tccli/builtin/text/demo.txt --seed 1 --tokens 10k "
-        f"--transcoders {DEMO_OUT}/transcoders --quiet"]),
-    # examples/greater_than.sh: the probability difference clean and spliced, the circuit and its top nodes
-    Figure("builtin-greater-than", "builtin", [
-        f"tc circuit --device cpu --transcoders {DEMO_OUT}/transcoders --prompt {_GT_PROMPT} --logit-diff 40 20 "
-        f"--iters 3 --branches 10 --format json --out {DEMO_OUT}/greater_than.json",
-        f"tc greater-than --device cpu --transcoders {DEMO_OUT}/transcoders --graph {DEMO_OUT}/greater_than.json --top 10"],
-        writes=[f"{DEMO_OUT}/greater_than.json"]),
-    # examples/stories260k.sh: the same walkthrough on the pretrained stories260K
-    Figure("stories260k-eval", "stories260k", [
-        f"tc eval --model {_STORIES} --device cpu --data {_STORIES_TEXT} --seed 1 --tokens 10k "
-        f"--transcoders {DEMO_OUT}/stories260k/transcoders --quiet"]),
-    Figure("stories260k-circuit", "stories260k", [
-        f"tc circuit --model {_STORIES} --device cpu --transcoders {DEMO_OUT}/stories260k/transcoders "
-        f"--prompt {_STORIES_PROMPT} --logit-diff she he --iters 3 --branches 10 --format json "
-        f"--out {DEMO_OUT}/stories260k/circuit.json",
-        f"tc greater-than --model {_STORIES} --device cpu --transcoders {DEMO_OUT}/stories260k/transcoders "
-        f"--graph {DEMO_OUT}/stories260k/circuit.json --top 10"],
-        writes=[f"{DEMO_OUT}/stories260k/circuit.json"]),
-    # examples/validate.sh: the greater-than circuit validated over the 100 prompts (three settings) and on
-    # its own prompt, the largest node ablated in the real model; the stories260K circuit over 20 prompts
-    Figure("validate-greater-than", "validate-builtin", [
-        "python3 scripts/validation_table.py " + " ".join(
-            f"{DEMO_OUT}/validate_greater_than_{s}.json" for s in ("free_zero", "free_mean", "frozen_zero")),
-        "python3 scripts/validation_table.py " + " ".join(
-            f"{DEMO_OUT}/validate_greater_than_prompt_{s}.json" for s in ("free", "frozen")),
-        f"tc intervene --device cpu --transcoders {DEMO_OUT}/transcoders/layer_0 --prompt {_GT_PROMPT} "
-        f"--logit-diff 40 20 --ablate {_GT_LARGEST} --top 3"]),
-    Figure("validate-stories260k", "validate-stories260k", [
-        "python3 scripts/validation_table.py " + " ".join(
-            f"{DEMO_OUT}/validate_stories260k_{s}.json" for s in ("free", "frozen")) + " --nodes 5"]),
-]}
+FIGURES = {
+    f.name: f
+    for f in [
+        # examples/demo.sh's `tc eval` on the built-in model (10k held-out tokens: --seed 1 packs other rows)
+        Figure(
+            "builtin-eval",
+            "builtin",
+            [
+                "tc eval --device cpu --data tccli/builtin/text/demo.txt --seed 1 --tokens 10k "
+                f"--transcoders {DEMO_OUT}/transcoders --quiet"
+            ],
+        ),
+        # examples/greater_than.sh: the probability difference clean and spliced, the circuit and its top nodes
+        Figure(
+            "builtin-greater-than",
+            "builtin",
+            [
+                f"tc circuit --device cpu --transcoders {DEMO_OUT}/transcoders --prompt {_GT_PROMPT} "
+                f"--logit-diff 40 20 --iters 3 --branches 10 --format json --out {DEMO_OUT}/greater_than.json",
+                f"tc greater-than --device cpu --transcoders {DEMO_OUT}/transcoders "
+                f"--graph {DEMO_OUT}/greater_than.json --top 10",
+            ],
+            writes=[f"{DEMO_OUT}/greater_than.json"],
+        ),
+        # examples/stories260k.sh: the same walkthrough on the pretrained stories260K
+        Figure(
+            "stories260k-eval",
+            "stories260k",
+            [
+                f"tc eval --model {_STORIES} --device cpu --data {_STORIES_TEXT} --seed 1 --tokens 10k "
+                f"--transcoders {DEMO_OUT}/stories260k/transcoders --quiet"
+            ],
+        ),
+        Figure(
+            "stories260k-circuit",
+            "stories260k",
+            [
+                f"tc circuit --model {_STORIES} --device cpu --transcoders {DEMO_OUT}/stories260k/transcoders "
+                f"--prompt {_STORIES_PROMPT} --logit-diff she he --iters 3 --branches 10 --format json "
+                f"--out {DEMO_OUT}/stories260k/circuit.json",
+                f"tc greater-than --model {_STORIES} --device cpu --transcoders {DEMO_OUT}/stories260k/transcoders "
+                f"--graph {DEMO_OUT}/stories260k/circuit.json --top 10",
+            ],
+            writes=[f"{DEMO_OUT}/stories260k/circuit.json"],
+        ),
+        # examples/validate.sh: the greater-than circuit validated over the 100 prompts (three settings) and on
+        # its own prompt, the largest node ablated in the real model; the stories260K circuit over 20 prompts
+        Figure(
+            "validate-greater-than",
+            "validate-builtin",
+            [
+                "python3 scripts/validation_table.py "
+                + " ".join(
+                    f"{DEMO_OUT}/validate_greater_than_{s}.json" for s in ("free_zero", "free_mean", "frozen_zero")
+                ),
+                "python3 scripts/validation_table.py "
+                + " ".join(f"{DEMO_OUT}/validate_greater_than_prompt_{s}.json" for s in ("free", "frozen")),
+                f"tc intervene --device cpu --transcoders {DEMO_OUT}/transcoders/layer_0 --prompt {_GT_PROMPT} "
+                f"--logit-diff 40 20 --ablate {_GT_LARGEST} --top 3",
+            ],
+        ),
+        Figure(
+            "validate-stories260k",
+            "validate-stories260k",
+            [
+                "python3 scripts/validation_table.py "
+                + " ".join(f"{DEMO_OUT}/validate_stories260k_{s}.json" for s in ("free", "frozen"))
+                + " --nodes 5"
+            ],
+        ),
+    ]
+}
 
 
 # ----------------------------------------------------------------------------- running
@@ -155,8 +205,9 @@ class Runner:
         self.work = work
         self.log = log
         bin_dir = str(Path(sys.executable).parent)  # the tc of this interpreter's environment
-        self.env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), SHARED=str(SHARED),
-                        PYTHONUNBUFFERED="1")
+        self.env = dict(
+            os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), SHARED=str(SHARED), PYTHONUNBUFFERED="1"
+        )
         self.env.pop("TC_DEBUG", None)
         self.env.pop("COLUMNS", None)  # tables are laid out for a pipe, the same everywhere
         # (as commands spell it, where it is here): outputs are written back in the first form
@@ -186,11 +237,13 @@ class Runner:
         with open(log_path, "w") as log_file:
             for command in setup.commands:
                 self.log(f"readme_figures: setup {name}: {command} (log: {log_path})")
-                result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=log_file,
-                                        stderr=subprocess.STDOUT)
+                result = subprocess.run(
+                    ["bash", "-c", command], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+                )
                 if result.returncode != 0:
-                    raise SystemExit(f"readme_figures: setup {name} failed: {command} (exit {result.returncode}); "
-                                     f"see {log_path}")
+                    raise SystemExit(
+                        f"readme_figures: setup {name} failed: {command} (exit {result.returncode}); see {log_path}"
+                    )
         done.write_text(f"{time.monotonic() - started:.0f} s\n")
         self.log(f"readme_figures: setup {name} done in {time.monotonic() - started:.0f} s")
 
@@ -200,12 +253,19 @@ class Runner:
             Path(self.real(path)).unlink(missing_ok=True)
         lines = []
         for command in figure.commands:
-            result = subprocess.run(["bash", "-c", self.real(command)], cwd=ROOT, env=self.env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            result = subprocess.run(
+                ["bash", "-c", self.real(command)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             output = self.normalise(result.stdout)
             if result.returncode != 0:
-                raise SystemExit(f"readme_figures: {figure.name}: `{command}` failed (exit {result.returncode}):\n"
-                                 f"{output}")
+                raise SystemExit(
+                    f"readme_figures: {figure.name}: `{command}` failed (exit {result.returncode}):\n{output}"
+                )
             lines.extend(shell_lines(command))
             lines.extend(output.splitlines())
         return "".join(f"    {line}".rstrip() + "\n" for line in lines)
@@ -215,7 +275,7 @@ def shell_lines(command: str, width: int = 100) -> list[str]:
     """``$ command``, continued with `\\` before an argument or option where a line would pass ``width``."""
     words = [shlex.quote(w) for w in shlex.split(command)]
     chunks = [" ".join(words[:2])]  # `tc NAME` or `python3 SCRIPT`; then each argument on its own, and
-    in_options = False              # each option with its values
+    in_options = False  # each option with its values
     for word in words[2:]:
         in_options = in_options or word.startswith("--")
         if word.startswith("--") or not in_options:
@@ -292,6 +352,7 @@ def readme_blocks(text: str) -> dict[str, str]:
 
 def replace_blocks(text: str, bodies: dict[str, str]) -> str:
     """``text`` with the bodies of the named blocks replaced (other blocks untouched)."""
+
     def substitute(match: re.Match) -> str:
         name = match.group("name")
         if name not in bodies:
@@ -332,8 +393,9 @@ def differences(expected: str, actual: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=("list", "print", "update", "check"))
     parser.add_argument("names", nargs="*", help="figures (default: all; check: all compared ones)")
     parser.add_argument("--work", help="keep the setups' outputs here and reuse them (default: a temp folder)")
@@ -346,14 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "list":
         for figure in FIGURES.values():
             where = "in README" if figure.name in in_readme else "NOT in README"
-            print(f"{figure.name:<24} setup {figure.setup:<12} {'compared' if figure.compare else 'not compared'}"
-                  f"  {where}")
+            print(
+                f"{figure.name:<24} setup {figure.setup:<12} {'compared' if figure.compare else 'not compared'}"
+                f"  {where}"
+            )
         return 0
     names = args.names or [n for n, f in FIGURES.items() if f.compare or args.action != "check"]
     missing = [n for n in names if n not in in_readme]
     if missing and args.action != "print":
-        print(f"readme_figures: no block for {', '.join(missing)} in README.md: add "
-              f"<!-- figures: NAME --> and <!-- /figures: NAME --> where it belongs", file=sys.stderr)
+        print(
+            f"readme_figures: no block for {', '.join(missing)} in README.md: add "
+            f"<!-- figures: NAME --> and <!-- /figures: NAME --> where it belongs",
+            file=sys.stderr,
+        )
         return 2
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="readme-figures-"))
@@ -378,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         found = differences(in_readme[name], body)
         if found:
             failed = True
-            print(f"README figure {name} is stale ({len(found)} difference(s)); regenerate with "
-                  f"`python scripts/readme_figures.py update {name}`:\n  " + "\n  ".join(found))
+            print(
+                f"README figure {name} is stale ({len(found)} difference(s)); regenerate with "
+                f"`python scripts/readme_figures.py update {name}`:\n  " + "\n  ".join(found)
+            )
     if not failed:
         print(f"README figures match: {', '.join(blocks) or 'none could be made here'}")
     return 1 if failed else 0

@@ -38,19 +38,106 @@ from tccli.evaluation import greater_than  # noqa: E402
 BOS = "<|endoftext|>"
 
 # Digits are cut into pairs (" ?\p{N}{1,2}"), the rest is GPT-2's pre-tokenisation pattern.
-PRETOKENIZE_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}{1,2}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+PRETOKENIZE_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}{1,2}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
-NOUNS = ["war", "siege", "reign", "famine", "drought", "voyage", "journey", "campaign", "plague", "rebellion",
-         "dynasty", "kingdom", "empire", "treaty", "truce", "conflict", "struggle", "exile", "captivity",
-         "pilgrimage", "council", "trial", "flood", "building of the temple", "expedition", "occupation",
-         "revival", "settlement", "mission", "crusade", "alliance", "dispute", "feud", "harvest", "peace"]
-PEOPLE = ["He", "She", "The king", "The queen", "The prophet", "The poet", "The bishop", "The merchant",
-          "My grandfather", "Her mother", "The general", "The painter", "The scholar", "The captain"]
-ITEMS = ["bread", "wine", "oil", "salt", "wool", "linen", "silver", "gold", "wheat", "barley", "figs",
-         "olives", "honey", "sheep", "goats", "oxen", "cedar", "stone", "iron", "brass"]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
-                "twenty"]
+NOUNS = [
+    "war",
+    "siege",
+    "reign",
+    "famine",
+    "drought",
+    "voyage",
+    "journey",
+    "campaign",
+    "plague",
+    "rebellion",
+    "dynasty",
+    "kingdom",
+    "empire",
+    "treaty",
+    "truce",
+    "conflict",
+    "struggle",
+    "exile",
+    "captivity",
+    "pilgrimage",
+    "council",
+    "trial",
+    "flood",
+    "building of the temple",
+    "expedition",
+    "occupation",
+    "revival",
+    "settlement",
+    "mission",
+    "crusade",
+    "alliance",
+    "dispute",
+    "feud",
+    "harvest",
+    "peace",
+]
+PEOPLE = [
+    "He",
+    "She",
+    "The king",
+    "The queen",
+    "The prophet",
+    "The poet",
+    "The bishop",
+    "The merchant",
+    "My grandfather",
+    "Her mother",
+    "The general",
+    "The painter",
+    "The scholar",
+    "The captain",
+]
+ITEMS = [
+    "bread",
+    "wine",
+    "oil",
+    "salt",
+    "wool",
+    "linen",
+    "silver",
+    "gold",
+    "wheat",
+    "barley",
+    "figs",
+    "olives",
+    "honey",
+    "sheep",
+    "goats",
+    "oxen",
+    "cedar",
+    "stone",
+    "iron",
+    "brass",
+]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+]
 ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
 
 
@@ -61,8 +148,7 @@ def kjv_documents(kjv_file: str | None) -> list[str]:
         raw = Path(kjv_file).read_text(encoding="utf-8", errors="replace")
     else:
         try:
-            raw = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True,
-                                 text=True).stdout
+            raw = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True).stdout
         except (OSError, subprocess.CalledProcessError) as exc:
             sys.exit(f"cannot read the King James Bible ({exc}); apt-get install bible-kjv-text or pass --kjv FILE")
     chapters: dict[str, list[str]] = {}
@@ -104,7 +190,7 @@ def _counting(rng: random.Random) -> str:
     if kind < 0.35:
         start = rng.randint(0, 12)
         n = rng.randint(3, min(9, 21 - start))
-        words = NUMBER_WORDS[start:start + n]
+        words = NUMBER_WORDS[start : start + n]
         return (", ".join(words) + ".").capitalize()
     if kind < 0.7:
         start = rng.randint(0, 95)
@@ -146,13 +232,19 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     # Every two-digit number, with and without a leading space, is frequent enough to become a token.
     numbers = " ".join(f"{v:02d} {v:02d}" for v in range(100))
     tok.train_from_iterator(documents + [numbers] * 200, trainer)
@@ -161,8 +253,9 @@ def train_tokenizer(documents: list[str], vocab_size: int):
         for text in (f"{v:02d}", f" {v:02d}"):
             if len(fast.encode(text, add_special_tokens=False)) != 1:
                 sys.exit(f"tokenizer check failed: {text!r} is not one token")
-    pieces = fast.convert_ids_to_tokens(fast.encode("The war lasted from the year 1735 to the year 17",
-                                                    add_special_tokens=False))
+    pieces = fast.convert_ids_to_tokens(
+        fast.encode("The war lasted from the year 1735 to the year 17", add_special_tokens=False)
+    )
     print("prompt tokens:", pieces, file=sys.stderr)
     return fast
 
@@ -197,10 +290,17 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads on CPU (0: torch's default; 1 was fastest on a busy 2-core machine)")
-    p.add_argument("--checkpoint", default=str(REPO / "build" / "builtin-train-checkpoint.pt"),
-                   help="where the resumable training state goes (outside the package)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (0: torch's default; 1 was fastest on a busy 2-core machine)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=str(REPO / "build" / "builtin-train-checkpoint.pt"),
+        help="where the resumable training state goes (outside the package)",
+    )
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
 
@@ -229,22 +329,38 @@ def main() -> None:
     tokenizer = train_tokenizer(train_docs, args.vocab)
     train_rows = pack(train_docs, tokenizer, args.context)
     held_rows = {"kjv": pack(held_kjv, tokenizer, args.context), "generated": pack(held_gen, tokenizer, args.context)}
-    print(f"train: {train_rows.numel():,} tokens ({len(kjv) - n_kjv_held} KJV chapters, "
-          f"{len(generated) - n_gen_held} generated docs); held out: "
-          + ", ".join(f"{k} {v.numel():,}" for k, v in held_rows.items()), file=sys.stderr)
+    print(
+        f"train: {train_rows.numel():,} tokens ({len(kjv) - n_kjv_held} KJV chapters, "
+        f"{len(generated) - n_gen_held} generated docs); held out: "
+        + ", ".join(f"{k} {v.numel():,}" for k, v in held_rows.items()),
+        file=sys.stderr,
+    )
 
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.d_model,
-                        n_layer=args.layers, n_head=args.heads, n_inner=4 * args.d_model,
-                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        tie_word_embeddings=True)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=args.n_positions,
+        n_embd=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_inner=4 * args.d_model,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model = GPT2LMHeadModel(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
         if step < args.warmup:
@@ -269,7 +385,7 @@ def main() -> None:
             for name, rows in held_rows.items():
                 total, count = 0.0, 0
                 for i in range(0, len(rows), 64):
-                    batch = rows[i:i + 64].to(device)
+                    batch = rows[i : i + 64].to(device)
                     out_ = model(batch, labels=batch)
                     total += float(out_.loss) * batch.shape[0]
                     count += batch.shape[0]
@@ -280,7 +396,8 @@ def main() -> None:
     def prob_diff() -> float:
         model.eval()
         result = greater_than.probability_difference_of_logits_fn(
-            lambda t: model(t.to(device)).logits.float().cpu(), tokenizer, tokenizer.bos_token_id)
+            lambda t: model(t.to(device)).logits.float().cpu(), tokenizer, tokenizer.bos_token_id
+        )
         model.train()
         return result.mean
 
@@ -299,25 +416,51 @@ def main() -> None:
         opt.step()
         step += 1
         if step % 20 == 0:
-            print(f"step {step}/{args.steps} loss {loss.item():.3f} lr {lr_at(step):.2e} "
-                  f"{(time.time() - started) / 60:.1f} min", file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{args.steps} loss {loss.item():.3f} lr {lr_at(step):.2e} "
+                f"{(time.time() - started) / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             losses, pd = held_out_loss(), prob_diff()
-            history.append({"step": step, **{f"held_out_loss_{k}": v for k, v in losses.items()},
-                            "prob_diff": pd})
-            print(f"EVAL step {step}: held-out loss {losses}, greater-than prob diff {pd:.3f}",
-                  file=sys.stderr, flush=True)
+            history.append({"step": step, **{f"held_out_loss_{k}": v for k, v in losses.items()}, "prob_diff": pd})
+            print(
+                f"EVAL step {step}: held-out loss {losses}, greater-than prob diff {pd:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "generator": gen.get_state()}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "generator": gen.get_state(),
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt_path)
             save(model, tokenizer, out)
 
-    final = history[-1] if history else {"step": step, **{f"held_out_loss_{k}": v for k, v in held_out_loss().items()},
-                                         "prob_diff": prob_diff()}
+    final = (
+        history[-1]
+        if history
+        else {"step": step, **{f"held_out_loss_{k}": v for k, v in held_out_loss().items()}, "prob_diff": prob_diff()}
+    )
     save(model, tokenizer, out)
-    write_card(out, args, config, n_params, train_rows.numel(), {k: v.numel() for k, v in held_rows.items()},
-               final, history, time.time() - started, device)
+    write_card(
+        out,
+        args,
+        config,
+        n_params,
+        train_rows.numel(),
+        {k: v.numel() for k, v in held_rows.items()},
+        final,
+        history,
+        time.time() - started,
+        device,
+    )
     print(json.dumps(final), flush=True)
 
 
@@ -326,10 +469,22 @@ def save(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def write_card(out: Path, args, config, n_params: int, n_train: int, n_held: dict, final: dict, history: list,
-               seconds: float, device) -> None:
-    rows = "\n".join(f"| {h['step']} | {h['held_out_loss_kjv']:.3f} | {h['held_out_loss_generated']:.3f} | "
-                     f"{h['prob_diff']:.3f} |" for h in history)
+def write_card(
+    out: Path,
+    args,
+    config,
+    n_params: int,
+    n_train: int,
+    n_held: dict,
+    final: dict,
+    history: list,
+    seconds: float,
+    device,
+) -> None:
+    rows = "\n".join(
+        f"| {h['step']} | {h['held_out_loss_kjv']:.3f} | {h['held_out_loss_generated']:.3f} | {h['prob_diff']:.3f} |"
+        for h in history
+    )
     weights = out / "model.safetensors"
     size_mb = weights.stat().st_size / 1e6 if weights.exists() else float("nan")
     card = f"""# tc built-in model
@@ -373,9 +528,9 @@ on matrices), peak learning rate {args.lr}, {args.warmup} warm-up steps then cos
 gradient clipping 1.0, no dropout, seed {args.seed}. Trained on {device} in {seconds / 60:.1f} minutes.
 
 ## Results
-Final held-out cross-entropy (nats/token): KJV {final['held_out_loss_kjv']:.3f}, generated
-{final['held_out_loss_generated']:.3f}. Greater-than probability difference on the 100 prompts of
-`tccli.evaluation.greater_than` (YY 02..98): **{final['prob_diff']:.3f}** (bar 0.6; GPT-2 small 0.883).
+Final held-out cross-entropy (nats/token): KJV {final["held_out_loss_kjv"]:.3f}, generated
+{final["held_out_loss_generated"]:.3f}. Greater-than probability difference on the 100 prompts of
+`tccli.evaluation.greater_than` (YY 02..98): **{final["prob_diff"]:.3f}** (bar 0.6; GPT-2 small 0.883).
 
 | step | held-out loss KJV | held-out loss generated | greater-than prob. diff. |
 |---:|---:|---:|---:|

@@ -39,9 +39,11 @@ def heading(result: dict) -> str:
 def table(results: list[dict], nodes: int) -> list[str]:
     first = results[0]
     size = first["circuit_size"]
-    lines = [f"{first['graph']}: {size['feature']} features and {size['head']} head terms, over "
-             f"{first['prompts']} prompt(s) ({first['prompt_source']}); target {target_name(first)}; "
-             f"{first['random']['draws']} random circuits of equal size and layers, mean [min,max]"]
+    lines = [
+        f"{first['graph']}: {size['feature']} features and {size['head']} head terms, over "
+        f"{first['prompts']} prompt(s) ({first['prompt_source']}); target {target_name(first)}; "
+        f"{first['random']['draws']} random circuits of equal size and layers, mean [min,max]"
+    ]
 
     def row(label: str, cells: list[str]) -> None:
         lines.append(f"{label:<{LABEL}}" + "".join(f"{cell:>{COLUMN}}" for cell in cells).rstrip())
@@ -64,12 +66,16 @@ def table(results: list[dict], nodes: int) -> list[str]:
     row("    random circuits", [p[1] for p in pairs])
     for r in results:
         if r["circuit"].get("nodes_dropped"):
-            lines.append(f"{heading(r)}: {r['circuit']['nodes_dropped']} node-prompt pairs fell before a "
-                         f"prompt's start and were left out")
+            lines.append(
+                f"{heading(r)}: {r['circuit']['nodes_dropped']} node-prompt pairs fell before a "
+                f"prompt's start and were left out"
+            )
     if nodes:
         for r in results:
-            lines.append(f"{heading(r)}: single-node ablations farthest from the graph's prediction "
-                         f"(graph / unpruned total / measured):")
+            lines.append(
+                f"{heading(r)}: single-node ablations farthest from the graph's prediction "
+                f"(graph / unpruned total / measured):"
+            )
             by_id = {n["id"]: n for n in r["circuit"]["nodes"]}
             for d in r["circuit"]["disagreements"][:nodes]:
                 total = by_id[d["id"]]["predicted_total"]

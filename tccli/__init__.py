@@ -13,8 +13,18 @@ tensors or graphs; I/O (``data``, ``transcoders``, ``features`` files) reads and
 __version__ = "0.1.0"
 
 __all__ = [
-    "load_model", "load_transcoders", "cache_activations", "train", "evaluate", "score_features",
-    "attribution_graph", "circuit_graph", "intervene", "replacement_model", "greater_than", "validate_circuit",
+    "load_model",
+    "load_transcoders",
+    "cache_activations",
+    "train",
+    "evaluate",
+    "score_features",
+    "attribution_graph",
+    "circuit_graph",
+    "intervene",
+    "replacement_model",
+    "greater_than",
+    "validate_circuit",
 ]
 
 

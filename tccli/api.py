@@ -19,8 +19,9 @@ import inspect
 import os
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tccli.config.circuit import CircuitConfig
 from tccli.config.data import CacheConfig
@@ -58,8 +59,9 @@ def _settings_parameters(config_cls: type, taken: set[str]) -> list[inspect.Para
             default = f.default
         else:
             default = f.default_factory()  # type: ignore[misc]
-        parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=hints[f.name]))
+        parameters.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name])
+        )
     return parameters
 
 
@@ -78,13 +80,15 @@ def takes_settings(config_cls: type) -> Callable:
     own parameters with one keyword-only parameter per field in between, so the names and defaults are the
     settings' own and are written once; a misspelt or missing name is a TypeError, as for any function.
     """
+
     def decorate(fn: Callable) -> Callable:
         own = list(inspect.signature(fn).parameters.values())
         leading = [p for p in own if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
         trailing = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
         settings = _settings_parameters(config_cls, {p.name for p in own})
-        signature = inspect.Signature(leading + settings + trailing,
-                                      return_annotation=inspect.signature(fn).return_annotation)
+        signature = inspect.Signature(
+            leading + settings + trailing, return_annotation=inspect.signature(fn).return_annotation
+        )
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -115,8 +119,11 @@ def build_settings(config_cls: type, values: dict[str, Any]) -> Any:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if typing.get_origin(hints[name]) is list:
-            value = [value] if isinstance(value, str) else [os.fspath(v) if isinstance(v, os.PathLike) else v
-                                                            for v in value]
+            value = (
+                [value]
+                if isinstance(value, str)
+                else [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+            )
         parser = field.metadata.get("parser")
         if parser is not None and isinstance(value, str):
             try:
@@ -172,9 +179,10 @@ def _object_settings(config_cls: type, model: Any, transcoders: Any, prompt: str
     record them: a loaded model by its name, transcoders given as objects by no path."""
     from tccli.model.loading import LoadedModel
 
-    names = {"model": model.info.name if isinstance(model, LoadedModel) else (None if model is None
-                                                                              else os.fspath(model)),
-             "transcoders": "" if isinstance(transcoders, dict) else os.fspath(transcoders)}
+    names = {
+        "model": model.info.name if isinstance(model, LoadedModel) else (None if model is None else os.fspath(model)),
+        "transcoders": "" if isinstance(transcoders, dict) else os.fspath(transcoders),
+    }
     return build_settings(config_cls, {**settings, **names, "prompt": prompt})
 
 
@@ -182,15 +190,20 @@ def _model_and_transcoders(model: Any, transcoders: Any, config: Any) -> tuple[A
     """The model and the transcoders: the objects given, or loaded from the names in ``config``."""
     from tccli.model.loading import LoadedModel
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(config.model, config.device,
-                                                                     config.model_dtype)
+    loaded = model if isinstance(model, LoadedModel) else load_model(config.model, config.device, config.model_dtype)
     if isinstance(transcoders, dict):
         return loaded, transcoders
     return loaded, load_transcoders(config.transcoders, loaded.device)
 
 
-def replacement_model(model: Any, transcoders: Any, prompt: str, features: Optional[str | Path] = None,
-                      device: str = "auto", model_dtype: str = "float32") -> Any:
+def replacement_model(
+    model: Any,
+    transcoders: Any,
+    prompt: str,
+    features: Optional[str | Path] = None,
+    device: str = "auto",
+    model_dtype: str = "float32",
+) -> Any:
     """The replacement model on one prompt (BOS prepended): every MLP replaced by its transcoder plus an error
     term, the clean run captured. ``model``: a name or folder, or ``load_model``'s result; ``transcoders``: a
     path, or ``load_transcoders``' result; ``features``: a `tc score` file, for mean ablation. Returns a
@@ -298,8 +311,9 @@ def score_features(*, progress: Optional[Callable[[str, int, int], None]] = None
 
 
 @takes_settings(GraphConfig)
-def attribution_graph(model: Any, transcoders: Any, prompt: str, *,
-                      progress: Optional[Callable[[int, int], None]] = None, **settings: Any) -> Any:
+def attribution_graph(
+    model: Any, transcoders: Any, prompt: str, *, progress: Optional[Callable[[int, int], None]] = None, **settings: Any
+) -> Any:
     """`tc graph`: the whole attribution graph of the local replacement model on ``prompt``, pruned by
     influence and scored. ``model``: a name or folder, or ``load_model``'s result; ``transcoders``: a path,
     or ``load_transcoders``' result. Returns a ``GraphRun`` (``.graph``: ``.replacement``, ``.completeness``;
@@ -319,8 +333,12 @@ def attribution_graph(model: Any, transcoders: Any, prompt: str, *,
         loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config)
         run = trace_graph(loaded, loaded_transcoders, prompt, config, progress)
         if config.out:
-            outputs.atomic_write_bytes(config.out, attribution_graph_io.render(
-                run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config))
+            outputs.atomic_write_bytes(
+                config.out,
+                attribution_graph_io.render(
+                    run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config
+                ),
+            )
     return run
 
 
@@ -387,8 +405,9 @@ def greater_than(*, progress: Optional[Callable[[str, int, Optional[int]], None]
 
 
 @takes_settings(ValidateConfig)
-def validate_circuit(*, progress: Optional[Callable[[str, int, int], None]] = None, **settings: Any
-                     ) -> tuple[Any, dict]:
+def validate_circuit(
+    *, progress: Optional[Callable[[str, int, int], None]] = None, **settings: Any
+) -> tuple[Any, dict]:
     """`tc validate`: test a circuit graph (a JSON file from ``circuit_graph`` or ``attribution_graph``)
     against the model: necessity, sufficiency, per-node faithfulness, a random baseline. Returns (the graph,
     the results); with ``out`` the graph annotated with the results is written there.

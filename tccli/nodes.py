@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from tccli.errors import fail
 
+
 @dataclass(frozen=True)
 class NodeRef:
     """A node of a circuit or attribution graph, or one to intervene on: (kind, layer, index, position).
@@ -44,20 +45,24 @@ class NodeRef:
             return f"skip{self.layer}@{where}"
         return f"{self.kind}@{where}"  # embed, pos
 
-    def at(self, position: Optional[int]) -> "NodeRef":
+    def at(self, position: Optional[int]) -> NodeRef:
         return NodeRef(self.kind, self.layer, self.index, position)
 
 
-_NODE_ID = re.compile(r"(?:mlp(?P<feature_layer>\d+)\.f(?P<feature>\d+)|attn(?P<head_layer>\d+)\.h(?P<head>\d+)"
-                      r"|err(?P<error_layer>\d+))@(?P<position>\*|-?\d+)")
+_NODE_ID = re.compile(
+    r"(?:mlp(?P<feature_layer>\d+)\.f(?P<feature>\d+)|attn(?P<head_layer>\d+)\.h(?P<head>\d+)"
+    r"|err(?P<error_layer>\d+))@(?P<position>\*|-?\d+)"
+)
 
 
 def parse_node(text: str) -> NodeRef:
     """'mlp8.f1234@5', 'attn3.h2@4', 'err8@5', any of them '@*' -> NodeRef."""
     match = _NODE_ID.fullmatch((text or "").strip())
     if not match:
-        raise fail(f"bad node {text!r}: use mlp8.f1234@5 (a feature), attn3.h2@4 (a head's term from source "
-                   "token 4), err8@5 (an error term); @* for every position, @-1 for the last")
+        raise fail(
+            f"bad node {text!r}: use mlp8.f1234@5 (a feature), attn3.h2@4 (a head's term from source "
+            "token 4), err8@5 (an error term); @* for every position, @-1 for the last"
+        )
     groups = match.groupdict()
     position = None if groups["position"] == "*" else int(groups["position"])
     if groups["feature_layer"] is not None:
@@ -195,8 +200,10 @@ def target_spec_label(target: dict) -> str:
     if kind == "logit":
         return f"logit({target.get('token_string', target.get('token'))!r})"
     if kind == "logit_diff":
-        return (f"logit({target.get('token_string', target.get('token'))!r}) - "
-                f"logit({target.get('token_b_string', target.get('token_b'))!r})")
+        return (
+            f"logit({target.get('token_string', target.get('token'))!r}) - "
+            f"logit({target.get('token_b_string', target.get('token_b'))!r})"
+        )
     return f"direction . resid_pre[{target.get('layer')}]"
 
 

@@ -48,9 +48,9 @@ from typing import Any, Optional
 
 import networkx as nx
 
+from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 from tccli.errors import fail
 from tccli.nodes import node_label, quoted_token, short_label
-from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 
 GRAPH_FORMAT = "tc-circuit-graph"
 
@@ -75,8 +75,15 @@ PER_LINE = 4  # nodes side by side in one cell before a new line starts
 CURVED_EDGES = 120  # up to this many edges are drawn curved (parallel ones stay apart), more straight
 MAX_EDGE_LABELS = 40  # more labels than this cover a dense graph's edges: only the largest are written
 CHAR_WIDTH = 0.075  # inches per character at fontsize 10 (Helvetica, on average)
-COLOURS = {"feature": "#cfe2f3", "head": "#fff2cc", "embed": "#d9ead3", "pos": "#d9ead3", "error": "#e0e0e0",
-           "skip": "#e6d0ec", "target": "#f4cccc"}
+COLOURS = {
+    "feature": "#cfe2f3",
+    "head": "#fff2cc",
+    "embed": "#d9ead3",
+    "pos": "#d9ead3",
+    "error": "#e0e0e0",
+    "skip": "#e6d0ec",
+    "target": "#f4cccc",
+}
 _CELL_ORDER = {"feature": 0, "head": 0, "embed": 0, "pos": 1, "skip": 2, "error": 3, "target": 0}
 
 
@@ -124,8 +131,13 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
     for n in nodes:
         cells.setdefault((row_of(attrs[n]), int(attrs[n].get("position", 0))), []).append(n)
     for members in cells.values():
-        members.sort(key=lambda n: (_CELL_ORDER.get(attrs[n].get("kind"), 3),
-                                    -abs(attrs[n].get("path_contribution") or attrs[n].get("influence") or 0.0), n))
+        members.sort(
+            key=lambda n: (
+                _CELL_ORDER.get(attrs[n].get("kind"), 3),
+                -abs(attrs[n].get("path_contribution") or attrs[n].get("influence") or 0.0),
+                n,
+            )
+        )
     widths = {n: _text_width(short_label(attrs[n])) for n in nodes}
     box = max([widths[n] for n in others], default=0.8)
     for n in others:
@@ -141,8 +153,10 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
     x = 0.0
     column_x = []
     for position in range(n_positions):
-        width = max([_text_width(quoted_token(tokens[position]), 0.07)] +
-                    [cell_width(m) for (row, p), m in cells.items() if p == position])
+        width = max(
+            [_text_width(quoted_token(tokens[position]), 0.07)]
+            + [cell_width(m) for (row, p), m in cells.items() if p == position]
+        )
         column_x.append(x + width / 2)
         layout.columns.append((position, x + width / 2, tokens[position]))
         x += width + COLUMN_GAP
@@ -154,7 +168,7 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
             if r != row:
                 continue
             for line_start in range(0, len(members), PER_LINE):
-                line = members[line_start:line_start + PER_LINE]  # centred on the column
+                line = members[line_start : line_start + PER_LINE]  # centred on the column
                 left = column_x[position] - (sum(widths[n] for n in line) + NODE_GAP * (len(line) - 1)) / 2
                 line_y = y + (line_start // PER_LINE) * (NODE_HEIGHT + NODE_GAP) + NODE_HEIGHT / 2
                 for n in line:
@@ -184,16 +198,22 @@ def _caption(graph: nx.DiGraph, hidden_edges: int, hidden_nodes: int, options: P
         prompt = str(meta["prompt"])
         lines.append("prompt: " + quoted_token(prompt if len(prompt) <= 120 else prompt[:117] + "..."))
     if meta.get("explained") is not None and meta.get("target_value"):
-        lines.append(f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
-                     f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
-                     f"{meta.get('error_into_target', 0.0):.3g}")
+        lines.append(
+            f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
+            f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
+            f"{meta.get('error_into_target', 0.0):.3g}"
+        )
     if meta.get("replacement_score") is not None:  # a tc graph attribution graph
-        lines.append(f"replacement score {meta['replacement_score']:.3f}, completeness score "
-                     f"{meta['completeness_score']:.3f}; {meta.get('kept_features')} features kept of "
-                     f"{meta.get('graph_features')} with rows ({meta.get('active_features')} active)")
+        lines.append(
+            f"replacement score {meta['replacement_score']:.3f}, completeness score "
+            f"{meta['completeness_score']:.3f}; {meta.get('kept_features')} features kept of "
+            f"{meta.get('graph_features')} with rows ({meta.get('active_features')} active)"
+        )
     if hidden_edges:
-        lines.append(f"not drawn: {hidden_edges} edges below {options.min_edge:g} x |target| and "
-                     f"{hidden_nodes} nodes left without an edge")
+        lines.append(
+            f"not drawn: {hidden_edges} edges below {options.min_edge:g} x |target| and "
+            f"{hidden_nodes} nodes left without an edge"
+        )
     return "\n".join(lines)
 
 
@@ -206,37 +226,46 @@ def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
     drawn = [n for n, a in graph.nodes(data=True) if a.get("kind") == "target" or n in ends]
     layout = grid_layout(graph, drawn)
     largest = max([abs(w) for _, _, w in drawn_edges] or [1.0]) or 1.0
-    caption = _caption(graph, graph.number_of_edges() - len(drawn_edges), graph.number_of_nodes() - len(drawn),
-                       options)
-    lines = ["digraph circuit {",
-             f"  graph [layout=neato, splines={'curved' if len(drawn_edges) <= CURVED_EDGES else 'false'}, "
-             f"outputorder=edgesfirst, pad=0.4, fontname=Helvetica, fontsize=11, "
-             f"labelloc=t, labeljust=l, label={_quote(caption)}];",
-             '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
-             f'height={NODE_HEIGHT}, penwidth=0.6];',
-             "  edge [fontname=Helvetica, fontsize=8, arrowsize=0.5];"]
+    caption = _caption(graph, graph.number_of_edges() - len(drawn_edges), graph.number_of_nodes() - len(drawn), options)
+    lines = [
+        "digraph circuit {",
+        f"  graph [layout=neato, splines={'curved' if len(drawn_edges) <= CURVED_EDGES else 'false'}, "
+        f"outputorder=edgesfirst, pad=0.4, fontname=Helvetica, fontsize=11, "
+        f"labelloc=t, labeljust=l, label={_quote(caption)}];",
+        '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
+        f"height={NODE_HEIGHT}, penwidth=0.6];",
+        "  edge [fontname=Helvetica, fontsize=8, arrowsize=0.5];",
+    ]
     for n in drawn:
         attrs = graph.nodes[n]
         x, y = layout.positions[n]
         tooltip = _tooltip(n, attrs)
-        lines.append(f"  {_quote(n)} [label={_quote(short_label(attrs))}, pos=\"{x:.3f},{y:.3f}!\", "
-                     f"width={layout.widths[n]:.3f}, fillcolor=\"{COLOURS.get(attrs.get('kind'), 'white')}\", "
-                     f"tooltip={_quote(tooltip)}];")
+        lines.append(
+            f'  {_quote(n)} [label={_quote(short_label(attrs))}, pos="{x:.3f},{y:.3f}!", '
+            f'width={layout.widths[n]:.3f}, fillcolor="{COLOURS.get(attrs.get("kind"), "white")}", '
+            f"tooltip={_quote(tooltip)}];"
+        )
     bottom = -NODE_HEIGHT - 0.25
     for position, x, token in layout.columns:
-        lines.append(f"  \"token:{position}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
-                     f"label={_quote(quoted_token(token) + chr(10) + str(position))}, pos=\"{x:.3f},{bottom:.3f}!\"];")
+        lines.append(
+            f'  "token:{position}" [shape=plaintext, style="", fixedsize=false, fontsize=9, '
+            f'label={_quote(quoted_token(token) + chr(10) + str(position))}, pos="{x:.3f},{bottom:.3f}!"];'
+        )
     for index, (name, y) in enumerate(layout.rows):
-        lines.append(f"  \"row:{index}\" [shape=plaintext, style=\"\", fixedsize=false, fontsize=9, "
-                     f"fontcolor=\"#666666\", label={_quote(name)}, pos=\"{layout.left:.3f},{y:.3f}!\"];")
-    labelled = sorted(((u, v) for u, v, w in drawn_edges if abs(w) >= options.min_edge_label * reference),
-                      key=lambda e: -abs(graph.edges[e]["weight"]))[:MAX_EDGE_LABELS]
+        lines.append(
+            f'  "row:{index}" [shape=plaintext, style="", fixedsize=false, fontsize=9, '
+            f'fontcolor="#666666", label={_quote(name)}, pos="{layout.left:.3f},{y:.3f}!"];'
+        )
+    labelled = sorted(
+        ((u, v) for u, v, w in drawn_edges if abs(w) >= options.min_edge_label * reference),
+        key=lambda e: -abs(graph.edges[e]["weight"]),
+    )[:MAX_EDGE_LABELS]
     labelled = set(labelled)
     for u, v, w in drawn_edges:
         width = 0.5 + 4.5 * abs(w) / largest
         colour = "#1f5fbf" if w >= 0 else "#c0392b"
         label = f", label={_quote(f'{w:.3g}')}" if (u, v) in labelled else ""
-        lines.append(f"  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color=\"{colour}\"{label}];")
+        lines.append(f'  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color="{colour}"{label}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -292,8 +321,9 @@ def read_graph(path: str | Path) -> nx.DiGraph:
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise fail(f"{path} is not a tc circuit graph (not even text: JSON written by tc circuit --format json "
-                   "is needed)") from None
+        raise fail(
+            f"{path} is not a tc circuit graph (not even text: JSON written by tc circuit --format json is needed)"
+        ) from None
     return from_json(text, str(path))
 
 
@@ -304,14 +334,20 @@ def check_graph_matches_model(graph: nx.DiGraph, info: Any, where: str) -> None:
 
     meta = graph.graph.get("metadata") or {}
     recorded = (meta.get("model"), meta.get("architecture"), meta.get("n_layers"))
-    if known_different_models(meta.get("model"), info.name) or (
-            recorded[1] not in (None, info.architecture)) or recorded[2] not in (None, info.n_layers):
-        raise fail(f"{where} was traced on the model {recorded[0]} ({recorded[1]}, {recorded[2]} layers), not on "
-                   f"{info.name} ({info.architecture}, {info.n_layers} layers)")
+    if (
+        known_different_models(meta.get("model"), info.name)
+        or (recorded[1] not in (None, info.architecture))
+        or recorded[2] not in (None, info.n_layers)
+    ):
+        raise fail(
+            f"{where} was traced on the model {recorded[0]} ({recorded[1]}, {recorded[2]} layers), not on "
+            f"{info.name} ({info.architecture}, {info.n_layers} layers)"
+        )
     for node, attrs in graph.nodes(data=True):
         layer = attrs.get("layer")
         if attrs.get("kind") in ("feature", "head", "error") and not (
-                isinstance(layer, int) and 0 <= layer < info.n_layers):
+            isinstance(layer, int) and 0 <= layer < info.n_layers
+        ):
             raise fail(f"{where}: node {node} is in layer {layer!r}; the model has layers 0-{info.n_layers - 1}")
         head = attrs.get("head")
         if attrs.get("kind") == "head" and not (isinstance(head, int) and 0 <= head < info.n_heads):
@@ -356,21 +392,39 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
         kind = attrs.get("kind")
         if kind in LINEAR_PATH_KINDS:
             continue
-        entry = {"node_id": ids[node], "jsNodeId": ids[node], "layer": str(attrs.get("layer")),
-                 "ctx_idx": attrs.get("position"), "feature": attrs.get("feature") if kind == "feature" else -1,
-                 "feature_type": {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
-                                  "embed": "embedding", "pos": "embedding", "target": "logit"}[kind],
-                 "activation": attrs.get("activation"), "token_prob": 0.0, "is_target_logit": kind == "target",
-                 "run_idx": 0, "reverse_ctx_idx": 0, "clerp": node_label(attrs),
-                 "influence": 1.0 if kind == "target" else abs(attrs.get("path_contribution") or 0.0) / target_value}
+        entry = {
+            "node_id": ids[node],
+            "jsNodeId": ids[node],
+            "layer": str(attrs.get("layer")),
+            "ctx_idx": attrs.get("position"),
+            "feature": attrs.get("feature") if kind == "feature" else -1,
+            "feature_type": {
+                "feature": "cross layer transcoder",
+                "error": "mlp reconstruction error",
+                "embed": "embedding",
+                "pos": "embedding",
+                "target": "logit",
+            }[kind],
+            "activation": attrs.get("activation"),
+            "token_prob": 0.0,
+            "is_target_logit": kind == "target",
+            "run_idx": 0,
+            "reverse_ctx_idx": 0,
+            "clerp": node_label(attrs),
+            "influence": 1.0 if kind == "target" else abs(attrs.get("path_contribution") or 0.0) / target_value,
+        }
         if kind in ("embed", "pos"):
             entry["layer"] = "E"
         if kind == "target":
             description = meta.get("target", {})
             if description.get("kind") == "feature":
-                entry.update(feature_type="cross layer transcoder", feature=description.get("feature"),
-                             layer=str(description.get("layer")), is_target_logit=False,
-                             node_id=f"{description.get('layer')}_{description.get('feature')}_{attrs.get('position')}")
+                entry.update(
+                    feature_type="cross layer transcoder",
+                    feature=description.get("feature"),
+                    layer=str(description.get("layer")),
+                    is_target_logit=False,
+                    node_id=f"{description.get('layer')}_{description.get('feature')}_{attrs.get('position')}",
+                )
                 entry["jsNodeId"] = entry["node_id"]
                 ids[node] = entry["node_id"]
             else:
@@ -393,10 +447,16 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
             key = (ids[u], ids[t])
             links[key] = links.get(key, 0.0) + w
     document = {
-        "metadata": {"slug": meta.get("slug", "tc-circuit"), "scan": meta.get("model", ""),
-                     "transcoder_list": meta.get("transcoder_list", []),
-                     "prompt_tokens": meta.get("tokens", []), "prompt": meta.get("prompt", ""),
-                     "node_threshold": None, "schema_version": 1, "tc": meta},
+        "metadata": {
+            "slug": meta.get("slug", "tc-circuit"),
+            "scan": meta.get("model", ""),
+            "transcoder_list": meta.get("transcoder_list", []),
+            "prompt_tokens": meta.get("tokens", []),
+            "prompt": meta.get("prompt", ""),
+            "node_threshold": None,
+            "schema_version": 1,
+            "tc": meta,
+        },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
@@ -422,32 +482,64 @@ def attribution_graph_to_neuronpedia(graph: nx.DiGraph) -> str:
     nodes = []
     for node, attrs in graph.nodes(data=True):
         kind, position = attrs.get("kind"), attrs.get("position")
-        entry = {"feature": -1, "layer": str(attrs.get("layer")), "ctx_idx": position, "token_prob": 0.0,
-                 "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": "",
-                 "influence": attrs.get("cumulative_influence"), "activation": attrs.get("activation")}
+        entry = {
+            "feature": -1,
+            "layer": str(attrs.get("layer")),
+            "ctx_idx": position,
+            "token_prob": 0.0,
+            "is_target_logit": False,
+            "run_idx": 0,
+            "reverse_ctx_idx": 0,
+            "clerp": "",
+            "influence": attrs.get("cumulative_influence"),
+            "activation": attrs.get("activation"),
+        }
         if kind == "head":
             continue
         if kind == "feature":
-            entry.update(node_id=f"{attrs['layer']}_{attrs['feature']}_{position}", feature=attrs["feature"],
-                         feature_type="cross layer transcoder", jsNodeId=f"{attrs['layer']}_{attrs['feature']}-0")
+            entry.update(
+                node_id=f"{attrs['layer']}_{attrs['feature']}_{position}",
+                feature=attrs["feature"],
+                feature_type="cross layer transcoder",
+                jsNodeId=f"{attrs['layer']}_{attrs['feature']}-0",
+            )
         elif kind == "error":
-            entry.update(node_id=f"{attrs['layer']}_-1_{position}", feature_type="mlp reconstruction error",
-                         jsNodeId=f"{attrs['layer']}_{position}-0", activation=None)
+            entry.update(
+                node_id=f"{attrs['layer']}_-1_{position}",
+                feature_type="mlp reconstruction error",
+                jsNodeId=f"{attrs['layer']}_{position}-0",
+                activation=None,
+            )
         elif kind == "embed":
             token = attrs.get("token_id", -1)
-            entry.update(node_id=f"E_{token}_{position}", feature=position, layer="E", feature_type="embedding",
-                         jsNodeId=f"E_{token}-{position}", activation=None)
+            entry.update(
+                node_id=f"E_{token}_{position}",
+                feature=position,
+                layer="E",
+                feature_type="embedding",
+                jsNodeId=f"E_{token}-{position}",
+                activation=None,
+            )
         else:
             entry.update(_neuronpedia_target(attrs, n_layers, position, top_probability))
         ids[node] = entry["node_id"]
         nodes.append(entry)
-    links = [{"source": ids[u], "target": ids[v], "weight": w} for u, v, w in graph.edges(data="weight")
-             if u in ids and v in ids]
+    links = [
+        {"source": ids[u], "target": ids[v], "weight": w}
+        for u, v, w in graph.edges(data="weight")
+        if u in ids and v in ids
+    ]
     document = {
-        "metadata": {"slug": meta.get("slug", "tc-graph"), "scan": meta.get("model", ""),
-                     "transcoder_list": meta.get("transcoder_list", []), "prompt_tokens": meta.get("tokens", []),
-                     "prompt": meta.get("prompt", ""), "node_threshold": meta.get("config", {}).get("node_threshold"),
-                     "schema_version": 1, "tc": meta},
+        "metadata": {
+            "slug": meta.get("slug", "tc-graph"),
+            "scan": meta.get("model", ""),
+            "transcoder_list": meta.get("transcoder_list", []),
+            "prompt_tokens": meta.get("tokens", []),
+            "prompt": meta.get("prompt", ""),
+            "node_threshold": meta.get("config", {}).get("node_threshold"),
+            "schema_version": 1,
+            "tc": meta,
+        },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": links,
@@ -459,20 +551,32 @@ def _neuronpedia_target(attrs: dict, n_layers: int, position: int, top_probabili
     kind = attrs.get("target_kind")
     if kind == "feature":
         layer, feature = attrs["layer"], attrs["target_feature"]
-        return {"node_id": f"{layer}_{feature}_{position}", "feature": feature, "layer": str(layer),
-                "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{feature}-0",
-                "clerp": f"target: L{layer} F{feature} pre-activation"}
+        return {
+            "node_id": f"{layer}_{feature}_{position}",
+            "feature": feature,
+            "layer": str(layer),
+            "feature_type": "cross layer transcoder",
+            "jsNodeId": f"{layer}_{feature}-0",
+            "clerp": f"target: L{layer} F{feature} pre-activation",
+        }
     token = attrs.get("target_token", -1) if kind in ("logit", "logit_diff") else -1
     text = attrs.get("target_token_string", "")
     if kind == "logit_diff":
-        text = f"{text}\" - \"{attrs.get('target_token_b_string', '')}"
+        text = f'{text}" - "{attrs.get("target_token_b_string", "")}'
     elif kind == "direction":
         text = f"direction at layer {attrs.get('layer')}"
     probability = attrs.get("weight", 0.0) if kind == "logit" and attrs.get("target_demeaned") else 0.0
-    return {"node_id": f"{n_layers + 1}_{token}_{position}", "feature": token, "layer": str(n_layers + 1),
-            "feature_type": "logit", "jsNodeId": f"L_{token}-{position}", "token_prob": probability,
-            "is_target_logit": probability == top_probability or kind != "logit",
-            "clerp": f'Output "{text}" (p={probability:.3f})', "activation": attrs.get("activation")}
+    return {
+        "node_id": f"{n_layers + 1}_{token}_{position}",
+        "feature": token,
+        "layer": str(n_layers + 1),
+        "feature_type": "logit",
+        "jsNodeId": f"L_{token}-{position}",
+        "token_prob": probability,
+        "is_target_logit": probability == top_probability or kind != "logit",
+        "clerp": f'Output "{text}" (p={probability:.3f})',
+        "activation": attrs.get("activation"),
+    }
 
 
 # ----------------------------------------------------------------------------- export
@@ -499,8 +603,10 @@ def render(graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None
 def run_dot(dot_text: str, fmt: str) -> bytes:
     program = shutil.which("dot")
     if program is None:
-        raise fail(f"rendering {fmt} needs Graphviz's `dot` program, which is not installed "
-                   f"(Debian: apt-get install graphviz); `--format dot` works without it")
+        raise fail(
+            f"rendering {fmt} needs Graphviz's `dot` program, which is not installed "
+            f"(Debian: apt-get install graphviz); `--format dot` works without it"
+        )
     result = subprocess.run([program, f"-T{fmt}"], input=dot_text.encode(), capture_output=True)
     if result.returncode != 0:
         raise fail(f"dot failed: {result.stderr.decode(errors='replace').strip()[:300]}")
@@ -512,8 +618,7 @@ def _graphml(graph: nx.DiGraph) -> bytes:
     clean = nx.DiGraph()
 
     def scalars(attrs: dict) -> dict[str, Any]:
-        return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
-                for k, v in attrs.items() if v is not None}
+        return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in attrs.items() if v is not None}
 
     clean.graph.update(scalars(graph.graph.get("metadata", {})))
     for node, attrs in graph.nodes(data=True):
@@ -554,13 +659,23 @@ def circuit_graph_summary(path: Path) -> dict:
     kinds: dict[str, int] = {}
     for _, kind in graph.nodes(data="kind"):
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"kind": "circuit-graph", "path": str(path), "nodes": graph.number_of_nodes(),
-            "edges": graph.number_of_edges(), "node_kinds": kinds, "model": meta.get("model"),
-            "transcoders": meta.get("transcoders"), "prompt": meta.get("prompt"),
-            "target": meta.get("target"), "position": meta.get("position"),
-            "target_value": meta.get("target_value"), "explained": meta.get("explained"),
-            "error_into_target": meta.get("error_into_target"), "search": meta.get("search"),
-            "tc_version": meta.get("tc_version")}
+    return {
+        "kind": "circuit-graph",
+        "path": str(path),
+        "nodes": graph.number_of_nodes(),
+        "edges": graph.number_of_edges(),
+        "node_kinds": kinds,
+        "model": meta.get("model"),
+        "transcoders": meta.get("transcoders"),
+        "prompt": meta.get("prompt"),
+        "target": meta.get("target"),
+        "position": meta.get("position"),
+        "target_value": meta.get("target_value"),
+        "explained": meta.get("explained"),
+        "error_into_target": meta.get("error_into_target"),
+        "search": meta.get("search"),
+        "tc_version": meta.get("tc_version"),
+    }
 
 
 def circuit_graph_summary_lines(s: dict) -> list[str]:
@@ -575,4 +690,3 @@ def circuit_graph_summary_lines(s: dict) -> list[str]:
         f"  search       {json.dumps(s['search'])}",
         f"  written by   tc {s['tc_version']}",
     ]
-

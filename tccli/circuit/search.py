@@ -34,11 +34,11 @@ from typing import Optional
 import networkx as nx
 import torch
 
+from tccli.nodes import NodeRef
 from tccli.replacement import attribution
 from tccli.replacement.attribution import Rows
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.targets import Target
-from tccli.nodes import NodeRef
 
 TERMINAL_KINDS = ("embed", "pos", "error")
 
@@ -115,17 +115,19 @@ def _candidates(frozen: FrozenForward, rows: Rows):
         return kind, -1, -1, -1
 
     source_positions = []  # for BOS exclusion: the token each candidate is read from
-    for block, (kind, layer, extra, T_) in zip(blocks, segments):
+    for block, (kind, _layer, extra, T_) in zip(blocks, segments):
         if kind == "head":
-            source_positions.append(torch.arange(T_, device=block.device).repeat(extra).unsqueeze(0)
-                                    .expand(len(rows), -1))
+            source_positions.append(
+                torch.arange(T_, device=block.device).repeat(extra).unsqueeze(0).expand(len(rows), -1)
+            )
         else:
             source_positions.append(rows.positions.unsqueeze(1).expand(-1, block.shape[1]))
     return torch.cat(blocks, dim=1), torch.cat(source_positions, dim=1), decode
 
 
-def _extend(frozen: FrozenForward, path: Path, kind: str, layer: int, index: int, source: int,
-            contribution: float) -> Path:
+def _extend(
+    frozen: FrozenForward, path: Path, kind: str, layer: int, index: int, source: int, contribution: float
+) -> Path:
     t = path.position
     if kind == "feature":
         decoder = frozen.layers[layer].transcoder.W_dec[index].to(path.vector.dtype)
@@ -139,23 +141,35 @@ def _extend(frozen: FrozenForward, path: Path, kind: str, layer: int, index: int
         key, position = NodeRef("skip", layer, -1, t), t
     else:
         vector, read_point, key, position = None, (0, 0), NodeRef(kind, -1, -1, t), t
-    return Path(nodes=path.nodes + (key,), contributions=path.contributions + (contribution,),
-                vector=vector, position=position, read_point=read_point)
+    return Path(
+        nodes=path.nodes + (key,),
+        contributions=path.contributions + (contribution,),
+        vector=vector,
+        position=position,
+        read_point=read_point,
+    )
 
 
 def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -> SearchResult:
     """The paper's Algorithm 1 (beam over paths); returns every path the beams held."""
-    start = Path(nodes=(NodeRef("target", position=target.position),), contributions=(target.value,),
-                 vector=target.vector, position=target.position, read_point=target.read_point)
+    start = Path(
+        nodes=(NodeRef("target", position=target.position),),
+        contributions=(target.value,),
+        vector=target.vector,
+        position=target.position,
+        read_point=target.read_point,
+    )
     beam, found, errors = [start], [], {}
     for _ in range(params.iters):
         expandable = [p for p in beam if p.expandable]
         if not expandable:
             break
-        rows = Rows(vectors=torch.stack([p.vector for p in expandable]),
-                    positions=torch.tensor([p.position for p in expandable]),
-                    n_attn=torch.tensor([p.read_point[0] for p in expandable]),
-                    n_mlp=torch.tensor([p.read_point[1] for p in expandable]))
+        rows = Rows(
+            vectors=torch.stack([p.vector for p in expandable]),
+            positions=torch.tensor([p.position for p in expandable]),
+            n_attn=torch.tensor([p.read_point[0] for p in expandable]),
+            n_mlp=torch.tensor([p.read_point[1] for p in expandable]),
+        )
         for layer in range(int(rows.n_mlp.max())):
             per_row = attribution.error_contributions(frozen, rows, layer)
             for p, value in zip(expandable, per_row.tolist()):
@@ -175,10 +189,9 @@ def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -
                 if score == float("-inf"):
                     break
                 kind, layer, index, source = decode(n)
-                extended.append((score, _extend(frozen, path, kind, layer, index, source,
-                                                float(scores[p, n]))))
+                extended.append((score, _extend(frozen, path, kind, layer, index, source, float(scores[p, n]))))
         extended.sort(key=lambda item: -item[0])
-        beam = [path for _, path in extended[:params.branches]]
+        beam = [path for _, path in extended[: params.branches]]
         found.extend(beam)
     return SearchResult(paths=found, errors=errors)
 
@@ -186,12 +199,24 @@ def greedy_search(frozen: FrozenForward, target: Target, params: SearchParams) -
 # ----------------------------------------------------------------------------- graph
 
 
-def _node_attributes(frozen: FrozenForward, key: NodeRef, tokens: list[str],
-                     direct: attribution.DirectContributions, target_position: int) -> dict:
-    attrs = {"kind": key.kind, "layer": key.layer, "feature": None, "head": None, "position": key.position,
-             "token": tokens[key.position] if 0 <= key.position < len(tokens) else "",
-             "activation": None, "path_contribution": 0.0,
-             "direct_contribution": _direct_to_target(key, direct, target_position)}
+def _node_attributes(
+    frozen: FrozenForward,
+    key: NodeRef,
+    tokens: list[str],
+    direct: attribution.DirectContributions,
+    target_position: int,
+) -> dict:
+    attrs = {
+        "kind": key.kind,
+        "layer": key.layer,
+        "feature": None,
+        "head": None,
+        "position": key.position,
+        "token": tokens[key.position] if 0 <= key.position < len(tokens) else "",
+        "activation": None,
+        "path_contribution": 0.0,
+        "direct_contribution": _direct_to_target(key, direct, target_position),
+    }
     if key.kind == "feature":
         attrs["feature"] = key.index
         attrs["activation"] = float(frozen.layers[key.layer].z[key.position, key.index])
@@ -227,17 +252,21 @@ def _direct_to_target(key: NodeRef, direct: attribution.DirectContributions, tar
     raise ValueError(f"unknown node kind {key.kind!r}")
 
 
-def paths_to_graph(frozen: FrozenForward, target: Target, result: SearchResult, tokens: list[str],
-                   min_contribution: float = 0.0) -> nx.DiGraph:
+def paths_to_graph(
+    frozen: FrozenForward, target: Target, result: SearchResult, tokens: list[str], min_contribution: float = 0.0
+) -> nx.DiGraph:
     """Merge the paths into one DiGraph (Algorithm 2: each distinct path prefix counted once)."""
     graph = nx.DiGraph()
     direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
     root = NodeRef("target", position=target.position)
     graph.add_node(root.id, **_node_attributes(frozen, root, tokens, direct, target.position))
-    graph.nodes[root.id].update(activation=target.value, path_contribution=None,
-                                layer=target.description.get("layer", frozen.n_layers),
-                                constant=target.constant, **{f"target_{k}": v for k, v in
-                                                             target.description.items() if k != "layer"})
+    graph.nodes[root.id].update(
+        activation=target.value,
+        path_contribution=None,
+        layer=target.description.get("layer", frozen.n_layers),
+        constant=target.constant,
+        **{f"target_{k}": v for k, v in target.description.items() if k != "layer"},
+    )
     seen = set()
 
     def add_edge(upstream: NodeRef, downstream: NodeRef, contribution: float) -> None:

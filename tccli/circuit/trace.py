@@ -7,33 +7,34 @@ metadata; tccli.circuit.files writes it. No file formats here.
 
 from __future__ import annotations
 
-
 import torch
 
-from tccli.model.loading import LoadedModel
-from tccli.data.text import display_token
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.circuit import CircuitConfig
+from tccli.data.text import display_token
+from tccli.model.loading import LoadedModel
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import build_target
-
+from tccli.transcoders.transcoder import Transcoder
 
 # ----------------------------------------------------------------------------- tc circuit
 
 
-def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str,
-                  config: CircuitConfig):
+def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, config: CircuitConfig):
     """Everything `tc circuit` computes: (graph, summary dict)."""
     from tccli import __version__
-    from tccli.config.fields import to_json_dict
     from tccli.circuit.search import SearchParams, explained, greedy_search, paths_to_graph
+    from tccli.config.fields import to_json_dict
 
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         target = build_target(config, loaded, transcoders, frozen, position)
-        params = SearchParams(iters=config.iters, branches=config.branches,
-                              min_contribution=config.min_contribution, both_signs=config.both_signs,
-                              include_bos=config.include_bos)
+        params = SearchParams(
+            iters=config.iters,
+            branches=config.branches,
+            min_contribution=config.min_contribution,
+            both_signs=config.both_signs,
+            include_bos=config.include_bos,
+        )
         result = greedy_search(frozen, target, params)
         strings = token_strings(loaded.tokenizer, tokens.tolist())
         graph = paths_to_graph(frozen, target, result, strings, config.min_contribution)
@@ -44,29 +45,51 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
             description[key + "_string"] = display_token(loaded.tokenizer, description[key])
             graph.nodes["target"][f"target_{key}_string"] = description[key + "_string"]
     graph.graph["metadata"] = {
-        "tc_version": __version__, "model": loaded.info.name, "architecture": loaded.info.architecture,
-        "n_layers": loaded.info.n_layers, "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
+        "tc_version": __version__,
+        "model": loaded.info.name,
+        "architecture": loaded.info.architecture,
+        "n_layers": loaded.info.n_layers,
+        "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": config.transcoders,
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
-        "transcoder_spaces": {str(layer): {"input": t.config.input_space, "output": t.config.output_space,
-                                           "skip": t.config.skip, "activation": t.config.activation}
-                              for layer, t in sorted(transcoders.items())},
+        "transcoder_spaces": {
+            str(layer): {
+                "input": t.config.input_space,
+                "output": t.config.output_space,
+                "skip": t.config.skip,
+                "activation": t.config.activation,
+            }
+            for layer, t in sorted(transcoders.items())
+        },
         # a logit target is the logit before the final soft-cap c tanh(logit / c), which is not linear
         "final_logit_softcap": loaded.info.final_logit_softcap,
-        "prompt": prompt, "tokens": strings, "token_ids": tokens.tolist(), "position": position,
-        "target": description, "target_value": target.value, "target_constant": target.constant,
-        "explained": kept, "error_into_target": error,
-        "search": {"iters": params.iters, "branches": params.branches,
-                   "min_contribution": params.min_contribution, "both_signs": params.both_signs,
-                   "include_bos": params.include_bos},
+        "prompt": prompt,
+        "tokens": strings,
+        "token_ids": tokens.tolist(),
+        "position": position,
+        "target": description,
+        "target_value": target.value,
+        "target_constant": target.constant,
+        "explained": kept,
+        "error_into_target": error,
+        "search": {
+            "iters": params.iters,
+            "branches": params.branches,
+            "min_contribution": params.min_contribution,
+            "both_signs": params.both_signs,
+            "include_bos": params.include_bos,
+        },
         "config": to_json_dict(config),
     }
-    summary = {"nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(), "value": target.value,
-               "explained": kept, "fraction": kept / target.value if target.value else float("nan"),
-               "error": error}
+    summary = {
+        "nodes": graph.number_of_nodes(),
+        "edges": graph.number_of_edges(),
+        "value": target.value,
+        "explained": kept,
+        "fraction": kept / target.value if target.value else float("nan"),
+        "error": error,
+    }
     return graph, summary
 
 
 # ----------------------------------------------------------------------------- tc deembed
-
-

@@ -14,6 +14,19 @@ from typing import Optional
 
 import typer
 
+from tccli import __version__
+from tccli.cli.options import command_from, multi_value_flags, plain_arguments
+from tccli.config.circuit import CircuitConfig, DeembedConfig, ExportConfig
+from tccli.config.data import CacheConfig
+from tccli.config.evaluation import EvalConfig, GreaterThanConfig, PlotConfig, ValidateConfig
+from tccli.config.features import ScoreConfig, ShowConfig
+from tccli.config.graph import GraphConfig
+from tccli.config.replacement import InterveneConfig
+from tccli.config.training import TrainConfig
+from tccli.config.transcoders import ConvertConfig
+from tccli.errors import TcError
+from tccli.runtime import interrupts, outputs, progress
+
 
 def _exception_classes(name: str) -> tuple[type, ...]:
     """``name`` from click and from typer's bundled copy of click (typer 0.29 raises its own)."""
@@ -35,19 +48,6 @@ _NO_ARGS_IS_HELP = _exception_classes("NoArgsIsHelpError")
 _CLICK_ERROR = _exception_classes("ClickException")
 _EXIT = _exception_classes("Exit")
 
-from tccli import __version__
-from tccli.cli.options import command_from, multi_value_flags, plain_arguments
-from tccli.config.circuit import CircuitConfig, DeembedConfig, ExportConfig
-from tccli.config.data import CacheConfig
-from tccli.config.evaluation import EvalConfig, GreaterThanConfig, PlotConfig, ValidateConfig
-from tccli.config.features import ScoreConfig, ShowConfig
-from tccli.config.graph import GraphConfig
-from tccli.config.replacement import InterveneConfig
-from tccli.config.training import TrainConfig
-from tccli.config.transcoders import ConvertConfig
-from tccli.errors import TcError
-from tccli.runtime import interrupts, outputs, progress
-
 app = typer.Typer(
     name="tc",
     help="tc: transcoder circuits from the command line (cache, train, eval, score, circuit).",
@@ -61,9 +61,24 @@ app = typer.Typer(
 # Options that take several values after one flag (`--data a.txt b.txt`, declared ``several`` in their
 # settings); click options take one value each, so main() rewrites `--data a b` as `--data a --data b`
 # before parsing.
-MULTI_VALUE_OPTIONS = multi_value_flags([CacheConfig, CircuitConfig, DeembedConfig, EvalConfig, ExportConfig,
-                                         GraphConfig, GreaterThanConfig, InterveneConfig, PlotConfig, ScoreConfig,
-                                         ShowConfig, TrainConfig, ValidateConfig, ConvertConfig])
+MULTI_VALUE_OPTIONS = multi_value_flags(
+    [
+        CacheConfig,
+        CircuitConfig,
+        DeembedConfig,
+        EvalConfig,
+        ExportConfig,
+        GraphConfig,
+        GreaterThanConfig,
+        InterveneConfig,
+        PlotConfig,
+        ScoreConfig,
+        ShowConfig,
+        TrainConfig,
+        ValidateConfig,
+        ConvertConfig,
+    ]
+)
 
 
 def example(*lines: str) -> str:
@@ -79,8 +94,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
-                                           help="Print the version and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """tc: transcoder circuits from the command line."""
 
@@ -104,14 +120,15 @@ def cache_command(config: CacheConfig) -> None:
         result = write_cache(output, loaded, log=log, progress=lambda done, total: update("caching", done, total))
     if not config.quiet and result.seconds > 0:
         done = result.n_tokens - result.resumed_from_row * int(config.context)
-        log(f"wrote {result.path} ({result.n_tokens} tokens, {human_bytes(result.path.stat().st_size)}) "
-            f"in {result.seconds:.1f} s, {done / result.seconds:,.0f} tokens/s")
+        log(
+            f"wrote {result.path} ({result.n_tokens} tokens, {human_bytes(result.path.stat().st_size)}) "
+            f"in {result.seconds:.1f} s, {done / result.seconds:,.0f} tokens/s"
+        )
 
 
 @app.command("info", epilog=example("tc info acts.h5"))
 def info_command(
-    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON.",
-                               metavar="PATH"),
+    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON.", metavar="PATH"),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
 ) -> None:
     """Summarise a tc file: activation cache, transcoder(s), or graph."""
@@ -136,6 +153,7 @@ def train_command(config: TrainConfig) -> None:
 
     train(config)
     print(config.out)
+
 
 # ---------------------------------------------------------------------------- tc plot (issue 12)
 
@@ -201,8 +219,13 @@ def _write_output(data: bytes, out: Optional[str]) -> None:
         sys.stdout.flush()
 
 
-@app.command("circuit", epilog=example("tc circuit --transcoders tcs --logit-diff 40 20 --format json --out g.json \\",
-                                       "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@app.command(
+    "circuit",
+    epilog=example(
+        "tc circuit --transcoders tcs --logit-diff 40 20 --format json --out g.json \\",
+        "    --prompt 'The war lasted from the year 1735 to the year 17'",
+    ),
+)
 @command_from(CircuitConfig)
 def circuit_command(config: CircuitConfig) -> None:
     """Trace the paths into a feature, logit or direction; the graph goes to stdout (or --out)."""
@@ -212,8 +235,10 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli.transcoders.formats import load_transcoder_set
 
     prompt = _prompt_text(config.prompt)
-    with outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]), \
-            progress.bar(config.quiet, "steps") as update:
+    with (
+        outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]),
+        progress.bar(config.quiet, "steps") as update,
+    ):
         update("loading the model", 0, 1)
         loaded = load_model(config.model, config.device, config.model_dtype)
         transcoders = load_transcoder_set(config.transcoders, loaded.device)
@@ -223,9 +248,12 @@ def circuit_command(config: CircuitConfig) -> None:
         update("tracing the circuit", 1, 1)
         _write_output(graph_io.render(graph, config.format, config), config.out)
     if not config.quiet:
-        print(f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
-              f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
-              f"transcoder error into the target {summary['error']:.6g}", file=sys.stderr)
+        print(
+            f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
+            f"explained by the graph's direct inputs {summary['explained']:.6g} ({summary['fraction']:.1%}), "
+            f"transcoder error into the target {summary['error']:.6g}",
+            file=sys.stderr,
+        )
 
 
 def _prompt_text(prompt: str) -> str:
@@ -270,16 +298,19 @@ def score_command(config: ScoreConfig) -> None:
     from tccli.features.score import load_score_inputs, run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
-    with progress.bar(config.quiet, "rows") as update, \
-            outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
+    with (
+        progress.bar(config.quiet, "rows") as update,
+        outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]),
+    ):
         loaded, transcoders, rows = load_score_inputs(config)
         summary = run_score(config, loaded, transcoders, rows, update, log=log)
     if not config.quiet:
         console = progress.stderr_console()
         if summary["available_tokens"] is not None:
             console.print(f"the data holds only {summary['available_tokens']} tokens; scored {summary['tokens']}")
-        console.print(f"scored layers {', '.join(map(str, summary['layers']))} on {summary['tokens']} tokens "
-                      f"-> {summary['out']}")
+        console.print(
+            f"scored layers {', '.join(map(str, summary['layers']))} on {summary['tokens']} tokens -> {summary['out']}"
+        )
 
 
 @app.command("show", epilog=example("tc show features.h5 L2.F57"))
@@ -289,8 +320,8 @@ def show_command(config: ShowConfig) -> None:
     from rich.console import Console
 
     from tccli.features.files import FeaturesFile, check_features_match_model
-    from tccli.nodes import parse_feature
     from tccli.features.show import render_html, render_terminal, resolve_refs
+    from tccli.nodes import parse_feature
 
     features = FeaturesFile.open(config.features_file)
     with outputs.claim(config.html, config.force, [config.features_file]):
@@ -331,47 +362,63 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 # ============================================================================ tc graph (issue 13)
 
 
-@app.command("graph", epilog=example("tc graph --transcoders tcs --format dot --out g.dot \\",
-                                     "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@app.command(
+    "graph",
+    epilog=example(
+        "tc graph --transcoders tcs --format dot --out g.dot \\",
+        "    --prompt 'The war lasted from the year 1735 to the year 17'",
+    ),
+)
 @command_from(GraphConfig)
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""
     from tccli.graph import files as attribution_graph_io
-    from tccli.transcoders.formats import load_transcoder_set
     from tccli.graph.trace import attribution_graph
     from tccli.model.loading import load_model
+    from tccli.transcoders.formats import load_transcoder_set
 
     prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
-    with outputs.claim(config.out, config.force, [config.transcoders, config.model]), \
-            progress.bar(config.quiet, "rows") as update:
+    with (
+        outputs.claim(config.out, config.force, [config.transcoders, config.model]),
+        progress.bar(config.quiet, "rows") as update,
+    ):
         loaded = load_model(config.model, config.device, config.model_dtype)
         transcoders = load_transcoder_set(config.transcoders, loaded.device)
-        run = attribution_graph(loaded, transcoders, prompt, config,
-                                lambda done, total: update("feature rows", done, total))
-        data = attribution_graph_io.render(run.graph, run.metadata, run.strings, run.tokens, config.format,
-                                           run.heads, config)
+        run = attribution_graph(
+            loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
+        )
+        data = attribution_graph_io.render(
+            run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config
+        )
         _write_output(data, config.out)
     graph, stats = run.graph, run.graph.stats
-    log(f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "
-        f"{int(graph.node_mask.sum())} nodes ({int(graph.node_mask[:graph.table.n_features].sum())} features), "
+    log(
+        f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "
+        f"{int(graph.node_mask.sum())} nodes ({int(graph.node_mask[: graph.table.n_features].sum())} features), "
         f"{sum(int(m.sum()) for m in graph.edge_mask)} edges; replacement score {graph.replacement:.4f}, "
         f"completeness score {graph.completeness:.4f}; dropped {stats['dropped_share_total']:.2%} of sum |A| "
         f"({stats['dropped_small_share']:.2%} small entries, {stats['dropped_budget_share']:.2%} from features "
-        f"without rows); {stats['stored_entries']:,} entries stored")
+        f"without rows); {stats['stored_entries']:,} entries stored"
+    )
 
 
 # ============================================================================ tc intervene / tc validate (issue 14)
 
 
-@app.command("intervene", epilog=example("tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",
-                                         "    --prompt 'The war lasted from the year 1735 to the year 17'"))
+@app.command(
+    "intervene",
+    epilog=example(
+        "tc intervene --transcoders tcs --logit-diff 40 20 --ablate mlp0.f339@12 \\",
+        "    --prompt 'The war lasted from the year 1735 to the year 17'",
+    ),
+)
 @command_from(InterveneConfig)
 def intervene_command(config: InterveneConfig) -> None:
     """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.replacement.intervention import intervene_lines, run_intervene
     from tccli.model.loading import load_model
+    from tccli.replacement.intervention import intervene_lines, run_intervene
+    from tccli.transcoders.formats import load_transcoder_set
 
     prompt = _prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
@@ -385,13 +432,21 @@ def intervene_command(config: InterveneConfig) -> None:
 def validate_command(config: ValidateConfig) -> None:
     """Test a circuit graph against the model: necessity, sufficiency, per-node faithfulness, random baseline."""
     from tccli.circuit.files import read_graph
-    from tccli.evaluation.validation import (input_paths, load_validation_inputs, results_json, run_validation,
-                                             summary_lines, write_validated_graph)
+    from tccli.evaluation.validation import (
+        input_paths,
+        load_validation_inputs,
+        results_json,
+        run_validation,
+        summary_lines,
+        write_validated_graph,
+    )
 
     graph = read_graph(config.graph)  # its metadata names the model and transcoders to load
     meta = graph.graph.get("metadata", {})
-    with outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()), \
-            progress.bar(False, "rows") as update:
+    with (
+        outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()),
+        progress.bar(False, "rows") as update,
+    ):
         loaded, transcoders, means, prompts = load_validation_inputs(config, meta)
         # the bar names each group of prompts
         results = run_validation(config, graph, loaded, transcoders, means, prompts, update=update)
@@ -475,8 +530,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as exc:  # a bug of ours: still one line, the traceback only on request
         if os.environ.get("TC_DEBUG"):
             raise
-        print(f"tc: internal error: {type(exc).__name__}: {exc} (set TC_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(f"tc: internal error: {type(exc).__name__}: {exc} (set TC_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(1)
 
 

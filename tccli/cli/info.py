@@ -11,9 +11,10 @@ attribution graphs (`tc graph`); each kind's module is imported only when a file
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tccli.errors import fail
 
@@ -29,8 +30,12 @@ class InfoKind:
 KINDS: list[InfoKind] = []
 
 
-def register_kind(name: str, detect: Callable[[Path], bool], summarize: Callable[[Path], dict],
-                  lines: Optional[Callable[[dict], list[str]]] = None) -> None:
+def register_kind(
+    name: str,
+    detect: Callable[[Path], bool],
+    summarize: Callable[[Path], dict],
+    lines: Optional[Callable[[dict], list[str]]] = None,
+) -> None:
     """Teach `tc info` a new kind of file; registering a name again replaces the earlier entry."""
     KINDS[:] = [k for k in KINDS if k.name != name]
     KINDS.append(InfoKind(name, detect, summarize, lines))
@@ -83,7 +88,11 @@ def _cache_summary(path: Path) -> dict:
 def _cache_lines(s: dict) -> list[str]:
     from tccli.data.cache_format import human_bytes
 
-    state = "complete" if s["complete"] else f"INCOMPLETE ({s['tokens_written']} of {s['tokens_total']} tokens; finish with tc cache --resume)"
+    state = (
+        "complete"
+        if s["complete"]
+        else f"INCOMPLETE ({s['tokens_written']} of {s['tokens_total']} tokens; finish with tc cache --resume)"
+    )
     return [
         f"{s['path']}: tc activation cache, {state}",
         f"  model        {s['model']}{' at ' + s['model_path'] if s.get('model_path') else ''} "
@@ -109,12 +118,37 @@ def _transcoder_summary(path: Path) -> dict:
     per_layer = []
     for layer, tc in transcoders.items():
         cfg = tc.config.to_dict()
-        per_layer.append({"layer": layer, **{k: cfg.get(k) for k in (
-            "kind", "activation", "k", "skip", "input_space", "output_space", "d_in", "d_out", "n_features",
-            "model_name", "input_hook", "output_hook")}, "source": cfg.get("source") or {"format": "tc"}})
-    return {"kind": "transcoder", "path": str(path), "format": format_of(path) or "folder of transcoders",
-            "set": not (single_transcoder_path(path) and len(transcoders) == 1),
-            "layers": sorted(transcoders), "transcoders": per_layer}
+        per_layer.append(
+            {
+                "layer": layer,
+                **{
+                    k: cfg.get(k)
+                    for k in (
+                        "kind",
+                        "activation",
+                        "k",
+                        "skip",
+                        "input_space",
+                        "output_space",
+                        "d_in",
+                        "d_out",
+                        "n_features",
+                        "model_name",
+                        "input_hook",
+                        "output_hook",
+                    )
+                },
+                "source": cfg.get("source") or {"format": "tc"},
+            }
+        )
+    return {
+        "kind": "transcoder",
+        "path": str(path),
+        "format": format_of(path) or "folder of transcoders",
+        "set": not (single_transcoder_path(path) and len(transcoders) == 1),
+        "layers": sorted(transcoders),
+        "transcoders": per_layer,
+    }
 
 
 def _is_transcoder_or_set(path: Path) -> bool:
@@ -131,9 +165,11 @@ def _transcoder_lines(s: dict) -> list[str]:
     lines = [f"{s['path']}: {title} ({s['format']})"]
     for t in s["transcoders"]:
         kind = t.get("activation") + (f" k={t['k']}" if t.get("k") else "") + (", skip" if t.get("skip") else "")
-        lines.append(f"  layer {t['layer']}: {t.get('kind')} ({kind}) {t.get('d_in')} -> {t.get('n_features')} "
-                     f"features -> {t.get('d_out')}, reads {t.get('input_space')}, writes {t.get('output_space')} "
-                     f"({t.get('model_name')}; from {t['source'].get('format')})")
+        lines.append(
+            f"  layer {t['layer']}: {t.get('kind')} ({kind}) {t.get('d_in')} -> {t.get('n_features')} "
+            f"features -> {t.get('d_out')}, reads {t.get('input_space')}, writes {t.get('output_space')} "
+            f"({t.get('model_name')}; from {t['source'].get('format')})"
+        )
     return lines
 
 

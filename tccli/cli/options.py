@@ -12,8 +12,9 @@ import dataclasses
 import functools
 import inspect
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import fields
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -60,8 +61,7 @@ def command_from(config_cls: type) -> Callable:
                 opt = typer.Argument(default, **kwargs)
             else:
                 opt = typer.Option(default, *flag_names, **kwargs)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
-                                            annotation=annotation))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
             annotations[f.name] = annotation
 
         @functools.wraps(fn)
@@ -82,14 +82,19 @@ def command_from(config_cls: type) -> Callable:
 
 def multi_value_flags(config_classes: Iterable[type]) -> frozenset[str]:
     """Every flag declared ``several`` in these settings (``--data``, ``--logit-diff``, ``--ablate``...)."""
-    return frozenset(name for config_cls in config_classes for f in fields(config_cls)
-                     if f.metadata.get("several") for name in (f.metadata.get("flags") or
-                                                                ("--" + f.name.replace("_", "-"),)))
+    return frozenset(
+        name
+        for config_cls in config_classes
+        for f in fields(config_cls)
+        if f.metadata.get("several")
+        for name in (f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),))
+    )
 
 
 def _help_order(config_cls: type) -> list:
     """The CLI fields of ``config_cls``: required first, then the others, then the late ones, torchrun-only
     last; declaration order within each group."""
+
     def group(f) -> int:
         if f.metadata.get("required") or f.metadata.get("argument"):
             return 0
@@ -103,11 +108,28 @@ def _help_order(config_cls: type) -> list:
 # What a value means, by field name, where the type alone would say only TEXT: paths, layer lists,
 # model and device names, feature and head references.
 _NAMED_METAVARS = {
-    "out": "PATH", "cache": "PATH", "transcoders": "PATH", "graph": "PATH", "input": "PATH",
-    "html": "PATH", "direction": "PATH", "data": "PATH...", "features_file": "FEATURES_FILE",
-    "model": "MODEL", "device": "DEVICE", "dtype": "DTYPE", "model_dtype": "DTYPE",
-    "layers": "LAYERS", "feature": "L.F", "features": "L.F,...", "head": "L.H", "logit": "TOKEN",
-    "prompt": "TEXT", "noun": "WORD", "to": "FORMAT", "mean_ablation": "MODE",
+    "out": "PATH",
+    "cache": "PATH",
+    "transcoders": "PATH",
+    "graph": "PATH",
+    "input": "PATH",
+    "html": "PATH",
+    "direction": "PATH",
+    "data": "PATH...",
+    "features_file": "FEATURES_FILE",
+    "model": "MODEL",
+    "device": "DEVICE",
+    "dtype": "DTYPE",
+    "model_dtype": "DTYPE",
+    "layers": "LAYERS",
+    "feature": "L.F",
+    "features": "L.F,...",
+    "head": "L.H",
+    "logit": "TOKEN",
+    "prompt": "TEXT",
+    "noun": "WORD",
+    "to": "FORMAT",
+    "mean_ablation": "MODE",
 }
 
 
@@ -177,4 +199,3 @@ def _parser_annotation(hint: Any) -> Any:
     if origin is typing.Union and args:
         return _parser_annotation(args[0])
     return str
-

@@ -8,7 +8,6 @@ from typing import Optional
 from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
 
-
 EXPORT_FORMATS = ("dot", "svg", "png", "graphml", "json", "neuronpedia")
 
 
@@ -16,12 +15,21 @@ EXPORT_FORMATS = ("dot", "svg", "png", "graphml", "json", "neuronpedia")
 class PictureOptions:
     """How a graph is drawn (dot, svg, png): which edges, and which weights are written."""
 
-    min_edge: float = option(0.01, "Pictures (dot, svg, png): draw only edges whose |weight| is at least this "
-                             "fraction of the target's |value|; nodes left without an edge (mostly error "
-                             "nodes) are hidden. 0 draws everything.", metavar="FRACTION", late=True)
-    min_edge_label: float = option(0.05, "Pictures: write the weight (3 significant figures) on edges whose "
-                                   "|weight| is at least this fraction of the target's |value|.",
-                                   metavar="FRACTION", late=True)
+    min_edge: float = option(
+        0.01,
+        "Pictures (dot, svg, png): draw only edges whose |weight| is at least this "
+        "fraction of the target's |value|; nodes left without an edge (mostly error "
+        "nodes) are hidden. 0 draws everything.",
+        metavar="FRACTION",
+        late=True,
+    )
+    min_edge_label: float = option(
+        0.05,
+        "Pictures: write the weight (3 significant figures) on edges whose "
+        "|weight| is at least this fraction of the target's |value|.",
+        metavar="FRACTION",
+        late=True,
+    )
 
     def validate(self) -> None:
         for flag, value in (("--min-edge", self.min_edge), ("--min-edge-label", self.min_edge_label)):
@@ -33,8 +41,9 @@ class PictureOptions:
 class ExportConfig(PictureOptions):
     """Options of `tc export`."""
 
-    graph: str = option("", "A graph written by `tc circuit --format json`.", argument=True, required=True,
-                        metavar="GRAPH.json")
+    graph: str = option(
+        "", "A graph written by `tc circuit --format json`.", argument=True, required=True, metavar="GRAPH.json"
+    )
     format: str = option("dot", "Output: dot, svg, png, graphml, json or neuronpedia.")
     out: Optional[str] = option(None, "Write here instead of stdout.")
     force: bool = option(False, "Replace --out if it exists (never the input graph).", save=False)
@@ -54,24 +63,37 @@ class TargetOptions:
 
     feature: Optional[str] = option(None, "Target: a transcoder feature's pre-activation, e.g. L8.F1234.")
     logit: Optional[str] = option(None, "Target: the logit of this token (must be a single token).")
-    logit_diff: list[str] = option([], "Target: logit(A) - logit(B), given as --logit-diff A B.",
-                                   metavar="A B", several=True)
-    direction: Optional[str] = option(None, "Target: a direction (.npy, [d_model]) dotted with the residual "
-                                      "stream entering block --layer (--layer n_layers: after the last block).")
+    logit_diff: list[str] = option(
+        [], "Target: logit(A) - logit(B), given as --logit-diff A B.", metavar="A B", several=True
+    )
+    direction: Optional[str] = option(
+        None,
+        "Target: a direction (.npy, [d_model]) dotted with the residual "
+        "stream entering block --layer (--layer n_layers: after the last block).",
+    )
     layer: Optional[int] = option(None, "The residual stream --direction is read from.")
     pos: int = option(-1, "Token position of the target (negative counts from the end).")
 
     def chosen_targets(self) -> list[str]:
-        return [name for name, value in (("--feature", self.feature), ("--logit", self.logit),
-                                         ("--logit-diff", self.logit_diff or None), ("--direction", self.direction))
-                if value is not None]
+        return [
+            name
+            for name, value in (
+                ("--feature", self.feature),
+                ("--logit", self.logit),
+                ("--logit-diff", self.logit_diff or None),
+                ("--direction", self.direction),
+            )
+            if value is not None
+        ]
 
     def validate_target(self, required: bool = True) -> None:
         """At most one target (exactly one when ``required``), each well formed."""
         chosen = self.chosen_targets()
         if len(chosen) > 1 or (required and not chosen):
-            raise fail("give exactly one target: --feature, --logit, --logit-diff A B or --direction FILE "
-                       f"(got {', '.join(chosen) or 'none'})")
+            raise fail(
+                "give exactly one target: --feature, --logit, --logit-diff A B or --direction FILE "
+                f"(got {', '.join(chosen) or 'none'})"
+            )
         if self.logit_diff and len(self.logit_diff) != 2:
             raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
         if self.direction is not None and self.layer is None:
@@ -82,8 +104,7 @@ class TargetOptions:
 class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
     """Options of `tc circuit`."""
 
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
     prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
     iters: int = option(3, "Path search iterations (path length).")
     branches: int = option(15, "Paths kept per iteration, and candidates per path.")
@@ -109,8 +130,7 @@ class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
 class DeembedConfig(ModelOptions):
     """Options of `tc deembed`."""
 
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
     feature: str = option("", "The feature, e.g. L0.F17.", required=True)
     top: int = option(20, "How many tokens to list.")
     head: Optional[str] = option(None, "Go through this attention head's OV circuit, e.g. L0.H3.")

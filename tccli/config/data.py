@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tccli.config.fields import CaptureOptions, DataOptions, ModelOptions, option
-from tccli.errors import fail
 from tccli.config.runtime import DistributedOptions
-
+from tccli.errors import fail
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -21,12 +20,12 @@ class CacheConfig(ModelOptions, CaptureOptions, DataOptions, DistributedOptions)
 
     layers: str = option("all", "Layers to cache: all, 2, or a list like 0,3-5.")
     out: str = option("acts.h5", "Output HDF5 file.", flags=("--out", "-o"))
-    dtype: str = option("float16", "Storage dtype of activations: float16, bfloat16 (kept bit-exact as "
-                        "uint16) or float32.")
+    dtype: str = option(
+        "float16", "Storage dtype of activations: float16, bfloat16 (kept bit-exact as uint16) or float32."
+    )
     batch_size: int = option(32, "Rows per forward pass.")
     compression: str = option("none", "HDF5 compression: none, lzf or gzip.")
-    commit_every: int = option(0, "Rows per crash-safe commit; 0 picks about 64 MiB of activations.",
-                               save=False)
+    commit_every: int = option(0, "Rows per crash-safe commit; 0 picks about 64 MiB of activations.", save=False)
     resume: bool = option(False, "Complete an interrupted run of the same arguments.", save=False)
     force: bool = option(False, "Overwrite an existing output file.", save=False)
     quiet: bool = option(False, "No progress on stderr.", save=False)

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from tccli.config.fields import DataOptions, ModelOptions, option, parse_count
-from tccli.errors import fail
 from tccli.config.replacement import AblationOptions
-
+from tccli.errors import fail
 
 MEAN_ABLATIONS = ("position", "global")
 
@@ -22,20 +21,35 @@ KIND_CHOICES = ("auto", "transcoder", "sae")
 class EvalConfig(ModelOptions, DataOptions):
     """Options of `tc eval`."""
 
-    transcoders: str = option("", "Transcoders: a tc transcoder folder, a folder of them, a SAELens folder "
-                              "(cfg.json + sae_weights.safetensors) or a paper .pt file.", required=True)
-    layers: Optional[str] = option(None, "Layers to evaluate, e.g. 2, 0,3-4 or all (default: every layer "
-                                   "the transcoders cover).")
-    kind: str = option("auto", "What the files are: transcoder (MLP in -> MLP out, spliced at the MLP "
-                       "output), sae (MLP out -> MLP out) or auto (as their configs say).")
-    mean_ablation: str = option("position", "Mean ablation replaces the MLP output by its mean over the "
-                                "evaluation tokens at each position (position) or over all tokens (global).")
+    transcoders: str = option(
+        "",
+        "Transcoders: a tc transcoder folder, a folder of them, a SAELens folder "
+        "(cfg.json + sae_weights.safetensors) or a paper .pt file.",
+        required=True,
+    )
+    layers: Optional[str] = option(
+        None, "Layers to evaluate, e.g. 2, 0,3-4 or all (default: every layer the transcoders cover)."
+    )
+    kind: str = option(
+        "auto",
+        "What the files are: transcoder (MLP in -> MLP out, spliced at the MLP "
+        "output), sae (MLP out -> MLP out) or auto (as their configs say).",
+    )
+    mean_ablation: str = option(
+        "position",
+        "Mean ablation replaces the MLP output by its mean over the "
+        "evaluation tokens at each position (position) or over all tokens (global).",
+    )
     dense_threshold: float = option(0.1, "A feature active on more than this fraction of tokens counts as dense.")
     batch_size: int = option(32, "Rows per forward pass.")
     tokens: int = option(100_000, "Evaluate on this many tokens (accepts 200k, 1M).", parser=parse_count)
     json: bool = option(False, "Print the results as JSON on stdout instead of a table.")
-    wide: bool = option(False, "Show every metric in the table (MSE, dense features, each CE); needs about "
-                        "150 columns. The default table fits 80.", save=False)
+    wide: bool = option(
+        False,
+        "Show every metric in the table (MSE, dense features, each CE); needs about "
+        "150 columns. The default table fits 80.",
+        save=False,
+    )
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -57,13 +71,20 @@ class EvalConfig(ModelOptions, DataOptions):
 class GreaterThanConfig(ModelOptions):
     """Options of `tc greater-than`."""
 
-    transcoders: Optional[str] = option(None, "Transcoders to splice in (a folder of per-layer transcoder folders, "
-                                        "or one): each layer's MLP is replaced alone, then all together.")
-    layers: Optional[str] = option(None, "Layers whose MLP is replaced, e.g. 3 or 0,2-3 (default: every "
-                                   "transcoder given).")
+    transcoders: Optional[str] = option(
+        None,
+        "Transcoders to splice in (a folder of per-layer transcoder folders, "
+        "or one): each layer's MLP is replaced alone, then all together.",
+    )
+    layers: Optional[str] = option(
+        None, "Layers whose MLP is replaced, e.g. 3 or 0,2-3 (default: every transcoder given)."
+    )
     noun: str = option("war", "The noun of the prompt 'The NOUN lasted from the year 17YY to the year 17'.")
-    graph: Optional[str] = option(None, "A graph written by `tc circuit --format json`: also list its top "
-                                  "features and heads, with the tokens the features de-embed to.")
+    graph: Optional[str] = option(
+        None,
+        "A graph written by `tc circuit --format json`: also list its top "
+        "features and heads, with the tokens the features de-embed to.",
+    )
     top: int = option(8, "How many graph nodes (and de-embedding tokens) to list with --graph.")
     json: bool = option(False, "Print the results as JSON on stdout instead of lines of text.")
 
@@ -82,8 +103,10 @@ class GreaterThanConfig(ModelOptions):
 WHATS = ("pareto", "training")
 
 
-METRICS = {"recovered": ("recovered_zero", "CE loss recovered (vs zero ablation)"),
-           "ce": ("ce_spliced", "CE loss with the MLP spliced (nats)")}
+METRICS = {
+    "recovered": ("recovered_zero", "CE loss recovered (vs zero ablation)"),
+    "ce": ("ce_spliced", "CE loss with the MLP spliced (nats)"),
+}
 
 
 PLOT_FORMATS = (".svg", ".png", ".pdf")
@@ -93,12 +116,16 @@ PLOT_FORMATS = (".svg", ".png", ".pdf")
 class PlotConfig:
     """Options of `tc plot`."""
 
-    what: str = option("", "pareto (from `tc eval --json` files) or training (from train_log.jsonl files).",
-                       argument=True, required=True, metavar="WHAT")
+    what: str = option(
+        "",
+        "pareto (from `tc eval --json` files) or training (from train_log.jsonl files).",
+        argument=True,
+        required=True,
+        metavar="WHAT",
+    )
     inputs: list[str] = option([], "The files to plot.", argument=True, metavar="FILE...")
     out: Optional[str] = option(None, "Output image: .svg, .png or .pdf.", flags=("-o", "--out"), required=True)
-    metric: str = option("recovered", "pareto: the fidelity axis, recovered (CE loss recovered) or ce "
-                         "(spliced CE).")
+    metric: str = option("recovered", "pareto: the fidelity axis, recovered (CE loss recovered) or ce (spliced CE).")
     title: Optional[str] = option(None, "Title above the figure.")
     force: bool = option(False, "Replace --out if it exists (never one of the files plotted).", save=False)
 
@@ -123,20 +150,38 @@ TASKS = ("greater-than",)
 class ValidateConfig(AblationOptions, ModelOptions):
     """Options of `tc validate`."""
 
-    graph: str = option("", "A graph written by `tc circuit --format json` or `tc graph --format json`.",
-                        argument=True, required=True, metavar="GRAPH.json")
-    model: Optional[str] = option(None, "Model (default: the one the graph was traced on): a HuggingFace hub "
-                                  "name, a local HuggingFace folder, or 'builtin'.")
-    transcoders: Optional[str] = option(None, "The transcoders the graph was traced with (default: the path its "
-                                        "metadata names).")
-    prompts: Optional[str] = option(None, "A file of prompts, one a line, instead of the graph's own prompt: "
-                                    "nodes are matched by layer and index, positions by offset from the end.",
-                                    metavar="PATH")
-    task: Optional[str] = option(None, "greater-than: the 100 greater-than prompts instead, with the paper's "
-                                 "probability difference reported beside the target.")
+    graph: str = option(
+        "",
+        "A graph written by `tc circuit --format json` or `tc graph --format json`.",
+        argument=True,
+        required=True,
+        metavar="GRAPH.json",
+    )
+    model: Optional[str] = option(
+        None,
+        "Model (default: the one the graph was traced on): a HuggingFace hub "
+        "name, a local HuggingFace folder, or 'builtin'.",
+    )
+    transcoders: Optional[str] = option(
+        None, "The transcoders the graph was traced with (default: the path its metadata names)."
+    )
+    prompts: Optional[str] = option(
+        None,
+        "A file of prompts, one a line, instead of the graph's own prompt: "
+        "nodes are matched by layer and index, positions by offset from the end.",
+        metavar="PATH",
+    )
+    task: Optional[str] = option(
+        None,
+        "greater-than: the 100 greater-than prompts instead, with the paper's "
+        "probability difference reported beside the target.",
+    )
     noun: str = option("war", "The noun of the greater-than prompts (with --task greater-than).")
-    mode: str = option("free", "free (everything downstream recomputed) or frozen (attention patterns and norm "
-                       "scales held at their clean values).")
+    mode: str = option(
+        "free",
+        "free (everything downstream recomputed) or frozen (attention patterns and norm "
+        "scales held at their clean values).",
+    )
     random: int = option(5, "Random circuits of equal size and layers drawn as the baseline.")
     seed: int = option(0, "Seed of the random circuits.")
     top: int = option(5, "How many nodes of largest disagreement to list.")

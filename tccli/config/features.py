@@ -14,18 +14,21 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
     """Options of `tc score`."""
 
     transcoders: Optional[str] = option(
-        None, "Transcoder folder, or a folder of layer_L transcoder folders.", required=True)
+        None, "Transcoder folder, or a folder of layer_L transcoder folders.", required=True
+    )
     layers: Optional[str] = option(None, "Layers to score, e.g. 2 or 0,3-4 (default: every transcoder given).")
-    out: Optional[str] = option(None, "Features file to write: .h5 (HDF5) or .jsonl (one feature a line).",
-                                required=True)
+    out: Optional[str] = option(
+        None, "Features file to write: .h5 (HDF5) or .jsonl (one feature a line).", required=True
+    )
     top: int = option(20, "Top-activating examples kept per feature.")
     quantiles: int = option(10, "Activation bands to sample examples from (0: none).")
     per_quantile: int = option(2, "Examples kept per band.")
     context_window: int = option(8, "Tokens shown on each side of an example.")
     top_tokens: int = option(10, "Tokens (and pullback features) listed per de-embedding / logit / pullback table.")
     batch_size: int = option(32, "Rows of --context tokens per forward pass.")
-    force: bool = option(False, "Replace --out if it exists (it is still written to a temporary file first).",
-                         save=False)
+    force: bool = option(
+        False, "Replace --out if it exists (it is still written to a temporary file first).", save=False
+    )
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -46,13 +49,20 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
 class ShowConfig:
     """Options of `tc show`."""
 
-    features_file: Optional[str] = option(None, "Features file written by tc score (.h5 or .jsonl).",
-                                          argument=True, required=True, metavar="FEATURES_FILE")
-    feature: Optional[str] = option(None, "Feature to show in the terminal, e.g. L2.F57.", argument=True,
-                                    metavar="FEATURE")
+    features_file: Optional[str] = option(
+        None,
+        "Features file written by tc score (.h5 or .jsonl).",
+        argument=True,
+        required=True,
+        metavar="FEATURES_FILE",
+    )
+    feature: Optional[str] = option(
+        None, "Feature to show in the terminal, e.g. L2.F57.", argument=True, metavar="FEATURE"
+    )
     html: Optional[str] = option(None, "Write one self-contained HTML page with a card per feature here.")
-    features: Optional[str] = option(None, "Features for --html, e.g. L2.F57,L3.F1 (default: the first "
-                                     "--limit features that fire).")
+    features: Optional[str] = option(
+        None, "Features for --html, e.g. L2.F57,L3.F1 (default: the first --limit features that fire)."
+    )
     limit: int = option(50, "Cards in the HTML page when --features is not given.")
     examples: int = option(10, "Examples shown per feature (top and quantile each).")
     model: Optional[str] = option(None, "Refuse the file unless it was computed on this model (name or folder).")

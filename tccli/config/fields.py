@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tccli.errors import fail
 
@@ -55,9 +56,19 @@ def option(
     torchrun: meaningful only under torchrun; ``--help`` lists it last.
     several: a list flag that takes several values after one flag (``--data a.txt b.txt``).
     """
-    metadata = dict(help=help, flags=flags, parser=parser, metavar=metavar, save=save, cli=cli,
-                    required=required, argument=argument, late=late, torchrun=torchrun,
-                    several=several)
+    metadata = dict(
+        help=help,
+        flags=flags,
+        parser=parser,
+        metavar=metavar,
+        save=save,
+        cli=cli,
+        required=required,
+        argument=argument,
+        late=late,
+        torchrun=torchrun,
+        several=several,
+    )
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -79,8 +90,11 @@ def to_json_dict(config: Any) -> dict:
 def from_json_dict(config_cls: type, data: dict) -> Any:
     """Rebuild a config from its saved form, ignoring keys this version does not know."""
     known = {f.name for f in fields(config_cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) and _is_tuple_field(config_cls, k) else v)
-              for k, v in data.items() if k in known}
+    kwargs = {
+        k: (tuple(v) if isinstance(v, list) and _is_tuple_field(config_cls, k) else v)
+        for k, v in data.items()
+        if k in known
+    }
     return config_cls(**kwargs)
 
 
@@ -149,11 +163,14 @@ class ModelOptions:
     """Which language model to load and where."""
 
     model: Optional[str] = option(
-        None, "Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, "
-        "or 'builtin' for the model shipped with tc (the default).")
+        None,
+        "Model: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, "
+        "or 'builtin' for the model shipped with tc (the default).",
+    )
     device: str = option("auto", "Device for the model: auto (cuda when available), cpu, cuda, cuda:1, ...")
-    model_dtype: str = option("float32", "Dtype the model runs in: float32, float16 or bfloat16.",
-                              flags=("--model-dtype",))
+    model_dtype: str = option(
+        "float32", "Dtype the model runs in: float32, float16 or bfloat16.", flags=("--model-dtype",)
+    )
 
     def validate(self) -> None:
         if self.model_dtype not in DTYPES:
@@ -168,10 +185,12 @@ class CaptureOptions:
     """How activations are read from the model (tc cache, tc score)."""
 
     engine: str = option(
-        "native", "How MLP activations are read: native (the plain HuggingFace model with PyTorch hooks and "
+        "native",
+        "How MLP activations are read: native (the plain HuggingFace model with PyTorch hooks and "
         "its SDPA attention, processed as compatibility mode defines hook_normalized/hook_mlp_out; equal to "
         "the bridge up to float32 rounding and about twice as fast on small models) or bridge "
-        "(TransformerLens' own hooks, bit-identical to what tc eval and tc circuit see).")
+        "(TransformerLens' own hooks, bit-identical to what tc eval and tc circuit see).",
+    )
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -183,9 +202,13 @@ class DataOptions:
     """Which text to read and how to cut it into rows of tokens."""
 
     data: list[str] = option(
-        [], "Text: plain .txt files (documents separated by blank lines), .jsonl files with a 'text' "
+        [],
+        "Text: plain .txt files (documents separated by blank lines), .jsonl files with a 'text' "
         "field, folders saved by datasets' save_to_disk, or - for stdin. Several paths may follow one "
-        "--data.", metavar="PATH...", several=True)
+        "--data.",
+        metavar="PATH...",
+        several=True,
+    )
     tokens: int = option(1_000_000, "Stop after this many tokens (accepts 200k, 1M).", parser=parse_count)
     context: int = option(128, "Tokens per row, BOS included.")
     seed: int = option(0, "Seed for the order in which documents are packed into rows.")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from tccli.config.circuit import PictureOptions, TargetOptions
 from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
-from tccli.config.circuit import PictureOptions, TargetOptions
-
 
 GRAPH_FORMATS = ("json", "neuronpedia", "dot", "pt")
 
@@ -17,26 +16,36 @@ GRAPH_FORMATS = ("json", "neuronpedia", "dot", "pt")
 class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
     """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
 
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
     prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
-    target: Optional[str] = option(None, "Target: 'logits' (the default): the most likely next tokens at --pos "
-                                   "until --logit-prob of probability, at most --max-logits, each weighted "
-                                   "by its probability.", metavar="logits")
+    target: Optional[str] = option(
+        None,
+        "Target: 'logits' (the default): the most likely next tokens at --pos "
+        "until --logit-prob of probability, at most --max-logits, each weighted "
+        "by its probability.",
+        metavar="logits",
+    )
     max_logits: int = option(10, "--target logits: at most this many logits.")
     logit_prob: float = option(0.95, "--target logits: stop adding logits once their probability reaches this.")
-    max_feature_nodes: int = option(7500, "Features that get rows (computed most influential first); the "
-                                    "others are left out of the graph.")
+    max_feature_nodes: int = option(
+        7500, "Features that get rows (computed most influential first); the others are left out of the graph."
+    )
     node_threshold: float = option(0.8, "Pruning: keep the nodes that carry this share of the influence.")
     edge_threshold: float = option(0.98, "Pruning: keep the edges that carry this share of the edge influence.")
-    heads: bool = option(False, "Split each kept edge's attention part by the head of its first attention hop "
-                         "(and show head nodes in dot/json).")
+    heads: bool = option(
+        False,
+        "Split each kept edge's attention part by the head of its first attention hop "
+        "(and show head nodes in dot/json).",
+    )
     format: str = option("json", "Output: json, neuronpedia, dot or pt.")
     out: Optional[str] = option(None, "Write the graph here instead of stdout.")
     force: bool = option(False, "Replace --out if it exists.", save=False)
     batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")
-    drop_mass: float = option(1e-3, "Per row, drop the smallest entries while their absolute sum stays within "
-                              "this share of the row's (0 keeps every nonzero entry); reported.")
+    drop_mass: float = option(
+        1e-3,
+        "Per row, drop the smallest entries while their absolute sum stays within "
+        "this share of the row's (0 keeps every nonzero entry); reported.",
+    )
     quiet: bool = option(False, "No progress or summary on stderr.", save=False)
 
     def validate(self) -> None:
@@ -44,8 +53,10 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
         PictureOptions.validate(self)
         chosen = (["--target"] if self.target is not None else []) + self.chosen_targets()
         if len(chosen) > 1:
-            raise fail(f"give at most one target ({', '.join(chosen)} given): --target logits (the default), "
-                       "--logit, --logit-diff A B, --feature or --direction FILE")
+            raise fail(
+                f"give at most one target ({', '.join(chosen)} given): --target logits (the default), "
+                "--logit, --logit-diff A B, --feature or --direction FILE"
+            )
         if self.target is not None and self.target != "logits":
             raise fail(f"--target must be 'logits' (other targets have flags of their own), got {self.target!r}")
         self.validate_target(required=False)
@@ -68,4 +79,3 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
     @property
     def logits_target(self) -> bool:
         return not (self.logit or self.logit_diff or self.feature or self.direction)
-

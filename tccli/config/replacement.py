@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from tccli.config.circuit import TargetOptions
 from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
-from tccli.config.circuit import TargetOptions
-
 
 MODES = ("free", "frozen", "direct")
 
@@ -20,8 +19,11 @@ ABLATIONS = ("zero", "mean")
 class AblationOptions:
     """What an ablated feature becomes (`tc intervene`, `tc validate`)."""
 
-    ablation: str = option("zero", "What an ablated feature becomes: zero, or mean (its mean activation over "
-                           "all tokens, from --features). Head and error terms are always removed.")
+    ablation: str = option(
+        "zero",
+        "What an ablated feature becomes: zero, or mean (its mean activation over "
+        "all tokens, from --features). Head and error terms are always removed.",
+    )
     features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
 
     def validate_ablation(self) -> None:
@@ -35,17 +37,24 @@ class AblationOptions:
 class InterveneConfig(TargetOptions, AblationOptions, ModelOptions):
     """Options of `tc intervene`."""
 
-    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.",
-                              required=True)
+    transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
     prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
-    ablate: list[str] = option([], "Nodes to ablate: mlp8.f1234@5 (feature), attn3.h2@4 (head 2's term from "
-                               "source token 4), err8@5 (error term); @* every position.", metavar="NODE...",
-                               several=True)
+    ablate: list[str] = option(
+        [],
+        "Nodes to ablate: mlp8.f1234@5 (feature), attn3.h2@4 (head 2's term from "
+        "source token 4), err8@5 (error term); @* every position.",
+        metavar="NODE...",
+        several=True,
+    )
     set: list[str] = option([], "Set features' activations: NODE=VALUE.", metavar="NODE=VALUE...", several=True)
-    scale: list[str] = option([], "Scale features, head terms or error terms: NODE=FACTOR.",
-                              metavar="NODE=FACTOR...", several=True)
-    mode: str = option("free", "free (everything downstream recomputed), frozen (attention patterns and norm "
-                       "scales held at their clean values) or direct (every other node held too).")
+    scale: list[str] = option(
+        [], "Scale features, head terms or error terms: NODE=FACTOR.", metavar="NODE=FACTOR...", several=True
+    )
+    mode: str = option(
+        "free",
+        "free (everything downstream recomputed), frozen (attention patterns and norm "
+        "scales held at their clean values) or direct (every other node held too).",
+    )
     top: int = option(10, "How many top next-token predictions to list before and after.")
     json: bool = option(False, "Print the result as JSON on stdout.")
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tccli.config.fields import option, parse_count
-from tccli.errors import fail
 from tccli.config.runtime import DistributedOptions, TrainDistributedOptions
 from tccli.config.transcoders import KINDS
-
+from tccli.errors import fail
 
 # The kinds of transcoder.ACTIVATIONS that tc can train (the others are read from other libraries' files).
 TRAINABLE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -36,66 +35,110 @@ class TrainConfig(TrainDistributedOptions):
     """Options of `tc train`; saved into every trained transcoder's config.json as ``training``."""
 
     cache: Optional[str] = option(None, "Activation cache written by `tc cache` (HDF5).", required=True)
-    out: Optional[str] = option(None, "Output folder: one transcoder folder per layer (layer_L), the JSONL "
-                                "log and the checkpoint.", required=True)
-    layers: str = option("all", "Layers to train, one transcoder each, from one read of the cache: "
-                         "2, 0-4, 0,3 or all (every cached layer).")
-    kind: str = option("transcoder", "transcoder (MLP input -> MLP output) or sae (MLP output -> MLP output, "
-                       "the paper's baseline).")
-    expansion: int = option(16, "Features per model dimension (m = expansion x d_model); ignored with "
-                            "--features.")
+    out: Optional[str] = option(
+        None,
+        "Output folder: one transcoder folder per layer (layer_L), the JSONL log and the checkpoint.",
+        required=True,
+    )
+    layers: str = option(
+        "all",
+        "Layers to train, one transcoder each, from one read of the cache: 2, 0-4, 0,3 or all (every cached layer).",
+    )
+    kind: str = option(
+        "transcoder", "transcoder (MLP input -> MLP output) or sae (MLP output -> MLP output, the paper's baseline)."
+    )
+    expansion: int = option(16, "Features per model dimension (m = expansion x d_model); ignored with --features.")
     features: Optional[int] = option(None, "Number of features m (overrides --expansion).")
-    activation: str = option("topk", "topk (the k largest pre-activations of each token), batchtopk (the "
-                             "k x batch largest of the batch; a threshold at inference), jumprelu (a trained "
-                             "threshold per feature, L0 penalty) or relu (the paper's, sparsity from the L1 "
-                             "penalty).")
+    activation: str = option(
+        "topk",
+        "topk (the k largest pre-activations of each token), batchtopk (the "
+        "k x batch largest of the batch; a threshold at inference), jumprelu (a trained "
+        "threshold per feature, L0 penalty) or relu (the paper's, sparsity from the L1 "
+        "penalty).",
+    )
     k: int = option(16, "Active features per token: topk and batchtopk (on average); jumprelu starts at it.")
-    skip: bool = option(False, "Skip transcoder: add a linear term x W_skip of the input, initialised at 0.",
-                        flags=("--skip/--no-skip",))
+    skip: bool = option(
+        False,
+        "Skip transcoder: add a linear term x W_skip of the input, initialised at 0.",
+        flags=("--skip/--no-skip",),
+    )
     l1: float = option(1e-3, "L1 coefficient lambda for --activation relu (loss + lambda * sum |z|).")
-    l0_coef: float = option(1e-3, "jumprelu: weight of the L0 penalty (loss = mse / target variance + "
-                            "coef x L0).")
-    bandwidth: float = option(0.1, "jumprelu: width of the straight-through estimators' kernel, as a fraction "
-                              "of the mean initial threshold.")
+    l0_coef: float = option(1e-3, "jumprelu: weight of the L0 penalty (loss = mse / target variance + coef x L0).")
+    bandwidth: float = option(
+        0.1, "jumprelu: width of the straight-through estimators' kernel, as a fraction of the mean initial threshold."
+    )
     l1_warmup: int = option(0, "Steps over which the L1 coefficient ramps linearly from 0 (0: none, the paper).")
-    normalize_mse: bool = option(False, "Divide each token's squared error by the norm of its target "
-                                 "(the reference code's normalisation).")
-    optimizer: str = option("adam", "adam (with the decoder-norm constraint and the schedule below) or signum "
-                            "(sign descent with schedule-free momentum, sparsify's; constant lr after warm-up, "
-                            "the averaged weights are saved).")
-    lr: Optional[float] = option(None, "Learning rate (default: adam 1.5e-3, signum 5e-3, times "
-                                 "1/sqrt(features / 16384): adam 6e-3 at 1,024 features).")
-    decoder_norm: str = option("unit", "unit (decoder rows kept at norm 1; the paper's, needed by relu's L1) or "
-                               "free.")
+    normalize_mse: bool = option(
+        False, "Divide each token's squared error by the norm of its target (the reference code's normalisation)."
+    )
+    optimizer: str = option(
+        "adam",
+        "adam (with the decoder-norm constraint and the schedule below) or signum "
+        "(sign descent with schedule-free momentum, sparsify's; constant lr after warm-up, "
+        "the averaged weights are saved).",
+    )
+    lr: Optional[float] = option(
+        None,
+        "Learning rate (default: adam 1.5e-3, signum 5e-3, times "
+        "1/sqrt(features / 16384): adam 6e-3 at 1,024 features).",
+    )
+    decoder_norm: str = option("unit", "unit (decoder rows kept at norm 1; the paper's, needed by relu's L1) or free.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
-    lr_decay: Optional[float] = option(None, "Fraction of the run, at its end, over which the learning rate "
-                                       "decays linearly to 0 (0: constant after warm-up, the paper; default: "
-                                       "adam 0.3, signum 0).")
+    lr_decay: Optional[float] = option(
+        None,
+        "Fraction of the run, at its end, over which the learning rate "
+        "decays linearly to 0 (0: constant after warm-up, the paper; default: "
+        "adam 0.3, signum 0).",
+    )
     batch_size: int = option(1024, "Tokens per step.", parser=parse_count)
-    tokens: int = option(12_000_000, "Training tokens (accepts 200k, 12M); the cache is read again, "
-                         "reshuffled, as often as needed.", parser=parse_count)
-    shuffle_buffer: int = option(262_144, "Tokens held in the shuffle buffer: each batch is drawn from this "
-                                 "many tokens of randomly chosen rows (bounds memory).", parser=parse_count)
-    dead_window: int = option(50, "A feature is dead after this many steps without firing (AuxK and ghost "
-                              "gradients train the dead ones).")
-    ghost_grads: bool = option(True, "relu: train dead features on the residual target - output with "
-                               "ghost gradients.", flags=("--ghost-grads/--no-ghost-grads",))
-    aux_k: int = option(256, "topk, batchtopk, jumprelu: dead features used by the auxiliary loss (AuxK) that "
-                        "revives them; 0: off.")
+    tokens: int = option(
+        12_000_000,
+        "Training tokens (accepts 200k, 12M); the cache is read again, reshuffled, as often as needed.",
+        parser=parse_count,
+    )
+    shuffle_buffer: int = option(
+        262_144,
+        "Tokens held in the shuffle buffer: each batch is drawn from this "
+        "many tokens of randomly chosen rows (bounds memory).",
+        parser=parse_count,
+    )
+    dead_window: int = option(
+        50, "A feature is dead after this many steps without firing (AuxK and ghost gradients train the dead ones)."
+    )
+    ghost_grads: bool = option(
+        True,
+        "relu: train dead features on the residual target - output with ghost gradients.",
+        flags=("--ghost-grads/--no-ghost-grads",),
+    )
+    aux_k: int = option(
+        256, "topk, batchtopk, jumprelu: dead features used by the auxiliary loss (AuxK) that revives them; 0: off."
+    )
     aux_coef: float = option(1 / 32, "Weight of the AuxK loss.")
     seed: int = option(0, "Seed for the initial weights and the shuffle order.")
     device: str = option("auto", "Device: auto (cuda when available), cpu, cuda or cuda:N.")
-    threads: int = option(0, "CPU threads for the step (0: automatic: one thread when the encoder product of a "
-                          "step is under 2^30 multiply-adds, where splitting small operations across cores costs "
-                          "more than it gains, above all on a busy machine; else torch's default).")
-    autocast: str = option("none", "none or bfloat16: the encoder's dense product in bfloat16 on a GPU "
-                           "(the sparse parts and the weights stay float32).")
+    threads: int = option(
+        0,
+        "CPU threads for the step (0: automatic: one thread when the encoder product of a "
+        "step is under 2^30 multiply-adds, where splitting small operations across cores costs "
+        "more than it gains, above all on a busy machine; else torch's default).",
+    )
+    autocast: str = option(
+        "none",
+        "none or bfloat16: the encoder's dense product in bfloat16 on a GPU "
+        "(the sparse parts and the weights stay float32).",
+    )
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end).")
     log_every: int = option(50, "Steps between metric lines (stderr and the JSONL log).")
-    resume: bool = option(False, "Continue the run in --out from its checkpoint (from step 0 if it was stopped "
-                          "before its first one).", save=False)
-    force: bool = option(False, "Start the run again in --out, replacing the files an earlier tc train left "
-                         "there (others are kept).", save=False)
+    resume: bool = option(
+        False,
+        "Continue the run in --out from its checkpoint (from step 0 if it was stopped before its first one).",
+        save=False,
+    )
+    force: bool = option(
+        False,
+        "Start the run again in --out, replacing the files an earlier tc train left there (others are kept).",
+        save=False,
+    )
     quiet: bool = option(False, "No progress on stderr.", save=False)
 
     def validate(self) -> None:
@@ -121,11 +164,14 @@ class TrainConfig(TrainDistributedOptions):
             raise fail(f"--k must be at least 1, got {self.k}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("decoder_norm", DECODER_NORMS), ("autocast", AUTOCASTS)):
             if getattr(self, name) not in allowed:
-                raise fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                           f"got {getattr(self, name)!r}")
+                raise fail(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.activation == "relu" and self.decoder_norm != "unit":
-            raise fail("--activation relu needs --decoder-norm unit (with free decoder rows the L1 penalty "
-                       "is evaded by shrinking the activations)")
+            raise fail(
+                "--activation relu needs --decoder-norm unit (with free decoder rows the L1 penalty "
+                "is evaded by shrinking the activations)"
+            )
         if not (math.isfinite(self.l0_coef) and self.l0_coef >= 0):
             raise fail(f"--l0-coef must be a finite number >= 0, got {self.l0_coef}")
         if not (math.isfinite(self.l1) and self.l1 >= 0):

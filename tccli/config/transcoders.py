@@ -8,7 +8,6 @@ from typing import Optional
 from tccli.config.fields import option
 from tccli.errors import fail
 
-
 ACTIVATIONS = ("relu", "topk", "signed_topk", "batchtopk", "jumprelu")
 
 
@@ -61,7 +60,7 @@ class TranscoderConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self, where: str = "transcoder config") -> "TranscoderConfig":
+    def validate(self, where: str = "transcoder config") -> TranscoderConfig:
         """Refuse values no transcoder can have, with one line naming the field; returns self."""
         for name in ("d_in", "d_out", "n_features"):
             value = getattr(self, name)
@@ -82,8 +81,9 @@ class TranscoderConfig:
             raise fail(f"{where}: input_space must be one of {', '.join(INPUT_SPACES)}, got {self.input_space!r}")
         if self.output_space not in OUTPUT_SPACES:
             raise fail(f"{where}: output_space must be one of {', '.join(OUTPUT_SPACES)}, got {self.output_space!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 0):
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
+        ):
             raise fail(f"{where}: layer must be a non-negative integer or null, got {self.layer!r}")
         for name in ("weight_processing", "training", "source"):
             if not isinstance(getattr(self, name), dict):
@@ -98,14 +98,24 @@ WRITE_FORMATS = ("tc", "saelens", "sparsify", "gemma-scope", "circuit-tracer", "
 class ConvertConfig:
     """Options of `tc convert`."""
 
-    input: str = option("", "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
-                        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
-                        "hub id.",
-                        required=True)
-    out: str = option("", "Where to write: one folder for one transcoder, else a folder of per-layer folders "
-                      "(must not exist or be empty).", required=True)
-    to: str = option("tc", "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
-                     "paper's .pt format is read only).")
+    input: str = option(
+        "",
+        "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
+        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
+        "hub id.",
+        required=True,
+    )
+    out: str = option(
+        "",
+        "Where to write: one folder for one transcoder, else a folder of per-layer folders "
+        "(must not exist or be empty).",
+        required=True,
+    )
+    to: str = option(
+        "tc",
+        "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
+        "paper's .pt format is read only).",
+    )
 
     def validate(self) -> None:
         if self.to not in WRITE_FORMATS:

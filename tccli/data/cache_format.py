@@ -31,10 +31,10 @@ from typing import Any, Optional
 import numpy as np
 
 from tccli import __version__
-from tccli.config.fields import parse_layers, to_json_dict
-from tccli.runtime import outputs
-from tccli.errors import TcError, fail
 from tccli.config.data import CacheConfig
+from tccli.config.fields import parse_layers, to_json_dict
+from tccli.errors import TcError, fail
+from tccli.runtime import outputs
 
 FORMAT = "tc-activation-cache"
 PROGRESS_FORMAT = "tc-activation-cache-progress"
@@ -43,8 +43,19 @@ BF16_STORAGE = "bfloat16-as-uint16"
 COMMIT_BYTES = 64 * 2**20  # bytes of activations per crash-safe commit (when --commit-every is 0)
 CHUNK_BYTES = 2**20  # target size of one HDF5 chunk
 # Options that decide what the file holds (a resumed run must match them); others (timeouts, --quiet) do not.
-CONTENT_OPTIONS = ("model", "model_dtype", "engine", "data", "tokens", "context", "seed", "layers", "dtype", "batch_size",
-                   "compression")
+CONTENT_OPTIONS = (
+    "model",
+    "model_dtype",
+    "engine",
+    "data",
+    "tokens",
+    "context",
+    "seed",
+    "layers",
+    "dtype",
+    "batch_size",
+    "compression",
+)
 # HDF5's own bytes, bounds measured on files tc writes (tests/data/test_cache_format.py checks them): a chunked
 # dataset's B-tree costs under 100 bytes per chunk (a 64-entry node is about 2 KiB), its object header about
 # 1 KiB; the superblock, root group and free space come to a few KiB. Attributes are counted from their values.
@@ -139,10 +150,21 @@ def make_plan(config: CacheConfig, layers: list[int], n_rows: int, d_model: int)
     commit_rows = max(config.batch_size, -(-commit_rows // config.batch_size) * config.batch_size)
     # a chunk holds whole rows and divides the batch, so batch writes never split a (compressed) chunk
     per_dataset_row = config.context * d_model * itemsize
-    chunk_rows = max(d for d in range(1, config.batch_size + 1)
-                     if config.batch_size % d == 0 and (d == 1 or d * per_dataset_row <= CHUNK_BYTES))
-    return CachePlan(layers=layers, n_rows=n_rows, context=config.context, d_model=d_model, dtype=config.dtype,
-                     batch_size=config.batch_size, commit_rows=commit_rows, chunk_rows=min(chunk_rows, n_rows))
+    chunk_rows = max(
+        d
+        for d in range(1, config.batch_size + 1)
+        if config.batch_size % d == 0 and (d == 1 or d * per_dataset_row <= CHUNK_BYTES)
+    )
+    return CachePlan(
+        layers=layers,
+        n_rows=n_rows,
+        context=config.context,
+        d_model=d_model,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        commit_rows=commit_rows,
+        chunk_rows=min(chunk_rows, n_rows),
+    )
 
 
 def human_bytes(n: float) -> str:
@@ -159,7 +181,6 @@ def attribute_bytes(attrs: dict) -> int:
     for key, value in attrs.items():
         total += len(key) + (np.asarray(value).nbytes if not isinstance(value, str) else len(value.encode()))
     return total
-
 
 
 # ============================================================================ file attributes
@@ -186,8 +207,7 @@ def fingerprint_meaning(fingerprint: Optional[dict], n_layers: Optional[int]) ->
     out.setdefault("engine", "bridge")
     out["model"] = model_identity(out.get("model"))
     if isinstance(out.get("data"), list):
-        out["data"] = [item if item == "-" else os.path.realpath(os.path.expanduser(str(item)))
-                       for item in out["data"]]
+        out["data"] = [item if item == "-" else os.path.realpath(os.path.expanduser(str(item))) for item in out["data"]]
     layers = out.get("layers")
     if n_layers is not None and isinstance(layers, str):
         with contextlib.suppress(TcError):
@@ -195,8 +215,15 @@ def fingerprint_meaning(fingerprint: Optional[dict], n_layers: Optional[int]) ->
     return out
 
 
-def static_attributes(config: CacheConfig, info: Any, plan: CachePlan, device: str,
-                      available_tokens: Optional[int], engine: str = "bridge", attention: str = "bridge-eager") -> dict:
+def static_attributes(
+    config: CacheConfig,
+    info: Any,
+    plan: CachePlan,
+    device: str,
+    available_tokens: Optional[int],
+    engine: str = "bridge",
+    attention: str = "bridge-eager",
+) -> dict:
     """Root attributes fixed at creation (``complete`` and ``tokens_written`` change later)."""
     layer_hooks = {str(L): {"mlp_in": info.mlp_in_hook(L), "mlp_out": info.mlp_out_hook(L)} for L in plan.layers}
     return {
@@ -260,4 +287,3 @@ def read_progress(out: Path) -> Optional[dict]:
     if not isinstance(data, dict) or data.get("format") != PROGRESS_FORMAT:
         raise fail(f"{path} is not a tc progress file; start again with --force")
     return data
-

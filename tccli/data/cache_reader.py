@@ -32,7 +32,7 @@ class ActivationCache:
         self.hook_names = json.loads(handle.attrs["hook_names"])
 
     @classmethod
-    def open(cls, path: str | Path) -> "ActivationCache":
+    def open(cls, path: str | Path) -> ActivationCache:
         import h5py
 
         path = Path(path)
@@ -81,7 +81,7 @@ class ActivationCache:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "ActivationCache":
+    def __enter__(self) -> ActivationCache:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -129,4 +129,3 @@ def summarize(cache: ActivationCache) -> dict:
         "attention": a.get("attention", "bridge-eager"),
         "tc_version": a.get("tc_version"),
     }
-

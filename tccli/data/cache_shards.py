@@ -15,9 +15,10 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -90,8 +91,13 @@ def _shard_summary(path: Path) -> dict:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs.items())
             datasets = {}
-            f.visititems(lambda name, obj: datasets.__setitem__(name, (obj.shape, obj.dtype, dict(obj.attrs)))
-                         if isinstance(obj, h5py.Dataset) else None)
+            f.visititems(
+                lambda name, obj: (
+                    datasets.__setitem__(name, (obj.shape, obj.dtype, dict(obj.attrs)))
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
+            )
     except OSError:
         raise fail(f"shard {path} is not a readable HDF5 file") from None
     if attrs.get("format") != FORMAT or "shard_rank" not in attrs:
@@ -112,21 +118,30 @@ def write_joined_cache(out: Path, shards: list[Path]) -> int:
     total_rows = int(first["total_rows"])
     row_starts = [int(s["attrs"]["shard_first_row"]) for s in summaries]
     row_counts = [int(s["attrs"]["n_rows"]) for s in summaries]
-    if row_starts != list(np.cumsum([0] + row_counts[:-1])) or sum(row_counts) != total_rows or any(
-            s["attrs"]["config"] != first["config"] for s in summaries):
+    if (
+        row_starts != list(np.cumsum([0] + row_counts[:-1]))
+        or sum(row_counts) != total_rows
+        or any(s["attrs"]["config"] != first["config"] for s in summaries)
+    ):
         raise fail(f"the shards {shards[0].name} ... do not belong to one run; run again with --force")
     attrs = {k: v for k, v in first.items() if k not in SHARD_ATTRS}
-    attrs.update(n_rows=total_rows, tokens_written=total_rows * context, complete=True,
-                 shards=json.dumps([{"file": p.name, "first_row": a, "n_rows": n}
-                                    for p, a, n in zip(shards, row_starts, row_counts)]))
+    attrs.update(
+        n_rows=total_rows,
+        tokens_written=total_rows * context,
+        complete=True,
+        shards=json.dumps(
+            [{"file": p.name, "first_row": a, "n_rows": n} for p, a, n in zip(shards, row_starts, row_counts)]
+        ),
+    )
     tmp = out.with_name(out.name + ".joining")
     with h5py.File(tmp, "w") as f:
         for name, (shape, dtype, dataset_attrs) in summaries[0]["datasets"].items():
             per_row = 1 if name in ROW_DATASETS else context  # /tokens and /doc_ids hold rows, the rest tokens
             layout = h5py.VirtualLayout(shape=(total_rows * per_row,) + shape[1:], dtype=dtype)
             for path, start, count in zip(shards, row_starts, row_counts):
-                layout[start * per_row:(start + count) * per_row] = h5py.VirtualSource(
-                    path.name, name, shape=(count * per_row,) + shape[1:])
+                layout[start * per_row : (start + count) * per_row] = h5py.VirtualSource(
+                    path.name, name, shape=(count * per_row,) + shape[1:]
+                )
             dataset = f.create_virtual_dataset(name, layout)
             for key, value in dataset_attrs.items():
                 dataset.attrs[key] = value
@@ -145,6 +160,9 @@ def check_joined_sources(handle: Any, path: Path) -> None:
         return
     for entry in json.loads(handle.attrs["shards"]):
         summary = _shard_summary(path.parent / entry["file"])["attrs"]
-        if summary["config"] != handle.attrs["config"] or int(summary["n_rows"]) != int(entry["n_rows"]) or int(
-                summary["shard_first_row"]) != int(entry["first_row"]):
+        if (
+            summary["config"] != handle.attrs["config"]
+            or int(summary["n_rows"]) != int(entry["n_rows"])
+            or int(summary["shard_first_row"]) != int(entry["first_row"])
+        ):
             raise fail(f"shard {entry['file']} of {path} is from another run; run the torchrun cache again")

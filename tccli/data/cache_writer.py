@@ -33,18 +33,34 @@ import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from tccli.config.data import CacheConfig
 from tccli.config.fields import parse_layers
-from tccli.data.cache_format import (BF16_STORAGE, FORMAT, WHICH, CachePlan, attribute_bytes, config_fingerprint,
-                                     creating_path, dataset_names, fingerprint_meaning, human_bytes, make_plan,
-                                     numpy_storage_dtype, progress_path, read_progress, static_attributes,
-                                     to_storage, write_progress)
+from tccli.data.cache_format import (
+    BF16_STORAGE,
+    FORMAT,
+    WHICH,
+    CachePlan,
+    attribute_bytes,
+    config_fingerprint,
+    creating_path,
+    dataset_names,
+    fingerprint_meaning,
+    human_bytes,
+    make_plan,
+    numpy_storage_dtype,
+    progress_path,
+    read_progress,
+    static_attributes,
+    to_storage,
+    write_progress,
+)
 from tccli.data.cache_shards import ShardedRun, join_shards, sharded_run
 from tccli.errors import TcError, fail
 from tccli.runtime import outputs
@@ -119,8 +135,13 @@ class CacheResult:
     seconds: float
 
 
-def write_cache(output: CacheOutput, loaded: Any, log: Callable[[str], None] = lambda s: None,
-                progress: Optional[Callable[[int, int], None]] = None, stdin: Any = None) -> CacheResult:
+def write_cache(
+    output: CacheOutput,
+    loaded: Any,
+    log: Callable[[str], None] = lambda s: None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    stdin: Any = None,
+) -> CacheResult:
     """The `tc cache` job on ``loaded`` (a ``tccli.model.loading.LoadedModel`` of ``output.config.model``),
     inside `cache_output`'s block. ``log`` gets one-line messages for stderr; ``progress(done, total)`` tokens.
 
@@ -130,8 +151,9 @@ def write_cache(output: CacheOutput, loaded: Any, log: Callable[[str], None] = l
     run = output.sharded
     if run is None:
         return _write_file(output, loaded, log, progress, stdin)
-    result = _write_file(output, loaded, lambda message: log(run.log_prefix + message),
-                         progress if run.context.is_main else None, stdin)
+    result = _write_file(
+        output, loaded, lambda message: log(run.log_prefix + message), progress if run.context.is_main else None, stdin
+    )
     joined = join_shards(run, log)
     if joined is None:
         return result
@@ -139,21 +161,29 @@ def write_cache(output: CacheOutput, loaded: Any, log: Callable[[str], None] = l
     return CacheResult(run.out, n_tokens, result.resumed_from_row, seconds)
 
 
-def _write_file(output: CacheOutput, loaded: Any, log: Callable[[str], None],
-                progress: Optional[Callable[[int, int], None]], stdin: Any) -> CacheResult:
+def _write_file(
+    output: CacheOutput,
+    loaded: Any,
+    log: Callable[[str], None],
+    progress: Optional[Callable[[int, int], None]],
+    stdin: Any,
+) -> CacheResult:
     """`write_cache` for one file: the whole cache, or one rank's shard."""
-    from tccli.model.loading import MlpCapture, check_context
     from tccli.data.text import load_rows
+    from tccli.model.loading import MlpCapture, check_context
 
     config, out, prior, shard = output.config, output.out, output.prior, output.shard
     info = loaded.info
     check_context(config.context, info)
     layers = parse_layers(config.layers, info.n_layers)
-    rows = load_rows(config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed,
-                     stdin=stdin)
+    rows = load_rows(
+        config.data, loaded.tokenizer, info.bos_token_id, config.context, config.tokens, config.seed, stdin=stdin
+    )
     if rows.available_tokens is not None:
-        log(f"the data holds only {rows.available_tokens} tokens ({rows.tokens.shape[0]} full rows of "
-            f"{config.context}), fewer than --tokens {config.tokens}: storing {rows.n_tokens} tokens")
+        log(
+            f"the data holds only {rows.available_tokens} tokens ({rows.tokens.shape[0]} full rows of "
+            f"{config.context}), fewer than --tokens {config.tokens}: storing {rows.n_tokens} tokens"
+        )
     shard_attrs: dict = {}
     if shard is not None:
         rows, shard_attrs = shard.select(rows, config.batch_size)
@@ -163,8 +193,10 @@ def _write_file(output: CacheOutput, loaded: Any, log: Callable[[str], None],
     capture = MlpCapture(loaded, layers, config.engine, release_bridge=True)
     if capture.fallback_reason:
         log(capture.fallback_reason)
-    attrs = {**static_attributes(config, info, plan, device, rows.available_tokens, capture.engine_used,
-                                 capture.attention), **shard_attrs}
+    attrs = {
+        **static_attributes(config, info, plan, device, rows.available_tokens, capture.engine_used, capture.attention),
+        **shard_attrs,
+    }
 
     start_row, units = 0, []
     if prior == "resume":
@@ -174,9 +206,11 @@ def _write_file(output: CacheOutput, loaded: Any, log: Callable[[str], None],
     if not units and start_row == 0:
         reclaim = out.stat().st_size if out.exists() else 0
         needed = plan.file_bytes(attribute_bytes(attrs))
-        log(f"writing {plan.n_tokens} tokens x {len(layers)} layers x (mlp_in, mlp_out) x {info.d_model} in "
+        log(
+            f"writing {plan.n_tokens} tokens x {len(layers)} layers x (mlp_in, mlp_out) x {info.d_model} in "
             f"{config.dtype}: expected file size {'at most ' if config.compression != 'none' else ''}"
-            f"{human_bytes(needed)}")
+            f"{human_bytes(needed)}"
+        )
         check_disk_room(out, needed, reclaimable=reclaim)
         _start_file(out, plan, attrs, rows, config.compression, fingerprint)
     else:
@@ -186,12 +220,20 @@ def _write_file(output: CacheOutput, loaded: Any, log: Callable[[str], None],
 
     began = time.monotonic()
     with h5py.File(out, "r+") as f:
-        writer = _Writer(f, out, plan, fingerprint, units, start_row,
-                         on_rows=(lambda r: progress(r * plan.context, plan.n_tokens)) if progress else (lambda r: None))
+        writer = _Writer(
+            f,
+            out,
+            plan,
+            fingerprint,
+            units,
+            start_row,
+            on_rows=(lambda r: progress(r * plan.context, plan.n_tokens)) if progress else (lambda r: None),
+        )
         writer.start()
         try:
-            _forward_batches(capture, rows.tokens, plan, start_row, writer,
-                             on_batch=shard.heartbeat if shard is not None else None)
+            _forward_batches(
+                capture, rows.tokens, plan, start_row, writer, on_batch=shard.heartbeat if shard is not None else None
+            )
         finally:
             writer.queue.put(None)
             writer.join()
@@ -219,8 +261,14 @@ def _start_file(out: Path, plan: CachePlan, attrs: dict, rows: Any, compression:
     outputs.fsync_folder(out.parent)
 
 
-def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: CachePlan,
-                       log: Callable[[str], None], n_layers: Optional[int] = None) -> tuple[Optional[int], list]:
+def _verify_for_resume(
+    out: Path,
+    fingerprint: dict,
+    tokens: np.ndarray,
+    plan: CachePlan,
+    log: Callable[[str], None],
+    n_layers: Optional[int] = None,
+) -> tuple[Optional[int], list]:
     """Row to resume at and the units kept; (None, []) when already complete; (0, []) means start again.
 
     Without a progress file, ``out`` must be a readable tc cache (it is never overwritten otherwise). With
@@ -230,8 +278,10 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
 
     progress = read_progress(out)
     if progress is not None and fingerprint_meaning(progress.get("config"), n_layers) != fingerprint:
-        raise fail(f"--resume: {out} was started with other arguments "
-                   f"({_difference(progress['config'], fingerprint)}); use the same arguments, or --force")
+        raise fail(
+            f"--resume: {out} was started with other arguments "
+            f"({_difference(progress['config'], fingerprint)}); use the same arguments, or --force"
+        )
     if not out.exists():
         return 0, []
     try:
@@ -247,24 +297,31 @@ def _verify_for_resume(out: Path, fingerprint: dict, tokens: np.ndarray, plan: C
                 raise fail(f"--resume: {out} is not a tc activation cache; refusing to touch it")
             recorded = fingerprint_meaning(json.loads(f.attrs["config"]), n_layers)
             if recorded != fingerprint:
-                raise fail(f"--resume: {out} was written with other arguments "
-                           f"({_difference(recorded, fingerprint)}); use the same arguments, or --force")
+                raise fail(
+                    f"--resume: {out} was written with other arguments "
+                    f"({_difference(recorded, fingerprint)}); use the same arguments, or --force"
+                )
             if not np.array_equal(f["tokens"][:], tokens):
-                raise fail(f"--resume: the data now gives other tokens than {out} was started with; "
-                           "use the same data, or --force to start again")
+                raise fail(
+                    f"--resume: the data now gives other tokens than {out} was started with; "
+                    "use the same data, or --force to start again"
+                )
             if progress is None:
                 if bool(f.attrs["complete"]):
                     log(f"{out} is already complete")
                     return None, []
-                raise fail(f"--resume: {out} is incomplete but its progress file {progress_path(out).name} "
-                           "is gone, so its rows cannot be trusted; use --force to start again")
+                raise fail(
+                    f"--resume: {out} is incomplete but its progress file {progress_path(out).name} "
+                    "is gone, so its rows cannot be trusted; use --force to start again"
+                )
             return _verified_units(f, progress["units"], plan, out, log)
     except TcError:
         raise
     except Exception as exc:  # HDF5 structure damaged by a kill during a metadata write
         if progress is None:
-            raise fail(f"--resume: {out} is a damaged tc activation cache ({type(exc).__name__}); "
-                       "use --force to start again") from None
+            raise fail(
+                f"--resume: {out} is a damaged tc activation cache ({type(exc).__name__}); use --force to start again"
+            ) from None
         log(f"{out} was damaged by the interruption ({type(exc).__name__}); starting again from the beginning")
         return 0, []
 
@@ -276,8 +333,10 @@ def _verified_units(f: Any, units: list, plan: CachePlan, out: Path, log: Callab
     start = 0
     for end, digest in units:
         if unit_checksum(f, names, start * plan.context, end * plan.context) != digest:
-            log(f"rows {start}-{end - 1} of {out} do not match their checksum (damaged by the interruption); "
-                f"rewriting from row {start}")
+            log(
+                f"rows {start}-{end - 1} of {out} do not match their checksum (damaged by the interruption); "
+                f"rewriting from row {start}"
+            )
             break
         kept.append((end, digest))
         start = end
@@ -293,13 +352,21 @@ def _write_error(exc: BaseException, out: Path) -> TcError:
     if isinstance(exc, TcError):
         return fail(f"{exc}; the rows committed so far are kept: fix that and run again with --resume")
     if isinstance(exc, OSError) or "No space" in str(exc):
-        return fail(f"{outputs.write_error(out, exc)}; the rows committed so far are kept: free space and run "
-                    "again with --resume")
+        return fail(
+            f"{outputs.write_error(out, exc)}; the rows committed so far are kept: free space and run "
+            "again with --resume"
+        )
     return fail(f"writing {out} failed: {type(exc).__name__}: {exc}")
 
 
-def _forward_batches(capture: Any, tokens: np.ndarray, plan: CachePlan, start_row: int, writer: _Writer,
-                     on_batch: Optional[Callable[[], None]] = None) -> None:
+def _forward_batches(
+    capture: Any,
+    tokens: np.ndarray,
+    plan: CachePlan,
+    start_row: int,
+    writer: _Writer,
+    on_batch: Optional[Callable[[], None]] = None,
+) -> None:
     """Run the model (a ``tccli.model.loading.MlpCapture``) batch by batch up to the last requested layer; hand
     the activations to the writer (``on_batch`` runs after each batch: the heartbeat of a sharded run)."""
     import torch
@@ -329,8 +396,10 @@ def storage_array(name: str, acts: Any, plan: CachePlan) -> np.ndarray:
     if plan.dtype == "float16":
         largest = acts.abs().max()  # NaN/inf already in the model's output are stored as they are
         if torch.isfinite(largest) and largest >= FLOAT16_OVERFLOW:
-            raise fail(f"{name} holds values beyond float16's range (max |x| = {float(largest):.4g}); "
-                       "use --dtype bfloat16 or float32")
+            raise fail(
+                f"{name} holds values beyond float16's range (max |x| = {float(largest):.4g}); "
+                "use --dtype bfloat16 or float32"
+            )
     return to_storage(acts, plan.dtype)
 
 
@@ -344,18 +413,22 @@ def check_disk_room(path: Path, needed: int, reclaimable: int = 0) -> None:
     file's structure."""
     free = shutil.disk_usage(path.parent).free + reclaimable
     if free < needed:
-        raise fail(f"not enough disk space for {path}: needs {human_bytes(needed)}, "
-                   f"{human_bytes(free)} free on its disk")
+        raise fail(
+            f"not enough disk space for {path}: needs {human_bytes(needed)}, {human_bytes(free)} free on its disk"
+        )
     import resource
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and limit < needed:
-        raise fail(f"cannot write {path}: File too large: it needs {human_bytes(needed)} and this shell limits "
-                   f"files to {human_bytes(limit)} (ulimit -f)")
+        raise fail(
+            f"cannot write {path}: File too large: it needs {human_bytes(needed)} and this shell limits "
+            f"files to {human_bytes(limit)} (ulimit -f)"
+        )
 
 
-def create_file(path: Path, plan: CachePlan, attrs: dict, tokens: np.ndarray, doc_ids: np.ndarray,
-                compression: str) -> None:
+def create_file(
+    path: Path, plan: CachePlan, attrs: dict, tokens: np.ndarray, doc_ids: np.ndarray, compression: str
+) -> None:
     """Write the file's full structure (datasets at full size, tokens, attributes), flush and fsync."""
     import h5py
 
@@ -373,8 +446,14 @@ def create_file(path: Path, plan: CachePlan, attrs: dict, tokens: np.ndarray, do
                 # all chunks allocated now: later data writes change no HDF5 metadata
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            dset = f.create_dataset(name, shape=(plan.n_tokens, plan.d_model), dtype=dtype,
-                                    chunks=(chunk_tokens, plan.d_model), dcpl=dcpl, **filters)
+            dset = f.create_dataset(
+                name,
+                shape=(plan.n_tokens, plan.d_model),
+                dtype=dtype,
+                chunks=(chunk_tokens, plan.d_model),
+                dcpl=dcpl,
+                **filters,
+            )
             if plan.dtype == "bfloat16":
                 dset.attrs["storage"] = BF16_STORAGE
         for key, value in attrs.items():
@@ -408,7 +487,7 @@ def unit_checksum(f: Any, names: list[str], start_token: int, stop_token: int) -
     for name in names:
         dset = f[name]
         for lo in range(start_token, stop_token, step):
-            checksum.update(name, dset[lo:min(stop_token, lo + step)])
+            checksum.update(name, dset[lo : min(stop_token, lo + step)])
     return checksum.digest()
 
 
@@ -418,8 +497,16 @@ class _Writer(threading.Thread):
     Runs beside the forward pass so that disk writes do not stall the model.
     """
 
-    def __init__(self, f: Any, out: Path, plan: CachePlan, fingerprint: dict, units: list[tuple[int, str]],
-                 start_row: int, on_rows: Callable[[int], None]):
+    def __init__(
+        self,
+        f: Any,
+        out: Path,
+        plan: CachePlan,
+        fingerprint: dict,
+        units: list[tuple[int, str]],
+        start_row: int,
+        on_rows: Callable[[int], None],
+    ):
         super().__init__(daemon=True)
         self.f = f
         self.out = out
@@ -475,4 +562,3 @@ class _Writer(threading.Thread):
         self.unit_start = self.rows_done
         self.checksum = _UnitChecksum(self.names)
         self.last_commit = time.monotonic()
-

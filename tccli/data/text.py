@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -137,8 +138,15 @@ class RowStream:
     reported for it (load_rows reports the reading order).
     """
 
-    def __init__(self, documents: list[list[int]] | Iterator[list[int]], bos_token_id: int, context: int,
-                 max_tokens: int, batch_rows: int, doc_numbers: Optional[np.ndarray] = None):
+    def __init__(
+        self,
+        documents: list[list[int]] | Iterator[list[int]],
+        bos_token_id: int,
+        context: int,
+        max_tokens: int,
+        batch_rows: int,
+        doc_numbers: Optional[np.ndarray] = None,
+    ):
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
         self.documents = documents
@@ -190,8 +198,11 @@ class RowStream:
     def collect(self) -> PackedRows:
         """Every row at once, for callers that need all tokens up front."""
         batches = list(self)
-        return PackedRows(np.concatenate([tokens for tokens, _ in batches]),
-                          np.concatenate([doc_ids for _, doc_ids in batches]), self.available_tokens)
+        return PackedRows(
+            np.concatenate([tokens for tokens, _ in batches]),
+            np.concatenate([doc_ids for _, doc_ids in batches]),
+            self.available_tokens,
+        )
 
     def _batch(self, rows: list[list[int]], row_docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         doc_ids = np.array(row_docs, dtype=np.int64)
@@ -228,13 +239,21 @@ def document_order(n_documents: int, seed: int) -> np.ndarray:
 def tokenize_lazily(tokenizer: Any, texts: list[str], order: np.ndarray, batch: int = 256) -> Iterator[list[int]]:
     """Token ids of ``texts`` in ``order``, tokenised a batch at a time (and only as far as consumed)."""
     for start in range(0, len(order), batch):
-        chunk = [texts[i] for i in order[start:start + batch]]
+        chunk = [texts[i] for i in order[start : start + batch]]
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
             yield list(ids)
 
 
-def stream_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int,
-                seed: int, batch_rows: int, stdin: Any = None) -> RowStream:
+def stream_rows(
+    paths: list[str],
+    tokenizer: Any,
+    bos_token_id: int,
+    context: int,
+    max_tokens: int,
+    seed: int,
+    batch_rows: int,
+    stdin: Any = None,
+) -> RowStream:
     """The whole input pipeline, ``batch_rows`` rows at a time: read, order by seed, tokenise as far as
     needed, pack. ``doc_ids`` index documents in reading order (before shuffling).
 
@@ -245,15 +264,18 @@ def stream_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: in
     texts = read_documents(paths, stdin=stdin)
     order = document_order(len(texts), seed)
     # packing numbers documents in packing order; order[...] maps them back to reading order
-    return RowStream(tokenize_lazily(tokenizer, texts, order), bos_token_id, context, max_tokens, batch_rows,
-                     doc_numbers=order)
+    return RowStream(
+        tokenize_lazily(tokenizer, texts, order), bos_token_id, context, max_tokens, batch_rows, doc_numbers=order
+    )
 
 
-def load_rows(paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int,
-              seed: int, stdin: Any = None) -> PackedRows:
+def load_rows(
+    paths: list[str], tokenizer: Any, bos_token_id: int, context: int, max_tokens: int, seed: int, stdin: Any = None
+) -> PackedRows:
     """``stream_rows`` with every row at once (``tc cache`` needs all tokens up front)."""
-    return stream_rows(paths, tokenizer, bos_token_id, context, max_tokens, seed, PACK_BATCH_ROWS,
-                       stdin=stdin).collect()
+    return stream_rows(
+        paths, tokenizer, bos_token_id, context, max_tokens, seed, PACK_BATCH_ROWS, stdin=stdin
+    ).collect()
 
 
 # ----------------------------------------------------------------------------- showing one token
@@ -265,8 +287,11 @@ def _byte_level_alphabet() -> dict[str, int]:
     Printable Latin-1 bytes stand for themselves; the other bytes (controls, space, 0x7F-0xA0, 0xAD)
     are written as the characters 256, 257, ... in byte order.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     alphabet = {chr(b): b for b in printable}
     extra = 0
     for b in range(256):
@@ -286,7 +311,7 @@ def _escape_bad_bytes(raw: bytes) -> str:
     while index < len(raw):
         for size in (1, 2, 3, 4):
             try:
-                out.append(raw[index:index + size].decode("utf-8"))
+                out.append(raw[index : index + size].decode("utf-8"))
                 index += size
                 break
             except UnicodeDecodeError:

@@ -29,17 +29,17 @@ The metric math is in plain functions on tensors (`next_token_loss`, `kl_to_clea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from tccli.config.evaluation import EvalConfig
 from tccli.config.fields import to_json_dict
 from tccli.errors import fail
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.evaluation import EvalConfig
-
 
 # ----------------------------------------------------------------------------- metric math
 
@@ -97,7 +97,7 @@ class ReconstructionStats:
         self.active_sum += float(active.sum())
         self.squared_error += float(((y - yhat) ** 2).sum())
         self.target_sum += y.sum(0)
-        self.target_square_sum += float((y ** 2).sum())
+        self.target_square_sum += float((y**2).sum())
         self.fire_counts += active.sum(0)
 
     def result(self, dense_threshold: float) -> dict:
@@ -105,7 +105,7 @@ class ReconstructionStats:
             raise fail("no tokens were evaluated")
         n = self.n_tokens
         # total variance about the mean over tokens: sum ||y||^2 - n ||mean y||^2
-        total_variance = self.target_square_sum - float((self.target_sum ** 2).sum()) / n
+        total_variance = self.target_square_sum - float((self.target_sum**2).sum()) / n
         frequency = self.fire_counts.double() / n
         return {
             "l0": self.active_sum / n,
@@ -161,6 +161,7 @@ def _remember(seen: dict, name: str) -> Callable:
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         seen[name] = tensor
         return tensor
+
     return hook
 
 
@@ -176,6 +177,7 @@ def _replace_with(loaded: Any, layer: int, transcoder: Transcoder, seen: dict) -
         seen.clear()
         output = transcoder(source.to(transcoder.W_enc.dtype))[0]
         return written_to_residual(config.output_space, output, loaded.spaces[layer]).to(tensor.dtype)
+
     return hook
 
 
@@ -193,6 +195,7 @@ def _constant(value: Optional[torch.Tensor]) -> Callable:
         if value is None:
             return torch.zeros_like(tensor)
         return value[: tensor.shape[1]].to(tensor.dtype).expand_as(tensor).clone()
+
     return hook
 
 
@@ -231,8 +234,15 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         """Plain JSON data; a non-finite number (recovered with no ablation gap) becomes null."""
-        return _finite_or_none({**self.meta, "n_tokens": self.n_tokens, "n_predictions": self.n_scored,
-                                "layers": self.layers, "all_layers": self.all_layers})
+        return _finite_or_none(
+            {
+                **self.meta,
+                "n_tokens": self.n_tokens,
+                "n_predictions": self.n_scored,
+                "layers": self.layers,
+                "all_layers": self.all_layers,
+            }
+        )
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -245,9 +255,15 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tensor, batch_size: int = 32,
-             mean_ablation: str = "position", dense_threshold: float = 0.1,
-             progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
+def evaluate(
+    loaded: Any,
+    transcoders: dict[int, Transcoder],
+    tokens: torch.Tensor,
+    batch_size: int = 32,
+    mean_ablation: str = "position",
+    dense_threshold: float = 0.1,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> EvalResult:
     """Measure ``transcoders`` ({layer: Transcoder}) on ``tokens`` [n_rows, context] with ``loaded``'s model."""
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise fail("no evaluation tokens: need at least one row of 2 or more tokens")
@@ -255,7 +271,7 @@ def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tens
     layers = sorted(transcoders)
     if not layers:
         raise fail("no transcoders to evaluate")
-    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    batches = [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     step = progress or (lambda stage, done, total: None)
 
     # pass 1: mean MLP outputs, stopping after the last layer needed
@@ -273,9 +289,12 @@ def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tens
     # pass 2: clean run, then spliced / ablated runs per layer and for all layers at once
     from tccli.model.loading import space_activation
 
-    space_hooks = [name for layer in layers for name in
-                   info.input_hooks(layer, transcoders[layer].config.input_space)
-                   + info.output_hooks(layer, transcoders[layer].config.output_space)]
+    space_hooks = [
+        name
+        for layer in layers
+        for name in info.input_hooks(layer, transcoders[layer].config.input_space)
+        + info.output_hooks(layer, transcoders[layer].config.output_space)
+    ]
     recon = {layer: ReconstructionStats(transcoders[layer].n_features) for layer in layers}
     fidelity = {layer: _Fidelity() for layer in layers}
     all_at_once = _Fidelity() if len(layers) > 1 else None
@@ -299,19 +318,30 @@ def evaluate(loaded: Any, transcoders: dict[int, Transcoder], tokens: torch.Tens
         step("spliced runs", index + 1, len(batches))
 
     ce_clean = ce_clean_sum / n_scored
-    per_layer = [{"layer": layer, **recon[layer].result(dense_threshold),
-                  **fidelity[layer].result(ce_clean, n_scored)} for layer in layers]
-    return EvalResult(per_layer, None if all_at_once is None else
-                      {"layers": layers, **all_at_once.result(ce_clean, n_scored)},
-                      n_tokens=int(tokens.numel()), n_scored=n_scored)
+    per_layer = [
+        {"layer": layer, **recon[layer].result(dense_threshold), **fidelity[layer].result(ce_clean, n_scored)}
+        for layer in layers
+    ]
+    return EvalResult(
+        per_layer,
+        None if all_at_once is None else {"layers": layers, **all_at_once.result(ce_clean, n_scored)},
+        n_tokens=int(tokens.numel()),
+        n_scored=n_scored,
+    )
 
 
 def _total(per_token: torch.Tensor) -> float:
     return float(per_token.double().sum())
 
 
-def _score_settings(loaded: Any, batch: torch.Tensor, clean_logits: torch.Tensor, sums: _Fidelity,
-                    transcoders: dict[int, Transcoder], means: dict[int, torch.Tensor]) -> None:
+def _score_settings(
+    loaded: Any,
+    batch: torch.Tensor,
+    clean_logits: torch.Tensor,
+    sums: _Fidelity,
+    transcoders: dict[int, Transcoder],
+    means: dict[int, torch.Tensor],
+) -> None:
     """Add one batch's spliced, zero-ablated and mean-ablated CE (and spliced KL) to ``sums``.
 
     Full passes from the tokens: TransformerBridge's start_at_layer still runs the blocks below (it
@@ -339,8 +369,10 @@ def check_kind(transcoders: dict[int, Transcoder], kind: str) -> None:
     """Refuse a file whose kind is not the ``--kind`` given (``auto``: whatever its config says)."""
     for transcoder in transcoders.values():
         if kind != "auto" and transcoder.config.kind != kind:
-            raise fail(f"--kind {kind} given, but the file for layer {transcoder.config.layer} holds "
-                       f"a {transcoder.config.kind}")
+            raise fail(
+                f"--kind {kind} given, but the file for layer {transcoder.config.layer} holds "
+                f"a {transcoder.config.kind}"
+            )
 
 
 def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder], Any]:
@@ -354,34 +386,58 @@ def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder], An
     check_context(config.context, loaded.info)
     transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
     check_kind(transcoders, config.kind)
-    rows = load_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                     config.seed)
+    rows = load_rows(
+        config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens, config.seed
+    )
     return loaded, transcoders, rows.tokens
 
 
-def run_eval(config: EvalConfig, loaded: Any, transcoders: dict[int, Transcoder], tokens: Any,
-             progress: Optional[Callable[[str, int, int], None]] = None) -> EvalResult:
+def run_eval(
+    config: EvalConfig,
+    loaded: Any,
+    transcoders: dict[int, Transcoder],
+    tokens: Any,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> EvalResult:
     """`tc eval` on what its command loaded: ``loaded``'s model, ``transcoders`` ({layer: Transcoder}, checked
     against that model) and ``tokens`` [n_rows, context] (numpy or torch); the result carries ``config``."""
     if isinstance(tokens, np.ndarray):
         tokens = torch.from_numpy(np.ascontiguousarray(tokens))
-    result = evaluate(loaded, transcoders, tokens, config.batch_size, config.mean_ablation,
-                      config.dense_threshold, progress)
-    result.meta = {"model": loaded.info.name, "transcoders": config.transcoders,
-                   "kinds": {str(layer): t.config.kind for layer, t in transcoders.items()},
-                   "transcoder_kinds": {str(layer): {"activation": t.config.activation, "k": t.config.k,
-                                                     "skip": t.config.skip, "n_features": t.config.n_features}
-                                        for layer, t in transcoders.items()},
-                   "config": to_json_dict(config)}
+    result = evaluate(
+        loaded, transcoders, tokens, config.batch_size, config.mean_ablation, config.dense_threshold, progress
+    )
+    result.meta = {
+        "model": loaded.info.name,
+        "transcoders": config.transcoders,
+        "kinds": {str(layer): t.config.kind for layer, t in transcoders.items()},
+        "transcoder_kinds": {
+            str(layer): {
+                "activation": t.config.activation,
+                "k": t.config.k,
+                "skip": t.config.skip,
+                "n_features": t.config.n_features,
+            }
+            for layer, t in transcoders.items()
+        },
+        "config": to_json_dict(config),
+    }
     return result
 
 
 TABLE_COLUMNS = (
-    ("layer", "layer", "{}"), ("L0", "l0", "{:.2f}"), ("FVU", "fvu", "{:.4f}"), ("MSE", "mse", "{:.3g}"),
-    ("dead", "dead_features", "{}"), ("dense", "dense_features", "{}"), ("CE clean", "ce_clean", "{:.4f}"),
-    ("CE spliced", "ce_spliced", "{:.4f}"), ("CE zero-abl", "ce_zero_ablated", "{:.4f}"),
-    ("CE mean-abl", "ce_mean_ablated", "{:.4f}"), ("rec. zero", "recovered_zero", "{:.3f}"),
-    ("rec. mean", "recovered_mean", "{:.3f}"), ("KL", "kl", "{:.4f}"),
+    ("layer", "layer", "{}"),
+    ("L0", "l0", "{:.2f}"),
+    ("FVU", "fvu", "{:.4f}"),
+    ("MSE", "mse", "{:.3g}"),
+    ("dead", "dead_features", "{}"),
+    ("dense", "dense_features", "{}"),
+    ("CE clean", "ce_clean", "{:.4f}"),
+    ("CE spliced", "ce_spliced", "{:.4f}"),
+    ("CE zero-abl", "ce_zero_ablated", "{:.4f}"),
+    ("CE mean-abl", "ce_mean_ablated", "{:.4f}"),
+    ("rec. zero", "recovered_zero", "{:.3f}"),
+    ("rec. mean", "recovered_mean", "{:.3f}"),
+    ("KL", "kl", "{:.4f}"),
 )
 # The columns shown without --wide: they fit an 80-column terminal. The clean CE, the same on every
 # row, goes into the title; the ablated CEs are implied by the recovered fractions; MSE by FVU.
@@ -404,8 +460,12 @@ def result_table(result: EvalResult, wide: bool = False) -> Any:
     title = f"tc eval: {result.n_tokens} tokens, {result.n_scored} next-token predictions"
     if not wide and rows:
         title += f"; CE clean {_cell(rows[0].get('ce_clean'), '{:.4f}')}"
-    table = Table(title=title, box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, pad_edge=wide,
-                  caption=None if wide else "--wide: also MSE, dense features, clean and ablated CE")
+    table = Table(
+        title=title,
+        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
+        pad_edge=wide,
+        caption=None if wide else "--wide: also MSE, dense features, clean and ablated CE",
+    )
     for title, _, _ in columns:
         table.add_column(title, justify="right", no_wrap=True)
     for row in rows:

@@ -16,15 +16,16 @@ Pure functions take token ids and probabilities; `probability_difference_of_mode
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from tccli.nodes import feature_name, head_name
-from tccli.errors import TcError, fail
-from tccli.data.text import display_token
 from tccli.config.evaluation import GreaterThanConfig
+from tccli.data.text import display_token
+from tccli.errors import TcError, fail
+from tccli.nodes import feature_name, head_name
 
 TEMPLATE = "The {noun} lasted from the year 17{yy:02d} to the year 17"
 N_PROMPTS = 100
@@ -53,8 +54,10 @@ def two_digit_token_ids(tokenizer: Any) -> list[int]:
         text = f"{value:02d}"
         encoded = tokenizer.encode(text, add_special_tokens=False)
         if len(encoded) != 1:
-            raise fail(f"the tokenizer splits {text!r} into {len(encoded)} tokens; the greater-than task "
-                       "needs every two-digit number to be one token")
+            raise fail(
+                f"the tokenizer splits {text!r} into {len(encoded)} tokens; the greater-than task "
+                "needs every two-digit number to be one token"
+            )
         ids.append(int(encoded[0]))
     return ids
 
@@ -93,17 +96,21 @@ class GreaterThanResult:
         return float(self.per_prompt.mean())
 
 
-def probability_difference_from_logits(final_logits: torch.Tensor, year_ids: Sequence[int],
-                                       years: Sequence[int]) -> GreaterThanResult:
+def probability_difference_from_logits(
+    final_logits: torch.Tensor, year_ids: Sequence[int], years: Sequence[int]
+) -> GreaterThanResult:
     """final_logits: [n, vocab] logits at the last prompt position."""
     probs = torch.softmax(final_logits.double(), dim=-1)[:, list(year_ids)]
-    return GreaterThanResult(years=list(years), per_prompt=probability_difference(probs, years),
-                             year_probs=probs)
+    return GreaterThanResult(years=list(years), per_prompt=probability_difference(probs, years), year_probs=probs)
 
 
-def probability_difference_of_logits_fn(logits_fn: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
-                                        bos_token_id: int, years: Optional[Sequence[int]] = None,
-                                        noun: str = "war") -> GreaterThanResult:
+def probability_difference_of_logits_fn(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    bos_token_id: int,
+    years: Optional[Sequence[int]] = None,
+    noun: str = "war",
+) -> GreaterThanResult:
     """Run ``logits_fn(tokens [n, seq]) -> logits [n, seq, vocab]`` on the prompt set and score it."""
     years = prompt_years() if years is None else list(years)
     tokens = encode_prompts(tokenizer, prompts(years, noun), bos_token_id)
@@ -112,9 +119,9 @@ def probability_difference_of_logits_fn(logits_fn: Callable[[torch.Tensor], torc
     return probability_difference_from_logits(logits[:, -1, :], two_digit_token_ids(tokenizer), years)
 
 
-def probability_difference_of_model(loaded: Any, years: Optional[Sequence[int]] = None,
-                                    extra_hooks: Iterable[tuple[str, Any]] = (),
-                                    noun: str = "war") -> GreaterThanResult:
+def probability_difference_of_model(
+    loaded: Any, years: Optional[Sequence[int]] = None, extra_hooks: Iterable[tuple[str, Any]] = (), noun: str = "war"
+) -> GreaterThanResult:
     """The probability difference of a `tccli.model.loading.LoadedModel`, optionally with hooks spliced in
     (e.g. an MLP replaced by its transcoder)."""
     from tccli.model.loading import run_logits
@@ -122,7 +129,11 @@ def probability_difference_of_model(loaded: Any, years: Optional[Sequence[int]] 
     hooks = list(extra_hooks)
     return probability_difference_of_logits_fn(
         lambda tokens: run_logits(loaded, tokens, extra_hooks=hooks)[0].cpu(),
-        loaded.tokenizer, loaded.info.bos_token_id, years, noun)
+        loaded.tokenizer,
+        loaded.info.bos_token_id,
+        years,
+        noun,
+    )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -136,16 +147,20 @@ def load_greater_than_inputs(config: GreaterThanConfig) -> tuple[Any, dict, Any]
     from tccli.transcoders.formats import load_checked_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = (load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders
-                   else {})
+    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders else {}
     graph = read_graph(config.graph) if config.graph else None
     if graph is not None:
         check_graph_matches_model(graph, loaded.info, config.graph)
     return loaded, transcoders, graph
 
 
-def run_greater_than(config: GreaterThanConfig, loaded: Any, transcoders: dict, graph: Any = None,
-                     progress: Optional[Callable[[str, int, Optional[int]], None]] = None) -> dict:
+def run_greater_than(
+    config: GreaterThanConfig,
+    loaded: Any,
+    transcoders: dict,
+    graph: Any = None,
+    progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+) -> dict:
     """The model's probability difference on the prompt set, clean and with MLPs replaced by transcoders.
 
     ``loaded``, ``transcoders`` ({layer: Transcoder}, checked against that model; empty when none were
@@ -156,8 +171,14 @@ def run_greater_than(config: GreaterThanConfig, loaded: Any, transcoders: dict, 
     update = progress or (lambda stage, done, total: None)
     from tccli.evaluation.evaluate import splice_hooks
 
-    out: dict = {"model": loaded.info.name, "prompts": N_PROMPTS, "clean": None, "replaced": {},
-                 "all_replaced": None, "not_applicable": None}
+    out: dict = {
+        "model": loaded.info.name,
+        "prompts": N_PROMPTS,
+        "clean": None,
+        "replaced": {},
+        "all_replaced": None,
+        "not_applicable": None,
+    }
     try:
         two_digit_token_ids(loaded.tokenizer)
     except TcError as exc:  # e.g. a tokenizer with single digits: the task is undefined, the graph is not
@@ -171,15 +192,15 @@ def run_greater_than(config: GreaterThanConfig, loaded: Any, transcoders: dict, 
         done += 1
         update("model runs", done, runs)
     if config.transcoders:
-        for layer, transcoder in (transcoders.items() if applicable else ()):
+        for layer, transcoder in transcoders.items() if applicable else ():
             hooks = splice_hooks(loaded, {layer: transcoder})
-            out["replaced"][layer] = probability_difference_of_model(loaded, extra_hooks=hooks,
-                                                                     noun=config.noun).mean
+            out["replaced"][layer] = probability_difference_of_model(loaded, extra_hooks=hooks, noun=config.noun).mean
             done += 1
             update("model runs", done, runs)
         if len(transcoders) > 1 and applicable:
             out["all_replaced"] = probability_difference_of_model(
-                loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun).mean
+                loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun
+            ).mean
             update("model runs", done + 1, runs)
         if graph is not None:
             out["top_nodes"] = top_nodes(graph_nodes(graph), loaded, transcoders, config.top)
@@ -198,18 +219,35 @@ def top_nodes(nodes: list[dict], loaded: Any, transcoders: dict, top: int) -> li
     de-embedding."""
     from tccli.features.deembed import feature_deembedding
 
-    chosen = sorted((n for n in nodes if n.get("kind") in ("feature", "head")),
-                    key=lambda n: -float(n.get("path_contribution") or 0.0))[:top]
+    chosen = sorted(
+        (n for n in nodes if n.get("kind") in ("feature", "head")),
+        key=lambda n: -float(n.get("path_contribution") or 0.0),
+    )[:top]
     out = []
     for node in chosen:
-        row = {k: node.get(k) for k in ("id", "kind", "layer", "feature", "head", "position", "token",
-                                        "activation", "path_contribution", "direct_contribution")}
+        row = {
+            k: node.get(k)
+            for k in (
+                "id",
+                "kind",
+                "layer",
+                "feature",
+                "head",
+                "position",
+                "token",
+                "activation",
+                "path_contribution",
+                "direct_contribution",
+            )
+        }
         if node["kind"] == "feature" and node["layer"] in transcoders:
             n_features = transcoders[node["layer"]].n_features
             if not (isinstance(node.get("feature"), int) and 0 <= node["feature"] < n_features):
-                raise fail(f"the graph's node {node['id']} is feature {node.get('feature')!r}, but layer "
-                           f"{node['layer']}'s transcoder has features 0-{n_features - 1}: not the transcoders "
-                           "it was traced with")
+                raise fail(
+                    f"the graph's node {node['id']} is feature {node.get('feature')!r}, but layer "
+                    f"{node['layer']}'s transcoder has features 0-{n_features - 1}: not the transcoders "
+                    "it was traced with"
+                )
             scores = feature_deembedding(loaded, transcoders[node["layer"]], node["layer"], node["feature"])
             # Byte tokens that are never whole characters (shown <0xE2>) carry no meaning to show.
             texts = (display_token(loaded.tokenizer, i) for i in scores.argsort(descending=True).tolist())
@@ -222,8 +260,10 @@ def result_lines(result: dict) -> list[str]:
     if result["not_applicable"]:
         lines = [f"greater-than task not applicable to {result['model']}: {result['not_applicable']}"]
     else:
-        lines = [f"greater-than probability difference over {result['prompts']} prompts (model {result['model']}):",
-                 f"  {'clean model':<24} {result['clean']:.3f}"]
+        lines = [
+            f"greater-than probability difference over {result['prompts']} prompts (model {result['model']}):",
+            f"  {'clean model':<24} {result['clean']:.3f}",
+        ]
     for layer, value in result["replaced"].items():
         lines.append(f"  {f'MLP {layer} -> transcoder':<24} {value:.3f}")
     if result["all_replaced"] is not None:
@@ -234,11 +274,14 @@ def result_lines(result: dict) -> list[str]:
         for node in result["top_nodes"]:
             token = f"{json.dumps(node['token'], ensure_ascii=False)}@{node['position']}"
             direct = node.get("direct_contribution")  # None in graphs written before it existed
-            figures = f"path {node['path_contribution']:<7.3g} direct " + ("n/a" if direct is None else f"{direct:<7.3g}")
+            figures = f"path {node['path_contribution']:<7.3g} direct " + (
+                "n/a" if direct is None else f"{direct:<7.3g}"
+            )
             if node["kind"] == "feature":
                 name, where = feature_name(node["layer"], node["feature"]), f"at {token}"
                 detail = f"z {node['activation']:.3g}; de-embeds to " + " ".join(
-                    json.dumps(t, ensure_ascii=False) for t in node.get("deembedding", []))
+                    json.dumps(t, ensure_ascii=False) for t in node.get("deembedding", [])
+                )
             else:
                 name, where, detail = head_name(node["layer"], node["head"]), f"reads {token}", ""
             lines.append(f"  {name:<9} {where:<18} {figures}  {detail}".rstrip())

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tccli.errors import fail
 from tccli.config.evaluation import METRICS, PlotConfig
+from tccli.errors import fail
 
 TRAINING_PANELS = (("loss", "training loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
 
@@ -41,7 +41,13 @@ class ParetoPoint:
 def series_name(kind: str, description: Optional[dict]) -> str:
     """'transcoder TopK', 'SAE ReLU+L1', 'skip transcoder JumpReLU', ...; from the per-layer description
     `tc eval --json` writes (older files have only the kind)."""
-    names = {"topk": "TopK", "signed_topk": "signed TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU", "relu": "ReLU+L1"}
+    names = {
+        "topk": "TopK",
+        "signed_topk": "signed TopK",
+        "batchtopk": "BatchTopK",
+        "jumprelu": "JumpReLU",
+        "relu": "ReLU+L1",
+    }
     who = "SAE" if kind == "sae" else "transcoder"
     if not description:
         return who
@@ -137,8 +143,9 @@ def _save(fig, out: str) -> Path:
 
     path = Path(out)
     metadata = {"Date": None} if path.suffix.lower() in (".svg", ".pdf") else {}
-    outputs.atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower()[1:], metadata=metadata,
-                                                       bbox_inches="tight"))
+    outputs.atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower()[1:], metadata=metadata, bbox_inches="tight")
+    )
     return path
 
 
@@ -154,8 +161,13 @@ def plot_pareto(points: list[ParetoPoint], out: str, metric: str, title: Optiona
         for i, name in enumerate(series):
             mine = sorted((p for p in points if p.layer == layer and p.series == name), key=lambda p: p.l0)
             if mine:
-                ax.plot([p.l0 for p in mine], [p.value for p in mine], marker=markers[i % len(markers)],
-                        label=name, color=f"C{i}")
+                ax.plot(
+                    [p.l0 for p in mine],
+                    [p.value for p in mine],
+                    marker=markers[i % len(markers)],
+                    label=name,
+                    color=f"C{i}",
+                )
         ax.set_xscale("log")
         # plain numbers on the log axis (L0 spans a few units to a few hundred; 1.6 x 10^1 reads badly)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
@@ -177,7 +189,7 @@ def plot_training(logs: list[tuple[str, list[dict], Optional[int]]], out: str, t
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4.2 * len(TRAINING_PANELS), 3.4))
     tokens_known = all(batch is not None for _, _, batch in logs)
-    for index, (path, entries, batch_size) in enumerate(logs):
+    for path, entries, batch_size in logs:
         for layer in sorted({int(e["layer"]) for e in entries}):
             mine = [e for e in entries if int(e["layer"]) == layer]
             xs = [int(e["step"]) * (batch_size if tokens_known else 1) for e in mine]
@@ -211,7 +223,8 @@ def run_plot(config: PlotConfig) -> Path:
         raise outputs.write_error(config.out, exc) from None
     with outputs.claim(config.out, config.force, config.inputs):
         if config.what == "pareto":
-            return plot_pareto(read_pareto_points(config.inputs, config.metric), config.out, config.metric,
-                               config.title)
+            return plot_pareto(
+                read_pareto_points(config.inputs, config.metric), config.out, config.metric, config.title
+            )
         logs = [(path, *read_training_log(path)) for path in config.inputs]
         return plot_training(logs, config.out, config.title)

@@ -28,20 +28,20 @@ from __future__ import annotations
 import json
 import math
 import random as random_module
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from tccli.errors import fail
-from tccli.runtime.progress import no_progress
 from tccli.circuit.files import is_attribution_graph
-from tccli.nodes import NodeRef
-from tccli.nodes import Intervention
+from tccli.config.evaluation import ValidateConfig
+from tccli.errors import fail
+from tccli.nodes import Intervention, NodeRef
 from tccli.replacement.model import RowSpec
 from tccli.replacement.targets import TargetSpec
-from tccli.config.evaluation import ValidateConfig
+from tccli.runtime.progress import no_progress
 
 CIRCUIT_KINDS = ("feature", "head")
 GRADIENT_PROMPTS = 8  # prompts per backward pass of the unpruned prediction
@@ -97,17 +97,22 @@ def sufficiency(clean: Sequence[float], kept: Sequence[float]) -> float:
     return sum(kept) / total if total else float("nan")
 
 
-def largest_disagreements(ids: Sequence[str], predicted: Sequence[float], measured: Sequence[float],
-                          top: int) -> list[dict]:
+def largest_disagreements(
+    ids: Sequence[str], predicted: Sequence[float], measured: Sequence[float], top: int
+) -> list[dict]:
     """The ``top`` nodes with the largest |measured - predicted|, largest first."""
-    rows = [{"id": i, "predicted": p, "measured": m, "difference": m - p}
-            for i, p, m in zip(ids, predicted, measured)]
+    rows = [{"id": i, "predicted": p, "measured": m, "difference": m - p} for i, p, m in zip(ids, predicted, measured)]
     rows.sort(key=lambda row: -abs(row["difference"]))
     return rows[:top]
 
 
-def sample_random_circuit(circuit: Sequence[NodeRef], active: dict[tuple[int, int], list[int]],
-                          n_heads: int, sources: Sequence[int], rng: random_module.Random) -> list[NodeRef]:
+def sample_random_circuit(
+    circuit: Sequence[NodeRef],
+    active: dict[tuple[int, int], list[int]],
+    n_heads: int,
+    sources: Sequence[int],
+    rng: random_module.Random,
+) -> list[NodeRef]:
     """A random circuit of the same size and layers as ``circuit``.
 
     Each feature node (layer l, position p) is replaced by a feature active at (l, p) (``active``:
@@ -122,15 +127,24 @@ def sample_random_circuit(circuit: Sequence[NodeRef], active: dict[tuple[int, in
     out = []
     for node in circuit:
         if node.kind == "feature":
-            here = [NodeRef("feature", node.layer, f, node.position) for f in active.get((node.layer, node.position), [])]
-            anywhere = [NodeRef("feature", node.layer, f, p) for (layer, p), fs in active.items()
-                        if layer == node.layer for f in fs]
+            here = [
+                NodeRef("feature", node.layer, f, node.position) for f in active.get((node.layer, node.position), [])
+            ]
+            anywhere = [
+                NodeRef("feature", node.layer, f, p)
+                for (layer, p), fs in active.items()
+                if layer == node.layer
+                for f in fs
+            ]
             candidates = [c for c in here if c not in taken] or [c for c in anywhere if c not in taken]
         else:
             candidates = [NodeRef("head", node.layer, h, s) for h in range(n_heads) for s in sources]
             candidates = [c for c in candidates if c not in taken] or [
-                c for layer in head_layers for c in (NodeRef("head", layer, h, s) for h in range(n_heads)
-                                                     for s in sources) if c not in taken]
+                c
+                for layer in head_layers
+                for c in (NodeRef("head", layer, h, s) for h in range(n_heads) for s in sources)
+                if c not in taken
+            ]
         if not candidates:
             raise fail(f"cannot draw a random stand-in for {node.id}: every candidate is taken")
         pick = rng.choice(sorted(candidates, key=lambda c: (c.index, c.position)))
@@ -202,8 +216,11 @@ def circuit_nodes(graph: Any) -> list[CircuitNode]:
     attribution to the target along the graph's paths."""
     from tccli.nodes import parse_node
 
-    summed = (path_attributions(graph, graph_target(graph.graph.get("metadata", {}))[1])
-              if is_attribution_graph(graph) else None)
+    summed = (
+        path_attributions(graph, graph_target(graph.graph.get("metadata", {}))[1])
+        if is_attribution_graph(graph)
+        else None
+    )
     out = []
     for node_id, attrs in graph.nodes(data=True):
         kind = attrs.get("kind")
@@ -235,8 +252,11 @@ def graph_target(meta: dict) -> tuple[dict, str]:
     targets = meta.get("targets")
     if isinstance(targets, list) and targets:
         chosen = max(targets, key=lambda t: t.get("weight") or 0.0)
-        node = (f"logit{chosen['token']}@{chosen['position']}" if chosen.get("kind") == "logit"
-                and chosen.get("demeaned") else "target")
+        node = (
+            f"logit{chosen['token']}@{chosen['position']}"
+            if chosen.get("kind") == "logit" and chosen.get("demeaned")
+            else "target"
+        )
         return dict(chosen), node
     return dict(meta.get("target") or {}), "target"
 
@@ -251,19 +271,31 @@ def target_from_metadata(meta: dict, loaded: Any) -> TargetSpec:
         raise fail("the graph's metadata names no target position and tokens (was it written by tc circuit?)")
     offset = position - n_graph
     if kind in ("logit", "logit_diff"):
-        return TargetSpec(kind, offset, token=description.get("token"), token_b=description.get("token_b"),
-                          demeaned=bool(description.get("demeaned")), description=description)
+        return TargetSpec(
+            kind,
+            offset,
+            token=description.get("token"),
+            token_b=description.get("token_b"),
+            demeaned=bool(description.get("demeaned")),
+            description=description,
+        )
     if kind == "feature":
-        return TargetSpec(kind, offset, layer=description.get("layer"), feature=description.get("feature"),
-                          description=description)
+        return TargetSpec(
+            kind, offset, layer=description.get("layer"), feature=description.get("feature"), description=description
+        )
     if kind == "direction":
         from tccli.replacement.targets import load_direction
 
         path = (meta.get("config") or {}).get("direction")
         if not path or not Path(path).is_file():
             raise fail(f"the graph's target is a direction read from {path!r}, which is not here")
-        return TargetSpec(kind, offset, layer=description.get("layer"),
-                          direction=load_direction(path, loaded.info.d_model), description=description)
+        return TargetSpec(
+            kind,
+            offset,
+            layer=description.get("layer"),
+            direction=load_direction(path, loaded.info.d_model),
+            description=description,
+        )
     raise fail(f"the graph's target kind {kind!r} is not one tc validate knows")
 
 
@@ -307,8 +339,13 @@ class _Group:
 def input_paths(config: ValidateConfig, meta: dict) -> list[Optional[str]]:
     """Every file or folder `tc validate` reads (its --out must be none of them): the graph, the prompts,
     the features, and the transcoders and model given or named by the graph's metadata ``meta``."""
-    return [config.graph, config.prompts, config.features, config.transcoders or meta.get("transcoders"),
-            config.model or meta.get("model")]
+    return [
+        config.graph,
+        config.prompts,
+        config.features,
+        config.transcoders or meta.get("transcoders"),
+        config.model or meta.get("model"),
+    ]
 
 
 def transcoders_path(config: ValidateConfig, meta: dict) -> str:
@@ -344,15 +381,22 @@ def load_validation_inputs(config: ValidateConfig, meta: dict) -> tuple[Any, dic
     return loaded, transcoders, means, prompts
 
 
-def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders: dict,
-                   means: Optional[dict] = None, prompts: Optional[list[str]] = None, log=lambda message: None,
-                   update: Any = no_progress) -> dict:
+def run_validation(
+    config: ValidateConfig,
+    graph: Any,
+    loaded: Any,
+    transcoders: dict,
+    means: Optional[dict] = None,
+    prompts: Optional[list[str]] = None,
+    log=lambda message: None,
+    update: Any = no_progress,
+) -> dict:
     """Everything `tc validate` computes, as a results dict, on what its command loaded: ``graph`` (read from
     ``config.graph``), ``loaded`` and ``transcoders`` (checked by `check_fits_model`), the feature means of
     ``--features`` (or None) and the prompts of ``--prompts`` (or None: the graph's own prompt, or the task's).
     ``update(stage, done, total)`` follows the forward passes and the backward passes of each group of prompts."""
-    from tccli.replacement.prompts import prompt_tokens
     from tccli.replacement.model import ReplacementModel
+    from tccli.replacement.prompts import prompt_tokens
 
     meta = graph.graph.get("metadata", {})
     target = target_from_metadata(meta, loaded)
@@ -384,8 +428,10 @@ def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders:
             active[(layer, p)] = torch.nonzero(z[p]).reshape(-1).tolist()
     target_position = graph_model.position(target.position)
     rng = random_module.Random(config.seed)
-    randoms = [sample_random_circuit(circuit, active, loaded.info.n_heads, range(1, target_position + 1), rng)
-               for _ in range(config.random)]
+    randoms = [
+        sample_random_circuit(circuit, active, loaded.info.n_heads, range(1, target_position + 1), rng)
+        for _ in range(config.random)
+    ]
     circuits = [circuit] + randoms  # circuit 0 is the graph's
 
     by_length: dict[int, list[int]] = {}
@@ -428,9 +474,15 @@ def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders:
                     layout.append(("single", c, k))
         group_years = [years[i] for i in indices] if years is not None else None
         stage = f"{len(indices)} prompt(s) of {n_tokens} tokens: model runs"
-        values = model.run_rows(rows, _reducer(model, target, group_years), config.mode, config.ablation,
-                                target.capture_names(model), config.batch_size,
-                                lambda done, total: update(stage, done, total))
+        values = model.run_rows(
+            rows,
+            _reducer(model, target, group_years),
+            config.mode,
+            config.ablation,
+            target.capture_names(model),
+            config.batch_size,
+            lambda done, total, stage=stage: update(stage, done, total),  # called within this iteration
+        )
         blocks = values.reshape(len(layout), len(indices), -1)
         for (what, c, k), block in zip(layout, blocks):
             t_values = block[:, 0].tolist()
@@ -455,8 +507,24 @@ def run_validation(config: ValidateConfig, graph: Any, loaded: Any, transcoders:
                     if r.position is not None:
                         predicted_total[c][k] += _linear_predictions(model, gradients, r, config.ablation)
         update(f"{len(indices)} prompt(s) of {n_tokens} tokens: gradients", len(indices), len(indices))
-    results = _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric_clean, metric,
-                         single, predicted_total, dropped, n_prompts, years is not None, transcoders, means)
+    results = _summarise(
+        config,
+        meta,
+        nodes,
+        circuits,
+        clean_t,
+        ablated_t,
+        kept_t,
+        metric_clean,
+        metric,
+        single,
+        predicted_total,
+        dropped,
+        n_prompts,
+        years is not None,
+        transcoders,
+        means,
+    )
     return results
 
 
@@ -473,6 +541,7 @@ def _reducer(model: Any, target: TargetSpec, years: Optional[list[int]]):
             final = output.logits[:, -1].double().cpu()
             columns.append(greater_than.probability_difference_from_logits(final, year_ids, row_years).per_prompt)
         return torch.stack(columns, dim=1)
+
     return reduce
 
 
@@ -500,15 +569,33 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric_clean, metric, single,
-               predicted_total, dropped, n_prompts, has_metric, transcoders, means) -> dict:
+def _summarise(
+    config,
+    meta,
+    nodes,
+    circuits,
+    clean_t,
+    ablated_t,
+    kept_t,
+    metric_clean,
+    metric,
+    single,
+    predicted_total,
+    dropped,
+    n_prompts,
+    has_metric,
+    transcoders,
+    means,
+) -> dict:
     def circuit_summary(c: int) -> dict:
         measured = [_mean(v) for v in single[c]]
         total = [_mean(v) for v in predicted_total[c]]
         usable = [k for k, v in enumerate(single[c]) if v]
         out = {
-            "necessity": necessity(clean_t, ablated_t[c]), "sufficiency": sufficiency(clean_t, kept_t[c]),
-            "target_ablated": _mean(ablated_t[c]), "target_kept": _mean(kept_t[c]),
+            "necessity": necessity(clean_t, ablated_t[c]),
+            "sufficiency": sufficiency(clean_t, kept_t[c]),
+            "target_ablated": _mean(ablated_t[c]),
+            "target_kept": _mean(kept_t[c]),
             "spearman_total": spearman([total[k] for k in usable], [measured[k] for k in usable]),
             "nodes_dropped": dropped[c],
         }
@@ -523,29 +610,52 @@ def _summarise(config, meta, nodes, circuits, clean_t, ablated_t, kept_t, metric
     usable = [k for k, v in enumerate(single[0]) if v]
     circuit = circuit_summary(0)
     circuit["spearman_graph"] = spearman([graph_predicted[k] for k in usable], [measured[k] for k in usable])
-    circuit["disagreements"] = largest_disagreements([nodes[k].ref.id for k in usable],
-                                                     [graph_predicted[k] for k in usable],
-                                                     [measured[k] for k in usable], config.top)
-    circuit["nodes"] = [{"id": nodes[k].ref.id, "attribution": nodes[k].attribution,
-                         "predicted_graph": graph_predicted[k], "predicted_total": total[k],
-                         "measured": measured[k]} for k in usable]
+    circuit["disagreements"] = largest_disagreements(
+        [nodes[k].ref.id for k in usable],
+        [graph_predicted[k] for k in usable],
+        [measured[k] for k in usable],
+        config.top,
+    )
+    circuit["nodes"] = [
+        {
+            "id": nodes[k].ref.id,
+            "attribution": nodes[k].attribution,
+            "predicted_graph": graph_predicted[k],
+            "predicted_total": total[k],
+            "measured": measured[k],
+        }
+        for k in usable
+    ]
     randoms = [circuit_summary(c) for c in range(1, len(circuits))]
     baseline = {}
-    for key in ("necessity", "sufficiency", "spearman_total", "target_ablated", "target_kept",
-                "metric_ablated", "metric_kept"):
+    for key in (
+        "necessity",
+        "sufficiency",
+        "spearman_total",
+        "target_ablated",
+        "target_kept",
+        "metric_ablated",
+        "metric_kept",
+    ):
         values = [r[key] for r in randoms if key in r and not math.isnan(r[key])]
         if values:
             baseline[key] = {"mean": _mean(values), "min": min(values), "max": max(values)}
     from tccli import __version__
 
     results = {
-        "tc_version": __version__, "graph": config.graph, "mode": config.mode, "ablation": config.ablation,
-        "prompts": n_prompts, "prompt_source": config.task or config.prompts or "graph",
-        "features": config.features, "transcoder_layers": sorted(transcoders),
-        "target": graph_target(meta)[0], "target_clean": _mean(clean_t),
+        "tc_version": __version__,
+        "graph": config.graph,
+        "mode": config.mode,
+        "ablation": config.ablation,
+        "prompts": n_prompts,
+        "prompt_source": config.task or config.prompts or "graph",
+        "features": config.features,
+        "transcoder_layers": sorted(transcoders),
+        "target": graph_target(meta)[0],
+        "target_clean": _mean(clean_t),
         "circuit_size": {kind: sum(n.ref.kind == kind for n in nodes) for kind in CIRCUIT_KINDS},
-        "circuit": circuit, "random": {"draws": len(randoms), "seed": config.seed, "summary": baseline,
-                                       "circuits": randoms},
+        "circuit": circuit,
+        "random": {"draws": len(randoms), "seed": config.seed, "summary": baseline, "circuits": randoms},
     }
     if has_metric:
         results["metric"] = {"name": "probability_difference", "clean": _mean(metric_clean)}
@@ -563,20 +673,26 @@ def summary_lines(results: dict) -> list[str]:
             line += f"   random: {fmt.format(b['mean'])} (min {fmt.format(b['min'])}, max {fmt.format(b['max'])})"
         return line
 
-    lines = [f"tc validate: {results['graph']} over {results['prompts']} prompt(s) ({results['prompt_source']}), "
-             f"{results['mode']} mode, {results['ablation']} ablation; circuit of {size['feature']} features and "
-             f"{size['head']} head terms against {results['random']['draws']} random circuit(s) of equal size",
-             f"  target clean           {results['target_clean']:.4g}",
-             f"  necessity              {versus('necessity')}",
-             f"  sufficiency            {versus('sufficiency')}",
-             f"  target, ablated        {versus('target_ablated', '{:.4g}')}",
-             f"  target, only kept      {versus('target_kept', '{:.4g}')}"]
+    lines = [
+        f"tc validate: {results['graph']} over {results['prompts']} prompt(s) ({results['prompt_source']}), "
+        f"{results['mode']} mode, {results['ablation']} ablation; circuit of {size['feature']} features and "
+        f"{size['head']} head terms against {results['random']['draws']} random circuit(s) of equal size",
+        f"  target clean           {results['target_clean']:.4g}",
+        f"  necessity              {versus('necessity')}",
+        f"  sufficiency            {versus('sufficiency')}",
+        f"  target, ablated        {versus('target_ablated', '{:.4g}')}",
+        f"  target, only kept      {versus('target_kept', '{:.4g}')}",
+    ]
     if "metric" in results:
-        lines += [f"  probability difference clean {results['metric']['clean']:.3f}",
-                  f"    circuit ablated      {versus('metric_ablated')}",
-                  f"    only circuit kept    {versus('metric_kept')}"]
-    lines += [f"  per-node Spearman, graph attribution vs measured  {c['spearman_graph']:.3f}",
-              f"  per-node Spearman, unpruned total vs measured     {versus('spearman_total')}"]
+        lines += [
+            f"  probability difference clean {results['metric']['clean']:.3f}",
+            f"    circuit ablated      {versus('metric_ablated')}",
+            f"    only circuit kept    {versus('metric_kept')}",
+        ]
+    lines += [
+        f"  per-node Spearman, graph attribution vs measured  {c['spearman_graph']:.3f}",
+        f"  per-node Spearman, unpruned total vs measured     {versus('spearman_total')}",
+    ]
     if c["nodes_dropped"]:
         lines.append(f"  {c['nodes_dropped']} node-prompt pairs fell before a prompt's start and were left out")
     lines.append("  largest disagreements (predicted by the graph -> measured):")

@@ -16,9 +16,15 @@ from tccli.nodes import parse_feature, parse_head
 from tccli.transcoders.files import check_feature, check_transcoders
 from tccli.transcoders.transcoder import Transcoder
 
-def deembedding(W_E: torch.Tensor, encoder: torch.Tensor, layernorm: bool,
-                W_V: Optional[torch.Tensor] = None, W_O: Optional[torch.Tensor] = None,
-                attn_post_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+
+def deembedding(
+    W_E: torch.Tensor,
+    encoder: torch.Tensor,
+    layernorm: bool,
+    W_V: Optional[torch.Tensor] = None,
+    W_O: Optional[torch.Tensor] = None,
+    attn_post_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Scores [vocab]: each token's embedding dotted with the feature's encoder vector as read from the
     residual (centred for LayerNorm, whose mean-centring the direct path goes through), optionally through
     an OV circuit W_V [d, dh] W_O [dh, d] (and Gemma-2's post-attention norm weight). Normalisation scales
@@ -33,8 +39,9 @@ def deembedding(W_E: torch.Tensor, encoder: torch.Tensor, layernorm: bool,
     return W_E @ vector
 
 
-def feature_deembedding(loaded: LoadedModel, transcoder: Transcoder, layer: int, feature: int,
-                        head: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def feature_deembedding(
+    loaded: LoadedModel, transcoder: Transcoder, layer: int, feature: int, head: Optional[tuple[int, int]] = None
+) -> torch.Tensor:
     """Scores [vocab] of feature ``feature`` of ``layer``'s transcoder: its encoder vector read back from the
     transcoder's input space to the residual (``spaces.input_map``), dotted with each token's embedding as it
     enters the residual, optionally through head ``(layer, head)``'s OV circuit."""

@@ -15,15 +15,16 @@ Either way ``FeaturesFile.feature(layer, index)`` returns the same record dict.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from tccli.runtime import outputs
 from tccli.errors import fail
 from tccli.features.scoring import ExampleArrays, LayerScores
+from tccli.runtime import outputs
 
 FORMAT = "tc-features"
 FORMAT_VERSION = 1
@@ -41,8 +42,9 @@ def vocabulary(tokenizer: Any, d_vocab: int) -> list[str]:
     anchor = tokenizer.decode(anchor_ids, clean_up_tokenization_spaces=False) if anchor_ids else ""
     pairs = tokenizer.batch_decode([anchor_ids + [i] for i in range(size)], clean_up_tokenization_spaces=False)
     alone = tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
-    texts = [pair[len(anchor):] if anchor and pair.startswith(anchor) else single
-             for pair, single in zip(pairs, alone)]
+    texts = [
+        pair[len(anchor) :] if anchor and pair.startswith(anchor) else single for pair, single in zip(pairs, alone)
+    ]
     return texts + [f"<{i}>" for i in range(size, d_vocab)]
 
 
@@ -54,11 +56,15 @@ def _examples(arrays: ExampleArrays, i: int) -> list[dict]:
     for j in range(arrays.token_index.shape[1]):
         if arrays.token_index[i, j] < 0:
             continue
-        example = {"activation": float(arrays.activation[i, j]), "doc": int(arrays.doc[i, j]),
-                   "row": int(arrays.row[i, j]), "position": int(arrays.position[i, j]),
-                   "token_index": int(arrays.token_index[i, j]),
-                   "tokens": [int(t) for t in arrays.window_tokens[i, j]],
-                   "acts": [round(float(a), 6) for a in arrays.window_acts[i, j]]}
+        example = {
+            "activation": float(arrays.activation[i, j]),
+            "doc": int(arrays.doc[i, j]),
+            "row": int(arrays.row[i, j]),
+            "position": int(arrays.position[i, j]),
+            "token_index": int(arrays.token_index[i, j]),
+            "tokens": [int(t) for t in arrays.window_tokens[i, j]],
+            "acts": [round(float(a), 6) for a in arrays.window_acts[i, j]],
+        }
         if arrays.band is not None:
             example["band"] = int(arrays.band[i, j])
         out.append(example)
@@ -84,9 +90,11 @@ def feature_record(scores: LayerScores, i: int) -> dict:
         "deembedding": _pairs(scores.deembed_tokens[i], scores.deembed_values[i]),
         "logit_promoted": _pairs(scores.promoted_tokens[i], scores.promoted_values[i]),
         "logit_suppressed": _pairs(scores.suppressed_tokens[i], scores.suppressed_values[i]),
-        "pullbacks": [[int(layer), int(f), float(v)] for layer, f, v in
-                      zip(scores.pullback_layer[i], scores.pullback_feature[i], scores.pullback_value[i])
-                      if layer >= 0],
+        "pullbacks": [
+            [int(layer), int(f), float(v)]
+            for layer, f, v in zip(scores.pullback_layer[i], scores.pullback_feature[i], scores.pullback_value[i])
+            if layer >= 0
+        ],
     }
 
 
@@ -96,9 +104,13 @@ def feature_record(scores: LayerScores, i: int) -> dict:
 def write_features(path: str | Path, scores: dict[int, LayerScores], metadata: dict) -> Path:
     """Write all layers' scores to ``path`` (.h5/.hdf5 or .jsonl), atomically (temp file + rename)."""
     path = Path(path)
-    meta = dict(metadata, format=FORMAT, format_version=FORMAT_VERSION,
-                layers=sorted(int(layer) for layer in scores),
-                n_features={str(layer): s.n_features for layer, s in scores.items()})
+    meta = dict(
+        metadata,
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        layers=sorted(int(layer) for layer in scores),
+        n_features={str(layer): s.n_features for layer, s in scores.items()},
+    )
     if path.parent and not path.parent.exists():
         raise fail(f"cannot write {path}: folder {path.parent} does not exist")
     if path.suffix == ".jsonl":
@@ -156,7 +168,7 @@ class FeaturesFile:
         self.meta = meta
 
     @staticmethod
-    def open(path: str | Path) -> "FeaturesFile":
+    def open(path: str | Path) -> FeaturesFile:
         path = Path(path)
         if path.is_dir():
             raise fail(f"{path} is a folder, not a features file (.h5 or .jsonl written by tc score)")
@@ -218,15 +230,21 @@ def _check_meta(meta: Any, path: Path) -> dict:
 
 
 class _JsonlFeatures(FeaturesFile):
-    def __init__(self, path: Path, meta: dict, offsets: dict[tuple[int, int], int], freqs: dict[int, np.ndarray],
-                 means: Optional[dict[int, np.ndarray]] = None):
+    def __init__(
+        self,
+        path: Path,
+        meta: dict,
+        offsets: dict[tuple[int, int], int],
+        freqs: dict[int, np.ndarray],
+        means: Optional[dict[int, np.ndarray]] = None,
+    ):
         super().__init__(path, meta)
         self._offsets = offsets
         self._freqs = freqs
         self._means = means or {}
 
     @classmethod
-    def load(cls, path: Path) -> "_JsonlFeatures":
+    def load(cls, path: Path) -> _JsonlFeatures:
         offsets: dict[tuple[int, int], int] = {}
         freqs: dict[int, dict[int, float]] = {}
         means: dict[int, dict[int, float]] = {}
@@ -251,6 +269,7 @@ class _JsonlFeatures(FeaturesFile):
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     raise fail(f"{path}: a corrupt feature line at byte {offset}") from None
                 offsets[key] = offset
+
         def arrays(per_layer: dict[int, dict[int, float]]) -> dict[int, np.ndarray]:
             return {layer: np.array([values[i] for i in sorted(values)]) for layer, values in per_layer.items()}
 
@@ -275,7 +294,7 @@ class _JsonlFeatures(FeaturesFile):
 
 class _H5Features(FeaturesFile):
     @classmethod
-    def load(cls, path: Path) -> "_H5Features":
+    def load(cls, path: Path) -> _H5Features:
         import h5py
 
         try:
@@ -301,8 +320,12 @@ class _H5Features(FeaturesFile):
                         continue
                     if fld.name in EXAMPLE_GROUPS:
                         sub = group[fld.name]
-                        values[fld.name] = ExampleArrays(**{ef.name: (sub[ef.name][pick] if ef.name in sub else None)
-                                                            for ef in fields(ExampleArrays)})
+                        values[fld.name] = ExampleArrays(
+                            **{
+                                ef.name: (sub[ef.name][pick] if ef.name in sub else None)
+                                for ef in fields(ExampleArrays)
+                            }
+                        )
                     else:
                         values[fld.name] = group[fld.name][pick]
         except (OSError, KeyError) as exc:
@@ -348,5 +371,7 @@ def check_features_match_model(features: FeaturesFile, info: Any) -> None:
     recorded = features.meta.get("model_info", {})
     for name in MODEL_FIELDS:
         if recorded.get(name) != getattr(info, name):
-            raise fail(f"{features.path} was computed on another model: {recorded.get('name')!r} has "
-                       f"{name}={recorded.get(name)!r}, {info.name!r} has {getattr(info, name)!r}")
+            raise fail(
+                f"{features.path} was computed on another model: {recorded.get('name')!r} has "
+                f"{name}={recorded.get(name)!r}, {info.name!r} has {getattr(info, name)!r}"
+            )

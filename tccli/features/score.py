@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from tccli.config.features import ScoreConfig
 from tccli.errors import fail
 from tccli.features.files import vocabulary, write_features
 from tccli.features.scoring import ScoreSettings, score_rows
-from tccli.config.features import ScoreConfig
 
 
 def check_scorable(transcoders: dict, path: str) -> None:
     """Refuse SAEs: `tc score` describes transcoders (MLP input -> output); ``path`` names them in the message."""
     for transcoder in transcoders.values():
         if transcoder.config.kind != "transcoder":
-            raise fail(f"{path}: layer {transcoder.config.layer} is an SAE on the MLP output; "
-                       "tc score scores transcoders (MLP input -> output)")
+            raise fail(
+                f"{path}: layer {transcoder.config.layer} is an SAE on the MLP output; "
+                "tc score scores transcoders (MLP input -> output)"
+            )
 
 
 def load_score_inputs(config: ScoreConfig) -> tuple[Any, dict[int, Any], Any]:
@@ -35,13 +37,21 @@ def load_score_inputs(config: ScoreConfig) -> tuple[Any, dict[int, Any], Any]:
     check_context(config.context, loaded.info)
     transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
     check_scorable(transcoders, config.transcoders)
-    rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                       config.seed, batch_rows=config.batch_size)
+    rows = stream_rows(
+        config.data,
+        loaded.tokenizer,
+        loaded.info.bos_token_id,
+        config.context,
+        config.tokens,
+        config.seed,
+        batch_rows=config.batch_size,
+    )
     return loaded, transcoders, rows
 
 
-def run_score(config: ScoreConfig, loaded: Any, transcoders: dict, rows: Any, progress=None,
-              log=lambda message: None) -> dict:
+def run_score(
+    config: ScoreConfig, loaded: Any, transcoders: dict, rows: Any, progress=None, log=lambda message: None
+) -> dict:
     """Score ``transcoders`` (checked against ``loaded``'s model and by `check_scorable`) on ``rows`` (a
     ``tccli.data.text.RowStream``) and write the features file ``config.out``, which the caller has claimed.
     Returns a small summary for stderr."""
@@ -52,22 +62,49 @@ def run_score(config: ScoreConfig, loaded: Any, transcoders: dict, rows: Any, pr
     info = loaded.info
     for transcoder in transcoders.values():
         transcoder.to(torch_dtype(loaded.dtype))  # in place: the kernels read activations in the model's dtype
-    settings = ScoreSettings(top=config.top, quantiles=config.quantiles if config.per_quantile else 0,
-                             per_quantile=config.per_quantile, half_window=config.context_window,
-                             top_tokens=config.top_tokens, batch_size=config.batch_size, seed=config.seed)
-    scores = score_rows(loaded, transcoders, rows, config.context, settings, progress, total_rows=rows.n_rows_wanted,
-                        engine=config.engine, release_bridge=True, log=log)
+    settings = ScoreSettings(
+        top=config.top,
+        quantiles=config.quantiles if config.per_quantile else 0,
+        per_quantile=config.per_quantile,
+        half_window=config.context_window,
+        top_tokens=config.top_tokens,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    scores = score_rows(
+        loaded,
+        transcoders,
+        rows,
+        config.context,
+        settings,
+        progress,
+        total_rows=rows.n_rows_wanted,
+        engine=config.engine,
+        release_bridge=True,
+        log=log,
+    )
     metadata = {
         "tc_version": __version__,
         "model_info": info.to_dict(),
-        "transcoders": {str(layer): {k: v for k, v in tc.config.to_dict().items() if k != "feature_frequency"}
-                        for layer, tc in transcoders.items()},
-        "data": {"sources": list(config.data), "tokens": rows.n_tokens, "context": config.context,
-                 "seed": config.seed, "available_tokens": rows.available_tokens},
+        "transcoders": {
+            str(layer): {k: v for k, v in tc.config.to_dict().items() if k != "feature_frequency"}
+            for layer, tc in transcoders.items()
+        },
+        "data": {
+            "sources": list(config.data),
+            "tokens": rows.n_tokens,
+            "context": config.context,
+            "seed": config.seed,
+            "available_tokens": rows.available_tokens,
+        },
         "config": to_json_dict(config),
         "settings": settings.__dict__,
         "vocab": vocabulary(loaded.tokenizer, info.d_vocab),
     }
     write_features(config.out, scores, metadata)
-    return {"tokens": rows.n_tokens, "layers": list(scores), "out": config.out,
-            "available_tokens": rows.available_tokens}
+    return {
+        "tokens": rows.n_tokens,
+        "layers": list(scores),
+        "out": config.out,
+        "available_tokens": rows.available_tokens,
+    }

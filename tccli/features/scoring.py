@@ -30,9 +30,10 @@ highest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from typing import Callable, Optional
+from functools import cache
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def tile_values(device) -> int:
 FUSED_ON_CPU = True
 
 
-@lru_cache(maxsize=None)
+@cache
 def numba_available() -> bool:
     """Whether the compiled CPU pass can run. numba is optional (``pip install 'tccli[fast-score]'``);
     without it the CPU runs the torch formulation, which gives the same results more slowly. Importing it
@@ -121,8 +122,9 @@ def sample_key_index(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(keys < 0, torch.full_like(keys, -1), keys & INDEX_MASK)
 
 
-def best_per_feature(feature: torch.Tensor, keys: torch.Tensor, local: torch.Tensor, k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def best_per_feature(
+    feature: torch.Tensor, keys: torch.Tensor, local: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each feature's k largest keys among sparse entries (feature, key, local token), keys unique per feature.
 
     Returns (features [f] that have entries, keys [f, k], local [f, k]) with each row in descending key
@@ -142,8 +144,9 @@ def best_per_feature(feature: torch.Tensor, keys: torch.Tensor, local: torch.Ten
     return features, out_keys, out_local
 
 
-def merge_top_keys(running: torch.Tensor, candidate_keys: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_top_keys(
+    running: torch.Tensor, candidate_keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which slots of a running top-k [m, k] (keys in any order) the batch's candidates [m, c] replace.
 
     Returns (feature, slot, candidate), 1-D: slot ``slot`` of feature ``feature`` now holds candidate
@@ -153,8 +156,9 @@ def merge_top_keys(running: torch.Tensor, candidate_keys: torch.Tensor
     k = running.shape[1]
     candidate_keys = candidate_keys.masked_fill(candidate_keys < 0, EMPTY_KEY - 1)  # loses to an empty slot
     chosen = torch.cat([running, candidate_keys], dim=1).topk(k, dim=1, sorted=False).indices
-    picked = torch.zeros((running.shape[0], k + candidate_keys.shape[1]), dtype=torch.bool,
-                         device=running.device).scatter_(1, chosen, True)
+    picked = torch.zeros(
+        (running.shape[0], k + candidate_keys.shape[1]), dtype=torch.bool, device=running.device
+    ).scatter_(1, chosen, True)
     # per feature, as many slots are freed as candidates enter; row-major order pairs them up
     feature, slot = (~picked[:, :k]).nonzero(as_tuple=True)
     _, candidate = picked[:, k:].nonzero(as_tuple=True)
@@ -176,19 +180,22 @@ class ExampleSlots:
     # (kept with the example so that no array of every token's document is needed at the end)
 
     @classmethod
-    def empty(cls, m: int, k: int, width: int, device) -> "ExampleSlots":
-        return cls(keys=torch.full((m, k), EMPTY_KEY, dtype=torch.int64, device=device),
-                   window_tokens=torch.full((m, k, width), -1, dtype=torch.int64, device=device),
-                   window_acts=torch.zeros((m, k, width), dtype=torch.float32, device=device),
-                   scale=torch.zeros((m, k), dtype=torch.float32, device=device),
-                   doc=torch.full((m, k), -1, dtype=torch.int64, device=device))
+    def empty(cls, m: int, k: int, width: int, device) -> ExampleSlots:
+        return cls(
+            keys=torch.full((m, k), EMPTY_KEY, dtype=torch.int64, device=device),
+            window_tokens=torch.full((m, k, width), -1, dtype=torch.int64, device=device),
+            window_acts=torch.zeros((m, k, width), dtype=torch.float32, device=device),
+            scale=torch.zeros((m, k), dtype=torch.float32, device=device),
+            doc=torch.full((m, k), -1, dtype=torch.int64, device=device),
+        )
 
     @property
     def size(self) -> int:
         return self.keys.shape[1]
 
-    def update(self, features: torch.Tensor, candidate_keys: torch.Tensor, candidate_local: torch.Tensor,
-               batch: "BatchView") -> None:
+    def update(
+        self, features: torch.Tensor, candidate_keys: torch.Tensor, candidate_local: torch.Tensor, batch: BatchView
+    ) -> None:
         """Let a batch's candidates (row i of the candidates belongs to feature ``features[i]``) replace
         weaker examples."""
         row, slot, candidate = merge_top_keys(self.keys[features], candidate_keys)
@@ -201,14 +208,17 @@ class ExampleSlots:
             self.scale[feature, slot] = scale
             self.doc[feature, slot] = doc
 
-    def sorted(self) -> "ExampleSlots":
+    def sorted(self) -> ExampleSlots:
         """The same slots with each feature's keys in descending order."""
         order = self.keys.argsort(dim=1, descending=True)
         width = self.window_tokens.shape[2]
-        return ExampleSlots(keys=torch.gather(self.keys, 1, order),
-                            window_tokens=torch.gather(self.window_tokens, 1, order[..., None].expand(-1, -1, width)),
-                            window_acts=torch.gather(self.window_acts, 1, order[..., None].expand(-1, -1, width)),
-                            scale=torch.gather(self.scale, 1, order), doc=torch.gather(self.doc, 1, order))
+        return ExampleSlots(
+            keys=torch.gather(self.keys, 1, order),
+            window_tokens=torch.gather(self.window_tokens, 1, order[..., None].expand(-1, -1, width)),
+            window_acts=torch.gather(self.window_acts, 1, order[..., None].expand(-1, -1, width)),
+            scale=torch.gather(self.scale, 1, order),
+            doc=torch.gather(self.doc, 1, order),
+        )
 
 
 @dataclass
@@ -252,13 +262,17 @@ class LayerStream:
     _kernel_state: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, m: int, top: int, sample: int, half_window: int, device, seed: int = 0) -> "LayerStream":
+    def start(cls, m: int, top: int, sample: int, half_window: int, device, seed: int = 0) -> LayerStream:
         width = 2 * half_window + 1
-        return cls(n_features=m, top_slots=ExampleSlots.empty(m, top, width, device),
-                   sample_slots=ExampleSlots.empty(m, sample, width, device), seed=seed,
-                   active_count=torch.zeros(m, dtype=torch.int64, device=device),
-                   activation_sum=torch.zeros(m, dtype=torch.float64, device=device),
-                   activation_max=torch.zeros(m, dtype=torch.float32, device=device))
+        return cls(
+            n_features=m,
+            top_slots=ExampleSlots.empty(m, top, width, device),
+            sample_slots=ExampleSlots.empty(m, sample, width, device),
+            seed=seed,
+            active_count=torch.zeros(m, dtype=torch.int64, device=device),
+            activation_sum=torch.zeros(m, dtype=torch.float64, device=device),
+            activation_max=torch.zeros(m, dtype=torch.float32, device=device),
+        )
 
     def update(self, batch: BatchView, base_index: int) -> None:
         """Add one tile: ``batch.z`` [m, T] holds values whose positive part is the activation, for the
@@ -278,8 +292,11 @@ class LayerStream:
         top, sample = self.top_slots, self.sample_slots
         if self._kernel_state is None:
             threads = numba.config.NUMBA_NUM_THREADS
-            self._kernel_state = (np.empty((threads, top.size), np.int64), np.empty((threads, sample.size), np.int64),
-                                  weakest_slots(top.keys.numpy(), sample.keys.numpy()))
+            self._kernel_state = (
+                np.empty((threads, top.size), np.int64),
+                np.empty((threads, sample.size), np.int64),
+                weakest_slots(top.keys.numpy(), sample.keys.numpy()),
+            )
         if not sample.size:
             sample_keys = np.zeros(0, np.int64)
         elif batch.sample_keys is not None:
@@ -287,14 +304,31 @@ class LayerStream:
         else:
             sample_keys = sample_token_keys(base_index + torch.arange(z.shape[1]), self.seed).numpy()
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        scan_tile(z, z.view(np.int32), base_index, batch.tokens.contiguous().numpy(),
-                  batch.doc_ids.contiguous().numpy(), batch.scale.contiguous().numpy(), sample_keys,
-                  batch.half_window, self.active_count.numpy(), self.activation_sum.numpy(),
-                  self.activation_max.numpy(),
-                  top.keys.numpy(), top.window_tokens.numpy(), top.window_acts.numpy(), top.scale.numpy(),
-                  top.doc.numpy(), self._kernel_state[0],
-                  sample.keys.numpy(), sample.window_tokens.numpy(), sample.window_acts.numpy(),
-                  sample.scale.numpy(), sample.doc.numpy(), *self._kernel_state[1:])
+        scan_tile(
+            z,
+            z.view(np.int32),
+            base_index,
+            batch.tokens.contiguous().numpy(),
+            batch.doc_ids.contiguous().numpy(),
+            batch.scale.contiguous().numpy(),
+            sample_keys,
+            batch.half_window,
+            self.active_count.numpy(),
+            self.activation_sum.numpy(),
+            self.activation_max.numpy(),
+            top.keys.numpy(),
+            top.window_tokens.numpy(),
+            top.window_acts.numpy(),
+            top.scale.numpy(),
+            top.doc.numpy(),
+            self._kernel_state[0],
+            sample.keys.numpy(),
+            sample.window_tokens.numpy(),
+            sample.window_acts.numpy(),
+            sample.scale.numpy(),
+            sample.doc.numpy(),
+            *self._kernel_state[1:],
+        )
 
     def update_torch(self, batch: BatchView, base_index: int) -> None:
         """``update`` in torch operations, for any device (the CPU uses ``update_fused``)."""
@@ -314,15 +348,17 @@ class LayerStream:
         floor = self.top_slots.keys.min(dim=1).values
         keys = activation_keys(value, index)
         enters = (keys > floor[feature]).nonzero().squeeze(1)
-        self.top_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters], self.top_slots.size),
-                              batch)
+        self.top_slots.update(
+            *best_per_feature(feature[enters], keys[enters], local[enters], self.top_slots.size), batch
+        )
         if self.sample_slots.size:
             # the sample keeps each feature's active tokens of highest key priority << 32 | index; the key
             # depends on the token alone, so it is computed once per token, not per active entry
             keys = sample_token_keys(base_index + torch.arange(z.shape[1], device=z.device), self.seed)[local]
             enters = (keys > self.sample_slots.keys.min(dim=1).values[feature]).nonzero().squeeze(1)
-            self.sample_slots.update(*best_per_feature(feature[enters], keys[enters], local[enters],
-                                                       self.sample_slots.size), batch)
+            self.sample_slots.update(
+                *best_per_feature(feature[enters], keys[enters], local[enters], self.sample_slots.size), batch
+            )
 
 
 def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -364,8 +400,9 @@ def logit_effect(decoder_vectors: torch.Tensor, W_U: torch.Tensor) -> torch.Tens
     return decoder_vectors.float() @ W_U.float()
 
 
-def pullbacks(earlier_decoders: dict[int, torch.Tensor], encoder_vectors: torch.Tensor, n: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pullbacks(
+    earlier_decoders: dict[int, torch.Tensor], encoder_vectors: torch.Tensor, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top n earlier-layer features by W_dec^(l) f_enc^(l') for each feature of layer l'.
 
     earlier_decoders: {layer l: [m_l, d]} for l < l'. Returns (layer, feature, value) arrays [m, n],
@@ -463,26 +500,41 @@ def stream_layers(
     is the activations (see ``feature_major_encoder``).
     Returns ({layer: LayerStream}, tokens seen).
     """
-    streams = {layer: LayerStream.start(n_features[layer], settings.top, settings.quantiles * settings.per_quantile,
-                                        settings.half_window, device, settings.seed)
-               for layer in encoders}
+    streams = {
+        layer: LayerStream.start(
+            n_features[layer],
+            settings.top,
+            settings.quantiles * settings.per_quantile,
+            settings.half_window,
+            device,
+            settings.seed,
+        )
+        for layer in encoders
+    }
     seen = 0
     for tokens, doc_ids, inputs in batches:
         if seen + tokens.numel() > MAX_TOKENS:
             raise fail(f"tc score handles at most {MAX_TOKENS} tokens in one run")
         context = tokens.shape[1]
         # every layer's sample uses the same per-token keys: made once a batch (the CPU pass reads them)
-        keys = sample_token_keys(seen + torch.arange(tokens.numel(), device=tokens.device), settings.seed) \
-            if settings.quantiles * settings.per_quantile else None
+        keys = (
+            sample_token_keys(seen + torch.arange(tokens.numel(), device=tokens.device), settings.seed)
+            if settings.quantiles * settings.per_quantile
+            else None
+        )
         for layer, encode in encoders.items():
             mlp_in, scale = inputs[layer]
             rows_per_tile = max(1, tile_values(device) // (n_features[layer] * context))
             for r0 in range(0, tokens.shape[0], rows_per_tile):  # tiles of whole rows: see TILE_VALUES
                 r1 = min(tokens.shape[0], r0 + rows_per_tile)
-                batch = BatchView(tokens=tokens[r0:r1], doc_ids=doc_ids[r0:r1],
-                                  z=encode(mlp_in[r0 * context:r1 * context]).float(),
-                                  scale=scale[r0 * context:r1 * context].float(), half_window=settings.half_window,
-                                  sample_keys=None if keys is None else keys[r0 * context:r1 * context])
+                batch = BatchView(
+                    tokens=tokens[r0:r1],
+                    doc_ids=doc_ids[r0:r1],
+                    z=encode(mlp_in[r0 * context : r1 * context]).float(),
+                    scale=scale[r0 * context : r1 * context].float(),
+                    half_window=settings.half_window,
+                    sample_keys=None if keys is None else keys[r0 * context : r1 * context],
+                )
                 streams[layer].update(batch, seen + r0 * context)
         seen += tokens.numel()
     return streams, seen
@@ -495,9 +547,15 @@ def examples_from_slots(slots: ExampleSlots, decode, context: int, half_window: 
     empty = index < 0
     row, position = np.where(empty, -1, index // context), np.where(empty, -1, index % context)
     window_acts = slots.window_acts.cpu().numpy()
-    return ExampleArrays(activation=window_acts[:, :, half_window].copy(), token_index=index, row=row,
-                         position=position, doc=slots.doc.cpu().numpy(),
-                         window_tokens=slots.window_tokens.cpu().numpy(), window_acts=window_acts)
+    return ExampleArrays(
+        activation=window_acts[:, :, half_window].copy(),
+        token_index=index,
+        row=row,
+        position=position,
+        doc=slots.doc.cpu().numpy(),
+        window_tokens=slots.window_tokens.cpu().numpy(),
+        window_acts=window_acts,
+    )
 
 
 def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
@@ -509,8 +567,12 @@ def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
         idx = order if a.ndim == 2 else order[:, :, None]
         return np.take_along_axis(a, idx, axis=1)
 
-    out = ExampleArrays(*(take(getattr(examples, name)) for name in
-                          ("activation", "token_index", "row", "position", "doc", "window_tokens", "window_acts")))
+    out = ExampleArrays(
+        *(
+            take(getattr(examples, name))
+            for name in ("activation", "token_index", "row", "position", "doc", "window_tokens", "window_acts")
+        )
+    )
     n_valid = valid.sum(1, keepdims=True)
     rank_from_bottom = n_valid - 1 - np.arange(order.shape[1])[None, :]
     band = np.where(rank_from_bottom >= 0, rank_from_bottom * max(quantiles, 1) // np.maximum(n_valid, 1) + 1, -1)
@@ -531,7 +593,7 @@ class LayerReads:
     scaled: bool
 
     @classmethod
-    def of(cls, transcoder, spaces) -> "LayerReads":
+    def of(cls, transcoder, spaces) -> LayerReads:
         from tccli.model.spaces import LayerSpaces, input_map, output_map
 
         spaces = spaces or LayerSpaces(layernorm=False)
@@ -543,13 +605,23 @@ class LayerReads:
         if norm_bias is not None:
             constant = constant + f_enc @ norm_bias
         decoders = output_map(config.output_space, spaces, None).push(transcoder.decoder_vectors.detach().float().cpu())
-        return cls(encoders=read.pull(f_enc), decoders=decoders, constant=constant,
-                   scaled=config.input_space != "resid_mid")
+        return cls(
+            encoders=read.pull(f_enc), decoders=decoders, constant=constant, scaled=config.input_space != "resid_mid"
+        )
 
 
-def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.Tensor, W_U: torch.Tensor,
-                 earlier_decoders: dict[int, torch.Tensor], normalization: str, n_tokens: int, context: int,
-                 settings: ScoreSettings) -> LayerScores:
+def finish_layer(
+    layer: int,
+    stream: LayerStream,
+    reads: LayerReads,
+    W_E: torch.Tensor,
+    W_U: torch.Tensor,
+    earlier_decoders: dict[int, torch.Tensor],
+    normalization: str,
+    n_tokens: int,
+    context: int,
+    settings: ScoreSettings,
+) -> LayerScores:
     """Turn a layer's streaming state and its transcoder's reads and writes into LayerScores. ``W_E`` is the
     embedding as it enters the residual (Gemma: scaled); ``earlier_decoders`` are earlier layers'
     ``LayerReads.decoders``."""
@@ -557,8 +629,9 @@ def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.
     frequency = count / max(n_tokens, 1)
     mean = np.where(count > 0, stream.activation_sum.cpu().numpy() / np.maximum(count, 1), 0.0)
     top = examples_from_slots(stream.top_slots, decode_activation_keys, context, settings.half_window)
-    sample = examples_from_slots(stream.sample_slots, lambda k: (None, sample_key_index(k)), context,
-                                 settings.half_window)
+    sample = examples_from_slots(
+        stream.sample_slots, lambda k: (None, sample_key_index(k)), context, settings.half_window
+    )
     quantile = sort_into_bands(sample, settings.quantiles)
 
     with torch.no_grad():
@@ -578,12 +651,24 @@ def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.
         direct = torch.gather(deemb, 1, centre_token.reshape(m, -1))
         direct = (direct / scale if reads.scaled else direct) + reads.constant[:, None]
         context_free = context_free_scores(direct, torch.as_tensor(top.activation)).numpy()
-    return LayerScores(layer=layer, frequency=frequency, mean_activation=mean.astype(np.float32),
-                       max_activation=stream.activation_max.cpu().numpy(), top=top, quantile=quantile,
-                       context_free=context_free, deembed_tokens=deembed_tokens, deembed_values=deembed_values,
-                       promoted_tokens=promoted_tokens, promoted_values=promoted_values,
-                       suppressed_tokens=suppressed_tokens, suppressed_values=suppressed_values,
-                       pullback_layer=pb_layer, pullback_feature=pb_feature, pullback_value=pb_value)
+    return LayerScores(
+        layer=layer,
+        frequency=frequency,
+        mean_activation=mean.astype(np.float32),
+        max_activation=stream.activation_max.cpu().numpy(),
+        top=top,
+        quantile=quantile,
+        context_free=context_free,
+        deembed_tokens=deembed_tokens,
+        deembed_values=deembed_values,
+        promoted_tokens=promoted_tokens,
+        promoted_values=promoted_values,
+        suppressed_tokens=suppressed_tokens,
+        suppressed_values=suppressed_values,
+        pullback_layer=pb_layer,
+        pullback_feature=pb_feature,
+        pullback_value=pb_value,
+    )
 
 
 # ============================================================================ the whole pass
@@ -592,7 +677,7 @@ def finish_layer(layer: int, stream: LayerStream, reads: LayerReads, W_E: torch.
 def array_row_batches(rows: np.ndarray, doc_ids: np.ndarray, batch_size: int):
     """Rows already in memory (tests, benchmarks) as the batches a ``tccli.data.text.RowStream`` yields."""
     for start in range(0, len(rows), batch_size):
-        yield rows[start:start + batch_size], doc_ids[start:start + batch_size]
+        yield rows[start : start + batch_size], doc_ids[start : start + batch_size]
 
 
 def model_batches(capture, row_batches, progress=None, total_rows: Optional[int] = None):
@@ -604,8 +689,10 @@ def model_batches(capture, row_batches, progress=None, total_rows: Optional[int]
     for rows, doc_ids in row_batches:
         tokens = torch.as_tensor(rows, dtype=torch.int64, device=device)
         captured = capture.capture(tokens)
-        inputs = {layer: (acts["mlp_in"].reshape(-1, d_model), acts["mlp_scale"].reshape(-1))
-                  for layer, acts in captured.items()}
+        inputs = {
+            layer: (acts["mlp_in"].reshape(-1, d_model), acts["mlp_scale"].reshape(-1))
+            for layer, acts in captured.items()
+        }
         yield tokens, torch.as_tensor(doc_ids, dtype=torch.int64, device=device), inputs
         done += len(rows)
         if progress is not None:
@@ -614,9 +701,18 @@ def model_batches(capture, row_batches, progress=None, total_rows: Optional[int]
         progress("scoring", done, done)
 
 
-def score_rows(loaded, transcoders: dict, row_batches, context: int, settings: ScoreSettings, progress=None,
-               total_rows: Optional[int] = None, engine: str = "native", release_bridge: bool = False,
-               log=lambda message: None) -> dict[int, LayerScores]:
+def score_rows(
+    loaded,
+    transcoders: dict,
+    row_batches,
+    context: int,
+    settings: ScoreSettings,
+    progress=None,
+    total_rows: Optional[int] = None,
+    engine: str = "native",
+    release_bridge: bool = False,
+    log=lambda message: None,
+) -> dict[int, LayerScores]:
     """Score every feature of ``transcoders`` ({layer: Transcoder}) in one pass over ``row_batches``.
 
     row_batches yields (tokens [b, context], doc_ids [b, context]) (a ``tccli.data.text.RowStream``, so memory
@@ -635,25 +731,55 @@ def score_rows(loaded, transcoders: dict, row_batches, context: int, settings: S
     W_E = bridge.W_E.detach().float().cpu() * loaded.info.embed_scale
     W_U = bridge.W_U.detach().float().cpu()
     del bridge
-    capture = MlpCapture(loaded, layers, engine, release_bridge=release_bridge,
-                         input_spaces={layer: transcoders[layer].config.input_space for layer in layers})
+    capture = MlpCapture(
+        loaded,
+        layers,
+        engine,
+        release_bridge=release_bridge,
+        input_spaces={layer: transcoders[layer].config.input_space for layer in layers},
+    )
     if capture.fallback_reason:
         log(capture.fallback_reason)
     with torch.no_grad():
-        streams, n_tokens = stream_layers(encoders, model_batches(capture, row_batches, progress, total_rows),
-                                          n_features, settings, device=loaded.device)
-    reads = {layer: LayerReads.of(transcoders[layer], loaded.spaces[layer] if loaded.spaces else None)
-             for layer in layers}
+        streams, n_tokens = stream_layers(
+            encoders,
+            model_batches(capture, row_batches, progress, total_rows),
+            n_features,
+            settings,
+            device=loaded.device,
+        )
+    reads = {
+        layer: LayerReads.of(transcoders[layer], loaded.spaces[layer] if loaded.spaces else None) for layer in layers
+    }
     out = {}
     for layer in layers:
         earlier = {lo: reads[lo].decoders for lo in layers if lo < layer}
-        out[layer] = finish_layer(layer, streams[layer], reads[layer], W_E, W_U, earlier,
-                                  loaded.info.normalization, n_tokens, context, settings)
+        out[layer] = finish_layer(
+            layer,
+            streams[layer],
+            reads[layer],
+            W_E,
+            W_U,
+            earlier,
+            loaded.info.normalization,
+            n_tokens,
+            context,
+            settings,
+        )
     return out
 
 
-def score_model(loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray, settings: ScoreSettings,
-                progress=None, **options) -> dict[int, LayerScores]:
+def score_model(
+    loaded, transcoders: dict, rows: np.ndarray, doc_ids: np.ndarray, settings: ScoreSettings, progress=None, **options
+) -> dict[int, LayerScores]:
     """``score_rows`` on rows held in memory (tests, benchmarks), ``settings.batch_size`` rows a pass."""
-    return score_rows(loaded, transcoders, array_row_batches(rows, doc_ids, settings.batch_size), rows.shape[1],
-                      settings, progress, total_rows=len(rows), **options)
+    return score_rows(
+        loaded,
+        transcoders,
+        array_row_batches(rows, doc_ids, settings.batch_size),
+        rows.shape[1],
+        settings,
+        progress,
+        total_rows=len(rows),
+        **options,
+    )

@@ -43,8 +43,9 @@ def _weakest(keys, f):
 
 
 @njit(cache=True, inline="always")
-def _write_window(f, slot, local, z, tokens, doc_ids, scale, half_window,
-                  window_tokens, window_acts, slot_scale, slot_doc):
+def _write_window(
+    f, slot, local, z, tokens, doc_ids, scale, half_window, window_tokens, window_acts, slot_scale, slot_doc
+):
     context = tokens.shape[1]
     row = local // context
     pos = local - row * context
@@ -62,11 +63,32 @@ def _write_window(f, slot, local, z, tokens, doc_ids, scale, half_window,
 
 
 @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def scan_tile(z, z_bits, base_index, tokens, doc_ids, scale, sample_token_keys, half_window,
-              active_count, activation_sum, activation_max,
-              top_keys, top_window_tokens, top_window_acts, top_scale, top_doc, top_changed,
-              sample_keys, sample_window_tokens, sample_window_acts, sample_scale, sample_doc, sample_changed,
-              weakest):
+def scan_tile(
+    z,
+    z_bits,
+    base_index,
+    tokens,
+    doc_ids,
+    scale,
+    sample_token_keys,
+    half_window,
+    active_count,
+    activation_sum,
+    activation_max,
+    top_keys,
+    top_window_tokens,
+    top_window_acts,
+    top_scale,
+    top_doc,
+    top_changed,
+    sample_keys,
+    sample_window_tokens,
+    sample_window_acts,
+    sample_scale,
+    sample_doc,
+    sample_changed,
+    weakest,
+):
     """Update a layer's statistics and example slots (all modified in place) with one tile.
 
     z [m, T] float32, C-contiguous: the tile's activations (a value <= 0 is inactive, so a ReLU
@@ -126,13 +148,37 @@ def scan_tile(z, z_bits, base_index, tokens, doc_ids, scale, sample_token_keys, 
         if top_any:
             for j in range(n_top):
                 if top_changed[thread, j] >= 0:
-                    _write_window(f, j, top_changed[thread, j], z, tokens, doc_ids, scale, half_window,
-                                  top_window_tokens, top_window_acts, top_scale, top_doc)
+                    _write_window(
+                        f,
+                        j,
+                        top_changed[thread, j],
+                        z,
+                        tokens,
+                        doc_ids,
+                        scale,
+                        half_window,
+                        top_window_tokens,
+                        top_window_acts,
+                        top_scale,
+                        top_doc,
+                    )
         if sample_any:
             for j in range(n_sample):
                 if sample_changed[thread, j] >= 0:
-                    _write_window(f, j, sample_changed[thread, j], z, tokens, doc_ids, scale, half_window,
-                                  sample_window_tokens, sample_window_acts, sample_scale, sample_doc)
+                    _write_window(
+                        f,
+                        j,
+                        sample_changed[thread, j],
+                        z,
+                        tokens,
+                        doc_ids,
+                        scale,
+                        half_window,
+                        sample_window_tokens,
+                        sample_window_acts,
+                        sample_scale,
+                        sample_doc,
+                    )
 
 
 def weakest_slots(top_keys: np.ndarray, sample_keys: np.ndarray) -> np.ndarray:

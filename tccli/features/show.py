@@ -15,11 +15,11 @@ from typing import Optional
 
 import numpy as np
 
-from tccli.nodes import feature_name, parse_feature
+from tccli.config.features import ShowConfig
 from tccli.errors import fail
 from tccli.features.files import FeaturesFile
+from tccli.nodes import feature_name, parse_feature
 
-from tccli.config.features import ShowConfig
 
 def parse_feature_list(text: str) -> list[tuple[int, int]]:
     return [parse_feature(part) for part in text.split(",") if part.strip()]
@@ -75,7 +75,7 @@ def example_text(features: FeaturesFile, example: dict, max_activation: float):
     return text
 
 
-def token_table(title: str, features: FeaturesFile, pairs: list) -> "Table":  # noqa: F821
+def token_table(title: str, features: FeaturesFile, pairs: list) -> Table:  # noqa: F821
     from rich.table import Table
 
     table = Table(title=title, show_header=False, box=None, padding=(0, 1))
@@ -91,12 +91,16 @@ def render_terminal(features: FeaturesFile, record: dict, n_examples: int, conso
 
     name = feature_name(record["layer"], record["feature"])
     cf = record.get("context_free")
-    header = (f"density {density_text(record['frequency'])}   mean {record['mean_activation']:.3g}   "
-              f"max {record['max_activation']:.3g}   context-free {'-' if cf is None else f'{cf:.2f}'}")
+    header = (
+        f"density {density_text(record['frequency'])}   mean {record['mean_activation']:.3g}   "
+        f"max {record['max_activation']:.3g}   context-free {'-' if cf is None else f'{cf:.2f}'}"
+    )
     console.print(Panel(header, title=name, expand=False))
-    tables = [token_table("de-embedding", features, record["deembedding"]),
-              token_table("promotes", features, record["logit_promoted"]),
-              token_table("suppresses", features, record["logit_suppressed"])]
+    tables = [
+        token_table("de-embedding", features, record["deembedding"]),
+        token_table("promotes", features, record["logit_promoted"]),
+        token_table("suppresses", features, record["logit_suppressed"]),
+    ]
     if record["pullbacks"]:
         pulls = Table(title="pullbacks", show_header=False, box=None, padding=(0, 1))
         for layer, feature, value in record["pullbacks"]:
@@ -166,19 +170,22 @@ def html_example(features: FeaturesFile, example: dict, peak: float, label: str)
         alpha = min(max(act / peak, 0.0), 1.0) if peak > 0 else 0.0
         css = f"background:rgba(255,110,0,{alpha:.3f})"
         cls = "t c" if j == centre else "t"
-        spans.append(f'<span class="{cls}" style="{css}" title="{act:.4f}">'
-                     f'{_esc(visible(features.token_text(token)))}</span>')
+        spans.append(
+            f'<span class="{cls}" style="{css}" title="{act:.4f}">{_esc(visible(features.token_text(token)))}</span>'
+        )
     return f'<div class="ex"><span class="a">{_esc(label)}</span>{"".join(spans)}</div>'
 
 
 def html_token_table(title: str, features: FeaturesFile, pairs: list) -> str:
-    rows = "".join(f"<tr><td>{_esc(repr(features.token_text(int(t))))}</td><td class=v>{v:+.3f}</td></tr>"
-                   for t, v in pairs)
+    rows = "".join(
+        f"<tr><td>{_esc(repr(features.token_text(int(t))))}</td><td class=v>{v:+.3f}</td></tr>" for t, v in pairs
+    )
     return f'<table class="tok"><caption>{_esc(title)}</caption>{rows}</table>'
 
 
-def svg_histogram(counts: list[int], labels: tuple[str, str], highlight: Optional[int], title: str,
-                  width: int = 260, height: int = 90) -> str:
+def svg_histogram(
+    counts: list[int], labels: tuple[str, str], highlight: Optional[int], title: str, width: int = 260, height: int = 90
+) -> str:
     """A bar chart as inline SVG; bar ``highlight`` is drawn in orange."""
     n = max(len(counts), 1)
     peak = max(max(counts, default=0), 1)
@@ -188,13 +195,17 @@ def svg_histogram(counts: list[int], labels: tuple[str, str], highlight: Optiona
     for i, count in enumerate(counts):
         h = plot_h * count / peak
         colour = "#ff6e00" if i == highlight else "#7a8ca5"
-        bars.append(f'<rect x="{5 + i * bar:.1f}" y="{14 + plot_h - h:.1f}" width="{max(bar - 1, 0.5):.1f}" '
-                    f'height="{h:.1f}" fill="{colour}"><title>{count}</title></rect>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-            f'<text x="5" y="10" style="font-weight:600;fill:#333">{_esc(title)}</text>{"".join(bars)}'
-            f'<line x1="5" x2="{width - 5}" y1="{14 + plot_h}" y2="{14 + plot_h}" stroke="#999"/>'
-            f'<text x="5" y="{height - 2}">{_esc(labels[0])}</text>'
-            f'<text x="{width - 5}" y="{height - 2}" text-anchor="end">{_esc(labels[1])}</text></svg>')
+        bars.append(
+            f'<rect x="{5 + i * bar:.1f}" y="{14 + plot_h - h:.1f}" width="{max(bar - 1, 0.5):.1f}" '
+            f'height="{h:.1f}" fill="{colour}"><title>{count}</title></rect>'
+        )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
+        f'<text x="5" y="10" style="font-weight:600;fill:#333">{_esc(title)}</text>{"".join(bars)}'
+        f'<line x1="5" x2="{width - 5}" y1="{14 + plot_h}" y2="{14 + plot_h}" stroke="#999"/>'
+        f'<text x="5" y="{height - 2}">{_esc(labels[0])}</text>'
+        f'<text x="{width - 5}" y="{height - 2}" text-anchor="end">{_esc(labels[1])}</text></svg>'
+    )
 
 
 DENSITY_BINS = np.arange(-7.0, 0.25, 0.25)  # log10 firing frequency, quarter-decade bins
@@ -206,11 +217,9 @@ def density_histogram(frequencies: np.ndarray, frequency: float) -> str:
     counts, _ = np.histogram(np.clip(np.log10(live), DENSITY_BINS[0], DENSITY_BINS[-1] - 1e-9), bins=DENSITY_BINS)
     mark = None
     if frequency > 0:
-        mark = int(np.clip(np.searchsorted(DENSITY_BINS, math.log10(frequency), side="right") - 1,
-                           0, len(counts) - 1))
+        mark = int(np.clip(np.searchsorted(DENSITY_BINS, math.log10(frequency), side="right") - 1, 0, len(counts) - 1))
     dead = int((frequencies <= 0).sum())
-    return svg_histogram(counts.tolist(), ("1e-7", "1"), mark,
-                         f"layer density (log10), {dead} dead")
+    return svg_histogram(counts.tolist(), ("1e-7", "1"), mark, f"layer density (log10), {dead} dead")
 
 
 def activation_histogram(record: dict, bins: int = 16) -> str:
@@ -219,31 +228,40 @@ def activation_histogram(record: dict, bins: int = 16) -> str:
     if not values or peak <= 0:
         return ""
     counts, _ = np.histogram(values, bins=bins, range=(0.0, peak))
-    return svg_histogram(counts.tolist(), ("0", f"{peak:.3g}"), None,
-                         f"sampled activations (n={len(values)})")
+    return svg_histogram(counts.tolist(), ("0", f"{peak:.3g}"), None, f"sampled activations (n={len(values)})")
 
 
 def html_card(features: FeaturesFile, record: dict, n_examples: int, frequencies: np.ndarray) -> str:
     name = feature_name(record["layer"], record["feature"])
     cf = record.get("context_free")
     peak = record["max_activation"]
-    stats = (f"density {density_text(record['frequency'])} · mean {record['mean_activation']:.3g} · "
-             f"max {peak:.3g} · context-free {'–' if cf is None else f'{cf:.2f}'}")
-    tables = [html_token_table("de-embedding", features, record["deembedding"]),
-              html_token_table("promotes", features, record["logit_promoted"]),
-              html_token_table("suppresses", features, record["logit_suppressed"])]
+    stats = (
+        f"density {density_text(record['frequency'])} · mean {record['mean_activation']:.3g} · "
+        f"max {peak:.3g} · context-free {'–' if cf is None else f'{cf:.2f}'}"
+    )
+    tables = [
+        html_token_table("de-embedding", features, record["deembedding"]),
+        html_token_table("promotes", features, record["logit_promoted"]),
+        html_token_table("suppresses", features, record["logit_suppressed"]),
+    ]
     if record["pullbacks"]:
         rows = "".join(f"<tr><td>L{la}.F{f}</td><td class=v>{v:+.3f}</td></tr>" for la, f, v in record["pullbacks"])
         tables.append(f'<table class="tok"><caption>pullbacks</caption>{rows}</table>')
-    top = "".join(html_example(features, e, peak, f"{e['activation']:.3f}") for e in record["top_examples"][:n_examples])
-    quant = "".join(html_example(features, e, peak, f"q{e['band']} {e['activation']:.2f}")
-                    for e in spread(record["quantile_examples"], n_examples))
-    return (f'<section class="card" id="{name}"><h2>{name}</h2><div class="stats">{_esc(stats)}</div>'
-            f'<div class="row">{density_histogram(frequencies, record["frequency"])}'
-            f'{activation_histogram(record)}{"".join(tables)}</div>'
-            f'<h3>top activations</h3>{top or "<p>never fired on the scored text</p>"}'
-            + (f"<h3>sampled examples by activation band (q1 lowest)</h3>{quant}" if quant else "")
-            + "</section>")
+    top = "".join(
+        html_example(features, e, peak, f"{e['activation']:.3f}") for e in record["top_examples"][:n_examples]
+    )
+    quant = "".join(
+        html_example(features, e, peak, f"q{e['band']} {e['activation']:.2f}")
+        for e in spread(record["quantile_examples"], n_examples)
+    )
+    return (
+        f'<section class="card" id="{name}"><h2>{name}</h2><div class="stats">{_esc(stats)}</div>'
+        f'<div class="row">{density_histogram(frequencies, record["frequency"])}'
+        f"{activation_histogram(record)}{''.join(tables)}</div>"
+        f"<h3>top activations</h3>{top or '<p>never fired on the scored text</p>'}"
+        + (f"<h3>sampled examples by activation band (q1 lowest)</h3>{quant}" if quant else "")
+        + "</section>"
+    )
 
 
 def render_html(features: FeaturesFile, refs: list[tuple[int, int]], n_examples: int) -> str:
@@ -251,14 +269,19 @@ def render_html(features: FeaturesFile, refs: list[tuple[int, int]], n_examples:
     model = meta.get("model_info", {})
     data = meta.get("data", {})
     frequencies = {layer: features.frequencies(layer) for layer in {layer for layer, _ in refs}}
-    cards = "".join(html_card(features, features.feature(layer, i), n_examples, frequencies[layer])
-                    for layer, i in refs)
-    subtitle = (f"model {model.get('name', '?')} ({model.get('architecture', '?')}) · "
-                f"{data.get('tokens', '?')} tokens from {', '.join(map(str, data.get('sources', [])))} · "
-                f"tc {meta.get('tc_version', '?')} · {len(refs)} features")
-    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-            f"<title>tc features: {_esc(str(features.path.name))}</title><style>{CSS}</style></head><body>"
-            f"<h1>Transcoder features</h1><div class=meta>{_esc(subtitle)}</div>{cards}</body></html>")
+    cards = "".join(
+        html_card(features, features.feature(layer, i), n_examples, frequencies[layer]) for layer, i in refs
+    )
+    subtitle = (
+        f"model {model.get('name', '?')} ({model.get('architecture', '?')}) · "
+        f"{data.get('tokens', '?')} tokens from {', '.join(map(str, data.get('sources', [])))} · "
+        f"tc {meta.get('tc_version', '?')} · {len(refs)} features"
+    )
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>tc features: {_esc(str(features.path.name))}</title><style>{CSS}</style></head><body>"
+        f"<h1>Transcoder features</h1><div class=meta>{_esc(subtitle)}</div>{cards}</body></html>"
+    )
 
 
 def resolve_refs(features: FeaturesFile, config: ShowConfig) -> list[tuple[int, int]]:

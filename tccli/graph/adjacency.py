@@ -11,8 +11,9 @@ rows made sparse (``sparsify``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -46,8 +47,9 @@ class SparseRows:
         """[nnz]: the row (within this chunk) of every entry."""
         if self.entry_rows is not None:
             return self.entry_rows
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.crow.device), self.crow.diff(),
-                                       output_size=self.nnz)
+        return torch.repeat_interleave(
+            torch.arange(self.n_rows, device=self.crow.device), self.crow.diff(), output_size=self.nnz
+        )
 
     def row_sums(self, values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.n_rows, dtype=values.dtype, device=values.device).index_add_(0, self.row_ids(), values)
@@ -56,7 +58,7 @@ class SparseRows:
         held = (self.crow, self.col, self.value) + ((self.entry_rows,) if self.entry_rows is not None else ())
         return sum(t.numel() * t.element_size() for t in held)
 
-    def filter_entries(self, keep: torch.Tensor, new_col: Optional[torch.Tensor] = None) -> "SparseRows":
+    def filter_entries(self, keep: torch.Tensor, new_col: Optional[torch.Tensor] = None) -> SparseRows:
         """Only the entries ``keep`` [nnz] (the others are added to the dropped sums); columns renumbered
         by ``new_col`` [old node -> new node] when given. The result keeps its entries' rows (the filtered
         rows are the smaller ones, used many times after)."""
@@ -71,9 +73,18 @@ class SparseRows:
         col = self.col[keep]
         if new_col is not None:
             col = new_col.index_select(0, col).to(torch.int32)
-        return SparseRows(nodes=self.nodes, crow=crow, col=col, value=self.value[keep], bias=self.bias,
-                          target_value=self.target_value, dropped=dropped, dropped_abs=dropped_abs,
-                          total_abs=self.total_abs, entry_rows=kept_rows)
+        return SparseRows(
+            nodes=self.nodes,
+            crow=crow,
+            col=col,
+            value=self.value[keep],
+            bias=self.bias,
+            target_value=self.target_value,
+            dropped=dropped,
+            dropped_abs=dropped_abs,
+            total_abs=self.total_abs,
+            entry_rows=kept_rows,
+        )
 
 
 class Adjacency:
@@ -110,7 +121,7 @@ class Adjacency:
             out.append(magnitude / chunk.row_sums(magnitude).clamp(min=1e-10).index_select(0, chunk.row_ids()))
         return out
 
-    def consume(self, fn: Callable[[SparseRows], SparseRows]) -> "Adjacency":
+    def consume(self, fn: Callable[[SparseRows], SparseRows]) -> Adjacency:
         """A new adjacency of ``fn(chunk)`` for every chunk; this one is emptied as it goes, so at most one
         chunk exists twice."""
         mapped = []
@@ -136,8 +147,7 @@ def sparsify(dense: torch.Tensor, columns: torch.Tensor, drop_mass: float) -> tu
         mass = torch.zeros(dense.shape[0], 200, dtype=share.dtype, device=share.device).scatter_add_(1, group, share)
         from_smallest = mass.flip(1).cumsum(1).flip(1)  # [R, g]: share of the entries in groups >= g
         droppable = from_smallest <= drop_mass
-        first_dropped = torch.where(droppable.any(1), droppable.int().argmax(1),
-                                    torch.full_like(group[:, 0], 200))
+        first_dropped = torch.where(droppable.any(1), droppable.int().argmax(1), torch.full_like(group[:, 0], 200))
         keep &= group < first_dropped.unsqueeze(1)
         del share, group
     row, column = torch.nonzero(keep, as_tuple=True)

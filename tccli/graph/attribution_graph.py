@@ -15,8 +15,9 @@ as dropped mass).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -65,7 +66,7 @@ class AttributionGraph:
 
 def rank_features(adjacency: Adjacency, table: NodeTable, visited: torch.Tensor) -> torch.Tensor:
     """Unvisited features, most influential first (influence estimated from the rows so far)."""
-    estimate = influence(adjacency, table.n_nodes, table.weights())[:table.n_features]
+    estimate = influence(adjacency, table.n_nodes, table.weights())[: table.n_features]
     order = torch.argsort(estimate, descending=True, stable=True)
     return order[~visited[order]]
 
@@ -81,7 +82,7 @@ class ColumnMap:
         self.new_index = torch.full((table.n_nodes,), -1, dtype=torch.long, device=device)
         self.new_index[keep] = torch.arange(keep.shape[0], device=device)
         shift = table.n_features - self.table.n_features
-        self.new_index[table.n_features:] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
+        self.new_index[table.n_features :] = torch.arange(table.n_features, table.n_nodes, device=device) - shift
         self.dropped_abs = 0.0  # absolute sum of the entries removed so far
 
     def __call__(self, chunk: SparseRows) -> SparseRows:
@@ -92,15 +93,22 @@ class ColumnMap:
         return restricted
 
 
-def build_attribution_graph(frozen: FrozenForward, targets: list[Target], target_weight: torch.Tensor,
-                            params: GraphParams,
-                            progress: Optional[Callable[[int, int], None]] = None) -> AttributionGraph:
+def build_attribution_graph(
+    frozen: FrozenForward,
+    targets: list[Target],
+    target_weight: torch.Tensor,
+    params: GraphParams,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> AttributionGraph:
     """Everything `tc graph` computes from a frozen forward pass and its targets.
 
     Rows keep every active feature's column until the last ranking; from then on the graph's features
     are known and every row, stored or new, keeps only theirs."""
     stats = {"seconds_rows": 0.0, "seconds_ranking": 0.0, "backward_flop": 0, "dropped_small_abs": 0.0}
     columns: Optional[ColumnMap] = None
+    table = node_table(frozen, target_weight)
+    writes = NodeWrites(frozen, table)
+    adjacency = Adjacency([])
 
     def store(spec: RowsToCompute) -> None:
         start = time.perf_counter()
@@ -110,9 +118,6 @@ def build_attribution_graph(frozen: FrozenForward, targets: list[Target], target
         stats["seconds_rows"] += time.perf_counter() - start
 
     with torch.no_grad():
-        table = node_table(frozen, target_weight)
-        writes = NodeWrites(frozen, table)
-        adjacency = Adjacency([])
         store(target_rows(targets, table))
         # features that cannot reach any target (too late a layer or token) never get rows
         reads_after = max(t.read_point[1] for t in targets)
@@ -133,7 +138,7 @@ def build_attribution_graph(frozen: FrozenForward, targets: list[Target], target
             else:
                 start = time.perf_counter()
                 ranked = rank_features(adjacency, table, visited)
-                pending = ranked[:min(params.rank_every, budget - n_visited)]
+                pending = ranked[: min(params.rank_every, budget - n_visited)]
                 if n_visited + pending.shape[0] == budget:  # the last ranking: the graph's features are known
                     chosen = visited & reachable
                     chosen[pending] = True
@@ -142,16 +147,19 @@ def build_attribution_graph(frozen: FrozenForward, targets: list[Target], target
                 stats["seconds_ranking"] += time.perf_counter() - start
             # the set computed before the next ranking is fixed; batching rows of nearby tokens and
             # layers together only makes each backward pass smaller
-            pending = pending[torch.argsort(table.feature_position[pending] * (frozen.n_layers + 1)
-                                            + table.feature_layer[pending], stable=True)]
+            pending = pending[
+                torch.argsort(
+                    table.feature_position[pending] * (frozen.n_layers + 1) + table.feature_layer[pending], stable=True
+                )
+            ]
             for start_row in range(0, pending.shape[0], params.batch_size):
-                batch = pending[start_row:start_row + params.batch_size]
+                batch = pending[start_row : start_row + params.batch_size]
                 store(feature_rows(frozen, table, batch))
                 visited[batch] = True
                 n_visited += int(batch.shape[0])
                 if progress:
                     progress(n_visited, budget)
-        del writes
+        writes = None  # every row is computed: free the upstream writes before finishing the graph
         if columns is None:  # no feature rows at all
             columns = ColumnMap(table, torch.zeros_like(reachable))
             adjacency = adjacency.consume(columns)
@@ -163,15 +171,17 @@ def build_attribution_graph(frozen: FrozenForward, targets: list[Target], target
         return graph
 
 
-def finish_graph(adjacency: Adjacency, table: NodeTable, params: GraphParams,
-                 stats: Optional[dict] = None) -> AttributionGraph:
+def finish_graph(
+    adjacency: Adjacency, table: NodeTable, params: GraphParams, stats: Optional[dict] = None
+) -> AttributionGraph:
     """Influence, pruning and scores of rows over ``table``'s nodes (columns already restricted)."""
     stats = {} if stats is None else stats
     weights = table.weights()
     normalized = adjacency.normalized()
     node_influence = influence(adjacency, table.n_nodes, weights, normalized)
-    node_mask, edge_mask = prune(adjacency, table, node_influence, normalized, params.node_threshold,
-                                 params.edge_threshold)
+    node_mask, edge_mask = prune(
+        adjacency, table, node_influence, normalized, params.node_threshold, params.edge_threshold
+    )
     replacement, completeness = graph_scores(adjacency, table, node_influence, normalized)
     ordered, order = torch.sort(node_influence, descending=True)
     cumulative = torch.zeros_like(node_influence)
@@ -179,12 +189,27 @@ def finish_graph(adjacency: Adjacency, table: NodeTable, params: GraphParams,
     total_abs, dropped_abs = adjacency.cat("total_abs"), adjacency.cat("dropped_abs")
     whole = float(total_abs.sum().clamp(min=1e-30))
     small, budget = stats.pop("dropped_small_abs", 0.0), stats.pop("dropped_budget_abs", 0.0)
-    stats.update({
-        "rows": adjacency.n_rows, "stored_entries": adjacency.nnz, "stored_bytes": adjacency.nbytes(),
-        # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
-        "dropped_small_share": small / whole, "dropped_budget_share": budget / whole,
-        "dropped_share_total": float(dropped_abs.sum()) / whole,
-        "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max())})
-    return AttributionGraph(table=table, adjacency=adjacency, influence=node_influence, cumulative=cumulative,
-                            node_mask=node_mask, edge_mask=edge_mask, replacement=replacement,
-                            completeness=completeness, n_active_features=table.n_features, stats=stats)
+    stats.update(
+        {
+            "rows": adjacency.n_rows,
+            "stored_entries": adjacency.nnz,
+            "stored_bytes": adjacency.nbytes(),
+            # shares of sum |A| over all rows: dropped as small (drop_mass), from features without rows
+            "dropped_small_share": small / whole,
+            "dropped_budget_share": budget / whole,
+            "dropped_share_total": float(dropped_abs.sum()) / whole,
+            "dropped_share_max_row": float((dropped_abs / total_abs.clamp(min=1e-30)).max()),
+        }
+    )
+    return AttributionGraph(
+        table=table,
+        adjacency=adjacency,
+        influence=node_influence,
+        cumulative=cumulative,
+        node_mask=node_mask,
+        edge_mask=edge_mask,
+        replacement=replacement,
+        completeness=completeness,
+        n_active_features=table.n_features,
+        stats=stats,
+    )

@@ -23,7 +23,6 @@ from tccli.graph.heads import HeadSplit
 from tccli.graph.nodes import NodeTable
 from tccli.nodes import NodeRef, head_name, target_id
 
-
 if TYPE_CHECKING:
     from tccli.config.circuit import PictureOptions
 
@@ -32,17 +31,25 @@ GRAPH_KIND = "attribution-graph"
 
 def node_ids(table: NodeTable, targets: list[dict]) -> list[str]:
     """The id of every node of ``table`` (in table order)."""
-    ids = [NodeRef("feature", layer, feature, position).id for layer, feature, position in
-           zip(table.feature_layer.tolist(), table.feature_index.tolist(), table.feature_position.tolist())]
-    ids += [NodeRef("error", layer, -1, position).id for layer in range(table.n_layers)
-            for position in range(table.n_tokens)]
+    ids = [
+        NodeRef("feature", layer, feature, position).id
+        for layer, feature, position in zip(
+            table.feature_layer.tolist(), table.feature_index.tolist(), table.feature_position.tolist()
+        )
+    ]
+    ids += [
+        NodeRef("error", layer, -1, position).id
+        for layer in range(table.n_layers)
+        for position in range(table.n_tokens)
+    ]
     ids += [NodeRef("embed", -1, -1, position).id for position in range(table.n_tokens)]
     ids += [target_id(target, len(targets)) for target in targets]
     return ids
 
 
-def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int],
-                heads: Optional[HeadSplit] = None) -> nx.DiGraph:
+def to_networkx(
+    graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], heads: Optional[HeadSplit] = None
+) -> nx.DiGraph:
     """The pruned graph with tc circuit's node attribute conventions and the run's metadata.
 
     With ``heads`` (heads.head_split of the kept edges) every kept edge also carries its
@@ -56,33 +63,53 @@ def to_networkx(graph: AttributionGraph, metadata: dict, strings: list[str], tok
     out = nx.DiGraph()
     influence, cumulative = graph.influence.tolist(), graph.cumulative.tolist()
     for node in torch.nonzero(graph.node_mask).reshape(-1).tolist():
-        out.add_node(ids[node], **node_attributes(table, node, targets, strings, token_ids, metadata),
-                     influence=influence[node], cumulative_influence=cumulative[node])
+        out.add_node(
+            ids[node],
+            **node_attributes(table, node, targets, strings, token_ids, metadata),
+            influence=influence[node],
+            cumulative_influence=cumulative[node],
+        )
     sources, target_nodes, weights = (t.tolist() for t in graph.kept_edges())
     for source, target, weight in zip(sources, target_nodes, weights):
         out.add_edge(ids[source], ids[target], weight=weight)
     if heads is not None:
         add_head_nodes(out, ids, heads, strings)
-    kept_features = int(graph.node_mask[:table.n_features].sum())
+    kept_features = int(graph.node_mask[: table.n_features].sum())
     out.graph["metadata"] = {
         **metadata,
-        "replacement_score": graph.replacement, "completeness_score": graph.completeness,
-        "active_features": graph.n_active_features, "graph_features": table.n_features,
-        "kept_features": kept_features, "kept_nodes": int(graph.node_mask.sum()), "kept_edges": len(weights),
+        "replacement_score": graph.replacement,
+        "completeness_score": graph.completeness,
+        "active_features": graph.n_active_features,
+        "graph_features": table.n_features,
+        "kept_features": kept_features,
+        "kept_nodes": int(graph.node_mask.sum()),
+        "kept_edges": len(weights),
         "head_share": None if heads is None else heads.share,
         **{key: value for key, value in graph.stats.items()},
     }
     return out
 
 
-def node_attributes(table: NodeTable, node: int, targets: list[dict], strings: list[str],
-                    token_ids: list[int], metadata: dict) -> dict:
+def node_attributes(
+    table: NodeTable, node: int, targets: list[dict], strings: list[str], token_ids: list[int], metadata: dict
+) -> dict:
     kind = table.kind(node)
-    attrs: dict = {"kind": kind, "layer": -1, "feature": None, "head": None, "position": None, "token": "",
-                   "activation": None}
+    attrs: dict = {
+        "kind": kind,
+        "layer": -1,
+        "feature": None,
+        "head": None,
+        "position": None,
+        "token": "",
+        "activation": None,
+    }
     if kind == "feature":
-        attrs.update(layer=int(table.feature_layer[node]), feature=int(table.feature_index[node]),
-                     position=int(table.feature_position[node]), activation=float(table.feature_activation[node]))
+        attrs.update(
+            layer=int(table.feature_layer[node]),
+            feature=int(table.feature_index[node]),
+            position=int(table.feature_position[node]),
+            activation=float(table.feature_activation[node]),
+        )
     elif kind == "error":
         layer, position = divmod(node - table.error_start, table.n_tokens)
         attrs.update(layer=layer, position=position)
@@ -91,10 +118,18 @@ def node_attributes(table: NodeTable, node: int, targets: list[dict], strings: l
         attrs.update(position=position, token_id=token_ids[position])
     else:
         target = targets[node - table.target_start]
-        attrs.update(layer=target.get("layer", table.n_layers), position=target["position"],
-                     activation=target["value"], constant=target["constant"], weight=target["weight"],
-                     **{f"target_{key}": value for key, value in target.items()
-                        if key not in ("layer", "position", "value", "constant", "weight")})
+        attrs.update(
+            layer=target.get("layer", table.n_layers),
+            position=target["position"],
+            activation=target["value"],
+            constant=target["constant"],
+            weight=target["weight"],
+            **{
+                f"target_{key}": value
+                for key, value in target.items()
+                if key not in ("layer", "position", "value", "constant", "weight")
+            },
+        )
     if attrs["position"] is not None:
         attrs["token"] = strings[attrs["position"]]
     return attrs
@@ -110,15 +145,32 @@ def add_head_nodes(out: nx.DiGraph, ids: list[str], heads: HeadSplit, strings: l
         edge = out.edges[u, v]
         residual = float(heads.residual[e])
         mass = abs(residual) + sum(abs(p) for layer in by_head[e] for p in layer)
-        shown = {head_name(layer, head): part for layer, per_head in enumerate(by_head[e])
-                 for head, part in enumerate(per_head) if part != 0.0 and abs(part) >= 0.01 * mass}
-        edge.update(total=edge["weight"], residual=residual, heads=shown,
-                    other_heads=sum(p for layer in by_head[e] for p in layer) - sum(shown.values()))
+        shown = {
+            head_name(layer, head): part
+            for layer, per_head in enumerate(by_head[e])
+            for head, part in enumerate(per_head)
+            if part != 0.0 and abs(part) >= 0.01 * mass
+        }
+        edge.update(
+            total=edge["weight"],
+            residual=residual,
+            heads=shown,
+            other_heads=sum(p for layer in by_head[e] for p in layer) - sum(shown.values()),
+        )
         for (layer, head, position), part in heads.parts[e].items():
             key = NodeRef("head", layer, head, position)
             if key.id not in out:
-                out.add_node(key.id, kind="head", layer=layer, feature=None, head=head, position=position,
-                             token=strings[position], activation=None, influence=None)
+                out.add_node(
+                    key.id,
+                    kind="head",
+                    layer=layer,
+                    feature=None,
+                    head=head,
+                    position=position,
+                    token=strings[position],
+                    activation=None,
+                    influence=None,
+                )
             edge["weight"] -= part
             for a, b in ((u, key.id), (key.id, v)):
                 if out.has_edge(a, b):
@@ -148,18 +200,38 @@ def summary(graph: nx.DiGraph, path: str) -> dict:
     kinds: dict[str, int] = {}
     for _, kind in graph.nodes(data="kind"):
         kinds[kind] = kinds.get(kind, 0) + 1
-    keys = ("model", "transcoders", "prompt", "targets", "replacement_score", "completeness_score",
-            "active_features", "graph_features", "kept_features", "dropped_share_total", "tc_version")
-    return {"kind": GRAPH_KIND, "path": path, "nodes": graph.number_of_nodes(), "edges": graph.number_of_edges(),
-            "node_kinds": kinds, **{key: meta.get(key) for key in keys},
-            "node_threshold": meta.get("config", {}).get("node_threshold"),
-            "edge_threshold": meta.get("config", {}).get("edge_threshold")}
+    keys = (
+        "model",
+        "transcoders",
+        "prompt",
+        "targets",
+        "replacement_score",
+        "completeness_score",
+        "active_features",
+        "graph_features",
+        "kept_features",
+        "dropped_share_total",
+        "tc_version",
+    )
+    return {
+        "kind": GRAPH_KIND,
+        "path": path,
+        "nodes": graph.number_of_nodes(),
+        "edges": graph.number_of_edges(),
+        "node_kinds": kinds,
+        **{key: meta.get(key) for key in keys},
+        "node_threshold": meta.get("config", {}).get("node_threshold"),
+        "edge_threshold": meta.get("config", {}).get("edge_threshold"),
+    }
 
 
 def summary_lines(s: dict) -> list[str]:
     targets = ", ".join(
-        f"{t.get('token_string', t.get('kind'))!r} (p={t['weight']:.3g})" if t.get("kind") == "logit"
-        else f"{t.get('kind')} = {t.get('value'):.4g}" for t in s["targets"] or [])
+        f"{t.get('token_string', t.get('kind'))!r} (p={t['weight']:.3g})"
+        if t.get("kind") == "logit"
+        else f"{t.get('kind')} = {t.get('value'):.4g}"
+        for t in s["targets"] or []
+    )
     return [
         f"{s['path']}: tc attribution graph (pruned), {s['nodes']} nodes, {s['edges']} edges "
         f"({', '.join(f'{n} {k}' for k, n in sorted(s['node_kinds'].items()))})",
@@ -190,18 +262,30 @@ def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
         crow.append(chunk.crow[1:].cpu() + total)
         total += chunk.nnz
     data = {
-        "format": "tc-attribution-graph", "metadata_json": json.dumps(metadata, default=float),
-        "n_layers": table.n_layers, "n_tokens": table.n_tokens,
-        "feature_layer": table.feature_layer.cpu(), "feature_position": table.feature_position.cpu(),
-        "feature_index": table.feature_index.cpu(), "feature_activation": table.feature_activation.cpu(),
+        "format": "tc-attribution-graph",
+        "metadata_json": json.dumps(metadata, default=float),
+        "n_layers": table.n_layers,
+        "n_tokens": table.n_tokens,
+        "feature_layer": table.feature_layer.cpu(),
+        "feature_position": table.feature_position.cpu(),
+        "feature_index": table.feature_index.cpu(),
+        "feature_activation": table.feature_activation.cpu(),
         "target_weight": table.target_weight.cpu(),
-        "row_nodes": adjacency.nodes.cpu(), "crow": torch.cat(crow), "col": adjacency.cat("col").cpu(),
-        "value": adjacency.cat("value").cpu(), "bias": adjacency.cat("bias").cpu(),
-        "row_value": adjacency.cat("target_value").cpu(), "dropped": adjacency.cat("dropped").cpu(),
-        "dropped_abs": adjacency.cat("dropped_abs").cpu(), "total_abs": adjacency.cat("total_abs").cpu(),
-        "influence": graph.influence.cpu(), "cumulative_influence": graph.cumulative.cpu(),
-        "node_mask": graph.node_mask.cpu(), "edge_mask": torch.cat(graph.edge_mask).cpu(),
-        "replacement_score": graph.replacement, "completeness_score": graph.completeness,
+        "row_nodes": adjacency.nodes.cpu(),
+        "crow": torch.cat(crow),
+        "col": adjacency.cat("col").cpu(),
+        "value": adjacency.cat("value").cpu(),
+        "bias": adjacency.cat("bias").cpu(),
+        "row_value": adjacency.cat("target_value").cpu(),
+        "dropped": adjacency.cat("dropped").cpu(),
+        "dropped_abs": adjacency.cat("dropped_abs").cpu(),
+        "total_abs": adjacency.cat("total_abs").cpu(),
+        "influence": graph.influence.cpu(),
+        "cumulative_influence": graph.cumulative.cpu(),
+        "node_mask": graph.node_mask.cpu(),
+        "edge_mask": torch.cat(graph.edge_mask).cpu(),
+        "replacement_score": graph.replacement,
+        "completeness_score": graph.completeness,
     }
     buffer = io.BytesIO()
     torch.save(data, buffer)
@@ -211,8 +295,15 @@ def to_pt(graph: AttributionGraph, metadata: dict) -> bytes:
 # ----------------------------------------------------------------------------- all formats
 
 
-def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_ids: list[int], fmt: str,
-           heads: Optional[HeadSplit] = None, picture: Optional["PictureOptions"] = None) -> bytes:
+def render(
+    graph: AttributionGraph,
+    metadata: dict,
+    strings: list[str],
+    token_ids: list[int],
+    fmt: str,
+    heads: Optional[HeadSplit] = None,
+    picture: Optional[PictureOptions] = None,
+) -> bytes:
     """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes; ``picture`` says how dot draws it."""
     from tccli.circuit import files as graph_io
 
@@ -226,4 +317,3 @@ def render(graph: AttributionGraph, metadata: dict, strings: list[str], token_id
     if fmt == "dot":
         return graph_io.to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")
-

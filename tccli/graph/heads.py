@@ -42,9 +42,12 @@ class HeadSplit:
 def read_rows(frozen: FrozenForward, table: NodeTable, targets: list[Target], nodes: torch.Tensor) -> Rows:
     """How each node of ``nodes`` (features or targets) reads the residual, as a Rows."""
     is_target = nodes >= table.target_start
-    rows = Rows(vectors=torch.empty(len(nodes), frozen.embed.shape[1], dtype=frozen.embed.dtype,
-                                    device=frozen.embed.device),
-                positions=torch.empty_like(nodes), n_attn=torch.empty_like(nodes), n_mlp=torch.empty_like(nodes))
+    rows = Rows(
+        vectors=torch.empty(len(nodes), frozen.embed.shape[1], dtype=frozen.embed.dtype, device=frozen.embed.device),
+        positions=torch.empty_like(nodes),
+        n_attn=torch.empty_like(nodes),
+        n_mlp=torch.empty_like(nodes),
+    )
     if bool((~is_target).any()):
         spec = feature_rows(frozen, table, nodes[~is_target])
         for name in ("vectors", "positions", "n_attn", "n_mlp"):
@@ -56,8 +59,9 @@ def read_rows(frozen: FrozenForward, table: NodeTable, targets: list[Target], no
     return rows
 
 
-def node_writes(frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def node_writes(
+    frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(writes [S, d], tokens [S], first attention layer that sees each write [S]) of features, errors,
     inputs."""
     dtype, device = frozen.embed.dtype, frozen.embed.device
@@ -83,8 +87,15 @@ def node_writes(frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
 
 
 @torch.no_grad()
-def head_split(frozen: FrozenForward, table: NodeTable, targets: list[Target], sources: torch.Tensor,
-               edge_targets: torch.Tensor, share: float = 0.25, batch_size: int = 64) -> HeadSplit:
+def head_split(
+    frozen: FrozenForward,
+    table: NodeTable,
+    targets: list[Target],
+    sources: torch.Tensor,
+    edge_targets: torch.Tensor,
+    share: float = 0.25,
+    batch_size: int = 64,
+) -> HeadSplit:
     """Split the edges (sources[e] -> edge_targets[e]) by the head of their first attention hop, by carrying
     each source's write up the frozen model (attention only, MLPs cut) and reading every layer's per-head
     output at the target's token with the target's read vector. ``parts`` lists, per edge, the (layer,
@@ -96,9 +107,11 @@ def head_split(frozen: FrozenForward, table: NodeTable, targets: list[Target], s
     reads = read_rows(frozen, table, targets, unique_targets)
     unique_sources, source_of_edge = torch.unique(sources, return_inverse=True)
     writes, write_positions, first_layer = node_writes(frozen, table, unique_sources)
-    residual = torch.where(write_positions[source_of_edge] == reads.positions[target_of_edge],
-                           (writes[source_of_edge] * reads.vectors[target_of_edge]).sum(-1),
-                           torch.zeros(E, dtype=dtype, device=device))
+    residual = torch.where(
+        write_positions[source_of_edge] == reads.positions[target_of_edge],
+        (writes[source_of_edge] * reads.vectors[target_of_edge]).sum(-1),
+        torch.zeros(E, dtype=dtype, device=device),
+    )
     by_head = torch.zeros(E, L, H, dtype=dtype, device=device)
     mass = residual.abs().clone()
     # at most 1/share parts of one layer can each hold `share` of the edge's mass: keep that many per layer
@@ -116,7 +129,7 @@ def head_split(frozen: FrozenForward, table: NodeTable, targets: list[Target], s
             image[enters - start, write_positions[enters]] += writes[enters]
             W_O, mix, W_V = frozen._attention_backward_weights(layer)
             live = edges[(first_layer[source_of_edge[edges]] <= layer) & (reads.n_attn[target_of_edge[edges]] > layer)]
-            for chunk in (live.split(256) if live.numel() else ()):
+            for chunk in live.split(256) if live.numel() else ():
                 t = target_of_edge[chunk]
                 # P W_V[h] W_O[h] u_t per head: u_t through W_O^T, then through W_V (centred for LayerNorm)
                 through_o = (reads.vectors[t] @ W_O.T).reshape(len(chunk), H, -1)  # [e, H, dh]
@@ -136,5 +149,6 @@ def head_split(frozen: FrozenForward, table: NodeTable, targets: list[Target], s
         for row, column in torch.nonzero(big).tolist():
             head, token = divmod(int(top[row, column]), T)
             parts_list[int(chunk[row])][(layer, head, token)] = float(values[row, column])
-    return HeadSplit(sources=sources, targets=edge_targets, residual=residual, by_head=by_head, parts=parts_list,
-                     share=share)
+    return HeadSplit(
+        sources=sources, targets=edge_targets, residual=residual, by_head=by_head, parts=parts_list, share=share
+    )

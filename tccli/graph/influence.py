@@ -22,8 +22,9 @@ from tccli.graph.adjacency import Adjacency
 from tccli.graph.nodes import NodeTable
 
 
-def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
-              normalized: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+def influence(
+    adjacency: Adjacency, n_nodes: int, weights: torch.Tensor, normalized: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
     """[n_nodes]: ``w (Â + Â^2 + ...)`` with Â the normalised rows (circuit-tracer's compute_influence).
 
     Influence travels on only through nodes that have rows, so the powers are taken on the square system
@@ -56,7 +57,7 @@ def influence(adjacency: Adjacency, n_nodes: int, weights: torch.Tensor,
     out = torch.zeros(n_nodes, dtype=dtype, device=device)
     offset = 0
     for chunk, values in zip(adjacency.chunks, normalized):
-        out.index_add_(0, chunk.col, values * flow[offset:offset + chunk.n_rows].index_select(0, chunk.row_ids()))
+        out.index_add_(0, chunk.col, values * flow[offset : offset + chunk.n_rows].index_select(0, chunk.row_ids()))
         offset += chunk.n_rows
     return out
 
@@ -73,21 +74,29 @@ def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pruning and scores
 
 
-def prune(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, normalized: list[torch.Tensor],
-          node_threshold: float, edge_threshold: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def prune(
+    adjacency: Adjacency,
+    table: NodeTable,
+    node_influence: torch.Tensor,
+    normalized: list[torch.Tensor],
+    node_threshold: float,
+    edge_threshold: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """circuit-tracer's prune_graph: (node mask [N], per chunk edge mask [nnz])."""
     if not 0.0 <= node_threshold <= 1.0 or not 0.0 <= edge_threshold <= 1.0:
         raise ValueError("node_threshold and edge_threshold must be between 0 and 1")
     weights = table.weights()
     node_mask = node_influence >= find_threshold(node_influence, node_threshold)
-    node_mask[table.embed_start:] = True  # inputs and targets are always kept
+    node_mask[table.embed_start :] = True  # inputs and targets are always kept
     ends = [(chunk.nodes.index_select(0, chunk.row_ids()), chunk.col) for chunk in adjacency.chunks]
     in_pruned = [node_mask[target] & node_mask[source] for target, source in ends]
     pruned = Adjacency([chunk.filter_entries(keep) for chunk, keep in zip(adjacency.chunks, in_pruned)])
     pruned_normalized = pruned.normalized()
     pruned_influence = influence(pruned, table.n_nodes, weights, pruned_normalized) + weights
-    scores = [values * pruned_influence[chunk.nodes.index_select(0, chunk.row_ids())]
-              for chunk, values in zip(pruned.chunks, pruned_normalized)]
+    scores = [
+        values * pruned_influence[chunk.nodes.index_select(0, chunk.row_ids())]
+        for chunk, values in zip(pruned.chunks, pruned_normalized)
+    ]
     all_scores = torch.cat(scores)
     threshold = find_threshold(all_scores, edge_threshold) if all_scores.numel() else all_scores.new_tensor(0.0)
     edge_mask = []
@@ -97,7 +106,7 @@ def prune(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, 
         edge_mask.append(mask)
     # feature and error nodes need an outgoing kept edge, features an incoming one; repeat until stable
     prunable = torch.zeros(table.n_nodes, dtype=torch.bool, device=node_mask.device)
-    prunable[:table.embed_start] = True
+    prunable[: table.embed_start] = True
     while True:
         has_out = torch.zeros_like(node_mask)
         has_in = torch.zeros_like(node_mask)
@@ -106,17 +115,18 @@ def prune(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, 
             has_out[source[mask]] = True
             has_in[target[mask]] = True
         new_mask = node_mask & ~(prunable & ~has_out)
-        new_mask[:table.n_features] &= has_in[:table.n_features]
+        new_mask[: table.n_features] &= has_in[: table.n_features]
         if bool((new_mask == node_mask).all()):
             return node_mask, edge_mask
         node_mask = new_mask
 
 
-def graph_scores(adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor,
-                 normalized: list[torch.Tensor]) -> tuple[float, float]:
+def graph_scores(
+    adjacency: Adjacency, table: NodeTable, node_influence: torch.Tensor, normalized: list[torch.Tensor]
+) -> tuple[float, float]:
     """circuit-tracer's compute_graph_scores on the unpruned graph: (replacement, completeness)."""
-    inputs = float(node_influence[table.embed_start:table.target_start].sum())
-    errors = float(node_influence[table.error_start:table.embed_start].sum())
+    inputs = float(node_influence[table.embed_start : table.target_start].sum())
+    errors = float(node_influence[table.error_start : table.embed_start].sum())
     replacement = inputs / (inputs + errors) if inputs + errors > 0 else float("nan")
     error_share = torch.zeros(table.n_nodes, dtype=node_influence.dtype, device=node_influence.device)
     for chunk, values in zip(adjacency.chunks, normalized):

@@ -74,15 +74,20 @@ class NodeTable:
     def weights(self) -> torch.Tensor:
         """[N]: the target weights at the targets' nodes, 0 elsewhere (circuit-tracer's logit_weights)."""
         out = torch.zeros(self.n_nodes, dtype=self.target_weight.dtype, device=self.target_weight.device)
-        out[self.target_start:] = self.target_weight
+        out[self.target_start :] = self.target_weight
         return out
 
-    def select_features(self, keep: torch.Tensor) -> "NodeTable":
+    def select_features(self, keep: torch.Tensor) -> NodeTable:
         """The same table with only the features ``keep`` (sorted indices into this table's features)."""
-        return NodeTable(n_layers=self.n_layers, n_tokens=self.n_tokens,
-                         feature_layer=self.feature_layer[keep], feature_position=self.feature_position[keep],
-                         feature_index=self.feature_index[keep], feature_activation=self.feature_activation[keep],
-                         target_weight=self.target_weight)
+        return NodeTable(
+            n_layers=self.n_layers,
+            n_tokens=self.n_tokens,
+            feature_layer=self.feature_layer[keep],
+            feature_position=self.feature_position[keep],
+            feature_index=self.feature_index[keep],
+            feature_activation=self.feature_activation[keep],
+            target_weight=self.target_weight,
+        )
 
 
 def active_features(frozen: FrozenForward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,11 +106,15 @@ def active_features(frozen: FrozenForward) -> tuple[torch.Tensor, torch.Tensor, 
 
 def node_table(frozen: FrozenForward, target_weight: torch.Tensor) -> NodeTable:
     layer, position, feature, activation = active_features(frozen)
-    return NodeTable(n_layers=frozen.n_layers, n_tokens=frozen.n_tokens, feature_layer=layer,
-                     feature_position=position, feature_index=feature, feature_activation=activation,
-                     target_weight=target_weight.to(frozen.embed.dtype))
+    return NodeTable(
+        n_layers=frozen.n_layers,
+        n_tokens=frozen.n_tokens,
+        feature_layer=layer,
+        feature_position=position,
+        feature_index=feature,
+        feature_activation=activation,
+        target_weight=target_weight.to(frozen.embed.dtype),
+    )
 
 
 # ----------------------------------------------------------------------------- targets
-
-

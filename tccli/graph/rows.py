@@ -29,7 +29,6 @@ from tccli.replacement.attribution import Rows
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.targets import Target
 
-
 # ----------------------------------------------------------------------------- rows to compute
 
 
@@ -48,14 +47,19 @@ class RowsToCompute:
 
 def target_rows(targets: list[Target], table: NodeTable) -> RowsToCompute:
     device = targets[0].vector.device
-    rows = Rows(vectors=torch.stack([t.vector for t in targets]),
-                positions=torch.tensor([t.position for t in targets], device=device),
-                n_attn=torch.tensor([t.read_point[0] for t in targets], device=device),
-                n_mlp=torch.tensor([t.read_point[1] for t in targets], device=device))
+    rows = Rows(
+        vectors=torch.stack([t.vector for t in targets]),
+        positions=torch.tensor([t.position for t in targets], device=device),
+        n_attn=torch.tensor([t.read_point[0] for t in targets], device=device),
+        n_mlp=torch.tensor([t.read_point[1] for t in targets], device=device),
+    )
     dtype = rows.vectors.dtype
-    return RowsToCompute(rows=rows, constant=torch.tensor([t.constant for t in targets], dtype=dtype, device=device),
-                   value=torch.tensor([t.value for t in targets], dtype=dtype, device=device),
-                   nodes=torch.arange(len(targets), device=device) + table.target_start)
+    return RowsToCompute(
+        rows=rows,
+        constant=torch.tensor([t.constant for t in targets], dtype=dtype, device=device),
+        value=torch.tensor([t.value for t in targets], dtype=dtype, device=device),
+        nodes=torch.arange(len(targets), device=device) + table.target_start,
+    )
 
 
 def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor) -> RowsToCompute:
@@ -109,7 +113,7 @@ class NodeWrites:
         start = 0
         for layer in range(frozen.n_layers):
             count = int((table.feature_layer == layer).sum())
-            positions = table.feature_position[start:start + count]
+            positions = table.feature_position[start : start + count]
             counts = torch.bincount(positions, minlength=T)
             cumulative = torch.zeros(T + 1, dtype=torch.long, device=device)
             cumulative[1:] = counts.cumsum(0)
@@ -120,14 +124,19 @@ class NodeWrites:
             if count:
                 slots = 1 + torch.arange(count, device=device) - cumulative[positions]
                 decoder = frozen.layers[layer].transcoder.W_dec
-                indices = table.feature_index[start:start + count]
-                activations = table.feature_activation[start:start + count]
+                indices = table.feature_index[start : start + count]
+                activations = table.feature_activation[start : start + count]
                 written = frozen.write_mlp_output(layer, decoder[indices].to(dtype), positions)
                 padded[positions, slots] = written * activations.unsqueeze(1)
                 valid[positions, slots] = True
             transcoder = frozen.layers[layer].transcoder
-            self.bias_writes.append(None if transcoder is None else frozen.write_mlp_output(
-                layer, transcoder.b_dec.to(dtype).expand(T, -1), torch.arange(T, device=device)))
+            self.bias_writes.append(
+                None
+                if transcoder is None
+                else frozen.write_mlp_output(
+                    layer, transcoder.b_dec.to(dtype).expand(T, -1), torch.arange(T, device=device)
+                )
+            )
             self.layer_start.append(start)
             self.per_token.append(cumulative)
             self.padded.append(padded)
@@ -154,8 +163,12 @@ class NodeWrites:
         """Node indices of the columns ``dense_rows`` fills for rows at tokens < n_tokens: each layer's
         features there, then errors (layer by layer), then inputs."""
         device = self.inputs.device
-        parts = [torch.arange(self.layer_start[layer], self.layer_start[layer] + self.feature_columns(layer, n_tokens),
-                              device=device) for layer in range(self.frozen.n_layers)]
+        parts = [
+            torch.arange(
+                self.layer_start[layer], self.layer_start[layer] + self.feature_columns(layer, n_tokens), device=device
+            )
+            for layer in range(self.frozen.n_layers)
+        ]
         T = self.table.n_tokens
         for layer in range(self.frozen.n_layers):
             parts.append(self.table.error_start + layer * T + torch.arange(n_tokens, device=device))
@@ -202,8 +215,11 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
         end = n_active + int((sorted_level == at_level).sum())
         if end > n_active:
             index = order[n_active:end]
-            grad.index_put_((torch.arange(n_active, end, device=grad.device), rows.positions[index]),
-                            rows.vectors[index], accumulate=True)
+            grad.index_put_(
+                (torch.arange(n_active, end, device=grad.device), rows.positions[index]),
+                rows.vectors[index],
+                accumulate=True,
+            )
         return end
 
     feature_offset = [0]
@@ -218,8 +234,8 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
         if a:
             g = grad[:a]
             features, errors = writes.layer_edges(layer, g)
-            out[:a, feature_offset[layer]:feature_offset[layer + 1]] = features
-            out[:a, error_offset + layer * P:error_offset + (layer + 1) * P] = errors
+            out[:a, feature_offset[layer] : feature_offset[layer + 1]] = features
+            out[:a, error_offset + layer * P : error_offset + (layer + 1) * P] = errors
             flop += 2 * a * P * d * writes.padded[layer].shape[1]
             if writes.bias_writes[layer] is not None:
                 bias[:a] += (g * writes.bias_writes[layer][:P]).sum((1, 2))
@@ -228,7 +244,7 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
                 bias[:a] += skip_constant
         if not frozen.parallel:
             if skip is not None:  # the MLP reads resid_mid: before rows reading there join
-                grad[:skip.shape[0]] += skip
+                grad[: skip.shape[0]] += skip
             n_active = a = inject(2 * layer + 1)
         if a:
             g = grad[:a]
@@ -236,10 +252,10 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
             g += frozen.attention_backward(layer, g)
             flop += 4 * a * P * d * d + 2 * a * P * P * d
         if frozen.parallel and skip is not None:  # the MLP reads resid_pre, beside attention
-            grad[:skip.shape[0]] += skip
+            grad[: skip.shape[0]] += skip
         n_active = inject(2 * layer)
     if n_active:
-        out[:n_active, error_offset + L * P:] = writes.input_edges(grad[:n_active])
+        out[:n_active, error_offset + L * P :] = writes.input_edges(grad[:n_active])
         flop += 2 * n_active * P * d
     if n_active != R:
         raise ValueError(f"{R - n_active} rows read from no point of the residual stream")
@@ -252,10 +268,19 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
 def compute_rows(writes: NodeWrites, spec: RowsToCompute, drop_mass: float, stats: Optional[dict] = None) -> SparseRows:
     """The rows of ``spec`` (in the order the backward pass carried them), stored sparsely."""
     batch = dense_rows(writes, spec)
-    crow, col, value, dropped, dropped_abs, total = sparsify(batch.rows, writes.batch_columns(batch.n_tokens),
-                                                            drop_mass)
+    crow, col, value, dropped, dropped_abs, total = sparsify(
+        batch.rows, writes.batch_columns(batch.n_tokens), drop_mass
+    )
     if stats is not None:
         stats["backward_flop"] = stats.get("backward_flop", 0) + batch.flop
-    return SparseRows(nodes=spec.nodes[batch.order], crow=crow, col=col, value=value, bias=batch.bias,
-                      target_value=spec.value[batch.order], dropped=dropped, dropped_abs=dropped_abs,
-                      total_abs=total)
+    return SparseRows(
+        nodes=spec.nodes[batch.order],
+        crow=crow,
+        col=col,
+        value=value,
+        bias=batch.bias,
+        target_value=spec.value[batch.order],
+        dropped=dropped,
+        dropped_abs=dropped_abs,
+        total_abs=total,
+    )

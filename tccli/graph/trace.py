@@ -8,22 +8,21 @@ formats (attribution_graph_io). No math and no file formats here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from tccli.config.graph import GraphConfig
+from tccli.errors import fail
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.graph.heads import HeadSplit, head_split
-from tccli.replacement.targets import salient_logit_targets
-from tccli.replacement.targets import build_target
-from tccli.replacement.prompts import frozen_prompt, token_strings
-from tccli.errors import fail
 from tccli.model.loading import LoadedModel
-from tccli.transcoders.transcoder import Transcoder
-from tccli.config.graph import GraphConfig
-from tccli.replacement.targets import Target
 from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.prompts import frozen_prompt, token_strings
+from tccli.replacement.targets import Target, build_target, salient_logit_targets
+from tccli.transcoders.transcoder import Transcoder
 
 
 @dataclass
@@ -42,13 +41,22 @@ class GraphRun:
 
 def graph_params(config: GraphConfig) -> GraphParams:
     """The pure math's parameters from `tc graph`'s settings."""
-    return GraphParams(max_feature_nodes=config.max_feature_nodes, batch_size=config.batch_size,
-                       drop_mass=config.drop_mass, node_threshold=config.node_threshold,
-                       edge_threshold=config.edge_threshold)
+    return GraphParams(
+        max_feature_nodes=config.max_feature_nodes,
+        batch_size=config.batch_size,
+        drop_mass=config.drop_mass,
+        node_threshold=config.node_threshold,
+        edge_threshold=config.edge_threshold,
+    )
 
 
-def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, config: GraphConfig,
-                      progress: Optional[Callable[[int, int], None]] = None) -> GraphRun:
+def attribution_graph(
+    loaded: LoadedModel,
+    transcoders: dict[int, Transcoder],
+    prompt: str,
+    config: GraphConfig,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> GraphRun:
     """Everything `tc graph` computes."""
     from tccli import __version__
     from tccli.config.fields import to_json_dict
@@ -74,16 +82,38 @@ def attribution_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], p
         for key in ("token", "token_b"):
             if description.get(key) is not None:
                 description[key + "_string"] = loaded.tokenizer.decode([description[key]])
-        described.append({**description, "position": target.position, "value": target.value,
-                          "constant": target.constant, "weight": weight})
+        described.append(
+            {
+                **description,
+                "position": target.position,
+                "value": target.value,
+                "constant": target.constant,
+                "weight": weight,
+            }
+        )
     metadata = {
-        "kind": "attribution-graph", "tc_version": __version__, "model": loaded.info.name,
-        "architecture": loaded.info.architecture, "n_layers": loaded.info.n_layers,
-        "parallel_attn_mlp": loaded.info.parallel_attn_mlp, "transcoders": config.transcoders,
+        "kind": "attribution-graph",
+        "tc_version": __version__,
+        "model": loaded.info.name,
+        "architecture": loaded.info.architecture,
+        "n_layers": loaded.info.n_layers,
+        "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
+        "transcoders": config.transcoders,
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
-        "prompt": prompt, "tokens": strings, "token_ids": tokens.tolist(), "position": position,
-        "targets": described, "config": to_json_dict(config),
+        "prompt": prompt,
+        "tokens": strings,
+        "token_ids": tokens.tolist(),
+        "position": position,
+        "targets": described,
+        "config": to_json_dict(config),
     }
-    return GraphRun(graph=graph, frozen=frozen, targets=targets, tokens=tokens.tolist(), strings=strings,
-                    position=position, metadata=metadata, heads=heads)
-
+    return GraphRun(
+        graph=graph,
+        frozen=frozen,
+        targets=targets,
+        tokens=tokens.tolist(),
+        strings=strings,
+        position=position,
+        metadata=metadata,
+        heads=heads,
+    )

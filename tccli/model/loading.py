@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -175,7 +176,9 @@ def model_identity(model: Optional[str]) -> str:
         return "builtin"
     if _looks_like_local_path(model) or os.path.isabs(model):
         resolved = os.path.realpath(os.path.expanduser(model))
-        if resolved == os.path.realpath(BUILTIN_MODEL_DIR) or resolved.endswith(os.path.join("tccli", "builtin", "model")):
+        if resolved == os.path.realpath(BUILTIN_MODEL_DIR) or resolved.endswith(
+            os.path.join("tccli", "builtin", "model")
+        ):
             return "builtin"
         return resolved
     return model
@@ -200,7 +203,7 @@ def known_different_models(recorded: Optional[str], loaded: Optional[str]) -> bo
     return a == "builtin" or os.path.isdir(a)
 
 
-def check_context(context: int, info: "ModelInfo") -> None:
+def check_context(context: int, info: ModelInfo) -> None:
     """Refuse rows longer than the model's context before any work (positions past it do not exist)."""
     if context > info.n_ctx:
         raise fail(f"--context {context} is longer than the model's maximum context of {info.n_ctx} tokens")
@@ -219,8 +222,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "float64": torch.float64}
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
     if name not in table:
         raise fail(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
     return table[name]
@@ -247,8 +249,9 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
         try:
             bridge = TransformerBridge.boot_transformers(name, device=str(dev), dtype=torch_dtype(dtype))
             spaces = read_layer_spaces(bridge)  # before compatibility mode folds the norms away
-            bridge.enable_compatibility_mode(**{k: v for k, v in WEIGHT_PROCESSING.items()
-                                                if k != "compatibility_mode"})
+            bridge.enable_compatibility_mode(
+                **{k: v for k, v in WEIGHT_PROCESSING.items() if k != "compatibility_mode"}
+            )
         except Exception as exc:  # hub unreachable, unknown architecture, corrupt weights, ...
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise fail(f"cannot load model {name!r}: {reason[:300]}") from None
@@ -256,15 +259,16 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
     tokenizer = bridge.tokenizer
     if tokenizer is None:
         raise fail(f"model {name!r} has no tokenizer")
-    return LoadedModel(bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype,
-                       spaces=spaces)
+    return LoadedModel(
+        bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype, spaces=spaces
+    )
 
 
 def space_activation(loaded: LoadedModel, layer: int, space: str, captured: dict[str, torch.Tensor]) -> torch.Tensor:
     """Layer ``layer``'s activation in ``space`` (tccli.model.spaces) from the hooks ``ModelInfo.input_hooks`` /
     ``output_hooks`` name, captured on one forward pass."""
-    from tccli.model.spaces import mlp_output, transcoder_input
     from tccli.config.transcoders import INPUT_SPACES
+    from tccli.model.spaces import mlp_output, transcoder_input
 
     hooks, spaces = loaded.info.layer(layer), loaded.spaces[layer]
     if space in INPUT_SPACES:
@@ -316,7 +320,9 @@ def describe(bridge: Any, name: str) -> ModelInfo:
     """Read a booted bridge's config into a ModelInfo."""
     cfg = bridge.cfg
     hf_config = getattr(getattr(bridge, "original_model", None), "config", None)
-    architectures = getattr(hf_config, "architectures", None) or [getattr(cfg, "original_architecture", None) or "unknown"]
+    architectures = getattr(hf_config, "architectures", None) or [
+        getattr(cfg, "original_architecture", None) or "unknown"
+    ]
     norm = str(getattr(cfg, "normalization_type", "LN") or "LN").upper()
     tokenizer = bridge.tokenizer
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -385,6 +391,7 @@ def run_capture(
             if stop_after is not None and name == stop_after and all(n in captured for n in names):
                 raise _StopForward
             return tensor
+
         return save
 
     fwd_hooks = [(n, saver(n)) for n in names] + list(extra_hooks)
@@ -419,6 +426,7 @@ def run_logits(
         def save(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
             captured[name] = tensor.detach()
             return tensor
+
         return save
 
     fwd_hooks = [(n, saver(n)) for n in names] + list(extra_hooks)
@@ -441,7 +449,13 @@ def run_logits(
 #           (different attention kernels), and verified only for the architectures listed here; others
 #           fall back to the bridge.
 MLP_ACTIVATIONS = ("mlp_in", "mlp_scale", "mlp_out")  # what MlpCapture.capture returns per layer
-NATIVE_ARCHITECTURES = ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM")
+NATIVE_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "LlamaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 
 
 @dataclass(frozen=True)
@@ -463,8 +477,10 @@ def native_mlp_sites(loaded: LoadedModel) -> Optional[list[NativeMlpSite]]:
     bridge = loaded.bridge
     # The bridge wraps HF modules in place: a wrapped module's path, less the `_original_component`
     # steps, is the module's path in the plain model.
-    paths = {id(module): name.replace("._original_component", "").replace("_original_component.", "")
-             for name, module in bridge.original_model.named_modules()}
+    paths = {
+        id(module): name.replace("._original_component", "").replace("_original_component.", "")
+        for name, module in bridge.original_model.named_modules()
+    }
     sites = []
     for block in bridge.blocks:
         norm, mlp = block.ln2, getattr(block, "ln2_post", None) or block.mlp
@@ -472,13 +488,17 @@ def native_mlp_sites(loaded: LoadedModel) -> Optional[list[NativeMlpSite]]:
             return None
         component = norm.original_component
         eps = getattr(component, "eps", None) or getattr(component, "variance_epsilon", None) or bridge.cfg.eps
-        sites.append(NativeMlpSite(paths[id(norm)], paths[id(mlp)], float(eps),
-                                   bool(getattr(norm, "use_native_layernorm_autograd", False))))
+        sites.append(
+            NativeMlpSite(
+                paths[id(norm)], paths[id(mlp)], float(eps), bool(getattr(norm, "use_native_layernorm_autograd", False))
+            )
+        )
     return sites
 
 
-def compat_normalized(x: torch.Tensor, normalization: str, eps: float, inverse_sqrt: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def compat_normalized(
+    x: torch.Tensor, normalization: str, eps: float, inverse_sqrt: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(hook_normalized, hook_scale) of compatibility mode's norm for the norm input ``x``.
 
     With fold_ln the norm's weight and bias live in the next layer's weights, so the MLP reads the bare
@@ -513,24 +533,33 @@ class MlpCapture:
     one copy of the weights is held; ``loaded.bridge`` is then None.
     """
 
-    def __init__(self, loaded: LoadedModel, layers: Iterable[int], engine: str = "native",
-                 release_bridge: bool = False, input_spaces: Optional[dict[int, str]] = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layers: Iterable[int],
+        engine: str = "native",
+        release_bridge: bool = False,
+        input_spaces: Optional[dict[int, str]] = None,
+    ):
         if engine not in ENGINES:
             raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.loaded, self.info = loaded, loaded.info
         self.layers = sorted(set(layers))
         self.input_spaces = {layer: (input_spaces or {}).get(layer, "normalized") for layer in self.layers}
         self.engine_used, self.fallback_reason, self.attention = engine, "", "bridge-eager"
-        self._bridge_hooks = {layer: {which: getattr(self.info.layer(layer), which) for which in MLP_ACTIVATIONS}
-                              for layer in self.layers}
+        self._bridge_hooks = {
+            layer: {which: getattr(self.info.layer(layer), which) for which in MLP_ACTIVATIONS} for layer in self.layers
+        }
         for layer, space in self.input_spaces.items():
             if space == "resid_mid":  # spaces.transcoder_input reads the residual from this name
                 self._bridge_hooks[layer]["mlp_norm_input"] = self.info.layer(layer).mlp_norm_input
         sites = native_mlp_sites(loaded) if engine == "native" else None
         if engine == "native" and sites is None:
             self.engine_used = "bridge"
-            self.fallback_reason = (f"native capture is verified for {', '.join(NATIVE_ARCHITECTURES)} only; "
-                                    f"using the bridge for {self.info.architecture}")
+            self.fallback_reason = (
+                f"native capture is verified for {', '.join(NATIVE_ARCHITECTURES)} only; "
+                f"using the bridge for {self.info.architecture}"
+            )
         if self.engine_used == "native":
             self._captured: dict[tuple[int, str], torch.Tensor] = {}
             self._sites = sites
@@ -549,11 +578,14 @@ class MlpCapture:
 
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    resolve_model_name(self.info.name), dtype=torch_dtype(self.loaded.dtype))
+                    resolve_model_name(self.info.name), dtype=torch_dtype(self.loaded.dtype)
+                )
             except Exception as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise fail(f"cannot load model {self.info.name!r} for native capture: {reason[:300]} "
-                           "(--engine bridge avoids this)") from None
+                raise fail(
+                    f"cannot load model {self.info.name!r} for native capture: {reason[:300]} "
+                    "(--engine bridge avoids this)"
+                ) from None
         return model.to(self.loaded.device).eval()
 
     def _hook_plain_model(self) -> None:
@@ -578,8 +610,9 @@ class MlpCapture:
         tokens = tokens.to(self.loaded.device)
         if self.engine_used == "bridge":
             names = [name for hooks in self._bridge_hooks.values() for name in hooks.values()]
-            captured = run_capture(self.loaded, tokens, names,
-                                   stop_after=self._bridge_hooks[self.layers[-1]]["mlp_out"])
+            captured = run_capture(
+                self.loaded, tokens, names, stop_after=self._bridge_hooks[self.layers[-1]]["mlp_out"]
+            )
             out = {}
             for layer, hooks in self._bridge_hooks.items():
                 out[layer] = {which: captured[hooks[which]] for which in MLP_ACTIVATIONS}
@@ -600,8 +633,11 @@ class MlpCapture:
                 # the bridge's residual is centred for LayerNorm models, like a write (compat_mlp_out)
                 residual = compat_mlp_out(norm_input.float(), self.info.normalization)
                 normalized = transcoder_input(self.input_spaces[layer], normalized, residual, self.loaded.spaces[layer])
-            out[layer] = {"mlp_in": normalized, "mlp_scale": scale,
-                          "mlp_out": compat_mlp_out(self._captured[layer, "mlp_out"], self.info.normalization)}
+            out[layer] = {
+                "mlp_in": normalized,
+                "mlp_scale": scale,
+                "mlp_out": compat_mlp_out(self._captured[layer, "mlp_out"], self.info.normalization),
+            }
         self._captured.clear()
         return out
 

@@ -60,18 +60,25 @@ class LayerSpaces:
     output_mean_weight: Optional[torch.Tensor] = None
     output_mean_bias: float = 0.0
 
-    def to(self, device, dtype) -> "LayerSpaces":
+    def to(self, device, dtype) -> LayerSpaces:
         move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-        return LayerSpaces(self.layernorm, move(self.norm_weight), move(self.norm_bias), move(self.post_weight),
-                           self.post_eps, move(self.attn_post_weight), self.attn_post_eps,
-                           move(self.output_mean_weight), self.output_mean_bias)
+        return LayerSpaces(
+            self.layernorm,
+            move(self.norm_weight),
+            move(self.norm_bias),
+            move(self.post_weight),
+            self.post_eps,
+            move(self.attn_post_weight),
+            self.attn_post_eps,
+            move(self.output_mean_weight),
+            self.output_mean_bias,
+        )
 
 
 # ============================================================================ activations in each space
 
 
-def transcoder_input(space: str, normalized: torch.Tensor, residual: torch.Tensor,
-                     spaces: LayerSpaces) -> torch.Tensor:
+def transcoder_input(space: str, normalized: torch.Tensor, residual: torch.Tensor, spaces: LayerSpaces) -> torch.Tensor:
     """The activation a transcoder reading ``space`` sees, from compatibility mode's ``normalized``
     (ln2.hook_normalized) and ``residual`` (what the norm reads) of the same tokens."""
     if space == "normalized":
@@ -110,7 +117,6 @@ def written_to_residual(space: str, y: torch.Tensor, spaces: LayerSpaces) -> tor
     if spaces.post_weight is not None:
         return post_norm(y, spaces.post_weight, spaces.post_eps)
     return centre(y) if spaces.layernorm else y
-
 
 
 # ============================================================================ frozen maps (attribution)

@@ -37,7 +37,6 @@ import torch
 from tccli.replacement.frozen import FrozenForward, encoder_constant, encoder_read
 from tccli.replacement.targets import Target
 
-
 # ----------------------------------------------------------------------------- targets
 
 
@@ -54,22 +53,26 @@ class Rows:
     n_mlp: torch.Tensor  # [P] int64: MLP layers < n_mlp are upstream
 
     @classmethod
-    def single(cls, vector: torch.Tensor, position: int, read_point: tuple[int, int]) -> "Rows":
+    def single(cls, vector: torch.Tensor, position: int, read_point: tuple[int, int]) -> Rows:
         device = vector.device
-        return cls(vectors=vector.reshape(1, -1), positions=torch.tensor([position], device=device),
-                   n_attn=torch.tensor([read_point[0]], device=device),
-                   n_mlp=torch.tensor([read_point[1]], device=device))
+        return cls(
+            vectors=vector.reshape(1, -1),
+            positions=torch.tensor([position], device=device),
+            n_attn=torch.tensor([read_point[0]], device=device),
+            n_mlp=torch.tensor([read_point[1]], device=device),
+        )
 
     @classmethod
-    def from_target(cls, target: Target) -> "Rows":
+    def from_target(cls, target: Target) -> Rows:
         return cls.single(target.vector, target.position, target.read_point)
 
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
 
-def feature_contributions(frozen: FrozenForward, rows: Rows, layer: int,
-                          only_active: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_contributions(
+    frozen: FrozenForward, rows: Rows, layer: int, only_active: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Transcoder features of ``layer``: (feature indices [k], contributions [P, k]).
 
     contribution[p, i] = z_i(t_p) * (W(f_dec(i)) . v_p), W the map from the transcoder's output space to the
@@ -166,8 +169,9 @@ class DirectContributions:
         return torch.stack([p.reshape(()) for p in parts]).sum()
 
 
-def direct_contributions(frozen: FrozenForward, vector: torch.Tensor, position: int,
-                         read_point: tuple[int, int]) -> DirectContributions:
+def direct_contributions(
+    frozen: FrozenForward, vector: torch.Tensor, position: int, read_point: tuple[int, int]
+) -> DirectContributions:
     """All direct terms of ``vector . resid(position at read_point)``, for every upstream component."""
     rows = Rows.single(vector, position, read_point)
     n_attn, n_mlp = read_point
@@ -188,16 +192,24 @@ def direct_contributions(frozen: FrozenForward, vector: torch.Tensor, position: 
         if layer < n_mlp and frozen.layers[layer].transcoder is not None:
             decoder_bias[layer] = dec[0]
     errors = {layer: error_contributions(frozen, rows, layer)[0] for layer in range(n_mlp)}
-    return DirectContributions(features=features, heads=heads, embed=embed[0],
-                               pos_embed=None if pos is None else pos[0], attn_bias=attn_bias,
-                               decoder_bias=decoder_bias, errors=errors, skips=skips)
+    return DirectContributions(
+        features=features,
+        heads=heads,
+        embed=embed[0],
+        pos_embed=None if pos is None else pos[0],
+        attn_bias=attn_bias,
+        decoder_bias=decoder_bias,
+        errors=errors,
+        skips=skips,
+    )
 
 
 # ----------------------------------------------------------------------------- one step upstream
 
 
-def feature_upstream(frozen: FrozenForward, layer: int, feature: int, position: int,
-                     coefficient: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+def feature_upstream(
+    frozen: FrozenForward, layer: int, feature: int, position: int, coefficient: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
     """Continue upstream from feature ``feature`` of ``layer`` whose path weight is ``coefficient``
     (= W(f_dec) . v): the vector whose direct contributions sum to coefficient * (pre-activation -
     encoder constant), its read point, and that constant part (coefficient * encoder constant)."""
@@ -206,8 +218,9 @@ def feature_upstream(frozen: FrozenForward, layer: int, feature: int, position: 
     return vector, frozen.mlp_read_point(layer), constant
 
 
-def head_upstream(frozen: FrozenForward, layer: int, head: int, source: int, destination: int,
-                  vector: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def head_upstream(
+    frozen: FrozenForward, layer: int, head: int, source: int, destination: int, vector: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Continue upstream from head ``head`` of ``layer`` reading ``source`` for ``destination``:
     the vector A[t, s] * W_V W_O R(v) (R: Gemma-2's post-attention norm at t, read backwards) moved through
     ln1 at the source token, and its read point."""
@@ -215,12 +228,13 @@ def head_upstream(frozen: FrozenForward, layer: int, head: int, source: int, des
     weight = frozen_layer.pattern[head, destination, source]
     read = frozen.read_attn_output(layer, vector.unsqueeze(0), torch.tensor([destination], device=vector.device))[0]
     ov = frozen_layer.W_V[head] @ (frozen_layer.W_O[head] @ read)
-    raw = frozen.to_raw((weight * ov).unsqueeze(0), frozen_layer.attn_scale[source:source + 1])[0]
+    raw = frozen.to_raw((weight * ov).unsqueeze(0), frozen_layer.attn_scale[source : source + 1])[0]
     return raw, (layer, layer)
 
 
-def skip_upstream(frozen: FrozenForward, layer: int, position: int, vector: torch.Tensor
-                  ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+def skip_upstream(
+    frozen: FrozenForward, layer: int, position: int, vector: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
     """Continue upstream through ``layer``'s skip connection at ``position`` (METHOD.md section 8): the
     vector W_skip W(v) moved through the norm, whose direct contributions sum to the skip term's
     contribution less the returned constant (the norm bias's part), and its read point."""

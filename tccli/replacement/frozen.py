@@ -17,6 +17,7 @@ import torch
 from tccli.model.spaces import LayerSpaces, NormMap, input_map, output_map, transcoder_input
 from tccli.transcoders.transcoder import Transcoder
 
+
 @dataclass
 class FrozenLayer:
     """One block's frozen quantities on the prompt (T tokens)."""
@@ -158,8 +159,11 @@ class FrozenForward:
             if self.layernorm:
                 W_V = W_V - W_V.mean(dim=1, keepdim=True)
             mix = frozen_layer.pattern.transpose(1, 2) / frozen_layer.attn_scale.reshape(1, -1, 1)
-            self._cache[key] = (frozen_layer.W_O.reshape(H * d_head, d), mix.contiguous(),
-                                W_V.permute(1, 0, 2).reshape(d, H * d_head))
+            self._cache[key] = (
+                frozen_layer.W_O.reshape(H * d_head, d),
+                mix.contiguous(),
+                W_V.permute(1, 0, 2).reshape(d, H * d_head),
+            )
         return self._cache[key]
 
     def attention_bias(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
@@ -220,14 +224,18 @@ class FrozenForward:
             return NormMap()
         return NormMap(scale=frozen_layer.attn_post_scale, weight=spaces.attn_post_weight)
 
-    def read_mlp_input(self, layer: int, vectors: torch.Tensor, positions: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_mlp_input(
+        self, layer: int, vectors: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors [P, d] dotted with layer ``layer``'s transcoder input at tokens ``positions`` -> (vectors
         dotted with the raw residual at its read point, constants [P] from the norm's bias)."""
         read, constant = self.mlp_input_map(layer)
         raw = read.pull(vectors, positions)
-        constants = (vectors @ constant.to(vectors.dtype) if constant is not None
-                     else torch.zeros(vectors.shape[0], dtype=vectors.dtype, device=vectors.device))
+        constants = (
+            vectors @ constant.to(vectors.dtype)
+            if constant is not None
+            else torch.zeros(vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
+        )
         return raw, constants
 
     def write_mlp_output(self, layer: int, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -254,8 +262,9 @@ class FrozenForward:
         raw, constants = self.read_skip(layer, grad.reshape(R * P, d), positions)
         return raw.reshape(R, P, d), constants.reshape(R, P).sum(1)
 
-    def read_skip(self, layer: int, vectors: torch.Tensor, positions: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_skip(
+        self, layer: int, vectors: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The skip path: vectors [P, d] dotted with the residual at ``positions`` -> (vectors dotted with
         the raw residual the MLP reads, constants [P]), so that v . (x W_skip written) = raw . r + constant."""
         W_skip = self.layers[layer].transcoder.W_skip.to(vectors.dtype)
@@ -265,7 +274,7 @@ class FrozenForward:
 
 def freeze(
     captured: dict[str, torch.Tensor],
-    info: "object",
+    info: object,
     weights: dict,
     transcoders: dict[int, Transcoder],
     tokens: torch.Tensor,
@@ -297,38 +306,63 @@ def freeze(
         if weights.get("b_V") is not None:
             b_V = weights["b_V"][layer].to(device, dtype)[kv_of_head]
             values = values + b_V
-        b_O = (weights["b_O"][layer].to(device, dtype) if weights.get("b_O") is not None
-               else torch.zeros(W_O.shape[-1], device=device, dtype=dtype))
+        b_O = (
+            weights["b_O"][layer].to(device, dtype)
+            if weights.get("b_O") is not None
+            else torch.zeros(W_O.shape[-1], device=device, dtype=dtype)
+        )
         layer_spaces = spaces[layer].to(device, dtype) if spaces else None
         frozen_layer = FrozenLayer(
-            resid_pre=get(names.resid_pre), attn_scale=get(names.attn_scale).reshape(-1),
-            pattern=get(names.attn_pattern), values=values, W_V=W_V_heads, W_O=W_O[layer], b_O=b_O,
-            attn_out=get(names.attn_out), mlp_scale=get(names.mlp_scale).reshape(-1), mlp_in=get(names.mlp_in),
-            mlp_out=get(names.mlp_out), transcoder=transcoders.get(layer), z=None, pre=None,
-            error=get(names.mlp_out), spaces=layer_spaces,
+            resid_pre=get(names.resid_pre),
+            attn_scale=get(names.attn_scale).reshape(-1),
+            pattern=get(names.attn_pattern),
+            values=values,
+            W_V=W_V_heads,
+            W_O=W_O[layer],
+            b_O=b_O,
+            attn_out=get(names.attn_out),
+            mlp_scale=get(names.mlp_scale).reshape(-1),
+            mlp_in=get(names.mlp_in),
+            mlp_out=get(names.mlp_out),
+            transcoder=transcoders.get(layer),
+            z=None,
+            pre=None,
+            error=get(names.mlp_out),
+            spaces=layer_spaces,
             attn_post_scale=get(names.attn_post_scale).reshape(-1) if names.attn_post_scale else None,
-            mlp_post_scale=get(names.mlp_post_scale).reshape(-1) if names.mlp_post_scale else None, b_V=b_V)
+            mlp_post_scale=get(names.mlp_post_scale).reshape(-1) if names.mlp_post_scale else None,
+            b_V=b_V,
+        )
         if frozen_layer.transcoder is not None:
             _split_mlp(frozen_layer, get(names.mlp_norm_input), dtype)
         layers.append(frozen_layer)
     last = info.layer(info.n_layers - 1)
     pos_embed = captured[info.pos_embed_hook][0].to(dtype) if info.pos_embed_hook else None
     return FrozenForward(
-        tokens=tokens.reshape(-1).to(device), embed=first.to(dtype), pos_embed=pos_embed,
-        layers=layers, final_resid=captured[last.resid_post][0].to(dtype),
+        tokens=tokens.reshape(-1).to(device),
+        embed=first.to(dtype),
+        pos_embed=pos_embed,
+        layers=layers,
+        final_resid=captured[last.resid_post][0].to(dtype),
         final_scale=captured[info.final_scale_hook][0].to(dtype).reshape(-1),
         final_normalized=captured[info.final_normalized_hook][0].to(dtype),
-        W_U=weights["W_U"].to(device, dtype), b_U=weights["b_U"].to(device, dtype),
-        layernorm=info.normalization == "layernorm", parallel=info.parallel_attn_mlp,
-        final_logit_softcap=getattr(info, "final_logit_softcap", None))
+        W_U=weights["W_U"].to(device, dtype),
+        b_U=weights["b_U"].to(device, dtype),
+        layernorm=info.normalization == "layernorm",
+        parallel=info.parallel_attn_mlp,
+        final_logit_softcap=getattr(info, "final_logit_softcap", None),
+    )
 
 
 def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.dtype) -> None:
     """Run the transcoder on its real input and split the MLP output into its parts (in place)."""
     transcoder = frozen_layer.transcoder
     config = transcoder.config
-    needs_spaces = (config.input_space == "mlp_input" or config.output_space == "mlp_output"
-                    or frozen_layer.mlp_post_scale is not None)
+    needs_spaces = (
+        config.input_space == "mlp_input"
+        or config.output_space == "mlp_output"
+        or frozen_layer.mlp_post_scale is not None
+    )
     if needs_spaces and frozen_layer.spaces is None:
         raise ValueError("this transcoder's spaces need the model's unprocessed norm weights (freeze(spaces=...))")
     spaces = frozen_layer.spaces or LayerSpaces(layernorm=False, norm_weight=None)
@@ -353,16 +387,25 @@ def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.d
     frozen_layer.error = frozen_layer.mlp_out - post.push(output)
 
 
-def hooks_needed(info: "object") -> list[str]:
+def hooks_needed(info: object) -> list[str]:
     """Every hook ``freeze`` reads."""
     names = [info.embed_hook, info.final_scale_hook, info.final_normalized_hook]
     if info.pos_embed_hook:
         names.append(info.pos_embed_hook)
     for layer in range(info.n_layers):
         hooks = info.layer(layer)
-        names += [hooks.resid_pre, hooks.attn_normalized, hooks.attn_scale, hooks.attn_pattern,
-                  hooks.attn_out, hooks.mlp_in, hooks.mlp_scale, hooks.mlp_out, hooks.resid_post,
-                  hooks.mlp_norm_input]
+        names += [
+            hooks.resid_pre,
+            hooks.attn_normalized,
+            hooks.attn_scale,
+            hooks.attn_pattern,
+            hooks.attn_out,
+            hooks.mlp_in,
+            hooks.mlp_scale,
+            hooks.mlp_out,
+            hooks.resid_post,
+            hooks.mlp_norm_input,
+        ]
         names += [name for name in (hooks.attn_post_scale, hooks.mlp_post_scale) if name]
     return list(dict.fromkeys(names))
 

@@ -32,7 +32,6 @@ from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.replacement.targets import target_from_options
 from tccli.transcoders.transcoder import Transcoder
 
-
 # ============================================================================ nodes and interventions
 
 
@@ -59,8 +58,10 @@ def feature_means(path: str, loaded: LoadedModel, transcoders: dict[int, Transco
         if layer not in features.layers:
             continue
         if features.n_features(layer) != transcoder.n_features:
-            raise fail(f"{path} has {features.n_features(layer)} features for layer {layer}; its transcoder "
-                       f"has {transcoder.n_features}: not scored with these transcoders")
+            raise fail(
+                f"{path} has {features.n_features(layer)} features for layer {layer}; its transcoder "
+                f"has {transcoder.n_features}: not scored with these transcoders"
+            )
         out[layer] = torch.as_tensor(features.mean_activations(layer), dtype=torch.float32)
     return out
 
@@ -70,8 +71,10 @@ def feature_means(path: str, loaded: LoadedModel, transcoders: dict[int, Transco
 
 def top_tokens(probabilities: torch.Tensor, tokenizer: Any, k: int) -> list[dict]:
     top = probabilities.topk(min(k, probabilities.shape[-1]))
-    return [{"token": tokenizer.decode([int(i)]), "id": int(i), "probability": float(p)}
-            for p, i in zip(top.values, top.indices)]
+    return [
+        {"token": tokenizer.decode([int(i)]), "id": int(i), "probability": float(p)}
+        for p, i in zip(top.values, top.indices)
+    ]
 
 
 def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
@@ -79,8 +82,9 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum())
 
 
-def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: dict[int, Transcoder],
-                  prompt: str) -> dict:
+def run_intervene(
+    config: InterveneConfig, loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str
+) -> dict:
     """Everything `tc intervene` prints: the target and the next-token distribution, before and after."""
     from tccli.replacement.prompts import prompt_tokens, resolve_position, token_strings
     from tccli.transcoders.files import check_transcoders
@@ -97,8 +101,11 @@ def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: dic
     output = model.run(rows, config.mode, config.ablation, capture)
     log_probs = torch.log_softmax(output.logits[:, position].double(), dim=-1)
     result = {
-        "prompt": prompt, "tokens": token_strings(loaded.tokenizer, tokens.tolist()), "position": position,
-        "mode": config.mode, "ablation": config.ablation,
+        "prompt": prompt,
+        "tokens": token_strings(loaded.tokenizer, tokens.tolist()),
+        "position": position,
+        "mode": config.mode,
+        "ablation": config.ablation,
         "interventions": [i.describe() for i in interventions],
         "target": None,
         "top_before": top_tokens(log_probs[0].exp(), loaded.tokenizer, config.top),
@@ -116,13 +123,17 @@ def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: dic
 
 
 def intervene_lines(result: dict) -> list[str]:
-    lines = [f"{'; '.join(result['interventions']) or 'no intervention'} ({result['mode']} mode, "
-             f"{result['ablation']} ablation) at token {result['position']} "
-             f"{result['tokens'][result['position']]!r}"]
+    lines = [
+        f"{'; '.join(result['interventions']) or 'no intervention'} ({result['mode']} mode, "
+        f"{result['ablation']} ablation) at token {result['position']} "
+        f"{result['tokens'][result['position']]!r}"
+    ]
     target = result["target"]
     if target is not None:
-        lines.append(f"target {target_spec_label(target)}: {target['before']:.6g} -> {target['after']:.6g} "
-                     f"(change {target['change']:+.6g})")
+        lines.append(
+            f"target {target_spec_label(target)}: {target['before']:.6g} -> {target['after']:.6g} "
+            f"(change {target['change']:+.6g})"
+        )
     lines.append(f"KL(before || after) of the next-token distribution: {result['kl']:.6g} nats")
     lines.append(f"{'before':<32}after")
     for before, after in zip(result["top_before"], result["top_after"]):
@@ -133,8 +144,8 @@ def intervene_lines(result: dict) -> list[str]:
 
 def parse_interventions(config: InterveneConfig) -> tuple[Intervention, ...]:
     """`tc intervene`'s --ablate, --set and --scale, in that order."""
-    return (tuple(Intervention(parse_node(text), "ablate") for text in config.ablate)
-            + tuple(parse_assignment(text, "set") for text in config.set)
-            + tuple(parse_assignment(text, "scale") for text in config.scale))
-
-
+    return (
+        tuple(Intervention(parse_node(text), "ablate") for text in config.ablate)
+        + tuple(parse_assignment(text, "set") for text in config.set)
+        + tuple(parse_assignment(text, "scale") for text in config.scale)
+    )

@@ -20,16 +20,18 @@ frozen in frozen and direct modes."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
+from tccli.config.replacement import ABLATIONS, MODES
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
-from tccli.config.replacement import ABLATIONS, MODES
 from tccli.nodes import Intervention, NodeRef
 from tccli.transcoders.transcoder import Transcoder
+
 
 @dataclass(frozen=True)
 class RowSpec:
@@ -130,8 +132,13 @@ class ReplacementModel:
     """The replacement model on a batch of prompts of one length: clean run captured once, then any
     number of batched runs with interventions (``run``)."""
 
-    def __init__(self, loaded: LoadedModel, transcoders: dict[int, Transcoder], tokens: torch.Tensor,
-                 means: Optional[dict[int, torch.Tensor]] = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        transcoders: dict[int, Transcoder],
+        tokens: torch.Tensor,
+        means: Optional[dict[int, torch.Tensor]] = None,
+    ):
         from tccli.model.loading import run_logits
 
         self.loaded, self.info = loaded, loaded.info
@@ -143,13 +150,20 @@ class ReplacementModel:
         self.W_O = bridge.W_O.detach()  # [L, H, d_head, d]
         self.kv_of_head = torch.arange(info.n_heads, device=loaded.device) // (info.n_heads // info.n_kv_heads)
         self.input_site = {layer: transcoder_input_site(info, layer, t) for layer, t in self.transcoders.items()}
-        self.output_site = {layer: transcoder_output_site(info, layer, self.transcoders.get(layer))
-                            for layer in range(info.n_layers)}
+        self.output_site = {
+            layer: transcoder_output_site(info, layer, self.transcoders.get(layer)) for layer in range(info.n_layers)
+        }
         names = [info.final_scale_hook]
         for layer in range(info.n_layers):
             hooks = info.layer(layer)
-            names += [hooks.attn_scale, hooks.attn_pattern, hooks.attn_values, _attention_site(hooks),
-                      hooks.mlp_scale, self.output_site[layer]] + _post_norm_scales(hooks)
+            names += [
+                hooks.attn_scale,
+                hooks.attn_pattern,
+                hooks.attn_values,
+                _attention_site(hooks),
+                hooks.mlp_scale,
+                self.output_site[layer],
+            ] + _post_norm_scales(hooks)
         names += list(self.input_site.values())
         logits, captured = run_logits(loaded, self.tokens, names)
         self.clean_logits = logits
@@ -187,12 +201,16 @@ class ReplacementModel:
             raise fail(f"node {node.id}: layer {node.layer} is out of range (the model has {info.n_layers} layers)")
         if node.kind == "feature":
             if node.layer not in self.transcoders:
-                raise fail(f"node {node.id}: no transcoder for layer {node.layer} "
-                           f"(have layers {sorted(self.transcoders) or 'none'})")
+                raise fail(
+                    f"node {node.id}: no transcoder for layer {node.layer} "
+                    f"(have layers {sorted(self.transcoders) or 'none'})"
+                )
             n = self.transcoders[node.layer].n_features
             if not 0 <= node.index < n:
-                raise fail(f"node {node.id}: feature {node.index} is out of range (layer {node.layer}'s "
-                           f"transcoder has {n} features)")
+                raise fail(
+                    f"node {node.id}: feature {node.index} is out of range (layer {node.layer}'s "
+                    f"transcoder has {n} features)"
+                )
         if node.kind == "head" and not 0 <= node.index < info.n_heads:
             raise fail(f"node {node.id}: head {node.index} is out of range (the model has {info.n_heads} heads)")
         if node.position is not None:
@@ -222,8 +240,9 @@ class ReplacementModel:
                         features.setdefault(node.layer, {})[r, p, node.index] = setting
                     continue
                 if op == "set":
-                    raise fail(f"--set {node.id}: only a feature's activation can be set; "
-                               "ablate or scale head and error terms")
+                    raise fail(
+                        f"--set {node.id}: only a feature's activation can be set; ablate or scale head and error terms"
+                    )
                 factor = 0.0 if op == "ablate" else intervention.value
                 if node.kind == "head":
                     if plan.head_factor is None:
@@ -258,14 +277,22 @@ class ReplacementModel:
         if ablation == "zero":
             return 0.0
         if layer not in self.means:
-            raise fail(f"mean ablation of layer {layer} needs its features' means: pass --features FILE "
-                       "(written by tc score) holding that layer")
+            raise fail(
+                f"mean ablation of layer {layer} needs its features' means: pass --features FILE "
+                "(written by tc score) holding that layer"
+            )
         return float(self.means[layer][feature])
 
     # ------------------------------------------------------------------------ running
 
-    def run(self, rows: Sequence[RowSpec], mode: str = "free", ablation: str = "zero",
-            capture: Iterable[str] = (), probes: Optional[Probes] = None) -> RunOutput:
+    def run(
+        self,
+        rows: Sequence[RowSpec],
+        mode: str = "free",
+        ablation: str = "zero",
+        capture: Iterable[str] = (),
+        probes: Optional[Probes] = None,
+    ) -> RunOutput:
         """One batched forward pass of the replacement model, row r on clean prompt ``rows[r].prompt``.
 
         ``capture``: hook names whose (possibly replaced) activations are returned. ``probes``: tensors
@@ -281,8 +308,9 @@ class ReplacementModel:
         if int(prompts.min()) < 0 or int(prompts.max()) >= self.n_prompts:
             raise fail(f"row prompt out of range 0-{self.n_prompts - 1}")
         plans = self._plan(rows, ablation)
-        identity = len(rows) == self.n_prompts and bool((prompts == torch.arange(self.n_prompts,
-                                                                                  device=prompts.device)).all())
+        identity = len(rows) == self.n_prompts and bool(
+            (prompts == torch.arange(self.n_prompts, device=prompts.device)).all()
+        )
         clean = (lambda name: self.clean[name]) if identity else (lambda name: self.clean[name][prompts])
         store: dict[str, torch.Tensor] = {}
         hooks = self._hooks(plans, mode, clean, store, probes, ablation)
@@ -292,15 +320,23 @@ class ReplacementModel:
         with context, warnings.catch_warnings():
             # holding a norm's scale is the point of frozen mode, not a surprise to warn about
             warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-            logits = self.loaded.bridge.run_with_hooks(self.tokens[prompts].to(self.loaded.device),
-                                                       fwd_hooks=hooks, return_type="logits")
+            logits = self.loaded.bridge.run_with_hooks(
+                self.tokens[prompts].to(self.loaded.device), fwd_hooks=hooks, return_type="logits"
+            )
         missing = [n for n in names if "capture:" + n not in store]
         if missing:
             raise fail(f"model {self.info.name!r} exposes no hook {missing[0]!r}")
         return RunOutput(logits=logits, captured={n: store["capture:" + n] for n in names}, prompts=prompts)
 
-    def _hooks(self, plans: dict[int, _LayerPlan], mode: str, clean: Callable[[str], torch.Tensor],
-               store: dict, probes: Optional[Probes], ablation: str) -> list[tuple[str, Callable]]:
+    def _hooks(
+        self,
+        plans: dict[int, _LayerPlan],
+        mode: str,
+        clean: Callable[[str], torch.Tensor],
+        store: dict,
+        probes: Optional[Probes],
+        ablation: str,
+    ) -> list[tuple[str, Callable]]:
         info = self.info
         frozen = mode in ("frozen", "direct")
         always = probes is not None  # under autograd a frozen value must be a constant, never the live tensor
@@ -310,7 +346,9 @@ class ReplacementModel:
             plan = plans[layer]
             head_factor = plan.head_factor
             if probes is not None and layer in probes.head_factor:
-                head_factor = probes.head_factor[layer] if head_factor is None else head_factor * probes.head_factor[layer]
+                head_factor = (
+                    probes.head_factor[layer] if head_factor is None else head_factor * probes.head_factor[layer]
+                )
             if frozen:
                 for name in [names.attn_scale, names.attn_pattern, names.mlp_scale] + _post_norm_scales(names):
                     hooks.append((name, _replacer(clean(name), always)))
@@ -322,22 +360,31 @@ class ReplacementModel:
                 hooks.append((_attention_site(names), self._attention_with_terms(layer, head_factor, store)))
             error_factor = plan.error_factor
             if probes is not None and layer in probes.error_factor:
-                error_factor = probes.error_factor[layer] if error_factor is None else error_factor * probes.error_factor[layer]
+                error_factor = (
+                    probes.error_factor[layer] if error_factor is None else error_factor * probes.error_factor[layer]
+                )
             output = self.output_site[layer]
             if layer in self.transcoders:
                 site = self.input_site[layer]
                 hooks.append((site, _saver(store, site)))
                 shift = probes.feature_shift.get(layer) if probes is not None else None
-                hooks.append((output, self._transcoder_output(layer, plan, error_factor, shift, mode, clean, store,
-                                                              ablation, exact=probes is None)))
+                hooks.append(
+                    (
+                        output,
+                        self._transcoder_output(
+                            layer, plan, error_factor, shift, mode, clean, store, ablation, exact=probes is None
+                        ),
+                    )
+                )
             elif mode == "direct" or error_factor is not None:
                 hooks.append((output, _mlp_output(clean(output) if mode == "direct" else None, error_factor)))
         if frozen:
             hooks.append((info.final_scale_hook, _replacer(clean(info.final_scale_hook), always)))
         return hooks
 
-    def _head_terms(self, layer: int, factor: torch.Tensor, pattern: torch.Tensor, values: torch.Tensor
-                    ) -> torch.Tensor:
+    def _head_terms(
+        self, layer: int, factor: torch.Tensor, pattern: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         """[R, T, d]: sum over heads h and sources s of (factor - 1) * pattern[h, t, s] * value(s) W_O^h."""
         dtype = widened(values).dtype
         v = values[:, :, self.kv_of_head, :].to(dtype)  # [R, S, H, d_head], each query head's kv head
@@ -352,8 +399,10 @@ class ReplacementModel:
             held = clean(_attention_site(names))
             if factor is None:
                 return held
-            return held + self._head_terms(layer, factor, clean(names.attn_pattern),
-                                           clean(names.attn_values)).to(held.dtype)
+            return held + self._head_terms(layer, factor, clean(names.attn_pattern), clean(names.attn_values)).to(
+                held.dtype
+            )
+
         return hook
 
     def _attention_with_terms(self, layer: int, factor: torch.Tensor, store: dict) -> Callable:
@@ -362,11 +411,21 @@ class ReplacementModel:
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
             terms = self._head_terms(layer, factor, store[names.attn_pattern], store[names.attn_values])
             return tensor + terms.to(tensor.dtype)
+
         return hook
 
-    def _transcoder_output(self, layer: int, plan: _LayerPlan, error_factor: Optional[torch.Tensor],
-                           shift: Optional[torch.Tensor], mode: str, clean: Callable, store: dict,
-                           ablation: str, exact: bool) -> Callable:
+    def _transcoder_output(
+        self,
+        layer: int,
+        plan: _LayerPlan,
+        error_factor: Optional[torch.Tensor],
+        shift: Optional[torch.Tensor],
+        mode: str,
+        clean: Callable,
+        store: dict,
+        ablation: str,
+        exact: bool,
+    ) -> Callable:
         transcoder = self.transcoders[layer]
         site, output = self.input_site[layer], self.output_site[layer]
         dtype = transcoder.W_enc.dtype
@@ -405,19 +464,27 @@ class ReplacementModel:
                 error = held.to(dtype) - output_at_site(self.loaded, layer, transcoder, y_clean)
                 delta = delta + (error_factor.to(dtype) - 1.0).unsqueeze(-1) * error
             return held + delta.to(held.dtype)
+
         return hook
 
     # ------------------------------------------------------------------------ batches and gradients
 
-    def run_rows(self, rows: Sequence[RowSpec], reduce: Callable[[RunOutput], torch.Tensor], mode: str = "free",
-                 ablation: str = "zero", capture: Iterable[str] = (), batch_size: int = 64,
-                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    def run_rows(
+        self,
+        rows: Sequence[RowSpec],
+        reduce: Callable[[RunOutput], torch.Tensor],
+        mode: str = "free",
+        ablation: str = "zero",
+        capture: Iterable[str] = (),
+        batch_size: int = 64,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> torch.Tensor:
         """``reduce`` (a run's output -> [rows] values) over every row, ``batch_size`` rows per pass;
         ``progress(rows done, rows)`` after each pass."""
         capture = list(capture)
         parts = []
         for lo in range(0, len(rows), batch_size):
-            parts.append(reduce(self.run(rows[lo:lo + batch_size], mode, ablation, capture)).detach())
+            parts.append(reduce(self.run(rows[lo : lo + batch_size], mode, ablation, capture)).detach())
             if progress is not None:
                 progress(min(lo + batch_size, len(rows)), len(rows))
         return torch.cat(parts) if parts else torch.zeros(0)
@@ -429,14 +496,22 @@ class ReplacementModel:
         R, T, device = len(prompts), self.n_tokens, self.loaded.device
         dtype = widened(self.clean_logits).dtype
         probes = Probes(
-            feature_shift={layer: torch.zeros(R, T, t.n_features, device=device, dtype=t.W_enc.dtype,
-                                              requires_grad=True) for layer, t in self.transcoders.items()},
-            head_factor={layer: torch.ones(R, self.info.n_heads, T, device=device, dtype=dtype, requires_grad=True)
-                         for layer in range(self.info.n_layers)},
-            error_factor={layer: torch.ones(R, T, device=device, dtype=dtype, requires_grad=True)
-                          for layer in range(self.info.n_layers)})
-        output = self.run([RowSpec(prompt=p) for p in prompts], "frozen", capture=target.capture_names(self),
-                          probes=probes)
+            feature_shift={
+                layer: torch.zeros(R, T, t.n_features, device=device, dtype=t.W_enc.dtype, requires_grad=True)
+                for layer, t in self.transcoders.items()
+            },
+            head_factor={
+                layer: torch.ones(R, self.info.n_heads, T, device=device, dtype=dtype, requires_grad=True)
+                for layer in range(self.info.n_layers)
+            },
+            error_factor={
+                layer: torch.ones(R, T, device=device, dtype=dtype, requires_grad=True)
+                for layer in range(self.info.n_layers)
+            },
+        )
+        output = self.run(
+            [RowSpec(prompt=p) for p in prompts], "frozen", capture=target.capture_names(self), probes=probes
+        )
         values = target.values(self, output)
         grads = torch.autograd.grad(values.sum(), probes.tensors(), allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, probes.tensors())]
@@ -444,26 +519,30 @@ class ReplacementModel:
         index = torch.tensor(prompts, device=device)
         return NodeGradients(
             feature=dict(zip(probes.feature_shift, grads[:n_features])),
-            head=dict(zip(probes.head_factor, grads[n_features:n_features + n_heads])),
-            error=dict(zip(probes.error_factor, grads[n_features + n_heads:])),
+            head=dict(zip(probes.head_factor, grads[n_features : n_features + n_heads])),
+            error=dict(zip(probes.error_factor, grads[n_features + n_heads :])),
             activations={layer: self.clean_activations(layer, index) for layer in self.transcoders},
-            values=values.detach())
+            values=values.detach(),
+        )
 
 
 def _saver(store: dict, key: str) -> Callable:
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         store[key] = tensor
         return tensor
+
     return hook
 
 
 def _replacer(value: torch.Tensor, always: bool) -> Callable:
     """Hold an activation at ``value``. The live tensor itself is returned when it already equals the
     value, so norms keep their native kernels (bit-identical output) when nothing upstream changed."""
+
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         if not always and tensor.shape == value.shape and torch.equal(tensor, value.to(tensor.dtype)):
             return tensor
         return value.to(tensor.dtype).detach()
+
     return hook
 
 
@@ -480,11 +559,13 @@ def _post_norm_scales(hooks: Any) -> list[str]:
 
 def _mlp_output(held: Optional[torch.Tensor], error_factor: Optional[torch.Tensor]) -> Callable:
     """A layer without a transcoder (all of its output is error): held (direct mode) and/or scaled."""
+
     def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         out = tensor if held is None else held
         if error_factor is not None:
             out = out * error_factor.to(out.dtype).unsqueeze(-1)
         return out
+
     return hook
 
 

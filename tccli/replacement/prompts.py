@@ -8,12 +8,13 @@ from typing import Any, Optional
 
 import torch
 
-from tccli.errors import fail
 from tccli.data.text import display_token
+from tccli.errors import fail
 from tccli.model.loading import LoadedModel, run_capture
 from tccli.replacement.frozen import FrozenForward, freeze, hooks_needed
 from tccli.transcoders.files import check_transcoders
 from tccli.transcoders.transcoder import Transcoder
+
 
 def bridge_weights(bridge: Any) -> dict[str, Optional[torch.Tensor]]:
     """The weights attribution needs; bias-free models raise on b_V/b_O, which become None."""
@@ -28,20 +29,24 @@ def bridge_weights(bridge: Any) -> dict[str, Optional[torch.Tensor]]:
     return out
 
 
-def freeze_prompt(loaded: LoadedModel, transcoders: dict[int, Transcoder], tokens: torch.Tensor,
-                  weights: Optional[dict] = None) -> FrozenForward:
+def freeze_prompt(
+    loaded: LoadedModel, transcoders: dict[int, Transcoder], tokens: torch.Tensor, weights: Optional[dict] = None
+) -> FrozenForward:
     """Run the model once on ``tokens`` [T] and freeze everything attribution needs."""
     captured = run_capture(loaded, tokens.reshape(1, -1), hooks_needed(loaded.info))
     with torch.no_grad():
-        return freeze(captured, loaded.info, weights or bridge_weights(loaded.bridge),
-                                  transcoders, tokens, loaded.spaces)
+        return freeze(
+            captured, loaded.info, weights or bridge_weights(loaded.bridge), transcoders, tokens, loaded.spaces
+        )
 
 
 def single_token(tokenizer: Any, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
-        raise fail(f"target {text!r} is {len(ids)} tokens for this tokenizer, not one "
-                   f"({[tokenizer.decode([i]) for i in ids]}); mind the leading space")
+        raise fail(
+            f"target {text!r} is {len(ids)} tokens for this tokenizer, not one "
+            f"({[tokenizer.decode([i]) for i in ids]}); mind the leading space"
+        )
     return int(ids[0])
 
 
@@ -51,8 +56,7 @@ def prompt_tokens(loaded: LoadedModel, prompt: str) -> torch.Tensor:
         raise fail("the prompt is empty")
     ids = [loaded.info.bos_token_id] + list(loaded.tokenizer.encode(prompt, add_special_tokens=False))
     if len(ids) > loaded.info.n_ctx:
-        raise fail(f"the prompt is {len(ids)} tokens with BOS, longer than the model's context of "
-                   f"{loaded.info.n_ctx}")
+        raise fail(f"the prompt is {len(ids)} tokens with BOS, longer than the model's context of {loaded.info.n_ctx}")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -68,8 +72,9 @@ def resolve_position(pos: int, n_tokens: int) -> int:
     return position
 
 
-def frozen_prompt(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, pos: int
-                  ) -> tuple[torch.Tensor, int, dict[int, Transcoder], FrozenForward]:
+def frozen_prompt(
+    loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, pos: int
+) -> tuple[torch.Tensor, int, dict[int, Transcoder], FrozenForward]:
     """What `tc circuit` and `tc graph` start from: the prompt's tokens, --pos resolved, the transcoders in the
     dtype attribution works in, and the frozen forward pass."""
     check_transcoders(transcoders, loaded)

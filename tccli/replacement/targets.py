@@ -13,16 +13,16 @@ from typing import Optional
 
 import torch
 
-from tccli.errors import fail
 from tccli.config.circuit import TargetOptions
+from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import parse_feature
-from tccli.replacement.frozen import encoder_constant, encoder_read
-from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.frozen import FrozenForward, encoder_constant, encoder_read
+from tccli.replacement.model import ReplacementModel, RunOutput, input_in_space, uncapped_logits, widened
 from tccli.replacement.prompts import single_token
-from tccli.replacement.model import ReplacementModel, RunOutput, uncapped_logits, input_in_space, widened
 from tccli.transcoders.files import check_feature
 from tccli.transcoders.transcoder import Transcoder
+
 
 @dataclass
 class Target:
@@ -38,11 +38,14 @@ class Target:
 
 def feature_target(frozen: FrozenForward, layer: int, feature: int, position: int) -> Target:
     """A transcoder feature's pre-activation at ``position``."""
-    return Target(vector=encoder_read(frozen, layer, feature, position), position=position,
-                  read_point=frozen.mlp_read_point(layer),
-                  constant=float(encoder_constant(frozen, layer, feature)),
-                  value=float(frozen.layers[layer].pre[position, feature]),
-                  description={"kind": "feature", "layer": layer, "feature": feature})
+    return Target(
+        vector=encoder_read(frozen, layer, feature, position),
+        position=position,
+        read_point=frozen.mlp_read_point(layer),
+        constant=float(encoder_constant(frozen, layer, feature)),
+        value=float(frozen.layers[layer].pre[position, feature]),
+        description={"kind": "feature", "layer": layer, "feature": feature},
+    )
 
 
 def unembed_target(frozen: FrozenForward, token_a: int, token_b: Optional[int], position: int) -> Target:
@@ -52,12 +55,17 @@ def unembed_target(frozen: FrozenForward, token_a: int, token_b: Optional[int], 
     if token_b is not None:
         direction = direction - frozen.W_U[:, token_b]
         constant = constant - frozen.b_U[token_b]
-    vector = frozen.to_raw(direction.unsqueeze(0), frozen.final_scale[position:position + 1])[0]
+    vector = frozen.to_raw(direction.unsqueeze(0), frozen.final_scale[position : position + 1])[0]
     value = frozen.final_normalized[position] @ direction + constant
     kind = "logit" if token_b is None else "logit_diff"
-    return Target(vector=vector, position=position, read_point=(frozen.n_layers, frozen.n_layers),
-                  constant=float(constant), value=float(value),
-                  description={"kind": kind, "token": token_a, "token_b": token_b})
+    return Target(
+        vector=vector,
+        position=position,
+        read_point=(frozen.n_layers, frozen.n_layers),
+        constant=float(constant),
+        value=float(value),
+        description={"kind": kind, "token": token_a, "token_b": token_b},
+    )
 
 
 def direction_target(frozen: FrozenForward, direction: torch.Tensor, layer: int, position: int) -> Target:
@@ -66,12 +74,19 @@ def direction_target(frozen: FrozenForward, direction: torch.Tensor, layer: int,
     direction = direction.to(frozen.embed.dtype).reshape(-1)
     read_point = (layer, layer)
     value = frozen.resid_at(position, read_point) @ direction
-    return Target(vector=direction, position=position, read_point=read_point, constant=0.0,
-                  value=float(value), description={"kind": "direction", "layer": layer})
+    return Target(
+        vector=direction,
+        position=position,
+        read_point=read_point,
+        constant=0.0,
+        value=float(value),
+        description={"kind": "direction", "layer": layer},
+    )
 
 
-def build_target(config: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder],
-                 frozen: FrozenForward, position: int) -> Target:
+def build_target(
+    config: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder], frozen: FrozenForward, position: int
+) -> Target:
     if config.feature is not None:
         layer, feature = parse_feature(config.feature)
         check_feature(transcoders, layer, feature)
@@ -147,34 +162,52 @@ class TargetSpec:
         return activation @ self.direction.to(activation.device, activation.dtype)
 
 
-def target_from_options(options: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder]
-                        ) -> Optional[TargetSpec]:
+def target_from_options(
+    options: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder]
+) -> Optional[TargetSpec]:
     """The target named by `tc circuit`-style options, or None when none is given."""
     options.validate_target(required=False)
     if options.feature is not None:
         layer, feature = parse_feature(options.feature)
         check_feature(transcoders, layer, feature)
-        return TargetSpec("feature", options.pos, layer=layer, feature=feature,
-                          description={"kind": "feature", "layer": layer, "feature": feature})
+        return TargetSpec(
+            "feature",
+            options.pos,
+            layer=layer,
+            feature=feature,
+            description={"kind": "feature", "layer": layer, "feature": feature},
+        )
     if options.logit is not None:
         token = single_token(loaded.tokenizer, options.logit)
         return TargetSpec("logit", options.pos, token=token, description={"kind": "logit", "token": token})
     if options.logit_diff:
         token_a, token_b = (single_token(loaded.tokenizer, text) for text in options.logit_diff)
-        return TargetSpec("logit_diff", options.pos, token=token_a, token_b=token_b,
-                          description={"kind": "logit_diff", "token": token_a, "token_b": token_b})
+        return TargetSpec(
+            "logit_diff",
+            options.pos,
+            token=token_a,
+            token_b=token_b,
+            description={"kind": "logit_diff", "token": token_a, "token_b": token_b},
+        )
     if options.direction is not None:
         if not 0 <= options.layer <= loaded.info.n_layers:
-            raise fail(f"--layer {options.layer} is out of range 0-{loaded.info.n_layers} "
-                       "(n_layers: after the last block)")
+            raise fail(
+                f"--layer {options.layer} is out of range 0-{loaded.info.n_layers} (n_layers: after the last block)"
+            )
         direction = load_direction(options.direction, loaded.info.d_model)
-        return TargetSpec("direction", options.pos, layer=options.layer, direction=direction,
-                          description={"kind": "direction", "layer": options.layer})
+        return TargetSpec(
+            "direction",
+            options.pos,
+            layer=options.layer,
+            direction=direction,
+            description={"kind": "direction", "layer": options.layer},
+        )
     return None
 
 
-def salient_logit_targets(frozen: FrozenForward, position: int, max_logits: int = 10,
-                          probability: float = 0.95) -> tuple[list[Target], torch.Tensor]:
+def salient_logit_targets(
+    frozen: FrozenForward, position: int, max_logits: int = 10, probability: float = 0.95
+) -> tuple[list[Target], torch.Tensor]:
     """circuit-tracer's logit targets: the most likely next tokens at ``position`` until their cumulative
     probability reaches ``probability`` (at most ``max_logits``), each as ``logit_a - mean_b logit_b``
     (the unembedding column minus the mean column, through the frozen final norm). Returns the targets and
@@ -183,18 +216,29 @@ def salient_logit_targets(frozen: FrozenForward, position: int, max_logits: int 
     logits = normalized @ frozen.W_U + frozen.b_U
     probs = torch.softmax(logits.double(), dim=-1)
     top = probs.topk(min(max_logits, probs.shape[0]))
-    count = int(torch.searchsorted(top.values.cumsum(0), torch.tensor(probability, dtype=torch.float64,
-                                                                      device=probs.device))) + 1
+    count = (
+        int(
+            torch.searchsorted(
+                top.values.cumsum(0), torch.tensor(probability, dtype=torch.float64, device=probs.device)
+            )
+        )
+        + 1
+    )
     tokens, weights = top.indices[:count], top.values[:count]
     mean_column, mean_bias = frozen.W_U.mean(dim=1), frozen.b_U.mean()
-    scale = frozen.final_scale[position:position + 1]
+    scale = frozen.final_scale[position : position + 1]
     targets = []
     for token, weight in zip(tokens.tolist(), weights.tolist()):
         direction = frozen.W_U[:, token] - mean_column
         constant = frozen.b_U[token] - mean_bias
-        targets.append(Target(vector=frozen.to_raw(direction.unsqueeze(0), scale)[0], position=position,
-                              read_point=(frozen.n_layers, frozen.n_layers), constant=float(constant),
-                              value=float(normalized @ direction + constant),
-                              description={"kind": "logit", "token": token, "demeaned": True,
-                                           "probability": weight}))
+        targets.append(
+            Target(
+                vector=frozen.to_raw(direction.unsqueeze(0), scale)[0],
+                position=position,
+                read_point=(frozen.n_layers, frozen.n_layers),
+                constant=float(constant),
+                value=float(normalized @ direction + constant),
+                description={"kind": "logit", "token": token, "demeaned": True, "probability": weight},
+            )
+        )
     return targets, weights.to(frozen.embed.dtype)

@@ -43,16 +43,16 @@ import dataclasses
 import datetime
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from tccli.errors import TcError, fail
 from tccli.config.runtime import DEFAULT_TIMEOUT
-
+from tccli.errors import TcError, fail
 
 # ============================================================================ the process group
 
@@ -103,8 +103,10 @@ class Distributed:
             return run()
         except (RuntimeError, TimeoutError, ConnectionError, ValueError) as exc:  # gloo/nccl/store: long texts
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-            raise fail(f"rank {self.rank} of {self.world}: {what} failed, another rank died or stalled (no "
-                       f"answer within --dist-timeout {self.timeout:g} s, or its connection closed): {detail}") from None
+            raise fail(
+                f"rank {self.rank} of {self.world}: {what} failed, another rank died or stalled (no "
+                f"answer within --dist-timeout {self.timeout:g} s, or its connection closed): {detail}"
+            ) from None
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of ``tensor`` over all ranks (a new tensor; ``tensor`` is left alone)."""
@@ -163,7 +165,7 @@ class Distributed:
         flat = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / self.data_world
         offset = 0
         for p, g in zip(parameters, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
             offset += g.numel()
 
     def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
@@ -202,8 +204,10 @@ def session(timeout: float, device: str, distribute_layers: bool = False) -> Ite
     if backend == "nccl":  # a timed-out NCCL collective then raises here (caught below) instead of aborting
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if owns_group:
-        context._collective(f"joining the process group ({backend})", lambda: dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=timeout)))
+        context._collective(
+            f"joining the process group ({backend})",
+            lambda: dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout)),
+        )
     if rank != 0:  # stdout carries data: one copy, from rank 0
         sys.stdout = open(os.devnull, "w")
     failed = False
@@ -229,8 +233,10 @@ def own_layers(layers: list[int], context: Distributed) -> list[int]:
     if not context.distribute_layers or context.world == 1:
         return list(layers)
     if len(layers) < context.world:
-        raise fail(f"--distribute-layers: {len(layers)} layer(s) to train but {context.world} ranks; give "
-                   f"every rank at least one layer (fewer processes, or data parallel without the flag)")
+        raise fail(
+            f"--distribute-layers: {len(layers)} layer(s) to train but {context.world} ranks; give "
+            f"every rank at least one layer (fewer processes, or data parallel without the flag)"
+        )
     return [layer for i, layer in enumerate(layers) if i % context.world == context.rank]
 
 
@@ -244,8 +250,10 @@ def checkpoint_name(default: str, context: Distributed) -> str:
 
 def check_batch_split(batch_size: int, context: Distributed) -> None:
     if batch_size % context.data_world:
-        raise fail(f"--batch-size {batch_size} does not divide among {context.data_world} ranks; "
-                   f"use a multiple of {context.data_world}")
+        raise fail(
+            f"--batch-size {batch_size} does not divide among {context.data_world} ranks; "
+            f"use a multiple of {context.data_world}"
+        )
 
 
 def batch_share(order: np.ndarray, n_steps: int, batch_size: int, context: Distributed) -> np.ndarray:
@@ -254,7 +262,7 @@ def batch_share(order: np.ndarray, n_steps: int, batch_size: int, context: Distr
     if context.data_world == 1:
         return order
     local = batch_size // context.data_world
-    positions = (np.arange(n_steps)[:, None] * batch_size + context.rank * local + np.arange(local)[None, :])
+    positions = np.arange(n_steps)[:, None] * batch_size + context.rank * local + np.arange(local)[None, :]
     return order[positions.reshape(-1)]
 
 
@@ -283,8 +291,10 @@ def shard_rows(n_rows: int, batch_size: int, rank: int, world: int) -> tuple[int
     """[start, stop) rows of rank ``rank``: a contiguous run of whole batches."""
     n_batches = -(-n_rows // batch_size)
     if n_batches < world:
-        raise fail(f"{n_rows} rows make only {n_batches} batch(es) of --batch-size {batch_size}, too few to "
-                   f"share among {world} ranks: use a smaller --batch-size, more --tokens or fewer processes")
+        raise fail(
+            f"{n_rows} rows make only {n_batches} batch(es) of --batch-size {batch_size}, too few to "
+            f"share among {world} ranks: use a smaller --batch-size, more --tokens or fewer processes"
+        )
     first, last = rank * n_batches // world, (rank + 1) * n_batches // world
     return first * batch_size, min(n_rows, last * batch_size)
 
@@ -301,6 +311,10 @@ class Shard:
         """This rank's rows of the packed ``rows`` and the attributes that mark the file as a shard."""
         start, stop = shard_rows(rows.tokens.shape[0], batch_size, self.rank, self.world)
         selected = dataclasses.replace(rows, tokens=rows.tokens[start:stop], doc_ids=rows.doc_ids[start:stop])
-        attrs = {"shard_rank": self.rank, "shard_count": self.world, "shard_first_row": start,
-                 "total_rows": rows.tokens.shape[0]}
+        attrs = {
+            "shard_rank": self.rank,
+            "shard_count": self.world,
+            "shard_first_row": start,
+            "total_rows": rows.tokens.shape[0],
+        }
         return selected, attrs

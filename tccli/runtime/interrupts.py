@@ -16,7 +16,8 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -25,8 +25,9 @@ import errno
 import fcntl
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 from tccli.errors import TcError, fail
 
@@ -157,8 +158,10 @@ def locked(path: Path | str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise fail(f"{path} is being written by another tc process (it holds {lock_path.name}); "
-                       "wait for it to finish or write elsewhere") from None
+            raise fail(
+                f"{path} is being written by another tc process (it holds {lock_path.name}); "
+                "wait for it to finish or write elsewhere"
+            ) from None
         # A run that finishes unlinks its lock file; make sure the file locked is the one still there.
         try:
             current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
@@ -182,8 +185,9 @@ def _locked_folder(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise fail(f"{folder} is being written by another tc process; wait for it to finish or write "
-                       "elsewhere") from None
+            raise fail(
+                f"{folder} is being written by another tc process; wait for it to finish or write elsewhere"
+            ) from None
         yield
     finally:
         os.close(fd)

@@ -10,7 +10,8 @@ ranks' callers pass ``quiet=True``).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 Update = Callable[[str, int, Optional[int]], None]
 
@@ -52,8 +53,14 @@ def bar(quiet: bool = False, unit: str = "") -> Iterator[Update]:
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), _count_column(unit), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        _count_column(unit),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: Optional[int] = None) -> None:

@@ -8,16 +8,16 @@ shuffles them on the device).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from tccli.config.fields import parse_layers
 from tccli.errors import fail
-
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -31,8 +31,10 @@ def open_cache(path: str) -> Any:
 def check_cache(cache: Any, path: str, layer_spec: str) -> list[int]:
     """The layers to train, after checking the cache is complete, not empty and holds them."""
     if not cache.complete:
-        raise fail(f"cache {path} is incomplete (its writer stopped before the end); finish or rebuild it "
-                   f"with tc cache before training")
+        raise fail(
+            f"cache {path} is incomplete (its writer stopped before the end); finish or rebuild it "
+            f"with tc cache before training"
+        )
     if cache.n_tokens == 0:
         raise fail(f"cache {path} holds no tokens")
     n_layers = int(cache.model_info.get("n_layers", max(cache.layers) + 1))
@@ -52,8 +54,9 @@ class DataStats:
     target_variance: float = 1.0  # mean over tokens of ||y - mean y||^2
 
 
-def data_stats(cache: Any, layers: list[int], kind: str, max_tokens: int = 262_144,
-               sample_tokens: int = 8192) -> dict[int, DataStats]:
+def data_stats(
+    cache: Any, layers: list[int], kind: str, max_tokens: int = 262_144, sample_tokens: int = 8192
+) -> dict[int, DataStats]:
     """Per layer: the means of inputs and targets and the targets' variance (computed in float64) over the
     first ``max_tokens`` cached tokens, and a sample of them for ``calibrate_encoder_``."""
     stop = min(cache.n_tokens, max_tokens)
@@ -65,8 +68,13 @@ def data_stats(cache: Any, layers: list[int], kind: str, max_tokens: int = 262_1
             raise fail(f"the cache holds non-finite activations in layer {layer}")
         target_mean = target.mean(dim=0)
         variance = float((target - target_mean).pow(2).sum(dim=-1).mean())
-        out[layer] = DataStats(source.mean(dim=0).float(), target_mean.float(), source[:sample_tokens].float(),
-                               target[:sample_tokens].float(), max(variance, 1e-12))
+        out[layer] = DataStats(
+            source.mean(dim=0).float(),
+            target_mean.float(),
+            source[:sample_tokens].float(),
+            target[:sample_tokens].float(),
+            max(variance, 1e-12),
+        )
     return out
 
 
@@ -114,7 +122,7 @@ class ShuffleSchedule:
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
             for w, first in enumerate(range(0, self.n_chunks, self.window_chunks)):
-                chunks = sorted(int(c) for c in order[first:first + self.window_chunks])
+                chunks = sorted(int(c) for c in order[first : first + self.window_chunks])
                 n_steps = self._chunk_rows(chunks) * self.context // self.batch_size
                 if n_steps and step + n_steps > start_step:
                     yield Window(index, epoch, self._merge(chunks), step, n_steps, (self.seed, epoch, w))
@@ -144,8 +152,9 @@ class WindowLoader:
     runs on the GPU too, rather than as a random-access copy by this one host thread (on an H200 that
     copy took longer than the steps it fed)."""
 
-    def __init__(self, cache: Any, layers: list[int], kind: str, context: int, device: torch.device,
-                 share: Optional[Any] = None):
+    def __init__(
+        self, cache: Any, layers: list[int], kind: str, context: int, device: torch.device, share: Optional[Any] = None
+    ):
         self.cache, self.layers, self.kind, self.context, self.device = cache, layers, kind, context, device
         self.share = share  # (token order, window) -> the positions this rank trains on (data parallel)
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -170,8 +179,10 @@ class WindowLoader:
         order = None
         out = {}
         for layer in self.layers:
-            parts = {which: self._read(layer, which, window)
-                     for which in (("mlp_out",) if self.kind == "sae" else ("mlp_in", "mlp_out"))}
+            parts = {
+                which: self._read(layer, which, window)
+                for which in (("mlp_out",) if self.kind == "sae" else ("mlp_in", "mlp_out"))
+            }
             if order is None:
                 order = window.token_order(len(parts["mlp_out"]))
                 if self.share is not None:

@@ -19,19 +19,27 @@ import torch
 from tccli.config.fields import from_json_dict, to_json_dict
 from tccli.config.training import TrainConfig
 from tccli.errors import fail
-from tccli.runtime import outputs
-from tccli.runtime import progress
+from tccli.runtime import outputs, progress
 from tccli.training.step_math import LossScales
 from tccli.transcoders.transcoder import Transcoder
-
 
 CHECKPOINT_FILE = "checkpoint.tcstate"  # not .pt: a set folder's .pt files are read as paper transcoders
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE_FIELDS = ("device", "autocast", "threads", "checkpoint_every", "log_every", "resume", "force", "quiet",
-                      "out", "cache")
+RESUME_FREE_FIELDS = (
+    "device",
+    "autocast",
+    "threads",
+    "checkpoint_every",
+    "log_every",
+    "resume",
+    "force",
+    "quiet",
+    "out",
+    "cache",
+)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -49,17 +57,24 @@ class LayerState:
     scales: LossScales = LossScales()
 
 
-def save_checkpoint(out: Path, step: int, config: TrainConfig, states: dict[int, LayerState],
-                    name: str = CHECKPOINT_FILE) -> None:
+def save_checkpoint(
+    out: Path, step: int, config: TrainConfig, states: dict[int, LayerState], name: str = CHECKPOINT_FILE
+) -> None:
     """Replace ``out/name`` atomically; a failed write (full disk, read-only folder) removes its temporary
     file, keeps the previous checkpoint and raises one line naming the file and the cause."""
     payload = {
         "step": step,
         "config": to_json_dict(config),
-        "layers": {layer: {"transcoder": s.transcoder.state_dict(), "optimizer": s.optimizer.state_dict(),
-                           "steps_since_fired": s.steps_since_fired, "fire_counts": s.fire_counts,
-                           "frequency_tokens": s.frequency_tokens}
-                   for layer, s in states.items()},
+        "layers": {
+            layer: {
+                "transcoder": s.transcoder.state_dict(),
+                "optimizer": s.optimizer.state_dict(),
+                "steps_since_fired": s.steps_since_fired,
+                "fire_counts": s.fire_counts,
+                "frequency_tokens": s.frequency_tokens,
+            }
+            for layer, s in states.items()
+        },
         "torch_rng": torch.get_rng_state(),
     }
 
@@ -76,8 +91,9 @@ def save_checkpoint(out: Path, step: int, config: TrainConfig, states: dict[int,
     outputs.atomic_write(out / name, write)
 
 
-def load_checkpoint(out: Path, config: TrainConfig, states: dict[int, LayerState], d_model: int,
-                    name: str = CHECKPOINT_FILE) -> int:
+def load_checkpoint(
+    out: Path, config: TrainConfig, states: dict[int, LayerState], d_model: int, name: str = CHECKPOINT_FILE
+) -> int:
     """Restore ``states`` from ``out/name``; the step it was saved at."""
     path = out / name
     try:
@@ -87,7 +103,7 @@ def load_checkpoint(out: Path, config: TrainConfig, states: dict[int, LayerState
     except Exception as exc:  # a truncated or foreign file
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise fail(f"cannot read checkpoint {path}: {reason}; start again with --force") from None
-    check_same_run(saved_config, config, d_model, f"the checkpointed run")
+    check_same_run(saved_config, config, d_model, "the checkpointed run")
     if sorted(saved_layers) != sorted(states):
         raise fail(f"--resume: the checkpoint holds layers {sorted(saved_layers)}, not {sorted(states)}")
     for layer, state in states.items():
@@ -110,11 +126,14 @@ def check_same_run(saved: dict, config: TrainConfig, d_model: int, what: str) ->
         if name in RESUME_FREE_FIELDS or name in ("layers", "expansion", "features"):
             continue
         if getattr(saved_config, name) != value:
-            raise fail(f"--resume: --{name.replace('_', '-')} is {value!r} but {what} used "
-                       f"{getattr(saved_config, name)!r}")
+            raise fail(
+                f"--resume: --{name.replace('_', '-')} is {value!r} but {what} used {getattr(saved_config, name)!r}"
+            )
     if saved_config.n_features(d_model) != config.n_features(d_model):
-        raise fail(f"--resume: this run would have {config.n_features(d_model)} features per layer but {what} "
-                   f"has {saved_config.n_features(d_model)}")
+        raise fail(
+            f"--resume: this run would have {config.n_features(d_model)} features per layer but {what} "
+            f"has {saved_config.n_features(d_model)}"
+        )
 
 
 # ----------------------------------------------------------------------------- the log
@@ -146,7 +165,8 @@ class Reporter:
             self.console.print(
                 f"step {m['step']}/{self.total_steps} layer {m['layer']} lr {m['lr']:.2e} loss {m['loss']:.4g} "
                 f"mse {m['mse']:.4g} L1 {m['l1']:.3g} L0 {m['l0']:.1f} FVU {m['fvu']:.4f} "
-                f"dead {m['dead_fraction']:.3f} ({time.time() - self.started:.0f}s)")
+                f"dead {m['dead_fraction']:.3f} ({time.time() - self.started:.0f}s)"
+            )
 
     def step(self, step: int) -> None:
         self.update("training", step, self.total_steps)
@@ -193,7 +213,8 @@ def remove_run_files(out: Path) -> None:
             if path.is_dir():
                 for inner in path.iterdir():
                     if inner.name in ("config.json", "transcoder.safetensors") or inner.name.endswith(
-                            outputs.TEMP_SUFFIX):
+                        outputs.TEMP_SUFFIX
+                    ):
                         inner.unlink()
                 with contextlib.suppress(OSError):
                     path.rmdir()
@@ -218,14 +239,18 @@ def prepare_out(out: Path, resume: bool, force: bool = False, log: Any = lambda 
         if not entries:
             log(f"nothing to resume in {out} yet; starting the run")
             return False
-        raise fail(f"--resume: {out} holds no tc train run (no {CONFIG_FILE}); choose another folder, or "
-                   "--force to start a run there")
+        raise fail(
+            f"--resume: {out} holds no tc train run (no {CONFIG_FILE}); choose another folder, or "
+            "--force to start a run there"
+        )
     if force:
         remove_run_files(out)
         return False
     if entries:
-        raise fail(f"--out {out} already exists and is not empty; pass --resume to continue the run there, "
-                   "--force to start it again, or choose another folder")
+        raise fail(
+            f"--out {out} already exists and is not empty; pass --resume to continue the run there, "
+            "--force to start it again, or choose another folder"
+        )
     return False
 
 

@@ -24,8 +24,9 @@ Pure math: tensors in, tensors out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +106,22 @@ class _EncodeSelected(torch.autograd.Function):
             # column j of the W_enc gradient = sum over feature j's entries of gradient x centred input:
             # embedding_bag over the entries grouped by feature, in the layout of W_enc
             order = torch.argsort(feature, stable=True)
-            per_feature = F.embedding_bag(token[order], centred, offsets_of(feature, m), mode="sum",
-                                          per_sample_weights=grad_values[order])  # [m, d]
+            per_feature = F.embedding_bag(
+                token[order], centred, offsets_of(feature, m), mode="sum", per_sample_weights=grad_values[order]
+            )  # [m, d]
             grad_W_enc = per_feature.t() if W_enc.stride(0) == 1 else per_feature.t().contiguous()
         grad_b_pre = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[3] else None
         return None, grad_W_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_pre, None, None, None
 
 
-def encode_selected(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor,
-                    select: Selector, compute_dtype: Optional[torch.dtype] = None
-                    ) -> tuple[torch.Tensor, list[Entries]]:
+def encode_selected(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_pre: torch.Tensor,
+    select: Selector,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, list[Entries]]:
     """(pre-activations of the selected entries [nnz], the groups of entries ``select`` chose).
 
     The values of all groups are concatenated in the order of the groups; ``x`` gets no gradient.
@@ -132,8 +139,7 @@ def split_values(values: torch.Tensor, groups: list[Entries]) -> list[torch.Tens
 
 def decode_entries(values: torch.Tensor, entries: Entries, W_dec: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """[n_tokens, d_out]: sum over each token's entries of value x W_dec[feature] (no bias)."""
-    return F.embedding_bag(entries.feature, W_dec, entries.offsets(n_tokens), mode="sum",
-                           per_sample_weights=values)
+    return F.embedding_bag(entries.feature, W_dec, entries.offsets(n_tokens), mode="sum", per_sample_weights=values)
 
 
 # ----------------------------------------------------------------------------- selection rules

@@ -18,8 +18,9 @@ from tccli.training import sparse_coding
 from tccli.transcoders.transcoder import Transcoder
 
 
-def init_transcoder(config: TranscoderConfig, input_mean: torch.Tensor, target_mean: torch.Tensor,
-                    generator: torch.Generator) -> Transcoder:
+def init_transcoder(
+    config: TranscoderConfig, input_mean: torch.Tensor, target_mean: torch.Tensor, generator: torch.Generator
+) -> Transcoder:
     """Random unit-norm decoder rows, the encoder initialised to the decoder's transpose (see
     ``calibrate_encoder_`` for its scale), and ``b_pre`` / ``b_dec`` set to the means of the inputs and
     of the targets (the paper's initialisation of the biases)."""
@@ -103,8 +104,14 @@ def fraction_of_variance_unexplained(output: torch.Tensor, target: torch.Tensor)
     return residual / total.clamp_min(1e-12)
 
 
-def ghost_grad_loss(pre: torch.Tensor, target: torch.Tensor, output: torch.Tensor, W_dec: torch.Tensor,
-                    dead: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+def ghost_grad_loss(
+    pre: torch.Tensor,
+    target: torch.Tensor,
+    output: torch.Tensor,
+    W_dec: torch.Tensor,
+    dead: torch.Tensor,
+    mse: torch.Tensor,
+) -> torch.Tensor:
     """Ghost gradients (Anthropic, Feb 2024) for the ``dead`` features.
 
     The dead features, with exp() of their pre-activations as activations, are asked to reconstruct the
@@ -122,8 +129,13 @@ def ghost_grad_loss(pre: torch.Tensor, target: torch.Tensor, output: torch.Tenso
     return (mse / (ghost_mse + 1e-6)).detach() * ghost_mse
 
 
-def auxk_loss(values: torch.Tensor, entries: sparse_coding.Entries, target: torch.Tensor, output: torch.Tensor,
-              W_dec: torch.Tensor) -> torch.Tensor:
+def auxk_loss(
+    values: torch.Tensor,
+    entries: sparse_coding.Entries,
+    target: torch.Tensor,
+    output: torch.Tensor,
+    W_dec: torch.Tensor,
+) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the dead features' largest entries (``entries``, chosen by
     ``sparse_coding.select_auxk``, with pre-activations ``values``) reconstruct the residual
     ``target - output``; the loss is normalised by the residual's variance so its scale does not depend
@@ -183,8 +195,15 @@ class LossScales:
     threshold_scale: float = 1.0  # jumprelu: the mean initial threshold
 
 
-def transcoder_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
-                    config: TrainConfig, step: int, scales: LossScales = LossScales()) -> StepResult:
+def transcoder_loss(
+    transcoder: Transcoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dead: torch.Tensor,
+    config: TrainConfig,
+    step: int,
+    scales: LossScales = LossScales(),
+) -> StepResult:
     """The training loss of one batch: reconstruction + (L1 and ghost grads | AuxK, and JumpReLU's L0)."""
     if transcoder.config.activation == "relu":
         return dense_loss(transcoder, x, y, dead, config, step)
@@ -195,8 +214,9 @@ def skip_term(transcoder: Transcoder, x: torch.Tensor) -> torch.Tensor | int:
     return 0 if transcoder.W_skip is None else x @ transcoder.W_skip
 
 
-def dense_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
-               config: TrainConfig, step: int) -> StepResult:
+def dense_loss(
+    transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, config: TrainConfig, step: int
+) -> StepResult:
     """ReLU with the L1 penalty and ghost gradients (the paper's recipe); dense autograd throughout."""
     pre = transcoder.pre_activation(x)
     z = torch.relu(pre)
@@ -209,8 +229,14 @@ def dense_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: t
     return StepResult(loss + aux, mse, output, l1, active.sum(dim=-1).float().mean(), aux, active.sum(dim=0))
 
 
-def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor,
-                config: TrainConfig, scales: LossScales) -> StepResult:
+def sparse_loss(
+    transcoder: Transcoder,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dead: torch.Tensor,
+    config: TrainConfig,
+    scales: LossScales,
+) -> StepResult:
     """TopK, BatchTopK and JumpReLU through ``sparse_coding``: one dense product (the encoder forward),
     everything else on the selected entries. The loss is mse / target variance (an FVU, so the other
     terms' weights do not depend on the layer's scale) + aux_coef x AuxK (+ l0_coef x L0 for jumprelu)."""
@@ -236,8 +262,9 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
             groups.append(sparse_coding.select_auxk(pre, dead, config.aux_k))
         return groups
 
-    values, groups = sparse_coding.encode_selected(x, transcoder.W_enc, transcoder.b_enc, transcoder.b_pre, select,
-                                                   compute_dtype=autocast_dtype(config, x.device))
+    values, groups = sparse_coding.encode_selected(
+        x, transcoder.W_enc, transcoder.b_enc, transcoder.b_pre, select, compute_dtype=autocast_dtype(config, x.device)
+    )
     values = sparse_coding.split_values(values, groups)
     entries = groups[0]
     l0_penalty = None
@@ -264,8 +291,9 @@ def sparse_loss(transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor, dead: 
     loss = loss + config.aux_coef * aux
     if l0_penalty is not None:
         loss = loss + config.l0_coef * l0_penalty
-    return StepResult(loss, mse, output, z.sum() / n, active.sum().float() / n, aux, fires,
-                      cutoff[0] if cutoff else None)
+    return StepResult(
+        loss, mse, output, z.sum() / n, active.sum().float() / n, aux, fires, cutoff[0] if cutoff else None
+    )
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:

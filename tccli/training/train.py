@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -29,18 +30,34 @@ from tccli.config.fields import to_json_dict
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import K_ACTIVATIONS, TranscoderConfig
 from tccli.errors import TcError, fail
-from tccli.runtime import allocator
-from tccli.runtime import distributed
-from tccli.runtime import interrupts
-from tccli.runtime import outputs
+from tccli.runtime import allocator, distributed, interrupts, outputs
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader, check_cache, data_stats, open_cache
 from tccli.training.optim import ScheduleFreeSign
-from tccli.training.run_folder import (CHECKPOINT_FILE, CONFIG_FILE, LayerState, Reporter, check_same_run,
-                                       load_checkpoint, make_out_folder, prepare_out, read_run_config,
-                                       save_checkpoint, trim_log)
-from tccli.training.step_math import (LossScales, batch_cutoff, calibrate_encoder_, clamp_min_, constrained_step,
-                                      fraction_of_variance_unexplained, init_thresholds_, init_transcoder,
-                                      learning_rate, transcoder_loss)
+from tccli.training.run_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LayerState,
+    Reporter,
+    check_same_run,
+    load_checkpoint,
+    make_out_folder,
+    prepare_out,
+    read_run_config,
+    save_checkpoint,
+    trim_log,
+)
+from tccli.training.step_math import (
+    LossScales,
+    batch_cutoff,
+    calibrate_encoder_,
+    clamp_min_,
+    constrained_step,
+    fraction_of_variance_unexplained,
+    init_thresholds_,
+    init_transcoder,
+    learning_rate,
+    transcoder_loss,
+)
 from tccli.transcoders.files import layer_folder_name, save_transcoder
 from tccli.transcoders.transcoder import Transcoder
 
@@ -53,8 +70,10 @@ def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
     """
     config.validate()
     allocator.keep_freed_memory()  # the step's buffers are reused instead of page-faulted every step
-    with distributed.session(config.dist_timeout, config.device, config.distribute_layers) as dist, \
-            contextlib.ExitStack() as held:  # holds the lock on --out for the whole run
+    with (
+        distributed.session(config.dist_timeout, config.device, config.distribute_layers) as dist,
+        contextlib.ExitStack() as held,
+    ):  # holds the lock on --out for the whole run
         return _train(config, cache, dist, held)
 
 
@@ -82,8 +101,9 @@ def _open_out(config: TrainConfig, cache: Any, layers: list[int], held: contextl
     return continuing
 
 
-def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed,
-           held: contextlib.ExitStack) -> dict[int, Transcoder]:
+def _train(
+    config: TrainConfig, cache: Any, dist: distributed.Distributed, held: contextlib.ExitStack
+) -> dict[int, Transcoder]:
     from tccli.model.loading import resolve_device
 
     device = resolve_device(config.device)
@@ -93,8 +113,7 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed,
         cache = open_cache(config.cache)
     try:
         layers = check_cache(cache, config.cache, config.layers)
-        schedule = ShuffleSchedule(cache.n_rows, cache.context, config.batch_size, config.shuffle_buffer,
-                                   config.seed)
+        schedule = ShuffleSchedule(cache.n_rows, cache.context, config.batch_size, config.shuffle_buffer, config.seed)
         distributed.check_batch_split(config.batch_size, dist)
         mine = distributed.own_layers(layers, dist)
         continuing = dist.from_main(lambda: _open_out(config, cache, layers, held))
@@ -107,8 +126,12 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed,
             if layer in stats:
                 states[layer] = new_layer_state(tc_configs[layer], stats[layer], config, generator, device)
             else:
-                init_transcoder(tc_configs[layer], torch.zeros(tc_configs[layer].d_in),
-                                torch.zeros(tc_configs[layer].d_out), generator)
+                init_transcoder(
+                    tc_configs[layer],
+                    torch.zeros(tc_configs[layer].d_in),
+                    torch.zeros(tc_configs[layer].d_out),
+                    generator,
+                )
         checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
         start_step = 0
         if continuing and (out / checkpoint).is_file():
@@ -119,8 +142,18 @@ def _train(config: TrainConfig, cache: Any, dist: distributed.Distributed,
             trim_log(out, start_step)
         d_model = int(cache.d_model)
         with torch_threads(step_threads(config.threads, d_model * config.n_features(d_model) * config.batch_size)):
-            run_steps(config, cache, mine, schedule, states, start_step, out, device, dist,
-                      saved_step=start_step if start_step else None)
+            run_steps(
+                config,
+                cache,
+                mine,
+                schedule,
+                states,
+                start_step,
+                out,
+                device,
+                dist,
+                saved_step=start_step if start_step else None,
+            )
     finally:
         if owns_cache:
             cache.close()
@@ -148,18 +181,28 @@ def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> Transcoder
     hooks = info["layers"][layer]
     d_model = int(cache.d_model)
     return TranscoderConfig(
-        d_in=d_model, d_out=d_model, n_features=config.n_features(d_model), activation=config.activation,
-        k=config.k if config.activation in K_ACTIVATIONS else None, skip=config.skip, kind=config.kind, layer=layer,
-        input_space="mlp_out" if config.kind == "sae" else "normalized", output_space="mlp_out",
-        model_name=model_name, model_architecture=info.get("architecture"),
+        d_in=d_model,
+        d_out=d_model,
+        n_features=config.n_features(d_model),
+        activation=config.activation,
+        k=config.k if config.activation in K_ACTIVATIONS else None,
+        skip=config.skip,
+        kind=config.kind,
+        layer=layer,
+        input_space="mlp_out" if config.kind == "sae" else "normalized",
+        output_space="mlp_out",
+        model_name=model_name,
+        model_architecture=info.get("architecture"),
         weight_processing=dict(info.get("weight_processing") or {}),
-        input_hook=hooks["mlp_out"] if config.kind == "sae" else hooks["mlp_in"], output_hook=hooks["mlp_out"],
+        input_hook=hooks["mlp_out"] if config.kind == "sae" else hooks["mlp_in"],
+        output_hook=hooks["mlp_out"],
         training=to_json_dict(config),
     )
 
 
-def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: TrainConfig,
-                    generator: torch.Generator, device: torch.device) -> LayerState:
+def new_layer_state(
+    tc_config: TranscoderConfig, stats: DataStats, config: TrainConfig, generator: torch.Generator, device: torch.device
+) -> LayerState:
     transcoder = init_transcoder(tc_config, stats.input_mean, stats.target_mean, generator)
     init_thresholds_(transcoder, stats.input_sample, config.k)
     calibrate_encoder_(transcoder, stats.input_sample, stats.target_sample)
@@ -181,12 +224,17 @@ def new_layer_state(tc_config: TranscoderConfig, stats: DataStats, config: Train
         # threshold by about lr of itself (as training log thresholds would) whatever the activations' scale
         groups.append(dict(params=[transcoder.threshold], lr_scale=threshold_scale))
     lr = config.learning_rate_for(tc_config.n_features)
-    optimizer = (ScheduleFreeSign(groups, lr=lr) if config.optimizer == "signum"
-                 else torch.optim.Adam(groups, lr=lr, fused=True))  # one pass over each tensor (half the time)
+    optimizer = (
+        ScheduleFreeSign(groups, lr=lr) if config.optimizer == "signum" else torch.optim.Adam(groups, lr=lr, fused=True)
+    )  # one pass over each tensor (half the time)
     m = tc_config.n_features
-    return LayerState(transcoder, optimizer, torch.zeros(m, dtype=torch.long, device=device),
-                      torch.zeros(m, dtype=torch.long, device=device),
-                      scales=LossScales(stats.target_variance, bandwidth, threshold_scale))
+    return LayerState(
+        transcoder,
+        optimizer,
+        torch.zeros(m, dtype=torch.long, device=device),
+        torch.zeros(m, dtype=torch.long, device=device),
+        scales=LossScales(stats.target_variance, bandwidth, threshold_scale),
+    )
 
 
 def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
@@ -201,8 +249,9 @@ def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
         if transcoder.config.activation == "batchtopk":
             x = stats.input_sample.to(transcoder.W_enc.device)
             transcoder.threshold.fill_(float(batch_cutoff(transcoder.pre_activation(x), int(transcoder.config.k))))
-        transcoder.W_enc = torch.nn.Parameter(transcoder.W_enc.detach().contiguous(),
-                                              requires_grad=transcoder.W_enc.requires_grad)
+        transcoder.W_enc = torch.nn.Parameter(
+            transcoder.W_enc.detach().contiguous(), requires_grad=transcoder.W_enc.requires_grad
+        )
     return transcoder
 
 
@@ -228,21 +277,39 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: ShuffleSchedule,
-              states: dict[int, LayerState], start_step: int, out: Path, device: torch.device,
-              dist: distributed.Distributed = distributed.SINGLE_PROCESS, saved_step: Optional[int] = None) -> None:
+def run_steps(
+    config: TrainConfig,
+    cache: Any,
+    layers: list[int],
+    schedule: ShuffleSchedule,
+    states: dict[int, LayerState],
+    start_step: int,
+    out: Path,
+    device: torch.device,
+    dist: distributed.Distributed = distributed.SINGLE_PROCESS,
+    saved_step: Optional[int] = None,
+) -> None:
     """Train from ``start_step`` to the end, checkpointing on the way (``saved_step``: the step of the
     checkpoint already in ``out``, if any). Ctrl-C / SIGTERM stop it between two steps with a checkpoint
     of the step reached; a non-finite loss stops it saying which checkpoint, if any, is left."""
     total = config.total_steps
     frequency_from = total - max(1, total // 10)  # feature frequencies over the last tenth of training
-    reporter = (Reporter(out, config.quiet or not dist.is_main, total, start_step) if dist.writes_run_files
-                else distributed.SilentReporter())
+    reporter = (
+        Reporter(out, config.quiet or not dist.is_main, total, start_step)
+        if dist.writes_run_files
+        else distributed.SilentReporter()
+    )
     checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
     batch_size = config.batch_size // dist.data_world  # this rank's share of every batch
     base_lr = config.learning_rate_for(next(iter(states.values())).transcoder.config.n_features) if states else 0.0
-    loader = WindowLoader(cache, layers, config.kind, cache.context, device, share=lambda order, window:
-                          distributed.batch_share(order, window.n_steps, config.batch_size, dist))
+    loader = WindowLoader(
+        cache,
+        layers,
+        config.kind,
+        cache.context,
+        device,
+        share=lambda order, window: distributed.batch_share(order, window.n_steps, config.batch_size, dist),
+    )
     step = start_step
 
     def checkpoint_now() -> None:
@@ -272,15 +339,21 @@ def run_steps(config: TrainConfig, cache: Any, layers: list[int], schedule: Shuf
                     if dist.any(interrupts.pending() is not None) and step < total:
                         if saved_step != step:
                             checkpoint_now()
-                        raise interrupts.take(f"stopped at step {step} of {total} with a checkpoint; resume "
-                                              "with --resume")
+                        raise interrupts.take(
+                            f"stopped at step {step} of {total} with a checkpoint; resume with --resume"
+                        )
                 if step >= total:
                     break
     except NonFiniteLoss as exc:
-        kept = (f"its last checkpoint (step {saved_step}) is kept in {out}" if saved_step is not None
-                else "no checkpoint had been written")
-        raise fail(f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
-                   f"again with a lower --lr (--force reuses {out})") from None
+        kept = (
+            f"its last checkpoint (step {saved_step}) is kept in {out}"
+            if saved_step is not None
+            else "no checkpoint had been written"
+        )
+        raise fail(
+            f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
+            f"again with a lower --lr (--force reuses {out})"
+        ) from None
     finally:
         loader.close()
         reporter.close()
@@ -291,9 +364,17 @@ class NonFiniteLoss(TcError):
     """The loss became NaN or infinite (run_steps says which checkpoint is left)."""
 
 
-def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, step: int,
-                   lr: float, layer: int, count_frequency: bool,
-                   dist: distributed.Distributed = distributed.SINGLE_PROCESS):
+def train_one_step(
+    state: LayerState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    step: int,
+    lr: float,
+    layer: int,
+    count_frequency: bool,
+    dist: distributed.Distributed = distributed.SINGLE_PROCESS,
+):
     """One optimiser step for one layer; returns a function computing the step's metrics on demand.
     Data parallel: gradients are averaged and firing counts summed over the ranks (``dist``)."""
     transcoder = state.transcoder
@@ -319,8 +400,14 @@ def train_one_step(state: LayerState, x: torch.Tensor, y: torch.Tensor, config: 
 
     def metrics() -> dict:
         with torch.no_grad():
-            return dict(loss=float(result.loss), mse=float(result.mse), l1=float(result.l1), l0=float(result.l0),
-                        fvu=float(fraction_of_variance_unexplained(result.output, y)), aux=float(result.aux),
-                        dead_fraction=float((state.steps_since_fired >= config.dead_window).float().mean()))
+            return dict(
+                loss=float(result.loss),
+                mse=float(result.mse),
+                l1=float(result.l1),
+                l0=float(result.l0),
+                fvu=float(fraction_of_variance_unexplained(result.output, y)),
+                aux=float(result.aux),
+                dead_fraction=float((state.steps_since_fired >= config.dead_window).float().mean()),
+            )
 
     return metrics

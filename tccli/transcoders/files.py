@@ -9,17 +9,17 @@ written by tc). Other formats, and reading any of them as a set, are in tccli.tr
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tccli.config.transcoders import INPUT_SPACES, OUTPUT_SPACES, TranscoderConfig
 from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write, write_error
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import INPUT_SPACES, OUTPUT_SPACES, TranscoderConfig
 
 if TYPE_CHECKING:
     from tccli.model.loading import LoadedModel
@@ -46,14 +46,14 @@ def save_transcoder(transcoder: Transcoder, folder: str | Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(folder, exc) from None
-    tensors = {name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
-               for name in transcoder.tensor_names()}
+    tensors = {
+        name: getattr(transcoder, name).detach().to("cpu", torch.float32).contiguous()
+        for name in transcoder.tensor_names()
+    }
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     text = json.dumps(transcoder.config.to_dict(), indent=2)
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return folder
-
-
 
 
 def is_transcoder_folder(path: Path) -> bool:
@@ -77,8 +77,9 @@ def load_transcoder(folder: str | Path, device: str | torch.device = "cpu") -> T
         for name in transcoder.tensor_names():
             param = getattr(transcoder, name)
             if tuple(tensors[name].shape) != tuple(param.shape):
-                raise fail(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                           f"config says {tuple(param.shape)}")
+                raise fail(
+                    f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, config says {tuple(param.shape)}"
+                )
             param.copy_(tensors[name])
     return transcoder.to(device)
 
@@ -114,9 +115,11 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
     where = f"transcoder for layer {cfg.layer}"
     spaces = (cfg.input_space, cfg.output_space)
     if spaces not in SUPPORTED_SPACES or (cfg.kind == "sae") != (cfg.input_space in OUTPUT_SPACES):
-        raise fail(f"{where} ({cfg.kind}) reads {cfg.input_space} and writes {cfg.output_space}; tc runs "
-                   f"transcoders from {'/'.join(INPUT_SPACES)} to {'/'.join(OUTPUT_SPACES)} and SAEs on one "
-                   f"of {'/'.join(OUTPUT_SPACES)}")
+        raise fail(
+            f"{where} ({cfg.kind}) reads {cfg.input_space} and writes {cfg.output_space}; tc runs "
+            f"transcoders from {'/'.join(INPUT_SPACES)} to {'/'.join(OUTPUT_SPACES)} and SAEs on one "
+            f"of {'/'.join(OUTPUT_SPACES)}"
+        )
     if cfg.d_in != info.d_model or cfg.d_out != info.d_model:
         raise fail(f"{where} has d_in={cfg.d_in}, d_out={cfg.d_out} but the model's d_model is {info.d_model}")
     if cfg.layer is not None and cfg.layer >= info.n_layers:
@@ -125,11 +128,14 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
         hooks = info.layer(cfg.layer)
         expected_in = hooks.mlp_out if cfg.kind == "sae" else hooks.mlp_in
         if cfg.input_hook != expected_in or (cfg.output_hook and cfg.output_hook != hooks.mlp_out):
-            raise fail(f"{where} reads {cfg.input_hook} -> {cfg.output_hook}; this model's MLP is "
-                       f"{expected_in} -> {hooks.mlp_out}")
+            raise fail(
+                f"{where} reads {cfg.input_hook} -> {cfg.output_hook}; this model's MLP is "
+                f"{expected_in} -> {hooks.mlp_out}"
+            )
     if cfg.model_architecture and cfg.model_architecture != info.architecture:
-        raise fail(f"{where} was trained on a {cfg.model_architecture} model ({cfg.model_name}), "
-                   f"not this {info.architecture}")
+        raise fail(
+            f"{where} was trained on a {cfg.model_architecture} model ({cfg.model_name}), not this {info.architecture}"
+        )
     if cfg.weight_processing and cfg.weight_processing != info.weight_processing:
         raise fail(f"{where} was trained under other weight processing: {cfg.weight_processing}")
     from tccli.model.loading import known_different_models
@@ -142,8 +148,10 @@ def check_transcoders(transcoders: dict[int, Transcoder], loaded: LoadedModel) -
     for transcoder in transcoders.values():
         check_matches_model(transcoder, loaded.info)
         if transcoder.config.kind != "transcoder":
-            raise fail(f"layer {transcoder.config.layer} holds an SAE, not a transcoder: circuits need "
-                       f"transcoders (MLP input -> MLP output)")
+            raise fail(
+                f"layer {transcoder.config.layer} holds an SAE, not a transcoder: circuits need "
+                f"transcoders (MLP input -> MLP output)"
+            )
 
 
 def check_feature(transcoders: dict[int, Transcoder], layer: int, feature: int) -> Transcoder:
@@ -151,6 +159,8 @@ def check_feature(transcoders: dict[int, Transcoder], layer: int, feature: int) 
         raise fail(f"no transcoder for layer {layer} (have layers {sorted(transcoders) or 'none'})")
     transcoder = transcoders[layer]
     if not 0 <= feature < transcoder.n_features:
-        raise fail(f"feature {feature} is out of range: layer {layer}'s transcoder has "
-                   f"{transcoder.n_features} features (0-{transcoder.n_features - 1})")
+        raise fail(
+            f"feature {feature} is out of range: layer {layer}'s transcoder has "
+            f"{transcoder.n_features} features (0-{transcoder.n_features - 1})"
+        )
     return transcoder

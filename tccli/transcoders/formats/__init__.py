@@ -18,19 +18,18 @@ hold the transcoder (each writer refuses with one line what it cannot express).
 
 from __future__ import annotations
 
-
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-
+from tccli.config.transcoders import WRITE_FORMATS
 from tccli.errors import fail
+from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
 from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
 from tccli.transcoders.formats.hub import download, looks_like_hub_id
 from tccli.transcoders.transcoder import Transcoder
-from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
-from tccli.config.transcoders import WRITE_FORMATS
 
 # One transcoder per path: (name, detect(path), read(path)), tried in this order.
 SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transcoder]]] = [
@@ -65,8 +64,10 @@ def load_any_transcoder(path: str | Path, device: str | torch.device = "cpu") ->
     for _, detect, read in SINGLE_FORMATS:
         if detect(path):
             return read(path).to(device)
-    raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file "
-               "or a Gemma Scope params.npz")
+    raise fail(
+        f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file "
+        "or a Gemma Scope params.npz"
+    )
 
 
 def resolve(path: str | Path) -> Path:
@@ -91,8 +92,10 @@ def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
     if gemma_scope.is_set(path):
         return {layer: gemma_scope.read(file, layer) for layer, file in gemma_scope.find_set(path).items()}
     if not path.is_dir():
-        raise fail(f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file, "
-                   "a Gemma Scope params.npz, a circuit-tracer set (config.yaml) or a folder of them")
+        raise fail(
+            f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file, "
+            "a Gemma Scope params.npz, a circuit-tracer set (config.yaml) or a folder of them"
+        )
     out: dict[int, Transcoder] = {}
     children = sorted(p for p in path.iterdir() if single_transcoder_path(p))
     if not children:
@@ -108,8 +111,9 @@ def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
     return out
 
 
-def load_transcoder_set(path: str | Path, device: str | torch.device = "cpu",
-                        layers: Optional[list[int]] = None) -> dict[int, Transcoder]:
+def load_transcoder_set(
+    path: str | Path, device: str | torch.device = "cpu", layers: Optional[list[int]] = None
+) -> dict[int, Transcoder]:
     """A transcoder, a set, a folder of single transcoders in any readable format, or a hub id ->
     {layer: Transcoder}, restricted to ``layers`` when given (each must be there)."""
     local = resolve(path)
@@ -177,11 +181,16 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     local = resolve(source)
     transcoders = load_transcoder_set(local)
     single = fmt != "circuit-tracer" and single_transcoder_path(local) and len(transcoders) == 1
-    if notes is not None and fmt in SIGNED_TOPK_FORMATS and any(
-            t.config.activation == "topk" for t in transcoders.values()):
-        notes.append(f"{fmt}'s TopK keeps the k largest pre-activations even when negative; tc's topk applies "
-                     "ReLU after the selection, so the two differ on tokens with fewer than k positive "
-                     f"pre-activations when {fmt} runs the files")
+    if (
+        notes is not None
+        and fmt in SIGNED_TOPK_FORMATS
+        and any(t.config.activation == "topk" for t in transcoders.values())
+    ):
+        notes.append(
+            f"{fmt}'s TopK keeps the k largest pre-activations even when negative; tc's topk applies "
+            "ReLU after the selection, so the two differ on tokens with fewer than k positive "
+            f"pre-activations when {fmt} runs the files"
+        )
     members = {layer: Path() if single else Path(_member_name(fmt, layer)) for layer in transcoders}
     # every layer must be expressible before anything is written (errors name the destination, not the
     # staging folder below)
@@ -203,8 +212,9 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
             if fmt == "circuit-tracer":
                 written = circuit_tracer.write_set(transcoders, staging)
             else:
-                written = [write_transcoder(transcoders[layer], staging / member, fmt)
-                           for layer, member in members.items()]
+                written = [
+                    write_transcoder(transcoders[layer], staging / member, fmt) for layer, member in members.items()
+                ]
             if destination.is_dir():
                 destination.rmdir()  # empty: checked above
             os.replace(staging, destination)

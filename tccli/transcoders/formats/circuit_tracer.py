@@ -34,12 +34,22 @@ from typing import Optional
 
 import torch
 
+from tccli.config.transcoders import TranscoderConfig
 from tccli.errors import fail
 from tccli.transcoders.formats import gemma_scope
-from tccli.transcoders.formats.common import (filled, hook_of_space, inference_threshold, input_bias_folded, read_safetensors,
-                                  read_yaml, source, space_of_hook, write_safetensors, write_text)
+from tccli.transcoders.formats.common import (
+    filled,
+    hook_of_space,
+    inference_threshold,
+    input_bias_folded,
+    read_safetensors,
+    read_yaml,
+    source,
+    space_of_hook,
+    write_safetensors,
+    write_text,
+)
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import TranscoderConfig
 
 CONFIG = "config.yaml"
 ACTIVATIONS = ("relu", "jumprelu", "topk")
@@ -65,7 +75,7 @@ def layer_files(folder: Path, config: dict, origin: Optional[str] = None) -> dic
     if listed is None:
         files = {}
         for file in folder.glob("layer_*.safetensors"):
-            suffix = file.stem[len("layer_"):]
+            suffix = file.stem[len("layer_") :]
             if suffix.isdigit():
                 files[int(suffix)] = file
         if not files:
@@ -113,9 +123,15 @@ def read_set(folder: str | Path, origin: Optional[str] = None) -> dict[int, Tran
         raise fail(f"{where}: activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
     out = {}
     for layer, file in layer_files(folder, config, origin).items():
-        info = {"model_name": config.get("model_name"), "layer": layer, "input_space": input_space,
-                "output_space": output_space, "input_hook": hook_in, "output_hook": hook_out,
-                "source": source("circuit-tracer", file, set=origin or str(folder), config=CONFIG)}
+        info = {
+            "model_name": config.get("model_name"),
+            "layer": layer,
+            "input_space": input_space,
+            "output_space": output_space,
+            "input_hook": hook_in,
+            "output_hook": hook_out,
+            "source": source("circuit-tracer", file, set=origin or str(folder), config=CONFIG),
+        }
         if file.suffix == ".npz":  # Gemma Scope files listed by a circuit-tracer config: its hooks rule
             transcoder = gemma_scope.read(file, layer)
             for name, value in info.items():
@@ -131,9 +147,14 @@ def read_layer(file: Path, activation: Optional[str], k, info: dict) -> Transcod
     where = str(file)
     tensors = read_safetensors(file)
     if "w_enc" in tensors:  # Gemma Scope 2's JumpReLU checkpoints
-        tensors = {"W_enc": tensors["w_enc"].T, "W_dec": tensors["w_dec"], "b_enc": tensors["b_enc"],
-                   "b_dec": tensors["b_dec"], "activation_function.threshold": tensors["threshold"],
-                   **({"W_skip": tensors["affine_skip_connection"].T} if "affine_skip_connection" in tensors else {})}
+        tensors = {
+            "W_enc": tensors["w_enc"].T,
+            "W_dec": tensors["w_dec"],
+            "b_enc": tensors["b_enc"],
+            "b_dec": tensors["b_dec"],
+            "activation_function.threshold": tensors["threshold"],
+            **({"W_skip": tensors["affine_skip_connection"].T} if "affine_skip_connection" in tensors else {}),
+        }
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         if name not in tensors:
             raise fail(f"{where} is not a circuit-tracer transcoder: it lacks {name}")
@@ -151,10 +172,22 @@ def read_layer(file: Path, activation: Optional[str], k, info: dict) -> Transcod
         k = None
     m, d_in = tensors["W_enc"].shape
     skip = "W_skip" in tensors
-    config = TranscoderConfig(d_in=int(d_in), d_out=int(tensors["W_dec"].shape[1]), n_features=int(m),
-                              activation=activation, k=k, skip=skip, **info)
-    weights = {"W_enc": tensors["W_enc"].T, "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
-               "b_dec": tensors["b_dec"], "b_pre": torch.zeros(int(d_in))}
+    config = TranscoderConfig(
+        d_in=int(d_in),
+        d_out=int(tensors["W_dec"].shape[1]),
+        n_features=int(m),
+        activation=activation,
+        k=k,
+        skip=skip,
+        **info,
+    )
+    weights = {
+        "W_enc": tensors["W_enc"].T,
+        "W_dec": tensors["W_dec"],
+        "b_enc": tensors["b_enc"],
+        "b_dec": tensors["b_dec"],
+        "b_pre": torch.zeros(int(d_in)),
+    }
     if activation == "jumprelu":
         weights["threshold"] = threshold
     if skip:
@@ -172,7 +205,11 @@ def check_set(transcoders: dict[int, Transcoder], where: str) -> str:
     activation = WRITTEN_AS.get(first.activation, first.activation)
     for config in configs:
         same = (config.input_space, config.output_space, config.k, config.kind) == (
-            first.input_space, first.output_space, first.k, first.kind)
+            first.input_space,
+            first.output_space,
+            first.k,
+            first.kind,
+        )
         if not same or WRITTEN_AS.get(config.activation, config.activation) != activation:
             raise fail(f"{where}: all layers must share spaces, activation and k (layer {config.layer} differs)")
     if first.kind != "transcoder":
@@ -204,9 +241,13 @@ def write_set(transcoders: dict[int, Transcoder], folder: str | Path) -> list[Pa
         path = folder / f"layer_{layer}.safetensors"
         write_safetensors(path, tensors)
         written.append(path)
-    config = {"model_name": first.model_name, "model_kind": "transcoder_set",
-              "feature_input_hook": hook_of_space(first.input_space, False),
-              "feature_output_hook": hook_of_space(first.output_space, True), "activation": activation}
+    config = {
+        "model_name": first.model_name,
+        "model_kind": "transcoder_set",
+        "feature_input_hook": hook_of_space(first.input_space, False),
+        "feature_output_hook": hook_of_space(first.output_space, True),
+        "activation": activation,
+    }
     if activation == "topk":
         config["k"] = first.k
     write_text(folder / CONFIG, yaml.safe_dump(config, sort_keys=False))

@@ -10,10 +10,10 @@ from typing import Any, Optional
 
 import torch
 
+from tccli.config.transcoders import TranscoderConfig
 from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import TranscoderConfig
 
 # TransformerLens-style hook names (without the "blocks.L." prefix) and the spaces they are (tccli.model.spaces).
 # "mlp.hook_in" is the MLP module's input (circuit-tracer's ReplacementMLP, TransformerLens loaded with
@@ -54,8 +54,10 @@ def space_of_hook(hook: Optional[str], output: bool, where: str) -> str:
     bare = _BLOCK_PREFIX.sub("", hook or "")
     if bare not in table:
         side = "writes" if output else "reads"
-        raise fail(f"{where} {side} {hook!r}; tc runs transcoders that read "
-                   f"{', '.join(INPUT_HOOK_SPACES)} and write {', '.join(OUTPUT_HOOK_SPACES)}")
+        raise fail(
+            f"{where} {side} {hook!r}; tc runs transcoders that read "
+            f"{', '.join(INPUT_HOOK_SPACES)} and write {', '.join(OUTPUT_HOOK_SPACES)}"
+        )
     return table[bare]
 
 

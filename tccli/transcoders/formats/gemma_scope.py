@@ -20,11 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tccli.errors import fail
-from tccli.transcoders.formats.common import (filled, inference_threshold, input_bias_folded, layer_in_name, source,
-                                  write_bytes)
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.errors import fail
+from tccli.transcoders.formats.common import (
+    filled,
+    inference_threshold,
+    input_bias_folded,
+    layer_in_name,
+    source,
+    write_bytes,
+)
+from tccli.transcoders.transcoder import Transcoder
 
 PARAMS = "params.npz"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -56,10 +62,17 @@ def read(path: str | Path, layer: int | None = None) -> Transcoder:
         raise fail(f"{where}: no layer_L in its path, so its layer is unknown")
     d_in, m = tensors["W_enc"].shape
     config = TranscoderConfig(
-        d_in=int(d_in), d_out=int(tensors["W_dec"].shape[1]), n_features=int(m), activation="jumprelu",
-        layer=layer, input_space="normalized", output_space="mlp_out",
-        input_hook=f"blocks.{layer}.ln2.hook_normalized", output_hook=f"blocks.{layer}.hook_mlp_out",
-        source=source("gemma-scope", file, variant="/".join(file.parent.parts[-2:])))
+        d_in=int(d_in),
+        d_out=int(tensors["W_dec"].shape[1]),
+        n_features=int(m),
+        activation="jumprelu",
+        layer=layer,
+        input_space="normalized",
+        output_space="mlp_out",
+        input_hook=f"blocks.{layer}.ln2.hook_normalized",
+        output_hook=f"blocks.{layer}.hook_mlp_out",
+        source=source("gemma-scope", file, variant="/".join(file.parent.parts[-2:])),
+    )
     weights = {**tensors, "b_pre": torch.zeros(int(d_in))}
     return filled(config, weights, where)
 
@@ -82,8 +95,10 @@ def find_set(folder: Path) -> dict[int, Path]:
     for layer, files in found.items():
         if len(files) > 1:
             choices = ", ".join(str(f.parent.relative_to(folder)) for f in files[:4])
-            raise fail(f"{folder} holds {len(files)} Gemma Scope transcoders for layer {layer} ({choices}"
-                       f"{', ...' if len(files) > 4 else ''}); pass a folder with one per layer")
+            raise fail(
+                f"{folder} holds {len(files)} Gemma Scope transcoders for layer {layer} ({choices}"
+                f"{', ...' if len(files) > 4 else ''}); pass a folder with one per layer"
+            )
     return {layer: files[0] for layer, files in sorted(found.items())}
 
 
@@ -94,10 +109,16 @@ def is_set(path: Path) -> bool:
 def check(transcoder: Transcoder, where: str) -> None:
     """Refuse (one line) a transcoder a Gemma Scope npz cannot hold."""
     config = transcoder.config
-    if config.skip or (config.input_space, config.output_space) != ("normalized", "mlp_out") or config.kind != "transcoder":
-        raise fail(f"{where}: Gemma Scope transcoders read normalized and write mlp_out without a skip "
-                   f"connection; this one is a {config.kind} from {config.input_space} to {config.output_space}"
-                   f"{' with a skip' if config.skip else ''}")
+    if (
+        config.skip
+        or (config.input_space, config.output_space) != ("normalized", "mlp_out")
+        or config.kind != "transcoder"
+    ):
+        raise fail(
+            f"{where}: Gemma Scope transcoders read normalized and write mlp_out without a skip "
+            f"connection; this one is a {config.kind} from {config.input_space} to {config.output_space}"
+            f"{' with a skip' if config.skip else ''}"
+        )
     inference_threshold(transcoder, where)
 
 
@@ -108,8 +129,13 @@ def write(transcoder: Transcoder, folder: str | Path) -> Path:
     where = f"writing {folder} as Gemma Scope"
     check(transcoder, where)
     W_enc, b_enc = input_bias_folded(transcoder)
-    arrays = {"W_enc": W_enc, "W_dec": transcoder.W_dec.detach().float().cpu(), "b_enc": b_enc,
-              "b_dec": transcoder.b_dec.detach().float().cpu(), "threshold": inference_threshold(transcoder, where)}
+    arrays = {
+        "W_enc": W_enc,
+        "W_dec": transcoder.W_dec.detach().float().cpu(),
+        "b_enc": b_enc,
+        "b_dec": transcoder.b_dec.detach().float().cpu(),
+        "threshold": inference_threshold(transcoder, where),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **{key: value.numpy() for key, value in arrays.items()})

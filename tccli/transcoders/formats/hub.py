@@ -34,8 +34,9 @@ def split_hub_id(text: str) -> tuple[str, Optional[str], Optional[str]]:
 
 def _hub_error(what: str, exc: Exception) -> Exception:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return fail(f"cannot download {what} from the HuggingFace hub ({reason[:200]}); "
-                "offline, pass a local folder instead")
+    return fail(
+        f"cannot download {what} from the HuggingFace hub ({reason[:200]}); offline, pass a local folder instead"
+    )
 
 
 def download_file(repo: str, filename: str, revision: Optional[str] = None) -> Path:
@@ -50,7 +51,7 @@ def download_file(repo: str, filename: str, revision: Optional[str] = None) -> P
 
 def download_uri(uri: str) -> Path:
     """An ``hf://owner/repo/path/in/repo[?revision=rev]`` file, as circuit-tracer's configs list them."""
-    body, _, query = uri[len("hf://"):].partition("?")
+    body, _, query = uri[len("hf://") :].partition("?")
     parts = body.split("/")
     if len(parts) < 3:
         raise fail(f"{uri!r} is not an hf://owner/repo/file URI")

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from tccli.config.transcoders import TranscoderConfig
 from tccli.errors import fail
 from tccli.transcoders.formats.common import filled, layer_of_hook, source
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import TranscoderConfig
 
 # The config class of the paper's reference code (jacobdunefsky/transcoder_circuits, an old SAELens fork),
 # under the module paths it was pickled from. Only these names get the stand-in; nothing else is allowed.
@@ -35,8 +35,6 @@ PAPER_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 def detect(path: Path) -> bool:
     return path.is_file() and path.suffix == ".pt"
-
-
 
 
 class ForeignConfig:
@@ -83,16 +81,29 @@ def read(path: str | Path) -> Transcoder:
 
     plain = {key: value for key, value in attrs.items() if isinstance(value, (str, int, float, bool, type(None)))}
     config = TranscoderConfig(
-        d_in=d_in, d_out=d_out, n_features=n_features, activation="relu",
-        kind="transcoder" if is_transcoder else "sae", layer=layer, model_name=attrs.get("model_name"),
+        d_in=d_in,
+        d_out=d_out,
+        n_features=n_features,
+        activation="relu",
+        kind="transcoder" if is_transcoder else "sae",
+        layer=layer,
+        model_name=attrs.get("model_name"),
         input_space="normalized" if is_transcoder else "mlp_out",
         # the reference code loaded models with HookedTransformer's default processing, which is
         # what tc's compatibility mode reproduces
-        weight_processing=dict(WEIGHT_PROCESSING), input_hook=hook_in, output_hook=hook_out,
+        weight_processing=dict(WEIGHT_PROCESSING),
+        input_hook=hook_in,
+        output_hook=hook_out,
         training={"source": "paper .pt", "file": path.name, "reference_config": plain},
-        source=source("paper-pt", path))
-    weights = {"W_enc": W_enc, "b_enc": state["b_enc"], "W_dec": state["W_dec"], "b_pre": state["b_dec"],
-               "b_dec": state["b_dec_out"] if is_transcoder and "b_dec_out" in state else state["b_dec"]}
+        source=source("paper-pt", path),
+    )
+    weights = {
+        "W_enc": W_enc,
+        "b_enc": state["b_enc"],
+        "W_dec": state["W_dec"],
+        "b_pre": state["b_dec"],
+        "b_dec": state["b_dec_out"] if is_transcoder and "b_dec_out" in state else state["b_dec"],
+    }
     return filled(config, weights, where)
 
 
@@ -116,7 +127,8 @@ def _unpickling_reason(message: str) -> str:
     # whose module a is blocked"); the offending name follows GLOBAL in all of them
     match = re.search(r"GLOBAL ([\w.]+)", message)
     if match:
-        return (f"it asks to run or build {match.group(1)}, which is not a tensor or the paper's config class "
-                "(only those are allowed, so nothing in the file was executed)")
-    return ("it is not a torch.save file holding only tensors and the paper's config "
-            "(nothing in the file was executed)")
+        return (
+            f"it asks to run or build {match.group(1)}, which is not a tensor or the paper's config class "
+            "(only those are allowed, so nothing in the file was executed)"
+        )
+    return "it is not a torch.save file holding only tensors and the paper's config (nothing in the file was executed)"

@@ -39,11 +39,21 @@ from typing import Any, Optional
 
 import torch
 
-from tccli.errors import fail
-from tccli.transcoders.formats.common import (filled, input_bias_folded, positive_int, read_json, read_safetensors,
-                                  restored_config, source, space_of_hook, write_safetensors, write_text)
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.errors import fail
+from tccli.transcoders.formats.common import (
+    filled,
+    input_bias_folded,
+    positive_int,
+    read_json,
+    read_safetensors,
+    restored_config,
+    source,
+    space_of_hook,
+    write_safetensors,
+    write_text,
+)
+from tccli.transcoders.transcoder import Transcoder
 
 INFO = "sae_info.json"
 CONFIG = "sae.json"
@@ -54,8 +64,17 @@ TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 SUBLAYER_HOOKS = {"mlp_in": "ln2.hook_normalized", "mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
 SPACE_SUBLAYERS = {"normalized": "mlp_in", "resid_mid": "mid", "mlp_out": "mlp_out"}
 # DTYPE_DICT of tc_peek_backend.py, floating-point entries (null means float32)
-FLOAT_DTYPES = {None, "float64", "float32", "float16", "bfloat16",
-                "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16"}
+FLOAT_DTYPES = {
+    None,
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "torch.float64",
+    "torch.float32",
+    "torch.float16",
+    "torch.bfloat16",
+}
 
 
 def detect(path: Path) -> bool:
@@ -77,8 +96,10 @@ def _layer_sublayer(info: dict, key: str, where: str) -> tuple[int, str]:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise fail(f"{where}: {key}.layer must be a non-negative integer, got {layer!r}")
     if sublayer not in SUBLAYER_HOOKS:
-        raise fail(f"{where}: {key}.sublayer {sublayer!r} is not supported (tc reads transcoders on "
-                   f"{', '.join(SUBLAYER_HOOKS)})")
+        raise fail(
+            f"{where}: {key}.sublayer {sublayer!r} is not supported (tc reads transcoders on "
+            f"{', '.join(SUBLAYER_HOOKS)})"
+        )
     return layer, sublayer
 
 
@@ -95,8 +116,10 @@ def read(folder: str | Path) -> Transcoder:
     """A Peek folder (sae_info.json + sae.json + sae.safetensors) as a tc Transcoder."""
     folder = Path(folder)
     if not (folder / INFO).is_file():
-        raise fail(f"{folder}: a Peek folder needs {INFO} (it says which layer and hooks the transcoder "
-                   f"reads and writes); found only {CONFIG}")
+        raise fail(
+            f"{folder}: a Peek folder needs {INFO} (it says which layer and hooks the transcoder "
+            f"reads and writes); found only {CONFIG}"
+        )
     info = read_json(folder / INFO)
     where = str(folder / INFO)
     config_file = folder / _plain_name(info.get("sae_filename", CONFIG), "sae_filename", where)
@@ -119,11 +142,14 @@ def read(folder: str | Path) -> Transcoder:
     activation, k = _activation(cfg, cfg_where)
 
     layer, sublayer_in = _layer_sublayer(info, "input_layer", where)
-    out_layer, sublayer_out = (_layer_sublayer(info, "output_layer", where) if info.get("output_layer") is not None
-                               else (layer, sublayer_in))
+    out_layer, sublayer_out = (
+        _layer_sublayer(info, "output_layer", where) if info.get("output_layer") is not None else (layer, sublayer_in)
+    )
     if out_layer != layer:
-        raise fail(f"{where}: a transcoder from layer {layer} to layer {out_layer} is not supported (tc's read "
-                   "and write the same layer)")
+        raise fail(
+            f"{where}: a transcoder from layer {layer} to layer {out_layer} is not supported (tc's read "
+            "and write the same layer)"
+        )
     is_transcoder = sublayer_in != sublayer_out
     hook_in, hook_out = (f"blocks.{layer}.{SUBLAYER_HOOKS[s]}" for s in (sublayer_in, sublayer_out))
     output_space = space_of_hook(hook_out, True, where)
@@ -139,14 +165,27 @@ def read(folder: str | Path) -> Transcoder:
 
         model = info.get("model_path")
         config = TranscoderConfig(
-            d_in=d_in, d_out=d_out, n_features=n_features, activation=activation, k=k,
-            kind="transcoder" if is_transcoder else "sae", layer=layer, input_space=input_space,
-            output_space=output_space, model_name=model if isinstance(model, str) else None,
+            d_in=d_in,
+            d_out=d_out,
+            n_features=n_features,
+            activation=activation,
+            k=k,
+            kind="transcoder" if is_transcoder else "sae",
+            layer=layer,
+            input_space=input_space,
+            output_space=output_space,
+            model_name=model if isinstance(model, str) else None,
             # Peek loads models with HookedTransformer's default processing: tc's compatibility mode
-            weight_processing=dict(WEIGHT_PROCESSING), input_hook=hook_in, output_hook=hook_out,
-            training={"source": "peek", "sae_info": {k: v for k, v in info.items() if k != "upstreams"},
-                      "sae_config": cfg},
-            source=source("peek", folder, name=info.get("name") or None))
+            weight_processing=dict(WEIGHT_PROCESSING),
+            input_hook=hook_in,
+            output_hook=hook_out,
+            training={
+                "source": "peek",
+                "sae_info": {k: v for k, v in info.items() if k != "upstreams"},
+                "sae_config": cfg,
+            },
+            source=source("peek", folder, name=info.get("name") or None),
+        )
     weights = {name: tensors[name] for name in TENSORS}
     weights["b_pre"] = torch.zeros(config.d_in)
     return filled(config, weights, str(weights_file))
@@ -156,13 +195,20 @@ def check(transcoder: Transcoder, where: str) -> None:
     """Refuse (one line) a transcoder a Peek folder cannot hold."""
     config = transcoder.config
     if config.activation not in ("relu", "topk", "signed_topk") or config.skip:
-        raise fail(f"{where}: Peek holds relu and top_k transcoders without skip connections; this is a "
-                   f"{config.activation}{' skip' if config.skip else ''} {config.kind}")
+        raise fail(
+            f"{where}: Peek holds relu and top_k transcoders without skip connections; this is a "
+            f"{config.activation}{' skip' if config.skip else ''} {config.kind}"
+        )
     spaces = (config.input_space, config.output_space)
-    if config.output_space != "mlp_out" or config.input_space not in SPACE_SUBLAYERS or (
-            config.kind == "sae") != (config.input_space == "mlp_out"):
-        raise fail(f"{where}: Peek's sublayers hold transcoders from normalized (mlp_in) or resid_mid (mid) to "
-                   f"mlp_out and SAEs on mlp_out; this {config.kind} reads {spaces[0]} and writes {spaces[1]}")
+    if (
+        config.output_space != "mlp_out"
+        or config.input_space not in SPACE_SUBLAYERS
+        or (config.kind == "sae") != (config.input_space == "mlp_out")
+    ):
+        raise fail(
+            f"{where}: Peek's sublayers hold transcoders from normalized (mlp_in) or resid_mid (mid) to "
+            f"mlp_out and SAEs on mlp_out; this {config.kind} reads {spaces[0]} and writes {spaces[1]}"
+        )
     if config.layer is None:
         raise fail(f"{where}: the transcoder names no layer, which a Peek folder must say")
 
@@ -174,14 +220,29 @@ def write(transcoder: Transcoder, folder: str | Path) -> Path:
     check(transcoder, f"writing {folder} as Peek")
     W_enc, b_enc = input_bias_folded(transcoder)
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": transcoder.W_dec, "b_dec": transcoder.b_dec}
-    cfg = {"d_in": config.d_in, "num_features": config.n_features, "d_out": config.d_out, "dtype": "torch.float32",
-           "act_fn": "relu" if config.activation == "relu" else "top_k",
-           "top_k": None if config.activation == "relu" else config.k, "tensors_filename": WEIGHTS}
+    cfg = {
+        "d_in": config.d_in,
+        "num_features": config.n_features,
+        "d_out": config.d_out,
+        "dtype": "torch.float32",
+        "act_fn": "relu" if config.activation == "relu" else "top_k",
+        "top_k": None if config.activation == "relu" else config.k,
+        "tensors_filename": WEIGHTS,
+    }
     parallel = config.model_architecture == "GPTNeoXForCausalLM"
-    sides = {key: {"layer": config.layer, "sublayer": SPACE_SUBLAYERS[space], "parallel_attn_mlp": parallel}
-             for key, space in (("input_layer", config.input_space), ("output_layer", config.output_space))}
-    info = {"name": f"layer {config.layer} {config.kind}", **sides, "short_name": "",
-            "model_path": config.model_name, "upstreams": [], "sae_filename": CONFIG, "tc_config": config.to_dict()}
+    sides = {
+        key: {"layer": config.layer, "sublayer": SPACE_SUBLAYERS[space], "parallel_attn_mlp": parallel}
+        for key, space in (("input_layer", config.input_space), ("output_layer", config.output_space))
+    }
+    info = {
+        "name": f"layer {config.layer} {config.kind}",
+        **sides,
+        "short_name": "",
+        "model_path": config.model_name,
+        "upstreams": [],
+        "sae_filename": CONFIG,
+        "tc_config": config.to_dict(),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(folder / WEIGHTS, tensors)
     write_text(folder / CONFIG, json.dumps(cfg))

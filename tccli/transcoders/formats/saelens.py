@@ -32,12 +32,23 @@ from typing import Any, Optional
 
 import torch
 
-from tccli.errors import fail
-from tccli.transcoders.formats.common import (filled, hook_of_space, input_bias_folded, layer_of_hook, positive_int, read_json,
-                                  read_safetensors, restored_config, source, space_of_hook, write_safetensors,
-                                  write_text)
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import OUTPUT_SPACES, TranscoderConfig
+from tccli.errors import fail
+from tccli.transcoders.formats.common import (
+    filled,
+    hook_of_space,
+    input_bias_folded,
+    layer_of_hook,
+    positive_int,
+    read_json,
+    read_safetensors,
+    restored_config,
+    source,
+    space_of_hook,
+    write_safetensors,
+    write_text,
+)
+from tccli.transcoders.transcoder import Transcoder
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -89,15 +100,15 @@ def read(folder: str | Path) -> Transcoder:
         raise fail(f"{where}: TopK selection rescaled by decoder norms (rescale_acts_by_decoder_norm) is not supported")
     architecture = str(merged.get("architecture", "standard"))
     if architecture not in ARCHITECTURES:
-        raise fail(f"{where}: SAELens architecture {architecture!r} is not supported "
-                   f"({', '.join(ARCHITECTURES)} are)")
+        raise fail(f"{where}: SAELens architecture {architecture!r} is not supported ({', '.join(ARCHITECTURES)} are)")
     is_transcoder, activation, skip = ARCHITECTURES[architecture]
     kwargs = merged.get("activation_fn_kwargs") or {}
     if activation == "topk":
         activation, k = _activation("topk", merged.get("k", kwargs.get("k")), where)
     elif activation == "relu":
-        activation, k = _activation(str(merged.get("activation_fn", merged.get("activation_fn_str", "relu"))),
-                                    kwargs.get("k"), where)
+        activation, k = _activation(
+            str(merged.get("activation_fn", merged.get("activation_fn_str", "relu"))), kwargs.get("k"), where
+        )
     else:
         k = None
 
@@ -113,11 +124,22 @@ def read(folder: str | Path) -> Transcoder:
     if config is None:
         input_space, output_space = _spaces(merged, hook_in, hook_out, is_transcoder, where)
         config = TranscoderConfig(
-            d_in=d_in, d_out=d_out, n_features=n_features, activation=activation, k=k, skip=skip,
-            kind="transcoder" if is_transcoder else "sae", layer=layer, input_space=input_space,
-            output_space=output_space, model_name=merged.get("model_name"), input_hook=hook_in,
-            output_hook=hook_out, training={"source": "saelens", "saelens_config": cfg},
-            source=source("saelens", folder, architecture=architecture))
+            d_in=d_in,
+            d_out=d_out,
+            n_features=n_features,
+            activation=activation,
+            k=k,
+            skip=skip,
+            kind="transcoder" if is_transcoder else "sae",
+            layer=layer,
+            input_space=input_space,
+            output_space=output_space,
+            model_name=merged.get("model_name"),
+            input_hook=hook_in,
+            output_hook=hook_out,
+            training={"source": "saelens", "saelens_config": cfg},
+            source=source("saelens", folder, architecture=architecture),
+        )
     weights = dict(tensors)
     apply_b_dec = bool(merged.get("apply_b_dec_to_input", not is_transcoder)) and not is_transcoder
     if "b_dec" in tensors:
@@ -129,8 +151,9 @@ def read(folder: str | Path) -> Transcoder:
     return filled(config, weights, where)
 
 
-def _spaces(merged: dict, hook_in: Optional[str], hook_out: Optional[str], is_transcoder: bool,
-            where: str) -> tuple[str, str]:
+def _spaces(
+    merged: dict, hook_in: Optional[str], hook_out: Optional[str], is_transcoder: bool, where: str
+) -> tuple[str, str]:
     output_space = space_of_hook(hook_out, True, where)
     kwargs = merged.get("model_from_pretrained_kwargs") or {}
     if output_space == "mlp_out" and kwargs.get("center_writing_weights") is False:
@@ -144,8 +167,10 @@ def check(transcoder: Transcoder, where: str) -> None:
     """Refuse (one line) a transcoder SAELens cannot hold."""
     config = transcoder.config
     if config.activation == "signed_topk":
-        raise fail(f"{where}: SAELens's TopK applies ReLU after the selection; a signed_topk {config.kind} "
-                   "(circuit-tracer's or Peek's TopK) cannot be written exactly")
+        raise fail(
+            f"{where}: SAELens's TopK applies ReLU after the selection; a signed_topk {config.kind} "
+            "(circuit-tracer's or Peek's TopK) cannot be written exactly"
+        )
     if config.kind == "sae" and config.activation not in ("relu", "topk"):
         raise fail(f"{where}: a {config.activation} SAE cannot be written (standard and topk SAEs can)")
     if config.kind != "sae" and config.activation in ("jumprelu", "batchtopk"):
@@ -209,8 +234,14 @@ def write(transcoder: Transcoder, folder: str | Path) -> Path:
     if is_transcoder:
         # current SAELens reads the output hook from metadata; earlier 6.x releases from the top level
         cfg["metadata"].update({"hook_name_out": hook_out, "hook_head_index_out": None})
-        cfg.update({"d_out": config.d_out, "hook_name_out": hook_out, "hook_layer_out": config.layer,
-                    "hook_head_index_out": None})
+        cfg.update(
+            {
+                "d_out": config.d_out,
+                "hook_name_out": hook_out,
+                "hook_layer_out": config.layer,
+                "hook_head_index_out": None,
+            }
+        )
     import json
 
     write_safetensors(folder / WEIGHTS, tensors)

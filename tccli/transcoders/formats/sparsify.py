@@ -19,11 +19,19 @@ from pathlib import Path
 
 import torch
 
-from tccli.errors import fail
-from tccli.transcoders.formats.common import (filled, input_bias_folded, layer_in_name, read_json, read_safetensors, source,
-                                  write_safetensors, write_text)
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.errors import fail
+from tccli.transcoders.formats.common import (
+    filled,
+    input_bias_folded,
+    layer_in_name,
+    read_json,
+    read_safetensors,
+    source,
+    write_safetensors,
+    write_text,
+)
+from tccli.transcoders.transcoder import Transcoder
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -40,8 +48,9 @@ def read(folder: str | Path) -> Transcoder:
     tensors = read_safetensors(folder / WEIGHTS)
     hookpoint = folder.name
     if not (hookpoint == "mlp" or hookpoint.endswith(".mlp")):
-        raise fail(f"{where}: sparsify hookpoint {hookpoint!r} is not an MLP module (tc reads sparse coders "
-                   "on layers.N.mlp)")
+        raise fail(
+            f"{where}: sparsify hookpoint {hookpoint!r} is not an MLP module (tc reads sparse coders on layers.N.mlp)"
+        )
     layer = layer_in_name(hookpoint)
     if layer is None:
         raise fail(f"{where}: no layer number in the hookpoint {hookpoint!r}")
@@ -58,14 +67,28 @@ def read(folder: str | Path) -> Transcoder:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise fail(f"{where}: k must be a positive integer, got {k!r}")
     config = TranscoderConfig(
-        d_in=int(d_in), d_out=int(tensors["W_dec"].shape[1]), n_features=int(m), activation="topk", k=k, skip=skip,
-        kind="transcoder" if transcode else "sae", layer=layer,
-        input_space="mlp_input" if transcode else "mlp_output", output_space="mlp_output",
-        input_hook=hookpoint, output_hook=hookpoint, training={"source": "sparsify", "sparsify_config": cfg},
-        source=source("sparsify", folder, hookpoint=hookpoint))
-    weights = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"],
-               "b_dec": tensors["b_dec"],
-               "b_pre": torch.zeros(int(d_in)) if transcode else tensors["b_dec"].clone()}
+        d_in=int(d_in),
+        d_out=int(tensors["W_dec"].shape[1]),
+        n_features=int(m),
+        activation="topk",
+        k=k,
+        skip=skip,
+        kind="transcoder" if transcode else "sae",
+        layer=layer,
+        input_space="mlp_input" if transcode else "mlp_output",
+        output_space="mlp_output",
+        input_hook=hookpoint,
+        output_hook=hookpoint,
+        training={"source": "sparsify", "sparsify_config": cfg},
+        source=source("sparsify", folder, hookpoint=hookpoint),
+    )
+    weights = {
+        "W_enc": tensors["encoder.weight"].T,
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+        "b_pre": torch.zeros(int(d_in)) if transcode else tensors["b_dec"].clone(),
+    }
     if skip:
         weights["W_skip"] = tensors["W_skip"].T
     return filled(config, weights, where)
@@ -80,9 +103,11 @@ def check(transcoder: Transcoder, where: str) -> None:
     config = transcoder.config
     expected = ("mlp_input", "mlp_output") if config.kind == "transcoder" else ("mlp_output", "mlp_output")
     if config.activation != "topk" or (config.input_space, config.output_space) != expected:
-        raise fail(f"{where}: sparsify holds TopK coders on the MLP module (transcoders mlp_input -> mlp_output, "
-                   f"SAEs on mlp_output); this is a {config.activation} {config.kind} from {config.input_space} "
-                   f"to {config.output_space}")
+        raise fail(
+            f"{where}: sparsify holds TopK coders on the MLP module (transcoders mlp_input -> mlp_output, "
+            f"SAEs on mlp_output); this is a {config.activation} {config.kind} from {config.input_space} "
+            f"to {config.output_space}"
+        )
     if config.kind != "transcoder" and not torch.equal(transcoder.b_pre.detach(), transcoder.b_dec.detach()):
         raise fail(f"{where}: a sparsify SAE subtracts b_dec from its input; this SAE's b_pre differs")
 
@@ -101,9 +126,17 @@ def write(transcoder: Transcoder, folder: str | Path) -> Path:
     tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": transcoder.W_dec, "b_dec": transcoder.b_dec}
     if config.skip:
         tensors["W_skip"] = transcoder.W_skip.detach().float().cpu().T
-    cfg = {"activation": "topk", "expansion_factor": max(1, config.n_features // config.d_in),
-           "normalize_decoder": True, "num_latents": config.n_features, "k": config.k, "multi_topk": False,
-           "skip_connection": config.skip, "transcode": is_transcoder, "d_in": config.d_in}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, config.n_features // config.d_in),
+        "normalize_decoder": True,
+        "num_latents": config.n_features,
+        "k": config.k,
+        "multi_topk": False,
+        "skip_connection": config.skip,
+        "transcode": is_transcoder,
+        "d_in": config.d_in,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(folder / WEIGHTS, tensors)
     write_text(folder / CONFIG, json.dumps(cfg))
