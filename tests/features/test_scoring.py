@@ -1,5 +1,5 @@
 """tc score: exact streaming top-k, batch-size independence, sampled bands, input-invariant scores,
-a planted feature on a real (tiny) model (the command and its files: test_score_command.py)."""
+a planted feature on a real (tiny) model (the command and its files: test_score.py)."""
 
 import numpy as np
 import pytest
