@@ -1,6 +1,6 @@
 # Two targets do all the set-up on a fresh machine:
 #   make demo   create .venv, install tc, run the whole method end to end on a model that needs no download
-#   make test   create .venv, install tc with test extras, run the test suite
+#   make test   create .venv, install tc with test extras, lint (ruff check, ruff format --check), run the test suite
 #   make figures  regenerate every README figure that comes from a run (scripts/readme_figures.py)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,6 +25,8 @@ demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 completions: install
