@@ -7,7 +7,6 @@ import ast
 from pathlib import Path
 
 import networkx as nx
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tccli"
 
@@ -47,14 +46,16 @@ def test_no_import_cycles():
     assert list(nx.simple_cycles(import_graph())) == []
 
 
-# tccli's subpackages (and its top-level modules), lowest first: a module may import from its own layer or a
-# lower one, never a higher one. Errors and settings at the bottom (torch-free; so they import nothing else of
-# tccli); then the runtime plumbing and the model; data and transcoder files on top of the model; training
-# and feature scoring side by side; the replacement model, the circuit search, attribution graphs and the
-# evaluations built on them; the CLI on top (so nothing outside it but tccli.__main__ imports it).
+# tccli's subpackages (and its top-level modules), lowest first, as README's Development section lists them: a
+# module may import from its own layer or a lower one, never a higher one. Errors and settings at the bottom
+# (torch-free; so they import nothing else of tccli), node names just above them; then the runtime plumbing and
+# the model; data and transcoder files on top of the model; training and feature scoring side by side; the
+# replacement model, the circuit search, attribution graphs and the evaluations built on them; the CLI on top
+# (so nothing outside it but tccli.__main__ imports it).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("config",),
+    ("nodes",),
     ("runtime",),
     ("model",),
     ("data",),
@@ -69,30 +70,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 LAYER_OF = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
-# The edges that break the layering today, each to be removed in the source: `tc info`'s plugin registration
-# in the graph file modules, and the prompt helpers intervention borrows from circuit.trace.
-KNOWN_VIOLATIONS = {
-    ("tccli.circuit.files", "tccli.cli.info"),
-    ("tccli.graph.files", "tccli.cli.info"),
-    ("tccli.replacement.intervention", "tccli.circuit.trace"),
-}
-
 
 def layer_part(module: str) -> str:
     """The subpackage (or top-level module) of tccli that ``module`` belongs to: tccli.circuit.files -> circuit."""
     return module.split(".")[1]
-
-
-def layering_violations() -> list[tuple[str, str]]:
-    """Every import edge (function-level imports included) from a lower layer to a higher one, sorted."""
-    return sorted((source, target) for source, target in import_graph().edges
-                  if LAYER_OF[layer_part(source)] < LAYER_OF[layer_part(target)])
-
-
-def describe(edges) -> str:
-    return "\n".join(f"  {source} ({layer_part(source)}, layer {LAYER_OF[layer_part(source)]}) imports "
-                     f"{target} ({layer_part(target)}, layer {LAYER_OF[layer_part(target)]})"
-                     for source, target in edges)
 
 
 def test_every_subpackage_has_one_layer():
@@ -103,17 +84,10 @@ def test_every_subpackage_has_one_layer():
                                     f"declared but absent from tccli: {sorted(set(declared) - parts)}")
 
 
-@pytest.mark.xfail(strict=True, reason="known layering violations: tccli.circuit.files and tccli.graph.files "
-                                       "import tccli.cli.info (tc info's plugin registration); "
-                                       "tccli.replacement.intervention imports tccli.circuit.trace (prompt helpers)")
 def test_imports_go_down_the_layers():
-    violations = layering_violations()
-    assert violations == [], "imports from a lower layer into a higher one:\n" + describe(violations)
-
-
-def test_no_layering_violations_beyond_the_known_ones():
-    """Keeps new violations out while the known ones await their fix (then drop this test, KNOWN_VIOLATIONS
-    and the xfail marker above)."""
-    new = [edge for edge in layering_violations() if edge not in KNOWN_VIOLATIONS]
-    assert new == [], "imports from a lower layer into a higher one:\n" + describe(new)
-
+    """Every import edge, function-level imports included, goes to the importer's layer or a lower one."""
+    upward = sorted((source, target) for source, target in import_graph().edges
+                    if LAYER_OF[layer_part(source)] < LAYER_OF[layer_part(target)])
+    assert upward == [], "imports from a lower layer into a higher one:\n" + "\n".join(
+        f"  {source} ({layer_part(source)}, layer {LAYER_OF[layer_part(source)]}) imports "
+        f"{target} ({layer_part(target)}, layer {LAYER_OF[layer_part(target)]})" for source, target in upward)
