@@ -19,6 +19,7 @@ from tccli.circuit.files import to_json
 from tccli.nodes import NodeRef, parse_node
 from tccli.nodes import Intervention
 from tccli.replacement.model import ReplacementModel, RowSpec
+from tccli.model.loading import load_model
 from tccli.evaluation.validation import average_ranks, largest_disagreements, map_position, necessity, node_attribution, run_validation, sample_random_circuit, spearman, sufficiency, target_from_metadata
 from tccli.config.evaluation import ValidateConfig
 from tccli.replacement.targets import unembed_target
