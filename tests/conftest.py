@@ -1,13 +1,17 @@
 """Shared fixtures: tiny random models of the three architectures, and the real stories260K.
 
 Tiny models are random HuggingFace configs saved to a temp folder with a byte-level BPE tokenizer
-trained here on a few sentences, so nothing is downloaded. They are built once per test session.
+trained here on a few sentences, so nothing is downloaded. They are built once per test session, and so are
+what tests share on top of them: the models loaded (tiny_models, builtin_model) and random transcoder sets
+saved (random_transcoder_folder). Tests only read these shared objects: they run and hook a loaded model for
+one call, never change its weights or settings, and never write into a shared folder.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -135,6 +139,59 @@ def all_model_dirs(tiny_model_dirs, modern_model_dirs) -> dict[str, Path]:
 def tiny_model_dir(request, tiny_model_dirs) -> Path:
     """Parametrised over the three architectures."""
     return tiny_model_dirs[request.param]
+
+
+class LoadedModels(Mapping):
+    """name -> the model in that folder loaded on the CPU in float32, on first use: circuit_helpers.loaded_model
+    loads each once per test process, for these fixtures and the tests that call it directly alike."""
+
+    def __init__(self, dirs: Mapping[str, Path]):
+        self.dirs = dirs
+
+    def __getitem__(self, name: str):
+        from circuit_helpers import loaded_model
+
+        return loaded_model(self.dirs[name])
+
+    def __iter__(self):
+        return iter(self.dirs)
+
+    def __len__(self) -> int:
+        return len(self.dirs)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dirs) -> LoadedModels:
+    """arch -> the tiny model of the three architectures, loaded (float32, CPU) when a test first asks for it."""
+    return LoadedModels(tiny_model_dirs)
+
+
+@pytest.fixture(scope="session")
+def random_transcoder_folder(tiny_models, tmp_path_factory):
+    """(arch, bias_shift) -> a folder holding circuit_helpers.random_transcoders(48 features, seed 0, bias_shift)
+    for every layer of that tiny model, saved the first time a test asks for it."""
+    saved: dict[tuple[str, float], Path] = {}
+
+    def folder(arch: str, bias_shift: float = 0.0) -> Path:
+        from circuit_helpers import random_transcoders, save_transcoders
+
+        if (arch, bias_shift) not in saved:
+            transcoders = random_transcoders(tiny_models[arch].info, 48, 0, bias_shift=bias_shift)
+            saved[arch, bias_shift] = save_transcoders(transcoders, tmp_path_factory.mktemp(f"transcoders_{arch}"))
+        return saved[arch, bias_shift]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    """The model shipped in tccli/builtin/model, loaded on the CPU with the hub offline: nothing may be fetched."""
+    from tccli.model.loading import load_model
+
+    with pytest.MonkeyPatch.context() as offline:
+        offline.setenv("HF_HUB_OFFLINE", "1")
+        offline.setenv("TRANSFORMERS_OFFLINE", "1")
+        return load_model("builtin", device="cpu")
 
 
 @pytest.fixture(scope="session")

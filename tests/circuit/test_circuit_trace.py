@@ -7,25 +7,25 @@ import json
 import pytest
 import torch
 
-from circuit_helpers import random_transcoders, save_transcoders
+from circuit_helpers import loaded_model, random_transcoders
 from conftest import run_tc
 from tccli.circuit.trace import circuit_graph
 from tccli.features.deembed import deembed_rows, deembedding
 from tccli.nodes import parse_feature
 from tccli.config.circuit import CircuitConfig, DeembedConfig
 from tccli.errors import TcError
-from tccli.model.loading import load_model
 from tccli.replacement.targets import feature_target
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float32")
+@pytest.fixture
+def gpt2(tiny_models):
+    return tiny_models["gpt2"]
 
 
-@pytest.fixture(scope="module")
-def transcoder_dir(gpt2, tmp_path_factory):
-    return save_transcoders(random_transcoders(gpt2.info, 48, 0), tmp_path_factory.mktemp("tcs"))
+@pytest.fixture
+def transcoder_dir(random_transcoder_folder):
+    """The saved twin of transcoders_of(gpt2)."""
+    return random_transcoder_folder("gpt2")
 
 
 def config(transcoder_dir, **kwargs) -> CircuitConfig:
@@ -76,8 +76,8 @@ def test_layer_without_transcoder(gpt2, transcoder_dir):
         circuit_graph(gpt2, only_layer_0, "The cat", config(transcoder_dir, feature="L1.F3"))
 
 
-def test_transcoder_of_another_model_or_hook(gpt2, tiny_model_dirs, transcoder_dir):
-    llama = load_model(str(tiny_model_dirs["llama"]), "cpu", "float32")
+def test_transcoder_of_another_model_or_hook(gpt2, tiny_models, transcoder_dir):
+    llama = tiny_models["llama"]
     with pytest.raises(TcError, match="trained on a LlamaForCausalLM"):
         circuit_graph(gpt2, transcoders_of(llama), "The cat", config(transcoder_dir, feature="L1.F3"))
     wrong_hook = transcoders_of(gpt2)
@@ -128,7 +128,7 @@ def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch,
     from tccli.replacement import attribution
     from tccli.replacement.prompts import freeze_prompt
 
-    loaded = load_model(str(tiny_model_dirs[arch]), "cpu", "float64")
+    loaded = loaded_model(tiny_model_dirs[arch], "float64")
     transcoders = transcoders_of(loaded, dtype=torch.float64, input_space=space, output_space="mlp_output")
     tokens = torch.tensor([0, 37, 90, 151, 12])
     frozen = freeze_prompt(loaded, transcoders, tokens)

@@ -41,6 +41,25 @@ def test_version_does_not_import_torch():
     assert result.stdout.splitlines() == [f"tc {__version__}", "[]"]
 
 
+def test_cli_and_help_do_not_import_torch():
+    """Importing the CLI and printing `tc --help` and every command's --help import no torch: the commands
+    import the library inside their bodies, and the settings they build their options from are torch-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tccli.cli.app; assert 'torch' not in sys.modules, 'import tccli.cli.app'\n"
+            f"for args in [['--help'], *([name, '--help'] for name in {COMMANDS!r})]:\n"
+            "    try:\n"
+            "        tccli.cli.app.main(args)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "    loaded = [m for m in ('torch', 'transformer_lens') if m in sys.modules]\n"
+            "    assert not loaded, f'tc {\" \".join(args)} imported {loaded}'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout  # the help texts were printed
+
+
 COMMANDS = ("cache", "info", "train", "eval", "convert", "circuit", "export", "deembed", "score", "show",
             "greater-than", "graph", "plot", "intervene", "validate")
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from circuit_helpers import loaded_model
 from conftest import run_tc
 from tccli.evaluation.evaluate import (MeanOutput, ReconstructionStats, evaluate, fraction_recovered, kl_to_clean,
                             next_token_loss, splice_hooks)
-from tccli.model.loading import load_model, run_capture, run_logits
+from tccli.model.loading import run_capture, run_logits
 from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
 from tccli.transcoders.files import save_transcoder
@@ -109,14 +110,9 @@ def sample_tokens(loaded, rows=6, context=16, seed=0):
     return tokens
 
 
-@pytest.fixture(scope="module")
-def loaded_models(tiny_model_dirs):
-    return {arch: load_model(str(path), "cpu") for arch, path in tiny_model_dirs.items()}
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_exact_sae_recovers_everything(loaded_models, arch):
-    loaded = loaded_models[arch]
+def test_exact_sae_recovers_everything(tiny_models, arch):
+    loaded = tiny_models[arch]
     info = loaded.info
     saes = {layer: identity(info, layer, "sae") for layer in range(info.n_layers)}
     result = evaluate(loaded, saes, sample_tokens(loaded), batch_size=4)
@@ -130,8 +126,8 @@ def test_exact_sae_recovers_everything(loaded_models, arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_zero_transcoder_is_zero_ablation_and_bias_is_mean_ablation(loaded_models, arch):
-    loaded = loaded_models[arch]
+def test_zero_transcoder_is_zero_ablation_and_bias_is_mean_ablation(tiny_models, arch):
+    loaded = tiny_models[arch]
     info = loaded.info
     tokens = sample_tokens(loaded)
     layer = info.n_layers - 1
@@ -154,9 +150,9 @@ def test_zero_transcoder_is_zero_ablation_and_bias_is_mean_ablation(loaded_model
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_transcoder_reads_mlp_input_and_replaces_mlp_output(loaded_models, arch):
+def test_transcoder_reads_mlp_input_and_replaces_mlp_output(tiny_models, arch):
     """An identity transcoder outputs the MLP input in place of the MLP output."""
-    loaded = loaded_models[arch]
+    loaded = tiny_models[arch]
     info = loaded.info
     tokens = sample_tokens(loaded, rows=2)
     layer = 1
@@ -168,10 +164,10 @@ def test_transcoder_reads_mlp_input_and_replaces_mlp_output(loaded_models, arch)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_exact_sae_on_the_raw_mlp_output(loaded_models, arch):
+def test_exact_sae_on_the_raw_mlp_output(tiny_models, arch):
     """An identity SAE reading and writing mlp_output (the MLP module's raw output; for LayerNorm models
     uncentred, its mean restored from the hidden activations) leaves the model unchanged."""
-    loaded = loaded_models[arch]
+    loaded = tiny_models[arch]
     info = loaded.info
     saes = {layer: identity(info, layer, "sae", output_space="mlp_output") for layer in range(info.n_layers)}
     result = evaluate(loaded, saes, sample_tokens(loaded), batch_size=4)
@@ -183,10 +179,10 @@ def test_exact_sae_on_the_raw_mlp_output(loaded_models, arch):
 
 @pytest.mark.parametrize("space", ["normalized", "mlp_input", "resid_mid"])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_transcoder_reads_its_input_space(loaded_models, arch, space):
+def test_transcoder_reads_its_input_space(tiny_models, arch, space):
     """An identity transcoder in each input space, writing mlp_output, replaces the MLP output by its input
     as that space defines it (written out here by hand), passed on as the model would (centred for LayerNorm)."""
-    loaded = loaded_models[arch]
+    loaded = tiny_models[arch]
     info = loaded.info
     tokens = sample_tokens(loaded, rows=2)
     layer = 1
@@ -202,10 +198,10 @@ def test_transcoder_reads_its_input_space(loaded_models, arch, space):
     assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
 
 
-def test_skip_transcoder_eval_counts_the_skip_term(loaded_models):
+def test_skip_transcoder_eval_counts_the_skip_term(tiny_models):
     """A skip transcoder with no live features and W_skip = I reproduces its input: FVU against the MLP
     output is that of the input, and its L0 is 0."""
-    loaded = loaded_models["llama"]
+    loaded = tiny_models["llama"]
     info = loaded.info
     transcoder = make_transcoder(info, 1, input_space="mlp_input", output_space="mlp_output")
     transcoder = Transcoder(TranscoderConfig(**{**transcoder.config.to_dict(), "skip": True}))
@@ -228,7 +224,7 @@ def test_exact_sae_on_gemma2_and_qwen3(modern_model_dirs, arch, output_space):
     """An identity SAE at every layer on either output space leaves Gemma-2 and Qwen3 unchanged: Gemma-2's
     mlp_output (before the post-MLP norm) is passed on through that norm, its scale recomputed from the
     SAE's output."""
-    loaded = load_model(str(modern_model_dirs[arch]), "cpu")
+    loaded = loaded_model(modern_model_dirs[arch])
     info = loaded.info
     saes = {layer: identity(info, layer, "sae", output_space=output_space) for layer in range(info.n_layers)}
     result = evaluate(loaded, saes, sample_tokens(loaded), batch_size=4)
@@ -242,7 +238,7 @@ def test_exact_sae_on_gemma2_and_qwen3(modern_model_dirs, arch, output_space):
 def test_gemma2_resid_mid_transcoder_writes_through_the_post_norm(modern_model_dirs):
     """An identity transcoder reading resid_mid and writing mlp_output on Gemma-2: what enters the residual
     is the post-MLP RMSNorm of resid_mid, (1 + w) x / sqrt(mean(x^2) + eps), written out here by hand."""
-    loaded = load_model(str(modern_model_dirs["gemma2"]), "cpu")
+    loaded = loaded_model(modern_model_dirs["gemma2"])
     info = loaded.info
     tokens = sample_tokens(loaded, rows=2)
     layer = 1
@@ -262,8 +258,8 @@ def test_gemma2_resid_mid_transcoder_writes_through_the_post_norm(modern_model_d
 # ----------------------------------------------------------------------------- the command
 
 
-def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models, text_file):
-    loaded = loaded_models["gpt2"]
+def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, tiny_models, text_file):
+    loaded = tiny_models["gpt2"]
     info = loaded.info
     model = str(tiny_model_dirs["gpt2"])
     for layer in range(info.n_layers):
@@ -292,7 +288,7 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, loaded_models,
     assert no_text.returncode == 2 and "no text" in no_text.stderr
 
 
-def test_load_for_eval_refuses_mismatches(tmp_path, loaded_models, tiny_model_dirs):
+def test_load_for_eval_refuses_mismatches(tmp_path, tiny_models, tiny_model_dirs):
     from tccli.transcoders.formats import load_checked_transcoders
     from tccli.errors import TcError
     from tccli.evaluation.evaluate import check_kind
@@ -304,7 +300,7 @@ def test_load_for_eval_refuses_mismatches(tmp_path, loaded_models, tiny_model_di
         check_kind(transcoders, config.kind)
         return transcoders
 
-    loaded = loaded_models["llama"]
+    loaded = tiny_models["llama"]
     info = loaded.info
 
     def config(path, **kwargs):

@@ -110,13 +110,13 @@ def test_path_attributions_of_a_direct_effect_graph_by_hand():
 
 
 @pytest.fixture(scope="module")
-def traced(tiny_model_dirs, tmp_path_factory):
+def traced(tiny_model_dirs, tiny_models, random_transcoder_folder, tmp_path_factory):
     """A tc circuit graph on the tiny GPT-2 with sparse random transcoders, saved as JSON."""
     root = tmp_path_factory.mktemp("validate")
-    loaded = load_model(str(tiny_model_dirs["gpt2"]), "cpu")
+    loaded = tiny_models["gpt2"]
     transcoders = random_transcoders(loaded.info, 48, 0, bias_shift=-0.3)
-    save_transcoders(transcoders, root / "tcs")
-    config = CircuitConfig(model=str(tiny_model_dirs["gpt2"]), transcoders=str(root / "tcs"), prompt=PROMPT,
+    saved = random_transcoder_folder("gpt2", bias_shift=-0.3)  # these transcoders, saved
+    config = CircuitConfig(model=str(tiny_model_dirs["gpt2"]), transcoders=str(saved), prompt=PROMPT,
                            logit_diff=["1", "0"], iters=2, branches=6, both_signs=True)
     config.validate()
     graph, _ = circuit_graph(loaded, transcoders, PROMPT, config)
@@ -139,7 +139,7 @@ def traced(tiny_model_dirs, tmp_path_factory):
     graph.add_edge(key.id, "target", weight=weight)
     path = root / "graph.json"
     path.write_text(to_json(graph))
-    return dict(root=root, loaded=loaded, transcoders=transcoders, graph=graph, path=path)
+    return dict(root=root, loaded=loaded, transcoders=transcoders, saved=saved, graph=graph, path=path)
 
 
 def validate_files(config):
@@ -220,10 +220,10 @@ def test_a_prompts_file_matches_nodes_by_offset_from_the_end(traced, tmp_path, o
     assert alone["circuit"]["nodes_dropped"] == 0
 
 
-def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torch_thread):
+def test_greater_than_task_reports_the_probability_difference(builtin_model, tmp_path, one_torch_thread):
     from tccli.evaluation.greater_than import probability_difference_of_model
 
-    loaded = load_model("builtin", "cpu")
+    loaded = builtin_model
     transcoders = random_transcoders(loaded.info, 64, 0, bias_shift=-0.5)
     save_transcoders(transcoders, tmp_path / "tcs")
     prompt = "The war lasted from the year 1735 to the year 17"
@@ -242,7 +242,7 @@ def test_greater_than_task_reports_the_probability_difference(tmp_path, one_torc
 
 def test_a_tc_graph_graph_with_heads_is_validated_on_its_most_probable_logit(traced, tiny_model_dirs, one_torch_thread):
     out = traced["root"] / "attribution.json"
-    made = run_tc("graph", "--model", str(tiny_model_dirs["gpt2"]), "--transcoders", str(traced["root"] / "tcs"),
+    made = run_tc("graph", "--model", str(tiny_model_dirs["gpt2"]), "--transcoders", str(traced["saved"]),
                   "--prompt", PROMPT, "--heads", "--node-threshold", "0.9", "--format", "json", "--out", str(out),
                   "--quiet")
     assert made.returncode == 0, made.stderr

@@ -12,16 +12,15 @@ from tccli.errors import TcError
 
 
 @pytest.fixture(scope="module")
-def scored_files(tiny_model_dirs, tmp_path_factory):
+def scored_files(tiny_model_dirs, tiny_models, tmp_path_factory):
     """`tc score` run once on the tiny Llama with random transcoders, to .h5 and .jsonl."""
-    from tccli.model.loading import load_model
     from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import save_transcoder
 
     root = tmp_path_factory.mktemp("score")
     model_dir = tiny_model_dirs["llama"]
-    info = load_model(str(model_dir), "cpu").info
+    info = tiny_models["llama"].info
     for layer in range(info.n_layers):
         torch.manual_seed(layer)
         tc = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=16, layer=layer,

@@ -33,7 +33,11 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("show")
     model_dir = tiny_model_dirs["llama"]
-    info = load_model(str(model_dir), "cpu").info
+    config = ScoreConfig(model=str(model_dir), transcoders=str(root / "tc"), data=[str(root / "corpus.txt")],
+                         tokens=640, context=32, top=5, quantiles=3, per_quantile=2, context_window=3,
+                         out=str(root / "features.h5"), quiet=True)
+    loaded = load_model(config.model, config.device, config.model_dtype)  # as tc score loads it
+    info = loaded.info
     torch.manual_seed(0)
     tc = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=24, layer=0))
     with torch.no_grad():
@@ -41,16 +45,11 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
             p.normal_()
         tc.b_enc[5] = -1e6  # feature 5 never fires
     save_transcoder(tc, root / "tc")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Tale {i}. " + TOKENIZER_TEXT[i % 4] for i in range(30)))
-    out = root / "features.h5"
-    config = ScoreConfig(model=str(model_dir), transcoders=str(root / "tc"), data=[str(corpus)], tokens=640,
-                         context=32, top=5, quantiles=3, per_quantile=2, context_window=3, out=str(out), quiet=True)
-    loaded = load_model(config.model, config.device, config.model_dtype)
+    (root / "corpus.txt").write_text("\n\n".join(f"Tale {i}. " + TOKENIZER_TEXT[i % 4] for i in range(30)))
     rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
                        config.seed, batch_rows=config.batch_size)
     run_score(config, loaded, load_transcoder_set(config.transcoders, loaded.device), rows)
-    return out
+    return Path(config.out)
 
 
 def test_feature_names():

@@ -7,24 +7,24 @@ import json
 import pytest
 import torch
 
-from circuit_helpers import random_transcoders, save_transcoders
+from circuit_helpers import random_transcoders
 from conftest import run_tc
 from tccli.errors import TcError
 from tccli.graph.trace import attribution_graph
 from tccli.config.graph import GraphConfig
-from tccli.model.loading import load_model
 
 PROMPT = "The cat sat on the mat"
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny_model_dirs):
-    return load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float32")
+@pytest.fixture
+def gpt2(tiny_models):
+    return tiny_models["gpt2"]
 
 
-@pytest.fixture(scope="module")
-def transcoder_dir(gpt2, tmp_path_factory):
-    return save_transcoders(random_transcoders(gpt2.info, 48, 0, bias_shift=-0.1), tmp_path_factory.mktemp("tcs"))
+@pytest.fixture
+def transcoder_dir(random_transcoder_folder):
+    """The saved twin of transcoders(gpt2)."""
+    return random_transcoder_folder("gpt2", bias_shift=-0.1)
 
 
 def config(transcoder_dir, **kwargs) -> GraphConfig:

@@ -6,24 +6,9 @@ import pytest
 import torch
 
 from tccli.evaluation import greater_than as gt
-from tccli.model.loading import BUILTIN_MODEL_DIR, load_model, resolve_model_name, run_logits
+from tccli.model.loading import BUILTIN_MODEL_DIR, resolve_model_name, run_logits
 
 BAR = 0.6  # the issue's bar for the greater-than probability difference
-
-
-@pytest.fixture(scope="module")
-def builtin(monkeypatch_module):
-    return load_model("builtin", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    # Offline: nothing may be fetched from the hub while loading the built-in model.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("TRANSFORMERS_OFFLINE", "1")
-    yield mp
-    mp.undo()
 
 
 def test_shipped_files_and_size():
@@ -33,8 +18,8 @@ def test_shipped_files_and_size():
     assert resolve_model_name(None) == str(BUILTIN_MODEL_DIR)
 
 
-def test_loads_with_gpt2_architecture(builtin):
-    info = builtin.info
+def test_loads_with_gpt2_architecture(builtin_model):
+    info = builtin_model.info
     assert info.architecture == "GPT2LMHeadModel"
     assert info.normalization == "layernorm"
     assert info.positional == "learned" and info.pos_embed_hook is not None
@@ -42,11 +27,11 @@ def test_loads_with_gpt2_architecture(builtin):
     assert info.n_kv_heads == info.n_heads
 
 
-def test_finite_logits(builtin):
+def test_finite_logits(builtin_model):
     text = "In the beginning God created the heaven and the earth."
-    ids = [builtin.info.bos_token_id] + builtin.tokenizer.encode(text, add_special_tokens=False)
-    logits, _ = run_logits(builtin, torch.tensor([ids]))
-    assert logits.shape == (1, len(ids), builtin.info.d_vocab)
+    ids = [builtin_model.info.bos_token_id] + builtin_model.tokenizer.encode(text, add_special_tokens=False)
+    logits, _ = run_logits(builtin_model, torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), builtin_model.info.d_vocab)
     assert torch.isfinite(logits).all()
 
 
@@ -55,21 +40,21 @@ def test_finite_logits(builtin):
     "And God said, Let there be light: and there was light.",
     "Unicode survives too: café, naïve, 東京, emoji 🙂, tabs\tand\nnewlines.",
 ])
-def test_tokenizer_round_trips(builtin, text):
-    tok = builtin.tokenizer
+def test_tokenizer_round_trips(builtin_model, text):
+    tok = builtin_model.tokenizer
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
-def test_years_tokenise_like_gpt2(builtin):
-    tok = builtin.tokenizer
+def test_years_tokenise_like_gpt2(builtin_model):
+    tok = builtin_model.tokenizer
     pieces = tok.convert_ids_to_tokens(tok.encode(" 1735 to the year 17", add_special_tokens=False))
     assert pieces[:2] == ["Ġ17", "35"] and pieces[-1] == "Ġ17"
     ids = gt.two_digit_token_ids(tok)  # raises if any "00".."99" is not one token
     assert len(set(ids)) == 100
 
 
-def test_greater_than_probability_difference_passes_bar(builtin):
-    result = gt.probability_difference_of_model(builtin)
+def test_greater_than_probability_difference_passes_bar(builtin_model):
+    result = gt.probability_difference_of_model(builtin_model)
     assert len(result.per_prompt) == 100
     assert torch.isfinite(result.per_prompt).all()
     # Probabilities of the 100 year tokens are a sub-distribution.
@@ -77,22 +62,22 @@ def test_greater_than_probability_difference_passes_bar(builtin):
     assert result.mean >= BAR, f"greater-than probability difference {result.mean:.3f} < {BAR}"
 
 
-def _transcoder_with_feature_on(builtin, layer: int, token_id: int):
+def _transcoder_with_feature_on(builtin_model, layer: int, token_id: int):
     """A transcoder whose feature 0's encoder vector is the (centred) embedding of one token."""
     from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
 
-    d = builtin.info.d_model
+    d = builtin_model.info.d_model
     transcoder = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=3, layer=layer))
     with torch.no_grad():
-        embedding = builtin.bridge.W_E[token_id].detach()
+        embedding = builtin_model.bridge.W_E[token_id].detach()
         transcoder.W_enc[:, 0] = embedding - embedding.mean()
     return transcoder
 
 
-def test_top_nodes_orders_by_contribution_and_deembeds(builtin):
-    token_id = builtin.tokenizer.encode("35", add_special_tokens=False)[0]
-    transcoders = {0: _transcoder_with_feature_on(builtin, 0, token_id)}
+def test_top_nodes_orders_by_contribution_and_deembeds(builtin_model):
+    token_id = builtin_model.tokenizer.encode("35", add_special_tokens=False)[0]
+    transcoders = {0: _transcoder_with_feature_on(builtin_model, 0, token_id)}
     nodes = [
         {"id": "target", "kind": "target", "path_contribution": 9.0},
         {"id": "attn1.h2@8", "kind": "head", "layer": 1, "head": 2, "position": 8, "token": "35",
@@ -101,13 +86,13 @@ def test_top_nodes_orders_by_contribution_and_deembeds(builtin):
          "activation": 2.0, "path_contribution": 0.7},
         {"id": "embed@8", "kind": "embed", "position": 8, "path_contribution": 3.0},
     ]
-    rows = gt.top_nodes(nodes, builtin, transcoders, top=5)
+    rows = gt.top_nodes(nodes, builtin_model, transcoders, top=5)
     assert [r["id"] for r in rows] == ["mlp0.f0@8", "attn1.h2@8"]  # only features and heads, best first
     # The listed tokens are the best-scoring W_E f_enc entries in order, minus undecodable byte pieces.
     from tccli.features.deembed import deembedding
 
-    scores = deembedding(builtin.bridge.W_E.detach(), transcoders[0].W_enc[:, 0].detach(), True)
-    ranked = [builtin.tokenizer.decode([i]) for i in scores.argsort(descending=True).tolist()]
+    scores = deembedding(builtin_model.bridge.W_E.detach(), transcoders[0].W_enc[:, 0].detach(), True)
+    ranked = [builtin_model.tokenizer.decode([i]) for i in scores.argsort(descending=True).tolist()]
     expected = [t for t in ranked if t.isprintable() and "\ufffd" not in t][:5]  # no lone bytes here
     assert rows[0]["deembedding"] == expected and len(expected) == 5
     assert "deembedding" not in rows[1]

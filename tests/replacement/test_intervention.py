@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from circuit_helpers import loaded_model, random_transcoders, save_transcoders
+from circuit_helpers import loaded_model, random_transcoders
 from conftest import run_tc
 from tccli.replacement import attribution
 from tccli.circuit.trace import circuit_graph
@@ -412,12 +412,11 @@ def test_stories260k_no_intervention_and_direct_edges(stories_dir, one_torch_thr
 # ---------------------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def gpt2_files(tiny_model_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("intervene")
-    info = loaded_model(tiny_model_dirs["gpt2"]).info
-    save_transcoders(random_transcoders(info, 48, 0, bias_shift=-0.3), root / "tcs")
-    return dict(root=root, model=str(tiny_model_dirs["gpt2"]), tcs=str(root / "tcs"))
+@pytest.fixture
+def gpt2_files(tiny_model_dirs, random_transcoder_folder, tmp_path):
+    """The tiny GPT-2, the shared random transcoders setup() makes (in float32), and a folder for outputs."""
+    tcs = random_transcoder_folder("gpt2", bias_shift=-0.3)
+    return dict(root=tmp_path, model=str(tiny_model_dirs["gpt2"]), tcs=str(tcs))
 
 
 def intervene(files, *args):
