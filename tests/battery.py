@@ -13,10 +13,11 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN_TEXT = REPO / "tccli" / "builtin" / "text" / "demo.txt"
@@ -42,7 +43,7 @@ class Case:
     id: str
     args: tuple[str, ...]
     message: str
-    setup: Optional[Callable[[Path, "Artefacts"], dict]] = None
+    setup: Optional[Callable[[Path, Artefacts], dict]] = None
     sandbox: Optional[str] = None
     stdin: Optional[str] = None
     exit_code: int = 2
@@ -70,13 +71,25 @@ class Artefacts:
         return {key: str(value) for key, value in self.__dict__.items() if isinstance(value, Path)}
 
 
-def run_tc(*args: str, stdin: Optional[str] = None, cwd: Optional[Path] = None, timeout: float = 600,
-           prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_tc(
+    *args: str,
+    stdin: Optional[str] = None,
+    cwd: Optional[Path] = None,
+    timeout: float = 600,
+    prefix: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """`python -m tccli ARGS` (optionally under ``prefix``, e.g. a sandbox), one torch thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("TC_DEBUG", None)
-    return subprocess.run([*prefix, sys.executable, "-m", "tccli", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "tccli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def checked(*args: str) -> subprocess.CompletedProcess:
@@ -109,24 +122,95 @@ def build_artefacts(root: Path) -> Artefacts:
     text.write_text(BUILTIN_TEXT.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     png = root / "picture.png"
     png.write_bytes(PNG)
-    a = Artefacts(root=root, text=text, cache=root / "acts.h5", tcs=root / "tcs", tc0=root / "tcs" / "layer_0",
-                  sae=root / "sae", features=root / "features.jsonl", graph=root / "graph.json",
-                  saelens=root / "saelens", png=png, other_model=root / "other_model", other_tcs=root / "other_tcs")
-    quick_train = ("--tokens", "2048", "--batch-size", "256", "--expansion", "2", "--k", "4", "--warmup-steps", "2",
-                   "--quiet")
+    a = Artefacts(
+        root=root,
+        text=text,
+        cache=root / "acts.h5",
+        tcs=root / "tcs",
+        tc0=root / "tcs" / "layer_0",
+        sae=root / "sae",
+        features=root / "features.jsonl",
+        graph=root / "graph.json",
+        saelens=root / "saelens",
+        png=png,
+        other_model=root / "other_model",
+        other_tcs=root / "other_tcs",
+    )
+    quick_train = (
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--expansion",
+        "2",
+        "--k",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--quiet",
+    )
     checked(*cache_args(a, a.cache), "--quiet")
     checked("train", "--cache", str(a.cache), "--out", str(a.tcs), *quick_train)
     checked("train", "--cache", str(a.cache), "--out", str(a.sae), "--layers", "0", "--kind", "sae", *quick_train)
-    checked("score", "--data", str(text), "--tokens", "1k", "--context", "64", "--transcoders", str(a.tcs),
-            "--device", "cpu", "--out", str(a.features), "--top", "4", "--quiet")
-    checked("circuit", "--transcoders", str(a.tcs), "--prompt", "The war lasted from the year 1735 to the year 17",
-            "--logit", "4", "--device", "cpu", "--iters", "2", "--branches", "3", "--format", "json",
-            "--out", str(a.graph), "--quiet")
+    checked(
+        "score",
+        "--data",
+        str(text),
+        "--tokens",
+        "1k",
+        "--context",
+        "64",
+        "--transcoders",
+        str(a.tcs),
+        "--device",
+        "cpu",
+        "--out",
+        str(a.features),
+        "--top",
+        "4",
+        "--quiet",
+    )
+    checked(
+        "circuit",
+        "--transcoders",
+        str(a.tcs),
+        "--prompt",
+        "The war lasted from the year 1735 to the year 17",
+        "--logit",
+        "4",
+        "--device",
+        "cpu",
+        "--iters",
+        "2",
+        "--branches",
+        "3",
+        "--format",
+        "json",
+        "--out",
+        str(a.graph),
+        "--quiet",
+    )
     checked("convert", "--input", str(a.tcs), "--out", str(a.saelens), "--to", "saelens")
     build_other_model(a.other_model)
     other_cache = root / "other_acts.h5"
-    checked("cache", "--model", str(a.other_model), "--data", str(text), "--tokens", "2k", "--context", "64",
-            "--layers", "0", "--device", "cpu", "--out", str(other_cache), "--quiet")
+    checked(
+        "cache",
+        "--model",
+        str(a.other_model),
+        "--data",
+        str(text),
+        "--tokens",
+        "2k",
+        "--context",
+        "64",
+        "--layers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(other_cache),
+        "--quiet",
+    )
     checked("train", "--cache", str(other_cache), "--out", str(a.other_tcs), *quick_train)
     a.digests = digest_tree(root)
     return a
@@ -134,8 +218,23 @@ def build_artefacts(root: Path) -> Artefacts:
 
 def cache_args(a: Artefacts, out: Path) -> tuple[str, ...]:
     """The arguments the shared cache was made with (small batches: many commits to interrupt between)."""
-    return ("cache", "--data", str(a.text), "--tokens", "4k", "--context", "64", "--layers", "0-1", "--batch-size", "2",
-            "--device", "cpu", "--out", str(out))
+    return (
+        "cache",
+        "--data",
+        str(a.text),
+        "--tokens",
+        "4k",
+        "--context",
+        "64",
+        "--layers",
+        "0-1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
 
 
 def digest_tree(root: Path) -> dict[str, str]:
@@ -169,8 +268,11 @@ def sandbox_available() -> bool:
     """Whether this machine lets us mount a private tmpfs (a user and mount namespace, `unshare -rm`)."""
     if "ok" not in _SANDBOX_OK:
         try:
-            probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt && true"],
-                                   capture_output=True, timeout=30)
+            probe = subprocess.run(
+                ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt && true"],
+                capture_output=True,
+                timeout=30,
+            )
             _SANDBOX_OK["ok"] = probe.returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             _SANDBOX_OK["ok"] = False
@@ -192,10 +294,11 @@ def sandbox_prefix(kind: str, mnt: Path, listing: Path) -> tuple[str, ...]:
     if kind == "readonly":
         prepare = 'mount -t tmpfs -o size=64k tmpfs "$MNT" && mount -o remount,ro "$MNT"'
     else:
-        prepare = (f'mount -t tmpfs -o size=4k tmpfs "$MNT" && '
-                   f'{{ dd if=/dev/zero of="$MNT/{FILLER}" bs=1k count=64 2>/dev/null; true; }}')
-    script = (f'MNT="$1"; LISTING="$2"; shift 2; {prepare} && '
-              '{ "$@"; rc=$?; ls -A "$MNT" > "$LISTING"; exit $rc; }')
+        prepare = (
+            f'mount -t tmpfs -o size=4k tmpfs "$MNT" && '
+            f'{{ dd if=/dev/zero of="$MNT/{FILLER}" bs=1k count=64 2>/dev/null; true; }}'
+        )
+    script = f'MNT="$1"; LISTING="$2"; shift 2; {prepare} && {{ "$@"; rc=$?; ls -A "$MNT" > "$LISTING"; exit $rc; }}'
     return ("unshare", "-rm", "sh", "-c", script, "sandbox", str(mnt), str(listing))
 
 
@@ -243,8 +346,9 @@ class Runner:
             prefix = sandbox_prefix(case.sandbox, tmp / "mnt", listing_path)
         before = digest_tree(tmp)
         result = run_tc(*args, stdin=case.stdin, prefix=prefix, cwd=tmp)
-        listing = (listing_path.read_text().split() if case.sandbox in ("readonly", "full") and listing_path.exists()
-                   else None)
+        listing = (
+            listing_path.read_text().split() if case.sandbox in ("readonly", "full") and listing_path.exists() else None
+        )
         return Outcome(result, tmp, listing, before)
 
     def close(self) -> None:

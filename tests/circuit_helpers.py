@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from tccli.replacement.frozen import FrozenForward, FrozenLayer
-from tccli.model.loading import load_model
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.model.loading import load_model
+from tccli.replacement.frozen import FrozenForward, FrozenLayer
 from tccli.transcoders.files import save_transcoder
-
+from tccli.transcoders.transcoder import Transcoder
 
 _LOADED: dict = {}
 
@@ -28,9 +27,18 @@ def loaded_model(path, dtype: str = "float32"):
 SPACE_PAIRS = [(i, o) for i in ("normalized", "mlp_input", "resid_mid") for o in ("mlp_out", "mlp_output")]
 
 
-def random_transcoders(info, n_features: int = 48, seed: int = 0, dtype=torch.float32,
-                       layers=None, bias_shift: float = 0.0, activation: str = "relu", skip: bool = False,
-                       input_space: str = "normalized", output_space: str = "mlp_out") -> dict[int, Transcoder]:
+def random_transcoders(
+    info,
+    n_features: int = 48,
+    seed: int = 0,
+    dtype=torch.float32,
+    layers=None,
+    bias_shift: float = 0.0,
+    activation: str = "relu",
+    skip: bool = False,
+    input_space: str = "normalized",
+    output_space: str = "mlp_out",
+) -> dict[int, Transcoder]:
     """One random transcoder per layer, its config naming the model, hooks and processing.
 
     ``bias_shift`` is added to b_enc: a negative shift makes features sparse, as trained ones are. A
@@ -39,17 +47,29 @@ def random_transcoders(info, n_features: int = 48, seed: int = 0, dtype=torch.fl
     generator = torch.Generator().manual_seed(seed)
     out = {}
     tc_spaces = (input_space, output_space) == ("normalized", "mlp_out")
-    for layer in (range(info.n_layers) if layers is None else layers):
+    for layer in range(info.n_layers) if layers is None else layers:
         hooks = info.layer(layer)
-        transcoder = Transcoder(TranscoderConfig(
-            d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=layer, model_name=info.name,
-            model_architecture=info.architecture, weight_processing=dict(info.weight_processing),
-            activation=activation, k=n_features // 4 if activation in ("topk", "signed_topk", "batchtopk") else None,
-            skip=skip, input_space=input_space, output_space=output_space,
-            input_hook=hooks.mlp_in if tc_spaces else None, output_hook=hooks.mlp_out if tc_spaces else None))
+        transcoder = Transcoder(
+            TranscoderConfig(
+                d_in=info.d_model,
+                d_out=info.d_model,
+                n_features=n_features,
+                layer=layer,
+                model_name=info.name,
+                model_architecture=info.architecture,
+                weight_processing=dict(info.weight_processing),
+                activation=activation,
+                k=n_features // 4 if activation in ("topk", "signed_topk", "batchtopk") else None,
+                skip=skip,
+                input_space=input_space,
+                output_space=output_space,
+                input_hook=hooks.mlp_in if tc_spaces else None,
+                output_hook=hooks.mlp_out if tc_spaces else None,
+            )
+        )
         with torch.no_grad():
             for name, param in transcoder.named_parameters():
-                scale = 1.0 / info.d_model ** 0.5 if name.startswith("W_") else 0.1
+                scale = 1.0 / info.d_model**0.5 if name.startswith("W_") else 0.1
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
             transcoder.b_enc.add_(bias_shift)
             if transcoder.threshold is not None:
@@ -87,13 +107,34 @@ def paper_model() -> FrozenForward:
     with torch.no_grad():
         z = transcoder.encode(mlp_in)
         mlp_out = transcoder.decode(z) + torch.tensor([[0.0, 0.0], [0.5, 0.0]], dtype=f64)
-    layer = FrozenLayer(resid_pre=embed, attn_scale=torch.ones(2, dtype=f64), pattern=pattern,
-                        values=embed.unsqueeze(1), W_V=torch.eye(2, dtype=f64).unsqueeze(0), W_O=W_O[0:1].reshape(1, 2, 2),
-                        b_O=torch.zeros(2, dtype=f64), attn_out=attn_out, mlp_scale=mlp_scale, mlp_in=mlp_in,
-                        mlp_out=mlp_out, transcoder=transcoder, z=z, pre=transcoder.pre_activation(mlp_in),
-                        error=mlp_out - transcoder.decode(z))
+    layer = FrozenLayer(
+        resid_pre=embed,
+        attn_scale=torch.ones(2, dtype=f64),
+        pattern=pattern,
+        values=embed.unsqueeze(1),
+        W_V=torch.eye(2, dtype=f64).unsqueeze(0),
+        W_O=W_O[0:1].reshape(1, 2, 2),
+        b_O=torch.zeros(2, dtype=f64),
+        attn_out=attn_out,
+        mlp_scale=mlp_scale,
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        transcoder=transcoder,
+        z=z,
+        pre=transcoder.pre_activation(mlp_in),
+        error=mlp_out - transcoder.decode(z),
+    )
     final = resid_mid + mlp_out
-    return FrozenForward(tokens=torch.tensor([0, 1]), embed=embed, pos_embed=None, layers=[layer],
-                         final_resid=final, final_scale=torch.ones(2, dtype=f64), final_normalized=final,
-                         W_U=torch.eye(2, dtype=f64), b_U=torch.zeros(2, dtype=f64), layernorm=False,
-                         parallel=False)
+    return FrozenForward(
+        tokens=torch.tensor([0, 1]),
+        embed=embed,
+        pos_embed=None,
+        layers=[layer],
+        final_resid=final,
+        final_scale=torch.ones(2, dtype=f64),
+        final_normalized=final,
+        W_U=torch.eye(2, dtype=f64),
+        b_U=torch.zeros(2, dtype=f64),
+        layernorm=False,
+        parallel=False,
+    )

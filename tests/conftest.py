@@ -42,11 +42,13 @@ def build_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(TOKENIZER_TEXT * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>"
+    )
     fast.save_pretrained(folder)
     return fast
 
@@ -60,26 +62,72 @@ def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 
     tokenizer = build_tokenizer(folder)
     vocab = len(tokenizer)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=d_model, n_layer=n_layers, n_head=4,
-                            bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     elif arch == "neox":
-        config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
-                               num_attention_heads=4, intermediate_size=4 * d_model, max_position_embeddings=128,
-                               use_parallel_residual=True, rotary_pct=0.25, bos_token_id=0, eos_token_id=0)
+        config = GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            intermediate_size=4 * d_model,
+            max_position_embeddings=128,
+            use_parallel_residual=True,
+            rotary_pct=0.25,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     elif arch == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * d_model // 2,
-                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=3 * d_model // 2,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     elif arch == "gemma2":  # a sliding window shorter than the test prompts, both soft-caps on
-        config = Gemma2Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=8, intermediate_size=3 * d_model // 2,
-                              max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=8,
-                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, bos_token_id=0,
-                              eos_token_id=0, pad_token_id=1)
+        config = Gemma2Config(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=3 * d_model // 2,
+            max_position_embeddings=128,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     elif arch == "qwen3":
-        config = Qwen3Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=8, intermediate_size=3 * d_model // 2,
-                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+        config = Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=3 * d_model // 2,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        )
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -95,9 +143,13 @@ def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
-                     help="cpu (default): hide any GPU, so every command's default device (auto) is the CPU, as "
-                          "in CI; cuda: leave the GPU visible, so auto means cuda (scripts/device_check.sh)")
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): hide any GPU, so every command's default device (auto) is the CPU, as "
+        "in CI; cuda: leave the GPU visible, so auto means cuda (scripts/device_check.sh)",
+    )
 
 
 def pytest_configure(config):
@@ -224,12 +276,20 @@ def run_tc(*args: str, input: str | None = None, env: dict | None = None, cwd: P
 
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("TC_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "tccli", *args], input=input, capture_output=True,
-                          text=True, env=full_env, timeout=600, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "tccli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
+        cwd=cwd,
+    )
 
 
-def run_tc_in_terminal(*args: str, cwd: Path | None = None, timeout: float = 600, columns: int = 80,
-                       program: tuple[str, ...] | None = None) -> tuple[int, str]:
+def run_tc_in_terminal(
+    *args: str, cwd: Path | None = None, timeout: float = 600, columns: int = 80, program: tuple[str, ...] | None = None
+) -> tuple[int, str]:
     """Run `tc ARGS` (or ``program``) with stdin, stdout and stderr on a pseudo-terminal of ``columns`` x 24,
     as in an interactive shell; (exit code, everything it wrote to the terminal, ANSI codes removed)."""
     import fcntl
@@ -248,8 +308,7 @@ def run_tc_in_terminal(*args: str, cwd: Path | None = None, timeout: float = 600
     for name in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
         env.pop(name, None)
     command = list(program) if program else [sys.executable, "-m", "tccli", *args]
-    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, start_new_session=True)
     os.close(slave)
     chunks = []
     deadline = time.time() + timeout
@@ -309,14 +368,20 @@ def plain_model_reference(model_dir: Path, tokens, layers: list[int], batch_size
         norm = model.get_submodule(norm_path.format(layer))
         norm.register_forward_pre_hook(lambda m, args, layer=layer: seen.__setitem__((layer, "in"), args[0]))
         model.get_submodule(mlp_path.format(layer)).register_forward_hook(
-            lambda m, args, out, layer=layer: seen.__setitem__((layer, "out"), out))
-    eps = {layer: float(getattr(model.get_submodule(norm_path.format(layer)), "eps", None)
-                        or model.get_submodule(norm_path.format(layer)).variance_epsilon) for layer in layers}
+            lambda m, args, out, layer=layer: seen.__setitem__((layer, "out"), out)
+        )
+    eps = {
+        layer: float(
+            getattr(model.get_submodule(norm_path.format(layer)), "eps", None)
+            or model.get_submodule(norm_path.format(layer)).variance_epsilon
+        )
+        for layer in layers
+    }
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.int64)
     parts: dict = {(layer, which): [] for layer in layers for which in ("mlp_in", "mlp_out")}
     for lo in range(0, tokens.shape[0], batch_size):
         with torch.no_grad():
-            model(input_ids=tokens[lo:lo + batch_size])
+            model(input_ids=tokens[lo : lo + batch_size])
         for layer in layers:
             normalized, _ = compat_normalized(seen[layer, "in"], normalization, eps[layer], inverse_sqrt)
             parts[layer, "mlp_in"].append(normalized.reshape(-1, normalized.shape[-1]))

@@ -28,9 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples" / "walkthrough.ipynb"
 
 # each wrapper and the settings whose fields are its keyword arguments
-SETTINGS = {"cache_activations": CacheConfig, "train": TrainConfig, "evaluate": EvalConfig,
-            "score_features": ScoreConfig, "attribution_graph": GraphConfig, "circuit_graph": CircuitConfig,
-            "intervene": InterveneConfig, "greater_than": GreaterThanConfig, "validate_circuit": ValidateConfig}
+SETTINGS = {
+    "cache_activations": CacheConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "score_features": ScoreConfig,
+    "attribution_graph": GraphConfig,
+    "circuit_graph": CircuitConfig,
+    "intervene": InterveneConfig,
+    "greater_than": GreaterThanConfig,
+    "validate_circuit": ValidateConfig,
+}
 
 
 def python(code: str) -> subprocess.CompletedProcess:
@@ -42,13 +50,15 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_tccli_and_the_cli_import_no_torch_and_dir_lists_the_api():
-    done = python("import sys, tccli, tccli.cli\n"
-                  "assert 'torch' not in sys.modules, 'import tccli imported torch'\n"
-                  "names = dir(tccli)\n"
-                  "assert 'torch' not in sys.modules, 'dir(tccli) imported torch'\n"
-                  "missing = [name for name in tccli.__all__ if name not in names]\n"
-                  "assert not missing, missing\n"
-                  "print(tccli.__file__)")
+    done = python(
+        "import sys, tccli, tccli.cli\n"
+        "assert 'torch' not in sys.modules, 'import tccli imported torch'\n"
+        "names = dir(tccli)\n"
+        "assert 'torch' not in sys.modules, 'dir(tccli) imported torch'\n"
+        "missing = [name for name in tccli.__all__ if name not in names]\n"
+        "assert not missing, missing\n"
+        "print(tccli.__file__)"
+    )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == REPO / "tccli" / "__init__.py"
 
@@ -115,10 +125,8 @@ def test_bad_keyword_arguments_fail_before_any_work(tmp_path):
 def test_settings_accept_paths_counts_and_one_value_for_a_list(tmp_path):
     from tccli.api import build_settings
 
-    config = build_settings(EvalConfig, {"transcoders": tmp_path / "tcs", "data": tmp_path / "a.txt",
-                                         "tokens": "2k"})
-    assert (config.transcoders, config.data, config.tokens) == (str(tmp_path / "tcs"), [str(tmp_path / "a.txt")],
-                                                                 2000)
+    config = build_settings(EvalConfig, {"transcoders": tmp_path / "tcs", "data": tmp_path / "a.txt", "tokens": "2k"})
+    assert (config.transcoders, config.data, config.tokens) == (str(tmp_path / "tcs"), [str(tmp_path / "a.txt")], 2000)
 
 
 # ---------------------------------------------------------------------------- the API returns what the library does
@@ -142,27 +150,47 @@ def test_circuit_and_intervene_return_what_the_library_returns(tiny_files, one_t
     loaded = loaded_model(tiny_files["model"])
     transcoders = load_transcoder_set(tiny_files["tcs"])
     target = dict(logit_diff=["1", "0"])
-    config = CircuitConfig(model=tiny_files["model"], transcoders=tiny_files["tcs"], prompt=PROMPT, iters=2,
-                           branches=6, both_signs=True, device="cpu", **target)
+    config = CircuitConfig(
+        model=tiny_files["model"],
+        transcoders=tiny_files["tcs"],
+        prompt=PROMPT,
+        iters=2,
+        branches=6,
+        both_signs=True,
+        device="cpu",
+        **target,
+    )
     config.validate()
     expected, expected_summary = circuit_graph(loaded, transcoders, PROMPT, config)
 
-    by_name, summary = tccli.circuit_graph(Path(tiny_files["model"]), tiny_files["tcs"], PROMPT, iters=2, branches=6,
-                                           both_signs=True, device="cpu", **target)
+    by_name, summary = tccli.circuit_graph(
+        Path(tiny_files["model"]),
+        tiny_files["tcs"],
+        PROMPT,
+        iters=2,
+        branches=6,
+        both_signs=True,
+        device="cpu",
+        **target,
+    )
     assert summary == expected_summary
     assert by_name.graph["metadata"] == expected.graph["metadata"]
     assert dict(by_name.nodes(data=True)) == dict(expected.nodes(data=True))
     assert sorted(by_name.edges(data="weight")) == sorted(expected.edges(data="weight"))
 
-    by_object, summary = tccli.circuit_graph(loaded, transcoders, PROMPT, iters=2, branches=6, both_signs=True,
-                                             **target)
+    by_object, summary = tccli.circuit_graph(
+        loaded, transcoders, PROMPT, iters=2, branches=6, both_signs=True, **target
+    )
     assert summary == expected_summary
     assert sorted(by_object.edges(data="weight")) == sorted(expected.edges(data="weight"))
 
-    node = max((source for source, _ in expected.in_edges("target") if source.startswith("mlp")),
-               key=lambda source: abs(expected.edges[source, "target"]["weight"]))
-    config = InterveneConfig(model=tiny_files["model"], transcoders=tiny_files["tcs"], prompt=PROMPT, ablate=[node],
-                             mode="direct", **target)
+    node = max(
+        (source for source, _ in expected.in_edges("target") if source.startswith("mlp")),
+        key=lambda source: abs(expected.edges[source, "target"]["weight"]),
+    )
+    config = InterveneConfig(
+        model=tiny_files["model"], transcoders=tiny_files["tcs"], prompt=PROMPT, ablate=[node], mode="direct", **target
+    )
     config.validate()
     result = tccli.intervene(loaded, transcoders, PROMPT, ablate=node, mode="direct", **target)
     assert result == run_intervene(config, loaded, transcoders, PROMPT)
@@ -174,8 +202,9 @@ def test_circuit_writes_out_like_the_command_and_validates(tiny_files, tmp_path,
 
     loaded = loaded_model(tiny_files["model"])
     out = tmp_path / "g.json"
-    graph, _ = tccli.circuit_graph(loaded, tiny_files["tcs"], PROMPT, logit="0", iters=1, branches=3, format="json",
-                                   out=out)
+    graph, _ = tccli.circuit_graph(
+        loaded, tiny_files["tcs"], PROMPT, logit="0", iters=1, branches=3, format="json", out=out
+    )
     assert sorted(read_graph(out).edges) == sorted(graph.edges)
     with pytest.raises(TcError, match="exists"):
         tccli.circuit_graph(loaded, tiny_files["tcs"], PROMPT, logit="0", iters=1, branches=3, out=out)
@@ -193,13 +222,15 @@ def test_the_walkthrough_notebook_runs(stories_dir, corpora_dir, monkeypatch):
     import nbformat
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         "commit the notebook without outputs"
+    )
     examples_before = sorted(path.name for path in NOTEBOOK.parent.iterdir())
     # the kernel imports this checkout's tccli, whatever is installed
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     text = []
     for cell in notebook.cells:
@@ -207,8 +238,13 @@ def test_the_walkthrough_notebook_runs(stories_dir, corpora_dir, monkeypatch):
             assert output.output_type != "error", f"{output.ename}: {output.evalue}"
             text.append(output.get("text", "") + output.get("data", {}).get("text/markdown", ""))
     text = "\n".join(text)
-    for expected in ("LlamaForCausalLM", "replacement score", "| layer | l0 | fvu", "logit('she') - logit('he')",
-                     "| direct | mlp"):
+    for expected in (
+        "LlamaForCausalLM",
+        "replacement score",
+        "| layer | l0 | fvu",
+        "logit('she') - logit('he')",
+        "| direct | mlp",
+    ):
         assert expected in text, expected
     work = Path(text.split("writing into ")[1].split()[0])
     assert work.name.startswith("tc-walkthrough-") and not work.exists()  # its temporary folder, removed
@@ -220,8 +256,16 @@ def test_score_and_greater_than_run_from_names(tiny_files, text_file, tmp_path, 
     from tccli.features.files import FeaturesFile
 
     out = tmp_path / "features.jsonl"
-    summary = tccli.score_features(model=tiny_files["model"], transcoders=tiny_files["tcs"], data=text_file,
-                                   tokens="256", context=32, out=out, device="cpu", quiet=True)
+    summary = tccli.score_features(
+        model=tiny_files["model"],
+        transcoders=tiny_files["tcs"],
+        data=text_file,
+        tokens="256",
+        context=32,
+        out=out,
+        device="cpu",
+        quiet=True,
+    )
     assert (summary["out"], summary["layers"]) == (str(out), [0, 1])
     assert FeaturesFile.open(str(out)) is not None
     result = tccli.greater_than(model=tiny_files["model"], transcoders=tiny_files["tcs"], device="cpu")

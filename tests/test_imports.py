@@ -83,14 +83,21 @@ def test_every_subpackage_has_one_layer():
     parts = {layer_part(module) for module in import_graph()}
     declared = [part for parts_of_layer in LAYERS for part in parts_of_layer]
     assert len(declared) == len(set(declared)), "a subpackage is declared in two layers"
-    assert parts == set(declared), (f"undeclared in LAYERS: {sorted(parts - set(declared))}; "
-                                    f"declared but absent from tccli: {sorted(set(declared) - parts)}")
+    assert parts == set(declared), (
+        f"undeclared in LAYERS: {sorted(parts - set(declared))}; "
+        f"declared but absent from tccli: {sorted(set(declared) - parts)}"
+    )
 
 
 def test_imports_go_down_the_layers():
     """Every import edge, function-level imports included, goes to the importer's layer or a lower one."""
-    upward = sorted((source, target) for source, target in import_graph().edges
-                    if LAYER_OF[layer_part(source)] < LAYER_OF[layer_part(target)])
+    upward = sorted(
+        (source, target)
+        for source, target in import_graph().edges
+        if LAYER_OF[layer_part(source)] < LAYER_OF[layer_part(target)]
+    )
     assert upward == [], "imports from a lower layer into a higher one:\n" + "\n".join(
         f"  {source} ({layer_part(source)}, layer {LAYER_OF[layer_part(source)]}) imports "
-        f"{target} ({layer_part(target)}, layer {LAYER_OF[layer_part(target)]})" for source, target in upward)
+        f"{target} ({layer_part(target)}, layer {LAYER_OF[layer_part(target)]})"
+        for source, target in upward
+    )

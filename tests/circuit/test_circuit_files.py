@@ -13,10 +13,10 @@ import torch
 
 from circuit_helpers import paper_model
 from tccli.circuit import files as graph_io
+from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.config.circuit import PictureOptions
 from tccli.errors import TcError
 from tccli.nodes import node_label, target_description, target_label
-from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.replacement.targets import direction_target
 
 
@@ -24,19 +24,28 @@ from tccli.replacement.targets import direction_target
 def graph() -> nx.DiGraph:
     frozen = paper_model()
     target = direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
-    g = paths_to_graph(frozen, target, greedy_search(frozen, target, SearchParams(iters=2, branches=2)),
-                    ["<bos>", 'say "hi"'])
-    g.graph["metadata"] = {"model": "paper", "n_layers": 1, "prompt": "x", "tokens": ["<bos>", 'say "hi"'],
-                           "target": target.description, "transcoder_list": ["layer_0"],
-                           "search": {"iters": 2, "branches": 2}, "tc_version": "0"}
+    g = paths_to_graph(
+        frozen, target, greedy_search(frozen, target, SearchParams(iters=2, branches=2)), ["<bos>", 'say "hi"']
+    )
+    g.graph["metadata"] = {
+        "model": "paper",
+        "n_layers": 1,
+        "prompt": "x",
+        "tokens": ["<bos>", 'say "hi"'],
+        "target": target.description,
+        "transcoder_list": ["layer_0"],
+        "search": {"iters": 2, "branches": 2},
+        "tc_version": "0",
+    }
     return g
 
 
 def test_node_labels():
-    assert node_label({"kind": "feature", "layer": 8, "feature": 1234, "token": "Paris",
-                                "position": 5}) == 'L8 F1234 "Paris" @5'
-    assert node_label({"kind": "head", "layer": 3, "head": 2, "token": "cat",
-                                "position": 4}) == 'L3 H2 "cat" @4'
+    assert (
+        node_label({"kind": "feature", "layer": 8, "feature": 1234, "token": "Paris", "position": 5})
+        == 'L8 F1234 "Paris" @5'
+    )
+    assert node_label({"kind": "head", "layer": 3, "head": 2, "token": "cat", "position": 4}) == 'L3 H2 "cat" @4'
     assert node_label({"kind": "error", "layer": 8, "position": 5}) == "err L8 @5"
 
 
@@ -97,12 +106,18 @@ def test_dense_graphs_get_straight_edges_and_at_most_40_labels():
 
 
 def test_target_labels_say_what_the_target_is():
-    logit_diff = {"kind": "target", "target_kind": "logit_diff", "target_token_string": " 40",
-                  "target_token_b_string": " 20", "token": " 17", "position": 12, "activation": 0.73512}
+    logit_diff = {
+        "kind": "target",
+        "target_kind": "logit_diff",
+        "target_token_string": " 40",
+        "target_token_b_string": " 20",
+        "token": " 17",
+        "position": 12,
+        "activation": 0.73512,
+    }
     assert target_label(logit_diff) == 'logit(" 40") - logit(" 20") at " 17"@12 = 0.735'
     assert target_description({"target_kind": "logit", "target_token": 7}) == "logit(#7)"
-    assert target_description({"target_kind": "feature", "layer": 3, "target_feature": 545}) == \
-        "L3.F545 pre-activation"
+    assert target_description({"target_kind": "feature", "layer": 3, "target_feature": 545}) == "L3.F545 pre-activation"
     assert target_description({"target_kind": "direction", "layer": 2}) == "direction . resid_pre[2]"
 
 
@@ -110,22 +125,39 @@ def grid_graph(names: dict) -> nx.DiGraph:
     """A graph of the given nodes (name -> (kind, layer, position, index)) and 3 tokens."""
     graph = nx.DiGraph()
     for name, (kind, layer, position, index) in names.items():
-        graph.add_node(name, kind=kind, layer=layer, position=position, token=f"t{position}",
-                       feature=index if kind == "feature" else None, head=index if kind == "head" else None,
-                       path_contribution=1.0)
+        graph.add_node(
+            name,
+            kind=kind,
+            layer=layer,
+            position=position,
+            token=f"t{position}",
+            feature=index if kind == "feature" else None,
+            head=index if kind == "head" else None,
+            path_contribution=1.0,
+        )
     graph.graph["metadata"] = {"tokens": ["<bos>", " a", " b"]}
     return graph
 
 
 def test_grid_layout_rows_by_layer_columns_by_position():
-    nodes = {"target": ("target", 2, 2, -1), "embed@1": ("embed", -1, 1, -1), "embed@2": ("embed", -1, 2, -1),
-             "attn0.h1@1": ("head", 0, 1, 1), "mlp0.f3@2": ("feature", 0, 2, 3), "mlp1.f4@2": ("feature", 1, 2, 4),
-             "mlp1.f5@2": ("feature", 1, 2, 5), "err1@2": ("error", 1, 2, -1), "attn1.h0@0": ("head", 1, 0, 0)}
+    nodes = {
+        "target": ("target", 2, 2, -1),
+        "embed@1": ("embed", -1, 1, -1),
+        "embed@2": ("embed", -1, 2, -1),
+        "attn0.h1@1": ("head", 0, 1, 1),
+        "mlp0.f3@2": ("feature", 0, 2, 3),
+        "mlp1.f4@2": ("feature", 1, 2, 4),
+        "mlp1.f5@2": ("feature", 1, 2, 5),
+        "err1@2": ("error", 1, 2, -1),
+        "attn1.h0@0": ("head", 1, 0, 0),
+    }
     layout = graph_io.grid_layout(grid_graph(nodes))
     x = {n: p[0] for n, p in layout.positions.items()}
     y = {n: p[1] for n, p in layout.positions.items()}
     # rows: embeddings < layer 0 attention < layer 0 MLP < layer 1 attention < layer 1 MLP < target
-    assert y["embed@1"] == y["embed@2"] < y["attn0.h1@1"] < y["mlp0.f3@2"] < y["attn1.h0@0"] < y["mlp1.f4@2"] < y["target"]
+    assert (
+        y["embed@1"] == y["embed@2"] < y["attn0.h1@1"] < y["mlp0.f3@2"] < y["attn1.h0@0"] < y["mlp1.f4@2"] < y["target"]
+    )
     assert y["mlp1.f4@2"] == y["mlp1.f5@2"] == y["err1@2"]  # one cell, side by side
     # columns: position 0 < 1 < 2, the token written under each
     assert x["attn1.h0@0"] < x["embed@1"] == x["attn0.h1@1"] < x["embed@2"] == x["mlp0.f3@2"] == x["target"]
@@ -144,8 +176,9 @@ def test_grid_layout_depends_on_attributes_only():
     renamed = grid_graph({f"node {name}": spec for name, spec in nodes.items()})
     second = graph_io.grid_layout(renamed)
     assert {f"node {n}": p for n, p in first.positions.items()} == second.positions
-    crowded = grid_graph({**{f"f{i}": ("feature", 0, 1, i) for i in range(graph_io.PER_LINE + 1)},
-                          "t": ("target", 1, 1, -1)})
+    crowded = grid_graph(
+        {**{f"f{i}": ("feature", 0, 1, i) for i in range(graph_io.PER_LINE + 1)}, "t": ("target", 1, 1, -1)}
+    )
     lines = sorted({round(p[1], 6) for n, p in graph_io.grid_layout(crowded).positions.items() if n != "t"})
     assert len(lines) == 2  # more than PER_LINE nodes in one cell wrap onto a second line
 
@@ -228,8 +261,9 @@ def test_skip_nodes_are_labelled_and_folded_for_neuronpedia():
     graph.graph["metadata"] = {"n_layers": 2, "target": {"kind": "logit"}}
     graph.add_node("target", kind="target", layer=2, position=3, token="x", activation=2.0, contribution=2.0)
     graph.add_node("skip1@3", kind="skip", layer=1, position=3, token="x", contribution=1.5)
-    graph.add_node("mlp0.f4@3", kind="feature", layer=0, feature=4, position=3, token="x", activation=1.0,
-                   contribution=0.5)
+    graph.add_node(
+        "mlp0.f4@3", kind="feature", layer=0, feature=4, position=3, token="x", activation=1.0, contribution=0.5
+    )
     graph.add_edge("skip1@3", "target", weight=1.5)
     graph.add_edge("mlp0.f4@3", "skip1@3", weight=0.5)
     assert node_label(graph.nodes["skip1@3"]) == 'skip L1 "x" @3'

@@ -10,10 +10,10 @@ import torch
 from circuit_helpers import loaded_model, random_transcoders
 from conftest import run_tc
 from tccli.circuit.trace import circuit_graph
-from tccli.features.deembed import deembed_rows, deembedding
-from tccli.nodes import parse_feature
 from tccli.config.circuit import CircuitConfig, DeembedConfig
 from tccli.errors import TcError
+from tccli.features.deembed import deembed_rows, deembedding
+from tccli.nodes import parse_feature
 from tccli.replacement.targets import feature_target
 
 
@@ -47,8 +47,9 @@ def test_parse_feature():
 
 
 def test_library_graph_and_summary(gpt2, transcoder_dir):
-    graph, summary = circuit_graph(gpt2, transcoders_of(gpt2), "The cat sat on the mat",
-                                   config(transcoder_dir, feature="L1.F3"))
+    graph, summary = circuit_graph(
+        gpt2, transcoders_of(gpt2), "The cat sat on the mat", config(transcoder_dir, feature="L1.F3")
+    )
     meta = graph.graph["metadata"]
     assert meta["tokens"][0] == "<|endoftext|>" and meta["token_ids"][0] == gpt2.info.bos_token_id
     assert meta["target"] == {"kind": "feature", "layer": 1, "feature": 3}
@@ -56,14 +57,17 @@ def test_library_graph_and_summary(gpt2, transcoder_dir):
     assert meta["search"]["branches"] == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(feature="L1.F48"), "feature 48 is out of range"),
-    (dict(feature="L1.F3", prompt=""), "the prompt is empty"),
-    (dict(feature="L1.F3", prompt=" 1" * 200), "longer than the model's context"),
-    (dict(logit="The cat"), "not one"),
-    (dict(logit_diff=["1", "The cat"]), "not one"),
-    (dict(feature="L1.F3", pos=40), "outside the prompt"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(feature="L1.F48"), "feature 48 is out of range"),
+        (dict(feature="L1.F3", prompt=""), "the prompt is empty"),
+        (dict(feature="L1.F3", prompt=" 1" * 200), "longer than the model's context"),
+        (dict(logit="The cat"), "not one"),
+        (dict(logit_diff=["1", "The cat"]), "not one"),
+        (dict(feature="L1.F3", pos=40), "outside the prompt"),
+    ],
+)
 def test_bad_targets(gpt2, transcoder_dir, kwargs, message):
     made = config(transcoder_dir, **kwargs)
     with pytest.raises(TcError, match=message):
@@ -86,13 +90,16 @@ def test_transcoder_of_another_model_or_hook(gpt2, tiny_models, transcoder_dir):
         circuit_graph(gpt2, wrong_hook, "The cat", config(transcoder_dir, feature="L1.F3"))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(), "exactly one target"),
-    (dict(feature="L1.F3", logit="a"), "exactly one target"),
-    (dict(logit_diff=["a"]), "exactly two tokens"),
-    (dict(direction="d.npy"), "needs --layer"),
-    (dict(feature="L1.F3", format="png"), "--format must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "exactly one target"),
+        (dict(feature="L1.F3", logit="a"), "exactly one target"),
+        (dict(logit_diff=["a"]), "exactly two tokens"),
+        (dict(direction="d.npy"), "needs --layer"),
+        (dict(feature="L1.F3", format="png"), "--format must be one of"),
+    ],
+)
 def test_bad_flags(transcoder_dir, kwargs, message):
     with pytest.raises(TcError, match=message):
         config(transcoder_dir, **kwargs)
@@ -132,8 +139,12 @@ def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch,
     transcoders = transcoders_of(loaded, dtype=torch.float64, input_space=space, output_space="mlp_output")
     tokens = torch.tensor([0, 37, 90, 151, 12])
     frozen = freeze_prompt(loaded, transcoders, tokens)
-    scores = {int(token): score for score, token, _ in
-              deembed_rows(loaded, transcoders, DeembedConfig(transcoders="x", feature="L0.F17", top=400))}
+    scores = {
+        int(token): score
+        for score, token, _ in deembed_rows(
+            loaded, transcoders, DeembedConfig(transcoders="x", feature="L0.F17", top=400)
+        )
+    }
     for position in (1, 3):
         target = feature_target(frozen, 0, 17, position)
         embed = float(attribution.direct_contributions(frozen, target.vector, position, target.read_point).embed)
@@ -143,8 +154,23 @@ def test_deembedding_is_the_embedding_term_of_the_feature(tiny_model_dirs, arch,
 
 def test_cli_end_to_end(tiny_model_dirs, transcoder_dir, tmp_path):
     model = str(tiny_model_dirs["gpt2"])
-    result = run_tc("circuit", "--model", model, "--transcoders", str(transcoder_dir), "--prompt", "-",
-                    "--logit-diff", "1", "2", "--format", "json", "--iters", "2", input="The cat sat on the mat\n")
+    result = run_tc(
+        "circuit",
+        "--model",
+        model,
+        "--transcoders",
+        str(transcoder_dir),
+        "--prompt",
+        "-",
+        "--logit-diff",
+        "1",
+        "2",
+        "--format",
+        "json",
+        "--iters",
+        "2",
+        input="The cat sat on the mat\n",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # stdout is the graph and nothing else
     assert data["graph"]["metadata"]["prompt"] == "The cat sat on the mat"
@@ -156,8 +182,18 @@ def test_cli_end_to_end(tiny_model_dirs, transcoder_dir, tmp_path):
 
 
 def test_cli_bad_input_is_one_line(tiny_model_dirs, transcoder_dir):
-    result = run_tc("circuit", "--model", str(tiny_model_dirs["gpt2"]), "--transcoders", str(transcoder_dir),
-                    "--prompt", "The cat", "--feature", "L1.F4800")
+    result = run_tc(
+        "circuit",
+        "--model",
+        str(tiny_model_dirs["gpt2"]),
+        "--transcoders",
+        str(transcoder_dir),
+        "--prompt",
+        "The cat",
+        "--feature",
+        "L1.F4800",
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["tc: error: feature 4800 is out of range: layer 1's "
-                                                  "transcoder has 48 features (0-47)"]
+    assert result.stderr.strip().splitlines() == [
+        "tc: error: feature 4800 is out of range: layer 1's transcoder has 48 features (0-47)"
+    ]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from circuit_helpers import paper_model, random_transcoders
-from tccli.replacement import attribution
-from tccli.replacement.prompts import freeze_prompt
+from tccli.circuit.search import Path, SearchParams, SearchResult, explained, greedy_search, paths_to_graph
 from tccli.model.loading import load_model
 from tccli.nodes import NodeRef
-from tccli.circuit.search import Path, SearchParams, SearchResult, explained, greedy_search, paths_to_graph
+from tccli.replacement import attribution
+from tccli.replacement.prompts import freeze_prompt
 from tccli.replacement.targets import direction_target, unembed_target
 
 TOKENS = ["<bos>", "x"]
@@ -38,23 +38,43 @@ def test_paper_model_search_worked_by_hand():
     target = paper_target(frozen)
     result = greedy_search(frozen, target, SearchParams(iters=2, branches=2))
     found = {tuple(k.id for k in p.nodes[1:]): p.contributions[-1] for p in result.paths}
-    assert found == {("mlp0.f1@1",): 6.0, ("mlp0.f0@1",): 4.0, ("mlp0.f1@1", "embed@1"): 4.0,
-                     ("mlp0.f1@1", "attn0.h0@1"): 2.0}
+    assert found == {
+        ("mlp0.f1@1",): 6.0,
+        ("mlp0.f0@1",): 4.0,
+        ("mlp0.f1@1", "embed@1"): 4.0,
+        ("mlp0.f1@1", "attn0.h0@1"): 2.0,
+    }
     graph = paths_to_graph(frozen, target, result, TOKENS)
     edges = {(u, v): w for u, v, w in graph.edges(data="weight")}
-    assert edges == {("mlp0.f1@1", "target"): 6.0, ("mlp0.f0@1", "target"): 4.0,
-                     ("embed@1", "mlp0.f1@1"): 4.0, ("attn0.h0@1", "mlp0.f1@1"): 2.0,
-                     ("err0@1", "target"): 0.5}
+    assert edges == {
+        ("mlp0.f1@1", "target"): 6.0,
+        ("mlp0.f0@1", "target"): 4.0,
+        ("embed@1", "mlp0.f1@1"): 4.0,
+        ("attn0.h0@1", "mlp0.f1@1"): 2.0,
+        ("err0@1", "target"): 0.5,
+    }
     node = graph.nodes["mlp0.f1@1"]
-    assert (node["kind"], node["layer"], node["feature"], node["position"], node["token"], node["activation"]) == \
-        ("feature", 0, 1, 1, "x", 3.0)
+    assert (node["kind"], node["layer"], node["feature"], node["position"], node["token"], node["activation"]) == (
+        "feature",
+        0,
+        1,
+        1,
+        "x",
+        3.0,
+    )
     assert graph.nodes["target"]["activation"] == 13.0
     assert explained(graph) == (10.0, 0.5)
     # path contribution: through every path found; direct: the node's own term in the target's 13
-    figures = {n: (graph.nodes[n]["path_contribution"], graph.nodes[n]["direct_contribution"]) for n in graph
-               if n != "target"}
-    assert figures == {"mlp0.f1@1": (6.0, 6.0), "mlp0.f0@1": (4.0, 4.0), "embed@1": (4.0, 1.0),
-                       "attn0.h0@1": (2.0, 0.5), "err0@1": (0.5, 0.5)}
+    figures = {
+        n: (graph.nodes[n]["path_contribution"], graph.nodes[n]["direct_contribution"]) for n in graph if n != "target"
+    }
+    assert figures == {
+        "mlp0.f1@1": (6.0, 6.0),
+        "mlp0.f0@1": (4.0, 4.0),
+        "embed@1": (4.0, 1.0),
+        "attn0.h0@1": (2.0, 0.5),
+        "err0@1": (0.5, 0.5),
+    }
 
 
 def test_include_bos_and_both_signs():
@@ -79,14 +99,24 @@ def test_min_contribution_filters_candidates():
 def test_each_path_prefix_counted_once():
     frozen = paper_model()
     target = paper_target(frozen)
-    T, A, B, C = (NodeRef("target", position=1), NodeRef("feature", 0, 1, 1), NodeRef("head", 0, 0, 1),
-                  NodeRef("embed", position=1))
+    T, A, B, C = (
+        NodeRef("target", position=1),
+        NodeRef("feature", 0, 1, 1),
+        NodeRef("head", 0, 0, 1),
+        NodeRef("embed", position=1),
+    )
 
     def path(nodes, contributions):
         return Path(nodes=nodes, contributions=(13.0,) + contributions, vector=None, position=1, read_point=(0, 0))
 
-    paths = [path((T, A), (6.0,)), path((T, B), (0.5,)), path((T, A, C), (6.0, 4.0)), path((T, B, A), (0.5, 1.0)),
-             path((T, B, A, C), (0.5, 1.0, 0.7)), path((T, A, C), (6.0, 4.0))]  # the last repeats a path
+    paths = [
+        path((T, A), (6.0,)),
+        path((T, B), (0.5,)),
+        path((T, A, C), (6.0, 4.0)),
+        path((T, B, A), (0.5, 1.0)),
+        path((T, B, A, C), (0.5, 1.0, 0.7)),
+        path((T, A, C), (6.0, 4.0)),
+    ]  # the last repeats a path
     graph = paths_to_graph(frozen, target, SearchResult(paths=paths), TOKENS)
     assert graph.edges[C.id, A.id]["weight"] == 4.7  # via (T,A,C) once and via (T,B,A,C)
     assert graph.edges[A.id, T.id]["weight"] == 6.0 and graph.edges[A.id, B.id]["weight"] == 1.0
@@ -118,8 +148,9 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
                 key = p.nodes[-1]
                 z = float(frozen.layers[key.layer].z[key.position, key.index])
                 coefficient = p.contributions[-1] / z
-                _, _, constant = attribution.feature_upstream(frozen, key.layer, key.index, key.position,
-                                                              torch.tensor(coefficient, dtype=torch.float64))
+                _, _, constant = attribution.feature_upstream(
+                    frozen, key.layer, key.index, key.position, torch.tensor(coefficient, dtype=torch.float64)
+                )
                 upstream = attribution.direct_contributions(frozen, p.vector, p.position, p.read_point)
                 assert abs(float(upstream.total()) + float(constant) - p.contributions[-1]) < 1e-9
         graph = paths_to_graph(frozen, target, result, [str(t) for t in range(7)])
@@ -127,23 +158,38 @@ def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
         assert graph.number_of_nodes() > 5
         for node, attrs in graph.nodes(data=True):  # each node's direct figure is its term in `direct`
             kind, layer, position = attrs["kind"], attrs["layer"], attrs["position"]
-            expected = {"feature": lambda: direct.features[layer][attrs["feature"]] if position == 6 else 0.0,
-                        "head": lambda: direct.heads[layer][attrs["head"], position],
-                        "error": lambda: direct.errors[layer] if position == 6 else 0.0,
-                        "embed": lambda: direct.embed if position == 6 else 0.0,
-                        "pos": lambda: direct.pos_embed if position == 6 else 0.0}
+            expected = {
+                "feature": lambda layer=layer, attrs=attrs, position=position: (
+                    direct.features[layer][attrs["feature"]] if position == 6 else 0.0
+                ),
+                "head": lambda layer=layer, attrs=attrs, position=position: direct.heads[layer][
+                    attrs["head"], position
+                ],
+                "error": lambda layer=layer, position=position: direct.errors[layer] if position == 6 else 0.0,
+                "embed": lambda position=position: direct.embed if position == 6 else 0.0,
+                "pos": lambda position=position: direct.pos_embed if position == 6 else 0.0,
+            }
             if kind != "target":
                 assert attrs["direct_contribution"] == pytest.approx(float(expected[kind]()), abs=1e-12)
                 assert attrs["path_contribution"] == pytest.approx(
-                    sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-12)
+                    sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-12
+                )
 
 
 def test_skip_nodes_are_searched_and_exact(tiny_model_dirs):
     """With skip transcoders (reading mlp_input, writing mlp_output) the search offers skip{L}@t nodes; a
     skip node's contribution is its direct term and the path continues upstream through the norm exactly."""
     loaded = load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float64")
-    transcoders = random_transcoders(loaded.info, 48, 2, torch.float64, skip=True, input_space="mlp_input",
-                                     output_space="mlp_output", bias_shift=-0.3)
+    transcoders = random_transcoders(
+        loaded.info,
+        48,
+        2,
+        torch.float64,
+        skip=True,
+        input_space="mlp_input",
+        output_space="mlp_output",
+        bias_shift=-0.3,
+    )
     with torch.no_grad():
         for transcoder in transcoders.values():
             transcoder.W_skip.mul_(8.0)  # a strong linear path, so the beam keeps it
@@ -160,8 +206,9 @@ def test_skip_nodes_are_searched_and_exact(tiny_model_dirs):
                 assert abs(p.contributions[-1] - float(direct.skips[key.layer])) < 1e-12
             previous_vector = target.vector if len(p.nodes) == 2 else None
             if previous_vector is not None:
-                vector, read_point, constant = attribution.skip_upstream(frozen, key.layer, key.position,
-                                                                         previous_vector)
+                vector, read_point, constant = attribution.skip_upstream(
+                    frozen, key.layer, key.position, previous_vector
+                )
                 assert torch.equal(vector, p.vector) and read_point == p.read_point
                 upstream = attribution.direct_contributions(frozen, p.vector, p.position, p.read_point)
                 assert abs(float(upstream.total()) + float(constant) - p.contributions[-1]) < 1e-9

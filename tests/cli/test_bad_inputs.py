@@ -52,16 +52,19 @@ from battery import Case
 
 def write_file(name: str, content: str | bytes):
     """setup: a file ``name`` in the case folder holding ``content``; its path is ``{file}``."""
+
     def setup(tmp: Path, a) -> dict:
         path = tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return {"file": path}
+
     return setup
 
 
 def bad_config(**changes):
     """setup: a copy of the layer-0 transcoder with ``changes`` made to its config.json: ``{bad}``."""
+
     def setup(tmp: Path, a) -> dict:
         folder = tmp / "bad_tc"
         shutil.copytree(a.tc0, folder)
@@ -69,11 +72,13 @@ def bad_config(**changes):
         config.update(changes)
         (folder / "config.json").write_text(json.dumps(config))
         return {"bad": folder}
+
     return setup
 
 
 def bad_saelens(**changes):
     """setup: a copy of the converted SAELens layer 0 with ``changes`` to cfg.json and no tc_config: ``{bad}``."""
+
     def setup(tmp: Path, a) -> dict:
         folder = tmp / "bad_sae"
         shutil.copytree(a.saelens / "layer_0", folder)
@@ -82,12 +87,14 @@ def bad_saelens(**changes):
         cfg.update(changes)
         (folder / "cfg.json").write_text(json.dumps(cfg))
         return {"bad": folder}
+
     return setup
 
 
 def bad_peek(target: str, **changes):
     """setup: the layer-0 transcoder written as a Peek folder (no tc_config) with ``changes`` to ``target``
     (sae.json or sae_info.json; no changes: the file removed): ``{bad}``."""
+
     def setup(tmp: Path, a) -> dict:
         from tccli.transcoders.formats import load_transcoder_set, peek
 
@@ -102,11 +109,13 @@ def bad_peek(target: str, **changes):
             data.update(changes)
             (folder / target).write_text(json.dumps(data))
         return {"bad": folder}
+
     return setup
 
 
 def truncated(artefact: str, inner: str = "", keep: int = 200):
     """setup: a copy of an artefact (file, or ``inner`` file of a folder) cut to ``keep`` bytes: ``{bad}``."""
+
     def setup(tmp: Path, a) -> dict:
         source = getattr(a, artefact)
         target = tmp / source.name
@@ -117,6 +126,7 @@ def truncated(artefact: str, inner: str = "", keep: int = 200):
         victim = target / inner if inner else target
         victim.write_bytes(victim.read_bytes()[:keep])
         return {"bad": target}
+
     return setup
 
 
@@ -142,18 +152,29 @@ def incomplete_cache(tmp: Path, a) -> dict:
 
 def graph_edit(edit):
     """setup: a copy of the shared graph JSON changed by ``edit(data)``: ``{file}``."""
+
     def setup(tmp: Path, a) -> dict:
         data = json.loads(a.graph.read_text())
         edit(data)
         path = tmp / "edited.json"
         path.write_text(json.dumps(data))
         return {"file": path}
+
     return setup
 
 
 def _head_99(data: dict) -> None:
-    data["nodes"].append({"id": "L0.H99@3", "kind": "head", "layer": 0, "head": 99, "position": 3,
-                          "token": "x", "path_contribution": 1e9})
+    data["nodes"].append(
+        {
+            "id": "L0.H99@3",
+            "kind": "head",
+            "layer": 0,
+            "head": 99,
+            "position": 3,
+            "token": "x",
+            "path_contribution": 1e9,
+        }
+    )
 
 
 def _other_model(data: dict) -> None:
@@ -167,10 +188,12 @@ def _no_kind(data: dict) -> None:
 
 def direction(values):
     """setup: a .npy direction file holding ``values``: ``{file}``."""
+
     def setup(tmp: Path, a) -> dict:
         path = tmp / "direction.npy"
         np.save(path, np.asarray(values))
         return {"file": path}
+
     return setup
 
 
@@ -192,19 +215,27 @@ def locked_output(name: str, folder: bool = False):
 
     The lock is taken by a child process that lives until the case's command has run (it exits when its
     stdin closes, which the case's `tc` run does not touch), so the case meets a real concurrent writer."""
+
     def setup(tmp: Path, a) -> dict:
         out = tmp / name
         target = out if folder else out.with_name(out.name + ".lock")
         if folder:
             out.mkdir()
         holder = subprocess.Popen(
-            [sys.executable, "-c", "import fcntl, os, sys, time\n"
-             f"fd = os.open({str(target)!r}, os.O_RDONLY if {folder} else os.O_RDWR | os.O_CREAT)\n"
-             "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                f"fd = os.open({str(target)!r}, os.O_RDONLY if {folder} else os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert holder.stdout.readline().strip() == "held"
         HOLDERS.append((holder, target, folder))
         return {"out": out}
+
     return setup
 
 
@@ -226,67 +257,157 @@ CASES["cli"] = [
     Case("bad-count", ("cache", "--data", "{text}", "--tokens", "lots"), "expected a count like 4096"),
     Case("fractional-count", ("cache", "--data", "{text}", "--tokens", "1.5"), "not a whole number"),
     Case("int-not-int", ("train", "--cache", "{cache}", "--out", "{tmp}/o", "--k", "four"), "Invalid value for '--k'"),
-    Case("float-not-float", ("train", "--cache", "{cache}", "--out", "{tmp}/o", "--lr", "fast"), "Invalid value for '--lr'"),
+    Case(
+        "float-not-float",
+        ("train", "--cache", "{cache}", "--out", "{tmp}/o", "--lr", "fast"),
+        "Invalid value for '--lr'",
+    ),
 ]
 
 CASES["cache"] = [
     Case("no-data", ("cache", "--out", "{tmp}/a.h5"), "no text given"),
     Case("missing-data", ("cache", "--data", "{tmp}/missing.txt", "--out", "{tmp}/a.h5", *CPU), "does not exist"),
-    Case("empty-data", ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU), "no text in",
-         setup=write_file("empty.txt", "\n\n")),
+    Case(
+        "empty-data",
+        ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU),
+        "no text in",
+        setup=write_file("empty.txt", "\n\n"),
+    ),
     Case("binary-data", ("cache", "--data", "{png}", "--out", "{tmp}/a.h5", *CPU), "is not UTF-8 text"),
-    Case("jsonl-not-json", ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU), "is not valid JSON",
-         setup=write_file("d.jsonl", '{"text": "ok"}\nnot json\n')),
-    Case("jsonl-no-text", ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU), "no string 'text' field",
-         setup=write_file("d.jsonl", '{"body": "ok"}\n')),
-    Case("data-folder-not-dataset", ("cache", "--data", "{tmp}/folder", "--out", "{tmp}/a.h5", *CPU), "datasets",
-         setup=write_file("folder/notes.txt", "not a dataset")),
+    Case(
+        "jsonl-not-json",
+        ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU),
+        "is not valid JSON",
+        setup=write_file("d.jsonl", '{"text": "ok"}\nnot json\n'),
+    ),
+    Case(
+        "jsonl-no-text",
+        ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", *CPU),
+        "no string 'text' field",
+        setup=write_file("d.jsonl", '{"body": "ok"}\n'),
+    ),
+    Case(
+        "data-folder-not-dataset",
+        ("cache", "--data", "{tmp}/folder", "--out", "{tmp}/a.h5", *CPU),
+        "datasets",
+        setup=write_file("folder/notes.txt", "not a dataset"),
+    ),
     Case("empty-stdin", ("cache", "--data", "-", "--out", "{tmp}/a.h5", *CPU), "no text in stdin", stdin=""),
-    Case("too-little-data", ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", "--context", "64", *CPU),
-         "fewer than one row", setup=write_file("short.txt", "Once upon a time.\n")),
-    Case("tokens-below-context", ("cache", "--data", "{text}", "--tokens", "10", "--context", "64"),
-         "less than one row"),
+    Case(
+        "too-little-data",
+        ("cache", "--data", "{file}", "--out", "{tmp}/a.h5", "--context", "64", *CPU),
+        "fewer than one row",
+        setup=write_file("short.txt", "Once upon a time.\n"),
+    ),
+    Case(
+        "tokens-below-context", ("cache", "--data", "{text}", "--tokens", "10", "--context", "64"), "less than one row"
+    ),
     Case("context-1", ("cache", "--data", "{text}", "--context", "1"), "--context must be at least 2"),
-    Case("context-too-long", ("cache", "--data", "{text}", "--tokens", "100k", "--context", "5000",
-                              "--out", "{tmp}/a.h5", *CPU), "longer than the model's maximum context of 256"),
-    Case("layer-out-of-range", ("cache", "--data", "{text}", *SMALL, "--layers", "9", "--out", "{tmp}/a.h5", *CPU),
-         "layer 9 is out of range"),
-    Case("layer-spec-garbage", ("cache", "--data", "{text}", *SMALL, "--layers", "a-b", "--out", "{tmp}/a.h5", *CPU),
-         "bad layer list"),
-    Case("layer-range-backwards", ("cache", "--data", "{text}", *SMALL, "--layers", "3-1", "--out", "{tmp}/a.h5",
-                                   *CPU), "end before start"),
+    Case(
+        "context-too-long",
+        ("cache", "--data", "{text}", "--tokens", "100k", "--context", "5000", "--out", "{tmp}/a.h5", *CPU),
+        "longer than the model's maximum context of 256",
+    ),
+    Case(
+        "layer-out-of-range",
+        ("cache", "--data", "{text}", *SMALL, "--layers", "9", "--out", "{tmp}/a.h5", *CPU),
+        "layer 9 is out of range",
+    ),
+    Case(
+        "layer-spec-garbage",
+        ("cache", "--data", "{text}", *SMALL, "--layers", "a-b", "--out", "{tmp}/a.h5", *CPU),
+        "bad layer list",
+    ),
+    Case(
+        "layer-range-backwards",
+        ("cache", "--data", "{text}", *SMALL, "--layers", "3-1", "--out", "{tmp}/a.h5", *CPU),
+        "end before start",
+    ),
     Case("bad-dtype", ("cache", "--data", "{text}", "--dtype", "int8"), "--dtype must be one of"),
     Case("bad-model-dtype", ("cache", "--data", "{text}", "--model-dtype", "float8"), "--model-dtype must be one of"),
     Case("bad-compression", ("cache", "--data", "{text}", "--compression", "zip"), "--compression must be one of"),
     Case("bad-engine", ("cache", "--data", "{text}", "--engine", "turbo"), "--engine must be one of"),
     Case("batch-size-0", ("cache", "--data", "{text}", "--batch-size", "0"), "--batch-size must be at least 1"),
     Case("resume-and-force", ("cache", "--data", "{text}", "--resume", "--force"), "contradict"),
-    Case("missing-model", ("cache", "--model", "{tmp}/nope", "--data", "{text}", "--out", "{tmp}/a.h5"),
-         "does not exist"),
-    Case("model-not-hf-folder", ("cache", "--model", "{tmp}/folder", "--data", "{text}", "--out", "{tmp}/a.h5", *CPU),
-         "not a HuggingFace model folder", setup=write_file("folder/notes.txt", "not a model")),
-    Case("model-is-a-file", ("cache", "--model", "{png}", "--data", "{text}", "--out", "{tmp}/a.h5", *CPU),
-         "is not a folder"),
+    Case(
+        "missing-model", ("cache", "--model", "{tmp}/nope", "--data", "{text}", "--out", "{tmp}/a.h5"), "does not exist"
+    ),
+    Case(
+        "model-not-hf-folder",
+        ("cache", "--model", "{tmp}/folder", "--data", "{text}", "--out", "{tmp}/a.h5", *CPU),
+        "not a HuggingFace model folder",
+        setup=write_file("folder/notes.txt", "not a model"),
+    ),
+    Case(
+        "model-is-a-file",
+        ("cache", "--model", "{png}", "--data", "{text}", "--out", "{tmp}/a.h5", *CPU),
+        "is not a folder",
+    ),
     Case("unknown-device", ("cache", "--data", "{text}", "--device", "tpu", "--out", "{tmp}/a.h5"), "unknown --device"),
-    Case("existing-output", ("cache", "--data", "{text}", *SMALL, "--out", "{file}", *CPU), "already exists",
-         setup=existing_output("a.h5")),
+    Case(
+        "existing-output",
+        ("cache", "--data", "{text}", *SMALL, "--out", "{file}", *CPU),
+        "already exists",
+        setup=existing_output("a.h5"),
+    ),
     Case("output-is-folder", ("cache", "--data", "{text}", *SMALL, "--out", "{tmp}", *CPU), "is a folder"),
-    Case("output-folder-missing", ("cache", "--data", "{text}", *SMALL, "--out", "{tmp}/no/a.h5", *CPU),
-         "does not exist"),
-    Case("output-is-the-data", ("cache", "--data", "{file}", *SMALL, "--out", "{file}", "--force", *CPU),
-         "would overwrite the input", setup=write_file("d.txt", "Some text.\n\nMore text.\n")),
-    Case("resume-foreign-h5", ("cache", "--data", "{text}", *SMALL, "--out", "{file}", "--resume", *CPU),
-         "not a tc activation cache", setup=foreign_h5),
-    Case("resume-other-arguments", ("cache", "--data", "{text}", "--tokens", "4k", "--context", "64", "--layers",
-                                    "0-1", "--batch-size", "2", "--seed", "5", "--out", "{file}", "--resume", *CPU),
-         "other arguments",
-         setup=lambda tmp, a: {"file": shutil.copy(a.cache, tmp / "acts.h5")}),
-    Case("locked-output", ("cache", "--data", "{text}", *SMALL, "--out", "{out}", *CPU),
-         "is being written by another tc process", setup=locked_output("a.h5")),
-    Case("read-only-folder", ("cache", "--data", "{text}", *SMALL, "--out", "{mnt}/a.h5", *CPU),
-         "Read-only file system", sandbox="readonly"),
-    Case("full-disk", ("cache", "--data", "{text}", *SMALL, "--out", "{mnt}/a.h5", *CPU, "--quiet"),
-         "not enough disk space", sandbox="full"),
+    Case(
+        "output-folder-missing", ("cache", "--data", "{text}", *SMALL, "--out", "{tmp}/no/a.h5", *CPU), "does not exist"
+    ),
+    Case(
+        "output-is-the-data",
+        ("cache", "--data", "{file}", *SMALL, "--out", "{file}", "--force", *CPU),
+        "would overwrite the input",
+        setup=write_file("d.txt", "Some text.\n\nMore text.\n"),
+    ),
+    Case(
+        "resume-foreign-h5",
+        ("cache", "--data", "{text}", *SMALL, "--out", "{file}", "--resume", *CPU),
+        "not a tc activation cache",
+        setup=foreign_h5,
+    ),
+    Case(
+        "resume-other-arguments",
+        (
+            "cache",
+            "--data",
+            "{text}",
+            "--tokens",
+            "4k",
+            "--context",
+            "64",
+            "--layers",
+            "0-1",
+            "--batch-size",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            "{file}",
+            "--resume",
+            *CPU,
+        ),
+        "other arguments",
+        setup=lambda tmp, a: {"file": shutil.copy(a.cache, tmp / "acts.h5")},
+    ),
+    Case(
+        "locked-output",
+        ("cache", "--data", "{text}", *SMALL, "--out", "{out}", *CPU),
+        "is being written by another tc process",
+        setup=locked_output("a.h5"),
+    ),
+    Case(
+        "read-only-folder",
+        ("cache", "--data", "{text}", *SMALL, "--out", "{mnt}/a.h5", *CPU),
+        "Read-only file system",
+        sandbox="readonly",
+    ),
+    Case(
+        "full-disk",
+        ("cache", "--data", "{text}", *SMALL, "--out", "{mnt}/a.h5", *CPU, "--quiet"),
+        "not enough disk space",
+        sandbox="full",
+    ),
 ]
 
 TRAIN = ("--tokens", "2048", "--batch-size", "256", "--expansion", "2", "--quiet")
@@ -295,60 +416,108 @@ CASES["train"] = [
     Case("missing-cache", ("train", "--cache", "{tmp}/missing.h5", "--out", "{tmp}/o"), "does not exist"),
     Case("cache-is-text", ("train", "--cache", "{text}", "--out", "{tmp}/o"), "not a readable HDF5 file"),
     Case("cache-is-folder", ("train", "--cache", "{tmp}", "--out", "{tmp}/o"), "is a folder"),
-    Case("cache-foreign-h5", ("train", "--cache", "{file}", "--out", "{tmp}/o"), "not a tc activation cache",
-         setup=foreign_h5),
-    Case("cache-truncated", ("train", "--cache", "{bad}", "--out", "{tmp}/o"), "not a readable HDF5 file",
-         setup=truncated("cache", keep=4000)),
-    Case("cache-incomplete", ("train", "--cache", "{file}", "--out", "{tmp}/o", *TRAIN), "is incomplete",
-         setup=incomplete_cache),
-    Case("layer-not-cached", (*TR, "--layers", "3", *TRAIN),
-         "not layer 3"),
-    Case("layer-out-of-range", (*TR, "--layers", "7", *TRAIN),
-         "layer 7 is out of range"),
+    Case(
+        "cache-foreign-h5",
+        ("train", "--cache", "{file}", "--out", "{tmp}/o"),
+        "not a tc activation cache",
+        setup=foreign_h5,
+    ),
+    Case(
+        "cache-truncated",
+        ("train", "--cache", "{bad}", "--out", "{tmp}/o"),
+        "not a readable HDF5 file",
+        setup=truncated("cache", keep=4000),
+    ),
+    Case(
+        "cache-incomplete",
+        ("train", "--cache", "{file}", "--out", "{tmp}/o", *TRAIN),
+        "is incomplete",
+        setup=incomplete_cache,
+    ),
+    Case("layer-not-cached", (*TR, "--layers", "3", *TRAIN), "not layer 3"),
+    Case("layer-out-of-range", (*TR, "--layers", "7", *TRAIN), "layer 7 is out of range"),
     Case("lr-nan", (*TR, "--lr", "nan"), "--lr must be a finite number"),
     Case("lr-zero", (*TR, "--lr", "0"), "--lr must be a finite number"),
     Case("lr-inf", (*TR, "--lr", "inf"), "--lr must be a finite number"),
-    Case("expansion-0", (*TR, "--expansion", "0"),
-         "--expansion must be at least 1"),
-    Case("features-0", (*TR, "--features", "0"),
-         "--features must be at least 1"),
+    Case("expansion-0", (*TR, "--expansion", "0"), "--expansion must be at least 1"),
+    Case("features-0", (*TR, "--features", "0"), "--features must be at least 1"),
     Case("k-0", (*TR, "--k", "0"), "--k must be at least 1"),
-    Case("activation-gelu", (*TR, "--activation", "gelu"),
-         "--activation must be one of"),
+    Case("activation-gelu", (*TR, "--activation", "gelu"), "--activation must be one of"),
     Case("kind-unknown", (*TR, "--kind", "banana"), "--kind must be one of"),
-    Case("tokens-below-batch", (*TR, "--tokens", "100"),
-         "less than one batch"),
-    Case("batch-size-0", (*TR, "--batch-size", "0"),
-         "--batch-size must be at least 1"),
+    Case("tokens-below-batch", (*TR, "--tokens", "100"), "less than one batch"),
+    Case("batch-size-0", (*TR, "--batch-size", "0"), "--batch-size must be at least 1"),
     Case("lr-decay-2", (*TR, "--lr-decay", "2"), "--lr-decay"),
     Case("l1-negative", (*TR, "--l1", "-1"), "--l1 must be"),
-    Case("checkpoint-every-negative", (*TR, "--checkpoint-every", "-1"),
-         "--checkpoint-every must be >= 0"),
-    Case("batch-larger-than-cache", (*TR, "--batch-size", "1M",
-                                     "--tokens", "2M"), "fewer than one batch"),
-    Case("resume-and-force", (*TR, "--resume", "--force"),
-         "contradict"),
-    Case("out-is-a-file", ("train", "--cache", "{cache}", "--out", "{file}", *TRAIN), "is a file",
-         setup=existing_output("o")),
-    Case("out-not-empty", ("train", "--cache", "{cache}", "--out", "{tmp}", *TRAIN), "already exists and is not empty",
-         setup=existing_output("notes.txt")),
-    Case("resume-nothing-there", ("train", "--cache", "{cache}", "--out", "{tmp}", "--resume", *TRAIN),
-         "holds no tc train run", setup=existing_output("notes.txt")),
-    Case("resume-changed-k", ("train", "--cache", "{cache}", "--out", "{file}", "--resume", *TRAIN, "--k", "5"),
-         "--k is 5 but the run in --out used 4",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "run")}),
-    Case("resume-corrupt-checkpoint", ("train", "--cache", "{cache}", "--out", "{bad}", "--resume",
-                                       "--tokens", "2048", "--batch-size", "256", "--expansion", "2", "--k", "4",
-                                       "--warmup-steps", "2", "--quiet"),
-         "cannot read checkpoint", setup=truncated("tcs", "checkpoint.tcstate", keep=300)),
-    Case("diverges", (*TR, *TRAIN, "--lr", "1e30",
-                      "--warmup-steps", "0"), "no checkpoint had been written"),
-    Case("locked-out", ("train", "--cache", "{cache}", "--out", "{out}", *TRAIN),
-         "is being written by another tc process", setup=locked_output("run", folder=True)),
-    Case("read-only-folder", ("train", "--cache", "{cache}", "--out", "{mnt}/run", *TRAIN), "Read-only file system",
-         sandbox="readonly"),
-    Case("full-disk", ("train", "--cache", "{cache}", "--out", "{mnt}/run", *TRAIN), "No space left on device",
-         sandbox="full"),
+    Case("checkpoint-every-negative", (*TR, "--checkpoint-every", "-1"), "--checkpoint-every must be >= 0"),
+    Case("batch-larger-than-cache", (*TR, "--batch-size", "1M", "--tokens", "2M"), "fewer than one batch"),
+    Case("resume-and-force", (*TR, "--resume", "--force"), "contradict"),
+    Case(
+        "out-is-a-file",
+        ("train", "--cache", "{cache}", "--out", "{file}", *TRAIN),
+        "is a file",
+        setup=existing_output("o"),
+    ),
+    Case(
+        "out-not-empty",
+        ("train", "--cache", "{cache}", "--out", "{tmp}", *TRAIN),
+        "already exists and is not empty",
+        setup=existing_output("notes.txt"),
+    ),
+    Case(
+        "resume-nothing-there",
+        ("train", "--cache", "{cache}", "--out", "{tmp}", "--resume", *TRAIN),
+        "holds no tc train run",
+        setup=existing_output("notes.txt"),
+    ),
+    Case(
+        "resume-changed-k",
+        ("train", "--cache", "{cache}", "--out", "{file}", "--resume", *TRAIN, "--k", "5"),
+        "--k is 5 but the run in --out used 4",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "run")},
+    ),
+    Case(
+        "resume-corrupt-checkpoint",
+        (
+            "train",
+            "--cache",
+            "{cache}",
+            "--out",
+            "{bad}",
+            "--resume",
+            "--tokens",
+            "2048",
+            "--batch-size",
+            "256",
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+            "--warmup-steps",
+            "2",
+            "--quiet",
+        ),
+        "cannot read checkpoint",
+        setup=truncated("tcs", "checkpoint.tcstate", keep=300),
+    ),
+    Case("diverges", (*TR, *TRAIN, "--lr", "1e30", "--warmup-steps", "0"), "no checkpoint had been written"),
+    Case(
+        "locked-out",
+        ("train", "--cache", "{cache}", "--out", "{out}", *TRAIN),
+        "is being written by another tc process",
+        setup=locked_output("run", folder=True),
+    ),
+    Case(
+        "read-only-folder",
+        ("train", "--cache", "{cache}", "--out", "{mnt}/run", *TRAIN),
+        "Read-only file system",
+        sandbox="readonly",
+    ),
+    Case(
+        "full-disk",
+        ("train", "--cache", "{cache}", "--out", "{mnt}/run", *TRAIN),
+        "No space left on device",
+        sandbox="full",
+    ),
 ]
 
 EVAL = ("eval", "--data", "{text}", *SMALL, *CPU)
@@ -358,17 +527,28 @@ CASES["eval"] = [
     Case("empty-folder", (*EVAL, T, "{tmp}"), "holds no transcoder folders"),
     Case("transcoders-is-text", (*EVAL, T, "{text}"), "is not a transcoder"),
     Case("bad-config-d_in", (*EVAL, T, "{bad}"), "d_in must be a positive integer", setup=bad_config(d_in="wide")),
-    Case("bad-config-activation", (*EVAL, T, "{bad}"), "activation must be one of", setup=bad_config(activation="gelu")),
+    Case(
+        "bad-config-activation", (*EVAL, T, "{bad}"), "activation must be one of", setup=bad_config(activation="gelu")
+    ),
     Case("bad-config-k", (*EVAL, T, "{bad}"), "needs k, a positive integer", setup=bad_config(k=-4)),
     Case("bad-config-unknown-field", (*EVAL, T, "{bad}"), "unknown field", setup=bad_config(colour="blue")),
-    Case("config-not-json", (*EVAL, T, "{bad}"), "cannot read",
-         setup=truncated("tc0", "config.json", keep=40)),
-    Case("weights-truncated", (*EVAL, T, "{bad}"), "cannot read",
-         setup=truncated("tc0", "transcoder.safetensors", keep=100)),
-    Case("other-model-shape", ("eval", "--model", "{other_model}", "--data", "{text}", *SMALL, *CPU, T, "{tcs}"),
-         "was trained on the model"),
-    Case("context-too-long", ("eval", "--data", "{text}", "--tokens", "100k", "--context", "1000", *CPU, T, "{tcs}"),
-         "longer than the model's maximum context"),
+    Case("config-not-json", (*EVAL, T, "{bad}"), "cannot read", setup=truncated("tc0", "config.json", keep=40)),
+    Case(
+        "weights-truncated",
+        (*EVAL, T, "{bad}"),
+        "cannot read",
+        setup=truncated("tc0", "transcoder.safetensors", keep=100),
+    ),
+    Case(
+        "other-model-shape",
+        ("eval", "--model", "{other_model}", "--data", "{text}", *SMALL, *CPU, T, "{tcs}"),
+        "was trained on the model",
+    ),
+    Case(
+        "context-too-long",
+        ("eval", "--data", "{text}", "--tokens", "100k", "--context", "1000", *CPU, T, "{tcs}"),
+        "longer than the model's maximum context",
+    ),
     Case("kind-unknown", (*EVAL, T, "{tcs}", "--kind", "banana"), "--kind must be one of"),
     Case("mean-ablation-unknown", (*EVAL, T, "{tcs}", "--mean-ablation", "median"), "--mean-ablation must be"),
     Case("dense-threshold-2", (*EVAL, T, "{tcs}", "--dense-threshold", "2"), "--dense-threshold must be a fraction"),
@@ -382,24 +562,60 @@ CASES["score"] = [
     Case("out-wrong-suffix", (*SCORE, "--out", "{tmp}/f.txt"), "--out must end in .h5 or .jsonl"),
     Case("out-exists", (*SCORE, "--out", "{file}"), "already exists", setup=existing_output("f.jsonl")),
     Case("out-folder-missing", (*SCORE, "--out", "{tmp}/no/f.jsonl"), "does not exist"),
-    Case("out-is-the-data", ("score", "--data", "{file}", *SMALL, *CPU, T, "{tcs}", "--out", "{file}", "--force"),
-         "would overwrite the input", setup=write_file("d.jsonl", '{"text": "Once upon a time."}\n')),
-    Case("out-inside-transcoders", ("score", "--data", "{text}", *SMALL, *CPU, T, "{file}", "--out",
-                                    "{file}/layer_0/f.jsonl"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
+    Case(
+        "out-is-the-data",
+        ("score", "--data", "{file}", *SMALL, *CPU, T, "{tcs}", "--out", "{file}", "--force"),
+        "would overwrite the input",
+        setup=write_file("d.jsonl", '{"text": "Once upon a time."}\n'),
+    ),
+    Case(
+        "out-inside-transcoders",
+        ("score", "--data", "{text}", *SMALL, *CPU, T, "{file}", "--out", "{file}/layer_0/f.jsonl"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
     Case("top-0", (*SCORE, "--out", "{tmp}/f.jsonl", "--top", "0"), "--top must be at least 1"),
     Case("quantiles-negative", (*SCORE, "--out", "{tmp}/f.jsonl", "--quantiles", "-1"), "must not be negative"),
-    Case("context-too-long", ("score", "--data", "{text}", "--tokens", "100k", "--context", "300", *CPU, T, "{tcs}",
-                              "--out", "{tmp}/f.jsonl"), "longer than the model's maximum context"),
-    Case("sae-not-transcoder", ("score", "--data", "{text}", *SMALL, *CPU, T, "{sae}", "--out", "{tmp}/f.jsonl"),
-         "scores transcoders"),
+    Case(
+        "context-too-long",
+        (
+            "score",
+            "--data",
+            "{text}",
+            "--tokens",
+            "100k",
+            "--context",
+            "300",
+            *CPU,
+            T,
+            "{tcs}",
+            "--out",
+            "{tmp}/f.jsonl",
+        ),
+        "longer than the model's maximum context",
+    ),
+    Case(
+        "sae-not-transcoder",
+        ("score", "--data", "{text}", *SMALL, *CPU, T, "{sae}", "--out", "{tmp}/f.jsonl"),
+        "scores transcoders",
+    ),
     Case("layer-without-transcoder", (*SCORE, "--out", "{tmp}/f.jsonl", "--layers", "3"), "no transcoder for layer 3"),
-    Case("other-model", ("score", "--model", "{other_model}", "--data", "{text}", *SMALL, *CPU, T, "{tcs}",
-                         "--out", "{tmp}/f.jsonl"), "was trained on the model"),
-    Case("binary-data", ("score", "--data", "{png}", *SMALL, *CPU, T, "{tcs}", "--out", "{tmp}/f.jsonl"),
-         "is not UTF-8 text"),
-    Case("locked-out", (*SCORE, "--out", "{out}"), "is being written by another tc process",
-         setup=locked_output("f.jsonl")),
+    Case(
+        "other-model",
+        ("score", "--model", "{other_model}", "--data", "{text}", *SMALL, *CPU, T, "{tcs}", "--out", "{tmp}/f.jsonl"),
+        "was trained on the model",
+    ),
+    Case(
+        "binary-data",
+        ("score", "--data", "{png}", *SMALL, *CPU, T, "{tcs}", "--out", "{tmp}/f.jsonl"),
+        "is not UTF-8 text",
+    ),
+    Case(
+        "locked-out",
+        (*SCORE, "--out", "{out}"),
+        "is being written by another tc process",
+        setup=locked_output("f.jsonl"),
+    ),
     Case("read-only-folder", (*SCORE, "--out", "{mnt}/f.jsonl"), "Read-only file system", sandbox="readonly"),
     Case("full-disk", (*SCORE, "--out", "{mnt}/f.jsonl"), "No space left on device", sandbox="full"),
 ]
@@ -408,77 +624,141 @@ CASES["show"] = [
     Case("missing-file", ("show", "{tmp}/none.jsonl", "L0.F1"), "does not exist"),
     Case("folder", ("show", "{tmp}", "L0.F1"), "is a folder"),
     Case("wrong-suffix", ("show", "{text}", "L0.F1"), "is not a features file"),
-    Case("jsonl-not-json", ("show", "{file}", "L0.F1"), "is not a tc features file",
-         setup=write_file("f.jsonl", "garbage\n")),
-    Case("jsonl-other-json", ("show", "{file}", "L0.F1"), "is not a tc features file",
-         setup=write_file("f.jsonl", '{"format": "something"}\n')),
+    Case(
+        "jsonl-not-json",
+        ("show", "{file}", "L0.F1"),
+        "is not a tc features file",
+        setup=write_file("f.jsonl", "garbage\n"),
+    ),
+    Case(
+        "jsonl-other-json",
+        ("show", "{file}", "L0.F1"),
+        "is not a tc features file",
+        setup=write_file("f.jsonl", '{"format": "something"}\n'),
+    ),
     Case("h5-not-features", ("show", "{file}", "L0.F1"), "not a tc features file", setup=foreign_h5),
-    Case("h5-truncated", ("show", "{file}", "L0.F1"), "not a readable HDF5 file",
-         setup=write_file("f.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)),
+    Case(
+        "h5-truncated",
+        ("show", "{file}", "L0.F1"),
+        "not a readable HDF5 file",
+        setup=write_file("f.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64),
+    ),
     Case("truncated-jsonl", ("show", "{bad}", "L1.F200"), "truncated", setup=truncated("features", keep=200_000)),
     Case("bad-feature-name", ("show", "{features}", "X9"), "bad feature name"),
     Case("feature-out-of-range", ("show", "{features}", "L0.F99999"), "no feature L0.F99999"),
     Case("layer-not-in-file", ("show", "{features}", "L7.F0"), "has no layer 7"),
     Case("nothing-to-show", ("show", "{features}"), "nothing to show"),
     Case("html-wrong-suffix", ("show", "{features}", "--html", "{tmp}/page.txt"), "--html must name an .html file"),
-    Case("html-exists", ("show", "{features}", "--html", "{file}"), "already exists",
-         setup=existing_output("page.html")),
+    Case(
+        "html-exists", ("show", "{features}", "--html", "{file}"), "already exists", setup=existing_output("page.html")
+    ),
     Case("html-folder-missing", ("show", "{features}", "--html", "{tmp}/no/page.html"), "does not exist"),
     Case("examples-0", ("show", "{features}", "L0.F1", "--examples", "0"), "--examples and --limit must be at least 1"),
     Case("other-model", ("show", "{features}", "L0.F1", "--model", "{tmp}/none"), "does not exist"),
-    Case("html-read-only", ("show", "{features}", "--html", "{mnt}/page.html"), "Read-only file system",
-         sandbox="readonly"),
-    Case("html-full-disk", ("show", "{features}", "--html", "{mnt}/page.html", "--limit", "200"),
-         "No space left on device", sandbox="full"),
+    Case(
+        "html-read-only",
+        ("show", "{features}", "--html", "{mnt}/page.html"),
+        "Read-only file system",
+        sandbox="readonly",
+    ),
+    Case(
+        "html-full-disk",
+        ("show", "{features}", "--html", "{mnt}/page.html", "--limit", "200"),
+        "No space left on device",
+        sandbox="full",
+    ),
 ]
 
 PROMPT = ("--prompt", "The war lasted from the year 1735 to the year 17")
 CIRCUIT = ("circuit", T, "{tcs}", *PROMPT, *CPU, "--iters", "1", "--branches", "2")
 CASES["circuit"] = [
     Case("no-target", ("circuit", T, "{tcs}", *PROMPT), "give exactly one target"),
-    Case("two-targets", ("circuit", T, "{tcs}", *PROMPT, "--logit", "4", "--feature", "L0.F1"),
-         "give exactly one target"),
+    Case(
+        "two-targets", ("circuit", T, "{tcs}", *PROMPT, "--logit", "4", "--feature", "L0.F1"), "give exactly one target"
+    ),
     Case("logit-diff-one-token", ("circuit", T, "{tcs}", *PROMPT, "--logit-diff", "4"), "needs exactly two tokens"),
     Case("logit-multi-token", (*CIRCUIT, "--logit", "hello"), "not one"),
     Case("feature-bad-spec", (*CIRCUIT, "--feature", "eight"), "bad feature"),
     Case("feature-out-of-range", (*CIRCUIT, "--feature", "L0.F99999"), "feature 99999 is out of range"),
     Case("feature-no-transcoder", (*CIRCUIT, "--feature", "L3.F1"), "no transcoder for layer 3"),
     Case("direction-missing", (*CIRCUIT, "--direction", "{tmp}/none.npy", "--layer", "1"), "cannot read direction"),
-    Case("direction-nan", (*CIRCUIT, "--direction", "{file}", "--layer", "1"), "non-finite values",
-         setup=direction([float("nan")] * 128)),
-    Case("direction-zero", (*CIRCUIT, "--direction", "{file}", "--layer", "1"), "is all zeros",
-         setup=direction([0.0] * 128)),
-    Case("direction-wrong-shape", (*CIRCUIT, "--direction", "{file}", "--layer", "1"), "the model's d_model is 128",
-         setup=direction([1.0] * 7)),
+    Case(
+        "direction-nan",
+        (*CIRCUIT, "--direction", "{file}", "--layer", "1"),
+        "non-finite values",
+        setup=direction([float("nan")] * 128),
+    ),
+    Case(
+        "direction-zero",
+        (*CIRCUIT, "--direction", "{file}", "--layer", "1"),
+        "is all zeros",
+        setup=direction([0.0] * 128),
+    ),
+    Case(
+        "direction-wrong-shape",
+        (*CIRCUIT, "--direction", "{file}", "--layer", "1"),
+        "the model's d_model is 128",
+        setup=direction([1.0] * 7),
+    ),
     Case("direction-text", (*CIRCUIT, "--direction", "{text}", "--layer", "1"), "cannot read direction"),
-    Case("direction-without-layer", (*CIRCUIT, "--direction", "{file}"), "needs --layer",
-         setup=direction([1.0] * 128)),
-    Case("direction-layer-out-of-range", (*CIRCUIT, "--direction", "{file}", "--layer", "9"), "out of range",
-         setup=direction([1.0] * 128)),
+    Case("direction-without-layer", (*CIRCUIT, "--direction", "{file}"), "needs --layer", setup=direction([1.0] * 128)),
+    Case(
+        "direction-layer-out-of-range",
+        (*CIRCUIT, "--direction", "{file}", "--layer", "9"),
+        "out of range",
+        setup=direction([1.0] * 128),
+    ),
     Case("pos-out-of-range", (*CIRCUIT, "--logit", "4", "--pos", "500"), "outside the prompt"),
     Case("iters-0", ("circuit", T, "{tcs}", *PROMPT, "--logit", "4", "--iters", "0"), "must be at least 1"),
     Case("format-png", ("circuit", T, "{tcs}", *PROMPT, "--logit", "4", "--format", "png"), "--format must be one of"),
     Case("empty-prompt", ("circuit", T, "{tcs}", "--prompt", " ", "--logit", "4", *CPU), "the prompt is empty"),
-    Case("empty-prompt-stdin", ("circuit", T, "{tcs}", "--prompt", "-", "--logit", "4", *CPU), "the prompt is empty",
-         stdin="\n"),
-    Case("prompt-too-long", ("circuit", T, "{tcs}", "--prompt", "one two three " * 200, "--logit", "4", *CPU),
-         "longer than the model's context"),
+    Case(
+        "empty-prompt-stdin",
+        ("circuit", T, "{tcs}", "--prompt", "-", "--logit", "4", *CPU),
+        "the prompt is empty",
+        stdin="\n",
+    ),
+    Case(
+        "prompt-too-long",
+        ("circuit", T, "{tcs}", "--prompt", "one two three " * 200, "--logit", "4", *CPU),
+        "longer than the model's context",
+    ),
     Case("out-exists", (*CIRCUIT, "--logit", "4", "--out", "{file}"), "already exists", setup=existing_output("g.dot")),
-    Case("out-inside-transcoders", ("circuit", T, "{file}", *PROMPT, *CPU, "--logit", "4", "--out",
-                                    "{file}/layer_0/config.json", "--force"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
-    Case("bad-config-d_in", ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"), "d_in must be a positive integer",
-         setup=bad_config(d_in="wide")),
-    Case("bad-config-activation", ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"), "activation must be one of",
-         setup=bad_config(activation="gelu")),
-    Case("bad-config-k", ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"), "needs k, a positive integer",
-         setup=bad_config(k=-4)),
+    Case(
+        "out-inside-transcoders",
+        ("circuit", T, "{file}", *PROMPT, *CPU, "--logit", "4", "--out", "{file}/layer_0/config.json", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
+    Case(
+        "bad-config-d_in",
+        ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"),
+        "d_in must be a positive integer",
+        setup=bad_config(d_in="wide"),
+    ),
+    Case(
+        "bad-config-activation",
+        ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"),
+        "activation must be one of",
+        setup=bad_config(activation="gelu"),
+    ),
+    Case(
+        "bad-config-k",
+        ("circuit", T, "{bad}", *PROMPT, *CPU, "--logit", "4"),
+        "needs k, a positive integer",
+        setup=bad_config(k=-4),
+    ),
     Case("other-model", ("circuit", T, "{other_tcs}", *PROMPT, *CPU, "--logit", "4"), "was trained on the model"),
     Case("sae", ("circuit", T, "{sae}", *PROMPT, *CPU, "--logit", "4"), "holds an SAE"),
-    Case("out-read-only", (*CIRCUIT, "--logit", "4", "--out", "{mnt}/g.dot"), "Read-only file system",
-         sandbox="readonly"),
-    Case("out-full-disk", (*CIRCUIT, "--logit", "4", "--format", "json", "--out", "{mnt}/g.json"),
-         "No space left on device", sandbox="full"),
+    Case(
+        "out-read-only", (*CIRCUIT, "--logit", "4", "--out", "{mnt}/g.dot"), "Read-only file system", sandbox="readonly"
+    ),
+    Case(
+        "out-full-disk",
+        (*CIRCUIT, "--logit", "4", "--format", "json", "--out", "{mnt}/g.json"),
+        "No space left on device",
+        sandbox="full",
+    ),
 ]
 
 CASES["export"] = [
@@ -489,18 +769,34 @@ CASES["export"] = [
     Case("other-json", ("export", "{file}"), "is not a tc circuit graph", setup=write_file("g.json", '{"a": 1}')),
     Case("json-list", ("export", "{file}"), "is not a tc circuit graph", setup=write_file("g.json", "[1, 2]")),
     Case("damaged-graph", ("export", "{file}"), "damaged", setup=graph_edit(_no_kind)),
-    Case("graph-without-nodes", ("export", "{file}"), "damaged",
-         setup=write_file("g.json", '{"format": "tc-circuit-graph", "directed": true}')),
+    Case(
+        "graph-without-nodes",
+        ("export", "{file}"),
+        "damaged",
+        setup=write_file("g.json", '{"format": "tc-circuit-graph", "directed": true}'),
+    ),
     Case("bad-format", ("export", "{graph}", "--format", "bmp"), "--format must be one of"),
-    Case("out-is-input", ("export", "{file}", "--format", "dot", "--out", "{file}", "--force"),
-         "would overwrite the input", setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
-    Case("out-is-input-other-spelling", ("export", "{file}", "--format", "dot", "--out", "./g.json", "--force"),
-         "would overwrite the input", setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
+    Case(
+        "out-is-input",
+        ("export", "{file}", "--format", "dot", "--out", "{file}", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")},
+    ),
+    Case(
+        "out-is-input-other-spelling",
+        ("export", "{file}", "--format", "dot", "--out", "./g.json", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")},
+    ),
     Case("out-exists", ("export", "{graph}", "--out", "{file}"), "already exists", setup=existing_output("g.dot")),
     Case("out-folder-missing", ("export", "{graph}", "--out", "{tmp}/no/g.dot"), "does not exist"),
     Case("out-read-only", ("export", "{graph}", "--out", "{mnt}/g.dot"), "Read-only file system", sandbox="readonly"),
-    Case("out-full-disk", ("export", "{graph}", "--format", "json", "--out", "{mnt}/g.json"),
-         "No space left on device", sandbox="full"),
+    Case(
+        "out-full-disk",
+        ("export", "{graph}", "--format", "json", "--out", "{mnt}/g.json"),
+        "No space left on device",
+        sandbox="full",
+    ),
 ]
 
 DEEMBED = ("deembed", T, "{tcs}", *CPU)
@@ -524,10 +820,13 @@ CASES["greater-than"] = [
     Case("graph-without-transcoders", (*GT, "--graph", "{graph}"), "--graph needs --transcoders"),
     Case("graph-png", (*GT, T, "{tcs}", "--graph", "{png}"), "is not a tc circuit graph"),
     Case("graph-missing", (*GT, T, "{tcs}", "--graph", "{tmp}/none.json"), "does not exist"),
-    Case("graph-of-other-model", (*GT, T, "{tcs}", "--graph", "{file}"), "was traced on the model",
-         setup=graph_edit(_other_model)),
-    Case("graph-head-the-model-lacks", (*GT, T, "{tcs}", "--graph", "{file}"), "heads 0-3",
-         setup=graph_edit(_head_99)),
+    Case(
+        "graph-of-other-model",
+        (*GT, T, "{tcs}", "--graph", "{file}"),
+        "was traced on the model",
+        setup=graph_edit(_other_model),
+    ),
+    Case("graph-head-the-model-lacks", (*GT, T, "{tcs}", "--graph", "{file}"), "heads 0-3", setup=graph_edit(_head_99)),
     Case("top-0", (*GT, "--top", "0"), "--top must be at least 1"),
     Case("empty-noun", (*GT, "--noun", " "), "--noun must not be empty"),
     Case("layer-out-of-range", (*GT, T, "{tcs}", "--layers", "9"), "layer 9 is out of range"),
@@ -550,43 +849,106 @@ CONVERT = ("convert", "--to", "saelens")
 CASES["convert"] = [
     Case("missing-input", (*CONVERT, "--input", "{tmp}/none", "--out", "{tmp}/o"), "do not exist"),
     Case("bad-format", ("convert", "--input", "{tcs}", "--out", "{tmp}/o", "--to", "pt"), "--to must be one of"),
-    Case("out-not-empty", (*CONVERT, "--input", "{tcs}", "--out", "{tmp}"), "already exists",
-         setup=existing_output("notes.txt")),
-    Case("out-is-input", (*CONVERT, "--input", "{file}", "--out", "{file}"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
-    Case("out-inside-input", (*CONVERT, "--input", "{file}", "--out", "{file}/sub"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
-    Case("bad-config-d_in", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "d_in must be a positive integer",
-         setup=bad_config(d_in="wide")),
-    Case("bad-config-activation", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "activation must be one of",
-         setup=bad_config(activation="gelu")),
-    Case("bad-config-k", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "needs k, a positive integer",
-         setup=bad_config(k=-4)),
-    Case("saelens-d_in", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "d_in must be a positive integer",
-         setup=bad_saelens(d_in="wide")),
-    Case("saelens-activation", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "is not supported",
-         setup=bad_saelens(architecture="standard", activation_fn="gelu")),
-    Case("saelens-k", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "positive integer k",
-         setup=bad_saelens(k=-4)),
-    Case("saelens-tc-config", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "d_in must be a positive integer",
-         setup=lambda tmp, a: _saelens_tc_config(tmp, a, d_in="wide")),
-    Case("peek-act-fn", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "act_fn 'id' is not supported",
-         setup=bad_peek("sae.json", act_fn="id")),
-    Case("peek-dtype", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "is not a floating-point type",
-         setup=bad_peek("sae.json", dtype="torch.int64")),
-    Case("peek-num-features", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "num_features must be a positive",
-         setup=bad_peek("sae.json", num_features=0)),
-    Case("peek-sublayer", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "sublayer 'attn_out' is not supported",
-         setup=bad_peek("sae_info.json", input_layer={"layer": 0, "sublayer": "attn_out"})),
-    Case("peek-no-info", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "needs sae_info.json",
-         setup=bad_peek("sae_info.json")),
+    Case(
+        "out-not-empty",
+        (*CONVERT, "--input", "{tcs}", "--out", "{tmp}"),
+        "already exists",
+        setup=existing_output("notes.txt"),
+    ),
+    Case(
+        "out-is-input",
+        (*CONVERT, "--input", "{file}", "--out", "{file}"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
+    Case(
+        "out-inside-input",
+        (*CONVERT, "--input", "{file}", "--out", "{file}/sub"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
+    Case(
+        "bad-config-d_in",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "d_in must be a positive integer",
+        setup=bad_config(d_in="wide"),
+    ),
+    Case(
+        "bad-config-activation",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "activation must be one of",
+        setup=bad_config(activation="gelu"),
+    ),
+    Case(
+        "bad-config-k",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "needs k, a positive integer",
+        setup=bad_config(k=-4),
+    ),
+    Case(
+        "saelens-d_in",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "d_in must be a positive integer",
+        setup=bad_saelens(d_in="wide"),
+    ),
+    Case(
+        "saelens-activation",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "is not supported",
+        setup=bad_saelens(architecture="standard", activation_fn="gelu"),
+    ),
+    Case(
+        "saelens-k", (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"), "positive integer k", setup=bad_saelens(k=-4)
+    ),
+    Case(
+        "saelens-tc-config",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "d_in must be a positive integer",
+        setup=lambda tmp, a: _saelens_tc_config(tmp, a, d_in="wide"),
+    ),
+    Case(
+        "peek-act-fn",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "act_fn 'id' is not supported",
+        setup=bad_peek("sae.json", act_fn="id"),
+    ),
+    Case(
+        "peek-dtype",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "is not a floating-point type",
+        setup=bad_peek("sae.json", dtype="torch.int64"),
+    ),
+    Case(
+        "peek-num-features",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "num_features must be a positive",
+        setup=bad_peek("sae.json", num_features=0),
+    ),
+    Case(
+        "peek-sublayer",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "sublayer 'attn_out' is not supported",
+        setup=bad_peek("sae_info.json", input_layer={"layer": 0, "sublayer": "attn_out"}),
+    ),
+    Case(
+        "peek-no-info",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "needs sae_info.json",
+        setup=bad_peek("sae_info.json"),
+    ),
     Case("malicious-pt", (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"), "refusing to load", setup=malicious_pt),
-    Case("pt-not-torch", (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"), "is not a torch.save file",
-         setup=write_file("x.pt", "not a torch file")),
-    Case("out-read-only", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "Read-only file system",
-         sandbox="readonly"),
-    Case("out-full-disk", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "No space left on device",
-         sandbox="full"),
+    Case(
+        "pt-not-torch",
+        (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"),
+        "is not a torch.save file",
+        setup=write_file("x.pt", "not a torch file"),
+    ),
+    Case(
+        "out-read-only", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "Read-only file system", sandbox="readonly"
+    ),
+    Case(
+        "out-full-disk", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "No space left on device", sandbox="full"
+    ),
 ]
 
 
@@ -596,24 +958,38 @@ CASES["graph"] = [  # tc graph (issue 13): whoever extends the command extends t
     Case("missing-transcoders", ("graph", T, "{tmp}/none", *PROMPT, *CPU), "do not exist"),
     Case("feature-no-transcoder", (*GRAPH, "--feature", "L3.F1"), "no transcoder for layer 3"),
     Case("out-exists", (*GRAPH, "--out", "{file}"), "already exists", setup=existing_output("g.json")),
-    Case("out-inside-transcoders", ("graph", T, "{file}", *PROMPT, *CPU, "--out", "{file}/layer_0/g.json",
-                                    "--force"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
+    Case(
+        "out-inside-transcoders",
+        ("graph", T, "{file}", *PROMPT, *CPU, "--out", "{file}/layer_0/g.json", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
     Case("other-model", ("graph", T, "{other_tcs}", *PROMPT, *CPU), "was trained on the model"),
     Case("out-read-only", (*GRAPH, "--out", "{mnt}/g.json", "--quiet"), "Read-only file system", sandbox="readonly"),
     Case("out-full-disk", (*GRAPH, "--out", "{mnt}/g.json", "--quiet"), "No space left on device", sandbox="full"),
-    Case("locked-out", (*GRAPH, "--out", "{out}"), "is being written by another tc process",
-         setup=locked_output("g.json")),
+    Case(
+        "locked-out",
+        (*GRAPH, "--out", "{out}"),
+        "is being written by another tc process",
+        setup=locked_output("g.json"),
+    ),
     Case("empty-prompt", ("graph", T, "{tcs}", "--prompt", " ", *CPU), "the prompt is empty"),
-    Case("prompt-too-long", ("graph", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
-         "longer than the model's context"),
+    Case(
+        "prompt-too-long",
+        ("graph", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
+        "longer than the model's context",
+    ),
     Case("sae", ("graph", T, "{sae}", *PROMPT, *CPU), "holds an SAE"),
     Case("bad-format", (*GRAPH, "--format", "bmp"), "--format must be one of"),
     Case("node-threshold-2", (*GRAPH, "--node-threshold", "2"), "--node-threshold must be between 0 and 1"),
     Case("target-unknown", (*GRAPH, "--target", "words"), "--target must be 'logits'"),
     Case("batch-size-0", (*GRAPH, "--batch-size", "0"), "--batch-size must be at least 1"),
-    Case("direction-nan", (*GRAPH, "--direction", "{file}", "--layer", "1"), "non-finite values",
-         setup=direction([float("nan")] * 128)),
+    Case(
+        "direction-nan",
+        (*GRAPH, "--direction", "{file}", "--layer", "1"),
+        "non-finite values",
+        setup=direction([float("nan")] * 128),
+    ),
     Case("logit-multi-token", (*GRAPH, "--logit", "hello"), "not one"),
     Case("pos-outside", (*GRAPH, "--pos", "99"), "outside the prompt"),
 ]
@@ -621,17 +997,34 @@ CASES["graph"] = [  # tc graph (issue 13): whoever extends the command extends t
 CASES["plot"] = [  # tc plot (issue 12)
     Case("what-unknown", ("plot", "bars", "{text}", "-o", "{tmp}/p.svg"), "the first argument must be one of"),
     Case("no-files", ("plot", "pareto", "-o", "{tmp}/p.svg"), "give at least one file"),
-    Case("out-suffix", ("plot", "training", "{file}", "-o", "{tmp}/p.txt"), "the suffix must be one of",
-         setup=lambda tmp, a: {"file": a.tcs / "train_log.jsonl"}),
-    Case("out-exists", ("plot", "training", "{log}", "-o", "{file}"), "already exists",
-         setup=lambda tmp, a: {**existing_output("p.svg")(tmp, a), "log": a.tcs / "train_log.jsonl"}),
-    Case("out-is-input", ("plot", "training", "{file}", "-o", "{file}", "--force"), "would overwrite the input",
-         setup=lambda tmp, a: {"file": shutil.copy(a.tcs / "train_log.jsonl", tmp / "log.svg")}),
+    Case(
+        "out-suffix",
+        ("plot", "training", "{file}", "-o", "{tmp}/p.txt"),
+        "the suffix must be one of",
+        setup=lambda tmp, a: {"file": a.tcs / "train_log.jsonl"},
+    ),
+    Case(
+        "out-exists",
+        ("plot", "training", "{log}", "-o", "{file}"),
+        "already exists",
+        setup=lambda tmp, a: {**existing_output("p.svg")(tmp, a), "log": a.tcs / "train_log.jsonl"},
+    ),
+    Case(
+        "out-is-input",
+        ("plot", "training", "{file}", "-o", "{file}", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copy(a.tcs / "train_log.jsonl", tmp / "log.svg")},
+    ),
     Case("pareto-png", ("plot", "pareto", "{png}", "-o", "{tmp}/p.svg"), "cannot read"),
     Case("training-png", ("plot", "training", "{png}", "-o", "{tmp}/p.svg"), "cannot read"),
     Case("pareto-not-eval", ("plot", "pareto", "{graph}", "-o", "{tmp}/p.svg"), "is not the output of `tc eval"),
-    Case("out-read-only", ("plot", "training", "{log}", "-o", "{mnt}/p.svg"), "Read-only file system",
-         setup=lambda tmp, a: {"log": a.tcs / "train_log.jsonl"}, sandbox="readonly"),
+    Case(
+        "out-read-only",
+        ("plot", "training", "{log}", "-o", "{mnt}/p.svg"),
+        "Read-only file system",
+        setup=lambda tmp, a: {"log": a.tcs / "train_log.jsonl"},
+        sandbox="readonly",
+    ),
     Case("input-missing", ("plot", "training", "{tmp}/none.jsonl", "-o", "{tmp}/p.svg"), "does not exist"),
 ]
 
@@ -641,10 +1034,15 @@ CASES["intervene"] = [  # tc intervene (issue 14): prints to stdout, writes no f
     Case("no-prompt", ("intervene", T, "{tcs}"), "Missing option"),
     Case("missing-transcoders", ("intervene", T, "{tmp}/none", *PROMPT, *CPU), "do not exist"),
     Case("transcoders-is-text", ("intervene", T, "{text}", *PROMPT, *CPU), "is not a transcoder"),
-    Case("bad-config-activation", ("intervene", T, "{bad}", *PROMPT, *CPU), "activation must be one of",
-         setup=bad_config(activation="gelu")),
-    Case("bad-config-k", ("intervene", T, "{bad}", *PROMPT, *CPU), "needs k, a positive integer",
-         setup=bad_config(k=-4)),
+    Case(
+        "bad-config-activation",
+        ("intervene", T, "{bad}", *PROMPT, *CPU),
+        "activation must be one of",
+        setup=bad_config(activation="gelu"),
+    ),
+    Case(
+        "bad-config-k", ("intervene", T, "{bad}", *PROMPT, *CPU), "needs k, a positive integer", setup=bad_config(k=-4)
+    ),
     Case("other-model", ("intervene", T, "{other_tcs}", *PROMPT, *CPU), "was trained on the model"),
     Case("sae", ("intervene", T, "{sae}", *PROMPT, *CPU, "--ablate", "mlp0.f1@3"), "holds an SAE"),
     Case("node-garbage", (*IV, "--ablate", "garbage"), "bad node 'garbage'"),
@@ -660,15 +1058,26 @@ CASES["intervene"] = [  # tc intervene (issue 14): prints to stdout, writes no f
     Case("mode-unknown", (*IV, "--mode", "weird"), "--mode must be one of"),
     Case("top-0", (*IV, "--top", "0"), "--top must be at least 1"),
     Case("empty-prompt", ("intervene", T, "{tcs}", "--prompt", " ", *CPU), "the prompt is empty"),
-    Case("prompt-too-long", ("intervene", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
-         "longer than the model's context"),
+    Case(
+        "prompt-too-long",
+        ("intervene", T, "{tcs}", "--prompt", "one two three " * 200, *CPU),
+        "longer than the model's context",
+    ),
     Case("logit-multi-token", (*IV, "--logit", "hello"), "not one"),
     Case("logit-diff-one-token", (*IV, "--logit-diff", "4"), "needs exactly two tokens"),
     Case("pos-outside", (*IV, "--logit", "4", "--pos", "99"), "outside the prompt"),
-    Case("direction-nan", (*IV, "--direction", "{file}", "--layer", "1"), "non-finite values",
-         setup=direction([float("nan")] * 128)),
-    Case("direction-wrong-shape", (*IV, "--direction", "{file}", "--layer", "1"), "the model's d_model is 128",
-         setup=direction([1.0] * 7)),
+    Case(
+        "direction-nan",
+        (*IV, "--direction", "{file}", "--layer", "1"),
+        "non-finite values",
+        setup=direction([float("nan")] * 128),
+    ),
+    Case(
+        "direction-wrong-shape",
+        (*IV, "--direction", "{file}", "--layer", "1"),
+        "the model's d_model is 128",
+        setup=direction([1.0] * 7),
+    ),
     Case("mean-without-features", (*IV, "--ablation", "mean"), "--ablation mean needs --features"),
     Case("ablation-unknown", (*IV, "--ablation", "median"), "--ablation must be one of"),
     Case("features-png", (*IV, "--ablation", "mean", "--features", "{png}"), "is not a features file"),
@@ -681,11 +1090,16 @@ CASES["validate"] = [  # tc validate (issue 14)
     Case("graph-folder", ("validate", "{tmp}"), "is a folder"),
     Case("graph-png", ("validate", "{png}"), "is not a tc circuit graph"),
     Case("graph-text", ("validate", "{text}"), "is not JSON"),
-    Case("graph-other-json", ("validate", "{file}"), "is not a tc circuit graph",
-         setup=write_file("g.json", '{"a": 1}')),
+    Case(
+        "graph-other-json", ("validate", "{file}"), "is not a tc circuit graph", setup=write_file("g.json", '{"a": 1}')
+    ),
     Case("graph-damaged", ("validate", "{file}", *CPU), "damaged", setup=graph_edit(_no_kind)),
-    Case("graph-of-other-model", ("validate", "{file}", *CPU, "--model", "{other_model}"),
-         "was trained on the model", setup=lambda tmp, a: {"file": a.graph}),
+    Case(
+        "graph-of-other-model",
+        ("validate", "{file}", *CPU, "--model", "{other_model}"),
+        "was trained on the model",
+        setup=lambda tmp, a: {"file": a.graph},
+    ),
     Case("transcoders-missing", (*VALIDATE, T, "{tmp}/none"), "are not here"),
     Case("transcoders-of-other-model", (*VALIDATE, T, "{other_tcs}"), "was trained on the model"),
     Case("model-missing", (*VALIDATE, "--model", "{tmp}/none"), "does not exist"),
@@ -700,17 +1114,33 @@ CASES["validate"] = [  # tc validate (issue 14)
     Case("prompts-binary", (*VALIDATE, "--prompts", "{png}"), "is not UTF-8 text"),
     Case("mean-without-features", (*VALIDATE, "--ablation", "mean"), "--ablation mean needs --features"),
     Case("features-png", (*VALIDATE, "--ablation", "mean", "--features", "{png}"), "is not a features file"),
-    Case("out-is-the-graph", ("validate", "{file}", *CPU, "--out", "{file}", "--force"), "is the graph being read",
-         setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
-    Case("out-is-the-graph-other-spelling", ("validate", "{file}", *CPU, "--out", "./g.json", "--force"),
-         "is the graph being read", setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")}),
-    Case("out-inside-transcoders", (*VALIDATE, T, "{file}", "--out", "{file}/layer_0/config.json", "--force"),
-         "would overwrite the input", setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")}),
+    Case(
+        "out-is-the-graph",
+        ("validate", "{file}", *CPU, "--out", "{file}", "--force"),
+        "is the graph being read",
+        setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")},
+    ),
+    Case(
+        "out-is-the-graph-other-spelling",
+        ("validate", "{file}", *CPU, "--out", "./g.json", "--force"),
+        "is the graph being read",
+        setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.json")},
+    ),
+    Case(
+        "out-inside-transcoders",
+        (*VALIDATE, T, "{file}", "--out", "{file}/layer_0/config.json", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
+    ),
     Case("out-exists", (*VALIDATE, "--out", "{file}"), "exists; pass --force", setup=existing_output("v.json")),
     Case("out-folder-missing", (*VALIDATE, "--out", "{tmp}/no/v.json"), "does not exist"),
     Case("out-is-a-folder", (*VALIDATE, "--out", "{tmp}", "--force"), "is a folder"),
-    Case("locked-out", (*VALIDATE, "--out", "{out}"), "is being written by another tc process",
-         setup=locked_output("v.json")),
+    Case(
+        "locked-out",
+        (*VALIDATE, "--out", "{out}"),
+        "is being written by another tc process",
+        setup=locked_output("v.json"),
+    ),
     Case("out-read-only", (*VALIDATE, "--out", "{mnt}/v.json"), "Read-only file system", sandbox="readonly"),
     Case("out-full-disk", (*VALIDATE, "--out", "{mnt}/v.json"), "No space left on device", sandbox="full"),
 ]
@@ -736,10 +1166,16 @@ ALL_CASES = [(f"{command}-{case.id}", case) for command, cases in CASES.items() 
 @pytest.fixture(scope="session")
 def runner(request, artefacts, tmp_path_factory):
     """Submits every selected case at once, so they run a few at a time while the tests wait in order."""
-    runner = battery.Runner(artefacts, lambda key: tmp_path_factory.mktemp(key.replace("/", "_")[:60]),
-                            workers=max(2, min(4, os.cpu_count() or 2)))
-    selected = [item.callspec.id for item in request.session.items
-                if item.originalname == "test_bad_input" and hasattr(item, "callspec")]
+    runner = battery.Runner(
+        artefacts,
+        lambda key: tmp_path_factory.mktemp(key.replace("/", "_")[:60]),
+        workers=max(2, min(4, os.cpu_count() or 2)),
+    )
+    selected = [
+        item.callspec.id
+        for item in request.session.items
+        if item.originalname == "test_bad_input" and hasattr(item, "callspec")
+    ]
     by_key = dict(ALL_CASES)
     for key in selected:
         case = by_key[key]
@@ -759,7 +1195,6 @@ def _needs_namespaces(case: Case) -> bool:
     return case.sandbox in ("readonly", "full")
 
 
-
 @pytest.mark.parametrize("case", [case for _, case in ALL_CASES], ids=[key for key, _ in ALL_CASES])
 def test_bad_input(case: Case, request, runner, artefacts):
     if _needs_namespaces(case) and not battery.sandbox_available():
@@ -775,8 +1210,9 @@ def test_bad_input(case: Case, request, runner, artefacts):
     assert battery.digest_tree(artefacts.root) == artefacts.digests, "a shared input was changed"
     held = {str(target.relative_to(outcome.tmp)) for _, target, _ in HOLDERS if target.is_relative_to(outcome.tmp)}
     after = battery.digest_tree(outcome.tmp)  # the case's own inputs and existing outputs: all still there, unchanged
-    assert {name: after.get(name) for name in outcome.before if name not in held} == \
-        {name: digest for name, digest in outcome.before.items() if name not in held}
+    assert {name: after.get(name) for name in outcome.before if name not in held} == {
+        name: digest for name, digest in outcome.before.items() if name not in held
+    }
     assert [name for name in battery.debris(outcome.tmp) if name not in held] == []  # the other writer's lock stays
     assert battery.debris(artefacts.root) == []
     if outcome.sandbox_listing is not None:
@@ -791,11 +1227,18 @@ def test_the_battery_is_big_enough():
 
 # ============================================================================ interruptions and concurrent runs
 
+
 def _start(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TC_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "tccli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tccli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def _wait_until(condition, timeout: float = 300, what: str = "") -> None:
@@ -831,8 +1274,10 @@ def test_cache_interrupted_then_resumed_equals_an_uninterrupted_run(artefacts, t
     if moment == "starting":  # loading the model and reading the text: nothing on disk yet
         time.sleep(1.0)
     else:
-        _wait_until(lambda: _committed_units(Path(f"{out}.progress")) >= 1 or proc.poll() is not None,
-                    what="a first committed unit")
+        _wait_until(
+            lambda: _committed_units(Path(f"{out}.progress")) >= 1 or proc.poll() is not None,
+            what="a first committed unit",
+        )
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     if proc.returncode == 0:
@@ -852,16 +1297,36 @@ def test_cache_interrupted_then_resumed_equals_an_uninterrupted_run(artefacts, t
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_train_interrupted_keeps_a_checkpoint_and_resumes(artefacts, tmp_path, signum):
     out = tmp_path / "run"
-    args = ("train", "--cache", str(artefacts.cache), "--out", str(out), "--tokens", "200k", "--batch-size", "64",
-            "--expansion", "2", "--log-every", "1", "--checkpoint-every", "0", "--quiet")
+    args = (
+        "train",
+        "--cache",
+        str(artefacts.cache),
+        "--out",
+        str(out),
+        "--tokens",
+        "200k",
+        "--batch-size",
+        "64",
+        "--expansion",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "0",
+        "--quiet",
+    )
     proc = _start(*args, cwd=tmp_path)
-    _wait_until(lambda: (out / "train_log.jsonl").exists() and (out / "train_log.jsonl").stat().st_size > 0,
-                what="the first logged step")
+    _wait_until(
+        lambda: (out / "train_log.jsonl").exists() and (out / "train_log.jsonl").stat().st_size > 0,
+        what="the first logged step",
+    )
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, stderr
     line = _one_line(stderr)
-    match = re.fullmatch(r"tc: interrupted; stopped at step (\d+) of 3125 with a checkpoint; resume with --resume", line)
+    match = re.fullmatch(
+        r"tc: interrupted; stopped at step (\d+) of 3125 with a checkpoint; resume with --resume", line
+    )
     assert match, line
     import torch
 
@@ -874,8 +1339,24 @@ def test_train_interrupted_keeps_a_checkpoint_and_resumes(artefacts, tmp_path, s
 
 def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, tmp_path):
     out = tmp_path / "run"
-    args = ("train", "--cache", str(artefacts.cache), "--out", str(out), "--tokens", "2048", "--batch-size", "256",
-            "--expansion", "2", "--k", "4", "--warmup-steps", "2", "--quiet")
+    args = (
+        "train",
+        "--cache",
+        str(artefacts.cache),
+        "--out",
+        str(out),
+        "--tokens",
+        "2048",
+        "--batch-size",
+        "256",
+        "--expansion",
+        "2",
+        "--k",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--quiet",
+    )
     proc = _start(*args, cwd=tmp_path)
     _wait_until(lambda: (out / "train_config.json").exists() or proc.poll() is not None, what="the run's config")
     proc.kill()
@@ -886,7 +1367,9 @@ def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, t
         for name in ("config.json", "transcoder.safetensors"):
             ours = json.loads((out / f"layer_{layer}" / name).read_text()) if name.endswith("json") else None
             if ours is None:
-                assert (out / f"layer_{layer}" / name).read_bytes() == (artefacts.tcs / f"layer_{layer}" / name).read_bytes()
+                assert (out / f"layer_{layer}" / name).read_bytes() == (
+                    artefacts.tcs / f"layer_{layer}" / name
+                ).read_bytes()
             else:
                 theirs = json.loads((artefacts.tcs / f"layer_{layer}" / name).read_text())
                 ours["training"].pop("cache"), ours["training"].pop("out")
@@ -900,16 +1383,82 @@ def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, t
 def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, signum, command):
     out = tmp_path / ("f.jsonl" if command == "score" else "g.json")
     args = {
-        "score": ("score", "--data", str(artefacts.text), "--tokens", "400k", "--context", "64", "--device", "cpu",
-                  "--transcoders", str(artefacts.tcs), "--batch-size", "1", "--out", str(out)),
-        "circuit": ("circuit", "--transcoders", str(artefacts.tcs), "--prompt", "one two three " * 18, "--logit", "4",
-                    "--device", "cpu", "--iters", "200", "--branches", "200", "--format", "json", "--out", str(out)),
-        "eval": ("eval", "--data", str(artefacts.text), "--tokens", "400k", "--context", "64", "--device", "cpu",
-                 "--transcoders", str(artefacts.tcs), "--batch-size", "1"),
-        "graph": ("graph", "--transcoders", str(artefacts.tcs), "--prompt", "one two three " * 18, "--device", "cpu",
-                  "--batch-size", "1", "--out", str(out)),
-        "validate": ("validate", str(artefacts.graph), "--task", "greater-than", "--device", "cpu", "--batch-size",
-                     "1", "--out", str(out)),
+        "score": (
+            "score",
+            "--data",
+            str(artefacts.text),
+            "--tokens",
+            "400k",
+            "--context",
+            "64",
+            "--device",
+            "cpu",
+            "--transcoders",
+            str(artefacts.tcs),
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+        ),
+        "circuit": (
+            "circuit",
+            "--transcoders",
+            str(artefacts.tcs),
+            "--prompt",
+            "one two three " * 18,
+            "--logit",
+            "4",
+            "--device",
+            "cpu",
+            "--iters",
+            "200",
+            "--branches",
+            "200",
+            "--format",
+            "json",
+            "--out",
+            str(out),
+        ),
+        "eval": (
+            "eval",
+            "--data",
+            str(artefacts.text),
+            "--tokens",
+            "400k",
+            "--context",
+            "64",
+            "--device",
+            "cpu",
+            "--transcoders",
+            str(artefacts.tcs),
+            "--batch-size",
+            "1",
+        ),
+        "graph": (
+            "graph",
+            "--transcoders",
+            str(artefacts.tcs),
+            "--prompt",
+            "one two three " * 18,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+        ),
+        "validate": (
+            "validate",
+            str(artefacts.graph),
+            "--task",
+            "greater-than",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+        ),
     }[command]
     proc = _start(*args, cwd=tmp_path)
     if command == "eval":
@@ -930,8 +1479,25 @@ def test_score_killed_then_run_again_leaves_nothing_behind(artefacts, tmp_path):
     out = tmp_path / "f.jsonl"
 
     def score(tokens: str, *more: str) -> tuple[str, ...]:
-        return ("score", "--data", str(artefacts.text), "--tokens", tokens, "--context", "64", "--device", "cpu",
-                "--transcoders", str(artefacts.tcs), "--top", "4", "--out", str(out), "--quiet", *more)
+        return (
+            "score",
+            "--data",
+            str(artefacts.text),
+            "--tokens",
+            tokens,
+            "--context",
+            "64",
+            "--device",
+            "cpu",
+            "--transcoders",
+            str(artefacts.tcs),
+            "--top",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            *more,
+        )
 
     proc = _start(*score("400k", "--batch-size", "1"), cwd=tmp_path)
     _wait_until(lambda: Path(f"{out}.lock").exists() or proc.poll() is not None, what="the output's lock")
@@ -950,11 +1516,29 @@ def test_two_trains_of_one_folder_at_once_then_ctrl_c(artefacts, tmp_path):
     """A second `tc train --out` of a folder in use gets one line and exit 2 without touching it; the
     first, interrupted, keeps a checkpoint its --resume continues from."""
     out = tmp_path / "run"
-    args = ("train", "--cache", str(artefacts.cache), "--out", str(out), "--tokens", "200k", "--batch-size", "64",
-            "--expansion", "2", "--log-every", "1", "--checkpoint-every", "0", "--quiet")
+    args = (
+        "train",
+        "--cache",
+        str(artefacts.cache),
+        "--out",
+        str(out),
+        "--tokens",
+        "200k",
+        "--batch-size",
+        "64",
+        "--expansion",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "0",
+        "--quiet",
+    )
     first = _start(*args, cwd=tmp_path)
-    _wait_until(lambda: (out / "train_log.jsonl").exists() and (out / "train_log.jsonl").stat().st_size > 0,
-                what="the first logged step")
+    _wait_until(
+        lambda: (out / "train_log.jsonl").exists() and (out / "train_log.jsonl").stat().st_size > 0,
+        what="the first logged step",
+    )
     before = {p.name for p in out.iterdir()}
     second = battery.run_tc(*args, cwd=tmp_path)
     assert second.returncode == 2 and "is being written by another tc process" in _one_line(second.stderr)
@@ -997,7 +1581,9 @@ set -u
 mount -t tmpfs -o size=6m tmpfs {mnt}
 {sys.executable} -m tccli {args} --commit-every 4 --quiet 2> {tmp_path}/first.err &
 pid=$!
-python_units() {{ {sys.executable} -c "import json,sys; print(len(json.load(open(sys.argv[1]))['units']))" "$1" 2>/dev/null || echo 0; }}
+python_units() {{
+  {sys.executable} -c "import json,sys; print(len(json.load(open(sys.argv[1]))['units']))" "$1" 2>/dev/null || echo 0
+}}
 while [ "$(python_units {out}.progress)" -lt 1 ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done
 dd if=/dev/zero of={mnt}/ballast bs=64k 2>/dev/null
 wait $pid; echo $? > {tmp_path}/first.rc
@@ -1015,8 +1601,11 @@ cp {out} {tmp_path}/resumed.h5
         pytest.skip("the cache finished before the ballast filled the disk")
     assert first_rc == 2 and "No space left on device" in line and "run again with --resume" in line, line
     left = (tmp_path / "after-failure.txt").read_text().split()
-    assert "acts.h5" in left and "acts.h5.progress" in left and not [n for n in left if n.endswith(
-        battery.DEBRIS_SUFFIXES)], left
+    assert (
+        "acts.h5" in left
+        and "acts.h5.progress" in left
+        and not [n for n in left if n.endswith(battery.DEBRIS_SUFFIXES)]
+    ), left
     assert int((tmp_path / "second.rc").read_text()) == 0, (tmp_path / "second.err").read_text()
     assert (tmp_path / "after-resume.txt").read_text().split() == ["acts.h5"]
     assert file_content(tmp_path / "resumed.h5") == file_content(artefacts.cache)

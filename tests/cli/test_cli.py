@@ -5,12 +5,15 @@ import pytest
 from conftest import run_tc
 
 
-@pytest.mark.parametrize("args,message", [
-    (["cache", "--bogus"], "No such option: --bogus"),
-    (["train"], "Missing option"),
-    (["cache", "--tokens", "lots", "--data", "x"], "expected a count like 4096"),
-    (["cache", "--model", "/nonexistent/model", "--data", "x.txt"], "tc: error:"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["cache", "--bogus"], "No such option: --bogus"),
+        (["train"], "Missing option"),
+        (["cache", "--tokens", "lots", "--data", "x"], "expected a count like 4096"),
+        (["cache", "--model", "/nonexistent/model", "--data", "x.txt"], "tc: error:"),
+    ],
+)
 def test_usage_errors_are_one_line(args, message):
     result = run_tc(*args)
     assert result.returncode == 2, result.stderr
@@ -34,8 +37,10 @@ def test_version_does_not_import_torch():
 
     from tccli import __version__
 
-    code = ("import sys; from tccli.cli.entry import main; main(['--version']); "
-            "print(sorted(m for m in ('torch', 'tccli.cli.app', 'transformer_lens') if m in sys.modules))")
+    code = (
+        "import sys; from tccli.cli.entry import main; main(['--version']); "
+        "print(sorted(m for m in ('torch', 'tccli.cli.app', 'transformer_lens') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"tc {__version__}", "[]"]
@@ -47,21 +52,38 @@ def test_cli_and_help_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, tccli.cli.app; assert 'torch' not in sys.modules, 'import tccli.cli.app'\n"
-            f"for args in [['--help'], *([name, '--help'] for name in {COMMANDS!r})]:\n"
-            "    try:\n"
-            "        tccli.cli.app.main(args)\n"
-            "    except SystemExit:\n"
-            "        pass\n"
-            "    loaded = [m for m in ('torch', 'transformer_lens') if m in sys.modules]\n"
-            "    assert not loaded, f'tc {\" \".join(args)} imported {loaded}'\n")
+    code = (
+        "import sys, tccli.cli.app; assert 'torch' not in sys.modules, 'import tccli.cli.app'\n"
+        f"for args in [['--help'], *([name, '--help'] for name in {COMMANDS!r})]:\n"
+        "    try:\n"
+        "        tccli.cli.app.main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    loaded = [m for m in ('torch', 'transformer_lens') if m in sys.modules]\n"
+        "    assert not loaded, f'tc {\" \".join(args)} imported {loaded}'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout  # the help texts were printed
 
 
-COMMANDS = ("cache", "info", "train", "eval", "convert", "circuit", "export", "deembed", "score", "show",
-            "greater-than", "graph", "plot", "intervene", "validate")
+COMMANDS = (
+    "cache",
+    "info",
+    "train",
+    "eval",
+    "convert",
+    "circuit",
+    "export",
+    "deembed",
+    "score",
+    "show",
+    "greater-than",
+    "graph",
+    "plot",
+    "intervene",
+    "validate",
+)
 
 
 def option_blocks(help_text: str) -> list[str]:
@@ -84,7 +106,7 @@ def test_help_has_metavars_required_first_and_an_example(name, capsys, monkeypat
     main([name, "--help"])  # returns: help is not an error
     text = capsys.readouterr().out
     assert "<str>" not in text and "<int>" not in text and "<float>" not in text and "{" not in text, text
-    example = text[text.index("Example:"):].split("\n")[1].strip()
+    example = text[text.index("Example:") :].split("\n")[1].strip()
     assert example.startswith(f"tc {name} "), text
     required = ["[required]" in block for block in option_blocks(text)]
     assert required == sorted(required, reverse=True), text  # required options before the others
@@ -96,4 +118,3 @@ def test_every_command_is_in_the_help_tests():
     from tccli.cli.app import app
 
     assert {command.name for command in app.registered_commands} == set(COMMANDS)
-

@@ -50,7 +50,9 @@ def test_bash_completes_subcommands_and_options():
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed")
     script = generate()[SHELL_FILES["bash"]]
-    probe = (script + '\nCOMP_WORDS=(tc cache --res); COMP_CWORD=2; _tc; echo "${COMPREPLY[@]}"'
-             '\nCOMP_WORDS=(tc inf); COMP_CWORD=1; _tc; echo "${COMPREPLY[@]}"')
+    probe = (
+        script + '\nCOMP_WORDS=(tc cache --res); COMP_CWORD=2; _tc; echo "${COMPREPLY[@]}"'
+        '\nCOMP_WORDS=(tc inf); COMP_CWORD=1; _tc; echo "${COMPREPLY[@]}"'
+    )
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.splitlines()
     assert out == ["--resume", "info"]

@@ -25,8 +25,17 @@ def small_cache(tiny_model_dirs, tmp_path_factory) -> Path:
     data.write_text("\n\n".join(f"Once upon a time {i} the cat sat on the mat." * 3 for i in range(40)))
     out = folder / "acts.h5"
     torch.set_num_threads(1)
-    config = CacheConfig(model=str(tiny_model_dirs["llama"]), data=[str(data)], out=str(out), tokens=256,
-                         context=32, layers="1", dtype="bfloat16", device="cpu", quiet=True)
+    config = CacheConfig(
+        model=str(tiny_model_dirs["llama"]),
+        data=[str(data)],
+        out=str(out),
+        tokens=256,
+        context=32,
+        layers="1",
+        dtype="bfloat16",
+        device="cpu",
+        quiet=True,
+    )
     config.validate()
     cache_in_process(config)
     return out
@@ -56,9 +65,9 @@ def test_incomplete_cache_says_so(small_cache, tmp_path):
 
 
 def test_transcoder_folder_and_set(tmp_path):
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import layer_folder_name, save_transcoder
+    from tccli.transcoders.transcoder import Transcoder
 
     for layer in (0, 2):
         config = TranscoderConfig(d_in=8, d_out=8, n_features=32, layer=layer, model_name="m")
@@ -79,8 +88,12 @@ def test_bad_paths_give_one_line(tmp_path):
         f["x"] = np.arange(4)
     other = tmp_path / "notes.txt"
     other.write_text("hello")
-    for path, fragment in [(tmp_path / "missing.h5", "does not exist"), (corrupt, "not a readable HDF5"),
-                           (foreign, "not a tc activation cache"), (other, "not something tc knows")]:
+    for path, fragment in [
+        (tmp_path / "missing.h5", "does not exist"),
+        (corrupt, "not a readable HDF5"),
+        (foreign, "not a tc activation cache"),
+        (other, "not something tc knows"),
+    ]:
         result = run_tc("info", str(path))
         assert result.returncode == 2
         assert result.stderr.startswith("tc: error: ") and fragment in result.stderr
@@ -94,8 +107,12 @@ def test_registered_kinds_extend_tc_info(tmp_path):
     def detect(p: Path) -> bool:
         return p.suffix == ".json" and json.loads(p.read_text()).get("format") == "test-graph"
 
-    info.register_kind("test-graph", detect, lambda p: {"kind": "test-graph", "path": str(p), "nodes": 3},
-                       lambda s: [f"graph with {s['nodes']} nodes"])
+    info.register_kind(
+        "test-graph",
+        detect,
+        lambda p: {"kind": "test-graph", "path": str(p), "nodes": 3},
+        lambda s: [f"graph with {s['nodes']} nodes"],
+    )
     try:
         summary = info.describe(path)
         assert summary == {"kind": "test-graph", "path": str(path), "nodes": 3}

@@ -42,8 +42,9 @@ def test_command_from_dataclass_builds_flags_and_config():
     def other() -> None:  # a second command so typer keeps subcommand names
         pass
 
-    result = CliRunner().invoke(app, ["demo", "--data", "a.txt", "--data", "b.txt", "--tokens", "2k",
-                                      "--width", "3", "--quiet"])
+    result = CliRunner().invoke(
+        app, ["demo", "--data", "a.txt", "--data", "b.txt", "--tokens", "2k", "--width", "3", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert config.data == ["a.txt", "b.txt"] and config.tokens == 2000 and config.width == 3 and config.quiet
@@ -55,8 +56,19 @@ def test_command_from_dataclass_builds_flags_and_config():
 
 def test_expand_multi_value_options():
     argv = ["cache", "--data", "a", "b", "-", "--tokens", "5", "--data", "c"]
-    assert expand_multi_value_options(argv) == ["cache", "--data", "a", "--data", "b", "--data", "-",
-                                                "--tokens", "5", "--data", "c"]
+    assert expand_multi_value_options(argv) == [
+        "cache",
+        "--data",
+        "a",
+        "--data",
+        "b",
+        "--data",
+        "-",
+        "--tokens",
+        "5",
+        "--data",
+        "c",
+    ]
 
 
 def test_default_metavars():

@@ -33,20 +33,27 @@ def test_plan_commits_on_batch_boundaries_and_chunks_divide_batches():
     assert plan.expected_bytes == 1000 * (128 * 768 * 2 * 2 * 3 + 128 * 12)
 
 
-@pytest.mark.parametrize("n_rows, context, d_model, layers, dtype, batch_size", [
-    (10, 64, 128, [0, 1], "float16", 32),  # one chunk, mostly padding and attributes
-    (1563, 64, 128, [0, 1, 2, 3], "float16", 32),  # the built-in model's 100k-token demo cache
-    (7, 128, 768, [0], "float32", 5),
-    (3000, 16, 32, [0, 1], "bfloat16", 2),  # thousands of chunks: the index is what counts
-    (100, 128, 64, list(range(12)), "float16", 32),  # the last chunk mostly past the data
-])
+@pytest.mark.parametrize(
+    "n_rows, context, d_model, layers, dtype, batch_size",
+    [
+        (10, 64, 128, [0, 1], "float16", 32),  # one chunk, mostly padding and attributes
+        (1563, 64, 128, [0, 1, 2, 3], "float16", 32),  # the built-in model's 100k-token demo cache
+        (7, 128, 768, [0], "float32", 5),
+        (3000, 16, 32, [0, 1], "bfloat16", 2),  # thousands of chunks: the index is what counts
+        (100, 128, 64, list(range(12)), "float16", 32),  # the last chunk mostly past the data
+    ],
+)
 def test_disk_estimate_bounds_the_real_file_tightly(tmp_path, n_rows, context, d_model, layers, dtype, batch_size):
     from tccli.data.cache_writer import create_file
 
     config = CacheConfig(model="x", data=["d"], context=context, batch_size=batch_size, dtype=dtype)
     plan = make_plan(config, layers, n_rows=n_rows, d_model=d_model)
-    attrs = {"model_info": json.dumps({"layers": ["blocks.0.ln2.hook_normalized"] * 300}), "complete": False,
-             "layers": np.array(layers), "tokens_written": 0}
+    attrs = {
+        "model_info": json.dumps({"layers": ["blocks.0.ln2.hook_normalized"] * 300}),
+        "complete": False,
+        "layers": np.array(layers),
+        "tokens_written": 0,
+    }
     path = tmp_path / "acts.h5"
     create_file(path, plan, attrs, np.zeros((n_rows, context), np.int32), np.zeros((n_rows, context), np.int64), "none")
     with h5py.File(path, "r+") as f:  # what a finished run writes on top

@@ -17,27 +17,28 @@ import torch
 
 from cache_helpers import cache_in_process, file_content
 from conftest import plain_model_reference, run_tc
+from tccli.config.data import CacheConfig
 from tccli.data.cache_format import make_plan, progress_path
 from tccli.data.cache_reader import ActivationCache
-from tccli.config.data import CacheConfig
 from tccli.errors import TcError
 from tccli.model.loading import load_model, run_capture
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cache_config(model: Path, data: Path, out: Path, **overrides) -> CacheConfig:
-    values = dict(model=str(model), data=[str(data)], out=str(out), tokens=512, context=32, batch_size=8,
-                  device="cpu", quiet=True)
+    values = dict(
+        model=str(model), data=[str(data)], out=str(out), tokens=512, context=32, batch_size=8, device="cpu", quiet=True
+    )
     values.update(overrides)
     config = CacheConfig(**values)
     config.validate()
     return config
 
 
-def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int], batch_size: int,
-                          engine: str = "bridge") -> dict:
+def reference_activations(
+    model_dir: Path, tokens: np.ndarray, layers: list[int], batch_size: int, engine: str = "bridge"
+) -> dict:
     """MLP in/out of each layer from a full forward pass over the same batches, float32 [n_tokens, d]:
     the bridge's hooks, or for the native engine the plain HuggingFace model's (see conftest)."""
     if engine == "native":
@@ -46,8 +47,9 @@ def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int]
     hooks = {(L, w): getattr(loaded.info.layer(L), w) for L in layers for w in ("mlp_in", "mlp_out")}
     parts: dict = {key: [] for key in hooks}
     for lo in range(0, tokens.shape[0], batch_size):
-        captured = run_capture(loaded, torch.from_numpy(tokens[lo:lo + batch_size].astype(np.int64)),
-                               list(hooks.values()))
+        captured = run_capture(
+            loaded, torch.from_numpy(tokens[lo : lo + batch_size].astype(np.int64)), list(hooks.values())
+        )
         for key, hook in hooks.items():
             parts[key].append(captured[hook].reshape(-1, loaded.info.d_model))
     return {key: torch.cat(chunks) for key, chunks in parts.items()}
@@ -60,8 +62,7 @@ def reference_activations(model_dir: Path, tokens: np.ndarray, layers: list[int]
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_cached_values_equal_the_model(tiny_model_dir, text_file, tmp_path, storage, engine):
     out = tmp_path / "acts.h5"
-    config = cache_config(tiny_model_dir, text_file, out, layers="0-1", dtype=storage, compression="lzf",
-                          engine=engine)
+    config = cache_config(tiny_model_dir, text_file, out, layers="0-1", dtype=storage, compression="lzf", engine=engine)
     cache_in_process(config)
     with ActivationCache.open(out) as cache:
         assert cache.complete and cache.layers == [0, 1] and cache.n_tokens == 512
@@ -80,8 +81,15 @@ def test_cached_values_equal_the_model(tiny_model_dir, text_file, tmp_path, stor
 
 def test_stories260k_float16_equals_model_rounded(stories_dir, corpora_dir, tmp_path):
     out = tmp_path / "acts.h5"
-    config = cache_config(stories_dir, corpora_dir / "tinystories-valid-excerpt.txt", out, layers="1,3",
-                          dtype="float16", tokens=1024, context=64)
+    config = cache_config(
+        stories_dir,
+        corpora_dir / "tinystories-valid-excerpt.txt",
+        out,
+        layers="1,3",
+        dtype="float16",
+        tokens=1024,
+        context=64,
+    )
     cache_in_process(config)
     with ActivationCache.open(out) as cache:
         reference = reference_activations(stories_dir, cache.tokens(), [1, 3], config.batch_size, "native")
@@ -143,8 +151,28 @@ def long_text(path: Path, n_docs: int = 400) -> Path:
 
 
 def cache_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["cache", "--model", str(model), "--data", str(data), "--out", str(out), "--tokens", "6000",
-            "--context", "16", "--batch-size", "2", "--layers", "all", "--dtype", "bfloat16", "--device", "cpu", *extra]
+    return [
+        "cache",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--tokens",
+        "6000",
+        "--context",
+        "16",
+        "--batch-size",
+        "2",
+        "--layers",
+        "all",
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def committed_units(out: Path) -> int:
@@ -156,8 +184,12 @@ def committed_units(out: Path) -> int:
 
 def start_and_kill(args: list[str], out: Path, kill_when) -> bool:
     """Start `tc` and SIGKILL it once ``kill_when(out)`` holds; False if it finished first."""
-    proc = subprocess.Popen([sys.executable, "-m", "tccli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tccli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if kill_when(out):
@@ -174,8 +206,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path
     model = tiny_model_dirs["gpt2"]
     data = long_text(tmp_path / "text.txt")
     reference = tmp_path / "reference.h5"
-    cache_in_process(cache_config(model, data, reference, tokens=6000, context=16, batch_size=2, dtype="bfloat16",
-                           layers="all"))
+    cache_in_process(
+        cache_config(model, data, reference, tokens=6000, context=16, batch_size=2, dtype="bfloat16", layers="all")
+    )
     expected = file_content(reference)
 
     out = tmp_path / "killed.h5"
@@ -191,8 +224,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path
     assert killed == len(kill_points), "a run finished before it could be killed"
     assert out.exists() and committed_units(out) >= 40
 
-    resume = cache_config(model, data, out, tokens=6000, context=16, batch_size=2, dtype="bfloat16",
-                          layers="all", commit_every=4, resume=True)
+    resume = cache_config(
+        model,
+        data,
+        out,
+        tokens=6000,
+        context=16,
+        batch_size=2,
+        dtype="bfloat16",
+        layers="all",
+        commit_every=4,
+        resume=True,
+    )
     # a kill may also hit an HDF5 write: damage committed bytes; resume must notice and rewrite them
     with h5py.File(out, "r") as f:
         offset = f["layers/0/mlp_in"].id.get_chunk_info(0).byte_offset
@@ -266,21 +309,39 @@ def one_line_error(result, *fragments: str) -> None:
 def test_bad_input_gives_one_line_and_keeps_data(tiny_model_dirs, text_file, tmp_path):
     model = tiny_model_dirs["gpt2"]
     out = tmp_path / "acts.h5"
-    base = ["cache", "--model", str(model), "--data", str(text_file), "--tokens", "256", "--context", "32",
-            "--device", "cpu"]
+    base = [
+        "cache",
+        "--model",
+        str(model),
+        "--data",
+        str(text_file),
+        "--tokens",
+        "256",
+        "--context",
+        "32",
+        "--device",
+        "cpu",
+    ]
     assert run_tc(*base, "--out", str(out)).returncode == 0
     original = out.read_bytes()
 
     one_line_error(run_tc(*base, "--out", str(out)), "already exists", "--resume", "--force")
     one_line_error(run_tc(*base, "--out", str(tmp_path / "b.h5"), "--layers", "7"), "layer 7", "2 layers")
-    one_line_error(run_tc("cache", "--model", str(tmp_path / "nope"), "--data", str(text_file),
-                          "--out", str(tmp_path / "c.h5")), "does not exist")
+    one_line_error(
+        run_tc("cache", "--model", str(tmp_path / "nope"), "--data", str(text_file), "--out", str(tmp_path / "c.h5")),
+        "does not exist",
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    one_line_error(run_tc("cache", "--model", str(model), "--data", str(empty), "--out", str(tmp_path / "d.h5")),
-                   "no text")
-    one_line_error(run_tc("cache", "--model", str(model), "--data", str(tmp_path / "missing.txt"),
-                          "--out", str(tmp_path / "e.h5")), "does not exist")
+    one_line_error(
+        run_tc("cache", "--model", str(model), "--data", str(empty), "--out", str(tmp_path / "d.h5")), "no text"
+    )
+    one_line_error(
+        run_tc(
+            "cache", "--model", str(model), "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "e.h5")
+        ),
+        "does not exist",
+    )
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.arange(3)
@@ -312,11 +373,46 @@ def test_resume_compares_what_the_arguments_mean(artefacts):
 
     before = file_content(artefacts.cache)
     for model in ("builtin", str(BUILTIN_MODEL_DIR)):
-        result = run_tc("cache", "--model", model, "--data", artefacts.text.name, "--tokens", "4000", "--context", "64",
-                        "--layers", "0,1", "--batch-size", "2", "--device", "cpu", "--out", str(artefacts.cache),
-                        "--resume", cwd=artefacts.root)
+        result = run_tc(
+            "cache",
+            "--model",
+            model,
+            "--data",
+            artefacts.text.name,
+            "--tokens",
+            "4000",
+            "--context",
+            "64",
+            "--layers",
+            "0,1",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(artefacts.cache),
+            "--resume",
+            cwd=artefacts.root,
+        )
         assert result.returncode == 0 and "is already complete" in result.stderr, result.stderr
-    result = run_tc("cache", "--data", artefacts.text.name, "--tokens", "4k", "--context", "64", "--layers", "0",
-                    "--batch-size", "2", "--device", "cpu", "--out", str(artefacts.cache), "--resume", cwd=artefacts.root)
+    result = run_tc(
+        "cache",
+        "--data",
+        artefacts.text.name,
+        "--tokens",
+        "4k",
+        "--context",
+        "64",
+        "--layers",
+        "0",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(artefacts.cache),
+        "--resume",
+        cwd=artefacts.root,
+    )
     assert result.returncode == 2 and "layers: [0, 1] then, [0] now" in result.stderr, result.stderr
     assert file_content(artefacts.cache) == before

@@ -3,9 +3,16 @@ import json
 import numpy as np
 import pytest
 
+from tccli.data.text import (
+    RowStream,
+    document_order,
+    load_rows,
+    pack_rows,
+    read_documents,
+    split_documents,
+    stream_rows,
+)
 from tccli.errors import TcError
-from tccli.data.text import (RowStream, document_order, load_rows, pack_rows, read_documents, split_documents,
-                        stream_rows)
 
 
 class CharTokenizer:
@@ -95,16 +102,25 @@ def reference_rows(docs: list[list[int]], bos: int, context: int, max_tokens: in
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-@pytest.mark.parametrize("context,max_tokens,batch_rows", [
-    (16, 160, 3),  # 10 rows in batches of 3, 3, 3, 1
-    (7, 70, 10),  # exactly one batch
-    (5, 10**6, 4),  # fewer tokens than asked for: the stream ends with the data
-    (64, 10**6, 1),
-])
+@pytest.mark.parametrize(
+    "context,max_tokens,batch_rows",
+    [
+        (16, 160, 3),  # 10 rows in batches of 3, 3, 3, 1
+        (7, 70, 10),  # exactly one batch
+        (5, 10**6, 4),  # fewer tokens than asked for: the stream ends with the data
+        (64, 10**6, 1),
+    ],
+)
 def test_stream_rows_equal_load_rows_and_a_direct_packing(tmp_path, seed, context, max_tokens, batch_rows):
     (tmp_path / "c.txt").write_text("\n\n".join(f"doc{i} " * (1 + i % 5) for i in range(40)))
-    args = dict(paths=[str(tmp_path / "c.txt")], tokenizer=CharTokenizer(), bos_token_id=0, context=context,
-                max_tokens=max_tokens, seed=seed)
+    args = dict(
+        paths=[str(tmp_path / "c.txt")],
+        tokenizer=CharTokenizer(),
+        bos_token_id=0,
+        context=context,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
     stream = stream_rows(batch_rows=batch_rows, **args)
     batches = list(stream)
     assert all(tokens.shape[0] <= batch_rows and tokens.dtype == ids.dtype == np.int64 for tokens, ids in batches)
@@ -147,8 +163,8 @@ def test_row_stream_with_too_little_text_fails_before_any_row():
 def test_display_token_writes_lone_bytes_as_escapes():
     from transformers import AutoTokenizer
 
-    from tccli.model.loading import BUILTIN_MODEL_DIR
     from tccli.data.text import display_token
+    from tccli.model.loading import BUILTIN_MODEL_DIR
 
     # byte-level BPE (the built-in model, as GPT-2): "é" is two bytes, "€" three, each its own token here
     builtin = AutoTokenizer.from_pretrained(str(BUILTIN_MODEL_DIR))

@@ -7,12 +7,19 @@ from safetensors.torch import load_file
 
 from circuit_helpers import loaded_model
 from conftest import run_tc
-from tccli.evaluation.evaluate import (MeanOutput, ReconstructionStats, evaluate, fraction_recovered, kl_to_clean,
-                            next_token_loss, splice_hooks)
-from tccli.model.loading import run_capture, run_logits
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
+from tccli.evaluation.evaluate import (
+    MeanOutput,
+    ReconstructionStats,
+    evaluate,
+    fraction_recovered,
+    kl_to_clean,
+    next_token_loss,
+    splice_hooks,
+)
+from tccli.model.loading import run_capture, run_logits
 from tccli.transcoders.files import save_transcoder
+from tccli.transcoders.transcoder import Transcoder
 
 # ----------------------------------------------------------------------------- metric math by hand
 
@@ -84,12 +91,20 @@ def make_transcoder(info, layer, kind="transcoder", n_features=None, input_space
     d = info.d_model
     input_space = input_space or (output_space if kind == "sae" else "normalized")
     tc_spaces = (input_space, output_space) in (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
-    config = TranscoderConfig(d_in=d, d_out=d, n_features=n_features or 2 * d, kind=kind, layer=layer,
-                              model_name=info.name, model_architecture=info.architecture,
-                              weight_processing=dict(info.weight_processing),
-                              input_space=input_space, output_space=output_space,
-                              input_hook=(hooks.mlp_out if kind == "sae" else hooks.mlp_in) if tc_spaces else None,
-                              output_hook=hooks.mlp_out if tc_spaces else None)
+    config = TranscoderConfig(
+        d_in=d,
+        d_out=d,
+        n_features=n_features or 2 * d,
+        kind=kind,
+        layer=layer,
+        model_name=info.name,
+        model_architecture=info.architecture,
+        weight_processing=dict(info.weight_processing),
+        input_space=input_space,
+        output_space=output_space,
+        input_hook=(hooks.mlp_out if kind == "sae" else hooks.mlp_in) if tc_spaces else None,
+        output_hook=hooks.mlp_out if tc_spaces else None,
+    )
     return Transcoder(config)
 
 
@@ -139,7 +154,9 @@ def test_zero_transcoder_is_zero_ablation_and_bias_is_mean_ablation(tiny_models,
     # a transcoder that outputs the global mean MLP output is exactly global mean ablation
     means = MeanOutput(per_position=False)
     for start in range(0, tokens.shape[0], 4):
-        means.update(run_capture(loaded, tokens[start:start + 4], [info.layer(layer).mlp_out])[info.layer(layer).mlp_out])
+        means.update(
+            run_capture(loaded, tokens[start : start + 4], [info.layer(layer).mlp_out])[info.layer(layer).mlp_out]
+        )
     constant = make_transcoder(info, layer)
     with torch.no_grad():
         constant.b_dec.copy_(means.mean()[0].float())
@@ -159,7 +176,9 @@ def test_transcoder_reads_mlp_input_and_replaces_mlp_output(tiny_models, arch):
     hooks = info.layer(layer)
     clean, captured = run_logits(loaded, tokens, [hooks.mlp_in])
     by_hand, _ = run_logits(loaded, tokens, extra_hooks=[(hooks.mlp_out, lambda t, hook: captured[hooks.mlp_in])])
-    spliced, _ = run_logits(loaded, tokens, extra_hooks=splice_hooks(loaded, {layer: identity(info, layer, "transcoder")}))
+    spliced, _ = run_logits(
+        loaded, tokens, extra_hooks=splice_hooks(loaded, {layer: identity(info, layer, "transcoder")})
+    )
     assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
 
 
@@ -189,8 +208,11 @@ def test_transcoder_reads_its_input_space(tiny_models, arch, space):
     hooks = info.layer(layer)
     clean, captured = run_logits(loaded, tokens, [hooks.mlp_in, hooks.mlp_norm_input])
     g, beta = loaded.spaces[layer].norm_weight, loaded.spaces[layer].norm_bias
-    x = {"normalized": captured[hooks.mlp_in], "resid_mid": captured[hooks.mlp_norm_input],
-         "mlp_input": captured[hooks.mlp_in] * g + (0 if beta is None else beta)}[space]
+    x = {
+        "normalized": captured[hooks.mlp_in],
+        "resid_mid": captured[hooks.mlp_norm_input],
+        "mlp_input": captured[hooks.mlp_in] * g + (0 if beta is None else beta),
+    }[space]
     written = x - x.mean(-1, keepdim=True) if info.normalization == "layernorm" else x
     by_hand, _ = run_logits(loaded, tokens, extra_hooks=[(hooks.mlp_out, lambda t, hook: written)])
     transcoder = identity(info, layer, "transcoder", input_space=space, output_space="mlp_output")
@@ -289,10 +311,10 @@ def test_tc_eval_command_and_bad_input(tmp_path, tiny_model_dirs, tiny_models, t
 
 
 def test_load_for_eval_refuses_mismatches(tmp_path, tiny_models, tiny_model_dirs):
-    from tccli.transcoders.formats import load_checked_transcoders
+    from tccli.config.evaluation import EvalConfig
     from tccli.errors import TcError
     from tccli.evaluation.evaluate import check_kind
-    from tccli.config.evaluation import EvalConfig
+    from tccli.transcoders.formats import load_checked_transcoders
 
     def load_for_eval(config, loaded):
         """The transcoders `tc eval` loads: checked against the model, then against --kind."""
@@ -335,9 +357,21 @@ def test_result_table_and_json_without_nan():
 
     from tccli.evaluation.evaluate import EvalResult, result_table
 
-    row = {"layer": 3, "l0": 2.5, "fvu": 0.25, "mse": 0.01, "dead_features": 4, "dense_features": 1,
-           "ce_clean": 2.0, "ce_spliced": 2.5, "ce_zero_ablated": 2.0, "ce_mean_ablated": 3.0,
-           "recovered_zero": fraction_recovered(2.0, 2.5, 2.0), "recovered_mean": 0.5, "kl": 0.125}
+    row = {
+        "layer": 3,
+        "l0": 2.5,
+        "fvu": 0.25,
+        "mse": 0.01,
+        "dead_features": 4,
+        "dense_features": 1,
+        "ce_clean": 2.0,
+        "ce_spliced": 2.5,
+        "ce_zero_ablated": 2.0,
+        "ce_mean_ablated": 3.0,
+        "recovered_zero": fraction_recovered(2.0, 2.5, 2.0),
+        "recovered_mean": 0.5,
+        "kl": 0.125,
+    }
     result = EvalResult([row], None, n_tokens=64, n_scored=62)
     console = Console(record=True, width=200)
     console.print(result_table(result))
@@ -354,9 +388,21 @@ def test_result_table_fits_80_columns_unless_wide():
     from tccli.evaluation.evaluate import EvalResult, result_table
 
     # the widest values a real run shows: five-digit dead counts, negative recovered fractions
-    row = {"layer": 11, "l0": 128.25, "fvu": 1.2345, "mse": 0.0123, "dead_features": 24576,
-           "dense_features": 12, "ce_clean": 3.2981, "ce_spliced": 10.1234, "ce_zero_ablated": 9.0,
-           "ce_mean_ablated": 3.5, "recovered_zero": -12.125, "recovered_mean": -0.5, "kl": 11.0625}
+    row = {
+        "layer": 11,
+        "l0": 128.25,
+        "fvu": 1.2345,
+        "mse": 0.0123,
+        "dead_features": 24576,
+        "dense_features": 12,
+        "ce_clean": 3.2981,
+        "ce_spliced": 10.1234,
+        "ce_zero_ablated": 9.0,
+        "ce_mean_ablated": 3.5,
+        "recovered_zero": -12.125,
+        "recovered_mean": -0.5,
+        "kl": 11.0625,
+    }
     result = EvalResult([row], {**row, "layer": "all"}, n_tokens=100_000, n_scored=99_219)
     narrow = Console(record=True, width=80)
     narrow.print(result_table(result))
@@ -370,4 +416,3 @@ def test_result_table_fits_80_columns_unless_wide():
     wide.print(result_table(result, wide=True))
     text = wide.export_text()
     assert all(title in text for title in ("MSE", "dense", "CE clean", "CE zero-abl", "CE mean-abl", "0.0123"))
-

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tccli.evaluation import greater_than as gt
 from tccli.errors import TcError
+from tccli.evaluation import greater_than as gt
 
 
 def test_prompt_years_cover_02_to_98_in_100_prompts():

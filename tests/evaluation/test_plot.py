@@ -7,17 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from tccli.config.evaluation import PlotConfig
 from tccli.errors import TcError
 from tccli.evaluation.plot import read_pareto_points, read_training_log, run_plot, series_name
-from tccli.config.evaluation import PlotConfig
 
 
 def eval_json(path: Path, rows: list[tuple[int, float, float]], activation="topk", kind="transcoder", skip=False):
-    data = {"model": "m", "transcoders": "t", "kinds": {str(layer): kind for layer, _, _ in rows},
-            "transcoder_kinds": {str(layer): {"activation": activation, "k": 8, "skip": skip, "n_features": 64}
-                                 for layer, _, _ in rows},
-            "layers": [{"layer": layer, "l0": l0, "recovered_zero": rec, "ce_spliced": 2.0 + (1 - rec)}
-                       for layer, l0, rec in rows]}
+    data = {
+        "model": "m",
+        "transcoders": "t",
+        "kinds": {str(layer): kind for layer, _, _ in rows},
+        "transcoder_kinds": {
+            str(layer): {"activation": activation, "k": 8, "skip": skip, "n_features": 64} for layer, _, _ in rows
+        },
+        "layers": [
+            {"layer": layer, "l0": l0, "recovered_zero": rec, "ce_spliced": 2.0 + (1 - rec)} for layer, l0, rec in rows
+        ],
+    }
     path.write_text(json.dumps(data))
     return str(path)
 
@@ -28,8 +34,11 @@ def test_pareto_points_and_series(tmp_path):
     c = eval_json(tmp_path / "c.json", [(2, 16.0, 0.9)], activation="jumprelu", skip=True)
     points = read_pareto_points([a, b, c], "recovered")
     assert [(p.series, p.layer, p.l0, p.value) for p in points] == [
-        ("transcoder TopK", 2, 8.0, 0.8), ("transcoder TopK", 4, 8.0, 0.7), ("SAE ReLU+L1", 2, 30.0, 0.75),
-        ("skip transcoder JumpReLU", 2, 16.0, 0.9)]
+        ("transcoder TopK", 2, 8.0, 0.8),
+        ("transcoder TopK", 4, 8.0, 0.7),
+        ("SAE ReLU+L1", 2, 30.0, 0.75),
+        ("skip transcoder JumpReLU", 2, 16.0, 0.9),
+    ]
     assert read_pareto_points([a], "ce")[0].value == pytest.approx(2.2)
     assert series_name("transcoder", None) == "transcoder"  # an eval file from before the kinds were written
 
@@ -50,9 +59,26 @@ def test_training_curves_use_tokens_from_the_run_config(tmp_path):
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps({"batch_size": 512}))
     log = run / "train_log.jsonl"
-    log.write_text("\n".join(json.dumps(dict(step=s, layer=layer, lr=1e-3, loss=1 / s, mse=1 / s, l1=3.0, l0=8.0,
-                                             fvu=0.5 / s, aux=0.0, dead_fraction=0.01))
-                             for s in (10, 20, 30) for layer in (0, 1)))
+    log.write_text(
+        "\n".join(
+            json.dumps(
+                dict(
+                    step=s,
+                    layer=layer,
+                    lr=1e-3,
+                    loss=1 / s,
+                    mse=1 / s,
+                    l1=3.0,
+                    l0=8.0,
+                    fvu=0.5 / s,
+                    aux=0.0,
+                    dead_fraction=0.01,
+                )
+            )
+            for s in (10, 20, 30)
+            for layer in (0, 1)
+        )
+    )
     entries, batch = read_training_log(str(log))
     assert len(entries) == 6 and batch == 512
     out = run_plot(PlotConfig(what="training", inputs=[str(log)], out=str(tmp_path / "curves.png")))

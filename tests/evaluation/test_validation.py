@@ -12,16 +12,26 @@ import torch
 
 from circuit_helpers import random_transcoders, save_transcoders
 from conftest import run_tc
+from tccli.circuit.files import to_json
 from tccli.circuit.trace import circuit_graph
 from tccli.config.circuit import CircuitConfig
-from tccli.errors import TcError
-from tccli.circuit.files import to_json
-from tccli.nodes import NodeRef, parse_node
-from tccli.nodes import Intervention
-from tccli.replacement.model import ReplacementModel, RowSpec
-from tccli.model.loading import load_model
-from tccli.evaluation.validation import average_ranks, largest_disagreements, map_position, necessity, node_attribution, run_validation, sample_random_circuit, spearman, sufficiency, target_from_metadata
 from tccli.config.evaluation import ValidateConfig
+from tccli.errors import TcError
+from tccli.evaluation.validation import (
+    average_ranks,
+    largest_disagreements,
+    map_position,
+    necessity,
+    node_attribution,
+    run_validation,
+    sample_random_circuit,
+    spearman,
+    sufficiency,
+    target_from_metadata,
+)
+from tccli.model.loading import load_model
+from tccli.nodes import Intervention, NodeRef, parse_node
+from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.replacement.targets import unembed_target
 
 PROMPT = "The war lasted from 1735 to 17"
@@ -50,8 +60,13 @@ def test_necessity_sufficiency_and_disagreements():
 
 
 def test_random_circuit_has_the_same_size_layers_and_positions():
-    circuit = [NodeRef("feature", 0, 1, 3), NodeRef("feature", 0, 2, 3), NodeRef("feature", 1, 7, 2),
-               NodeRef("head", 1, 0, 4), NodeRef("head", 0, 3, 1)]
+    circuit = [
+        NodeRef("feature", 0, 1, 3),
+        NodeRef("feature", 0, 2, 3),
+        NodeRef("feature", 1, 7, 2),
+        NodeRef("head", 1, 0, 4),
+        NodeRef("head", 0, 3, 1),
+    ]
     active = {(0, 3): [1, 2, 5, 9], (1, 2): [7], (1, 5): [8, 11]}
     draws = [sample_random_circuit(circuit, active, 4, range(1, 6), random.Random(seed)) for seed in range(20)]
     for drawn in draws:
@@ -99,8 +114,10 @@ def test_path_attributions_of_a_direct_effect_graph_by_hand():
     got = path_attributions(graph, "T")
     expected = {"mlp1.f0@3": 3.0, "mlp0.f5@2": 1.75, "attn1.h1@2": 0.3, "err0@3": 0.3, "embed@2": 7.0}
     assert got == pytest.approx(expected)
-    graph.graph["metadata"] = {"kind": "attribution-graph", "targets": [
-        {"kind": "feature", "layer": 2, "feature": 1, "position": 3, "weight": 1.0}]}
+    graph.graph["metadata"] = {
+        "kind": "attribution-graph",
+        "targets": [{"kind": "feature", "layer": 2, "feature": 1, "position": 3, "weight": 1.0}],
+    }
     graph = nx.relabel_nodes(graph, {"T": "target"})
     nodes = {n.ref.id: n.attribution for n in circuit_nodes(graph)}
     assert nodes == pytest.approx({"mlp1.f0@3": 3.0, "mlp0.f5@2": 1.75, "attn1.h1@2": 0.3})
@@ -116,15 +133,22 @@ def traced(tiny_model_dirs, tiny_models, random_transcoder_folder, tmp_path_fact
     loaded = tiny_models["gpt2"]
     transcoders = random_transcoders(loaded.info, 48, 0, bias_shift=-0.3)
     saved = random_transcoder_folder("gpt2", bias_shift=-0.3)  # these transcoders, saved
-    config = CircuitConfig(model=str(tiny_model_dirs["gpt2"]), transcoders=str(saved), prompt=PROMPT,
-                           logit_diff=["1", "0"], iters=2, branches=6, both_signs=True)
+    config = CircuitConfig(
+        model=str(tiny_model_dirs["gpt2"]),
+        transcoders=str(saved),
+        prompt=PROMPT,
+        logit_diff=["1", "0"],
+        iters=2,
+        branches=6,
+        both_signs=True,
+    )
     config.validate()
     graph, _ = circuit_graph(loaded, transcoders, PROMPT, config)
     # the random model's heads are too weak for the greedy search: add the largest head term into the target
     # as tc circuit would (its direct contribution as edge and contribution)
+    from tccli.nodes import NodeRef
     from tccli.replacement import attribution
     from tccli.replacement.prompts import freeze_prompt
-    from tccli.nodes import NodeRef
 
     meta = graph.graph["metadata"]
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
@@ -133,9 +157,18 @@ def traced(tiny_model_dirs, tiny_models, random_transcoder_folder, tmp_path_fact
     head, source = divmod(int(heads[:, 1:].abs().argmax()), heads.shape[1] - 1)
     key = NodeRef("head", 1, head, source + 1)
     weight = float(heads[head, source + 1])
-    graph.add_node(key.id, kind="head", layer=1, feature=None, head=head, position=source + 1,
-                   token=meta["tokens"][source + 1], activation=None, path_contribution=weight,
-                   direct_contribution=weight)
+    graph.add_node(
+        key.id,
+        kind="head",
+        layer=1,
+        feature=None,
+        head=head,
+        position=source + 1,
+        token=meta["tokens"][source + 1],
+        activation=None,
+        path_contribution=weight,
+        direct_contribution=weight,
+    )
     graph.add_edge(key.id, "target", weight=weight)
     path = root / "graph.json"
     path.write_text(to_json(graph))
@@ -189,7 +222,9 @@ def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
         assert measured[node.id] == pytest.approx(value - clean, rel=1e-9, abs=1e-12)
     predicted = [row["predicted_graph"] for row in summary["nodes"]]
     assert predicted == [-graph.nodes[row["id"]]["path_contribution"] for row in summary["nodes"]]
-    assert summary["spearman_graph"] == pytest.approx(spearman(predicted, [row["measured"] for row in summary["nodes"]]))
+    assert summary["spearman_graph"] == pytest.approx(
+        spearman(predicted, [row["measured"] for row in summary["nodes"]])
+    )
     # the unpruned first-order prediction is the frozen model's derivative times the change
     gradients = model.node_gradients(target)
     for row, node in ((row, parse_node(row["id"])) for row in summary["nodes"]):
@@ -199,7 +234,8 @@ def test_every_figure_is_the_replacement_models(traced, one_torch_thread):
             assert row["predicted_total"] == pytest.approx(-z * slope, rel=1e-6)
         else:
             assert row["predicted_total"] == pytest.approx(
-                -float(gradients.head[node.layer][0, node.index, node.position]), rel=1e-6)
+                -float(gradients.head[node.layer][0, node.index, node.position]), rel=1e-6
+            )
     assert results["random"]["draws"] == 2 and len(results["random"]["circuits"]) == 2
     assert summary["disagreements"][0]["id"] in measured
 
@@ -227,13 +263,15 @@ def test_greater_than_task_reports_the_probability_difference(builtin_model, tmp
     transcoders = random_transcoders(loaded.info, 64, 0, bias_shift=-0.5)
     save_transcoders(transcoders, tmp_path / "tcs")
     prompt = "The war lasted from the year 1735 to the year 17"
-    config = CircuitConfig(transcoders=str(tmp_path / "tcs"), prompt=prompt, logit_diff=["40", "20"], iters=1,
-                           branches=3)
+    config = CircuitConfig(
+        transcoders=str(tmp_path / "tcs"), prompt=prompt, logit_diff=["40", "20"], iters=1, branches=3
+    )
     config.validate()
     graph, _ = circuit_graph(loaded, transcoders, prompt, config)
     (tmp_path / "g.json").write_text(to_json(graph))
-    results = validate_files(ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1,
-                                            device="cpu"))  # the reference's device (pytest --device cuda)
+    results = validate_files(
+        ValidateConfig(graph=str(tmp_path / "g.json"), task="greater-than", random=1, device="cpu")
+    )  # the reference's device (pytest --device cuda)
     assert results["prompts"] == 100
     assert results["metric"]["clean"] == pytest.approx(probability_difference_of_model(loaded).mean, rel=1e-6)
     for key in ("metric_ablated", "metric_kept"):
@@ -242,9 +280,23 @@ def test_greater_than_task_reports_the_probability_difference(builtin_model, tmp
 
 def test_a_tc_graph_graph_with_heads_is_validated_on_its_most_probable_logit(traced, tiny_model_dirs, one_torch_thread):
     out = traced["root"] / "attribution.json"
-    made = run_tc("graph", "--model", str(tiny_model_dirs["gpt2"]), "--transcoders", str(traced["saved"]),
-                  "--prompt", PROMPT, "--heads", "--node-threshold", "0.9", "--format", "json", "--out", str(out),
-                  "--quiet")
+    made = run_tc(
+        "graph",
+        "--model",
+        str(tiny_model_dirs["gpt2"]),
+        "--transcoders",
+        str(traced["saved"]),
+        "--prompt",
+        PROMPT,
+        "--heads",
+        "--node-threshold",
+        "0.9",
+        "--format",
+        "json",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert made.returncode == 0, made.stderr
     result = run_tc("validate", str(out), "--random", "1", "--mode", "frozen", "--json")
     assert result.returncode == 0, result.stderr
@@ -273,13 +325,16 @@ def test_validate_command_writes_results_into_the_graph(traced):
     assert again.returncode == 2 and "--force" in again.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode", "direct"], "--mode must be one of free, frozen"),
-    (["--ablation", "mean"], "needs --features"),
-    (["--task", "less-than"], "--task must be one of"),
-    (["--random", "-1"], "--random must be at least 0"),
-    (["--transcoders", "/nonexistent"], "are not here"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "direct"], "--mode must be one of free, frozen"),
+        (["--ablation", "mean"], "needs --features"),
+        (["--task", "less-than"], "--task must be one of"),
+        (["--random", "-1"], "--random must be at least 0"),
+        (["--transcoders", "/nonexistent"], "are not here"),
+    ],
+)
 def test_validate_bad_input_is_one_line(traced, args, message):
     result = run_tc("validate", str(traced["path"]), *args)
     assert result.returncode == 2, result.stderr

@@ -14,19 +14,28 @@ from tccli.errors import TcError
 @pytest.fixture(scope="module")
 def scored_files(tiny_model_dirs, tiny_models, tmp_path_factory):
     """`tc score` run once on the tiny Llama with random transcoders, to .h5 and .jsonl."""
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
     from tccli.transcoders.files import save_transcoder
+    from tccli.transcoders.transcoder import Transcoder
 
     root = tmp_path_factory.mktemp("score")
     model_dir = tiny_model_dirs["llama"]
     info = tiny_models["llama"].info
     for layer in range(info.n_layers):
         torch.manual_seed(layer)
-        tc = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=16, layer=layer,
-                                         model_name=info.name, model_architecture=info.architecture,
-                                         weight_processing=info.weight_processing,
-                                         input_hook=info.layer(layer).mlp_in, output_hook=info.layer(layer).mlp_out))
+        tc = Transcoder(
+            TranscoderConfig(
+                d_in=info.d_model,
+                d_out=info.d_model,
+                n_features=16,
+                layer=layer,
+                model_name=info.name,
+                model_architecture=info.architecture,
+                weight_processing=info.weight_processing,
+                input_hook=info.layer(layer).mlp_in,
+                output_hook=info.layer(layer).mlp_out,
+            )
+        )
         with torch.no_grad():
             for p in tc.parameters():
                 p.normal_()
@@ -36,9 +45,32 @@ def scored_files(tiny_model_dirs, tiny_models, tmp_path_factory):
     outs = {}
     for suffix in ("h5", "jsonl"):
         out = root / f"features.{suffix}"
-        result = run_tc("score", "--model", str(model_dir), "--transcoders", str(root / "tcs"), "--data", str(corpus),
-                        "--tokens", "600", "--context", "24", "--top", "4", "--quantiles", "2", "--per-quantile",
-                        "2", "--context-window", "3", "--batch-size", "5", "--out", str(out), "--quiet")
+        result = run_tc(
+            "score",
+            "--model",
+            str(model_dir),
+            "--transcoders",
+            str(root / "tcs"),
+            "--data",
+            str(corpus),
+            "--tokens",
+            "600",
+            "--context",
+            "24",
+            "--top",
+            "4",
+            "--quantiles",
+            "2",
+            "--per-quantile",
+            "2",
+            "--context-window",
+            "3",
+            "--batch-size",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        )
         assert result.returncode == 0, result.stderr
         outs[suffix] = out
     return dict(outs, root=root, model=model_dir, corpus=corpus)
@@ -105,27 +137,45 @@ def test_score_config_validation():
 def score_config(files, out, **overrides):
     from tccli.config.features import ScoreConfig
 
-    options = dict(model=str(files["model"]), transcoders=str(files["root"] / "tcs"), data=[str(files["corpus"])],
-                   tokens=240, context=24, top=3, quantiles=2, per_quantile=1, batch_size=4, out=str(out), quiet=True)
+    options = dict(
+        model=str(files["model"]),
+        transcoders=str(files["root"] / "tcs"),
+        data=[str(files["corpus"])],
+        tokens=240,
+        context=24,
+        top=3,
+        quantiles=2,
+        per_quantile=1,
+        batch_size=4,
+        out=str(out),
+        quiet=True,
+    )
     return ScoreConfig(**{**options, **overrides})
 
 
 def score_files(config):
     """What `tc score` does once its settings are checked: claim --out, load the model, the transcoders and
     the text it names, score; the summary."""
-    from tccli.transcoders.formats import load_checked_transcoders
     from tccli.data.text import stream_rows
     from tccli.features.score import check_scorable, run_score
     from tccli.model.loading import check_context, load_model
     from tccli.runtime import outputs
+    from tccli.transcoders.formats import load_checked_transcoders
 
     with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
         loaded = load_model(config.model, config.device, config.model_dtype)
         check_context(config.context, loaded.info)
         transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
         check_scorable(transcoders, config.transcoders)
-        rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                           config.seed, batch_rows=config.batch_size)
+        rows = stream_rows(
+            config.data,
+            loaded.tokenizer,
+            loaded.info.bos_token_id,
+            config.context,
+            config.tokens,
+            config.seed,
+            batch_rows=config.batch_size,
+        )
         return run_score(config, loaded, transcoders, rows)
 
 
@@ -153,8 +203,18 @@ def test_score_refuses_an_existing_out_without_force(scored_files, tmp_path):
 
     out = tmp_path / "f.jsonl"
     out.write_text("precious\n")
-    result = run_tc("score", "--model", str(scored_files["model"]), "--transcoders", str(scored_files["root"] / "tcs"),
-                    "--data", str(scored_files["corpus"]), "--out", str(out), "--quiet")
+    result = run_tc(
+        "score",
+        "--model",
+        str(scored_files["model"]),
+        "--transcoders",
+        str(scored_files["root"] / "tcs"),
+        "--data",
+        str(scored_files["corpus"]),
+        "--out",
+        str(out),
+        "--quiet",
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert lines[0].startswith("tc: error:") and "already exists" in lines[0] and "--force" in lines[0]

@@ -14,14 +14,14 @@ from tccli.features.scoring import (
     context_free_scores,
     decode_activation_keys,
     embedding_for_norm,
+    examples_from_slots,
+    feature_major_encoder,
     pullbacks,
     sample_key_index,
     score_model,
     sort_into_bands,
     stream_layers,
     token_priority,
-    examples_from_slots,
-    feature_major_encoder,
 )
 
 
@@ -35,10 +35,10 @@ def synthetic_batches(z_rows: torch.Tensor, tokens: torch.Tensor, batch_rows: in
     context = tokens.shape[1]
     doc_ids = synthetic_doc_ids(tokens)
     for start in range(0, tokens.shape[0], batch_rows):
-        tok = tokens[start:start + batch_rows]
-        z = z_rows[start:start + batch_rows].reshape(-1, z_rows.shape[-1])
+        tok = tokens[start : start + batch_rows]
+        z = z_rows[start : start + batch_rows].reshape(-1, z_rows.shape[-1])
         scale = torch.arange(z.shape[0], dtype=torch.float32) + 1.0 + start * context
-        yield tok, doc_ids[start:start + batch_rows], {0: (z, scale)}
+        yield tok, doc_ids[start : start + batch_rows], {0: (z, scale)}
 
 
 def tied_activations(rows=12, context=10, m=6, seed=0):
@@ -50,8 +50,9 @@ def tied_activations(rows=12, context=10, m=6, seed=0):
 
 
 def run_stream(z, tokens, batch_rows, settings):
-    streams, seen = stream_layers({0: lambda x: x.T.contiguous()}, synthetic_batches(z, tokens, batch_rows), {0: z.shape[-1]},
-                                  settings)
+    streams, seen = stream_layers(
+        {0: lambda x: x.T.contiguous()}, synthetic_batches(z, tokens, batch_rows), {0: z.shape[-1]}, settings
+    )
     stream = streams[0]
     stream.top_slots, stream.sample_slots = stream.top_slots.sorted(), stream.sample_slots.sorted()
     return stream, seen
@@ -195,8 +196,8 @@ def test_best_per_feature_orders_by_key_and_ties_go_to_the_earlier_token():
 
 
 def test_feature_major_encoder_matches_the_transcoder():
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
 
     for activation, k in (("relu", None), ("topk", 2)):
         torch.manual_seed(0)
@@ -272,15 +273,16 @@ def test_layernorm_embedding_is_centred():
 
 def planted_setup(model_dir):
     """A tiny Llama, rows of text, and a transcoder whose feature 1 fires exactly on one token id."""
-    from tccli.model.loading import load_model, run_capture
-    from tccli.data.text import pack_rows
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
+    from tccli.data.text import pack_rows
+    from tccli.model.loading import load_model, run_capture
+    from tccli.transcoders.transcoder import Transcoder
 
     loaded = load_model(str(model_dir), "cpu")
     info = loaded.info
-    docs = [loaded.tokenizer.encode(f"Story {i}. " + TOKENIZER_TEXT[i % 4], add_special_tokens=False)
-            for i in range(40)]
+    docs = [
+        loaded.tokenizer.encode(f"Story {i}. " + TOKENIZER_TEXT[i % 4], add_special_tokens=False) for i in range(40)
+    ]
     packed = pack_rows(docs, info.bos_token_id, 32, 10**6)
     tokens = torch.as_tensor(packed.tokens)
     hook = info.layer(0).mlp_in
@@ -321,16 +323,17 @@ def test_planted_feature_has_its_token_everywhere(tiny_model_dirs):
     assert scores.frequency[2] == 0 and (scores.top.token_index[2] == -1).all() and np.isnan(scores.context_free[2])
     assert 0 <= scores.context_free[1] <= 1
     # same answers whatever the batch size
-    again = score_model(loaded, {0: transcoder}, packed.tokens, packed.doc_ids,
-                        ScoreSettings(**{**settings.__dict__, "batch_size": 3}))[0]
+    again = score_model(
+        loaded, {0: transcoder}, packed.tokens, packed.doc_ids, ScoreSettings(**{**settings.__dict__, "batch_size": 3})
+    )[0]
     assert np.array_equal(again.top.token_index, scores.top.token_index)
     assert np.array_equal(again.quantile.token_index, scores.quantile.token_index)
 
 
 def random_layer0_transcoder(info, n_features: int = 8):
     """A random transcoder for layer 0 whose features fire on part of the tokens."""
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
 
     transcoder = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=n_features, layer=0))
     with torch.no_grad():
@@ -351,21 +354,26 @@ def assert_same_scores(a, b):
 
 
 def test_streamed_rows_score_exactly_as_rows_in_memory(tiny_model_dirs, text_file):
-    from tccli.model.loading import load_model
-    from tccli.features.scoring import score_rows
     from tccli.data.text import load_rows, stream_rows
+    from tccli.features.scoring import score_rows
+    from tccli.model.loading import load_model
 
     loaded = load_model(str(tiny_model_dirs["llama"]), "cpu")
     info = loaded.info
     torch.manual_seed(1)
     transcoder = random_layer0_transcoder(info)
     settings = ScoreSettings(top=5, quantiles=2, per_quantile=2, half_window=2, top_tokens=3, batch_size=3, seed=4)
-    data = dict(paths=[str(text_file)], tokenizer=loaded.tokenizer, bos_token_id=info.bos_token_id, context=16,
-                max_tokens=16 * 20, seed=5)
+    data = dict(
+        paths=[str(text_file)],
+        tokenizer=loaded.tokenizer,
+        bos_token_id=info.bos_token_id,
+        context=16,
+        max_tokens=16 * 20,
+        seed=5,
+    )
     packed = load_rows(**data)
     in_memory = score_model(loaded, {0: transcoder}, packed.tokens, packed.doc_ids, settings)[0]
-    streamed = score_rows(loaded, {0: transcoder}, stream_rows(batch_rows=settings.batch_size, **data), 16,
-                          settings)[0]
+    streamed = score_rows(loaded, {0: transcoder}, stream_rows(batch_rows=settings.batch_size, **data), 16, settings)[0]
     assert_same_scores(streamed, in_memory)
     assert (in_memory.top.token_index[:, 0] >= 0).any()  # the comparison is about real examples
     # the document kept with each example is the one the token belongs to
@@ -403,8 +411,9 @@ def test_progress_ends_at_its_total_when_the_data_runs_out():
 
     reports = []
     rows = np.zeros((7, 4), dtype=np.int64)
-    batches = model_batches(FakeCapture(), array_row_batches(rows, rows, 3), lambda *r: reports.append(r),
-                            total_rows=100)
+    batches = model_batches(
+        FakeCapture(), array_row_batches(rows, rows, 3), lambda *r: reports.append(r), total_rows=100
+    )
     assert sum(len(tokens) for tokens, _, _ in batches) == 7
     assert reports[0] == ("scoring", 3, 100)
     assert reports[-1] == ("scoring", 7, 7)
@@ -465,9 +474,9 @@ def test_without_the_numba_package_the_cpu_runs_the_torch_formulation(numba_is, 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
     """A transcoder reading another input space is scored on that space's activations (both engines)."""
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.model.loading import load_model, run_capture, space_activation
     from tccli.transcoders.transcoder import Transcoder
-    from tccli.config.transcoders import TranscoderConfig
 
     loaded = load_model(str(tiny_model_dirs[arch]), "cpu")
     info = loaded.info
@@ -475,8 +484,11 @@ def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
     rows = torch.randint(0, info.d_vocab, (6, 12), generator=generator)
     rows[:, 0] = info.bos_token_id
     doc_ids = np.zeros(rows.shape, dtype=np.int64)
-    transcoder = Transcoder(TranscoderConfig(d_in=info.d_model, d_out=info.d_model, n_features=6, layer=1,
-                                             input_space=space, output_space="mlp_output"))
+    transcoder = Transcoder(
+        TranscoderConfig(
+            d_in=info.d_model, d_out=info.d_model, n_features=6, layer=1, input_space=space, output_space="mlp_output"
+        )
+    )
     with torch.no_grad():
         transcoder.W_enc.copy_(torch.randn(info.d_model, 6, generator=generator))
         transcoder.b_enc.fill_(-0.5)
@@ -492,14 +504,15 @@ def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
 
 def test_layer_reads_by_hand():
     """Encoder vectors read from the residual and decoder vectors written to it, per space (scales left out)."""
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.features.scoring import LayerReads
     from tccli.model.spaces import LayerSpaces
     from tccli.transcoders.transcoder import Transcoder
-    from tccli.config.transcoders import TranscoderConfig
 
     spaces = LayerSpaces(layernorm=True, norm_weight=torch.tensor([2.0, 1.0]), norm_bias=torch.tensor([1.0, 0.0]))
-    transcoder = Transcoder(TranscoderConfig(d_in=2, d_out=2, n_features=1, input_space="mlp_input",
-                                             output_space="mlp_output"))
+    transcoder = Transcoder(
+        TranscoderConfig(d_in=2, d_out=2, n_features=1, input_space="mlp_input", output_space="mlp_output")
+    )
     with torch.no_grad():
         transcoder.W_enc.copy_(torch.tensor([[1.0], [3.0]]))
         transcoder.W_dec.copy_(torch.tensor([[4.0, 0.0]]))

@@ -22,20 +22,30 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "render_features_html
 @pytest.fixture(scope="module")
 def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     """Features of one random 24-feature transcoder on layer 0 of the tiny Llama, scored in-process."""
-    from tccli.model.loading import load_model
+    from tccli.config.features import ScoreConfig
+    from tccli.config.transcoders import TranscoderConfig
     from tccli.data.text import stream_rows
     from tccli.features.score import run_score
-    from tccli.transcoders.formats import load_transcoder_set
-    from tccli.config.features import ScoreConfig
-    from tccli.transcoders.transcoder import Transcoder
-    from tccli.config.transcoders import TranscoderConfig
+    from tccli.model.loading import load_model
     from tccli.transcoders.files import save_transcoder
+    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.transcoder import Transcoder
 
     root = tmp_path_factory.mktemp("show")
     model_dir = tiny_model_dirs["llama"]
-    config = ScoreConfig(model=str(model_dir), transcoders=str(root / "tc"), data=[str(root / "corpus.txt")],
-                         tokens=640, context=32, top=5, quantiles=3, per_quantile=2, context_window=3,
-                         out=str(root / "features.h5"), quiet=True)
+    config = ScoreConfig(
+        model=str(model_dir),
+        transcoders=str(root / "tc"),
+        data=[str(root / "corpus.txt")],
+        tokens=640,
+        context=32,
+        top=5,
+        quantiles=3,
+        per_quantile=2,
+        context_window=3,
+        out=str(root / "features.h5"),
+        quiet=True,
+    )
     loaded = load_model(config.model, config.device, config.model_dtype)  # as tc score loads it
     info = loaded.info
     torch.manual_seed(0)
@@ -46,8 +56,15 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
         tc.b_enc[5] = -1e6  # feature 5 never fires
     save_transcoder(tc, root / "tc")
     (root / "corpus.txt").write_text("\n\n".join(f"Tale {i}. " + TOKENIZER_TEXT[i % 4] for i in range(30)))
-    rows = stream_rows(config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens,
-                       config.seed, batch_rows=config.batch_size)
+    rows = stream_rows(
+        config.data,
+        loaded.tokenizer,
+        loaded.info.bos_token_id,
+        config.context,
+        config.tokens,
+        config.seed,
+        batch_rows=config.batch_size,
+    )
     run_score(config, loaded, load_transcoder_set(config.transcoders, loaded.device), rows)
     return Path(config.out)
 
@@ -148,8 +165,10 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="chromium is not installed (apt-get install -y chromium)",
+)
 def test_html_renders_in_headless_chromium(features_h5, tmp_path):
     features = FeaturesFile.open(features_h5)
     page = tmp_path / "page.html"
@@ -159,8 +178,9 @@ def test_html_renders_in_headless_chromium(features_h5, tmp_path):
     shots = {}
     for name, source in (("page", page), ("blank", blank)):
         shot = tmp_path / f"{name}.png"
-        subprocess.run(["bash", str(SCRIPT), str(source), str(shot), "900x700"], check=True, timeout=120,
-                       capture_output=True)
+        subprocess.run(
+            ["bash", str(SCRIPT), str(source), str(shot), "900x700"], check=True, timeout=120, capture_output=True
+        )
         assert png_size(shot) == (900, 700)
         shots[name] = shot.stat().st_size
     # a rendered page of cards compresses far worse than an empty white page

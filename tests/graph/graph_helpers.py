@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from circuit_helpers import loaded_model, random_transcoders
-from tccli.replacement.prompts import freeze_prompt
 from tccli.config.transcoders import TranscoderConfig
 from tccli.graph.adjacency import Adjacency, SparseRows
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams
 from tccli.graph.nodes import NodeTable
 from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.prompts import freeze_prompt
 from tccli.transcoders.transcoder import Transcoder
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
@@ -20,9 +20,15 @@ PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 
 def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed: int = 0) -> Transcoder:
     """The same weights as another kind of transcoder (thresholds and W_skip random)."""
-    config = TranscoderConfig(**{**transcoder.config.to_dict(), "activation": activation, "skip": skip,
-                                 # signed_topk keeps 30 of 48: most tokens then keep negative values too
-                                 "k": {"topk": 6, "batchtopk": 6, "signed_topk": 30}.get(activation)})
+    config = TranscoderConfig(
+        **{
+            **transcoder.config.to_dict(),
+            "activation": activation,
+            "skip": skip,
+            # signed_topk keeps 30 of 48: most tokens then keep negative values too
+            "k": {"topk": 6, "batchtopk": 6, "signed_topk": 30}.get(activation),
+        }
+    )
     out = Transcoder(config).to(transcoder.W_enc.dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,8 +41,14 @@ def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed:
     return out
 
 
-def frozen_for(path, dtype: str = "float32", kind: str = "relu", skip: bool = False, n_features: int = 48,
-               decoder_scale: float = 1.0):
+def frozen_for(
+    path,
+    dtype: str = "float32",
+    kind: str = "relu",
+    skip: bool = False,
+    n_features: int = 48,
+    decoder_scale: float = 1.0,
+):
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, bias_shift=-0.1)
@@ -104,19 +116,28 @@ def row_of(frozen: FrozenForward, graph: AttributionGraph, targets, node: int) -
                 x = x - x.mean() if frozen.layernorm else x
                 logits = (x / frozen.final_scale[t]) @ frozen.W_U + frozen.b_U
                 return logits[a] - (logits[b] if b is not None else logits.mean() if demeaned else 0)
+
             return {"node": node, "position": target.position, "read_point": target.read_point, "read": read}
         else:
-            return {"node": node, "position": target.position, "read_point": target.read_point,
-                    "read": lambda x, v=target.vector: x @ v}
+            return {
+                "node": node,
+                "position": target.position,
+                "read_point": target.read_point,
+                "read": lambda x, v=target.vector: x @ v,
+            }
         t = target.position
     else:
-        layer_index, t, f = (int(table.feature_layer[node]), int(table.feature_position[node]),
-                             int(table.feature_index[node]))
+        layer_index, t, f = (
+            int(table.feature_layer[node]),
+            int(table.feature_position[node]),
+            int(table.feature_index[node]),
+        )
     layer = frozen.layers[layer_index]
 
     def read(x, layer=layer, f=f, t=t):
         x = x - x.mean() if frozen.layernorm else x
         return layer.transcoder.pre_activation(x / layer.mlp_scale[t])[f]
+
     return {"node": node, "position": t, "read_point": frozen.mlp_read_point(layer_index), "read": read}
 
 
@@ -137,10 +158,15 @@ def dense_row(graph: AttributionGraph, node: int, missing_ok: bool = False) -> t
 def hand_graph() -> tuple[NodeTable, Adjacency]:
     """Nodes f0, f1 (features), e (error), x (input), t (target, weight 1); edges into
     t: f0 3, f1 -1;  into f0: x 3, e 1;  into f1: f0 1, x 3."""
-    table = NodeTable(n_layers=1, n_tokens=1, feature_layer=torch.tensor([0, 0]),
-                         feature_position=torch.tensor([0, 0]), feature_index=torch.tensor([0, 1]),
-                         feature_activation=torch.tensor([1.0, 1.0], dtype=torch.float64),
-                         target_weight=torch.tensor([1.0], dtype=torch.float64))
+    table = NodeTable(
+        n_layers=1,
+        n_tokens=1,
+        feature_layer=torch.tensor([0, 0]),
+        feature_position=torch.tensor([0, 0]),
+        feature_index=torch.tensor([0, 1]),
+        feature_activation=torch.tensor([1.0, 1.0], dtype=torch.float64),
+        target_weight=torch.tensor([1.0], dtype=torch.float64),
+    )
     f0, f1, e, x, t = 0, 1, table.error_node(0, 0), table.embed_node(0), table.target_node(0)
     assert (e, x, t) == (2, 3, 4)
     rows = {t: {f0: 3.0, f1: -1.0}, f0: {x: 3.0, e: 1.0}, f1: {f0: 1.0, x: 3.0}}
@@ -148,8 +174,17 @@ def hand_graph() -> tuple[NodeTable, Adjacency]:
     for node, entries in rows.items():  # one chunk per row: chunk boundaries must not matter
         values = torch.tensor(list(entries.values()), dtype=torch.float64)
         zero = torch.zeros(1, dtype=torch.float64)
-        chunks.append(SparseRows(
-            nodes=torch.tensor([node]), crow=torch.tensor([0, len(entries)]),
-            col=torch.tensor(list(entries), dtype=torch.int32), value=values, bias=zero, target_value=values.sum(0, True),
-            dropped=zero, dropped_abs=zero, total_abs=values.abs().sum(0, True)))
+        chunks.append(
+            SparseRows(
+                nodes=torch.tensor([node]),
+                crow=torch.tensor([0, len(entries)]),
+                col=torch.tensor(list(entries), dtype=torch.int32),
+                value=values,
+                bias=zero,
+                target_value=values.sum(0, True),
+                dropped=zero,
+                dropped_abs=zero,
+                total_abs=values.abs().sum(0, True),
+            )
+        )
     return table, Adjacency(chunks)

@@ -4,8 +4,8 @@ kept is exact."""
 from __future__ import annotations
 
 import torch
-
 from graph_helpers import ALL, dense_row, frozen_for
+
 from tccli.graph.attribution_graph import GraphParams, build_attribution_graph
 from tccli.replacement.targets import salient_logit_targets
 

@@ -10,20 +10,36 @@ import subprocess
 
 import pytest
 import torch
-
-from tccli.graph import attribution_graph as ag
-
-from tccli.graph import files as agio
+from graph_helpers import hand_graph
 
 from tccli.circuit import files as graph_io
-from graph_helpers import hand_graph
+from tccli.graph import attribution_graph as ag
+from tccli.graph import files as agio
 from tccli.nodes import target_id
 
-METADATA = {"kind": "attribution-graph", "model": "hand", "n_layers": 1, "prompt": "x", "tokens": ["x"],
-            "token_ids": [7], "transcoder_list": ["layer_0"], "tc_version": "0",
-            "config": {"node_threshold": 0.8, "edge_threshold": 0.9},
-            "targets": [{"kind": "logit", "token": 5, "token_string": " five", "demeaned": True, "position": 0,
-                         "value": 2.0, "constant": 0.0, "weight": 1.0}]}
+METADATA = {
+    "kind": "attribution-graph",
+    "model": "hand",
+    "n_layers": 1,
+    "prompt": "x",
+    "tokens": ["x"],
+    "token_ids": [7],
+    "transcoder_list": ["layer_0"],
+    "tc_version": "0",
+    "config": {"node_threshold": 0.8, "edge_threshold": 0.9},
+    "targets": [
+        {
+            "kind": "logit",
+            "token": 5,
+            "token_string": " five",
+            "demeaned": True,
+            "position": 0,
+            "value": 2.0,
+            "constant": 0.0,
+            "weight": 1.0,
+        }
+    ],
+}
 
 
 @pytest.fixture()
@@ -44,15 +60,20 @@ def test_pruned_graph_nodes_edges_and_metadata(graph):
     # the hand-worked pruning at edge threshold 0.9: e pruned, f1<-f0 dropped
     assert set(pruned.nodes) == {"mlp0.f0@0", "mlp0.f1@0", "embed@0", "logit5@0"}
     assert {(u, v): w for u, v, w in pruned.edges(data="weight")} == {
-        ("mlp0.f0@0", "logit5@0"): 3.0, ("mlp0.f1@0", "logit5@0"): -1.0, ("embed@0", "mlp0.f0@0"): 3.0,
-        ("embed@0", "mlp0.f1@0"): 3.0}
+        ("mlp0.f0@0", "logit5@0"): 3.0,
+        ("mlp0.f1@0", "logit5@0"): -1.0,
+        ("embed@0", "mlp0.f0@0"): 3.0,
+        ("embed@0", "mlp0.f1@0"): 3.0,
+    }
     assert pruned.nodes["mlp0.f0@0"]["influence"] == 0.8125
     assert pruned.nodes["logit5@0"]["kind"] == "target" and pruned.nodes["logit5@0"]["weight"] == 1.0
     assert pruned.nodes["embed@0"]["token_id"] == 7
     meta = pruned.graph["metadata"]
     assert meta["replacement_score"] == 0.796875 and meta["kept_features"] == 2 and meta["kept_edges"] == 4
     back = graph_io.from_json(graph_io.to_json(pruned))  # what tc export and tc info read
-    assert {(u, v): w for u, v, w in back.edges(data="weight")} == {(u, v): w for u, v, w in pruned.edges(data="weight")}
+    assert {(u, v): w for u, v, w in back.edges(data="weight")} == {
+        (u, v): w for u, v, w in pruned.edges(data="weight")
+    }
     assert back.graph["metadata"] == json.loads(json.dumps(meta))
 
 
@@ -70,8 +91,12 @@ def test_neuronpedia_schema(graph):
     assert feature["influence"] == pytest.approx(0.8125 / 2.0625)  # its cumulative influence share
     assert by_id["E_7_0"]["feature_type"] == "embedding" and by_id["E_7_0"]["layer"] == "E"
     links = {(link["source"], link["target"]): link["weight"] for link in document["links"]}
-    assert links == {("0_0_0", "2_5_0"): 3.0, ("0_1_0", "2_5_0"): -1.0, ("E_7_0", "0_0_0"): 3.0,
-                     ("E_7_0", "0_1_0"): 3.0}
+    assert links == {
+        ("0_0_0", "2_5_0"): 3.0,
+        ("0_1_0", "2_5_0"): -1.0,
+        ("E_7_0", "0_0_0"): 3.0,
+        ("E_7_0", "0_1_0"): 3.0,
+    }
     # tc export on the JSON file writes the same document
     pruned = graph_io.from_json(graph_io.to_json(agio.to_networkx(graph, METADATA, ["x"], [7])))
     assert json.loads(graph_io.render(pruned, "neuronpedia")) == document
@@ -83,7 +108,7 @@ def test_pt_holds_the_whole_unpruned_adjacency(graph):
     crow, col, value = data["crow"], data["col"], data["value"]
     dense = torch.zeros(5, 5, dtype=torch.float64)
     for r, node in enumerate(data["row_nodes"].tolist()):
-        dense[node, col[crow[r]:crow[r + 1]].long()] = value[crow[r]:crow[r + 1]]
+        dense[node, col[crow[r] : crow[r + 1]].long()] = value[crow[r] : crow[r + 1]]
     assert dense[4].tolist() == [3.0, -1.0, 0.0, 0.0, 0.0] and dense[0].tolist() == [0.0, 0.0, 1.0, 3.0, 0.0]
     assert int(data["edge_mask"].sum()) == 4 and data["node_mask"].tolist() == [True, True, False, True, True]
     assert data["influence"].tolist() == [0.8125, 0.25, 0.203125, 0.796875, 0.0]

@@ -9,9 +9,9 @@ import torch
 
 from circuit_helpers import random_transcoders
 from conftest import run_tc
+from tccli.config.graph import GraphConfig
 from tccli.errors import TcError
 from tccli.graph.trace import attribution_graph
-from tccli.config.graph import GraphConfig
 
 PROMPT = "The cat sat on the mat"
 
@@ -61,25 +61,31 @@ def test_chosen_target_and_position(gpt2, transcoder_dir, one_torch_thread):
     assert bool((table.feature_layer < 1).all()) and bool((table.feature_position <= 4).all())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(logit=" the", feature="L1.F3"), "give at most one target"),
-    (dict(target="logit"), "--target must be 'logits'"),
-    (dict(logit_diff=["a"]), "exactly two tokens"),
-    (dict(direction="d.npy"), "needs --layer"),
-    (dict(format="svg"), "--format must be one of json, neuronpedia, dot, pt"),
-    (dict(node_threshold=1.5), "--node-threshold must be between 0 and 1"),
-    (dict(logit_prob=0.0), "--logit-prob must be in"),
-    (dict(drop_mass=1.0), "--drop-mass must be in"),
-    (dict(batch_size=0), "--batch-size must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(logit=" the", feature="L1.F3"), "give at most one target"),
+        (dict(target="logit"), "--target must be 'logits'"),
+        (dict(logit_diff=["a"]), "exactly two tokens"),
+        (dict(direction="d.npy"), "needs --layer"),
+        (dict(format="svg"), "--format must be one of json, neuronpedia, dot, pt"),
+        (dict(node_threshold=1.5), "--node-threshold must be between 0 and 1"),
+        (dict(logit_prob=0.0), "--logit-prob must be in"),
+        (dict(drop_mass=1.0), "--drop-mass must be in"),
+        (dict(batch_size=0), "--batch-size must be at least 1"),
+    ],
+)
 def test_bad_options(transcoder_dir, kwargs, message):
     with pytest.raises(TcError, match=message):
         config(transcoder_dir, **kwargs)
 
 
 def test_bad_targets(gpt2, transcoder_dir):
-    for kwargs, message in ((dict(feature="L1.F48"), "feature 48 is out of range"),
-                            (dict(logit="The cat"), "not one"), (dict(pos=40), "outside the prompt")):
+    for kwargs, message in (
+        (dict(feature="L1.F48"), "feature 48 is out of range"),
+        (dict(logit="The cat"), "not one"),
+        (dict(pos=40), "outside the prompt"),
+    ):
         with pytest.raises(TcError, match=message):
             attribution_graph(gpt2, transcoders(gpt2), PROMPT, config(transcoder_dir, **kwargs))
 
@@ -112,11 +118,23 @@ def test_command_writes_every_format(tiny_model_dirs, transcoder_dir, tmp_path):
 
 def test_command_errors_are_one_line(tiny_model_dirs, transcoder_dir, tmp_path):
     model = str(tiny_model_dirs["gpt2"])
-    for args, message in ((("--feature", "L1.F3", "--logit", " the"), "give at most one target"),
-                          (("--feature", "L5.F3"), "no transcoder for layer 5"),
-                          (("--transcoders", str(tmp_path / "none")), "do not exist")):
-        result = run_tc("graph", "--model", model, "--transcoders", str(transcoder_dir), "--prompt", PROMPT,
-                        "--out", str(tmp_path / "g.json"), *args)
+    for args, message in (
+        (("--feature", "L1.F3", "--logit", " the"), "give at most one target"),
+        (("--feature", "L5.F3"), "no transcoder for layer 5"),
+        (("--transcoders", str(tmp_path / "none")), "do not exist"),
+    ):
+        result = run_tc(
+            "graph",
+            "--model",
+            model,
+            "--transcoders",
+            str(transcoder_dir),
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(tmp_path / "g.json"),
+            *args,
+        )
         assert result.returncode != 0
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("tc: error:") and message in lines[0], result.stderr
@@ -136,10 +154,11 @@ def test_heads_become_nodes_and_edges_keep_their_totals(gpt2, transcoder_dir, on
         if "total" in attrs:
             # the direct edge's weight + what goes through head nodes == the edge; residual + heads == the edge
             assert attrs["residual"] + sum(attrs["heads"].values()) + attrs["other_heads"] == pytest.approx(
-                attrs["total"], rel=1e-4, abs=1e-6)
+                attrs["total"], rel=1e-4, abs=1e-6
+            )
             routed[u, v] = attrs["total"] - attrs["weight"]
     through = {}
-    for (layer, head, token) in {k for parts in run.heads.parts for k in parts}:
+    for layer, head, token in {k for parts in run.heads.parts for k in parts}:
         node = f"attn{layer}.h{head}@{token}"
         assert graph.nodes[node]["kind"] == "head" and graph.nodes[node]["position"] == token
         through[node] = sum(w for _, _, w in graph.in_edges(node, data="weight"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from graph_helpers import ALL, frozen_for, replacement_value, row_of
+
 from tccli.graph.attribution_graph import build_attribution_graph
 from tccli.graph.heads import head_split
 from tccli.graph.nodes import NodeTable
-from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.frozen import FrozenForward
-from tccli.replacement.targets import feature_target, unembed_target
+from tccli.replacement.targets import feature_target, salient_logit_targets, unembed_target
 
 
 def gated_value(frozen: FrozenForward, row: dict, inputs: torch.Tensor, gates: torch.Tensor, source: dict):
@@ -42,8 +41,12 @@ def gated_value(frozen: FrozenForward, row: dict, inputs: torch.Tensor, gates: t
 def source_description(table: NodeTable, node: int) -> dict:
     kind = table.kind(node)
     if kind == "feature":
-        return {"kind": kind, "layer": int(table.feature_layer[node]), "position": int(table.feature_position[node]),
-                "index": int(table.feature_index[node])}
+        return {
+            "kind": kind,
+            "layer": int(table.feature_layer[node]),
+            "position": int(table.feature_position[node]),
+            "index": int(table.feature_index[node]),
+        }
     if kind == "error":
         layer, position = divmod(node - table.error_start, table.n_tokens)
         return {"kind": kind, "layer": layer, "position": position}
@@ -78,21 +81,29 @@ def test_head_split_is_exact_and_matches_gated_autograd(tiny_model_dirs, arch, o
                 only = below.clone()
                 only[layer, head] = 1
                 part = gated_value(frozen, row, inputs, only, described) - without
-                assert part == pytest.approx(float(split.by_head[e, layer, head]), abs=1e-9 * float(edge_weights.abs().max()))
+                assert part == pytest.approx(
+                    float(split.by_head[e, layer, head]), abs=1e-9 * float(edge_weights.abs().max())
+                )
                 checked += 1
     assert checked == 4 * L * H
     # the parts listed per (layer, head, token) are the large ones, and they add up within their (layer, head)
     for e, parts in enumerate(split.parts):
         mass = float(split.residual[e].abs() + split.by_head[e].abs().sum())
-        for (layer, head, token), part in parts.items():
+        for (_layer, _head, token), part in parts.items():
             assert abs(part) >= 0.05 * mass and token <= int(graph.table.n_tokens)
 
 
-@pytest.mark.parametrize("arch, target_kind, decoder_scale, branches, head_steps", [
-    ("gpt2", "feature", 0.3, 30, 10),  # weak features, so that the beam keeps paths through heads
-    ("llama", "logit", 1.0, 8, 0), ("neox", "logit", 1.0, 8, 0)])
-def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind, decoder_scale, branches, head_steps,
-                                             one_torch_thread):
+@pytest.mark.parametrize(
+    "arch, target_kind, decoder_scale, branches, head_steps",
+    [
+        ("gpt2", "feature", 0.3, 30, 10),  # weak features, so that the beam keeps paths through heads
+        ("llama", "logit", 1.0, 8, 0),
+        ("neox", "logit", 1.0, 8, 0),
+    ],
+)
+def test_greedy_paths_are_paths_of_the_graph(
+    tiny_model_dirs, arch, target_kind, decoder_scale, branches, head_steps, one_torch_thread
+):
     """tc circuit's greedy paths, step by step, carry the weights of the unpruned graph: a step to a node at the
     same token is the residual part of that graph edge, a step through head h of layer l reading token s is
     the edge's part for that first hop (where the upstream node writes right below layer l, so that hop is
@@ -100,8 +111,7 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind,
     from tccli.circuit.search import SearchParams, greedy_search
 
     loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", decoder_scale=decoder_scale)
-    target = (feature_target(frozen, 1, 5, 8) if target_kind == "feature"
-              else unembed_target(frozen, 40, None, 8))
+    target = feature_target(frozen, 1, 5, 8) if target_kind == "feature" else unembed_target(frozen, 40, None, 8)
     graph = build_attribution_graph(frozen, [target], torch.ones(1, dtype=torch.float64), ALL)
     table = graph.table
     result = greedy_search(frozen, target, SearchParams(iters=3, branches=branches, both_signs=True))
@@ -111,8 +121,11 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind,
             return table.target_node(0)
         if key.kind == "embed":
             return table.embed_node(key.position)
-        match = ((table.feature_layer == key.layer) & (table.feature_index == key.index)
-                 & (table.feature_position == key.position))
+        match = (
+            (table.feature_layer == key.layer)
+            & (table.feature_index == key.index)
+            & (table.feature_position == key.position)
+        )
         return int(torch.nonzero(match)[0])
 
     steps = []  # (path, index of the upstream node, downstream node, upstream node, head or None)
@@ -137,7 +150,7 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind,
     pairs = torch.tensor([[node_of(down), node_of(up)] for _, _, down, up, _ in steps])
     assert len(steps) >= 10 and sum(step[4] is not None for step in steps) >= head_steps
     split = head_split(frozen, table, [target], pairs[:, 1], pairs[:, 0], share=0.0)
-    for (path, k, down, up, head), e in zip(steps, range(len(steps))):
+    for (path, k, down, _up, head), e in zip(steps, range(len(steps))):
         weight_so_far = 1.0  # the product of the input-invariant factors up to ``down``
         for j in range(1, path.nodes.index(down) + 1):
             if path.nodes[j].kind == "feature":
@@ -147,4 +160,4 @@ def test_greedy_paths_are_paths_of_the_graph(tiny_model_dirs, arch, target_kind,
             part = float(split.residual[e])
         else:
             part = split.parts[e].get((head.layer, head.index, head.position), 0.0)
-        assert path.contributions[k] == pytest.approx(weight_so_far * part, rel=1e-8, abs=1e-12), (path.nodes[:k + 1])
+        assert path.contributions[k] == pytest.approx(weight_so_far * part, rel=1e-8, abs=1e-12), path.nodes[: k + 1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from graph_helpers import hand_graph
+
 from tccli.graph import influence as graph_influence
 
 
@@ -26,8 +26,11 @@ def test_influence_pruning_and_scores_by_hand():
     # f0: x 1; f1: f0 .25, x .75; influence' f0 .8125, f1 .25, x 1, + w (t 1). Edge scores:
     # t<-f0 .75, t<-f1 .25, f0<-x .8125, f1<-f0 .0625, f1<-x .1875 (sum 2.0625), cumulative from the
     # largest .394, .758, .879, .970, 1.
-    cases = {0.98: ([True, True, False, True, True], 5), 0.9: ([True, True, False, True, True], 4),
-             0.8: ([True, False, False, True, True], 2)}
+    cases = {
+        0.98: ([True, True, False, True, True], 5),
+        0.9: ([True, True, False, True, True], 4),
+        0.8: ([True, False, False, True, True], 2),
+    }
     for edge_threshold, (nodes, n_edges) in cases.items():
         node_mask, edge_mask = graph_influence.prune(adjacency, table, influence, normalized, 0.8, edge_threshold)
         assert node_mask.tolist() == nodes, edge_threshold

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graph_helpers import ALL, PROMPT_IDS, dense_row, frozen_for, replacement_value, row_of
 
 from circuit_helpers import loaded_model, random_transcoders
-from graph_helpers import ALL, PROMPT_IDS, dense_row, frozen_for, replacement_value, row_of
-from tccli.replacement.prompts import freeze_prompt
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
-from tccli.replacement.targets import salient_logit_targets
 from tccli.replacement.frozen import FrozenForward
-from tccli.replacement.targets import Target, direction_target, feature_target, unembed_target
+from tccli.replacement.prompts import freeze_prompt
+from tccli.replacement.targets import Target, direction_target, feature_target, salient_logit_targets, unembed_target
 
 
 def every_target(frozen: FrozenForward, d_model: int) -> list[tuple[list[Target], torch.Tensor]]:
@@ -57,9 +56,16 @@ def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, one_torch_thread):
         # the feature rows' values are the real pre-activations
         feature_rows = graph.adjacency.nodes < graph.table.n_features
         features = graph.adjacency.nodes[feature_rows]
-        pre = torch.stack([frozen.layers[int(layer)].pre[int(position), int(index)] for layer, position, index in zip(
-            graph.table.feature_layer[features], graph.table.feature_position[features],
-            graph.table.feature_index[features])])
+        pre = torch.stack(
+            [
+                frozen.layers[int(layer)].pre[int(position), int(index)]
+                for layer, position, index in zip(
+                    graph.table.feature_layer[features],
+                    graph.table.feature_position[features],
+                    graph.table.feature_index[features],
+                )
+            ]
+        )
         assert torch.equal(graph.adjacency.cat("target_value")[feature_rows], pre)
 
 
@@ -70,8 +76,16 @@ def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_to
     architectures (Gemma-2's post-norms): every row's edges + bias == its value; the skip connection is a
     linear path between nodes (METHOD.md section 9), not an error."""
     loaded = loaded_model(all_model_dirs[arch])
-    transcoders = random_transcoders(loaded.info, 48, 0, bias_shift=-0.1, activation="jumprelu", skip=True,
-                                     input_space=spaces[0], output_space=spaces[1])
+    transcoders = random_transcoders(
+        loaded.info,
+        48,
+        0,
+        bias_shift=-0.1,
+        activation="jumprelu",
+        skip=True,
+        input_space=spaces[0],
+        output_space=spaces[1],
+    )
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
     for targets, weights in every_target(frozen, loaded.info.d_model)[:3]:
         graph = build_attribution_graph(frozen, targets, weights, ALL)
@@ -82,8 +96,9 @@ def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_to
             assert bool((error <= 1e-5 * scale).all()), (arch, spaces, float((error / scale).max()))
 
 
-@pytest.mark.parametrize("kind, skip", [("topk", False), ("signed_topk", False), ("batchtopk", False),
-                                        ("jumprelu", False), ("relu", True)])
+@pytest.mark.parametrize(
+    "kind, skip", [("topk", False), ("signed_topk", False), ("batchtopk", False), ("jumprelu", False), ("relu", True)]
+)
 def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, one_torch_thread):
     loaded, frozen = frozen_for(tiny_model_dirs["llama"], kind=kind, skip=skip)
     targets, weights = salient_logit_targets(frozen, 8, max_logits=3)
@@ -99,8 +114,10 @@ def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, one_tor
 def test_stories260k_identity(stories_dir, one_torch_thread):
     loaded = loaded_model(stories_dir)
     transcoders = random_transcoders(loaded.info, 256, 3, bias_shift=-0.2)
-    tokens = torch.tensor([loaded.info.bos_token_id] + loaded.tokenizer.encode(
-        "Once upon a time there was a little girl named Lily", add_special_tokens=False))
+    tokens = torch.tensor(
+        [loaded.info.bos_token_id]
+        + loaded.tokenizer.encode("Once upon a time there was a little girl named Lily", add_special_tokens=False)
+    )
     frozen = freeze_prompt(loaded, transcoders, tokens)
     targets, weights = salient_logit_targets(frozen, frozen.n_tokens - 1)
     graph = build_attribution_graph(frozen, targets, weights, GraphParams(max_feature_nodes=300, drop_mass=0.0))
@@ -122,8 +139,16 @@ def rows_to_check(frozen: FrozenForward, graph: AttributionGraph, targets) -> li
     return [row_of(frozen, graph, targets, node) for node in nodes]
 
 
-@pytest.mark.parametrize("arch, kind, skip", [("gpt2", "relu", False), ("neox", "relu", False), ("llama", "relu", False),
-                                              ("llama", "topk", False), ("gpt2", "jumprelu", True)])
+@pytest.mark.parametrize(
+    "arch, kind, skip",
+    [
+        ("gpt2", "relu", False),
+        ("neox", "relu", False),
+        ("llama", "relu", False),
+        ("llama", "topk", False),
+        ("gpt2", "jumprelu", True),
+    ],
+)
 def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_thread):
     """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model (the kind only
     decides which features are active; a skip term is a linear path from its MLP's input, not a node)."""
@@ -141,8 +166,11 @@ def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_threa
             value.backward()
             expected = torch.zeros(table.n_nodes, dtype=torch.float64)
             for feature in range(table.n_features):
-                layer, t, f = (int(table.feature_layer[feature]), int(table.feature_position[feature]),
-                               int(table.feature_index[feature]))
+                layer, t, f = (
+                    int(table.feature_layer[feature]),
+                    int(table.feature_position[feature]),
+                    int(table.feature_index[feature]),
+                )
                 grad = leaves["z", layer].grad
                 expected[feature] = 0.0 if grad is None else grad[t, f] * frozen.layers[layer].z[t, f]
             for layer in range(table.n_layers):

@@ -35,11 +35,14 @@ def test_finite_logits(builtin_model):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("text", [
-    "The war lasted from the year 1735 to the year 1789.",
-    "And God said, Let there be light: and there was light.",
-    "Unicode survives too: café, naïve, 東京, emoji 🙂, tabs\tand\nnewlines.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The war lasted from the year 1735 to the year 1789.",
+        "And God said, Let there be light: and there was light.",
+        "Unicode survives too: café, naïve, 東京, emoji 🙂, tabs\tand\nnewlines.",
+    ],
+)
 def test_tokenizer_round_trips(builtin_model, text):
     tok = builtin_model.tokenizer
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
@@ -64,8 +67,8 @@ def test_greater_than_probability_difference_passes_bar(builtin_model):
 
 def _transcoder_with_feature_on(builtin_model, layer: int, token_id: int):
     """A transcoder whose feature 0's encoder vector is the (centred) embedding of one token."""
-    from tccli.transcoders.transcoder import Transcoder
     from tccli.config.transcoders import TranscoderConfig
+    from tccli.transcoders.transcoder import Transcoder
 
     d = builtin_model.info.d_model
     transcoder = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=3, layer=layer))
@@ -80,10 +83,25 @@ def test_top_nodes_orders_by_contribution_and_deembeds(builtin_model):
     transcoders = {0: _transcoder_with_feature_on(builtin_model, 0, token_id)}
     nodes = [
         {"id": "target", "kind": "target", "path_contribution": 9.0},
-        {"id": "attn1.h2@8", "kind": "head", "layer": 1, "head": 2, "position": 8, "token": "35",
-         "path_contribution": 0.5},
-        {"id": "mlp0.f0@8", "kind": "feature", "layer": 0, "feature": 0, "position": 8, "token": "35",
-         "activation": 2.0, "path_contribution": 0.7},
+        {
+            "id": "attn1.h2@8",
+            "kind": "head",
+            "layer": 1,
+            "head": 2,
+            "position": 8,
+            "token": "35",
+            "path_contribution": 0.5,
+        },
+        {
+            "id": "mlp0.f0@8",
+            "kind": "feature",
+            "layer": 0,
+            "feature": 0,
+            "position": 8,
+            "token": "35",
+            "activation": 2.0,
+            "path_contribution": 0.7,
+        },
         {"id": "embed@8", "kind": "embed", "position": 8, "path_contribution": 3.0},
     ]
     rows = gt.top_nodes(nodes, builtin_model, transcoders, top=5)
@@ -96,8 +114,17 @@ def test_top_nodes_orders_by_contribution_and_deembeds(builtin_model):
     expected = [t for t in ranked if t.isprintable() and "\ufffd" not in t][:5]  # no lone bytes here
     assert rows[0]["deembedding"] == expected and len(expected) == 5
     assert "deembedding" not in rows[1]
-    lines = gt.result_lines({"model": "m", "prompts": 100, "clean": 0.5, "replaced": {0: 0.25},
-                             "all_replaced": None, "not_applicable": None, "top_nodes": rows})
+    lines = gt.result_lines(
+        {
+            "model": "m",
+            "prompts": 100,
+            "clean": 0.5,
+            "replaced": {0: 0.25},
+            "all_replaced": None,
+            "not_applicable": None,
+            "top_nodes": rows,
+        }
+    )
     assert lines[1] == "  clean model              0.500" and lines[2] == "  MLP 0 -> transcoder      0.250"
     assert any(line.strip().startswith("L0.F0") for line in lines)
     assert any(line.strip().startswith("L1.H2") for line in lines)

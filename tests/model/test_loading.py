@@ -37,8 +37,13 @@ def test_stop_after_gives_same_values_and_skips_later_layers(tiny_model_dir):
     tokens = torch.tensor([[info.bos_token_id, 7, 8, 9]])
     full = run_capture(loaded, tokens, [info.mlp_out_hook(0), info.mlp_out_hook(1)])
     fired = []
-    early = run_capture(loaded, tokens, [info.mlp_out_hook(0)], stop_after=info.mlp_out_hook(0),
-                        extra_hooks=[(info.layer(1).resid_pre, lambda t, hook: fired.append(1))])
+    early = run_capture(
+        loaded,
+        tokens,
+        [info.mlp_out_hook(0)],
+        stop_after=info.mlp_out_hook(0),
+        extra_hooks=[(info.layer(1).resid_pre, lambda t, hook: fired.append(1))],
+    )
     assert torch.equal(full[info.mlp_out_hook(0)], early[info.mlp_out_hook(0)])
     assert fired == []
 
@@ -64,8 +69,8 @@ def test_compat_normalized_by_hand():
     assert torch.equal(normalized, torch.tensor([[-1.0, 1.0]])) and torch.equal(scale, torch.tensor([[1.0]]))
     # RMSNorm: [3, 4] has mean square 12.5; no centring
     normalized, scale = compat_normalized(torch.tensor([[3.0, 4.0]]), "rmsnorm", 0.0, True)
-    torch.testing.assert_close(normalized, torch.tensor([[3.0, 4.0]]) / 12.5 ** 0.5, rtol=1e-7, atol=0)
-    torch.testing.assert_close(scale, torch.tensor([[12.5 ** 0.5]]), rtol=1e-7, atol=0)
+    torch.testing.assert_close(normalized, torch.tensor([[3.0, 4.0]]) / 12.5**0.5, rtol=1e-7, atol=0)
+    torch.testing.assert_close(scale, torch.tensor([[12.5**0.5]]), rtol=1e-7, atol=0)
     assert torch.equal(compat_mlp_out(torch.tensor([[1.0, 2.0, 6.0]]), "layernorm"), torch.tensor([[-2.0, -1.0, 3.0]]))
     assert torch.equal(compat_mlp_out(torch.tensor([[1.0, 2.0, 6.0]]), "rmsnorm"), torch.tensor([[1.0, 2.0, 6.0]]))
 
@@ -145,7 +150,10 @@ def test_native_engine_falls_back_to_the_bridge_for_unverified_architectures(tin
     capture = MlpCapture(loaded, [1], "native")
     assert capture.engine_used == "bridge" and "LlamaForCausalLM" in capture.fallback_reason
     tokens = _random_tokens(loaded.info)
-    assert torch.equal(capture.capture(tokens)[1]["mlp_in"], run_capture(loaded, tokens, ["blocks.1.ln2.hook_normalized"])["blocks.1.ln2.hook_normalized"])
+    assert torch.equal(
+        capture.capture(tokens)[1]["mlp_in"],
+        run_capture(loaded, tokens, ["blocks.1.ln2.hook_normalized"])["blocks.1.ln2.hook_normalized"],
+    )
 
 
 def test_release_bridge_keeps_one_copy(tiny_model_dirs):

@@ -26,8 +26,10 @@ def test_norm_map_by_hand_and_adjoint():
     assert both.pull(v).tolist() == [[0.75, -0.25, -0.5]]
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
-        a, b = torch.randn(4, 3, generator=generator, dtype=torch.float64), torch.randn(4, 3, generator=generator,
-                                                                                     dtype=torch.float64)
+        a, b = (
+            torch.randn(4, 3, generator=generator, dtype=torch.float64),
+            torch.randn(4, 3, generator=generator, dtype=torch.float64),
+        )
         positions = torch.tensor([0, 0, 0, 0])
         assert torch.allclose((a * both.push(b, positions)).sum(-1), (both.pull(a, positions) * b).sum(-1))
     assert NormMap().identity and NormMap().push(y).equal(y)
@@ -39,10 +41,17 @@ def test_input_map_reproduces_each_space():
     r = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     r = r - r.mean(-1, keepdim=True)  # compatibility mode's residual is centred
     scale = (r.pow(2).mean(-1) + 1e-5).sqrt()
-    spaces = LayerSpaces(layernorm=True, norm_weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
-                         norm_bias=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    spaces = LayerSpaces(
+        layernorm=True,
+        norm_weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
+        norm_bias=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
+    )
     normalized = r / scale.unsqueeze(-1)
-    expected = {"resid_mid": r, "normalized": normalized, "mlp_input": normalized * spaces.norm_weight + spaces.norm_bias}
+    expected = {
+        "resid_mid": r,
+        "normalized": normalized,
+        "mlp_input": normalized * spaces.norm_weight + spaces.norm_bias,
+    }
     for space, x in expected.items():
         read, constant = input_map(space, spaces, scale)
         got = read.push(r) + (0 if constant is None else constant)
@@ -53,8 +62,9 @@ def test_output_map_and_written_to_residual_agree():
     """Frozen at the output's own scale, the output map is what the model does with the output."""
     generator = torch.Generator().manual_seed(2)
     y = torch.randn(3, 4, generator=generator, dtype=torch.float64)
-    gemma = LayerSpaces(layernorm=False, post_weight=torch.tensor([1.5, 0.5, 1.0, 2.0], dtype=torch.float64),
-                        post_eps=1e-6)
+    gemma = LayerSpaces(
+        layernorm=False, post_weight=torch.tensor([1.5, 0.5, 1.0, 2.0], dtype=torch.float64), post_eps=1e-6
+    )
     scale = (y.pow(2).mean(-1) + 1e-6).sqrt()
     assert torch.allclose(output_map("mlp_output", gemma, scale).push(y), written_to_residual("mlp_output", y, gemma))
     assert torch.allclose(post_norm(y, gemma.post_weight, 1e-6), gemma.post_weight * y / scale.unsqueeze(-1))
@@ -68,12 +78,18 @@ def test_output_map_and_written_to_residual_agree():
 # architecture -> (norm in front of the MLP, the MLP, the module whose output enters the residual)
 PLAIN_MODULES = {
     "GPT2LMHeadModel": ("transformer.h.{}.ln_2", "transformer.h.{}.mlp", "transformer.h.{}.mlp"),
-    "GPTNeoXForCausalLM": ("gpt_neox.layers.{}.post_attention_layernorm", "gpt_neox.layers.{}.mlp",
-                           "gpt_neox.layers.{}.mlp"),
+    "GPTNeoXForCausalLM": (
+        "gpt_neox.layers.{}.post_attention_layernorm",
+        "gpt_neox.layers.{}.mlp",
+        "gpt_neox.layers.{}.mlp",
+    ),
     "LlamaForCausalLM": ("model.layers.{}.post_attention_layernorm", "model.layers.{}.mlp", "model.layers.{}.mlp"),
     "Qwen3ForCausalLM": ("model.layers.{}.post_attention_layernorm", "model.layers.{}.mlp", "model.layers.{}.mlp"),
-    "Gemma2ForCausalLM": ("model.layers.{}.pre_feedforward_layernorm", "model.layers.{}.mlp",
-                          "model.layers.{}.post_feedforward_layernorm"),
+    "Gemma2ForCausalLM": (
+        "model.layers.{}.pre_feedforward_layernorm",
+        "model.layers.{}.mlp",
+        "model.layers.{}.post_feedforward_layernorm",
+    ),
 }
 
 
@@ -117,18 +133,19 @@ def test_every_space_is_the_plain_models_activation(all_model_dirs, arch):
         got = space_activation(loaded, layer, space, captured)
         assert torch.allclose(got, value, atol=2e-5, rtol=1e-5), (arch, space, float((got - value).abs().max()))
     # and the output map takes the raw output to what enters the residual
-    assert torch.allclose(written_to_residual("mlp_output", plain["mlp_out"], loaded.spaces[layer]),
-                          expected["mlp_out"], atol=2e-5)
+    assert torch.allclose(
+        written_to_residual("mlp_output", plain["mlp_out"], loaded.spaces[layer]), expected["mlp_out"], atol=2e-5
+    )
     assert info.post_norms == (arch == "gemma2")
 
 
 def _eps(loaded, layer: int) -> float:
     component = loaded.bridge.blocks[layer].ln2.original_component
-    return float(getattr(component, "eps", None) or getattr(component, "variance_epsilon"))
+    return float(getattr(component, "eps", None) or component.variance_epsilon)
 
 
 def test_gemma2_description(modern_model_dirs):
     info = load_model(str(modern_model_dirs["gemma2"]), "cpu").info
     assert info.post_norms and info.final_logit_softcap == 30.0 and info.attn_logit_softcap == 50.0
-    assert info.embed_scale == pytest.approx(32 ** 0.5) and info.n_kv_heads == 2
+    assert info.embed_scale == pytest.approx(32**0.5) and info.n_kv_heads == 2
     assert info.layer(0).mlp_post_scale == "blocks.0.ln2_post.hook_scale"

@@ -54,11 +54,19 @@ def terms(contributions: attribution.DirectContributions) -> torch.Tensor:
 # magnitude summed, sum(|term|) + |constant|. Llama in float64 is exact only to ~1e-8 of that
 # scale: the model's attention (HF eager, float32 softmax / norms inside) does not satisfy
 # attn_out == sum_h pattern_h V_h W_O better than that; test_llama_float64_limit_is_the_model's shows it.
-TOLERANCE = {("float32", "gpt2"): 1e-5, ("float32", "neox"): 1e-5, ("float32", "llama"): 1e-5,
-             ("float64", "gpt2"): 1e-10, ("float64", "neox"): 1e-10, ("float64", "llama"): 1e-7,
-             # Gemma-2 and Qwen3 compute their norms and softmax in float32 inside the float64 model too
-             ("float32", "gemma2"): 1e-5, ("float32", "qwen3"): 1e-5,
-             ("float64", "gemma2"): 1e-7, ("float64", "qwen3"): 1e-7}
+TOLERANCE = {
+    ("float32", "gpt2"): 1e-5,
+    ("float32", "neox"): 1e-5,
+    ("float32", "llama"): 1e-5,
+    ("float64", "gpt2"): 1e-10,
+    ("float64", "neox"): 1e-10,
+    ("float64", "llama"): 1e-7,
+    # Gemma-2 and Qwen3 compute their norms and softmax in float32 inside the float64 model too
+    ("float32", "gemma2"): 1e-5,
+    ("float32", "qwen3"): 1e-5,
+    ("float64", "gemma2"): 1e-7,
+    ("float64", "qwen3"): 1e-7,
+}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -70,8 +78,12 @@ def test_exactness_identity(tiny_model_dirs, arch, dtype):
         flat = terms(direct)
         total = float(flat.sum()) + target.constant
         scale = float(flat.abs().sum()) + abs(target.constant)
-        assert abs(total - target.value) <= TOLERANCE[(dtype, arch)] * scale, (target.description, total,
-                                                                                target.value, scale)
+        assert abs(total - target.value) <= TOLERANCE[(dtype, arch)] * scale, (
+            target.description,
+            total,
+            target.value,
+            scale,
+        )
         if target.read_point != (0, 0):  # (0, 0): a NeoX layer-0 MLP reads the embedding only
             assert (flat.abs() > 1e-6 * scale).sum() > 10  # many terms, not one dominating
 
@@ -98,8 +110,10 @@ def test_stories260k_identity(stories_dir):
     """The real stories260K (Llama, 5 layers) with random sparse transcoders (no trained ones needed)."""
     loaded = loaded_model(stories_dir, "float32")
     transcoders = random_transcoders(loaded.info, 256, 3, bias_shift=-0.2)
-    tokens = torch.tensor([loaded.info.bos_token_id] + loaded.tokenizer.encode(
-        "Once upon a time there was a little girl named Lily", add_special_tokens=False))
+    tokens = torch.tensor(
+        [loaded.info.bos_token_id]
+        + loaded.tokenizer.encode("Once upon a time there was a little girl named Lily", add_special_tokens=False)
+    )
     frozen = freeze_prompt(loaded, transcoders, tokens)
     assert all(layer.z.gt(0).float().mean() < 0.6 for layer in frozen.layers)
     for target in all_targets(frozen, loaded.info.d_model):
@@ -149,8 +163,11 @@ def replacement_target(frozen: FrozenForward, target: Target, leaves: dict) -> t
         if index == n_attn == n_mlp:
             break
         heads = torch.einsum("hts,she,hed->td", leaves["pattern", index], layer.values, layer.W_O) + layer.b_O
-        attn = heads if layer.attn_post_scale is None else (layer.spaces.attn_post_weight * heads
-                                                            / layer.attn_post_scale.unsqueeze(-1))
+        attn = (
+            heads
+            if layer.attn_post_scale is None
+            else (layer.spaces.attn_post_weight * heads / layer.attn_post_scale.unsqueeze(-1))
+        )
         output = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec
         if ("skip", index) in leaves:
             output = output + leaves["skip", index]
@@ -275,8 +292,9 @@ def test_skip_path_one_step_upstream_is_exact(tiny_model_dirs):
     """The skip node's upstream vector explains its contribution: direct terms of W_skip W(v) moved through
     the norm, plus the norm bias's constant, sum to the skip term's contribution."""
     for arch in ("gpt2", "llama"):
-        loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", skip=True, input_space="mlp_input",
-                                    output_space="mlp_output")
+        loaded, frozen = frozen_for(
+            tiny_model_dirs[arch], "float64", skip=True, input_space="mlp_input", output_space="mlp_output"
+        )
         target = unembed_target(frozen, 17, None, 8)
         rows = attribution.Rows.from_target(target)
         for layer in range(frozen.n_layers):
@@ -338,8 +356,8 @@ def test_layernorm_vectors_are_centred():
 
 
 def test_direction_file_shape(tmp_path):
-    from tccli.replacement.targets import load_direction
     from tccli.errors import TcError
+    from tccli.replacement.targets import load_direction
 
     np.save(tmp_path / "d.npy", np.ones(4))
     assert load_direction(str(tmp_path / "d.npy"), 4).tolist() == [1.0] * 4

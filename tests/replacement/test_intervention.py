@@ -10,18 +10,16 @@ import torch
 
 from circuit_helpers import loaded_model, random_transcoders
 from conftest import run_tc
-from tccli.replacement import attribution
 from tccli.circuit.trace import circuit_graph
-from tccli.replacement.prompts import freeze_prompt
 from tccli.config.circuit import CircuitConfig
-from tccli.errors import TcError
-from tccli.nodes import NodeRef, parse_node
-from tccli.nodes import Intervention, parse_assignment
-from tccli.replacement.model import ReplacementModel, RowSpec
-from tccli.replacement.targets import TargetSpec
 from tccli.config.replacement import MODES
-from tccli.replacement.targets import Target, feature_target, unembed_target
+from tccli.errors import TcError
+from tccli.nodes import Intervention, NodeRef, parse_assignment, parse_node
+from tccli.replacement import attribution
 from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.model import ReplacementModel, RowSpec
+from tccli.replacement.prompts import freeze_prompt
+from tccli.replacement.targets import Target, TargetSpec, feature_target, unembed_target
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 PROMPT = "The war lasted from 1735 to 17"
@@ -95,8 +93,9 @@ def target_spec_of(meta: dict) -> TargetSpec:
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
 @pytest.mark.parametrize("target", [dict(logit_diff=["1", "0"]), dict(feature="L1.F5")])
-def test_direct_mode_changes_the_target_by_exactly_the_edges_into_it(tiny_model_dirs, arch, target, tmp_path,
-                                                                      one_torch_thread):
+def test_direct_mode_changes_the_target_by_exactly_the_edges_into_it(
+    tiny_model_dirs, arch, target, tmp_path, one_torch_thread
+):
     loaded, transcoders = setup(tiny_model_dirs[arch], "float64")
     graph, _ = circuit_graph(loaded, transcoders, PROMPT, circuit_config(tmp_path, **target))
     meta = graph.graph["metadata"]
@@ -120,14 +119,18 @@ def test_direct_mode_changes_the_target_by_exactly_the_edges_into_it(tiny_model_
     # the three largest head edges of the unpruned one-hop graph (what tc circuit's edges are made of)
     frozen = freeze_prompt(loaded, transcoders, torch.tensor(meta["token_ids"]))
     position = meta["position"]
-    vector = (unembed_target(frozen, spec.token, spec.token_b, position) if spec.kind == "logit_diff"
-              else feature_target(frozen, spec.layer, spec.feature, position))
+    vector = (
+        unembed_target(frozen, spec.token, spec.token_b, position)
+        if spec.kind == "logit_diff"
+        else feature_target(frozen, spec.layer, spec.feature, position)
+    )
     heads = attribution.direct_contributions(frozen, vector.vector, position, vector.read_point).heads
     for layer, edges in heads.items():
         for flat in edges.abs().reshape(-1).topk(3).indices.tolist():
             head, source = divmod(flat, edges.shape[1])
-            out = model.run([RowSpec(0, ablate(NodeRef("head", layer, head, source)))], "direct",
-                            capture=spec.capture_names(model))
+            out = model.run(
+                [RowSpec(0, ablate(NodeRef("head", layer, head, source)))], "direct", capture=spec.capture_names(model)
+            )
             change = float(spec.values(model, out)[0]) - clean
             weight = float(edges[head, source])
             assert abs(change + weight) <= 1e-5 * abs(weight), (layer, head, source, change, weight)
@@ -150,7 +153,7 @@ def test_direct_mode_float32_and_keep_only(tiny_model_dirs, one_torch_thread):
     scale = sum(float(t.abs().sum()) for t in direct.features.values()) + abs(target.value)
     every_feature = sum(float(t.sum()) for t in direct.features.values())
     assert abs(float(values[1] - values[0]) + every_feature) <= 1e-5 * scale
-    for k, (layer, contributions) in enumerate(direct.features.items()):
+    for k, contributions in enumerate(direct.features.values()):
         edge = float(contributions[int(contributions.abs().argmax())])
         assert abs(float(values[2 + k] - values[0]) + edge) <= 1e-5 * scale
 
@@ -168,8 +171,12 @@ def test_set_scale_and_mean_ablation_of_a_feature_in_direct_mode(tiny_model_dirs
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0), means)
     spec = TargetSpec("logit", 8, token=17)
     node = NodeRef("feature", 1, feature, 8)
-    rows = [RowSpec(0), RowSpec(0, (Intervention(node, "set", 2 * z),)), RowSpec(0, (Intervention(node, "scale", 3.0),)),
-            RowSpec(0, ablate(node))]
+    rows = [
+        RowSpec(0),
+        RowSpec(0, (Intervention(node, "set", 2 * z),)),
+        RowSpec(0, (Intervention(node, "scale", 3.0),)),
+        RowSpec(0, ablate(node)),
+    ]
     out = model.run(rows[:3], "direct")
     values = spec.values(model, out)
     assert float(values[1] - values[0]) == pytest.approx(edge, rel=1e-9)  # set to twice: one more edge
@@ -183,11 +190,13 @@ def test_set_scale_and_mean_ablation_of_a_feature_in_direct_mode(tiny_model_dirs
 # ---------------------------------------------------------------------------- frozen mode: first order
 
 
-def local_replacement_target(frozen: FrozenForward, target: Target,
-                             feature_shift: dict, head_factor: dict, error_factor: dict) -> torch.Tensor:
+def local_replacement_target(
+    frozen: FrozenForward, target: Target, feature_shift: dict, head_factor: dict, error_factor: dict
+) -> torch.Tensor:
     """An independent oracle: the local replacement model (patterns and norm scales frozen, errors held,
     features recomputed) written out in plain torch from the frozen forward pass, with every feature
     activation shifted, every head term (per source) and every error term scaled."""
+
     def normalised(resid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if frozen.layernorm:
             resid = resid - resid.mean(-1, keepdim=True)
@@ -218,14 +227,18 @@ def local_replacement_target(frozen: FrozenForward, target: Target,
 def oracle_gradients(frozen, target):
     T, L = frozen.n_tokens, frozen.n_layers
     dtype = frozen.embed.dtype
-    shift = {l: torch.zeros(T, 48, dtype=dtype, requires_grad=True) for l in range(L)}
-    heads = {l: torch.ones(frozen.layers[l].n_heads, T, dtype=dtype, requires_grad=True) for l in range(L)}
-    errors = {l: torch.ones(T, dtype=dtype, requires_grad=True) for l in range(L)}
+    shift = {i: torch.zeros(T, 48, dtype=dtype, requires_grad=True) for i in range(L)}
+    heads = {i: torch.ones(frozen.layers[i].n_heads, T, dtype=dtype, requires_grad=True) for i in range(L)}
+    errors = {i: torch.ones(T, dtype=dtype, requires_grad=True) for i in range(L)}
     value = local_replacement_target(frozen, target, shift, heads, errors)
     tensors = list(shift.values()) + list(heads.values()) + list(errors.values())
     grads = torch.autograd.grad(value, tensors)
-    return float(value), dict(zip(range(L), grads[:L])), dict(zip(range(L), grads[L:2 * L])), \
-        dict(zip(range(L), grads[2 * L:]))
+    return (
+        float(value),
+        dict(zip(range(L), grads[:L])),
+        dict(zip(range(L), grads[L : 2 * L])),
+        dict(zip(range(L), grads[2 * L :])),
+    )
 
 
 def with_skip(transcoders: dict, seed: int = 5) -> dict:
@@ -242,7 +255,7 @@ def with_skip(transcoders: dict, seed: int = 5) -> dict:
             for name in transcoder.tensor_names():
                 getattr(skipped, name).copy_(getattr(transcoder, name))
             d = skipped.W_skip.shape[0]
-            skipped.W_skip.copy_(torch.randn(skipped.W_skip.shape, generator=generator) * 0.5 / d ** 0.5)
+            skipped.W_skip.copy_(torch.randn(skipped.W_skip.shape, generator=generator) * 0.5 / d**0.5)
         out[layer] = skipped
     return out
 
@@ -261,16 +274,18 @@ def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_mod
     # decomposition holds to ~1e-7 of the terms' scale only: see test_attribution)
     tolerance = 1e-4 if arch == "llama" else 1e-9
     assert value == pytest.approx(target.value, rel=tolerance, abs=1e-9)
-    total_feature = {l: frozen.layers[l].z * g for l, g in d_feature.items()}  # activation x derivative
+    total_feature = {i: frozen.layers[i].z * g for i, g in d_feature.items()}  # activation x derivative
 
     # the node to steer: the layer-0 feature with the largest total effect (it acts through layer 1 as well),
     # a layer-0 head term, a layer-0 error term
     feature = divmod(int(total_feature[0].abs().argmax()), 48)
     head = divmod(int(d_head[0].abs().argmax()), len(PROMPT_IDS))
     position = int(d_error[0].abs().argmax())
-    steered = [(NodeRef("feature", 0, feature[1], feature[0]), float(total_feature[0][feature])),
-               (NodeRef("head", 0, head[0], head[1]), float(d_head[0][head])),
-               (NodeRef("error", 0, -1, position), float(d_error[0][position]))]
+    steered = [
+        (NodeRef("feature", 0, feature[1], feature[0]), float(total_feature[0][feature])),
+        (NodeRef("head", 0, head[0], head[1]), float(d_head[0][head])),
+        (NodeRef("error", 0, -1, position), float(d_error[0][position])),
+    ]
     # the layer-0 feature's total effect differs from its direct one: paths through layer 1 count
     direct = attribution.direct_contributions(frozen, target.vector, 8, target.read_point).features[0]
     assert abs(float(direct[feature[1]]) - steered[0][1]) > 1e-3 * abs(steered[0][1]) or feature[0] != 8
@@ -279,8 +294,9 @@ def test_frozen_steer_is_the_total_effect_over_all_paths_to_first_order(tiny_mod
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0))
     # small enough that no feature crosses its threshold (at 1e-3 one of layer 1's, 0.009 from zero, does)
     epsilons = (1e-5, 1e-6)
-    rows = [RowSpec(0)] + [RowSpec(0, (Intervention(node, "scale", 1 + eps),)) for node, _ in steered
-                           for eps in epsilons]
+    rows = [RowSpec(0)] + [
+        RowSpec(0, (Intervention(node, "scale", 1 + eps),)) for node, _ in steered for eps in epsilons
+    ]
     values = spec.values(model, model.run(rows, "frozen"))
     for k, (node, total) in enumerate(steered):
         for j, eps in enumerate(epsilons):
@@ -300,14 +316,21 @@ def test_frozen_steer_is_the_path_sum_of_the_unpruned_tc_graph(tiny_model_dirs, 
     """The same first-order identity with `tc graph`'s adjacency as the oracle: every node's summed
     attribution over the paths of an unpruned attribution graph is the frozen model's derivative (one
     backward pass), and a small steer of a node moves the target by it."""
-    from tccli.graph.files import to_networkx
-    from tccli.graph.trace import attribution_graph
     from tccli.config.graph import GraphConfig
     from tccli.evaluation.validation import path_attributions, target_from_metadata
+    from tccli.graph.files import to_networkx
+    from tccli.graph.trace import attribution_graph
 
     loaded, transcoders = setup(tiny_model_dirs[arch], "float64")
-    config = GraphConfig(transcoders=str(tmp_path), prompt=PROMPT, logit_diff=["1", "0"], node_threshold=1.0,
-                         edge_threshold=1.0, drop_mass=0.0, max_feature_nodes=10_000)
+    config = GraphConfig(
+        transcoders=str(tmp_path),
+        prompt=PROMPT,
+        logit_diff=["1", "0"],
+        node_threshold=1.0,
+        edge_threshold=1.0,
+        drop_mass=0.0,
+        max_feature_nodes=10_000,
+    )
     config.validate()
     run = attribution_graph(loaded, transcoders, PROMPT, config)
     graph = to_networkx(run.graph, run.metadata, run.strings, run.tokens)
@@ -329,8 +352,9 @@ def test_frozen_steer_is_the_path_sum_of_the_unpruned_tc_graph(tiny_model_dirs, 
             total = float(gradients.error[attrs["layer"]][0, attrs["position"]])
             assert abs(summed[node] - total) <= tolerance * scale, (node, summed[node], total)
     largest = sorted(features, key=lambda item: -abs(summed[item[0]]))[:3]
-    rows = [RowSpec(0)] + [RowSpec(0, (Intervention(parse_node(node), "scale", 1 + eps),))
-                           for node, _ in largest for eps in (1e-5, 1e-6)]
+    rows = [RowSpec(0)] + [
+        RowSpec(0, (Intervention(parse_node(node), "scale", 1 + eps),)) for node, _ in largest for eps in (1e-5, 1e-6)
+    ]
     values = spec.values(model, model.run(rows, "frozen"))
     for k, (node, _) in enumerate(largest):
         for j, eps in enumerate((1e-5, 1e-6)):
@@ -354,10 +378,14 @@ def test_head_term_ablation_is_pattern_times_value_times_W_O(tiny_model_dirs, ar
         def hook(tensor, hook):
             seen[name] = tensor.detach()
             return tensor
+
         return hook
 
-    bridge.run_with_hooks(tokens, fwd_hooks=[(hooks.attn_pattern, keep("pattern")),
-                                             (hooks.attn_normalized, keep("x"))], return_type="logits")
+    bridge.run_with_hooks(
+        tokens,
+        fwd_hooks=[(hooks.attn_pattern, keep("pattern")), (hooks.attn_normalized, keep("x"))],
+        return_type="logits",
+    )
     kv = head // (info.n_heads // info.n_kv_heads)
     value = seen["x"][0, source] @ bridge.W_V[layer, kv].detach()
     if getattr(bridge, "b_V", None) is not None:
@@ -376,8 +404,9 @@ def test_head_term_ablation_is_pattern_times_value_times_W_O(tiny_model_dirs, ar
     # model uses differs from ln1.hook_normalized @ W_V by ~1e-8; the others agree to float64 rounding
     atol = 1e-7 if arch == "llama" else 1e-10
     assert torch.allclose(out.logits[0], by_hand[0], rtol=0, atol=atol)
-    tripled = bridge.run_with_hooks(tokens, fwd_hooks=[(hooks.attn_out, lambda t, hook: t + 2 * term)],
-                                    return_type="logits").detach()
+    tripled = bridge.run_with_hooks(
+        tokens, fwd_hooks=[(hooks.attn_out, lambda t, hook: t + 2 * term)], return_type="logits"
+    ).detach()
     assert torch.allclose(out.logits[1], tripled[0], rtol=0, atol=atol)
     assert not torch.allclose(out.logits[0], tripled[0], rtol=0, atol=1e3 * atol)  # the two differ for real
 
@@ -424,12 +453,25 @@ def intervene(files, *args):
 
 
 def test_intervene_command_text_and_json(gpt2_files):
-    result = intervene(gpt2_files, "--logit-diff", "1", "0", "--ablate", "mlp1.f3@-1", "attn1.h2@3",
-                       "--scale", "err0@*=0.5", "--set", "mlp0.f7@4=2", "--top", "3", "--json")
+    result = intervene(
+        gpt2_files,
+        "--logit-diff",
+        "1",
+        "0",
+        "--ablate",
+        "mlp1.f3@-1",
+        "attn1.h2@3",
+        "--scale",
+        "err0@*=0.5",
+        "--set",
+        "mlp0.f7@4=2",
+        "--top",
+        "3",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["interventions"] == ["ablate mlp1.f3@-1", "ablate attn1.h2@3", "set mlp0.f7@4=2",
-                                     "scale err0@*=0.5"]
+    assert data["interventions"] == ["ablate mlp1.f3@-1", "ablate attn1.h2@3", "set mlp0.f7@4=2", "scale err0@*=0.5"]
     assert len(data["top_before"]) == 3 and data["kl"] > 0
     target = data["target"]
     assert target["kind"] == "logit_diff" and target["change"] == pytest.approx(target["after"] - target["before"])
@@ -443,16 +485,19 @@ def test_intervene_command_text_and_json(gpt2_files):
     assert text.returncode == 0 and "L1.F5 pre-activation" in text.stdout and "frozen mode" in text.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ablate", "mlp1.f99@2"], "feature 99 is out of range"),
-    (["--ablate", "mlp1.f3@40"], "position 40 is outside"),
-    (["--ablate", "attn0.h9@1"], "head 9 is out of range"),
-    (["--set", "attn0.h1@1=2"], "only a feature's activation can be set"),
-    (["--ablate", "mlp0:f3@1"], "bad node"),
-    (["--ablation", "mean"], "needs --features"),
-    (["--mode", "loose"], "--mode must be one of"),
-    (["--logit", "1", "--feature", "L1.F5"], "exactly one target"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ablate", "mlp1.f99@2"], "feature 99 is out of range"),
+        (["--ablate", "mlp1.f3@40"], "position 40 is outside"),
+        (["--ablate", "attn0.h9@1"], "head 9 is out of range"),
+        (["--set", "attn0.h1@1=2"], "only a feature's activation can be set"),
+        (["--ablate", "mlp0:f3@1"], "bad node"),
+        (["--ablation", "mean"], "needs --features"),
+        (["--mode", "loose"], "--mode must be one of"),
+        (["--logit", "1", "--feature", "L1.F5"], "exactly one target"),
+    ],
+)
 def test_intervene_bad_input_is_one_line(gpt2_files, args, message):
     result = intervene(gpt2_files, *args)
     assert result.returncode == 2, result.stderr
@@ -464,14 +509,40 @@ def test_mean_ablation_reads_means_from_a_tc_score_file(gpt2_files, text_file):
     from tccli.features.files import FeaturesFile
 
     features = gpt2_files["root"] / "features.h5"
-    scored = run_tc("score", "--model", gpt2_files["model"], "--transcoders", gpt2_files["tcs"], "--data",
-                    str(text_file), "--tokens", "480", "--context", "24", "--out", str(features), "--quiet")
+    scored = run_tc(
+        "score",
+        "--model",
+        gpt2_files["model"],
+        "--transcoders",
+        gpt2_files["tcs"],
+        "--data",
+        str(text_file),
+        "--tokens",
+        "480",
+        "--context",
+        "24",
+        "--out",
+        str(features),
+        "--quiet",
+    )
     assert scored.returncode == 0, scored.stderr
     means = FeaturesFile.open(features).mean_activations(1)
     feature = int(means.argmax())
     assert means[feature] > 0
-    result = intervene(gpt2_files, "--logit", "1", "--ablate", f"mlp1.f{feature}@-1", "--ablation", "mean",
-                       "--features", str(features), "--mode", "direct", "--json")
+    result = intervene(
+        gpt2_files,
+        "--logit",
+        "1",
+        "--ablate",
+        f"mlp1.f{feature}@-1",
+        "--ablation",
+        "mean",
+        "--features",
+        str(features),
+        "--mode",
+        "direct",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     change = json.loads(result.stdout)["target"]["change"]
     # direct mode: the change is (mean - z) f_dec . v, computed here from the frozen forward pass
@@ -491,14 +562,18 @@ def test_mean_ablation_reads_means_from_a_tc_score_file(gpt2_files, text_file):
 # ---------------------------------------------------------------------------- other spaces, Gemma-2 and Qwen3
 
 
-SPACE_CASES = [("gpt2", "mlp_input", "mlp_output"), ("neox", "resid_mid", "mlp_output"),
-               ("llama", "mlp_input", "mlp_output"), ("gemma2", "resid_mid", "mlp_out"),
-               ("gemma2", "mlp_input", "mlp_output"), ("qwen3", "normalized", "mlp_out")]
+SPACE_CASES = [
+    ("gpt2", "mlp_input", "mlp_output"),
+    ("neox", "resid_mid", "mlp_output"),
+    ("llama", "mlp_input", "mlp_output"),
+    ("gemma2", "resid_mid", "mlp_out"),
+    ("gemma2", "mlp_input", "mlp_output"),
+    ("qwen3", "normalized", "mlp_out"),
+]
 
 
 @pytest.mark.parametrize("arch, input_space, output_space", SPACE_CASES)
-def test_skip_transcoders_in_other_spaces(all_model_dirs, arch, input_space, output_space, tmp_path,
-                                          one_torch_thread):
+def test_skip_transcoders_in_other_spaces(all_model_dirs, arch, input_space, output_space, tmp_path, one_torch_thread):
     """Skip transcoders read and write their own spaces (Gemma-2: head terms before the post-attention norm,
     an mlp_output before the post-MLP norm): no intervention reproduces the model in every mode, and in direct
     mode ablating a node changes the target by exactly its edge into it."""
@@ -530,7 +605,10 @@ def test_skip_transcoders_in_other_spaces(all_model_dirs, arch, input_space, out
         change = float(spec.values(model, out)[0]) - clean
         assert abs(change + float(edges[head, source])) <= 1e-5 * abs(float(edges[head, source])) + 1e-9
     # a feature target in the transcoder's own input space
-    feature_spec = TargetSpec(kind="feature", position=8, layer=layer, feature=int(frozen.layers[layer].pre[8].argmax()))
+    feature_spec = TargetSpec(
+        kind="feature", position=8, layer=layer, feature=int(frozen.layers[layer].pre[8].argmax())
+    )
     out = model.run([RowSpec(0)], "free", capture=feature_spec.capture_names(model))
     assert float(feature_spec.values(model, out)[0]) == pytest.approx(
-        float(frozen.layers[layer].pre[8, feature_spec.feature]), rel=1e-6)
+        float(frozen.layers[layer].pre[8, feature_spec.feature]), rel=1e-6
+    )

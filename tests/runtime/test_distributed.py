@@ -19,17 +19,24 @@ import numpy as np
 import pytest
 import torch
 
-from tccli.runtime import distributed
 from cache_helpers import cache_in_process
+from tccli.config.data import CacheConfig
+from tccli.config.training import TrainConfig
 from tccli.data.cache_reader import ActivationCache
 from tccli.data.cache_shards import sharded_run
-from tccli.config.data import CacheConfig
-from tccli.runtime.distributed import (Distributed, Shard, batch_share, checkpoint_name, own_layers, shard_path,
-                               shard_rows)
 from tccli.errors import TcError
+from tccli.runtime import distributed
+from tccli.runtime.distributed import (
+    Distributed,
+    Shard,
+    batch_share,
+    checkpoint_name,
+    own_layers,
+    shard_path,
+    shard_rows,
+)
 from tccli.training.run_folder import CHECKPOINT_FILE, LOG_FILE
 from tccli.training.train import train
-from tccli.config.training import TrainConfig
 from tccli.transcoders.files import load_transcoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +47,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def torchrun_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "tccli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tccli",
+        *args,
+    ]
 
 
 def torchrun_env() -> dict:
@@ -52,8 +68,9 @@ def torchrun_env() -> dict:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, env=torchrun_env(),
-                          timeout=LAUNCH_TIMEOUT)
+    return subprocess.run(
+        torchrun_command(*args), capture_output=True, text=True, env=torchrun_env(), timeout=LAUNCH_TIMEOUT
+    )
 
 
 # ============================================================================ the splits (pure)
@@ -74,8 +91,8 @@ def test_batch_share_splits_every_batch_into_rank_slices():
     order = np.random.default_rng(0).permutation(50)  # 3 batches of 16, 2 tokens left over
     parts = [batch_share(order, 3, 16, Distributed(rank=r, world=4)) for r in range(4)]
     for b in range(3):  # batch b of the single process = the ranks' batch b slices, in rank order
-        joined = np.concatenate([p[b * 4:(b + 1) * 4] for p in parts])
-        assert np.array_equal(joined, order[b * 16:(b + 1) * 16])
+        joined = np.concatenate([p[b * 4 : (b + 1) * 4] for p in parts])
+        assert np.array_equal(joined, order[b * 16 : (b + 1) * 16])
     layer_parallel = Distributed(rank=1, world=4, distribute_layers=True)
     assert batch_share(order, 3, 16, layer_parallel) is order  # whole batches on every rank
 
@@ -85,8 +102,10 @@ def test_layer_assignment_checkpoints_and_shard_names():
     assert own_layers([0, 2, 3], Distributed(rank=1, world=2)) == [0, 2, 3]  # data parallel: all layers
     with pytest.raises(TcError, match="1 layer.* but 2 ranks"):
         own_layers([4], Distributed(rank=0, world=2, distribute_layers=True))
-    assert checkpoint_name(CHECKPOINT_FILE, Distributed(rank=1, world=3, distribute_layers=True)) == \
-        "checkpoint.rank1-of-3.tcstate"
+    assert (
+        checkpoint_name(CHECKPOINT_FILE, Distributed(rank=1, world=3, distribute_layers=True))
+        == "checkpoint.rank1-of-3.tcstate"
+    )
     assert checkpoint_name(CHECKPOINT_FILE, Distributed(rank=1, world=3)) == CHECKPOINT_FILE
     assert shard_path(Path("/x/acts.h5"), 1, 2) == Path("/x/acts.rank1-of-2.h5")
     assert not distributed.launched()  # pytest itself is not under torchrun
@@ -119,14 +138,43 @@ def test_sharded_cache_refuses_stdin_and_an_existing_output_before_starting(tmp_
 
 
 def cache_values(model: Path, data: Path, out: Path) -> dict:
-    return dict(model=str(model), data=[str(data)], out=str(out), tokens=16 * 42, context=16, batch_size=4,
-                dtype="float32", device="cpu", quiet=True, commit_every=4)
+    return dict(
+        model=str(model),
+        data=[str(data)],
+        out=str(out),
+        tokens=16 * 42,
+        context=16,
+        batch_size=4,
+        dtype="float32",
+        device="cpu",
+        quiet=True,
+        commit_every=4,
+    )
 
 
 def cache_args(values: dict) -> list[str]:
-    return ["cache", "--model", values["model"], "--data", *values["data"], "--out", values["out"],
-            "--tokens", str(values["tokens"]), "--context", "16", "--batch-size", "4", "--dtype", "float32",
-            "--device", "cpu", "--commit-every", "4", "--quiet"]
+    return [
+        "cache",
+        "--model",
+        values["model"],
+        "--data",
+        *values["data"],
+        "--out",
+        values["out"],
+        "--tokens",
+        str(values["tokens"]),
+        "--context",
+        "16",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--commit-every",
+        "4",
+        "--quiet",
+    ]
 
 
 class Interrupted(Exception):
@@ -139,8 +187,12 @@ def caches(tiny_model_dirs, tmp_path_factory):
     interrupted after 3 batches first, so the torchrun run with --resume completes it."""
     root = tmp_path_factory.mktemp("dist_caches")
     text = root / "corpus.txt"
-    text.write_text("\n\n".join(f"Story {i}. Once upon a time there was a little girl named Lily. " * (1 + i % 3)
-                                for i in range(40)) + "\n")
+    text.write_text(
+        "\n\n".join(
+            f"Story {i}. Once upon a time there was a little girl named Lily. " * (1 + i % 3) for i in range(40)
+        )
+        + "\n"
+    )
     torch.set_num_threads(1)
     single = cache_values(tiny_model_dirs["llama"], text, root / "single.h5")
     cache_in_process(CacheConfig(**single))
@@ -153,12 +205,19 @@ def caches(tiny_model_dirs, tmp_path_factory):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        cache_in_process(CacheConfig(**dict(sharded, out=str(root / "acts.rank1-of-2.h5"))),
-                         shard=Shard(1, 2, heartbeat=stop_after_three_batches))
+        cache_in_process(
+            CacheConfig(**dict(sharded, out=str(root / "acts.rank1-of-2.h5"))),
+            shard=Shard(1, 2, heartbeat=stop_after_three_batches),
+        )
     started = time.monotonic()
     result = torchrun(*cache_args(sharded), "--resume")
-    return dict(single=Path(single["out"]), joined=Path(sharded["out"]), result=result, root=root,
-                launch_seconds=time.monotonic() - started)
+    return dict(
+        single=Path(single["out"]),
+        joined=Path(sharded["out"]),
+        result=result,
+        root=root,
+        launch_seconds=time.monotonic() - started,
+    )
 
 
 @pytest.mark.slow
@@ -180,8 +239,10 @@ def test_sharded_cache_equals_the_single_process_cache(caches):
         shards = json.loads(attrs_b.pop("shards"))
         assert attrs_b == attrs_a
     n_rows = 42
-    assert shards == [{"file": "acts.rank0-of-2.h5", "first_row": 0, "n_rows": 20},
-                      {"file": "acts.rank1-of-2.h5", "first_row": 20, "n_rows": n_rows - 20}]
+    assert shards == [
+        {"file": "acts.rank0-of-2.h5", "first_row": 0, "n_rows": 20},
+        {"file": "acts.rank1-of-2.h5", "first_row": 20, "n_rows": n_rows - 20},
+    ]
     with ActivationCache.open(joined) as cache, ActivationCache.open(single) as reference:
         assert cache.complete and cache.n_tokens == reference.n_tokens == n_rows * 16
         across = (20 * 16 - 5, 20 * 16 + 7)  # a read that spans the two shards
@@ -221,9 +282,22 @@ def test_joined_cache_refuses_a_missing_or_foreign_shard(caches, tmp_path):
 
 
 def train_values(cache: Path, out: Path, **overrides) -> dict:
-    values = dict(cache=str(cache), out=str(out), expansion=2, k=4, aux_k=0, batch_size=64, tokens=64 * 14,
-                  shuffle_buffer=128, warmup_steps=3, lr=3e-3, dead_window=4, checkpoint_every=5, log_every=1,
-                  quiet=True)
+    values = dict(
+        cache=str(cache),
+        out=str(out),
+        expansion=2,
+        k=4,
+        aux_k=0,
+        batch_size=64,
+        tokens=64 * 14,
+        shuffle_buffer=128,
+        warmup_steps=3,
+        lr=3e-3,
+        dead_window=4,
+        checkpoint_every=5,
+        log_every=1,
+        quiet=True,
+    )
     values.update(overrides)
     return values
 
@@ -311,8 +385,13 @@ def alive(pid: int) -> bool:
 def test_a_dead_or_stalled_rank_stops_the_run_with_an_error(caches, tmp_path, fate):
     out = tmp_path / "run"
     values = train_values(caches["joined"], out, tokens=64 * 1_000_000, checkpoint_every=0, dist_timeout=4)
-    launcher = subprocess.Popen(torchrun_command(*train_args(values)), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=torchrun_env())
+    launcher = subprocess.Popen(
+        torchrun_command(*train_args(values)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=torchrun_env(),
+    )
     try:
         deadline = time.time() + LAUNCH_TIMEOUT
         while time.time() < deadline and not ((out / LOG_FILE).exists() and (out / LOG_FILE).stat().st_size):
@@ -335,7 +414,9 @@ def test_a_dead_or_stalled_rank_stops_the_run_with_an_error(caches, tmp_path, fa
     assert launcher.returncode != 0
     assert time.time() - stopped_at < 120
     if fate == "stalled":
-        assert "tc: error: rank 0 of 2: all-reduce failed, another rank died or stalled (no answer within " \
-               "--dist-timeout 4 s" in stderr, stderr[-3000:]
+        assert (
+            "tc: error: rank 0 of 2: all-reduce failed, another rank died or stalled (no answer within "
+            "--dist-timeout 4 s" in stderr
+        ), stderr[-3000:]
     else:
         assert "exitcode  : -9" in stderr, stderr[-3000:]  # torchrun names the rank that died and stops the rest

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tccli.runtime import outputs
 from tccli.errors import TcError
+from tccli.runtime import outputs
 
 
 def test_check_new_refuses_existing_unless_forced(tmp_path):
@@ -33,8 +33,15 @@ def test_an_input_is_never_an_output_whatever_its_spelling(tmp_path, monkeypatch
     link.symlink_to(data)
     hard = tmp_path / "hard.txt"
     os.link(data, hard)
-    for out, inputs in [(data, [data]), ("./data.txt", [str(data)]), (link, [data]), (hard, [data]),
-                        (folder / "layer_0" / "x.json", [folder]), (tmp_path, [data]), ("tcs", [folder / "layer_0"])]:
+    for out, inputs in [
+        (data, [data]),
+        ("./data.txt", [str(data)]),
+        (link, [data]),
+        (hard, [data]),
+        (folder / "layer_0" / "x.json", [folder]),
+        (tmp_path, [data]),
+        ("tcs", [folder / "layer_0"]),
+    ]:
         with pytest.raises(TcError, match="would overwrite the input"):
             outputs.check_not_input(out, inputs)
     outputs.check_not_input(tmp_path / "other.txt", [data, folder, None, "-", ""])
@@ -64,8 +71,10 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
 
 
 def test_causes_are_read_out_of_library_messages():
-    h5py_text = ("Can't synchronously write data (file write failed: time = Thu, filename = 'a.h5', file descriptor = 3, "
-                 "errno = 28, error message = 'No space left on device', buf = 0x7f)")
+    h5py_text = (
+        "Can't synchronously write data (file write failed: time = Thu, filename = 'a.h5', file descriptor = 3, "
+        "errno = 28, error message = 'No space left on device', buf = 0x7f)"
+    )
     assert outputs.os_cause(OSError(28, h5py_text)) == "No space left on device"
     assert outputs.os_cause(OSError(errno.EROFS, "x")) == "Read-only file system"
     torch_text = "[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only file system"
@@ -89,8 +98,12 @@ def test_a_second_writer_is_refused_and_the_lock_leaves_no_file(tmp_path, folder
     path = tmp_path / ("run" if folder else "acts.h5")
     if folder:
         path.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(repo=str(Path(__file__).parents[2]), path=str(path))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=str(Path(__file__).parents[2]), path=str(path))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(TcError, match="is being written by another tc process"):
@@ -131,8 +144,12 @@ def test_claim_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
     output (holding its lock, so no live writer owns such a file) removes it, and only it."""
     out = tmp_path / "g.json"
     stale = [tmp_path / "g.json.12345.tmp", tmp_path / "g.json.7.tmp"]
-    kept = [tmp_path / "g.json.tmp", tmp_path / "g.json.x.tmp", tmp_path / "other.json.12345.tmp",
-            tmp_path / "g.json.12345.tmp.bak"]
+    kept = [
+        tmp_path / "g.json.tmp",
+        tmp_path / "g.json.x.tmp",
+        tmp_path / "other.json.12345.tmp",
+        tmp_path / "g.json.12345.tmp.bak",
+    ]
     for path in stale + kept:
         path.write_text("x")
     with outputs.claim(out, force=False):

@@ -31,33 +31,97 @@ def assert_clean_progress(code: int, output: str, *words: str) -> None:
 
 
 def test_cache_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("cache", "--data", str(artefacts.text), "--tokens", "2k", "--context", "64",
-                                      "--device", "cpu", "--batch-size", "2", "--out", str(tmp_path / "a.h5"))
+    code, output = run_tc_in_terminal(
+        "cache",
+        "--data",
+        str(artefacts.text),
+        "--tokens",
+        "2k",
+        "--context",
+        "64",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "a.h5"),
+    )
     assert_clean_progress(code, output, "caching", "tokens")
 
 
 def test_train_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("train", "--cache", str(artefacts.cache), "--out", str(tmp_path / "t"),
-                                      "--tokens", "4096", "--batch-size", "256", "--expansion", "2", "--log-every", "4")
+    code, output = run_tc_in_terminal(
+        "train",
+        "--cache",
+        str(artefacts.cache),
+        "--out",
+        str(tmp_path / "t"),
+        "--tokens",
+        "4096",
+        "--batch-size",
+        "256",
+        "--expansion",
+        "2",
+        "--log-every",
+        "4",
+    )
     assert_clean_progress(code, output, "training", "steps", "step 4/16")
 
 
 def test_eval_draws_its_bar_in_a_terminal(artefacts):
-    code, output = run_tc_in_terminal("eval", "--data", str(artefacts.text), "--tokens", "1k", "--context", "64",
-                                      "--device", "cpu", "--transcoders", str(artefacts.tcs), "--batch-size", "4")
+    code, output = run_tc_in_terminal(
+        "eval",
+        "--data",
+        str(artefacts.text),
+        "--tokens",
+        "1k",
+        "--context",
+        "64",
+        "--device",
+        "cpu",
+        "--transcoders",
+        str(artefacts.tcs),
+        "--batch-size",
+        "4",
+    )
     assert_clean_progress(code, output, "batches")
 
 
 def test_score_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("score", "--data", str(artefacts.text), "--tokens", "1k", "--context", "64",
-                                      "--device", "cpu", "--transcoders", str(artefacts.tcs), "--batch-size", "4",
-                                      "--out", str(tmp_path / "f.jsonl"))
+    code, output = run_tc_in_terminal(
+        "score",
+        "--data",
+        str(artefacts.text),
+        "--tokens",
+        "1k",
+        "--context",
+        "64",
+        "--device",
+        "cpu",
+        "--transcoders",
+        str(artefacts.tcs),
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "f.jsonl"),
+    )
     assert_clean_progress(code, output, "scoring", "rows")
 
 
 def test_circuit_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("circuit", "--transcoders", str(artefacts.tcs), "--prompt", PROMPT,
-                                      "--logit", "4", "--device", "cpu", "--out", str(tmp_path / "g.dot"))
+    code, output = run_tc_in_terminal(
+        "circuit",
+        "--transcoders",
+        str(artefacts.tcs),
+        "--prompt",
+        PROMPT,
+        "--logit",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "g.dot"),
+    )
     assert_clean_progress(code, output, "tracing the circuit")
 
 
@@ -67,22 +131,54 @@ def test_greater_than_draws_its_bar_in_a_terminal(artefacts):
 
 
 def test_graph_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("graph", "--transcoders", str(artefacts.tcs), "--prompt", PROMPT, "--device",
-                                      "cpu", "--batch-size", "8", "--out", str(tmp_path / "g.json"))
+    code, output = run_tc_in_terminal(
+        "graph",
+        "--transcoders",
+        str(artefacts.tcs),
+        "--prompt",
+        PROMPT,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "g.json"),
+    )
     assert_clean_progress(code, output, "feature rows", "replacement score")
 
 
 def test_validate_draws_its_bar_in_a_terminal(artefacts, tmp_path):
-    code, output = run_tc_in_terminal("validate", str(artefacts.graph), "--device", "cpu", "--random", "2",
-                                      "--batch-size", "4", "--out", str(tmp_path / "v.json"))
+    code, output = run_tc_in_terminal(
+        "validate",
+        str(artefacts.graph),
+        "--device",
+        "cpu",
+        "--random",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "v.json"),
+    )
     assert_clean_progress(code, output, "model runs", "rows")
     assert (tmp_path / "v.json").is_file()
 
 
 def test_intervene_runs_in_a_terminal(artefacts):
     """Two forward passes: too short for a bar, but it must run cleanly on a terminal."""
-    code, output = run_tc_in_terminal("intervene", "--transcoders", str(artefacts.tcs), "--prompt", PROMPT,
-                                      "--device", "cpu", "--ablate", "mlp0.f1@3", "--logit", "4")
+    code, output = run_tc_in_terminal(
+        "intervene",
+        "--transcoders",
+        str(artefacts.tcs),
+        "--prompt",
+        PROMPT,
+        "--device",
+        "cpu",
+        "--ablate",
+        "mlp0.f1@3",
+        "--logit",
+        "4",
+    )
     assert code == 0 and "Traceback" not in output and "tc: error" not in output, output[-3000:]
 
 
@@ -90,20 +186,60 @@ def test_torchrun_cache_draws_one_bar_in_a_terminal(artefacts, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside this python")
-    code, output = run_tc_in_terminal(program=(str(torchrun), "--nproc-per-node", "2", "-m", "tccli", "cache",
-                                               "--data", str(artefacts.text), "--tokens", "2k", "--context", "64",
-                                               "--device", "cpu", "--batch-size", "2", "--out",
-                                               str(tmp_path / "a.h5")))
+    code, output = run_tc_in_terminal(
+        program=(
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tccli",
+            "cache",
+            "--data",
+            str(artefacts.text),
+            "--tokens",
+            "2k",
+            "--context",
+            "64",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "a.h5"),
+        )
+    )
     assert_clean_progress(code, output, "caching")
     assert (tmp_path / "a.h5").is_file()
 
 
 def test_silent_when_stderr_is_not_a_terminal(artefacts, tmp_path):
-    result = run_tc("train", "--cache", str(artefacts.cache), "--out", str(tmp_path / "t"), "--tokens", "2k",
-                    "--batch-size", "256", "--expansion", "2")
+    result = run_tc(
+        "train",
+        "--cache",
+        str(artefacts.cache),
+        "--out",
+        str(tmp_path / "t"),
+        "--tokens",
+        "2k",
+        "--batch-size",
+        "256",
+        "--expansion",
+        "2",
+    )
     assert result.returncode == 0 and result.stderr == "", result.stderr
-    result = run_tc("cache", "--data", str(artefacts.text), "--tokens", "1k", "--context", "64", "--device", "cpu",
-                    "--out", str(tmp_path / "a.h5"))
+    result = run_tc(
+        "cache",
+        "--data",
+        str(artefacts.text),
+        "--tokens",
+        "1k",
+        "--context",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "a.h5"),
+    )
     assert result.returncode == 0 and "\x1b" not in result.stderr and "━" not in result.stderr, result.stderr
 
 
@@ -118,12 +254,13 @@ def test_demo_first_two_commands_pass_in_a_terminal(tmp_path):
     lines = (REPO / "examples" / "demo.sh").read_text().splitlines()
     end = next(i for i, line in enumerate(lines) if line.startswith("tc info"))
     script = tmp_path / "demo_start.sh"
-    script.write_text("\n".join(lines[:end + 1]).replace('cd "$(dirname "$0")/.."', f"cd {REPO}") + "\n")
+    script.write_text("\n".join(lines[: end + 1]).replace('cd "$(dirname "$0")/.."', f"cd {REPO}") + "\n")
     bash = shutil.which("bash")
     os.environ.setdefault("PATH", "")
     env_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    code, output = run_tc_in_terminal(program=("env", f"PATH={env_path}", f"OUT={tmp_path / 'demo-out'}", bash,
-                                               str(script)))
+    code, output = run_tc_in_terminal(
+        program=("env", f"PATH={env_path}", f"OUT={tmp_path / 'demo-out'}", bash, str(script))
+    )
     assert_clean_progress(code, output, "caching", "tc activation cache, complete")
 
 

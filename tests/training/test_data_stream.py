@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from training_helpers import ArrayCache, small_config, toy_cache
 
 from tccli.errors import TcError
 from tccli.training.data_stream import ShuffleSchedule, WindowLoader
 from tccli.training.train import train
-from training_helpers import ArrayCache, small_config, toy_cache
 
 
 def test_shuffle_schedule_mixes_rows_and_covers_the_cache_each_epoch():
@@ -33,8 +33,9 @@ def test_shuffle_schedule_mixes_rows_and_covers_the_cache_each_epoch():
     x, _ = loader.load(first)[0]
     batch_rows = set(x[:64, 0].int().tolist())
     assert len(batch_rows) >= 40  # 64 tokens from 128 rows
-    assert sorted(x[:, 0].int().tolist()) == sorted(r for a, b in first.row_ranges for r in range(a, b)
-                                                   for _ in range(context))
+    assert sorted(x[:, 0].int().tolist()) == sorted(
+        r for a, b in first.row_ranges for r in range(a, b) for _ in range(context)
+    )
     # the step -> window mapping is a function of the step alone (what resume relies on)
     later = next(schedule.windows(start_step=first.n_steps + 1))
     assert later.first_step <= first.n_steps + 1 < later.first_step + later.n_steps

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import D, small_config, toy_cache
 
 from tccli.errors import TcError
 from tccli.training.run_folder import CHECKPOINT_FILE
 from tccli.training.train import train
 from tccli.transcoders.files import load_transcoder
-from training_helpers import D, small_config, toy_cache
-
 
 # ----------------------------------------------------------------------------- resume after a kill
 
@@ -62,8 +61,12 @@ def _runner(tmp_path: Path, activation: str = "topk", skip: str = "plain", optim
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
 
     def start(name: str, speed: str, mode: str, checkpoint_every: int = 7, **popen) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), name, speed, mode, activation, skip, optimizer,
-                                 str(checkpoint_every)], env=env, text=True, **popen)
+        return subprocess.Popen(
+            [sys.executable, str(script), name, speed, mode, activation, skip, optimizer, str(checkpoint_every)],
+            env=env,
+            text=True,
+            **popen,
+        )
 
     def run(name: str, speed: str, mode: str, checkpoint_every: int = 7) -> subprocess.CompletedProcess:
         proc = start(name, speed, mode, checkpoint_every, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -93,9 +96,16 @@ def _wait_for(path: Path, timeout: float = 120, non_empty: bool = False) -> None
     assert ready(), path
 
 
-@pytest.mark.parametrize("activation, skip, optimizer", [
-    ("topk", "plain", "adam"), ("relu", "plain", "adam"), ("batchtopk", "skip", "signum"),
-    ("jumprelu", "plain", "signum"), ("jumprelu", "skip", "adam")])
+@pytest.mark.parametrize(
+    "activation, skip, optimizer",
+    [
+        ("topk", "plain", "adam"),
+        ("relu", "plain", "adam"),
+        ("batchtopk", "skip", "signum"),
+        ("jumprelu", "plain", "signum"),
+        ("jumprelu", "skip", "adam"),
+    ],
+)
 def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation, skip, optimizer):
     start, run = _runner(tmp_path, activation, skip, optimizer)
     result = run("straight", "fast", "fresh")
@@ -113,8 +123,10 @@ def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation, ski
     assert result.returncode == 0, result.stderr
     _assert_same_transcoders(tmp_path / "straight", tmp_path / "killed")
     # the log holds every step once, whatever was logged after the checkpoint before the kill
-    logged = [[json.loads(line)["step"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
-              for name in ("straight", "killed")]
+    logged = [
+        [json.loads(line)["step"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        for name in ("straight", "killed")
+    ]
     assert logged[0] == logged[1]
 
 
@@ -177,8 +189,7 @@ def test_resume_compares_meaning_not_spelling(tmp_path):
     config = small_config(tmp_path, tokens=64 * 20, checkpoint_every=5, layers="0-1", expansion=4)
     train(config, toy_cache())
     # the same layers and width spelled differently continue the run
-    train(small_config(tmp_path, tokens=64 * 20, layers="all", expansion=1, features=4 * D, resume=True),
-          toy_cache())
+    train(small_config(tmp_path, tokens=64 * 20, layers="all", expansion=1, features=4 * D, resume=True), toy_cache())
     with pytest.raises(TcError, match="--layers gives \\[0\\] but the run in --out trains \\[0, 1\\]"):
         train(small_config(tmp_path, tokens=64 * 20, layers="0", resume=True), toy_cache())
     with pytest.raises(TcError, match="would have 16 features per layer but the run in --out has 32"):

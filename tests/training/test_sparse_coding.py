@@ -21,9 +21,13 @@ def random_problem(n=12, d=5, m=9, dtype=torch.float64, seed=0, feature_major=Fa
     W_enc = torch.randn(d, m, generator=g, dtype=dtype)
     if feature_major:  # the layout tc train uses: [d, m] with strides (1, d)
         W_enc = W_enc.t().contiguous().t()
-    params = dict(W_enc=W_enc, b_enc=torch.randn(m, generator=g, dtype=dtype),
-                  b_pre=torch.randn(d, generator=g, dtype=dtype),
-                  W_dec=torch.randn(m, d, generator=g, dtype=dtype), b_dec=torch.randn(d, generator=g, dtype=dtype))
+    params = dict(
+        W_enc=W_enc,
+        b_enc=torch.randn(m, generator=g, dtype=dtype),
+        b_pre=torch.randn(d, generator=g, dtype=dtype),
+        W_dec=torch.randn(m, d, generator=g, dtype=dtype),
+        b_dec=torch.randn(d, generator=g, dtype=dtype),
+    )
     y = torch.randn(n, d, generator=g, dtype=dtype)
     return x, y, {k: v.requires_grad_() for k, v in params.items()}
 
@@ -98,8 +102,9 @@ def test_sparse_backward_float32_matches_dense_to_rounding():
 def test_compute_dtype_bfloat16_runs_and_rounds_only_the_product():
     x, _, p = random_problem(n=32, d=8, m=16, dtype=torch.float32)
     exact, groups = sc.encode_selected(x, p["W_enc"], p["b_enc"], p["b_pre"], lambda pre: [sc.select_topk(pre, 4)])
-    rounded, groups_bf = sc.encode_selected(x, p["W_enc"], p["b_enc"], p["b_pre"],
-                                            lambda pre: [sc.select_topk(pre, 4)], compute_dtype=torch.bfloat16)
+    rounded, groups_bf = sc.encode_selected(
+        x, p["W_enc"], p["b_enc"], p["b_pre"], lambda pre: [sc.select_topk(pre, 4)], compute_dtype=torch.bfloat16
+    )
     assert rounded.dtype == torch.float32
     same = (groups[0].feature == groups_bf[0].feature) & (groups[0].token == groups_bf[0].token)
     assert same.float().mean() > 0.9  # near-ties may swap
@@ -142,7 +147,8 @@ def test_select_batchtopk_is_the_batch_top_and_reports_the_cutoff():
     entries, cutoff = sc.select_batchtopk(pre, 3)
     flat = pre.reshape(-1).topk(150).indices
     assert list(zip(entries.token.tolist(), entries.feature.tolist())) == sorted(
-        zip((flat // 40).tolist(), (flat % 40).tolist()))
+        zip((flat // 40).tolist(), (flat % 40).tolist())
+    )
 
 
 def test_select_above_and_auxk():

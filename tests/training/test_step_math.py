@@ -8,20 +8,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import D, small_config, toy_cache
 
 from tccli.config.transcoders import TranscoderConfig
 from tccli.training import sparse_coding as sc
 from tccli.training import step_math
 from tccli.training.sparse_coding import select_auxk
-from tccli.training.step_math import (auxk_loss, calibrate_encoder_, constrained_step, ghost_grad_loss, init_transcoder,
-                                      learning_rate, remove_parallel_gradient)
+from tccli.training.step_math import (
+    auxk_loss,
+    calibrate_encoder_,
+    constrained_step,
+    ghost_grad_loss,
+    init_transcoder,
+    learning_rate,
+    remove_parallel_gradient,
+)
 from tccli.training.train import train
 from tccli.transcoders.transcoder import Transcoder
-from training_helpers import D, small_config, toy_cache
 
 
 def toy_transcoder(m: int = 6, activation: str = "relu", seed: int = 0) -> Transcoder:
-    config = TranscoderConfig(d_in=D, d_out=D, n_features=m, activation=activation, k=2 if activation == "topk" else None)
+    config = TranscoderConfig(
+        d_in=D, d_out=D, n_features=m, activation=activation, k=2 if activation == "topk" else None
+    )
     return init_transcoder(config, torch.zeros(D), torch.zeros(D), torch.Generator().manual_seed(seed))
 
 
@@ -83,7 +92,7 @@ def test_ghost_grads_use_target_minus_output_not_input():
     torch.manual_seed(0)
     W_dec = torch.nn.functional.normalize(torch.randn(6, D), dim=-1).requires_grad_()
     pre = torch.randn(10, 6, requires_grad=True)
-    x, y = torch.randn(10, D), torch.randn(10, D)
+    _x, y = torch.randn(10, D), torch.randn(10, D)  # x drawn too, so y and what follows keep their values
     dead = torch.tensor([True, False, True, False, False, True])
     mse = torch.tensor(2.0)
     # output == target: the residual is zero, so the ghost output is scaled to zero and so is the loss;
@@ -145,8 +154,9 @@ def test_sparse_step_gradients_equal_dense_autograd():
     y = torch.randn(40, D, dtype=torch.float64)
     for activation in ("topk", "batchtopk", "jumprelu"):
         config = small_config(Path("/nonexistent"), activation=activation, skip=True, aux_k=3, l0_coef=0.05)
-        tc_config = TranscoderConfig(d_in=D, d_out=D, n_features=12, activation=activation, skip=True,
-                                     k=3 if activation != "jumprelu" else None)
+        tc_config = TranscoderConfig(
+            d_in=D, d_out=D, n_features=12, activation=activation, skip=True, k=3 if activation != "jumprelu" else None
+        )
         transcoder = init_transcoder(tc_config, x.float().mean(0), y.float().mean(0), torch.Generator().manual_seed(1))
         transcoder = transcoder.double()
         with torch.no_grad():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import ArrayCache, D, small_config, toy_cache
 
 from tccli.config.fields import to_json_dict
 from tccli.config.training import TrainConfig
@@ -21,8 +22,6 @@ from tccli.training.run_folder import CHECKPOINT_FILE, LOG_FILE
 from tccli.training.train import train
 from tccli.transcoders.files import load_transcoder
 from tccli.transcoders.formats import load_transcoder_set
-from training_helpers import ArrayCache, D, small_config, toy_cache
-
 
 # ----------------------------------------------------------------------------- runs
 
@@ -82,16 +81,28 @@ def test_sae_kind_reads_only_the_mlp_output(tmp_path):
 
 
 KIND_CASES = [  # (activation, skip, optimizer): every kind, both optimisers, with and without skip
-    ("topk", False, "adam"), ("topk", True, "signum"), ("batchtopk", False, "signum"), ("batchtopk", True, "adam"),
-    ("jumprelu", False, "adam"), ("jumprelu", True, "signum"), ("relu", True, "adam"),
+    ("topk", False, "adam"),
+    ("topk", True, "signum"),
+    ("batchtopk", False, "signum"),
+    ("batchtopk", True, "adam"),
+    ("jumprelu", False, "adam"),
+    ("jumprelu", True, "signum"),
+    ("relu", True, "adam"),
 ]
 
 
 @pytest.mark.parametrize("activation, skip, optimizer", KIND_CASES)
 def test_every_kind_trains_saves_and_reloads_bit_identically(tmp_path, activation, skip, optimizer):
     cache = toy_cache(layers=(0,))
-    config = small_config(tmp_path, activation=activation, skip=skip, optimizer=optimizer, tokens=64 * 60,
-                          decoder_norm="unit" if activation == "relu" else "free", l0_coef=1e-2)
+    config = small_config(
+        tmp_path,
+        activation=activation,
+        skip=skip,
+        optimizer=optimizer,
+        tokens=64 * 60,
+        decoder_norm="unit" if activation == "relu" else "free",
+        l0_coef=1e-2,
+    )
     trained = train(config, cache)[0]
     c = trained.config
     assert (c.activation, c.skip) == (activation, skip)
@@ -157,8 +168,11 @@ def test_nan_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(tr, "transcoder_loss", diverging)
     config = small_config(tmp_path, checkpoint_every=5, tokens=64 * 40, activation="relu")
-    with pytest.raises(TcError, match=r"the loss became nan at step 13 \(layer 0\); training stopped and its "
-                                      r"last checkpoint \(step 10\) is kept in .*out\. A resumed run would diverge"):
+    with pytest.raises(
+        TcError,
+        match=r"the loss became nan at step 13 \(layer 0\); training stopped and its "
+        r"last checkpoint \(step 10\) is kept in .*out\. A resumed run would diverge",
+    ):
         train(config, toy_cache(layers=(0,)))
     saved = torch.load(Path(config.out) / CHECKPOINT_FILE, weights_only=True)
     assert saved["step"] == 10
@@ -172,14 +186,17 @@ def test_nan_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch
     assert sorted(p.name for p in Path(config.out).iterdir()) == ["train_config.json", "train_log.jsonl"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(lr=float("nan")), "--lr must be a finite number"),
-    (dict(lr=float("inf")), "--lr must be a finite number"),
-    (dict(expansion=0), "--expansion must be at least 1"),
-    (dict(activation="gelu"), "--activation must be one of"),
-    (dict(tokens=10), "less than one batch"),
-    (dict(lr_decay=2.0), "--lr-decay"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lr=float("nan")), "--lr must be a finite number"),
+        (dict(lr=float("inf")), "--lr must be a finite number"),
+        (dict(expansion=0), "--expansion must be at least 1"),
+        (dict(activation="gelu"), "--activation must be one of"),
+        (dict(tokens=10), "less than one batch"),
+        (dict(lr_decay=2.0), "--lr-decay"),
+    ],
+)
 def test_bad_options(tmp_path, overrides, message):
     with pytest.raises(TcError, match=message):
         train(small_config(tmp_path, **overrides), toy_cache())
@@ -187,8 +204,12 @@ def test_bad_options(tmp_path, overrides, message):
 
 def test_bad_caches(tmp_path):
     with pytest.raises(TcError, match="holds layers \\[0, 1\\], not layer 3"):
-        train(small_config(tmp_path, layers="3"), toy_cache(layers=(0, 1, 2, 3)).__class__(
-            {0: toy_cache().arrays[0], 1: toy_cache().arrays[1]}, 16) if False else _cache_with_layers_missing())
+        train(
+            small_config(tmp_path, layers="3"),
+            toy_cache(layers=(0, 1, 2, 3)).__class__({0: toy_cache().arrays[0], 1: toy_cache().arrays[1]}, 16)
+            if False
+            else _cache_with_layers_missing(),
+        )
     with pytest.raises(TcError, match="is incomplete"):
         train(small_config(tmp_path), toy_cache(complete=False))
     with pytest.raises(TcError, match="holds no tokens"):
@@ -198,8 +219,10 @@ def test_bad_caches(tmp_path):
     out = tmp_path / "used"
     out.mkdir()
     (out / "something").write_text("x")
-    with pytest.raises(TcError, match="already exists and is not empty; pass --resume to continue the run there, "
-                                      "--force to start it again"):
+    with pytest.raises(
+        TcError,
+        match="already exists and is not empty; pass --resume to continue the run there, --force to start it again",
+    ):
         train(small_config(tmp_path, "used"), toy_cache())
     with pytest.raises(TcError, match="holds no tc train run"):
         train(small_config(tmp_path, "used", resume=True), toy_cache())
@@ -220,12 +243,43 @@ def test_tc_train_from_a_real_cache(tmp_path, tiny_model_dirs, text_file):
     from conftest import run_tc
 
     cache = tmp_path / "acts.h5"
-    result = run_tc("cache", "--model", str(tiny_model_dirs["llama"]), "--data", str(text_file), "--tokens", "4k",
-                    "--context", "32", "--layers", "1", "--dtype", "float32", "--out", str(cache), "--quiet")
+    result = run_tc(
+        "cache",
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--data",
+        str(text_file),
+        "--tokens",
+        "4k",
+        "--context",
+        "32",
+        "--layers",
+        "1",
+        "--dtype",
+        "float32",
+        "--out",
+        str(cache),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "tcs"
-    result = run_tc("train", "--cache", str(cache), "--out", str(out), "--layers", "1", "--tokens", "8k",
-                    "--batch-size", "512", "--expansion", "2", "--k", "3")
+    result = run_tc(
+        "train",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--layers",
+        "1",
+        "--tokens",
+        "8k",
+        "--batch-size",
+        "512",
+        "--expansion",
+        "2",
+        "--k",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out) and result.stderr == ""  # stderr is not a terminal: silent
     tc = load_transcoder(out / "layer_1")
@@ -259,12 +313,37 @@ def test_batchtopk_threshold_gives_the_training_l0_on_held_out_text(tmp_path, st
     for name, part in (("train", text[:200_000]), ("heldout", text[700_000:])):
         (tmp_path / f"{name}.txt").write_bytes(part)
         caches[name] = tmp_path / f"{name}.h5"
-        result = run_tc("cache", "--model", str(stories_dir), "--data", str(tmp_path / f"{name}.txt"),
-                        "--tokens", "1M", "--context", "128", "--layers", "2", "--dtype", "float32",
-                        "--out", str(caches[name]), "--quiet")
+        result = run_tc(
+            "cache",
+            "--model",
+            str(stories_dir),
+            "--data",
+            str(tmp_path / f"{name}.txt"),
+            "--tokens",
+            "1M",
+            "--context",
+            "128",
+            "--layers",
+            "2",
+            "--dtype",
+            "float32",
+            "--out",
+            str(caches[name]),
+            "--quiet",
+        )
         assert result.returncode == 0, result.stderr
-    config = TrainConfig(cache=str(caches["train"]), out=str(tmp_path / "tcs"), layers="2", activation="batchtopk",
-                         k=16, features=512, tokens=300_000, batch_size=1024, quiet=True, checkpoint_every=0)
+    config = TrainConfig(
+        cache=str(caches["train"]),
+        out=str(tmp_path / "tcs"),
+        layers="2",
+        activation="batchtopk",
+        k=16,
+        features=512,
+        tokens=300_000,
+        batch_size=1024,
+        quiet=True,
+        checkpoint_every=0,
+    )
     transcoder = train(config)[2]
     log = [json.loads(line) for line in (tmp_path / "tcs" / LOG_FILE).read_text().splitlines()]
     training_l0 = sum(e["l0"] for e in log[-5:]) / 5

@@ -26,10 +26,14 @@ class ArrayCache:
         self.complete = complete
         n_layers = max(self.layers) + 1
         self.model_info = {
-            "name": "toy", "architecture": "ToyForCausalLM", "n_layers": n_layers,
+            "name": "toy",
+            "architecture": "ToyForCausalLM",
+            "n_layers": n_layers,
             "weight_processing": {"fold_ln": True},
-            "layers": [{"mlp_in": f"blocks.{i}.ln2.hook_normalized", "mlp_out": f"blocks.{i}.hook_mlp_out"}
-                       for i in range(n_layers)],
+            "layers": [
+                {"mlp_in": f"blocks.{i}.ln2.hook_normalized", "mlp_out": f"blocks.{i}.hook_mlp_out"}
+                for i in range(n_layers)
+            ],
         }
         self.attrs = {"complete": complete}
         self.reads = 0
@@ -55,8 +59,19 @@ def toy_cache(n_rows: int = 64, context: int = 16, layers=(0, 1), seed: int = 0,
 
 
 def small_config(tmp_path: Path, name: str = "out", **overrides) -> TrainConfig:
-    base = dict(cache="toy.h5", out=str(tmp_path / name), expansion=4, batch_size=64, tokens=64 * 40,
-                shuffle_buffer=256, warmup_steps=5, log_every=10, checkpoint_every=0, quiet=True, k=4,
-                dead_window=5)
+    base = dict(
+        cache="toy.h5",
+        out=str(tmp_path / name),
+        expansion=4,
+        batch_size=64,
+        tokens=64 * 40,
+        shuffle_buffer=256,
+        warmup_steps=5,
+        log_every=10,
+        checkpoint_every=0,
+        quiet=True,
+        k=4,
+        dead_window=5,
+    )
     base.update(overrides)
     return TrainConfig(**base)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from tccli.config.transcoders import ACTIVATIONS, K_ACTIVATIONS, TranscoderConfig
 from tccli.errors import TcError
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import ACTIVATIONS, K_ACTIVATIONS, TranscoderConfig
 
 
 def make(activation="relu", k=None, skip=False, d=3, m=4):
@@ -67,16 +67,19 @@ def test_optional_tensors_exist_exactly_when_the_config_says():
     assert tuple(make("topk", k=1, skip=True, d=3).W_skip.shape) == (3, 3)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("d_in", "wide", "d_in must be a positive integer"),
-    ("n_features", 0, "n_features must be a positive integer"),
-    ("activation", "gelu", "activation must be one of"),
-    ("k", -4, "needs k"),
-    ("skip", "yes", "skip must be true or false"),
-    ("input_space", "resid_post", "input_space must be one of"),
-    ("output_space", "normalized", "output_space must be one of"),
-    ("layer", -1, "layer must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("d_in", "wide", "d_in must be a positive integer"),
+        ("n_features", 0, "n_features must be a positive integer"),
+        ("activation", "gelu", "activation must be one of"),
+        ("k", -4, "needs k"),
+        ("skip", "yes", "skip must be true or false"),
+        ("input_space", "resid_post", "input_space must be one of"),
+        ("output_space", "normalized", "output_space must be one of"),
+        ("layer", -1, "layer must be a non-negative integer"),
+    ],
+)
 def test_bad_config_fields_are_refused_by_name(field, value, message):
     fields = dict(d_in=3, d_out=3, n_features=4, activation="topk", k=2)
     fields[field] = value

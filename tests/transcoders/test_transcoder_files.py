@@ -3,18 +3,16 @@ import json
 import pytest
 import torch
 
-from tccli.errors import TcError
-
-from tccli.transcoders.transcoder import Transcoder
 from tccli.config.transcoders import TranscoderConfig
-from tccli.transcoders.formats import load_transcoder_set
+from tccli.errors import TcError
 from tccli.transcoders.files import load_transcoder, save_transcoder
+from tccli.transcoders.formats import load_transcoder_set
+from tccli.transcoders.transcoder import Transcoder
 
 
 def random_transcoder(layer=0, d=8, m=32, activation="relu", k=None, seed=0, skip=False):
     torch.manual_seed(seed)
-    tc = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=m, activation=activation, k=k, layer=layer,
-                                     skip=skip))
+    tc = Transcoder(TranscoderConfig(d_in=d, d_out=d, n_features=m, activation=activation, k=k, layer=layer, skip=skip))
     with torch.no_grad():
         for p in tc.parameters():
             p.normal_()

@@ -1,19 +1,16 @@
 """Reading any format as a set, tc convert between formats, hub ids."""
 
-
 import pytest
 import torch
+from test_formats_paper import paper_config_class, paper_payload, save_pickled
 
 from conftest import run_tc
 from format_helpers import D, M, outputs, random_transcoder
-from test_formats_paper import paper_config_class, paper_payload, save_pickled
+from tccli.config.transcoders import TranscoderConfig
 from tccli.errors import TcError
+from tccli.transcoders.files import save_transcoder
 from tccli.transcoders.formats import convert, load_transcoder_set
 from tccli.transcoders.transcoder import Transcoder
-from tccli.config.transcoders import TranscoderConfig
-from tccli.transcoders.files import save_transcoder
-
-
 
 # ----------------------------------------------------------------------------- conversion
 
@@ -35,17 +32,26 @@ def test_convert_set_to_saelens_and_back(tmp_path):
 
 def test_tc_convert_command(tmp_path):
     module, Config = paper_config_class()
-    save_pickled(tmp_path / "tc.pt", paper_payload(Config(hook_point="blocks.4.ln2.hook_normalized",
-                                                          out_hook_point="blocks.4.hook_mlp_out",
-                                                          hook_point_layer=4, is_transcoder=True)), module)
+    save_pickled(
+        tmp_path / "tc.pt",
+        paper_payload(
+            Config(
+                hook_point="blocks.4.ln2.hook_normalized",
+                out_hook_point="blocks.4.hook_mlp_out",
+                hook_point_layer=4,
+                is_transcoder=True,
+            )
+        ),
+        module,
+    )
     result = run_tc("convert", "--input", str(tmp_path / "tc.pt"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "out")
     assert list(load_transcoder_set(tmp_path / "out")) == [4]
     bad = run_tc("convert", "--input", str(tmp_path / "tc.pt"), "--out", str(tmp_path / "x"), "--to", "pt")
-    assert bad.returncode == 2 and "--to must be one of tc, saelens, sparsify, gemma-scope, circuit-tracer" in bad.stderr
-
-
+    assert (
+        bad.returncode == 2 and "--to must be one of tc, saelens, sparsify, gemma-scope, circuit-tracer" in bad.stderr
+    )
 
 
 # ----------------------------------------------------------------------------- every format, converted
@@ -53,10 +59,18 @@ def test_tc_convert_command(tmp_path):
 
 def skip_transcoder(layer, activation="jumprelu", input_space="mlp_input", output_space="mlp_output", seed=0):
     torch.manual_seed(seed + layer)
-    config = TranscoderConfig(d_in=D, d_out=D, n_features=M, activation=activation,
-                              k=4 if activation in ("topk", "batchtopk") else None, skip=activation != "relu",
-                              layer=layer,
-                              model_name="some/model", input_space=input_space, output_space=output_space)
+    config = TranscoderConfig(
+        d_in=D,
+        d_out=D,
+        n_features=M,
+        activation=activation,
+        k=4 if activation in ("topk", "batchtopk") else None,
+        skip=activation != "relu",
+        layer=layer,
+        model_name="some/model",
+        input_space=input_space,
+        output_space=output_space,
+    )
     transcoder = Transcoder(config)
     with torch.no_grad():
         for param in transcoder.parameters():
@@ -66,13 +80,16 @@ def skip_transcoder(layer, activation="jumprelu", input_space="mlp_input", outpu
     return transcoder
 
 
-@pytest.mark.parametrize("fmt,activation,spaces", [
-    ("tc", "batchtopk", ("resid_mid", "mlp_out")),
-    ("saelens", "jumprelu", ("mlp_input", "mlp_output")),
-    ("sparsify", "topk", ("mlp_input", "mlp_output")),
-    ("circuit-tracer", "jumprelu", ("resid_mid", "mlp_out")),
-    ("gemma-scope", "relu", ("normalized", "mlp_out")),
-])
+@pytest.mark.parametrize(
+    "fmt,activation,spaces",
+    [
+        ("tc", "batchtopk", ("resid_mid", "mlp_out")),
+        ("saelens", "jumprelu", ("mlp_input", "mlp_output")),
+        ("sparsify", "topk", ("mlp_input", "mlp_output")),
+        ("circuit-tracer", "jumprelu", ("resid_mid", "mlp_out")),
+        ("gemma-scope", "relu", ("normalized", "mlp_out")),
+    ],
+)
 def test_convert_to_every_format_and_back(tmp_path, fmt, activation, spaces):
     for layer in (0, 1):
         save_transcoder(skip_transcoder(layer, activation, *spaces), tmp_path / "tcs" / f"layer_{layer}")
@@ -115,8 +132,9 @@ def test_info_shows_kind_spaces_and_source(tmp_path):
 
 
 def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
-    result = run_tc("info", "nobody-here/no-such-transcoders", env={"HF_HUB_OFFLINE": "1",
-                                                                    "HF_HOME": str(tmp_path / "hf")})
+    result = run_tc(
+        "info", "nobody-here/no-such-transcoders", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0]  # tc info takes paths only

@@ -7,8 +7,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tccli.errors import TcError
-from tccli.transcoders.formats import circuit_tracer, convert, load_transcoder_set
 from tccli.transcoders.files import save_transcoder
+from tccli.transcoders.formats import circuit_tracer, convert, load_transcoder_set
 
 D, M = 8, 24
 
@@ -16,8 +16,12 @@ D, M = 8, 24
 def layer_tensors(seed, jumprelu=True, skip=True):
     """One layer_{i}.safetensors as SingleLayerTranscoder.to_safetensors writes it: W_enc [m, d]."""
     generator = torch.Generator().manual_seed(seed)
-    tensors = {"W_enc": torch.randn(M, D, generator=generator), "W_dec": torch.randn(M, D, generator=generator),
-               "b_enc": torch.randn(M, generator=generator), "b_dec": torch.randn(D, generator=generator)}
+    tensors = {
+        "W_enc": torch.randn(M, D, generator=generator),
+        "W_dec": torch.randn(M, D, generator=generator),
+        "b_enc": torch.randn(M, generator=generator),
+        "b_dec": torch.randn(D, generator=generator),
+    }
     if jumprelu:
         tensors["activation_function.threshold"] = torch.rand(M, generator=generator)
     if skip:
@@ -30,8 +34,13 @@ def write_set(folder, n_layers=2, hooks=("hook_resid_mid", "hook_mlp_out"), jump
     layers = [layer_tensors(layer, jumprelu, skip) for layer in range(n_layers)]
     for layer, tensors in enumerate(layers):
         save_file(tensors, str(folder / f"layer_{layer}.safetensors"))
-    config = {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set", "feature_input_hook": hooks[0],
-              "feature_output_hook": hooks[1], **(extra or {})}
+    config = {
+        "model_name": "google/gemma-2-2b",
+        "model_kind": "transcoder_set",
+        "feature_input_hook": hooks[0],
+        "feature_output_hook": hooks[1],
+        **(extra or {}),
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return layers
 
@@ -52,11 +61,14 @@ def circuit_tracer_formula(tensors, x, topk=None):
     return y, z
 
 
-@pytest.mark.parametrize("hooks,spaces", [
-    (("hook_resid_mid", "hook_mlp_out"), ("resid_mid", "mlp_out")),
-    (("ln2.hook_normalized", "hook_mlp_out"), ("normalized", "mlp_out")),
-    (("mlp.hook_in", "mlp.hook_out"), ("mlp_input", "mlp_output")),
-])
+@pytest.mark.parametrize(
+    "hooks,spaces",
+    [
+        (("hook_resid_mid", "hook_mlp_out"), ("resid_mid", "mlp_out")),
+        (("ln2.hook_normalized", "hook_mlp_out"), ("normalized", "mlp_out")),
+        (("mlp.hook_in", "mlp.hook_out"), ("mlp_input", "mlp_output")),
+    ],
+)
 def test_jumprelu_skip_set_is_read_exactly(tmp_path, hooks, spaces):
     layers = write_set(tmp_path / "set", hooks=hooks)
     transcoders = load_transcoder_set(tmp_path / "set")
@@ -97,13 +109,23 @@ def test_older_layout_lists_files(tmp_path):
     """safety-research's configs list {id, layer, filepath}, and Gemma Scope npz files may be listed."""
     write_set(tmp_path / "files")
     generator = torch.Generator().manual_seed(9)
-    npz = {"W_enc": torch.randn(D, M, generator=generator), "W_dec": torch.randn(M, D, generator=generator),
-           "b_enc": torch.randn(M, generator=generator), "b_dec": torch.randn(D, generator=generator),
-           "threshold": torch.rand(M, generator=generator)}
+    npz = {
+        "W_enc": torch.randn(D, M, generator=generator),
+        "W_dec": torch.randn(M, D, generator=generator),
+        "b_enc": torch.randn(M, generator=generator),
+        "b_dec": torch.randn(D, generator=generator),
+        "threshold": torch.rand(M, generator=generator),
+    }
     np.savez(tmp_path / "files" / "params.npz", **{k: v.numpy() for k, v in npz.items()})
-    config = {"model_name": "m", "feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out",
-              "transcoders": [{"id": "a", "layer": 0, "filepath": "layer_0.safetensors"},
-                              {"id": "b", "layer": 1, "filepath": str(tmp_path / "files" / "params.npz")}]}
+    config = {
+        "model_name": "m",
+        "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out",
+        "transcoders": [
+            {"id": "a", "layer": 0, "filepath": "layer_0.safetensors"},
+            {"id": "b", "layer": 1, "filepath": str(tmp_path / "files" / "params.npz")},
+        ],
+    }
     (tmp_path / "files" / "config.yaml").write_text(yaml.safe_dump(config))
     transcoders = load_transcoder_set(tmp_path / "files")
     assert transcoders[1].config.source["file_format"] == "gemma-scope"
@@ -111,8 +133,9 @@ def test_older_layout_lists_files(tmp_path):
     x = torch.randn(5, D)
     pre = x @ npz["W_enc"] + npz["b_enc"]
     with torch.no_grad():
-        assert torch.allclose(transcoders[1](x)[0], (pre * (pre > npz["threshold"])) @ npz["W_dec"] + npz["b_dec"],
-                              atol=1e-4)
+        assert torch.allclose(
+            transcoders[1](x)[0], (pre * (pre > npz["threshold"])) @ npz["W_dec"] + npz["b_dec"], atol=1e-4
+        )
 
 
 def test_write_set_and_refusals(tmp_path):
@@ -121,9 +144,13 @@ def test_write_set_and_refusals(tmp_path):
     written = circuit_tracer.write_set(transcoders, tmp_path / "out")
     assert [p.name for p in written] == ["layer_0.safetensors", "layer_1.safetensors"]
     config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
-    assert config == {"model_name": "google/gemma-2-2b", "model_kind": "transcoder_set",
-                      "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
-                      "activation": "jumprelu"}
+    assert config == {
+        "model_name": "google/gemma-2-2b",
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+        "activation": "jumprelu",
+    }
     x = torch.randn(10, D)
     for layer, tensors in enumerate(layers):
         again = load_file(str(tmp_path / "out" / f"layer_{layer}.safetensors"))
@@ -134,12 +161,15 @@ def test_write_set_and_refusals(tmp_path):
     save_transcoder(transcoders[1], tmp_path / "layer1")
     with pytest.raises(TcError) as refused:
         convert(tmp_path / "layer1", tmp_path / "gap2", "circuit-tracer")
-    assert str(refused.value).startswith(f"writing {tmp_path / 'gap2'} as a circuit-tracer set: circuit-tracer "
-                                         "needs a transcoder for every layer from 0, got [1]")
+    assert str(refused.value).startswith(
+        f"writing {tmp_path / 'gap2'} as a circuit-tracer set: circuit-tracer "
+        "needs a transcoder for every layer from 0, got [1]"
+    )
     assert not (tmp_path / "gap2").exists() and not list(tmp_path.glob("gap2*"))
     (tmp_path / "clt").mkdir()
-    (tmp_path / "clt" / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
-                                                                 "feature_input_hook": "hook_resid_mid"}))
+    (tmp_path / "clt" / "config.yaml").write_text(
+        yaml.safe_dump({"model_kind": "cross_layer_transcoder", "feature_input_hook": "hook_resid_mid"})
+    )
     with pytest.raises(TcError, match="cross_layer_transcoder"):
         load_transcoder_set(tmp_path / "clt")
     write_set(tmp_path / "odd", hooks=("hook_resid_post", "hook_mlp_out"))

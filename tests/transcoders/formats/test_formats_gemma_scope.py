@@ -13,9 +13,13 @@ D, M = 8, 16
 def write_params(folder, seed=0):
     """params.npz laid out as google/gemma-scope-2b-pt-transcoders publishes it: W_enc [d, m]."""
     generator = np.random.default_rng(seed)
-    arrays = {"W_enc": generator.standard_normal((D, M)), "W_dec": generator.standard_normal((M, D)),
-              "b_enc": generator.standard_normal(M), "b_dec": generator.standard_normal(D),
-              "threshold": generator.random(M)}
+    arrays = {
+        "W_enc": generator.standard_normal((D, M)),
+        "W_dec": generator.standard_normal((M, D)),
+        "b_enc": generator.standard_normal(M),
+        "b_dec": generator.standard_normal(D),
+        "threshold": generator.random(M),
+    }
     arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "params.npz", **arrays)
@@ -23,14 +27,22 @@ def write_params(folder, seed=0):
 
 
 def test_read_one_and_a_set(tmp_path):
-    tensors = {layer: write_params(tmp_path / f"layer_{layer}" / "width_16k" / "average_l0_76", layer)
-               for layer in (0, 1)}
+    tensors = {
+        layer: write_params(tmp_path / f"layer_{layer}" / "width_16k" / "average_l0_76", layer) for layer in (0, 1)
+    }
     one = gemma_scope.read(tmp_path / "layer_1" / "width_16k" / "average_l0_76" / "params.npz")
     config = one.config
-    assert (config.layer, config.activation, config.input_space, config.output_space) == (1, "jumprelu", "normalized",
-                                                                                        "mlp_out")
-    assert config.source == {"format": "gemma-scope", "path": str(tmp_path / "layer_1" / "width_16k" / "average_l0_76"
-                                                                  / "params.npz"), "variant": "width_16k/average_l0_76"}
+    assert (config.layer, config.activation, config.input_space, config.output_space) == (
+        1,
+        "jumprelu",
+        "normalized",
+        "mlp_out",
+    )
+    assert config.source == {
+        "format": "gemma-scope",
+        "path": str(tmp_path / "layer_1" / "width_16k" / "average_l0_76" / "params.npz"),
+        "variant": "width_16k/average_l0_76",
+    }
     x = torch.randn(12, D)
     t = tensors[1]
     pre = x @ t["W_enc"] + t["b_enc"]

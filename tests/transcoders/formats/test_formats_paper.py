@@ -11,8 +11,6 @@ from format_helpers import D, M, outputs
 from tccli.errors import TcError
 from tccli.transcoders.formats import load_transcoder_set, paper
 
-
-
 # ----------------------------------------------------------------------------- the paper's .pt files
 
 
@@ -52,20 +50,36 @@ def save_pickled(path, payload, module):
 
 def paper_payload(config_object, layer=5):
     generator = torch.Generator().manual_seed(3)
-    state = {"W_enc": torch.randn(D, M, generator=generator), "b_enc": torch.randn(M, generator=generator),
-             "W_dec": torch.randn(M, D, generator=generator), "b_dec": torch.randn(D, generator=generator),
-             "b_dec_out": torch.randn(D, generator=generator)}
+    state = {
+        "W_enc": torch.randn(D, M, generator=generator),
+        "b_enc": torch.randn(M, generator=generator),
+        "W_dec": torch.randn(M, D, generator=generator),
+        "b_dec": torch.randn(D, generator=generator),
+        "b_dec_out": torch.randn(D, generator=generator),
+    }
     return {"cfg": config_object, "state_dict": state}
 
 
 def test_read_paper_file_without_the_reference_code(tmp_path):
     module, Config = paper_config_class()
     layer = 5
-    cfg = Config(model_name="gpt2-small", hook_point=f"blocks.{layer}.ln2.hook_normalized",
-                 out_hook_point=f"blocks.{layer}.hook_mlp_out", hook_point_layer=layer, d_in=D, d_sae=M,
-                 is_transcoder=True, dtype=torch.float32, device=torch.device("cpu"), l1_coefficient=1.4e-4,
-                 # as in the reference dataclass: a stray trailing comma made this a tuple; None fields
-                 use_ghost_grads=(True,), hook_point_head_index=None, d_out=None, expansion_factor=3)
+    cfg = Config(
+        model_name="gpt2-small",
+        hook_point=f"blocks.{layer}.ln2.hook_normalized",
+        out_hook_point=f"blocks.{layer}.hook_mlp_out",
+        hook_point_layer=layer,
+        d_in=D,
+        d_sae=M,
+        is_transcoder=True,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        l1_coefficient=1.4e-4,
+        # as in the reference dataclass: a stray trailing comma made this a tuple; None fields
+        use_ghost_grads=(True,),
+        hook_point_head_index=None,
+        d_out=None,
+        expansion_factor=3,
+    )
     payload = paper_payload(cfg)
     path = tmp_path / f"final_sparse_autoencoder_gpt2-small_blocks.{layer}.ln2.hook_normalized_{M}.pt"
     save_pickled(path, payload, module)
@@ -114,7 +128,9 @@ def test_unreadable_paper_files(tmp_path):
     torch.save({"state_dict": {}}, str(tmp_path / "bare.pt"))
     with pytest.raises(TcError, match="needs 'cfg' and 'state_dict'"):
         paper.read(tmp_path / "bare.pt")
-    torch.save({"cfg": {"hook_point": "blocks.0.ln2.hook_normalized"}, "state_dict": {"W_enc": torch.zeros(2, 3)}},
-               str(tmp_path / "partial.pt"))
+    torch.save(
+        {"cfg": {"hook_point": "blocks.0.ln2.hook_normalized"}, "state_dict": {"W_enc": torch.zeros(2, 3)}},
+        str(tmp_path / "partial.pt"),
+    )
     with pytest.raises(TcError, match="state_dict lacks one of W_enc, b_enc, W_dec, b_dec"):
         paper.read(tmp_path / "partial.pt")

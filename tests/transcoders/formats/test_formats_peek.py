@@ -9,35 +9,56 @@ from safetensors.torch import load_file, save_file
 
 from conftest import plain_model_reference, run_tc
 from format_helpers import D, M, outputs, random_transcoder
-from tccli.replacement.prompts import freeze_prompt
 from tccli.errors import TcError
-from tccli.transcoders.formats import convert, format_of, load_transcoder_set, peek
 from tccli.model.loading import load_model
+from tccli.replacement.prompts import freeze_prompt
 from tccli.transcoders.files import save_transcoder
+from tccli.transcoders.formats import convert, format_of, load_transcoder_set, peek
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
 
 
-def peek_folder(folder, layer, d=D, m=M, act_fn="relu", top_k=None, sublayers=("mlp_in", "mlp_out"), seed=0,
-                dtype=torch.float32):
+def peek_folder(
+    folder, layer, d=D, m=M, act_fn="relu", top_k=None, sublayers=("mlp_in", "mlp_out"), seed=0, dtype=torch.float32
+):
     """One transcoder laid out as Peek's SAEInfo.save(save_tensors=True) writes it (json.dump defaults)."""
     generator = torch.Generator().manual_seed(seed + layer)
-    tensors = {"W_enc": torch.randn(d, m, generator=generator) / d ** 0.5,
-               "b_enc": torch.randn(m, generator=generator) * 0.1,
-               "W_dec": torch.randn(m, d, generator=generator) / d ** 0.5,
-               "b_dec": torch.randn(d, generator=generator) * 0.1}
+    tensors = {
+        "W_enc": torch.randn(d, m, generator=generator) / d**0.5,
+        "b_enc": torch.randn(m, generator=generator) * 0.1,
+        "W_dec": torch.randn(m, d, generator=generator) / d**0.5,
+        "b_dec": torch.randn(d, generator=generator) * 0.1,
+    }
     folder.mkdir(parents=True)
     save_file({k: v.to(dtype) for k, v in tensors.items()}, str(folder / "sae.safetensors"))
-    cfg = {"d_in": d, "num_features": m, "d_out": d, "dtype": str(dtype), "act_fn": act_fn, "top_k": top_k,
-           "tensors_filename": "sae.safetensors"}
+    cfg = {
+        "d_in": d,
+        "num_features": m,
+        "d_out": d,
+        "dtype": str(dtype),
+        "act_fn": act_fn,
+        "top_k": top_k,
+        "tensors_filename": "sae.safetensors",
+    }
     (folder / "sae.json").write_text(json.dumps(cfg))
     sides = [{"layer": layer, "sublayer": sublayer, "parallel_attn_mlp": True} for sublayer in sublayers]
-    info = {"name": "", "input_layer": sides[0], "output_layer": sides[1], "short_name": f"tc{layer}mlp_in",
-            "model_path": "EleutherAI/pythia-2.8b",
-            "upstreams": [{"path_type": "huggingface", "hf_repo_id": "jacobdunefsky/pythia-2.8B-transcoders",
-                           "hf_path": f"pythia-2.8B-dun-mlp-tc{layer}/sae_info.json", "absolute_path": None,
-                           "relative_path": None}],
-            "sae_filename": "sae.json"}
+    info = {
+        "name": "",
+        "input_layer": sides[0],
+        "output_layer": sides[1],
+        "short_name": f"tc{layer}mlp_in",
+        "model_path": "EleutherAI/pythia-2.8b",
+        "upstreams": [
+            {
+                "path_type": "huggingface",
+                "hf_repo_id": "jacobdunefsky/pythia-2.8B-transcoders",
+                "hf_path": f"pythia-2.8B-dun-mlp-tc{layer}/sae_info.json",
+                "absolute_path": None,
+                "relative_path": None,
+            }
+        ],
+        "sae_filename": "sae.json",
+    }
     (folder / "sae_info.json").write_text(json.dumps(info))
     return {k: v.to(dtype).float() for k, v in tensors.items()}
 
@@ -54,8 +75,10 @@ def peek_formula(tensors, x, act_fn="relu", top_k=None):
 
 
 def pythia_set(root, d_model=32, n_layers=2, **kwargs):
-    return {layer: peek_folder(root / f"pythia-2.8B-dun-mlp-tc{layer}", layer, d=d_model, m=64, **kwargs)
-            for layer in range(n_layers)}
+    return {
+        layer: peek_folder(root / f"pythia-2.8B-dun-mlp-tc{layer}", layer, d=d_model, m=64, **kwargs)
+        for layer in range(n_layers)
+    }
 
 
 def test_peek_set_reads_exactly_on_tiny_neox(tiny_model_dirs, tmp_path):
@@ -67,7 +90,11 @@ def test_peek_set_reads_exactly_on_tiny_neox(tiny_model_dirs, tmp_path):
     for layer, transcoder in transcoders.items():
         config = transcoder.config
         assert (config.kind, config.activation, config.input_space, config.output_space) == (
-            "transcoder", "relu", "normalized", "mlp_out")
+            "transcoder",
+            "relu",
+            "normalized",
+            "mlp_out",
+        )
         assert config.input_hook == f"blocks.{layer}.ln2.hook_normalized"
         assert config.output_hook == f"blocks.{layer}.hook_mlp_out"
         assert config.source["format"] == "peek" and config.model_name == "EleutherAI/pythia-2.8b"
@@ -123,8 +150,15 @@ def test_peek_round_trips(tmp_path):
         assert sorted(after) == ["W_dec", "W_enc", "b_dec", "b_enc"]
         assert all(torch.equal(before[name], after[name]) for name in before)
         cfg = json.loads((tmp_path / "back" / f"layer_{layer}" / "sae.json").read_text())
-        assert cfg == {"d_in": D, "num_features": 64, "d_out": D, "dtype": "torch.float32", "act_fn": "relu",
-                       "top_k": None, "tensors_filename": "sae.safetensors"}
+        assert cfg == {
+            "d_in": D,
+            "num_features": 64,
+            "d_out": D,
+            "dtype": "torch.float32",
+            "act_fn": "relu",
+            "top_k": None,
+            "tensors_filename": "sae.safetensors",
+        }
         info = json.loads((tmp_path / "back" / f"layer_{layer}" / "sae_info.json").read_text())
         assert info["input_layer"]["sublayer"] == "mlp_in" and info["output_layer"]["sublayer"] == "mlp_out"
     # tc -> Peek -> tc: the same config and outputs (b_pre folded into b_enc: equal to rounding)
@@ -179,22 +213,31 @@ def rewrite(path, **changes):
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("target,changes,message", [
-    ("sae.json", {"act_fn": "id"}, "act_fn 'id' is not supported"),
-    ("sae.json", {"act_fn": "top_k", "top_k": None}, "top_k must be a positive integer"),
-    ("sae.json", {"num_features": -3}, "num_features must be a positive integer"),
-    ("sae.json", {"d_in": "wide"}, "d_in must be a positive integer"),
-    ("sae.json", {"dtype": "torch.int8"}, "is not a floating-point type"),
-    ("sae.json", {"num_features": 99}, "tensor W_enc has shape"),
-    ("sae.json", {"tensors_filename": None}, "saved without its weights"),
-    ("sae.json", {"tensors_filename": "../../etc/passwd"}, "must name a file in the same folder"),
-    ("sae_info.json", {"input_layer": {"layer": 1, "sublayer": "pre", "parallel_attn_mlp": True}},
-     "sublayer 'pre' is not supported"),
-    ("sae_info.json", {"output_layer": {"layer": 2, "sublayer": "mlp_out", "parallel_attn_mlp": True}},
-     "from layer 1 to layer 2 is not supported"),
-    ("sae_info.json", {"input_layer": {"layer": -1, "sublayer": "mlp_in"}}, "layer must be a non-negative"),
-    ("sae_info.json", {"sae_filename": "other.json"}, "lacks other.json"),
-])
+@pytest.mark.parametrize(
+    "target,changes,message",
+    [
+        ("sae.json", {"act_fn": "id"}, "act_fn 'id' is not supported"),
+        ("sae.json", {"act_fn": "top_k", "top_k": None}, "top_k must be a positive integer"),
+        ("sae.json", {"num_features": -3}, "num_features must be a positive integer"),
+        ("sae.json", {"d_in": "wide"}, "d_in must be a positive integer"),
+        ("sae.json", {"dtype": "torch.int8"}, "is not a floating-point type"),
+        ("sae.json", {"num_features": 99}, "tensor W_enc has shape"),
+        ("sae.json", {"tensors_filename": None}, "saved without its weights"),
+        ("sae.json", {"tensors_filename": "../../etc/passwd"}, "must name a file in the same folder"),
+        (
+            "sae_info.json",
+            {"input_layer": {"layer": 1, "sublayer": "pre", "parallel_attn_mlp": True}},
+            "sublayer 'pre' is not supported",
+        ),
+        (
+            "sae_info.json",
+            {"output_layer": {"layer": 2, "sublayer": "mlp_out", "parallel_attn_mlp": True}},
+            "from layer 1 to layer 2 is not supported",
+        ),
+        ("sae_info.json", {"input_layer": {"layer": -1, "sublayer": "mlp_in"}}, "layer must be a non-negative"),
+        ("sae_info.json", {"sae_filename": "other.json"}, "lacks other.json"),
+    ],
+)
 def test_peek_bad_fields_are_one_line(tmp_path, target, changes, message):
     folder = tmp_path / "tc1"
     peek_folder(folder, 1)
@@ -222,20 +265,57 @@ def test_peek_missing_files(tmp_path):
 def test_eval_circuit_info_and_convert_on_tiny_neox(tiny_model_dirs, text_file, tmp_path):
     model_dir = str(tiny_model_dirs["neox"])
     pythia_set(tmp_path / "set")
-    result = run_tc("eval", "--model", model_dir, "--transcoders", str(tmp_path / "set"), "--data", str(text_file),
-                    "--tokens", "1024", "--context", "32", "--device", "cpu", "--json", "--quiet")
+    result = run_tc(
+        "eval",
+        "--model",
+        model_dir,
+        "--transcoders",
+        str(tmp_path / "set"),
+        "--data",
+        str(text_file),
+        "--tokens",
+        "1024",
+        "--context",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [row["layer"] for row in report["layers"]] == [0, 1]
     assert all(row["fvu"] > 0 and row["l0"] > 0 for row in report["layers"])
     out = tmp_path / "graph.json"
-    result = run_tc("circuit", "--model", model_dir, "--transcoders", str(tmp_path / "set"), "--device", "cpu",
-                    "--prompt", "The cat sat on the mat", "--logit", " the", "--format", "json", "--out", str(out),
-                    "--iters", "2", "--branches", "6")
+    result = run_tc(
+        "circuit",
+        "--model",
+        model_dir,
+        "--transcoders",
+        str(tmp_path / "set"),
+        "--device",
+        "cpu",
+        "--prompt",
+        "The cat sat on the mat",
+        "--logit",
+        " the",
+        "--format",
+        "json",
+        "--out",
+        str(out),
+        "--iters",
+        "2",
+        "--branches",
+        "6",
+    )
     assert result.returncode == 0, result.stderr
     graph = json.loads(out.read_text())
     assert graph["graph"]["metadata"]["transcoder_spaces"]["0"] == {
-        "input": "normalized", "output": "mlp_out", "skip": False, "activation": "relu"}
+        "input": "normalized",
+        "output": "mlp_out",
+        "skip": False,
+        "activation": "relu",
+    }
     assert any(node["kind"] == "feature" for node in graph["nodes"])
     info = run_tc("info", str(tmp_path / "set"))
     assert info.returncode == 0, info.stderr

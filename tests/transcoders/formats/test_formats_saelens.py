@@ -9,10 +9,8 @@ from safetensors.torch import save_file
 
 from format_helpers import D, M, outputs, random_transcoder
 from tccli.errors import TcError
-from tccli.transcoders.formats import load_transcoder_set, saelens
 from tccli.transcoders.files import save_transcoder
-
-
+from tccli.transcoders.formats import load_transcoder_set, saelens
 
 # ----------------------------------------------------------------------------- SAELens
 
@@ -61,35 +59,72 @@ def write_foreign_saelens(folder, cfg, tensors):
 
 def foreign_tensors(d_out=D, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D, M, generator=generator), "b_enc": torch.randn(M, generator=generator),
-            "W_dec": torch.randn(M, d_out, generator=generator), "b_dec": torch.randn(d_out, generator=generator)}
+    return {
+        "W_enc": torch.randn(D, M, generator=generator),
+        "b_enc": torch.randn(M, generator=generator),
+        "W_dec": torch.randn(M, d_out, generator=generator),
+        "b_dec": torch.randn(d_out, generator=generator),
+    }
 
 
 def test_read_foreign_saelens_layouts(tmp_path):
     x = torch.randn(25, D)
     t = foreign_tensors()
     # pre-6 flat layout, standard ReLU SAE subtracting b_dec from its input
-    write_foreign_saelens(tmp_path / "old", {"d_in": D, "d_sae": M, "hook_name": "blocks.3.hook_mlp_out",
-                                             "hook_layer": 3, "model_name": "gpt2", "activation_fn_str": "relu",
-                                             "apply_b_dec_to_input": True}, t)
+    write_foreign_saelens(
+        tmp_path / "old",
+        {
+            "d_in": D,
+            "d_sae": M,
+            "hook_name": "blocks.3.hook_mlp_out",
+            "hook_layer": 3,
+            "model_name": "gpt2",
+            "activation_fn_str": "relu",
+            "apply_b_dec_to_input": True,
+        },
+        t,
+    )
     sae = saelens.read(tmp_path / "old")
     assert sae.config.kind == "sae" and sae.config.layer == 3 and sae.config.input_hook == "blocks.3.hook_mlp_out"
     z = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
     y, z_tc = outputs(sae, x)
     assert torch.equal(z, z_tc) and torch.equal(y, z @ t["W_dec"] + t["b_dec"])
     # 6.x layout, a transcoder (no input bias) named by its hooks
-    write_foreign_saelens(tmp_path / "new", {
-        "architecture": "transcoder", "d_in": D, "d_sae": M, "d_out": D, "apply_b_dec_to_input": False,
-        "normalize_activations": "none", "hook_name_out": "blocks.0.hook_mlp_out",
-        "metadata": {"model_name": "gpt2", "hook_name": "blocks.0.ln2.hook_normalized", "sae_lens_version": "6.5.0"}}, t)
+    write_foreign_saelens(
+        tmp_path / "new",
+        {
+            "architecture": "transcoder",
+            "d_in": D,
+            "d_sae": M,
+            "d_out": D,
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "hook_name_out": "blocks.0.hook_mlp_out",
+            "metadata": {
+                "model_name": "gpt2",
+                "hook_name": "blocks.0.ln2.hook_normalized",
+                "sae_lens_version": "6.5.0",
+            },
+        },
+        t,
+    )
     transcoder = saelens.read(tmp_path / "new")
     assert transcoder.config.kind == "transcoder" and transcoder.config.layer == 0
     assert transcoder.config.output_hook == "blocks.0.hook_mlp_out"
     z = torch.relu(x @ t["W_enc"] + t["b_enc"])
     assert torch.equal(outputs(transcoder, x)[0], z @ t["W_dec"] + t["b_dec"])
     # pre-6 TopK through activation_fn_kwargs
-    write_foreign_saelens(tmp_path / "topk", {"d_in": D, "d_sae": M, "hook_name": "blocks.2.hook_mlp_out",
-                                              "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}}, t)
+    write_foreign_saelens(
+        tmp_path / "topk",
+        {
+            "d_in": D,
+            "d_sae": M,
+            "hook_name": "blocks.2.hook_mlp_out",
+            "activation_fn_str": "topk",
+            "activation_fn_kwargs": {"k": 4},
+        },
+        t,
+    )
     topk = saelens.read(tmp_path / "topk")
     assert topk.config.activation == "topk" and topk.config.k == 4 and topk.config.layer == 2
     # a set folder mixing formats is read through load_transcoder_set
@@ -99,25 +134,44 @@ def test_read_foreign_saelens_layouts(tmp_path):
 
 
 def test_unsupported_saelens_folders_are_refused(tmp_path):
-    write_foreign_saelens(tmp_path / "jump", {"architecture": "jumprelu", "d_in": D, "d_sae": M,
-                                              "metadata": {"hook_name": "blocks.0.hook_mlp_out"}}, foreign_tensors())
+    write_foreign_saelens(
+        tmp_path / "jump",
+        {"architecture": "jumprelu", "d_in": D, "d_sae": M, "metadata": {"hook_name": "blocks.0.hook_mlp_out"}},
+        foreign_tensors(),
+    )
     with pytest.raises(TcError, match="architecture 'jumprelu' is not supported"):
         saelens.read(tmp_path / "jump")
-    write_foreign_saelens(tmp_path / "norm", {"d_in": D, "d_sae": M, "hook_name": "blocks.0.hook_mlp_out",
-                                              "normalize_activations": "expected_average_only_in"}, foreign_tensors())
+    write_foreign_saelens(
+        tmp_path / "norm",
+        {
+            "d_in": D,
+            "d_sae": M,
+            "hook_name": "blocks.0.hook_mlp_out",
+            "normalize_activations": "expected_average_only_in",
+        },
+        foreign_tensors(),
+    )
     with pytest.raises(TcError, match="normalize_activations"):
         saelens.read(tmp_path / "norm")
-    write_foreign_saelens(tmp_path / "rescale", {"architecture": "topk", "k": 2, "d_in": D, "d_sae": M,
-                                                 "rescale_acts_by_decoder_norm": True,
-                                                 "metadata": {"hook_name": "blocks.0.hook_mlp_out"}}, foreign_tensors())
+    write_foreign_saelens(
+        tmp_path / "rescale",
+        {
+            "architecture": "topk",
+            "k": 2,
+            "d_in": D,
+            "d_sae": M,
+            "rescale_acts_by_decoder_norm": True,
+            "metadata": {"hook_name": "blocks.0.hook_mlp_out"},
+        },
+        foreign_tensors(),
+    )
     with pytest.raises(TcError, match="rescale_acts_by_decoder_norm"):
         saelens.read(tmp_path / "rescale")
-    write_foreign_saelens(tmp_path / "shape", {"d_in": D, "d_sae": M + 1, "hook_name": "blocks.0.hook_mlp_out"},
-                          foreign_tensors())
+    write_foreign_saelens(
+        tmp_path / "shape", {"d_in": D, "d_sae": M + 1, "hook_name": "blocks.0.hook_mlp_out"}, foreign_tensors()
+    )
     with pytest.raises(TcError, match="tensor W_enc has shape"):
         saelens.read(tmp_path / "shape")
-
-
 
 
 # ----------------------------------------------------------------------------- transcoder architectures
@@ -146,26 +200,45 @@ def saelens_formula(architecture, tensors, x):
     return y, z
 
 
-@pytest.mark.parametrize("architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder",
-                                          "jumprelu_skip_transcoder"])
-@pytest.mark.parametrize("hooks,spaces", [
-    (("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out"), ("normalized", "mlp_out")),
-    (("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"), ("mlp_input", "mlp_out")),
-    (("blocks.2.hook_mlp_in", "blocks.2.mlp.hook_out"), ("mlp_input", "mlp_output")),
-    (("blocks.2.hook_resid_mid", "blocks.2.hook_mlp_out"), ("resid_mid", "mlp_out")),
-])
+@pytest.mark.parametrize(
+    "architecture", ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+)
+@pytest.mark.parametrize(
+    "hooks,spaces",
+    [
+        (("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out"), ("normalized", "mlp_out")),
+        (("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"), ("mlp_input", "mlp_out")),
+        (("blocks.2.hook_mlp_in", "blocks.2.mlp.hook_out"), ("mlp_input", "mlp_output")),
+        (("blocks.2.hook_resid_mid", "blocks.2.hook_mlp_out"), ("resid_mid", "mlp_out")),
+    ],
+)
 def test_saelens_transcoder_architectures(tmp_path, architecture, hooks, spaces):
     tensors = saelens_transcoder_tensors(architecture)
-    write_foreign_saelens(tmp_path / "t", {
-        "architecture": architecture, "d_in": D, "d_sae": M, "d_out": D, "apply_b_dec_to_input": False,
-        "normalize_activations": "none", "dtype": "float32",
-        "metadata": {"model_name": "google/gemma-2-2b", "hook_name": hooks[0], "hook_name_out": hooks[1],
-                     "sae_lens_version": "6.54.12"}}, tensors)
+    write_foreign_saelens(
+        tmp_path / "t",
+        {
+            "architecture": architecture,
+            "d_in": D,
+            "d_sae": M,
+            "d_out": D,
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "dtype": "float32",
+            "metadata": {
+                "model_name": "google/gemma-2-2b",
+                "hook_name": hooks[0],
+                "hook_name_out": hooks[1],
+                "sae_lens_version": "6.54.12",
+            },
+        },
+        tensors,
+    )
     transcoder = saelens.read(tmp_path / "t")
     config = transcoder.config
     assert (config.input_space, config.output_space) == spaces and config.layer == 2
     assert config.skip == ("skip" in architecture) and config.activation == (
-        "jumprelu" if "jumprelu" in architecture else "relu")
+        "jumprelu" if "jumprelu" in architecture else "relu"
+    )
     assert config.source["format"] == "saelens" and config.source["architecture"] == architecture
     x = torch.randn(50, D)
     y, z = saelens_formula(architecture, tensors, x)
@@ -175,7 +248,8 @@ def test_saelens_transcoder_architectures(tmp_path, architecture, hooks, spaces)
     saelens.write(transcoder, tmp_path / "back")
     cfg = json.loads((tmp_path / "back" / "cfg.json").read_text())
     assert cfg["architecture"] == architecture
-    assert cfg["metadata"]["hook_name"] == f"blocks.2.{ {'normalized': 'ln2.hook_normalized', 'mlp_input': 'mlp.hook_in', 'resid_mid': 'hook_resid_mid'}[spaces[0]]}"
+    hook = {"normalized": "ln2.hook_normalized", "mlp_input": "mlp.hook_in", "resid_mid": "hook_resid_mid"}[spaces[0]]
+    assert cfg["metadata"]["hook_name"] == f"blocks.2.{hook}"
     from safetensors.torch import load_file
 
     written = load_file(str(tmp_path / "back" / "sae_weights.safetensors"))
@@ -186,15 +260,24 @@ def test_saelens_transcoder_architectures(tmp_path, architecture, hooks, spaces)
 def test_saelens_unknown_hooks_and_uncentred_outputs(tmp_path):
     tensors = foreign_tensors()
     base = {"architecture": "transcoder", "d_in": D, "d_sae": M, "d_out": D, "apply_b_dec_to_input": False}
-    write_foreign_saelens(tmp_path / "resid", {**base, "hook_name": "blocks.1.hook_resid_post",
-                                               "hook_name_out": "blocks.1.hook_mlp_out"}, tensors)
+    write_foreign_saelens(
+        tmp_path / "resid",
+        {**base, "hook_name": "blocks.1.hook_resid_post", "hook_name_out": "blocks.1.hook_mlp_out"},
+        tensors,
+    )
     with pytest.raises(TcError, match="reads 'blocks.1.hook_resid_post'"):
         saelens.read(tmp_path / "resid")
     # an unprocessed model's hook_mlp_out is the raw MLP output
-    write_foreign_saelens(tmp_path / "raw", {**base, "hook_name": "blocks.1.mlp.hook_in",
-                                             "hook_name_out": "blocks.1.hook_mlp_out",
-                                             "model_from_pretrained_kwargs": {"center_writing_weights": False}},
-                          tensors)
+    write_foreign_saelens(
+        tmp_path / "raw",
+        {
+            **base,
+            "hook_name": "blocks.1.mlp.hook_in",
+            "hook_name_out": "blocks.1.hook_mlp_out",
+            "model_from_pretrained_kwargs": {"center_writing_weights": False},
+        },
+        tensors,
+    )
     assert saelens.read(tmp_path / "raw").config.output_space == "mlp_output"
 
 

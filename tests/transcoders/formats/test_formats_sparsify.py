@@ -15,14 +15,27 @@ D, M, K = 8, 32, 4
 def sparsify_folder(folder, transcode=True, skip=True, seed=0, activation="topk"):
     """A layers.N.mlp folder laid out as SparseCoder.save_to_disk writes it."""
     generator = torch.Generator().manual_seed(seed)
-    tensors = {"encoder.weight": torch.randn(M, D, generator=generator), "encoder.bias": torch.randn(M, generator=generator),
-               "W_dec": torch.randn(M, D, generator=generator), "b_dec": torch.randn(D, generator=generator)}
+    tensors = {
+        "encoder.weight": torch.randn(M, D, generator=generator),
+        "encoder.bias": torch.randn(M, generator=generator),
+        "W_dec": torch.randn(M, D, generator=generator),
+        "b_dec": torch.randn(D, generator=generator),
+    }
     if skip:
         tensors["W_skip"] = torch.randn(D, D, generator=generator)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "sae.safetensors"))
-    cfg = {"activation": activation, "expansion_factor": 4, "normalize_decoder": True, "num_latents": M, "k": K,
-           "multi_topk": False, "skip_connection": skip, "transcode": transcode, "d_in": D}
+    cfg = {
+        "activation": activation,
+        "expansion_factor": 4,
+        "normalize_decoder": True,
+        "num_latents": M,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": skip,
+        "transcode": transcode,
+        "d_in": D,
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     return tensors
 
