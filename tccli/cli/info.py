@@ -176,43 +176,29 @@ def _transcoder_lines(s: dict) -> list[str]:
 # ============================================================================ graphs (their own modules say how)
 
 
-def _is_circuit_graph(path: Path) -> bool:
-    from tccli.circuit.files import is_circuit_graph_file
+def _circuit_files() -> Any:
+    from tccli.circuit import files
 
-    return is_circuit_graph_file(path)
-
-
-def _circuit_graph_summary(path: Path) -> dict:
-    from tccli.circuit.files import circuit_graph_summary
-
-    return circuit_graph_summary(path)
+    return files
 
 
-def _circuit_graph_lines(summary: dict) -> list[str]:
-    from tccli.circuit.files import circuit_graph_summary_lines
+def _graph_files() -> Any:
+    from tccli.graph import files
 
-    return circuit_graph_summary_lines(summary)
-
-
-def _is_attribution_graph(path: Path) -> bool:
-    from tccli.graph.files import is_attribution_graph_file
-
-    return is_attribution_graph_file(path)
-
-
-def _attribution_graph_summary(path: Path) -> dict:
-    from tccli.graph.files import attribution_graph_file_summary
-
-    return attribution_graph_file_summary(path)
-
-
-def _attribution_graph_lines(summary: dict) -> list[str]:
-    from tccli.graph.files import summary_lines
-
-    return summary_lines(summary)
+    return files
 
 
 register_kind("activation-cache", _is_hdf5, _cache_summary, _cache_lines)
 register_kind("transcoder", _is_transcoder_or_set, _transcoder_summary, _transcoder_lines)
-register_kind("circuit-graph", _is_circuit_graph, _circuit_graph_summary, _circuit_graph_lines)
-register_kind("attribution-graph", _is_attribution_graph, _attribution_graph_summary, _attribution_graph_lines)
+register_kind(
+    "circuit-graph",
+    lambda path: _circuit_files().is_circuit_graph_file(path),
+    lambda path: _circuit_files().circuit_graph_summary(path),
+    lambda summary: _circuit_files().circuit_graph_summary_lines(summary),
+)
+register_kind(
+    "attribution-graph",
+    lambda path: _graph_files().is_attribution_graph_file(path),
+    lambda path: _graph_files().attribution_graph_file_summary(path),
+    lambda summary: _graph_files().summary_lines(summary),
+)

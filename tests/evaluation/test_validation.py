@@ -29,7 +29,6 @@ from tccli.evaluation.validation import (
     sufficiency,
     target_from_metadata,
 )
-from tccli.model.loading import load_model
 from tccli.nodes import Intervention, NodeRef, parse_node
 from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.replacement.targets import unembed_target
@@ -179,18 +178,10 @@ def validate_files(config):
     """What `tc validate` does once its settings are checked: read the graph, load the model, the transcoders
     (and any --features, --prompts) it names, validate; the results dict."""
     from tccli.circuit.files import read_graph
-    from tccli.evaluation.validation import check_fits_model, graph_model_name, read_prompts, transcoders_path
-    from tccli.replacement.intervention import feature_means
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.evaluation.validation import load_validation_inputs
 
     graph = read_graph(config.graph)
-    meta = graph.graph.get("metadata", {})
-    loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
-    transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
-    check_fits_model(meta, loaded, transcoders)
-    means = feature_means(config.features, loaded, transcoders) if config.features else None
-    prompts = read_prompts(config.prompts) if config.prompts else None
-    return run_validation(config, graph, loaded, transcoders, means, prompts)
+    return run_validation(config, graph, *load_validation_inputs(config, graph.graph.get("metadata", {})))
 
 
 def validate(traced, **kwargs):

@@ -156,26 +156,11 @@ def score_config(files, out, **overrides):
 def score_files(config):
     """What `tc score` does once its settings are checked: claim --out, load the model, the transcoders and
     the text it names, score; the summary."""
-    from tccli.data.text import stream_rows
-    from tccli.features.score import check_scorable, run_score
-    from tccli.model.loading import check_context, load_model
+    from tccli.features.score import load_score_inputs, run_score
     from tccli.runtime import outputs
-    from tccli.transcoders.formats import load_checked_transcoders
 
     with outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]):
-        loaded = load_model(config.model, config.device, config.model_dtype)
-        check_context(config.context, loaded.info)
-        transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
-        check_scorable(transcoders, config.transcoders)
-        rows = stream_rows(
-            config.data,
-            loaded.tokenizer,
-            loaded.info.bos_token_id,
-            config.context,
-            config.tokens,
-            config.seed,
-            batch_rows=config.batch_size,
-        )
+        loaded, transcoders, rows = load_score_inputs(config)
         return run_score(config, loaded, transcoders, rows)
 
 

@@ -24,11 +24,9 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
     """Features of one random 24-feature transcoder on layer 0 of the tiny Llama, scored in-process."""
     from tccli.config.features import ScoreConfig
     from tccli.config.transcoders import TranscoderConfig
-    from tccli.data.text import stream_rows
-    from tccli.features.score import run_score
+    from tccli.features.score import load_score_inputs, run_score
     from tccli.model.loading import load_model
     from tccli.transcoders.files import save_transcoder
-    from tccli.transcoders.formats import load_transcoder_set
     from tccli.transcoders.transcoder import Transcoder
 
     root = tmp_path_factory.mktemp("show")
@@ -56,16 +54,7 @@ def features_h5(tiny_model_dirs, tmp_path_factory) -> Path:
         tc.b_enc[5] = -1e6  # feature 5 never fires
     save_transcoder(tc, root / "tc")
     (root / "corpus.txt").write_text("\n\n".join(f"Tale {i}. " + TOKENIZER_TEXT[i % 4] for i in range(30)))
-    rows = stream_rows(
-        config.data,
-        loaded.tokenizer,
-        loaded.info.bos_token_id,
-        config.context,
-        config.tokens,
-        config.seed,
-        batch_rows=config.batch_size,
-    )
-    run_score(config, loaded, load_transcoder_set(config.transcoders, loaded.device), rows)
+    run_score(config, *load_score_inputs(config))
     return Path(config.out)
 
 
