@@ -1,7 +1,7 @@
 """The `tc` console script and `python -m tccli`: answers `tc --version` at once, else runs the CLI.
 
-Importing `tccli.cli.app` imports torch and transformer_lens (seconds on a cold start), which a version
-query does not need.
+Importing `tccli.cli.app` imports typer, rich and the settings (a fraction of a second; torch and
+transformer_lens load only when a command runs), which a version query does not need either.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     from tccli.runtime import interrupts
 
-    interrupts.install()  # before the slow imports below: Ctrl-C during start-up is one line too
+    interrupts.install()  # before the imports below: Ctrl-C during start-up is one line too
     try:
         from tccli.cli.app import main as cli_main
     except interrupts.Interrupted as exc:
