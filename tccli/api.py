@@ -324,7 +324,7 @@ def attribution_graph(
         >>> run = tccli.attribution_graph(loaded, transcoders, "Once upon a time", max_feature_nodes=200)
         >>> run.graph.replacement, run.graph.completeness  # the replacement and completeness scores
     """
-    from tccli.graph import files as attribution_graph_io
+    from tccli.graph import files as graph_files
     from tccli.graph.trace import attribution_graph as trace_graph
     from tccli.runtime import outputs
 
@@ -335,9 +335,7 @@ def attribution_graph(
         if config.out:
             outputs.atomic_write_bytes(
                 config.out,
-                attribution_graph_io.render(
-                    run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config
-                ),
+                graph_files.render(run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config),
             )
     return run
 
@@ -353,7 +351,7 @@ def circuit_graph(model: Any, transcoders: Any, prompt: str, **settings: Any) ->
         >>> graph, summary = tccli.circuit_graph(loaded, transcoders, "Lily was happy. Then", logit_diff=["she", "he"])
         >>> sorted(graph.in_edges("target", data="weight"), key=lambda edge: -abs(edge[2]))[:5]  # the largest
     """
-    from tccli.circuit import files as graph_io
+    from tccli.circuit import files as circuit_files
     from tccli.circuit.trace import circuit_graph as trace_circuit
     from tccli.runtime import outputs
 
@@ -362,7 +360,7 @@ def circuit_graph(model: Any, transcoders: Any, prompt: str, **settings: Any) ->
         loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config)
         graph, summary = trace_circuit(loaded, loaded_transcoders, prompt, config)
         if config.out:
-            outputs.atomic_write_bytes(config.out, graph_io.render(graph, config.format, config))
+            outputs.atomic_write_bytes(config.out, circuit_files.render(graph, config.format, config))
     return graph, summary
 
 

@@ -466,7 +466,7 @@ def to_neuronpedia(graph: nx.DiGraph) -> str:
 
 def attribution_graph_to_neuronpedia(graph: nx.DiGraph) -> str:
     """circuit-tracer's graph file for Neuronpedia's viewer, from a pruned `tc graph` attribution graph
-    (attribution_graph_io.to_networkx).
+    (tccli.graph.files.to_networkx).
 
     As circuit-tracer writes it: `metadata` (slug, scan, transcoder_list, prompt_tokens, prompt,
     node_threshold; plus schema_version 1 and tc's own metadata under `tc`), `qParams`, `nodes`
@@ -648,7 +648,7 @@ def is_circuit_graph_file(path: Path) -> bool:
 
 
 def is_attribution_graph(graph: nx.DiGraph | dict) -> bool:
-    """Written by `tc graph` (attribution_graph_io, which `tc info` asks about such files), not `tc circuit`."""
+    """Written by `tc graph` (tccli.graph.files), not `tc circuit`."""
     attrs = graph.graph if isinstance(graph, nx.DiGraph) else graph
     return attrs.get("metadata", {}).get("kind") == "attribution-graph"
 

@@ -229,7 +229,7 @@ def _write_output(data: bytes, out: Optional[str]) -> None:
 @command_from(CircuitConfig)
 def circuit_command(config: CircuitConfig) -> None:
     """Trace the paths into a feature, logit or direction; the graph goes to stdout (or --out)."""
-    from tccli.circuit import files as graph_io
+    from tccli.circuit import files as circuit_files
     from tccli.circuit.trace import circuit_graph
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
@@ -246,7 +246,7 @@ def circuit_command(config: CircuitConfig) -> None:
         update("tracing the circuit", 0, 1)
         graph, summary = circuit_graph(loaded, transcoders, prompt, config)
         update("tracing the circuit", 1, 1)
-        _write_output(graph_io.render(graph, config.format, config), config.out)
+        _write_output(circuit_files.render(graph, config.format, config), config.out)
     if not config.quiet:
         print(
             f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
@@ -265,13 +265,13 @@ def _prompt_text(prompt: str) -> str:
 @command_from(ExportConfig)
 def export_command(config: ExportConfig) -> None:
     """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
-    from tccli.circuit import files as graph_io
+    from tccli.circuit import files as circuit_files
 
     if not config.out and config.format == "png" and sys.stdout.isatty():
         raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
     with outputs.claim(config.out, config.force, [config.graph]):
-        graph = graph_io.read_graph(config.graph)
-        _write_output(graph_io.render(graph, config.format, config), config.out)
+        graph = circuit_files.read_graph(config.graph)
+        _write_output(circuit_files.render(graph, config.format, config), config.out)
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))
@@ -372,7 +372,7 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 @command_from(GraphConfig)
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""
-    from tccli.graph import files as attribution_graph_io
+    from tccli.graph import files as graph_files
     from tccli.graph.trace import attribution_graph
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
@@ -388,9 +388,7 @@ def graph_command(config: GraphConfig) -> None:
         run = attribution_graph(
             loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
         )
-        data = attribution_graph_io.render(
-            run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config
-        )
+        data = graph_files.render(run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config)
         _write_output(data, config.out)
     graph, stats = run.graph, run.graph.stats
     log(

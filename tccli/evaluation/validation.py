@@ -212,7 +212,7 @@ def path_attributions(graph: Any, target: str) -> dict[str, float]:
 
 
 def circuit_nodes(graph: Any) -> list[CircuitNode]:
-    """The graph's feature and head nodes (a networkx graph as graph_io reads it), each with its total
+    """The graph's feature and head nodes (a networkx graph as tccli.circuit.files reads it), each with its total
     attribution to the target along the graph's paths."""
     from tccli.nodes import parse_node
 

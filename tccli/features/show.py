@@ -1,6 +1,6 @@
 """`tc show`: a features file (from `tc score`) seen by a person.
 
-Two views of the same records (``features_io.FeaturesFile.feature``):
+Two views of the same records (``tccli.features.files.FeaturesFile.feature``):
 - the terminal: one feature with rich, its examples' tokens shaded by the feature's activation;
 - one static, self-contained HTML page (inline CSS and SVG, no scripts, no network) with a card per
   feature: shaded examples, the layer's log-density histogram with this feature marked, a histogram of

@@ -1,6 +1,6 @@
 """Attribution graphs to files: tc's JSON (networkx node-link, read back by `tc export`, `tc info` and the
 intervention commands), Neuronpedia's attribution-graph JSON (the schema circuit-tracer writes), DOT
-(through graph_io's layout, as `tc circuit` draws) and a torch file with the whole unpruned sparse
+(through tccli.circuit.files' layout, as `tc circuit` draws) and a torch file with the whole unpruned sparse
 adjacency for scripts.
 
 The JSON and DOT graphs hold the pruned graph: the nodes and edges pruning kept. Node ids follow
@@ -305,15 +305,15 @@ def render(
     picture: Optional[PictureOptions] = None,
 ) -> bytes:
     """The graph in ``fmt`` (json, neuronpedia, dot, pt) as bytes; ``picture`` says how dot draws it."""
-    from tccli.circuit import files as graph_io
+    from tccli.circuit import files as circuit_files
 
     if fmt == "pt":
         return to_pt(graph, metadata)
     pruned = to_networkx(graph, metadata, strings, token_ids, heads)
     if fmt == "json":
-        return graph_io.to_json(pruned).encode()
+        return circuit_files.to_json(pruned).encode()
     if fmt == "neuronpedia":
-        return graph_io.attribution_graph_to_neuronpedia(pruned).encode()
+        return circuit_files.attribution_graph_to_neuronpedia(pruned).encode()
     if fmt == "dot":
-        return graph_io.to_dot(pruned, picture).encode()
+        return circuit_files.to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")

@@ -3,7 +3,7 @@
 Runs the model once on the prompt, freezes the forward pass (freeze, as `tc circuit`
 does), builds the targets (circuit-tracer's salient logits by default, or one of `tc circuit`'s
 targets), computes the graph (attribution_graph.build_attribution_graph) and describes it for the file
-formats (attribution_graph_io). No math and no file formats here.
+formats (tccli.graph.files). No math and no file formats here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ With patterns and scales frozen, a target ``v . resid(t)`` is linear in every up
 
     target = constant + sum(features) + sum(skips) + sum(head, source) + embed + pos + sum(biases) + sum(errors)
 
-holds to floating-point precision (tests/test_attribution.py checks it for every space pair).
+holds to floating-point precision (tests/replacement/test_attribution.py checks it for every space pair).
 
 Normalisation: a vector ``w`` dotted with a normalised residual equals ``(P w / scale) . x`` with
 ``x`` the raw residual, ``P`` the mean-centring projection for LayerNorm (identity for RMSNorm).

@@ -20,7 +20,7 @@ input; ``x`` is the input itself, before ``b_pre`` is subtracted.
 
 Where a transcoder reads and writes (``input_space``, ``output_space``) is part of its identity: it is valid
 only for the activations it was trained on (METHOD.md section 8). An SAE is the same module with input and
-target the same activation. Pure math: no file I/O here (see transcoder_io).
+target the same activation. Pure math: no file I/O here (see tccli.transcoders.files).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from circuit_helpers import paper_model
-from tccli.circuit import files as graph_io
+from tccli.circuit import files as circuit_files
 from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.config.circuit import PictureOptions
 from tccli.errors import TcError
@@ -54,7 +54,7 @@ def render_svg(text: str) -> bytes:
 
 
 def test_dot_is_valid_graphviz(graph):
-    text = graph_io.to_dot(graph)
+    text = circuit_files.to_dot(graph)
     assert text.startswith("digraph circuit {") and text.rstrip().endswith("}")
     assert '"mlp0.f1@1" -> "target"' in text and "layout=neato" in text
     assert 'label="\\"say \\\\\\"hi\\\\\\"\\"\\n1"' in text  # the column's token: quotes survive two escapings
@@ -66,7 +66,7 @@ def test_dot_is_valid_graphviz(graph):
 
 def test_dot_edge_style_by_weight_and_sign(graph):
     graph.add_edge("err0@1", "mlp0.f1@1", weight=-3.0)
-    lines = {line.split(" [")[0].strip(): line for line in graph_io.to_dot(graph).splitlines() if "->" in line}
+    lines = {line.split(" [")[0].strip(): line for line in circuit_files.to_dot(graph).splitlines() if "->" in line}
     assert 'color="#c0392b"' in lines['"err0@1" -> "mlp0.f1@1"']  # negative: red
     assert 'color="#1f5fbf"' in lines['"mlp0.f1@1" -> "target"']
     assert "penwidth=5.00" in lines['"mlp0.f1@1" -> "target"']  # the largest |weight| is widest
@@ -77,13 +77,13 @@ def test_dot_thresholds_hide_small_edges_and_label_at_3_significant_figures(grap
     graph.add_node("err0@0", kind="error", layer=0, position=0, token="<bos>", path_contribution=0.0001)
     graph.add_edge("err0@0", "mlp0.f0@1", weight=0.0001)
     graph.edges["mlp0.f1@1", "target"]["weight"] = 6.123456
-    text = graph_io.to_dot(graph)
+    text = circuit_files.to_dot(graph)
     edges = {line.split(" [")[0].strip(): line for line in text.splitlines() if "->" in line}
     assert '"err0@0" -> "mlp0.f0@1"' not in edges and '"err0@0" [' not in text  # edge and its node hidden
     assert 'label="6.12"' in edges['"mlp0.f1@1" -> "target"']
     assert "label=" not in edges['"err0@1" -> "target"']  # 0.5 < 0.65: drawn, not labelled
     assert "not drawn: 1 edges below 0.01 x |target| and 1 nodes left without an edge" in text
-    everything = graph_io.to_dot(graph, PictureOptions(min_edge=0.0, min_edge_label=0.0))
+    everything = circuit_files.to_dot(graph, PictureOptions(min_edge=0.0, min_edge_label=0.0))
     assert '"err0@0" -> "mlp0.f0@1"' in everything and 'label="0.0001"' in everything
     with pytest.raises(TcError, match="--min-edge must be a fraction >= 0"):
         PictureOptions(min_edge=float("nan")).validate()
@@ -95,14 +95,14 @@ def test_dense_graphs_get_straight_edges_and_at_most_40_labels():
     graph.nodes["target"]["activation"] = 1.0
     for i in range(130):
         graph.add_edge(f"f{i}", "target", weight=1.0 + i / 100)
-    text = graph_io.to_dot(graph)
+    text = circuit_files.to_dot(graph)
     labels = [line for line in text.splitlines() if "->" in line and "label=" in line]
-    assert "splines=false" in text and len(labels) == graph_io.MAX_EDGE_LABELS
+    assert "splines=false" in text and len(labels) == circuit_files.MAX_EDGE_LABELS
     assert any('"f129" -> "target"' in line for line in labels)  # the largest weights are the ones written
     assert not any('"f0" -> "target"' in line for line in labels)
     small = grid_graph({"target": ("target", 1, 2, -1), "f0": ("feature", 0, 1, 0)})
     small.add_edge("f0", "target", weight=1.0)
-    assert "splines=curved" in graph_io.to_dot(small)
+    assert "splines=curved" in circuit_files.to_dot(small)
 
 
 def test_target_labels_say_what_the_target_is():
@@ -151,7 +151,7 @@ def test_grid_layout_rows_by_layer_columns_by_position():
         "err1@2": ("error", 1, 2, -1),
         "attn1.h0@0": ("head", 1, 0, 0),
     }
-    layout = graph_io.grid_layout(grid_graph(nodes))
+    layout = circuit_files.grid_layout(grid_graph(nodes))
     x = {n: p[0] for n, p in layout.positions.items()}
     y = {n: p[1] for n, p in layout.positions.items()}
     # rows: embeddings < layer 0 attention < layer 0 MLP < layer 1 attention < layer 1 MLP < target
@@ -172,40 +172,40 @@ def test_grid_layout_rows_by_layer_columns_by_position():
 def test_grid_layout_depends_on_attributes_only():
     """Renaming nodes moves nothing: `tc graph` lays out its own graphs with the same function."""
     nodes = {"a": ("feature", 0, 1, 7), "b": ("feature", 0, 1, 8), "c": ("head", 1, 0, 2), "t": ("target", 2, 1, -1)}
-    first = graph_io.grid_layout(grid_graph(nodes))
+    first = circuit_files.grid_layout(grid_graph(nodes))
     renamed = grid_graph({f"node {name}": spec for name, spec in nodes.items()})
-    second = graph_io.grid_layout(renamed)
+    second = circuit_files.grid_layout(renamed)
     assert {f"node {n}": p for n, p in first.positions.items()} == second.positions
     crowded = grid_graph(
-        {**{f"f{i}": ("feature", 0, 1, i) for i in range(graph_io.PER_LINE + 1)}, "t": ("target", 1, 1, -1)}
+        {**{f"f{i}": ("feature", 0, 1, i) for i in range(circuit_files.PER_LINE + 1)}, "t": ("target", 1, 1, -1)}
     )
-    lines = sorted({round(p[1], 6) for n, p in graph_io.grid_layout(crowded).positions.items() if n != "t"})
+    lines = sorted({round(p[1], 6) for n, p in circuit_files.grid_layout(crowded).positions.items() if n != "t"})
     assert len(lines) == 2  # more than PER_LINE nodes in one cell wrap onto a second line
 
 
 def test_json_of_older_graphs_reads_contribution_as_path_contribution(graph):
-    data = json.loads(graph_io.to_json(graph))
+    data = json.loads(circuit_files.to_json(graph))
     for node in data["nodes"]:
         node["contribution"] = node.pop("path_contribution")
         node.pop("direct_contribution")
-    back = graph_io.from_json(json.dumps(data))
+    back = circuit_files.from_json(json.dumps(data))
     assert back.nodes["mlp0.f1@1"]["path_contribution"] == graph.nodes["mlp0.f1@1"]["path_contribution"]
 
 
 def test_json_round_trip(graph):
-    back = graph_io.from_json(graph_io.to_json(graph))
+    back = circuit_files.from_json(circuit_files.to_json(graph))
     assert set(back.nodes) == set(graph.nodes)
     assert {(u, v): w for u, v, w in back.edges(data="weight")} == {(u, v): w for u, v, w in graph.edges(data="weight")}
     assert all(back.nodes[n] == graph.nodes[n] for n in graph.nodes)
     assert back.graph["metadata"] == graph.graph["metadata"]
     with pytest.raises(TcError, match="not a tc circuit graph"):
-        graph_io.from_json('{"nodes": []}')
+        circuit_files.from_json('{"nodes": []}')
     with pytest.raises(TcError, match="not JSON"):
-        graph_io.from_json("{")
+        circuit_files.from_json("{")
 
 
 def test_neuronpedia_schema(graph):
-    document = json.loads(graph_io.to_neuronpedia(graph))
+    document = json.loads(circuit_files.to_neuronpedia(graph))
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
     for key in ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt"):
         assert key in document["metadata"]
@@ -225,23 +225,23 @@ def test_neuronpedia_schema(graph):
 
 
 def test_graphml_and_render(graph):
-    back = nx.read_graphml(io.BytesIO(graph_io.render(graph, "graphml")))
+    back = nx.read_graphml(io.BytesIO(circuit_files.render(graph, "graphml")))
     assert set(back.nodes) == set(graph.nodes) and back.number_of_edges() == graph.number_of_edges()
     with pytest.raises(TcError, match="unknown format"):
-        graph_io.render(graph, "pdf")
+        circuit_files.render(graph, "pdf")
 
 
 def test_svg_without_dot_says_so(graph, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(TcError, match="Graphviz's `dot` program"):
-        graph_io.render(graph, "svg")
+        circuit_files.render(graph, "svg")
 
 
 def test_tc_info_describes_graph_files(graph, tmp_path):
     from tccli.cli import info
 
     path = tmp_path / "g.json"
-    path.write_text(graph_io.to_json(graph))
+    path.write_text(circuit_files.to_json(graph))
     summary = info.describe(path)
     assert summary["kind"] == "circuit-graph" and summary["nodes"] == graph.number_of_nodes()
     assert summary["node_kinds"]["feature"] == 2 and summary["model"] == "paper"

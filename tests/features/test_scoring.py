@@ -384,7 +384,7 @@ def test_streamed_rows_score_exactly_as_rows_in_memory(tiny_model_dirs, text_fil
 
 def test_scoring_imports_no_file_io():
     """Imports flow math <- I/O <- CLI: the scoring math never imports (even lazily) the features file
-    module, the command or h5py; features_io imports scoring's result classes, never the reverse."""
+    module, the command or h5py; tccli.features.files imports scoring's result classes, never the reverse."""
     import ast
     from pathlib import Path
 

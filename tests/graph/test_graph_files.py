@@ -12,9 +12,9 @@ import pytest
 import torch
 from graph_helpers import hand_graph
 
-from tccli.circuit import files as graph_io
+from tccli.circuit import files as circuit_files
 from tccli.graph import attribution_graph as ag
-from tccli.graph import files as agio
+from tccli.graph import files as graph_files
 from tccli.nodes import target_id
 
 METADATA = {
@@ -51,12 +51,18 @@ def graph() -> ag.AttributionGraph:
 
 def test_node_ids():
     table, _ = hand_graph()
-    assert agio.node_ids(table, METADATA["targets"]) == ["mlp0.f0@0", "mlp0.f1@0", "err0@0", "embed@0", "logit5@0"]
+    assert graph_files.node_ids(table, METADATA["targets"]) == [
+        "mlp0.f0@0",
+        "mlp0.f1@0",
+        "err0@0",
+        "embed@0",
+        "logit5@0",
+    ]
     assert target_id({"kind": "feature", "layer": 1, "feature": 3, "position": 2}, 1) == "target"
 
 
 def test_pruned_graph_nodes_edges_and_metadata(graph):
-    pruned = agio.to_networkx(graph, METADATA, ["x"], [7])
+    pruned = graph_files.to_networkx(graph, METADATA, ["x"], [7])
     # the hand-worked pruning at edge threshold 0.9: e pruned, f1<-f0 dropped
     assert set(pruned.nodes) == {"mlp0.f0@0", "mlp0.f1@0", "embed@0", "logit5@0"}
     assert {(u, v): w for u, v, w in pruned.edges(data="weight")} == {
@@ -70,7 +76,7 @@ def test_pruned_graph_nodes_edges_and_metadata(graph):
     assert pruned.nodes["embed@0"]["token_id"] == 7
     meta = pruned.graph["metadata"]
     assert meta["replacement_score"] == 0.796875 and meta["kept_features"] == 2 and meta["kept_edges"] == 4
-    back = graph_io.from_json(graph_io.to_json(pruned))  # what tc export and tc info read
+    back = circuit_files.from_json(circuit_files.to_json(pruned))  # what tc export and tc info read
     assert {(u, v): w for u, v, w in back.edges(data="weight")} == {
         (u, v): w for u, v, w in pruned.edges(data="weight")
     }
@@ -78,7 +84,9 @@ def test_pruned_graph_nodes_edges_and_metadata(graph):
 
 
 def test_neuronpedia_schema(graph):
-    document = json.loads(graph_io.attribution_graph_to_neuronpedia(agio.to_networkx(graph, METADATA, ["x"], [7])))
+    document = json.loads(
+        circuit_files.attribution_graph_to_neuronpedia(graph_files.to_networkx(graph, METADATA, ["x"], [7]))
+    )
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
     assert document["metadata"]["schema_version"] == 1 and document["metadata"]["prompt_tokens"] == ["x"]
     by_id = {node["node_id"]: node for node in document["nodes"]}
@@ -98,12 +106,12 @@ def test_neuronpedia_schema(graph):
         ("E_7_0", "0_1_0"): 3.0,
     }
     # tc export on the JSON file writes the same document
-    pruned = graph_io.from_json(graph_io.to_json(agio.to_networkx(graph, METADATA, ["x"], [7])))
-    assert json.loads(graph_io.render(pruned, "neuronpedia")) == document
+    pruned = circuit_files.from_json(circuit_files.to_json(graph_files.to_networkx(graph, METADATA, ["x"], [7])))
+    assert json.loads(circuit_files.render(pruned, "neuronpedia")) == document
 
 
 def test_pt_holds_the_whole_unpruned_adjacency(graph):
-    data = torch.load(io.BytesIO(agio.to_pt(graph, METADATA)), weights_only=True)
+    data = torch.load(io.BytesIO(graph_files.to_pt(graph, METADATA)), weights_only=True)
     assert json.loads(data["metadata_json"]) == METADATA
     crow, col, value = data["crow"], data["col"], data["value"]
     dense = torch.zeros(5, 5, dtype=torch.float64)
@@ -115,7 +123,7 @@ def test_pt_holds_the_whole_unpruned_adjacency(graph):
 
 
 def test_dot_is_valid_graphviz(graph):
-    text = agio.render(graph, METADATA, ["x"], [7], "dot").decode()
+    text = graph_files.render(graph, METADATA, ["x"], [7], "dot").decode()
     assert '"mlp0.f0@0" -> "logit5@0"' in text
     if shutil.which("dot") is None:
         pytest.skip("Graphviz's dot is not installed; the DOT text was checked, not rendered")
@@ -127,7 +135,7 @@ def test_info_summary(graph, tmp_path):
     from tccli.cli import info
 
     path = tmp_path / "g.json"
-    path.write_text(graph_io.to_json(agio.to_networkx(graph, METADATA, ["x"], [7])))
+    path.write_text(circuit_files.to_json(graph_files.to_networkx(graph, METADATA, ["x"], [7])))
     summary = info.describe(path)
     assert summary["kind"] == "attribution-graph" and summary["replacement_score"] == 0.796875
     text = info.render(summary)

@@ -142,11 +142,11 @@ def test_command_errors_are_one_line(tiny_model_dirs, transcoder_dir, tmp_path):
 
 
 def test_heads_become_nodes_and_edges_keep_their_totals(gpt2, transcoder_dir, one_torch_thread):
-    from tccli.graph import files as attribution_graph_io
+    from tccli.graph import files as graph_files
 
     run = attribution_graph(gpt2, transcoders(gpt2), PROMPT, config(transcoder_dir, heads=True, max_logits=3))
     assert run.heads is not None
-    graph = attribution_graph_io.to_networkx(run.graph, run.metadata, run.strings, run.tokens, run.heads)
+    graph = graph_files.to_networkx(run.graph, run.metadata, run.strings, run.tokens, run.heads)
     heads = [n for n, kind in graph.nodes(data="kind") if kind == "head"]
     assert heads and all(n.startswith("attn") for n in heads)
     routed: dict = {}
