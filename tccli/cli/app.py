@@ -505,6 +505,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = command.main(args=args, prog_name="tc", standalone_mode=False)
         if result == 130:  # typer's answer to a KeyboardInterrupt that did not come from our handler
             _interrupted(args)
+        if interrupts.swallowed() is not None:  # a signal's Interrupted was lost in a finaliser
+            _interrupted(args, interrupts.swallowed())
         _exit_torchrun_rank()
     except interrupts.Interrupted as exc:
         _interrupted(args, exc.signum, exc.detail)

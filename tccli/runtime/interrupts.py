@@ -8,6 +8,11 @@ Long jobs that must stop at a clean point (``tc train`` between two optimiser st
 ``deferred()``: a signal arriving there is only recorded, the job polls ``pending()`` at its clean points,
 saves what it has and raises ``Interrupted`` itself. A second signal while the first is being handled
 stops the process at once (the user insisted; every file tc writes survives a kill anyway).
+
+A signal can arrive while the main thread runs a finaliser (an object's ``__del__``, a generator closed
+by the garbage collector): Python prints the ``Interrupted`` raised there as "Exception ignored" and goes
+on. ``swallowed()`` remembers such a signal, so that no output is put in place after it
+(``tccli.runtime.outputs.atomic_write``) and the command still ends as interrupted.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
-_state: dict = {"installed": False, "deferred": 0, "pending": None, "handling": False}
+_state: dict = {"installed": False, "deferred": 0, "pending": None, "handling": False, "raised": None}
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -60,7 +65,22 @@ def _handler(signum: int, frame: object) -> None:
         _state["pending"] = signum
         return
     _state["handling"] = True
+    _state["raised"] = signum  # remembered in case a finaliser swallows the exception (swallowed())
     raise Interrupted(signum)
+
+
+def swallowed() -> Optional[int]:
+    """The signal whose ``Interrupted`` the handler raised, if one was: when code is still running normally
+    after it (not unwinding from it), something swallowed the exception."""
+    return _state.get("raised")
+
+
+def raise_if_swallowed() -> None:
+    """In the main thread, raise ``Interrupted`` again for a signal that a finaliser swallowed (a no-op
+    otherwise, and in other threads, such as `tc cache`'s writer, which commits its progress either way)."""
+    signum = swallowed()
+    if signum is not None and threading.current_thread() is threading.main_thread():
+        raise Interrupted(signum)
 
 
 def install() -> None:

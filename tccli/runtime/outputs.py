@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tccli.errors import TcError, fail
+from tccli.runtime import interrupts
 
 LOCK_SUFFIX = ".lock"
 TEMP_SUFFIX = ".tmp"
@@ -252,6 +253,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> None:
     try:
         write(tmp)
         _fsync(tmp)
+        interrupts.raise_if_swallowed()  # a signal arrived and was lost in a finaliser: put nothing in place
         os.replace(tmp, path)
         fsync_folder(path.parent)
     except TcError:

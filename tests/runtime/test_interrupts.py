@@ -65,3 +65,32 @@ def test_nothing_pending_nothing_raised(handlers):
     with interrupts.deferred():
         pass
     interrupts.raise_pending()
+
+
+class _SignalledWhileFinalised:
+    """An object whose finaliser is interrupted by SIGTERM: the handler's Interrupted raised inside
+    ``__del__`` is printed as "Exception ignored" by Python, and the code that dropped the object goes on."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**6):  # the handler runs between two bytecodes, inside this finaliser
+            pass
+
+
+def test_a_signal_lost_in_a_finaliser_still_stops_the_outputs(handlers, tmp_path):
+    from tccli.runtime import outputs
+
+    _SignalledWhileFinalised()  # dropped at once: its finaliser swallows the Interrupted
+    assert interrupts.swallowed() == signal.SIGTERM
+    with pytest.raises(interrupts.Interrupted) as caught:
+        outputs.atomic_write_text(tmp_path / "out.txt", "written after the signal")
+    assert caught.value.signum == signal.SIGTERM and caught.value.exit_code == 143
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary file
+
+
+def test_no_signal_nothing_swallowed(handlers, tmp_path):
+    from tccli.runtime import outputs
+
+    assert interrupts.swallowed() is None
+    outputs.atomic_write_text(tmp_path / "out.txt", "x")
+    assert (tmp_path / "out.txt").read_text() == "x"
