@@ -1,7 +1,9 @@
 # Two targets do all the set-up on a fresh machine:
-#   make demo   create .venv, install tc, run the whole method end to end on a model that needs no download
-#   make test   create .venv, install tc with test extras, lint (ruff check, ruff format --check), run the test suite
-#   make figures  regenerate every README figure that comes from a run (scripts/readme_figures.py)
+#   make demo      create .venv, install tc, run the whole method end to end on a model that needs no download
+#   make test      create .venv, install tc with test extras, lint, build the docs, run the quick tests (<= 5 min)
+#   make test-all  the same, then every test: real processes, signals, terminals, figures, torchrun (CI)
+#   make docs      build the docs site into site/ (mkdocs build --strict)
+#   make figures   regenerate every figure the README and docs quote from a run (scripts/readme_figures.py)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -11,7 +13,7 @@ TC      = $(VENV)/bin/tc
 # so it is installed first, and only when no torch is importable.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test completions figures clean
+.PHONY: install demo test test-all lint docs completions figures clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +24,23 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	bash scripts/install_graphviz.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
-test: install
+lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The contributor's tier: unit tests, in-process CLI tests, the battery's flag-level cases (docs/development.md).
+test: lint docs
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not process" tests
+
+# Everything: also the tests marked process (signals, terminals, sandboxes, concurrent runs) and slow.
+test-all: lint docs
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 completions: install
 	$(PY) -m tccli.cli.completions completions
@@ -36,4 +49,4 @@ figures: install
 	$(PY) scripts/readme_figures.py update
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out site

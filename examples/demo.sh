@@ -28,7 +28,7 @@ tc train --cache "$OUT/acts.h5" --out "$OUT/transcoders" --tokens 400k --expansi
   --batch-size 1024 --warmup-steps 50 --force --quiet
 if [[ " $SKIP " != *" eval "* ]]; then
   echo "== tc eval: fidelity on text the cache did not read (--seed 1 packs other rows first)" >&2
-  tc eval --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --seed 1 --tokens 10k \
+  tc eval --model "$MODEL" --device "$DEVICE" --data "$CORPUS" --seed 1 --tokens 50k \
     --transcoders "$OUT/transcoders" --quiet
 fi
 if [[ " $SKIP " != *" score "* ]]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Attribution graphs (`tc graph`, METHOD.md section 9) of the README: the built-in model on the greater-than
+# Attribution graphs (`tc graph`, docs/method.md section 9) of the README: the built-in model on the greater-than
 # prompt and stories260K on the pronoun prompt, each beside the greedy circuit `tc circuit` finds for the
 # same target.
 #

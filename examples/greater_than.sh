@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's greater-than case study (section 6 of docs/METHOD.md) on tc's built-in model.
+# The paper's greater-than case study (section 6 of docs/docs/method.md) on tc's built-in model.
 #
 #   1. the model's probability difference on 100 prompts "The war lasted from the year 17YY to the year 17"
 #   2. transcoders for every layer (reused from `make demo` when demo-out/transcoders exists)

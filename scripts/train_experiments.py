@@ -1,4 +1,4 @@
-"""The training experiments behind the README's `tc train` tables and Pareto figure, on stories260K.
+"""The training experiments behind the `tc train` tables and Pareto figure of docs/commands/train.md, on stories260K.
 
 Protocol (issue 12): the first 700,000 bytes of ../shared/corpora/tinystories-valid-excerpt.txt are cached
 for training (`tc cache --tokens 10M --context 128 --layers all --dtype float32`: 341,248 tokens), the rest
@@ -9,7 +9,7 @@ stopped and `table` re-prints from what is there.
 
     python scripts/train_experiments.py run GROUP [--layers 2,4] [--seeds 0,1]   # trains and evaluates
     python scripts/train_experiments.py table GROUP                             # markdown table on stdout
-    python scripts/train_experiments.py pareto defaults kinds pareto --layers 4  # the README's figure
+    python scripts/train_experiments.py pareto defaults kinds pareto --layers 4  # the docs' Pareto figure
 
 Groups: see GROUPS below. Runs are sequential and niced; each prints a line on stderr when done.
 """

@@ -150,7 +150,7 @@ def load_model(model: Optional[str | Path] = None, device: str = "auto", model_d
     """Load a language model: a HuggingFace hub name, a local HuggingFace folder, or None / 'builtin' for the
     model shipped with tc. Returns a ``LoadedModel`` (``.bridge``, ``.tokenizer``, ``.info``, ``.device``).
 
-    Example:
+    Examples:
         >>> loaded = tccli.load_model("../shared/models/stories260K", device="cpu")
         >>> loaded.info.n_layers
         5
@@ -164,7 +164,7 @@ def load_transcoders(path: str | Path, device: str = "cpu", layers: Optional[lis
     """Load transcoders: a tc folder, a folder of per-layer folders, a file in another library's format, or a
     hub id (OWNER/REPO). Returns {layer: Transcoder}, only ``layers`` when given.
 
-    Example:
+    Examples:
         >>> transcoders = tccli.load_transcoders("runs/tcs", layers=[0, 1])
         >>> sorted(transcoders)
         [0, 1]
@@ -210,7 +210,7 @@ def replacement_model(
     ``tccli.replacement.model.ReplacementModel``: ``.clean_logits``, ``.clean_activations(layer)``
     [1, tokens, features], ``.run(rows, mode)`` for batched interventions (``intervene`` is the simple way).
 
-    Example:
+    Examples:
         >>> rm = tccli.replacement_model(loaded, transcoders, "Once upon a time")
         >>> rm.clean_activations(0)[0, -1].topk(3)  # layer 0's most active features at the last token
     """
@@ -238,7 +238,7 @@ def cache_activations(*, progress: Optional[Callable[[int, int], None]] = None, 
     """`tc cache`: run the model over text and store each chosen layer's MLP input and output in HDF5.
     ``progress(done, total)`` counts tokens. Returns a ``CacheResult`` (``.path``, ``.n_tokens``, ``.seconds``).
 
-    Example:
+    Examples:
         >>> result = tccli.cache_activations(model="../shared/models/stories260K", data="stories.txt",
         ...                                  tokens="8k", context=64, out="acts.h5", quiet=True)
         >>> result.n_tokens
@@ -258,7 +258,7 @@ def train(**settings: Any) -> dict[int, Any]:
     """`tc train`: train one transcoder (or MLP-output SAE) per layer from an activation cache. Returns
     {layer: Transcoder}; each is also saved in ``out``/layer_L (with the log and the checkpoint).
 
-    Example:
+    Examples:
         >>> transcoders = tccli.train(cache="acts.h5", out="tcs", tokens="200k", expansion=4, k=8)
         >>> sorted(transcoders)
         [0, 1, 2, 3, 4]
@@ -274,7 +274,7 @@ def evaluate(*, progress: Optional[Callable[[str, int, int], None]] = None, **se
     all at once). ``progress(stage, done, total)`` counts batches. Returns an ``EvalResult``: ``.layers`` (a
     dict of metrics per layer), ``.all_layers``, ``.to_dict()`` (what `tc eval --json` prints).
 
-    Example:
+    Examples:
         >>> result = tccli.evaluate(model="../shared/models/stories260K", transcoders="tcs",
         ...                         data="held-out.txt", tokens="10k", context=64)
         >>> [(row["layer"], row["fvu"], row["recovered_zero"]) for row in result.layers]
@@ -292,7 +292,7 @@ def score_features(*, progress: Optional[Callable[[str, int, int], None]] = None
     de-embeddings, logit effects) into a features file. ``progress(stage, done, total)`` counts rows. Returns
     a summary ({"out", "layers", "tokens", ...}); read the file with ``tccli.features.files.FeaturesFile``.
 
-    Example:
+    Examples:
         >>> summary = tccli.score_features(model="../shared/models/stories260K", transcoders="tcs",
         ...                                data="stories.txt", tokens="20k", context=64, out="features.h5")
         >>> summary["out"]
@@ -320,7 +320,7 @@ def attribution_graph(
     ``.metadata``; ``tccli.graph.files.to_networkx`` gives the pruned graph); with ``out`` the graph is also
     written there in ``format``.
 
-    Example:
+    Examples:
         >>> run = tccli.attribution_graph(loaded, transcoders, "Once upon a time", max_feature_nodes=200)
         >>> run.graph.replacement, run.graph.completeness  # the replacement and completeness scores
     """
@@ -347,7 +347,7 @@ def circuit_graph(model: Any, transcoders: Any, prompt: str, **settings: Any) ->
     DiGraph, a summary {"nodes", "edges", "value", "explained", "fraction", "error"}); with ``out`` the graph
     is also written there in ``format``.
 
-    Example:
+    Examples:
         >>> graph, summary = tccli.circuit_graph(loaded, transcoders, "Lily was happy. Then", logit_diff=["she", "he"])
         >>> sorted(graph.in_edges("target", data="weight"), key=lambda edge: -abs(edge[2]))[:5]  # the largest
     """
@@ -371,7 +371,7 @@ def intervene(model: Any, transcoders: Any, prompt: str, **settings: Any) -> dic
     position). ``model`` and ``transcoders`` as for ``attribution_graph``. Returns what `tc intervene --json`
     prints: the target before and after (when one is given), the top next tokens before and after, the KL.
 
-    Example:
+    Examples:
         >>> result = tccli.intervene(loaded, transcoders, "Lily was happy. Then", ablate=["mlp3.f32@-1"],
         ...                          logit_diff=["she", "he"])
         >>> result["target"]["before"], result["target"]["after"]
@@ -391,7 +391,7 @@ def greater_than(*, progress: Optional[Callable[[str, int, Optional[int]], None]
     """`tc greater-than`: the model's probability difference on the greater-than prompts, clean and with MLPs
     replaced by ``transcoders``. Returns what `tc greater-than --json` prints.
 
-    Example:
+    Examples:
         >>> result = tccli.greater_than(model="gpt2", transcoders="tcs")
         >>> result["clean"], result["replaced"], result["all_replaced"]
     """
@@ -410,7 +410,7 @@ def validate_circuit(
     against the model: necessity, sufficiency, per-node faithfulness, a random baseline. Returns (the graph,
     the results); with ``out`` the graph annotated with the results is written there.
 
-    Example:
+    Examples:
         >>> graph, results = tccli.validate_circuit(graph="g.json", task="greater-than")
         >>> results["circuit"], results["random"]["summary"]  # the circuit against random ones of its size
     """

@@ -1,6 +1,9 @@
 """The machinery of the bad-input battery (tests/test_bad_inputs.py): shared artefacts built once per
 session with real `tc` runs, sandboxes for read-only and full filesystems, and a runner that executes the
-selected cases as real `tc` subprocesses, a few at a time.
+selected cases: the flag-level ones in this process through the CLI's entry point (``run_in_process``:
+the same code a `tc` process runs, without paying ~2.5 s of CPU to import torch again per case), the
+ones that need a sandbox as real `tc` subprocesses, a few at a time. ``pytest --real-processes`` runs
+every case as a real process.
 
 Kept apart from the case tables so that adding a case never means reading this file.
 """
@@ -92,8 +95,55 @@ def run_tc(
     )
 
 
+def run_in_process(*args: str, stdin: Optional[str] = None, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """`tc ARGS` through ``tccli.cli.entry.main`` in this process, as a subprocess would see it: in ``cwd``,
+    with ``stdin`` (empty when None) and its own stdout and stderr, no TC_DEBUG; the exit status is
+    what ``main`` exits with (0 when it returns). Signal handlers and the interrupt state that ``main``
+    installs are put back afterwards. Main thread only (the working folder and the streams are the
+    process's)."""
+    import io
+    import signal
+
+    from tccli.cli.entry import main
+    from tccli.runtime import interrupts
+
+    assert threading.current_thread() is threading.main_thread(), "run_in_process changes process-wide state"
+    streams = (sys.stdin, sys.stdout, sys.stderr)
+    handlers = {signum: signal.getsignal(signum) for signum in interrupts.SIGNALS}
+    state = dict(interrupts._state)
+    debug = os.environ.pop("TC_DEBUG", None)
+    folder = os.getcwd()
+    out, err = io.BytesIO(), io.BytesIO()
+    sys.stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode()), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        printed, logged = out.getvalue(), err.getvalue()  # before the wrappers, and their buffers, are freed
+        sys.stdin, sys.stdout, sys.stderr = streams
+        os.chdir(folder)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        interrupts._state.clear()
+        interrupts._state.update(state)
+        if debug is not None:
+            os.environ["TC_DEBUG"] = debug
+    return subprocess.CompletedProcess(
+        ["tc", *args], code, printed.decode("utf-8", "replace"), logged.decode("utf-8", "replace")
+    )
+
+
 def checked(*args: str) -> subprocess.CompletedProcess:
-    result = run_tc(*args)
+    """A `tc` run that must succeed, in this process (the shared artefacts are inputs, not what is tested)."""
+    result = run_in_process(*args)
     assert result.returncode == 0, (args, result.stderr[-2000:])
     return result
 
@@ -314,23 +364,32 @@ class Outcome:
 
 
 class Runner:
-    """Runs cases as `tc` subprocesses on a small thread pool, so a session's battery takes a fraction of
-    the time one at a time would; each test waits for its own case."""
+    """Runs cases: the sandboxed ones (and, with ``real_processes``, all) as `tc` subprocesses on a small
+    thread pool, submitted up front so they run while the tests wait in order; the others in this process,
+    in the main thread, when their test asks for them."""
 
-    def __init__(self, artefacts: Artefacts, make_tmp: Callable[[str], Path], workers: int):
+    def __init__(self, artefacts: Artefacts, make_tmp: Callable[[str], Path], workers: int, real_processes: bool):
         self.artefacts = artefacts
         self.make_tmp = make_tmp
+        self.real_processes = real_processes
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.futures: dict[str, Future] = {}
         self.lock = threading.Lock()
 
+    def in_process(self, case: Case) -> bool:
+        return case.sandbox is None and not self.real_processes
+
     def submit(self, key: str, case: Case) -> None:
+        if self.in_process(case):
+            return
         with self.lock:
             if key not in self.futures:
                 tmp = self.make_tmp(key)
                 self.futures[key] = self.pool.submit(self._run, case, tmp)
 
     def outcome(self, key: str, case: Case) -> Outcome:
+        if self.in_process(case):
+            return self._run(case, self.make_tmp(key))
         self.submit(key, case)
         return self.futures[key].result()
 
@@ -345,7 +404,10 @@ class Runner:
             (tmp / "mnt").mkdir(exist_ok=True)
             prefix = sandbox_prefix(case.sandbox, tmp / "mnt", listing_path)
         before = digest_tree(tmp)
-        result = run_tc(*args, stdin=case.stdin, prefix=prefix, cwd=tmp)
+        if self.in_process(case):
+            result = run_in_process(*args, stdin=case.stdin, cwd=tmp)
+        else:
+            result = run_tc(*args, stdin=case.stdin, prefix=prefix, cwd=tmp)
         listing = (
             listing_path.read_text().split() if case.sandbox in ("readonly", "full") and listing_path.exists() else None
         )

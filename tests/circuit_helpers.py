@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
 import torch
 
+from tccli.circuit.search import SearchParams, greedy_search, paths_to_graph
 from tccli.config.transcoders import TranscoderConfig
 from tccli.model.loading import load_model
 from tccli.replacement.frozen import FrozenForward, FrozenLayer
+from tccli.replacement.targets import direction_target
 from tccli.transcoders.files import save_transcoder
 from tccli.transcoders.transcoder import Transcoder
 
@@ -138,3 +141,23 @@ def paper_model() -> FrozenForward:
         layernorm=False,
         parallel=False,
     )
+
+
+def small_circuit_graph() -> nx.DiGraph:
+    """A one-layer circuit graph of the paper's hand-made model, with the metadata tc circuit writes."""
+    frozen = paper_model()
+    target = direction_target(frozen, torch.tensor([1.0, 1.0]), 1, 1)
+    g = paths_to_graph(
+        frozen, target, greedy_search(frozen, target, SearchParams(iters=2, branches=2)), ["<bos>", 'say "hi"']
+    )
+    g.graph["metadata"] = {
+        "model": "paper",
+        "n_layers": 1,
+        "prompt": "x",
+        "tokens": ["<bos>", 'say "hi"'],
+        "target": target.description,
+        "transcoder_list": ["layer_0"],
+        "search": {"iters": 2, "branches": 2},
+        "tc_version": "0",
+    }
+    return g

@@ -150,9 +150,16 @@ def pytest_addoption(parser):
         help="cpu (default): hide any GPU, so every command's default device (auto) is the CPU, as "
         "in CI; cuda: leave the GPU visible, so auto means cuda (scripts/device_check.sh)",
     )
+    parser.addoption(
+        "--real-processes",
+        action="store_true",
+        help="run every case of the bad-input battery as a real `tc` process (default: the flag-level "
+        "cases run in this process through the CLI's entry point; sandboxed ones always run as processes)",
+    )
 
 
 def pytest_configure(config):
+    REAL_PROCESSES["on"] = config.getoption("real_processes")
     # set before anything starts CUDA; the tc subprocesses the tests run inherit it
     if config.getoption("device") == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -269,11 +276,25 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-def run_tc(*args: str, input: str | None = None, env: dict | None = None, cwd: Path | None = None):
-    """Run `tc` in a subprocess (the real console script path, so exit codes and streams are real)."""
+REAL_PROCESSES = {"on": False}  # pytest --real-processes (pytest_configure sets it)
+
+
+def run_tc(
+    *args: str, input: str | None = None, env: dict | None = None, cwd: Path | None = None, process: bool = False
+):
+    """`tc ARGS` as a user runs it: a CompletedProcess with the exit status, stdout and stderr.
+
+    By default it runs in this process through the CLI's entry point (``battery.run_in_process``: the code a
+    `tc` process runs, without ~2.5 s of CPU to import torch again per call). A real `python -m tccli`
+    subprocess runs instead when the test is about the process itself (``process=True``: start-up,
+    imports, signals), when it needs an environment of its own (``env``), and under --real-processes."""
     import subprocess
     import sys
 
+    if not (process or env or REAL_PROCESSES["on"]):
+        import battery
+
+        return battery.run_in_process(*args, stdin=input, cwd=cwd)
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("TC_DEBUG", None)
     return subprocess.run(

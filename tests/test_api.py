@@ -71,7 +71,7 @@ def test_every_exported_name_resolves_to_a_function_with_an_example():
         value = getattr(tccli, name)
         assert value is getattr(tccli.api, name)
         assert callable(value), name
-        assert "Example:" in value.__doc__ and ">>> " in value.__doc__, f"{name}: no example in its docstring"
+        assert "Examples:" in value.__doc__ and ">>> " in value.__doc__, f"{name}: no example in its docstring"
 
 
 def test_an_unknown_attribute_raises_attribute_error():

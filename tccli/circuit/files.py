@@ -25,258 +25,24 @@ Edge attribute: ``weight``. Graph attribute ``metadata``: ``tokens`` (the prompt
 as ``token`` writes them), ``n_layers``, ``prompt``, ``target``, ``target_value``, ``explained``,
 ``error_into_target``, ``search``, ``tc_version``, ...
 
-Pictures (``to_dot``): ``grid_layout`` places every node from its kind, layer and position alone, as
-circuits are read: one band per layer (attention below the MLP within it), embeddings at the bottom,
-targets at the top, one column per token with the prompt's tokens written under the columns. Nodes
-that share a cell sit side by side, four to a line. Edges point upstream -> downstream, their width
-by |weight|, blue positive and red negative; those below ``--min-edge`` x |target| are left out, and
-so are nodes left without an edge (mostly error nodes); weights of at least ``--min-edge-label`` x
-|target| are written on their edges to 3 significant figures (the 40 largest, in a dense graph).
-Edges are curved (parallel ones stay apart) up to 120 of them, straight beyond (curves of a dense
-graph bulge across the token labels). The DOT file pins every node
-(``layout=neato``, ``pos="x,y!"``), so ``dot -Tsvg`` draws the same picture.
+Pictures (DOT, SVG, PNG) are drawn by ``tccli.circuit.picture``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import networkx as nx
 
+from tccli.circuit.picture import draw, to_dot
 from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 from tccli.errors import fail
-from tccli.nodes import node_label, quoted_token, short_label
+from tccli.nodes import node_label
 
 GRAPH_FORMAT = "tc-circuit-graph"
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-def _quote(text: str) -> str:
-    """A DOT quoted string, always quoted. Not the graphviz package's quoting: it leaves a valid ID bare
-    (``target``, ``6.12``), reads a ``:`` in an edge's end as a port and ``<...>`` as an HTML label."""
-    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-NODE_HEIGHT = 0.34  # inches
-NODE_GAP = 0.1  # between nodes of one cell
-ROW_GAP = 0.5  # between rows, room for the edges
-COLUMN_GAP = 0.25
-PER_LINE = 4  # nodes side by side in one cell before a new line starts
-CURVED_EDGES = 120  # up to this many edges are drawn curved (parallel ones stay apart), more straight
-MAX_EDGE_LABELS = 40  # more labels than this cover a dense graph's edges: only the largest are written
-CHAR_WIDTH = 0.075  # inches per character at fontsize 10 (Helvetica, on average)
-COLOURS = {
-    "feature": "#cfe2f3",
-    "head": "#fff2cc",
-    "embed": "#d9ead3",
-    "pos": "#d9ead3",
-    "error": "#e0e0e0",
-    "skip": "#e6d0ec",
-    "target": "#f4cccc",
-}
-_CELL_ORDER = {"feature": 0, "head": 0, "embed": 0, "pos": 1, "skip": 2, "error": 3, "target": 0}
-
-
-def row_of(attrs: dict) -> tuple[int, int]:
-    """(band, sub-row) of a node: band 0 embeddings, band L+1 layer L (sub-row 0 attention, 1 MLP);
-    targets get band -1, meaning above every layer."""
-    kind, layer = attrs.get("kind"), attrs.get("layer")
-    if kind in ("embed", "pos"):
-        return 0, 0
-    if kind == "target":
-        return -1, 0
-    return int(layer) + 1, 0 if kind == "head" else 1
-
-
-def _text_width(text: str, char_width: float = CHAR_WIDTH) -> float:
-    return max(len(line) for line in text.split("\n")) * char_width + 0.2
-
-
-@dataclass
-class GridLayout:
-    """Where a picture puts things, in inches (y grows upward)."""
-
-    positions: dict[str, tuple[float, float]] = field(default_factory=dict)  # node -> centre
-    widths: dict[str, float] = field(default_factory=dict)  # node -> box width
-    rows: list[tuple[str, float]] = field(default_factory=list)  # row label, centre y
-    columns: list[tuple[int, float, str]] = field(default_factory=list)  # position, centre x, token
-    left: float = 0.0  # x of the row labels
-
-
-def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLayout:
-    """Positions of ``nodes`` (default: all), from each node's kind, layer and position only."""
-    nodes = list(graph.nodes) if nodes is None else list(nodes)
-    attrs = {n: graph.nodes[n] for n in nodes}
-    tokens = list(graph.graph.get("metadata", {}).get("tokens") or [])
-    n_positions = max([len(tokens)] + [int(a.get("position", 0)) + 1 for a in attrs.values()])
-    tokens += [""] * (n_positions - len(tokens))
-    for a in attrs.values():  # a graph without metadata still names the tokens its nodes sit at
-        if not tokens[int(a.get("position", 0))] and a.get("token"):
-            tokens[int(a["position"])] = a["token"]
-    others = [n for n in nodes if attrs[n].get("kind") != "target"]
-    top_band = max([row_of(attrs[n])[0] for n in others], default=0)
-    row_keys = [(0, 0)] + [(band, sub) for band in range(1, top_band + 1) for sub in (0, 1)] + [(-1, 0)]
-
-    cells: dict[tuple[tuple[int, int], int], list[str]] = {}
-    for n in nodes:
-        cells.setdefault((row_of(attrs[n]), int(attrs[n].get("position", 0))), []).append(n)
-    for members in cells.values():
-        members.sort(
-            key=lambda n: (
-                _CELL_ORDER.get(attrs[n].get("kind"), 3),
-                -abs(attrs[n].get("path_contribution") or attrs[n].get("influence") or 0.0),
-                n,
-            )
-        )
-    widths = {n: _text_width(short_label(attrs[n])) for n in nodes}
-    box = max([widths[n] for n in others], default=0.8)
-    for n in others:
-        widths[n] = box  # one width for every box: a clean grid
-
-    def cell_width(members: list[str]) -> float:
-        if attrs[members[0]].get("kind") == "target":
-            return 0.0  # targets may overhang their column: nothing else is in their row
-        per_line = min(len(members), PER_LINE)
-        return per_line * box + (per_line - 1) * NODE_GAP
-
-    layout = GridLayout(widths=widths)
-    x = 0.0
-    column_x = []
-    for position in range(n_positions):
-        width = max(
-            [_text_width(quoted_token(tokens[position]), 0.07)]
-            + [cell_width(m) for (row, p), m in cells.items() if p == position]
-        )
-        column_x.append(x + width / 2)
-        layout.columns.append((position, x + width / 2, tokens[position]))
-        x += width + COLUMN_GAP
-    y = 0.0
-    for row in row_keys:
-        lines = max([-(-len(m) // PER_LINE) for (r, _), m in cells.items() if r == row], default=1)
-        height = lines * NODE_HEIGHT + (lines - 1) * NODE_GAP
-        for (r, position), members in cells.items():
-            if r != row:
-                continue
-            for line_start in range(0, len(members), PER_LINE):
-                line = members[line_start : line_start + PER_LINE]  # centred on the column
-                left = column_x[position] - (sum(widths[n] for n in line) + NODE_GAP * (len(line) - 1)) / 2
-                line_y = y + (line_start // PER_LINE) * (NODE_HEIGHT + NODE_GAP) + NODE_HEIGHT / 2
-                for n in line:
-                    layout.positions[n] = (left + widths[n] / 2, line_y)
-                    left += widths[n] + NODE_GAP
-        band, sub = row
-        name = "embed" if band == 0 else "target" if band == -1 else f"L{band - 1} {'attn' if sub == 0 else 'MLP'}"
-        layout.rows.append((name, y + height / 2))
-        y += height + ROW_GAP
-    layout.left = -0.9
-    return layout
-
-
-def _reference_value(graph: nx.DiGraph) -> float:
-    """|target value| (the largest, with several targets), or the largest |weight| when that is 0."""
-    values = [abs(a.get("activation") or 0.0) for _, a in graph.nodes(data=True) if a.get("kind") == "target"]
-    reference = max(values, default=0.0)
-    if reference == 0.0:
-        reference = max((abs(w) for _, _, w in graph.edges(data="weight")), default=1.0) or 1.0
-    return reference
-
-
-def _caption(graph: nx.DiGraph, hidden_edges: int, hidden_nodes: int, options: PictureOptions) -> str:
-    meta = graph.graph.get("metadata", {})
-    lines = []
-    if meta.get("prompt") is not None:
-        prompt = str(meta["prompt"])
-        lines.append("prompt: " + quoted_token(prompt if len(prompt) <= 120 else prompt[:117] + "..."))
-    if meta.get("explained") is not None and meta.get("target_value"):
-        lines.append(
-            f"the target's direct inputs in the graph explain {meta['explained']:.3g} "
-            f"({meta['explained'] / meta['target_value']:.0%}); transcoder error into it "
-            f"{meta.get('error_into_target', 0.0):.3g}"
-        )
-    if meta.get("replacement_score") is not None:  # a tc graph attribution graph
-        lines.append(
-            f"replacement score {meta['replacement_score']:.3f}, completeness score "
-            f"{meta['completeness_score']:.3f}; {meta.get('kept_features')} features kept of "
-            f"{meta.get('graph_features')} with rows ({meta.get('active_features')} active)"
-        )
-    if hidden_edges:
-        lines.append(
-            f"not drawn: {hidden_edges} edges below {options.min_edge:g} x |target| and "
-            f"{hidden_nodes} nodes left without an edge"
-        )
-    return "\n".join(lines)
-
-
-def to_dot(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> str:
-    """Graphviz DOT of the graph laid out as ``grid_layout`` says (every node pinned)."""
-    options = options or PictureOptions()
-    reference = _reference_value(graph)
-    drawn_edges = [(u, v, w) for u, v, w in graph.edges(data="weight") if abs(w) >= options.min_edge * reference]
-    ends = {n for u, v, _ in drawn_edges for n in (u, v)}
-    drawn = [n for n, a in graph.nodes(data=True) if a.get("kind") == "target" or n in ends]
-    layout = grid_layout(graph, drawn)
-    largest = max([abs(w) for _, _, w in drawn_edges] or [1.0]) or 1.0
-    caption = _caption(graph, graph.number_of_edges() - len(drawn_edges), graph.number_of_nodes() - len(drawn), options)
-    lines = [
-        "digraph circuit {",
-        f"  graph [layout=neato, splines={'curved' if len(drawn_edges) <= CURVED_EDGES else 'false'}, "
-        f"outputorder=edgesfirst, pad=0.4, fontname=Helvetica, fontsize=11, "
-        f"labelloc=t, labeljust=l, label={_quote(caption)}];",
-        '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10, fixedsize=true, '
-        f"height={NODE_HEIGHT}, penwidth=0.6];",
-        "  edge [fontname=Helvetica, fontsize=8, arrowsize=0.5];",
-    ]
-    for n in drawn:
-        attrs = graph.nodes[n]
-        x, y = layout.positions[n]
-        tooltip = _tooltip(n, attrs)
-        lines.append(
-            f'  {_quote(n)} [label={_quote(short_label(attrs))}, pos="{x:.3f},{y:.3f}!", '
-            f'width={layout.widths[n]:.3f}, fillcolor="{COLOURS.get(attrs.get("kind"), "white")}", '
-            f"tooltip={_quote(tooltip)}];"
-        )
-    bottom = -NODE_HEIGHT - 0.25
-    for position, x, token in layout.columns:
-        lines.append(
-            f'  "token:{position}" [shape=plaintext, style="", fixedsize=false, fontsize=9, '
-            f'label={_quote(quoted_token(token) + chr(10) + str(position))}, pos="{x:.3f},{bottom:.3f}!"];'
-        )
-    for index, (name, y) in enumerate(layout.rows):
-        lines.append(
-            f'  "row:{index}" [shape=plaintext, style="", fixedsize=false, fontsize=9, '
-            f'fontcolor="#666666", label={_quote(name)}, pos="{layout.left:.3f},{y:.3f}!"];'
-        )
-    labelled = sorted(
-        ((u, v) for u, v, w in drawn_edges if abs(w) >= options.min_edge_label * reference),
-        key=lambda e: -abs(graph.edges[e]["weight"]),
-    )[:MAX_EDGE_LABELS]
-    labelled = set(labelled)
-    for u, v, w in drawn_edges:
-        width = 0.5 + 4.5 * abs(w) / largest
-        colour = "#1f5fbf" if w >= 0 else "#c0392b"
-        label = f", label={_quote(f'{w:.3g}')}" if (u, v) in labelled else ""
-        lines.append(f'  {_quote(u)} -> {_quote(v)} [penwidth={width:.2f}, color="{colour}"{label}];')
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _tooltip(node: str, attrs: dict) -> str:
-    """What hovering a node in the SVG shows: its id, token and figures."""
-    parts = [node, f"token {quoted_token(attrs.get('token', ''))} @{attrs.get('position')}"]
-    for key in ("activation", "direct_contribution", "path_contribution", "influence"):
-        if isinstance(attrs.get(key), (int, float)):
-            parts.append(f"{key} {attrs[key]:.4g}")
-    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -582,9 +348,11 @@ def _neuronpedia_target(attrs: dict, n_layers: int, position: int, top_probabili
 # ----------------------------------------------------------------------------- export
 
 
-def render(graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None) -> bytes:
+def render(
+    graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None, log: Optional[Callable[[str], None]] = None
+) -> bytes:
     """The graph in ``fmt`` (dot, json, neuronpedia, graphml, svg, png) as bytes; ``picture`` says
-    how dot, svg and png draw it."""
+    how dot, svg and png draw it; ``log`` hears how a picture was drawn when Graphviz is missing."""
     if fmt == "dot":
         return to_dot(graph, picture).encode()
     if fmt == "json":
@@ -596,21 +364,8 @@ def render(graph: nx.DiGraph, fmt: str, picture: Optional[PictureOptions] = None
     if fmt == "graphml":
         return _graphml(graph)
     if fmt in ("svg", "png"):
-        return run_dot(to_dot(graph, picture), fmt)
+        return draw(graph, fmt, picture, log) if log else draw(graph, fmt, picture)
     raise fail(f"unknown format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
-
-
-def run_dot(dot_text: str, fmt: str) -> bytes:
-    program = shutil.which("dot")
-    if program is None:
-        raise fail(
-            f"rendering {fmt} needs Graphviz's `dot` program, which is not installed "
-            f"(Debian: apt-get install graphviz); `--format dot` works without it"
-        )
-    result = subprocess.run([program, f"-T{fmt}"], input=dot_text.encode(), capture_output=True)
-    if result.returncode != 0:
-        raise fail(f"dot failed: {result.stderr.decode(errors='replace').strip()[:300]}")
-    return result.stdout
 
 
 def _graphml(graph: nx.DiGraph) -> bytes:

@@ -1,4 +1,4 @@
-"""Greedy beam path search over exact direct attributions (METHOD.md section 5, Algorithms 1 and 2).
+"""Greedy beam path search over exact direct attributions (docs/method.md section 5, Algorithms 1 and 2).
 
 Pure: a FrozenForward and a Target in, a networkx DiGraph out.
 

@@ -20,7 +20,7 @@ K_ACTIVATIONS = ("topk", "signed_topk", "batchtopk")  # the kinds that need k
 KINDS = ("transcoder", "sae")
 
 
-# What the transcoder reads (METHOD.md section 8), with r the residual the MLP's norm reads:
+# What the transcoder reads (docs/method.md section 8), with r the residual the MLP's norm reads:
 #   normalized  r_c / s: the norm's output with its weight folded into the MLP (tc's own; compatibility
 #               mode's ln2.hook_normalized)
 #   mlp_input   g * r_c / s + beta: the MLP module's input (sparsify)

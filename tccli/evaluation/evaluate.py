@@ -1,4 +1,4 @@
-"""`tc eval`: how sparse and how faithful transcoders are (METHOD.md section 3).
+"""`tc eval`: how sparse and how faithful transcoders are (docs/method.md section 3).
 
 Per layer, over the evaluation tokens:
 
@@ -444,6 +444,20 @@ TABLE_COLUMNS = (
 NARROW_COLUMNS = ("layer", "l0", "fvu", "dead_features", "ce_spliced", "recovered_zero", "recovered_mean", "kl")
 
 
+# A feature never active in n tokens has density below 3/n with 95% confidence (the "rule of three":
+# (1 - 3/n)^n ~ e^-3 = 0.05). At 50k tokens that bound is 6e-5, below the density of the rare but live
+# features a transcoder keeps; with fewer tokens "dead" counts features that are merely rare.
+DEAD_TOKENS = 50_000
+
+
+def few_tokens_for_dead(n_tokens: int) -> str:
+    """The table's warning that ``n_tokens`` are too few to tell a dead feature from a rare one."""
+    return (
+        f"dead: not active in these {n_tokens:,} tokens, i.e. density below {3 / max(n_tokens, 1):.0e} (95%); "
+        f"too few tokens to tell dead from rare: use --tokens {DEAD_TOKENS // 1000}k or more"
+    )
+
+
 def result_table(result: EvalResult, wide: bool = False) -> Any:
     """A rich table: one row per layer, plus a row for all layers replaced at once.
 
@@ -460,11 +474,14 @@ def result_table(result: EvalResult, wide: bool = False) -> Any:
     title = f"tc eval: {result.n_tokens} tokens, {result.n_scored} next-token predictions"
     if not wide and rows:
         title += f"; CE clean {_cell(rows[0].get('ce_clean'), '{:.4f}')}"
+    captions = [] if wide else ["--wide: also MSE, dense features, clean and ablated CE"]
+    if result.n_tokens < DEAD_TOKENS:
+        captions.append(few_tokens_for_dead(result.n_tokens))
     table = Table(
         title=title,
         box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
         pad_edge=wide,
-        caption=None if wide else "--wide: also MSE, dense features, clean and ablated CE",
+        caption="\n".join(captions) or None,
     )
     for title, _, _ in columns:
         table.add_column(title, justify="right", no_wrap=True)

@@ -1,4 +1,4 @@
-"""`tc validate`: test a circuit graph against the model it claims to explain (METHOD.md section 10).
+"""`tc validate`: test a circuit graph against the model it claims to explain (docs/method.md section 10).
 
 For a circuit C (the graph's feature and head nodes) and its target T (clean value T0), on the graph's
 prompt or on many prompts, in the replacement model (`tccli.replacement.intervention`):

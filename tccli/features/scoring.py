@@ -1,4 +1,4 @@
-"""Feature scoring (METHOD.md section 4): what each transcoder feature does.
+"""Feature scoring (docs/method.md section 4): what each transcoder feature does.
 
 One streaming pass over the text with memory bounded by (features x examples), whatever the number
 of tokens, gives per feature:
@@ -582,7 +582,7 @@ def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
 
 @dataclass
 class LayerReads:
-    """How one layer's transcoder meets the residual stream, per-token scales left out (METHOD.md section 8):
+    """How one layer's transcoder meets the residual stream, per-token scales left out (docs/method.md section 8):
     its encoder vectors as read from the residual [m, d], its decoder vectors as written to it [m, d], the
     constant its input space adds to every pre-activation [m] (b_enc - b_pre . f_enc, + beta . f_enc when it
     reads mlp_input), and whether its input is divided by the norm's scale (not for resid_mid)."""

@@ -1,4 +1,4 @@
-"""Sparse storage of an attribution graph's computed rows (METHOD.md section 9). Pure math.
+"""Sparse storage of an attribution graph's computed rows (docs/method.md section 9). Pure math.
 
 **Sparse rows.** A row is stored as its nonzero entries (CSR: ``crow``, int32 ``col``, values), after
 dropping its smallest entries while their absolute sum stays within ``drop_mass`` of the row's absolute

@@ -1,4 +1,4 @@
-"""Whole attribution graphs of the local replacement model (METHOD.md section 9): assembling one. Pure math.
+"""Whole attribution graphs of the local replacement model (docs/method.md section 9): assembling one. Pure math.
 
 Tensors in (a FrozenForward, targets and their weights), an ``AttributionGraph`` out; no model, no
 files. The parts live beside this module: nodes.py (the node table), rows.py (rows of the adjacency

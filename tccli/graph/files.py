@@ -315,5 +315,7 @@ def render(
     if fmt == "neuronpedia":
         return circuit_files.attribution_graph_to_neuronpedia(pruned).encode()
     if fmt == "dot":
-        return circuit_files.to_dot(pruned, picture).encode()
+        from tccli.circuit.picture import to_dot
+
+        return to_dot(pruned, picture).encode()
     raise ValueError(f"unknown format {fmt!r}")

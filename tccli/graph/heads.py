@@ -1,4 +1,4 @@
-"""The kept edges of an attribution graph split by the attention head of their first hop (METHOD.md
+"""The kept edges of an attribution graph split by the attention head of their first hop (docs/method.md
 section 9; `tc graph --heads`). Pure math: a FrozenForward, the node table and edges in, a HeadSplit out.
 
 Each source's write is carried up the frozen model (attention only, MLPs cut) and every layer's

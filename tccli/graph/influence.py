@@ -1,4 +1,4 @@
-"""Influence, pruning and the replacement and completeness scores of an attribution graph (METHOD.md
+"""Influence, pruning and the replacement and completeness scores of an attribution graph (docs/method.md
 section 9). Pure math: sparse rows and a node table in, influence, masks and scores out.
 
 **Influence, pruning, scores** exactly as circuit-tracer's ``graph.py`` defines them: ``Â = |A|`` with

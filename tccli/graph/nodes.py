@@ -1,4 +1,4 @@
-"""The nodes of a whole attribution graph (METHOD.md section 9): the node table, the active features it
+"""The nodes of a whole attribution graph (docs/method.md section 9): the node table, the active features it
 is built from, and circuit-tracer's salient logit targets. Pure math: tensors in, a node table out.
 
 **Nodes**, in circuit-tracer's order: every active transcoder feature (ordered by layer, token,

@@ -1,4 +1,4 @@
-"""Rows of an attribution graph's adjacency, computed by batched linear backward passes (METHOD.md
+"""Rows of an attribution graph's adjacency, computed by batched linear backward passes (docs/method.md
 section 9). Pure math: a FrozenForward and a node table in, rows (dense, then sparse) out.
 
 **Edges.** ``A[t, s]`` is the direct effect of node s on node t in the local replacement model:

@@ -1,4 +1,4 @@
-"""Where a transcoder reads and writes, as maps between its spaces and the residual stream (METHOD.md
+"""Where a transcoder reads and writes, as maps between its spaces and the residual stream (docs/method.md
 section 8). Pure math: tensors in, tensors out.
 
 With ``r`` the residual stream the norm in front of the MLP reads (compatibility mode's residual: for a

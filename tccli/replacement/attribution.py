@@ -1,4 +1,4 @@
-"""Exact direct attributions through a frozen forward pass (METHOD.md sections 5 and 8). Pure math.
+"""Exact direct attributions through a frozen forward pass (docs/method.md sections 5 and 8). Pure math.
 
 The frozen forward pass is the ORIGINAL model's forward pass on one prompt: its residual stream,
 attention patterns and normalisation scales are the real ones. Each MLP output is split into the
@@ -235,7 +235,7 @@ def head_upstream(
 def skip_upstream(
     frozen: FrozenForward, layer: int, position: int, vector: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
-    """Continue upstream through ``layer``'s skip connection at ``position`` (METHOD.md section 8): the
+    """Continue upstream through ``layer``'s skip connection at ``position`` (docs/method.md section 8): the
     vector W_skip W(v) moved through the norm, whose direct contributions sum to the skip term's
     contribution less the returned constant (the norm bias's part), and its read point."""
     raw, constant = frozen.read_skip(layer, vector.unsqueeze(0), torch.tensor([position], device=vector.device))

@@ -1,5 +1,5 @@
 """The frozen forward pass: the original model's forward pass on one prompt with attention patterns and
-normalisation scales held (METHOD.md sections 5 and 8). Pure math.
+normalisation scales held (docs/method.md sections 5 and 8). Pure math.
 
 ``freeze`` turns one captured run into a ``FrozenForward``: per layer the attention patterns, values and
 output weights, the norm scales, the MLP's real input and output split into the transcoder's part and
@@ -68,7 +68,7 @@ class FrozenLayer:
 class FrozenForward:
     """The whole prompt's frozen forward pass plus the weights attribution needs.
 
-    The linear maps of METHOD.md section 8 are methods here (``read_mlp_input``, ``write_mlp_output``,
+    The linear maps of docs/method.md section 8 are methods here (``read_mlp_input``, ``write_mlp_output``,
     ``read_mlp_output``, ``read_attn_output``, ``write_attn_output``, ``read_skip``), so every consumer
     (the greedy search, attribution graphs, interventions) moves vectors through norms and spaces the same way.
     """
@@ -196,7 +196,7 @@ class FrozenForward:
             self._cache[key] = constant.contiguous()
         return self._cache[key]
 
-    # ------------------------------------------------------------------ METHOD.md section 8 maps
+    # ------------------------------------------------------------------ docs/method.md section 8 maps
 
     def _layer_spaces(self, layer: int) -> LayerSpaces:
         frozen_layer = self.layers[layer]

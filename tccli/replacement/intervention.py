@@ -1,4 +1,4 @@
-"""Interventions on the replacement model (METHOD.md section 10) and `tc intervene`.
+"""Interventions on the replacement model (docs/method.md section 10) and `tc intervene`.
 
 **Nodes** (the ids of `tc circuit` / `tc graph`, tccli.nodes): ``mlp8.f1234@5`` a transcoder feature's
 activation, ``attn3.h2@4`` head 2 of layer 3's term read from source token 4 (``pattern[h, t, 4] *

@@ -1,4 +1,4 @@
-"""The replacement model (METHOD.md section 10): the real model, run through TransformerLens hooks, with
+"""The replacement model (docs/method.md section 10): the real model, run through TransformerLens hooks, with
 every layer that has a transcoder computing its MLP output as
 
     mlp_out = clean mlp_out + (transcoder_out(x) - transcoder_out(x_clean))
@@ -47,7 +47,7 @@ class RowSpec:
 
 
 def transcoder_input_site(info: Any, layer: int, transcoder: Transcoder) -> str:
-    """The hook whose activation gives ``transcoder``'s input x (its input space, METHOD.md section 8;
+    """The hook whose activation gives ``transcoder``'s input x (its input space, docs/method.md section 8;
     ``input_in_space`` turns it into x): ln2.hook_normalized for normalized and mlp_input, the residual the
     MLP's norm reads for resid_mid."""
     hooks = info.layer(layer)

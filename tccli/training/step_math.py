@@ -1,4 +1,4 @@
-"""The math of a training step, pure functions of tensors (METHOD.md section 2): initialising a
+"""The math of a training step, pure functions of tensors (docs/method.md section 2): initialising a
 transcoder (decoder rows, the encoder's scale, the biases at the data means, the starting thresholds),
 the loss of every kind (reconstruction; L1 and ghost gradients for ReLU; AuxK, and JumpReLU's L0, for
 the sparse kinds through ``sparse_coding``), the FVU, the learning-rate and L1 schedules, and the

@@ -1,4 +1,4 @@
-"""`tc train`: transcoders (and MLP-output SAEs) trained from an activation cache (METHOD.md section 2).
+"""`tc train`: transcoders (and MLP-output SAEs) trained from an activation cache (docs/method.md section 2).
 
 This module is the run: ``train(config)`` builds one transcoder per layer, feeds every layer from the
 same window (so the cache is read once per step whatever the number of layers), logs, checkpoints and

@@ -1,4 +1,4 @@
-"""The transcoder: a wide, sparse replacement for an MLP sublayer (METHOD.md sections 1 and 8).
+"""The transcoder: a wide, sparse replacement for an MLP sublayer (docs/method.md sections 1 and 8).
 
     pre  = (x - b_pre) W_enc + b_enc             W_enc: [d_in, m]   b_enc: [m]   b_pre: [d_in]
     z    = act(pre)
@@ -19,7 +19,7 @@ A skip transcoder (``skip=True``, Paulo, Shabalin, Belrose 2025) adds the linear
 input; ``x`` is the input itself, before ``b_pre`` is subtracted.
 
 Where a transcoder reads and writes (``input_space``, ``output_space``) is part of its identity: it is valid
-only for the activations it was trained on (METHOD.md section 8). An SAE is the same module with input and
+only for the activations it was trained on (docs/method.md section 8). An SAE is the same module with input and
 target the same activation. Pure math: no file I/O here (see tccli.transcoders.files).
 """
 

@@ -1170,6 +1170,7 @@ def runner(request, artefacts, tmp_path_factory):
         artefacts,
         lambda key: tmp_path_factory.mktemp(key.replace("/", "_")[:60]),
         workers=max(2, min(4, os.cpu_count() or 2)),
+        real_processes=request.config.getoption("--real-processes"),
     )
     selected = [
         item.callspec.id
@@ -1195,7 +1196,11 @@ def _needs_namespaces(case: Case) -> bool:
     return case.sandbox in ("readonly", "full")
 
 
-@pytest.mark.parametrize("case", [case for _, case in ALL_CASES], ids=[key for key, _ in ALL_CASES])
+# Sandboxed cases need a real process (a mount namespace, a file size limit): make test-all runs them.
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, id=key, marks=[pytest.mark.process] if case.sandbox else []) for key, case in ALL_CASES],
+)
 def test_bad_input(case: Case, request, runner, artefacts):
     if _needs_namespaces(case) and not battery.sandbox_available():
         pytest.skip("no user/mount namespaces here (unshare -rm): cannot make a read-only or full filesystem")
@@ -1263,6 +1268,7 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
 @pytest.mark.parametrize("moment", ["starting", "writing"])
 def test_cache_interrupted_then_resumed_equals_an_uninterrupted_run(artefacts, tmp_path, signum, moment):
@@ -1294,6 +1300,7 @@ def test_cache_interrupted_then_resumed_equals_an_uninterrupted_run(artefacts, t
     assert battery.debris(tmp_path) == [] and not Path(f"{out}.progress").exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_train_interrupted_keeps_a_checkpoint_and_resumes(artefacts, tmp_path, signum):
     out = tmp_path / "run"
@@ -1337,6 +1344,7 @@ def test_train_interrupted_keeps_a_checkpoint_and_resumes(artefacts, tmp_path, s
     assert resumed.returncode == 2 and "--tokens is 4000 but the run in --out used 200000" in _one_line(stderr)
 
 
+@pytest.mark.process
 def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, tmp_path):
     out = tmp_path / "run"
     args = (
@@ -1378,6 +1386,7 @@ def test_train_killed_before_anything_was_saved_resumes_from_step_0(artefacts, t
     assert battery.debris(tmp_path) == []
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 @pytest.mark.parametrize("command", ["score", "circuit", "eval", "graph", "validate"])
 def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, signum, command):
@@ -1473,6 +1482,7 @@ def test_commands_without_resume_say_nothing_was_written(artefacts, tmp_path, si
     assert not out.exists() and battery.debris(tmp_path) == []
 
 
+@pytest.mark.process
 def test_score_killed_then_run_again_leaves_nothing_behind(artefacts, tmp_path):
     """SIGKILL cannot be caught: the kill leaves the lock file (and, mid-rename, a temporary file); the next
     run of the same output takes the lock, removes both and writes the output."""
@@ -1512,6 +1522,7 @@ def test_score_killed_then_run_again_leaves_nothing_behind(artefacts, tmp_path):
     assert battery.debris(tmp_path) == []
 
 
+@pytest.mark.process
 def test_two_trains_of_one_folder_at_once_then_ctrl_c(artefacts, tmp_path):
     """A second `tc train --out` of a folder in use gets one line and exit 2 without touching it; the
     first, interrupted, keeps a checkpoint its --resume continues from."""
@@ -1551,6 +1562,7 @@ def test_two_trains_of_one_folder_at_once_then_ctrl_c(artefacts, tmp_path):
     assert (out / "checkpoint.tcstate").exists() and battery.debris(tmp_path) == []
 
 
+@pytest.mark.process
 def test_two_caches_of_one_output_at_once(artefacts, tmp_path):
     out = tmp_path / "acts.h5"
     first = _start(*battery.cache_args(artefacts, out), "--quiet", cwd=tmp_path)
@@ -1565,6 +1577,7 @@ def test_two_caches_of_one_output_at_once(artefacts, tmp_path):
     assert file_content(out) == file_content(artefacts.cache) and battery.debris(tmp_path) == []
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not battery.sandbox_available(), reason="no user/mount namespaces (unshare -rm)")
 def test_cache_meeting_a_full_disk_keeps_its_committed_rows_and_resumes(artefacts, tmp_path):
     """The disk fills while the cache is being written (another program takes the space): one line, the

@@ -201,6 +201,7 @@ def start_and_kill(args: list[str], out: Path, kill_when) -> bool:
     return False
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["gpt2"]

@@ -416,3 +416,25 @@ def test_result_table_fits_80_columns_unless_wide():
     wide.print(result_table(result, wide=True))
     text = wide.export_text()
     assert all(title in text for title in ("MSE", "dense", "CE clean", "CE zero-abl", "CE mean-abl", "0.0123"))
+
+
+def test_result_table_says_when_too_few_tokens_to_call_a_feature_dead():
+    """Under 50k tokens a feature of density 1e-4 is often never seen: the table says "dead" means
+    "not seen in these tokens" and names the bound; from 50k tokens on it says nothing."""
+    from rich.console import Console
+
+    from tccli.evaluation.evaluate import DEAD_TOKENS, EvalResult, result_table
+
+    row = {"layer": 0, "l0": 8.0, "fvu": 0.1, "dead_features": 223, "ce_spliced": 2.3, "kl": 0.01}
+
+    def printed(n_tokens: int, wide: bool = False) -> str:
+        console = Console(record=True, width=200)
+        console.print(result_table(EvalResult([row], None, n_tokens=n_tokens, n_scored=n_tokens - 1), wide=wide))
+        return console.export_text()
+
+    few = printed(9_984)
+    assert "not active in these 9,984 tokens" in few and "density below 3e-04" in few and "--tokens 50k" in few
+    assert "not active in these" in printed(9_984, wide=True)
+    # the bound is the rule of three: (1 - 3/n)^n is about 5%
+    assert (1 - 3 / 9_984) ** 9_984 == pytest.approx(0.05, rel=0.01)
+    assert "not active in these" not in printed(DEAD_TOKENS) and "too few" not in printed(100_000, wide=True)

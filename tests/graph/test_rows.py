@@ -74,7 +74,7 @@ def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, one_torch_thread):
 def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_torch_thread):
     """JumpReLU skip transcoders reading mlp_input or resid_mid and writing either output space, on all five
     architectures (Gemma-2's post-norms): every row's edges + bias == its value; the skip connection is a
-    linear path between nodes (METHOD.md section 9), not an error."""
+    linear path between nodes (docs/method.md section 9), not an error."""
     loaded = loaded_model(all_model_dirs[arch])
     transcoders = random_transcoders(
         loaded.info,

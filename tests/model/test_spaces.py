@@ -1,4 +1,4 @@
-"""Spaces: the maps of METHOD.md section 8 by hand, and every space the model layer produces checked against
+"""Spaces: the maps of docs/method.md section 8 by hand, and every space the model layer produces checked against
 the plain HuggingFace model's own modules on all five tiny architectures."""
 
 from __future__ import annotations

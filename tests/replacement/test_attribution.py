@@ -133,7 +133,7 @@ def _centre(x):
 def replacement_target(frozen: FrozenForward, target: Target, leaves: dict) -> torch.Tensor:
     """The target recomputed from leaves with patterns' values, scales and attention inputs frozen:
     a direct-effect model, so gradient x activation of a leaf is its direct contribution. Spaces are
-    written out here from METHOD.md section 8, independently of tccli.model.spaces."""
+    written out here from docs/method.md section 8, independently of tccli.model.spaces."""
     t = target.position
     resid = leaves["embed"] + (leaves["pos"] if "pos" in leaves else 0)
     n_attn, n_mlp = target.read_point

@@ -30,6 +30,7 @@ def assert_clean_progress(code: int, output: str, *words: str) -> None:
     assert "━" in output and re.search(r"\d[\d,]*/\d[\d,]*", output), output[-3000:]
 
 
+@pytest.mark.process
 def test_cache_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "cache",
@@ -49,6 +50,7 @@ def test_cache_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert_clean_progress(code, output, "caching", "tokens")
 
 
+@pytest.mark.process
 def test_train_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "train",
@@ -68,6 +70,7 @@ def test_train_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert_clean_progress(code, output, "training", "steps", "step 4/16")
 
 
+@pytest.mark.process
 def test_eval_draws_its_bar_in_a_terminal(artefacts):
     code, output = run_tc_in_terminal(
         "eval",
@@ -87,6 +90,7 @@ def test_eval_draws_its_bar_in_a_terminal(artefacts):
     assert_clean_progress(code, output, "batches")
 
 
+@pytest.mark.process
 def test_score_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "score",
@@ -108,6 +112,7 @@ def test_score_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert_clean_progress(code, output, "scoring", "rows")
 
 
+@pytest.mark.process
 def test_circuit_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "circuit",
@@ -125,11 +130,13 @@ def test_circuit_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert_clean_progress(code, output, "tracing the circuit")
 
 
+@pytest.mark.process
 def test_greater_than_draws_its_bar_in_a_terminal(artefacts):
     code, output = run_tc_in_terminal("greater-than", "--device", "cpu", "--transcoders", str(artefacts.tcs))
     assert_clean_progress(code, output, "model runs", "probability difference")
 
 
+@pytest.mark.process
 def test_graph_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "graph",
@@ -147,6 +154,7 @@ def test_graph_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert_clean_progress(code, output, "feature rows", "replacement score")
 
 
+@pytest.mark.process
 def test_validate_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     code, output = run_tc_in_terminal(
         "validate",
@@ -164,6 +172,7 @@ def test_validate_draws_its_bar_in_a_terminal(artefacts, tmp_path):
     assert (tmp_path / "v.json").is_file()
 
 
+@pytest.mark.process
 def test_intervene_runs_in_a_terminal(artefacts):
     """Two forward passes: too short for a bar, but it must run cleanly on a terminal."""
     code, output = run_tc_in_terminal(
@@ -182,6 +191,7 @@ def test_intervene_runs_in_a_terminal(artefacts):
     assert code == 0 and "Traceback" not in output and "tc: error" not in output, output[-3000:]
 
 
+@pytest.mark.process
 def test_torchrun_cache_draws_one_bar_in_a_terminal(artefacts, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
@@ -243,12 +253,14 @@ def test_silent_when_stderr_is_not_a_terminal(artefacts, tmp_path):
     assert result.returncode == 0 and "\x1b" not in result.stderr and "━" not in result.stderr, result.stderr
 
 
+@pytest.mark.process
 def test_png_is_not_written_to_a_terminal(artefacts):
     code, output = run_tc_in_terminal("export", str(artefacts.graph), "--format", "png")
     assert code == 2 and "tc: error: --format png is binary and stdout is a terminal" in output, output
     assert "PNG" not in output
 
 
+@pytest.mark.process
 def test_demo_first_two_commands_pass_in_a_terminal(tmp_path):
     """`make demo` in an interactive shell: examples/demo.sh up to its `tc info`, on a pty."""
     lines = (REPO / "examples" / "demo.sh").read_text().splitlines()

@@ -96,6 +96,7 @@ def _wait_for(path: Path, timeout: float = 120, non_empty: bool = False) -> None
     assert ready(), path
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "activation, skip, optimizer",
     [
@@ -130,6 +131,7 @@ def test_resume_after_kill_gives_bit_identical_weights(tmp_path, activation, ski
     assert logged[0] == logged[1]
 
 
+@pytest.mark.process
 def test_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
     start, run = _runner(tmp_path)
     assert run("straight", "fast", "fresh", checkpoint_every=0).returncode == 0
@@ -145,6 +147,7 @@ def test_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
     _assert_same_transcoders(tmp_path / "straight", tmp_path / "killed")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_between_steps_with_a_checkpoint_and_resumes_bit_identical(tmp_path, signum):
     start, run = _runner(tmp_path, "relu")

@@ -1,4 +1,4 @@
-"""The paper's released GPT-2 transcoder files (METHOD.md section 7).
+"""The paper's released GPT-2 transcoder files (docs/method.md section 7).
 
 ``torch.save({"cfg": <sae_training.config.LanguageModelSAERunnerConfig>, "state_dict": {W_enc, b_enc, W_dec,
 b_dec, b_dec_out}})`` where ``b_dec`` is input-side (tc's ``b_pre``) and ``b_dec_out`` the output bias (tc's
