@@ -301,6 +301,7 @@ def test_tc_train_from_a_real_cache(tmp_path, tiny_model_dirs, text_file):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+@pytest.mark.slow  # trains on stories260K: about a minute of CPU
 def test_batchtopk_threshold_gives_the_training_l0_on_held_out_text(tmp_path, stories_dir, corpora_dir):
     """The inference threshold estimated for BatchTopK gives, on text not trained on, the L0 of training
     (k per token on average) to within 5%: stories260K layer 2, trained on one slice of TinyStories,
