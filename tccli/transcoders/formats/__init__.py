@@ -5,7 +5,9 @@ Readable (``load_transcoder_set`` takes any of these, a folder of single ones, o
     tc              a folder with transcoder.safetensors + config.json (tccli.transcoders.files), or a folder of them
     saelens         cfg.json + sae_weights.safetensors (standard, topk, transcoder, skip_transcoder,
                     jumprelu_transcoder, jumprelu_skip_transcoder)
-    sparsify        layers.N.mlp/ with cfg.json + sae.safetensors
+    sparsify        layers.N.mlp/ with cfg.json + sae.safetensors, or a sparsify run folder (config.json beside
+                    those folders and the trainer's optimizer_*.pt, lr_scheduler_*.pt and state.pt, which are
+                    left alone)
     paper-pt        the paper's GPT-2 .pt files (restricted unpickler)
     gemma-scope     params.npz (a file, a folder holding one, or a layer_L/... tree with one per layer)
     circuit-tracer  a set: config.yaml + layer_{i}.safetensors (or the files config.yaml lists)
@@ -25,11 +27,14 @@ from typing import Optional
 import torch
 
 from tccli.config.transcoders import WRITE_FORMATS
-from tccli.errors import fail
+from tccli.errors import TcError, fail
 from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
 from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
 from tccli.transcoders.formats.hub import download, looks_like_hub_id
 from tccli.transcoders.transcoder import Transcoder
+
+# What a folder of single transcoders may hold, one per layer (said when one of its entries is unreadable).
+FOLDER_MEMBERS = "tc, SAELens, sparsify or Peek folders, the paper's .pt files or Gemma Scope params.npz"
 
 # One transcoder per path: (name, detect(path), read(path)), tried in this order.
 SINGLE_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Transcoder]]] = [
@@ -51,6 +56,8 @@ def format_of(path: Path) -> Optional[str]:
             return name
     if gemma_scope.is_set(path):
         return "gemma-scope"
+    if sparsify.is_run(path):
+        return "sparsify"
     return None
 
 
@@ -91,6 +98,8 @@ def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
         return {transcoder.config.layer: transcoder}
     if gemma_scope.is_set(path):
         return {layer: gemma_scope.read(file, layer) for layer, file in gemma_scope.find_set(path).items()}
+    if sparsify.is_run(path):
+        return sparsify.read_run(path)
     if not path.is_dir():
         raise fail(
             f"{path} is not a transcoder: expected a tc, SAELens, sparsify or Peek folder, a paper .pt file, "
@@ -99,9 +108,12 @@ def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
     out: dict[int, Transcoder] = {}
     children = sorted(p for p in path.iterdir() if single_transcoder_path(p))
     if not children:
-        raise fail(f"{path} holds no transcoder folders")
+        raise fail(f"{path} holds no transcoder folders: tc looked for {FOLDER_MEMBERS}, one per layer")
     for child in children:
-        transcoder = load_any_transcoder(child)
+        try:
+            transcoder = load_any_transcoder(child)
+        except TcError as exc:
+            raise fail(f"{exc} (tc read {path} as a folder of transcoders, one per layer: {FOLDER_MEMBERS})") from None
         layer = transcoder.config.layer
         if layer is None:
             raise fail(f"{child}: config names no layer")

@@ -10,11 +10,19 @@ exactly. sparsify hooks PyTorch modules of the HuggingFace model: a transcoder o
 module's input and predicts its output, tc's mlp_input -> mlp_output (an SAE on ``*.mlp`` reads and writes
 mlp_output). Other hookpoints (the residual stream ``layers.N``, ``mlp.act``, attention) and the groupmax
 activation are refused with one line.
+
+A sparsify training run saves its coders in a run folder (``Trainer.save``): the trainer's ``config.json``,
+one folder per hookpoint as above (``layers.4.mlp/``), and the state a resumed run needs beside them
+(``optimizer_{i}.pt``, ``lr_scheduler_{i}.pt``, ``state.pt``, ``rank_{r}_state.pt``; ``best/`` with
+``--save_best``). ``read_run`` reads the hookpoint folders of such a folder and nothing else. A run that
+trained several seeds per hookpoint (``layers.4.mlp/seed0/``, ...) holds more than one coder per layer
+and is refused with one line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -35,10 +43,62 @@ from tccli.transcoders.transcoder import Transcoder
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae.safetensors"
+RUN_CONFIG = "config.json"  # the trainer's TrainConfig, at the top of a run folder
+# what a run folder holds beside its hookpoint folders, for a resumed run: never read by tc
+RUN_STATE = re.compile(r"((optimizer|lr_scheduler)(_\d+)?|state|rank_\d+_state)\.pt")
+SEED_FOLDER = re.compile(r"seed\d+")
 
 
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def _seed_folders(path: Path) -> list[Path]:
+    """The ``seedN`` coder folders of a hookpoint trained with several init seeds."""
+    if not path.is_dir():
+        return []
+    return sorted(child for child in path.iterdir() if SEED_FOLDER.fullmatch(child.name) and detect(child))
+
+
+def is_run(path: Path) -> bool:
+    """A sparsify run folder: config.json beside hookpoint folders or the trainer's state files."""
+    if not (path.is_dir() and (path / RUN_CONFIG).is_file()):
+        return False
+    return any(
+        (child.is_dir() and (detect(child) or _seed_folders(child)))
+        or (child.is_file() and RUN_STATE.fullmatch(child.name))
+        for child in path.iterdir()
+    )
+
+
+def read_run(path: str | Path) -> dict[int, Transcoder]:
+    """{layer: coder} of a sparsify run folder: every hookpoint folder in it (cfg.json + sae.safetensors),
+    the optimizer, scheduler and trainer state beside them left alone."""
+    path = Path(path)
+    out: dict[int, Transcoder] = {}
+    children = sorted(child for child in path.iterdir() if child.is_dir())
+    for child in children:
+        seeds = _seed_folders(child)
+        if seeds and not detect(child):
+            raise fail(
+                f"{child} holds one sparse coder per init seed ({', '.join(s.name for s in seeds)}); tc reads one "
+                f"coder per layer: copy the seed you want into a folder of its own named {child.name}"
+            )
+        if not detect(child):
+            continue  # best/ (--save_best) and anything else that is not a hookpoint
+        coder = read(child)
+        layer = coder.config.layer
+        if layer in out:
+            raise fail(
+                f"{path} holds two sparse coders for layer {layer} ({out[layer].config.input_hook}, {child.name})"
+            )
+        out[layer] = coder
+    if not out:
+        raise fail(
+            f"{path} is a sparsify run folder ({RUN_CONFIG}) but holds no coders: tc looked for hookpoint "
+            f"folders such as {folder_name(0)}/ holding {CONFIG} + {WEIGHTS}"
+        )
+    return out
 
 
 def read(folder: str | Path) -> Transcoder:

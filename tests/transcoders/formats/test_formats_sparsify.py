@@ -88,3 +88,90 @@ def test_sparsify_refusals(tmp_path):
     sparsify_folder(tmp_path / "layers.2.mlp", activation="groupmax")
     with pytest.raises(TcError, match="groupmax"):
         sparsify.read(tmp_path / "layers.2.mlp")
+
+
+# ----------------------------------------------------------------------------- sparsify run folders
+
+
+def sparsify_run(run, layers=(1, 3), hookpoint="layers.{}.mlp"):
+    """A run folder as sparsify's Trainer.save leaves it: config.json, one folder per hookpoint, and the
+    optimizer, scheduler and trainer state (torch.save files) beside them."""
+    hookpoints = [hookpoint.format(layer) for layer in layers]
+    tensors = {h: sparsify_folder(run / h, seed=i) for i, h in enumerate(hookpoints)}
+    config = {"sae": {"k": K, "transcode": True}, "batch_size": 8, "hookpoints": hookpoints, "init_seeds": [0]}
+    (run / "config.json").write_text(json.dumps(config))
+    weight = torch.nn.Parameter(torch.zeros(M, D))
+    optimizer = torch.optim.Adam([weight])
+    weight.grad = torch.ones(M, D)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), run / "optimizer_0.pt")
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer)
+    torch.save(scheduler.state_dict(), run / "lr_scheduler_0.pt")
+    torch.save({"global_step": 100}, run / "state.pt")
+    torch.save(
+        {"num_tokens_since_fired": {h: torch.zeros(M, dtype=torch.long) for h in hookpoints}}, run / "rank_0_state.pt"
+    )
+    return tensors
+
+
+def test_a_sparsify_run_folder_is_read_without_its_optimizer_state(tmp_path):
+    from tccli.transcoders.formats import format_of, load_transcoder_set
+
+    run = tmp_path / "run"
+    tensors = sparsify_run(run)
+    (run / "best").mkdir()  # --save_best's folder (empty until a best loss is saved) is no hookpoint
+    assert format_of(run) == "sparsify"
+    coders = load_transcoder_set(run)
+    assert sorted(coders) == [1, 3]
+    x = torch.randn(20, D)
+    for layer in (1, 3):
+        assert coders[layer].config.input_hook == f"layers.{layer}.mlp"
+        with torch.no_grad():
+            y_tc, z_tc = coders[layer](x)
+        y, z = sparsify_formula(tensors[f"layers.{layer}.mlp"], x)
+        assert torch.allclose(z_tc, z, atol=1e-5) and torch.allclose(y_tc, y, atol=1e-4)
+    assert sorted(load_transcoder_set(run, layers=[3])) == [3]
+
+
+def test_tc_info_reads_a_sparsify_run_folder(tmp_path):
+    from conftest import run_tc
+
+    sparsify_run(tmp_path / "run", hookpoint="h.{}.mlp")
+    result = run_tc("info", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "set of 2 transcoders (sparsify)" in result.stdout
+
+
+def test_sparsify_run_folders_tc_cannot_read_say_what_tc_looked_for(tmp_path):
+    from tccli.transcoders.formats import load_transcoder_set
+
+    run = tmp_path / "run"
+    sparsify_run(run)
+    for hookpoint in ("layers.1.mlp", "layers.3.mlp"):
+        (run / hookpoint).rename(tmp_path / hookpoint)
+    with pytest.raises(
+        TcError,
+        match=r"run is a sparsify run folder \(config.json\) but holds no coders: tc looked "
+        r"for hookpoint folders such as layers.0.mlp/ holding cfg.json \+ sae.safetensors",
+    ):
+        load_transcoder_set(run)
+    # several init seeds: one coder per seed in each hookpoint folder
+    for seed in (0, 1):
+        sparsify_folder(run / "layers.1.mlp" / f"seed{seed}", seed=seed)
+    with pytest.raises(TcError, match=r"layers.1.mlp holds one sparse coder per init seed \(seed0, seed1\)"):
+        load_transcoder_set(run)
+
+
+def test_a_folder_entry_tc_cannot_read_says_what_tc_looked_for(tmp_path):
+    from tccli.transcoders.formats import load_transcoder_set
+
+    folder = tmp_path / "set"
+    sparsify_folder(folder / "layers.1.mlp")
+    torch.save({"step": 3}, folder / "notes.pt")  # not sparsify's state, not a paper transcoder
+    with pytest.raises(TcError) as caught:
+        load_transcoder_set(folder)
+    message = str(caught.value)
+    assert "notes.pt is not a transcoder file of the paper's code" in message
+    assert (
+        f"tc read {folder} as a folder of transcoders, one per layer: tc, SAELens, sparsify or Peek folders" in message
+    )
