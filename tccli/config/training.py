@@ -114,7 +114,11 @@ class TrainConfig(TrainDistributedOptions):
         256, "topk, batchtopk, jumprelu: dead features used by the auxiliary loss (AuxK) that revives them; 0: off."
     )
     aux_coef: float = option(1 / 32, "Weight of the AuxK loss.")
-    seed: int = option(0, "Seed for the initial weights and the shuffle order.")
+    seed: int = option(
+        0,
+        "Seed (>= 0) for the initial weights and the shuffle order. Each layer's initial weights come "
+        "from (seed, layer) alone, so a layer trained on its own matches that layer of a run of every layer.",
+    )
     device: str = option("auto", "Device: auto (cuda when available), cpu, cuda or cuda:N.")
     threads: int = option(
         0,
@@ -180,7 +184,7 @@ class TrainConfig(TrainDistributedOptions):
             raise fail(f"--aux-coef must be a finite number >= 0, got {self.aux_coef}")
         if self.lr_decay is not None and not 0 <= self.lr_decay <= 1:
             raise fail(f"--lr-decay is a fraction of the run, between 0 and 1, got {self.lr_decay}")
-        for name in ("warmup_steps", "l1_warmup", "aux_k", "checkpoint_every", "threads"):
+        for name in ("warmup_steps", "l1_warmup", "aux_k", "checkpoint_every", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "dead_window", "log_every"):

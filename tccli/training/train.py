@@ -9,10 +9,12 @@ together lives beside it, kept apart:
 - ``data_stream``: the cache, its statistics and the deterministic shuffle buffer over it;
 - ``run_folder``: the run's files in --out (config, log, checkpoints) and the per-layer state they hold.
 
-Determinism: everything random derives from ``--seed`` (the initial weights from a torch generator,
-the token order of each window from numpy's SeedSequence of (seed, epoch, window)). The data position
-is a function of the step alone, so a checkpoint needs only the step, the weights, the optimiser
-state and the dead-feature counters to resume to bit-identical final weights on CPU.
+Determinism: everything random derives from ``--seed``: each layer's initial weights from a torch
+generator of its own, seeded from (seed, layer) alone (``layer_generator``), and the token order of each
+window from numpy's SeedSequence of (seed, epoch, window), the same for every layer. So a layer trained
+on its own (``--layers 2``) gets the weights it gets in a run of every layer. The data position is a
+function of the step alone, so a checkpoint needs only the step, the weights, the optimiser state and
+the dead-feature counters to resume to bit-identical final weights on CPU.
 """
 
 from __future__ import annotations
@@ -118,20 +120,17 @@ def _train(
         mine = distributed.own_layers(layers, dist)
         continuing = dist.from_main(lambda: _open_out(config, cache, layers, held))
         torch.manual_seed(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
         stats = data_stats(cache, mine, config.kind)
-        tc_configs = {layer: transcoder_config(config, cache, layer) for layer in layers}
-        states = {}
-        for layer in layers:  # every rank draws every layer's initial weights: a layer starts the same anywhere
-            if layer in stats:
-                states[layer] = new_layer_state(tc_configs[layer], stats[layer], config, generator, device)
-            else:
-                init_transcoder(
-                    tc_configs[layer],
-                    torch.zeros(tc_configs[layer].d_in),
-                    torch.zeros(tc_configs[layer].d_out),
-                    generator,
-                )
+        states = {
+            layer: new_layer_state(
+                transcoder_config(config, cache, layer),
+                stats[layer],
+                config,
+                layer_generator(config.seed, layer),
+                device,
+            )
+            for layer in mine
+        }
         checkpoint = distributed.checkpoint_name(CHECKPOINT_FILE, dist)
         start_step = 0
         if continuing and (out / checkpoint).is_file():
@@ -169,6 +168,17 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- a layer's transcoder: set up and finish
+
+
+def layer_generator(seed: int, layer: int) -> torch.Generator:
+    """The generator of one layer's initial weights, seeded from (seed, layer) alone (numpy's SeedSequence
+    mixes the pair into 64 well-spread bits): a layer starts from the same weights whichever other layers
+    the run trains, on whichever rank trains it, and in a resumed run (which draws them again before the
+    checkpoint replaces them)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, layer]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> TranscoderConfig:

@@ -165,6 +165,30 @@ def test_signal_stops_between_steps_with_a_checkpoint_and_resumes_bit_identical(
     _assert_same_transcoders(tmp_path / "straight", tmp_path / "stopped")
 
 
+def test_a_layer_trained_alone_and_resumed_gets_its_weights_of_a_run_of_every_layer(tmp_path, monkeypatch):
+    import tccli.training.train as tr
+
+    cache = toy_cache(layers=(0, 1, 2))
+    every = train(small_config(tmp_path, "every", seed=3, checkpoint_every=7), cache)
+    original = tr.train_one_step
+
+    def crashing(state, x, y, config, step, *args, **kwargs):
+        if step == 17:  # after the checkpoint of step 14
+            raise RuntimeError("the machine went away")
+        return original(state, x, y, config, step, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "train_one_step", crashing)
+    alone = small_config(tmp_path, "alone", seed=3, checkpoint_every=7, layers="2")
+    with pytest.raises(RuntimeError, match="went away"):
+        train(alone, cache)
+    assert torch.load(Path(alone.out) / CHECKPOINT_FILE, weights_only=True)["step"] == 14
+    monkeypatch.setattr(tr, "train_one_step", original)
+    resumed = train(small_config(tmp_path, "alone", seed=3, checkpoint_every=7, layers="2", resume=True), cache)
+    for name in every[2].tensor_names():
+        assert torch.equal(getattr(every[2], name), getattr(resumed[2], name)), name
+    assert every[2].config.feature_frequency == resumed[2].config.feature_frequency
+
+
 # ----------------------------------------------------------------------------- --force and --resume
 
 

@@ -19,7 +19,7 @@ from tccli.config.fields import to_json_dict
 from tccli.config.training import TrainConfig
 from tccli.errors import TcError
 from tccli.training.run_folder import CHECKPOINT_FILE, LOG_FILE
-from tccli.training.train import train
+from tccli.training.train import layer_generator, train
 from tccli.transcoders.files import load_transcoder
 from tccli.transcoders.formats import load_transcoder_set
 
@@ -155,6 +155,34 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert not torch.equal(a.W_enc, c.W_enc)
 
 
+def _assert_same_weights(a, b) -> None:
+    assert a.tensor_names() == b.tensor_names()
+    for name in a.tensor_names():
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.config.feature_frequency == b.config.feature_frequency
+
+
+def test_a_layer_trained_alone_gets_its_weights_of_a_run_of_every_layer(tmp_path):
+    every = train(small_config(tmp_path, "every", seed=1), toy_cache(layers=(0, 1, 2)))
+    alone = train(small_config(tmp_path, "alone", seed=1, layers="2"), toy_cache(layers=(0, 1, 2)))
+    assert sorted(every) == [0, 1, 2] and sorted(alone) == [2]
+    _assert_same_weights(every[2], alone[2])
+    # the seed still matters
+    other = train(small_config(tmp_path, "other", seed=2, layers="2"), toy_cache(layers=(0, 1, 2)))
+    assert not torch.equal(other[2].W_dec, alone[2].W_dec)
+
+
+def test_each_layer_draws_from_a_generator_of_seed_and_layer():
+    def draw(seed: int, layer: int) -> torch.Tensor:
+        return torch.randn(16, generator=layer_generator(seed, layer))
+
+    assert torch.equal(draw(1, 2), draw(1, 2))
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 2), (2, 1)]
+    for i, a in enumerate(pairs):
+        for b in pairs[i + 1 :]:
+            assert not torch.equal(draw(*a), draw(*b)), (a, b)
+
+
 def test_nan_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     import tccli.training.train as tr
 
@@ -195,6 +223,7 @@ def test_nan_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, monkeypatch
         (dict(activation="gelu"), "--activation must be one of"),
         (dict(tokens=10), "less than one batch"),
         (dict(lr_decay=2.0), "--lr-decay"),
+        (dict(seed=-1), "--seed must be >= 0"),
     ],
 )
 def test_bad_options(tmp_path, overrides, message):
