@@ -132,7 +132,11 @@ class TrainConfig(TrainDistributedOptions):
         "(the sparse parts and the weights stay float32).",
     )
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end).")
-    log_every: int = option(50, "Steps between metric lines (stderr and the JSONL log).")
+    log_every: int = option(
+        50,
+        "Steps between metric lines. They go to the JSONL log (train_log.jsonl in --out) and, unless --quiet, "
+        "to stderr: above the progress bar on a terminal, as plain lines when stderr is a file or a pipe.",
+    )
     resume: bool = option(
         False,
         "Continue the run in --out from its checkpoint (from step 0 if it was stopped before its first one).",

@@ -4,7 +4,8 @@ One callback shape for every long command: ``update(stage, done, total)``, ``tot
 not known yet (the bar then shows a count without a fraction). ``bar(quiet, unit)`` is a context
 manager yielding that callback, or a no-op callback with ``--quiet`` or when stderr is a pipe or a file,
 so logs and CI output never fill with control characters. Under torchrun only rank 0 draws (the other
-ranks' callers pass ``quiet=True``).
+ranks' callers pass ``quiet=True``). What a command reports besides the bar (tc train's metric lines)
+is its own to print, as plain lines when there is no bar.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,9 @@ def check_same_run(saved: dict, config: TrainConfig, d_model: int, what: str) ->
 
 
 class Reporter:
-    """Metric lines in the JSONL log, and on a terminal (not --quiet) a progress bar with them above it."""
+    """Metric lines in the JSONL log and, unless --quiet, on stderr: above a progress bar on a terminal,
+    as plain lines (flushed one by one, no bar, no control characters) when stderr is a file or a pipe,
+    so that a run's log captured by a shell script or a batch scheduler shows it going."""
 
     def __init__(self, out: Path, quiet: bool, total_steps: int, start_step: int = 0):
         try:
@@ -148,6 +151,7 @@ class Reporter:
         except OSError as exc:
             raise outputs.write_error(out / LOG_FILE, exc) from None
         self.total_steps = total_steps
+        self.quiet = quiet
         self._bar = progress.bar(quiet, "steps")
         self.update = self._bar.__enter__()
         self.console = progress.stderr_console() if self.update is not progress.no_progress else None
@@ -160,13 +164,20 @@ class Reporter:
             self.log.flush()
         except OSError as exc:
             raise outputs.write_error(Path(self.log.name), exc) from None
+        if self.quiet:
+            return
+        m = entry
+        line = (
+            f"step {m['step']}/{self.total_steps} layer {m['layer']} lr {m['lr']:.2e} loss {m['loss']:.4g} "
+            f"mse {m['mse']:.4g} L1 {m['l1']:.3g} L0 {m['l0']:.1f} FVU {m['fvu']:.4f} "
+            f"dead {m['dead_fraction']:.3f} ({time.time() - self.started:.0f}s)"
+        )
         if self.console is not None:
-            m = entry
-            self.console.print(
-                f"step {m['step']}/{self.total_steps} layer {m['layer']} lr {m['lr']:.2e} loss {m['loss']:.4g} "
-                f"mse {m['mse']:.4g} L1 {m['l1']:.3g} L0 {m['l0']:.1f} FVU {m['fvu']:.4f} "
-                f"dead {m['dead_fraction']:.3f} ({time.time() - self.started:.0f}s)"
-            )
+            self.console.print(line)
+        else:
+            # print, not the rich console: off a terminal rich would wrap the line at 80 columns
+            with contextlib.suppress(OSError, ValueError):  # stderr closed or gone: the JSONL log still has it
+                print(line, file=sys.stderr, flush=True)
 
     def step(self, step: int) -> None:
         self.update("training", step, self.total_steps)

@@ -18,7 +18,7 @@ import torch
 from training_helpers import D, small_config, toy_cache
 
 from tccli.errors import TcError
-from tccli.training.run_folder import CHECKPOINT_FILE
+from tccli.training.run_folder import CHECKPOINT_FILE, LOG_FILE
 from tccli.training.train import train
 from tccli.transcoders.files import load_transcoder
 
@@ -187,6 +187,28 @@ def test_a_layer_trained_alone_and_resumed_gets_its_weights_of_a_run_of_every_la
     for name in every[2].tensor_names():
         assert torch.equal(getattr(every[2], name), getattr(resumed[2], name)), name
     assert every[2].config.feature_frequency == resumed[2].config.feature_frequency
+
+
+# ----------------------------------------------------------------------------- metric lines on stderr
+
+
+def test_metric_lines_reach_stderr_as_plain_lines_when_it_is_not_a_terminal(tmp_path, capsys):
+    config = small_config(tmp_path, "loud", quiet=False, log_every=10, tokens=64 * 40)
+    train(config, toy_cache(layers=(0, 1)))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    logged = [json.loads(line) for line in (Path(config.out) / LOG_FILE).read_text().splitlines()]
+    assert [(e["step"], e["layer"]) for e in logged] == [(s, layer) for s in (10, 20, 30, 40) for layer in (0, 1)]
+    # one unwrapped line per logged entry, saying what the log says, with no bar or control characters
+    assert len(lines) == len(logged)
+    for line, entry in zip(lines, logged):
+        assert line.startswith(f"step {entry['step']}/40 layer {entry['layer']} lr {entry['lr']:.2e} ")
+        assert f" FVU {entry['fvu']:.4f} dead {entry['dead_fraction']:.3f} (" in line and line.endswith("s)")
+        assert "\x1b" not in line and "\r" not in line
+    # --quiet: nothing
+    train(small_config(tmp_path, "quiet", quiet=True, log_every=10, tokens=64 * 40), toy_cache(layers=(0, 1)))
+    assert capsys.readouterr().err == ""
 
 
 # ----------------------------------------------------------------------------- --force and --resume
