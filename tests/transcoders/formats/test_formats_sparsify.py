@@ -119,7 +119,9 @@ def test_a_sparsify_run_folder_is_read_without_its_optimizer_state(tmp_path):
 
     run = tmp_path / "run"
     tensors = sparsify_run(run)
-    (run / "best").mkdir()  # --save_best's folder (empty until a best loss is saved) is no hookpoint
+    # --save_best with sparsify's default fvu loss: best/<hookpoint>/ is a run folder of that hookpoint alone
+    best = run / "best" / "layers.3.mlp"
+    best_tensors = sparsify_run(best, layers=(3,))
     assert format_of(run) == "sparsify"
     coders = load_transcoder_set(run)
     assert sorted(coders) == [1, 3]
@@ -131,6 +133,8 @@ def test_a_sparsify_run_folder_is_read_without_its_optimizer_state(tmp_path):
         y, z = sparsify_formula(tensors[f"layers.{layer}.mlp"], x)
         assert torch.allclose(z_tc, z, atol=1e-5) and torch.allclose(y_tc, y, atol=1e-4)
     assert sorted(load_transcoder_set(run, layers=[3])) == [3]
+    best_coder = load_transcoder_set(best)[3]
+    assert torch.equal(best_coder.W_dec.detach(), best_tensors["layers.3.mlp"]["W_dec"])
 
 
 def test_tc_info_reads_a_sparsify_run_folder(tmp_path):
