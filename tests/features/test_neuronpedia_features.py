@@ -75,3 +75,26 @@ def test_a_feature_as_the_viewer_draws_it():
     assert low["tokens"] == ["a", " b", "c"] and low["tokens"][low["train_token_ind"]] == "c"
     assert data["top_logits"] == ["c", "<7>"] and data["bottom_logits"] == ["a"]
     assert (data["act_min"], data["act_max"], data["activation_frequency"]) == (0.0, 3.0, 0.25)
+
+
+def test_scoring_some_layers_files_them_under_the_whole_sets_id(tmp_path):
+    import torch
+
+    from tccli.config.features import ScoreConfig
+    from tccli.config.transcoders import TranscoderConfig
+    from tccli.features.score import score_scan
+    from tccli.transcoders.files import save_transcoder
+    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.set_id import transcoder_set_id
+    from tccli.transcoders.transcoder import Transcoder
+
+    for layer in range(2):
+        transcoder = Transcoder(TranscoderConfig(d_in=4, d_out=4, n_features=6, layer=layer))
+        with torch.no_grad():
+            for param in transcoder.parameters():
+                param.normal_()
+        save_transcoder(transcoder, tmp_path / "tcs" / f"layer_{layer}")
+    whole = transcoder_set_id(str(tmp_path / "tcs"), load_transcoder_set(tmp_path / "tcs"))
+    some = ScoreConfig(transcoders=str(tmp_path / "tcs"), layers="1", out="v/", format="neuronpedia-features")
+    assert score_scan(some, load_transcoder_set(tmp_path / "tcs", layers=[1])) == whole
+    assert transcoder_set_id(some.transcoders, load_transcoder_set(tmp_path / "tcs", layers=[1])) != whole
