@@ -6,17 +6,17 @@ _tc() {
     done
     case $sub in
         cache) opts='--data --tokens --context --seed --engine --model --device --model-dtype --layers --out -o --dtype --batch-size --compression --commit-every --resume --force --quiet --dist-timeout --help' ;;
-        circuit) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --force --quiet --min-edge --min-edge-label --help' ;;
+        circuit) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --iters --branches --min-contribution --both-signs --include-bos --format --out --force --quiet --scan --slug --min-edge --min-edge-label --help' ;;
         convert) opts='--input --out --to --help' ;;
         deembed) opts='--transcoders --feature --model --device --model-dtype --top --head --help' ;;
         eval) opts='--transcoders --data --tokens --context --seed --model --device --model-dtype --layers --kind --mean-ablation --dense-threshold --batch-size --json --wide --quiet --help' ;;
-        export) opts='--format --out --force --min-edge --min-edge-label --help' ;;
-        graph) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --target --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --force --batch-size --drop-mass --quiet --min-edge --min-edge-label --help' ;;
+        export) opts='--format --out --force --scan --slug --min-edge --min-edge-label --help' ;;
+        graph) opts='--transcoders --prompt --model --device --model-dtype --feature --logit --logit-diff --direction --layer --pos --target --max-logits --logit-prob --max-feature-nodes --node-threshold --edge-threshold --heads --format --out --force --batch-size --drop-mass --quiet --scan --slug --min-edge --min-edge-label --help' ;;
         greater-than) opts='--model --device --model-dtype --transcoders --layers --noun --graph --top --json --help' ;;
         info) opts='--json --help' ;;
         intervene) opts='--transcoders --prompt --model --device --model-dtype --ablation --features --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --mode --top --json --help' ;;
         plot) opts='-o --out --metric --title --force --help' ;;
-        score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --help' ;;
+        score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --format --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --scan --help' ;;
         show) opts='--html --features --limit --examples --model --force --help' ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --skip --no-skip --l1 --l0-coef --bandwidth --l1-warmup --normalize-mse --optimizer --lr --decoder-norm --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --threads --autocast --checkpoint-every --log-every --resume --force --quiet --dist-timeout --distribute-layers --help' ;;
         validate) opts='--model --device --model-dtype --ablation --features --transcoders --prompts --task --noun --mode --random --seed --top --batch-size --out --force --json --help' ;;

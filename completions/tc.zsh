@@ -73,6 +73,8 @@ _tc() {
                     '*--out[Write the graph here instead of stdout.]:value:_files' \
                     '*--force[Replace --out if it exists.]' \
                     '*--quiet[No summary on stderr.]' \
+                    '*--scan[Neuronpedia\: the transcoder set'\''s id (a graph'\''s scan), which viewers find feature examples by (default\: the hub id, a circuit-tracer config'\''s scan, else tc- and a hash of the set).]:value:_files' \
+                    '*--slug[Neuronpedia\: the graph'\''s slug, its name in a viewer'\''s list and its file name with --out DIR/ (default\: the prompt'\''s first words and a hash of the prompt, model, transcoders and target).]:value:_files' \
                     '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
                     '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
@@ -116,6 +118,8 @@ _tc() {
                     '*--format[Output\: dot, svg, png, graphml, json or neuronpedia.]:value:_files' \
                     '*--out[Write here instead of stdout.]:value:_files' \
                     '*--force[Replace --out if it exists (never the input graph).]' \
+                    '*--scan[Neuronpedia\: the transcoder set'\''s id (a graph'\''s scan), which viewers find feature examples by (default\: the hub id, a circuit-tracer config'\''s scan, else tc- and a hash of the set).]:value:_files' \
+                    '*--slug[Neuronpedia\: the graph'\''s slug, its name in a viewer'\''s list and its file name with --out DIR/ (default\: the prompt'\''s first words and a hash of the prompt, model, transcoders and target).]:value:_files' \
                     '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
                     '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
@@ -140,11 +144,13 @@ _tc() {
                     '*--edge-threshold[Pruning\: keep the edges that carry this share of the edge influence.]:value:_files' \
                     '*--heads[Split each kept edge'\''s attention part by the head of its first attention hop (and show head nodes in dot/json).]' \
                     '*--format[Output\: json, neuronpedia, dot or pt.]:value:_files' \
-                    '*--out[Write the graph here instead of stdout.]:value:_files' \
-                    '*--force[Replace --out if it exists.]' \
+                    '*--out[Write the graph here instead of stdout. With --format neuronpedia, a folder (DIR/) gets DIR/SLUG.json and the graph is added to DIR/graph-metadata.json, the list circuit-tracer'\''s local viewer shows.]:value:_files' \
+                    '*--force[Replace --out (or DIR/SLUG.json) if it exists.]' \
                     '*--batch-size[Rows per backward pass (memory grows with it and with the prompt).]:value:_files' \
                     '*--drop-mass[Per row, drop the smallest entries while their absolute sum stays within this share of the row'\''s (0 keeps every nonzero entry); reported.]:value:_files' \
                     '*--quiet[No progress or summary on stderr.]' \
+                    '*--scan[Neuronpedia\: the transcoder set'\''s id (a graph'\''s scan), which viewers find feature examples by (default\: the hub id, a circuit-tracer config'\''s scan, else tc- and a hash of the set).]:value:_files' \
+                    '*--slug[Neuronpedia\: the graph'\''s slug, its name in a viewer'\''s list and its file name with --out DIR/ (default\: the prompt'\''s first words and a hash of the prompt, model, transcoders and target).]:value:_files' \
                     '*--min-edge[Pictures (dot, svg, png)\: draw only edges whose |weight| is at least this fraction of the target'\''s |value|; nodes left without an edge (mostly error nodes) are hidden. 0 draws everything.]:value:_files' \
                     '*--min-edge-label[Pictures\: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.]:value:_files' \
                     '*--help[Show this message and exit.]' \
@@ -197,7 +203,7 @@ _tc() {
                     '*:file:_files' ;;
                 score) _arguments \
                     '*--transcoders[Transcoder folder, or a folder of layer_L transcoder folders.]:value:_files' \
-                    '*--out[Features file to write\: .h5 (HDF5) or .jsonl (one feature a line).]:value:_files' \
+                    '*--out[Features file to write\: .h5 (HDF5) or .jsonl (one feature a line); with --format neuronpedia-features a folder (see --format).]:value:_files' \
                     '*--data[Text\: plain .txt files (documents separated by blank lines), .jsonl files with a '\''text'\'' field, folders saved by datasets'\'' save_to_disk, or - for stdin. Several paths may follow one --data.]:value:_files' \
                     '*--tokens[Stop after this many tokens (accepts 200k, 1M).]:value:_files' \
                     '*--context[Tokens per row, BOS included.]:value:_files' \
@@ -207,6 +213,7 @@ _tc() {
                     '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
                     '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
                     '*--layers[Layers to score, e.g. 2 or 0,3-4 (default\: every transcoder given).]:value:_files' \
+                    '*--format[Output\: h5 or jsonl (the default\: from --out'\''s suffix), or neuronpedia-features\: one JSON file per feature as circuit-tracer'\''s viewer loads them, in --out DIR/features/SCAN/ (see --scan).]:value:_files' \
                     '*--top[Top-activating examples kept per feature.]:value:_files' \
                     '*--quantiles[Activation bands to sample examples from (0\: none).]:value:_files' \
                     '*--per-quantile[Examples kept per band.]:value:_files' \
@@ -215,6 +222,7 @@ _tc() {
                     '*--batch-size[Rows of --context tokens per forward pass.]:value:_files' \
                     '*--force[Replace --out if it exists (it is still written to a temporary file first).]' \
                     '*--quiet[No progress on stderr.]' \
+                    '*--scan[Neuronpedia\: the transcoder set'\''s id (a graph'\''s scan), which viewers find feature examples by (default\: the hub id, a circuit-tracer config'\''s scan, else tc- and a hash of the set).]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 show) _arguments \

@@ -128,6 +128,16 @@ def head_name(layer: int, head: int) -> str:
     return f"L{layer}.H{head}"
 
 
+def neuronpedia_feature_id(layer: int, feature: int) -> int:
+    """The number circuit-tracer's and Neuronpedia's viewers name a transcoder feature by (a graph node's
+    ``feature``, a feature file's name): the Cantor pairing (l + f)(l + f + 1)/2 + f of (layer, feature),
+    which they decode back into the layer and the feature to look it up."""
+    if layer < 0 or feature < 0:
+        raise ValueError(f"a feature has a layer and an index >= 0, got ({layer}, {feature})")
+    total = layer + feature
+    return total * (total + 1) // 2 + feature
+
+
 def quoted_token(text: Any) -> str:
     """A token in double quotes, so its spaces show: `" 17"`."""
     return json.dumps(str(text), ensure_ascii=False)

@@ -152,6 +152,7 @@ def small_circuit_graph() -> nx.DiGraph:
     )
     g.graph["metadata"] = {
         "model": "paper",
+        "scan": "paper-set",
         "n_layers": 1,
         "prompt": "x",
         "tokens": ["<bos>", 'say "hi"'],

@@ -1,5 +1,5 @@
 """Circuit graphs to and from files: DOT (Graphviz), JSON (networkx node-link + metadata),
-Neuronpedia's attribution-graph JSON (as circuit-tracer writes it), GraphML, and SVG/PNG via `dot`.
+Neuronpedia's attribution-graph JSON (as circuit-tracer writes it: tccli.circuit.neuronpedia), GraphML.
 
 Node attributes. Every graph tc writes (``tc circuit``'s path search, ``tc graph``'s attribution
 graphs) names its nodes' attributes so; the picture, the exports and ``tc info`` read only these:
@@ -40,7 +40,6 @@ import networkx as nx
 from tccli.circuit.picture import draw, to_dot
 from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 from tccli.errors import fail
-from tccli.nodes import node_label
 
 GRAPH_FORMAT = "tc-circuit-graph"
 
@@ -120,231 +119,6 @@ def check_graph_matches_model(graph: nx.DiGraph, info: Any, where: str) -> None:
             raise fail(f"{where}: node {node} is head {head!r}; the model has heads 0-{info.n_heads - 1} per layer")
 
 
-# ----------------------------------------------------------------------------- Neuronpedia
-
-
-# Nodes that are linear paths in circuit-tracer's graphs (folded away in its JSON).
-LINEAR_PATH_KINDS = ("head", "skip")
-
-
-def _neuronpedia_id(node: str, attrs: dict, n_layers: int) -> str:
-    kind, pos = attrs.get("kind"), attrs.get("position")
-    if kind == "feature":
-        return f"{attrs['layer']}_{attrs['feature']}_{pos}"
-    if kind == "error":
-        return f"{attrs['layer']}_-1_{pos}"
-    if kind in ("embed", "pos"):
-        return f"E_{attrs.get('token_id', -1)}_{pos}" + ("" if kind == "embed" else "_pos")
-    if kind == "target":
-        return f"{n_layers + 1}_{attrs.get('target_token', -1)}_{pos}"
-    return node
-
-
-def to_neuronpedia(graph: nx.DiGraph) -> str:
-    """circuit-tracer's attribution-graph JSON (metadata, qParams, nodes, links).
-
-    circuit-tracer freezes attention, so its graphs have no head nodes, and treats a skip connection as
-    part of the linear paths: each attention head node and each skip node is folded away, its upstream
-    edges relinked to its downstream nodes with the upstream weight (that weight already is the
-    attribution through the head or skip). A feature target becomes a feature node; a
-    logit, logit-difference or direction target a logit node. influence = |contribution| / |target|.
-    """
-    meta = graph.graph.get("metadata", {})
-    n_layers = int(meta.get("n_layers", 0))
-    target_value = abs(graph.nodes["target"].get("activation") or 0.0) or 1.0
-    ids = {n: _neuronpedia_id(n, a, n_layers) for n, a in graph.nodes(data=True)}
-    nodes = []
-    for node, attrs in graph.nodes(data=True):
-        kind = attrs.get("kind")
-        if kind in LINEAR_PATH_KINDS:
-            continue
-        entry = {
-            "node_id": ids[node],
-            "jsNodeId": ids[node],
-            "layer": str(attrs.get("layer")),
-            "ctx_idx": attrs.get("position"),
-            "feature": attrs.get("feature") if kind == "feature" else -1,
-            "feature_type": {
-                "feature": "cross layer transcoder",
-                "error": "mlp reconstruction error",
-                "embed": "embedding",
-                "pos": "embedding",
-                "target": "logit",
-            }[kind],
-            "activation": attrs.get("activation"),
-            "token_prob": 0.0,
-            "is_target_logit": kind == "target",
-            "run_idx": 0,
-            "reverse_ctx_idx": 0,
-            "clerp": node_label(attrs),
-            "influence": 1.0 if kind == "target" else abs(attrs.get("path_contribution") or 0.0) / target_value,
-        }
-        if kind in ("embed", "pos"):
-            entry["layer"] = "E"
-        if kind == "target":
-            description = meta.get("target", {})
-            if description.get("kind") == "feature":
-                entry.update(
-                    feature_type="cross layer transcoder",
-                    feature=description.get("feature"),
-                    layer=str(description.get("layer")),
-                    is_target_logit=False,
-                    node_id=f"{description.get('layer')}_{description.get('feature')}_{attrs.get('position')}",
-                )
-                entry["jsNodeId"] = entry["node_id"]
-                ids[node] = entry["node_id"]
-            else:
-                entry["layer"] = str(n_layers + 1)
-        nodes.append(entry)
-    links: dict[tuple[str, str], float] = {}
-
-    def downstream_of(node: str):
-        for _, v in graph.out_edges(node):
-            if graph.nodes[v].get("kind") in LINEAR_PATH_KINDS:
-                yield from downstream_of(v)
-            else:
-                yield v
-
-    for u, v, w in graph.edges(data="weight"):
-        if graph.nodes[u].get("kind") in LINEAR_PATH_KINDS:
-            continue
-        targets = [v] if graph.nodes[v].get("kind") not in LINEAR_PATH_KINDS else list(downstream_of(v))
-        for t in targets:
-            key = (ids[u], ids[t])
-            links[key] = links.get(key, 0.0) + w
-    document = {
-        "metadata": {
-            "slug": meta.get("slug", "tc-circuit"),
-            "scan": meta.get("model", ""),
-            "transcoder_list": meta.get("transcoder_list", []),
-            "prompt_tokens": meta.get("tokens", []),
-            "prompt": meta.get("prompt", ""),
-            "node_threshold": None,
-            "schema_version": 1,
-            "tc": meta,
-        },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": nodes,
-        "links": [{"source": s, "target": t, "weight": w} for (s, t), w in links.items()],
-    }
-    return json.dumps(document, indent=1, default=float) + "\n"
-
-
-def attribution_graph_to_neuronpedia(graph: nx.DiGraph) -> str:
-    """circuit-tracer's graph file for Neuronpedia's viewer, from a pruned `tc graph` attribution graph
-    (tccli.graph.files.to_networkx).
-
-    As circuit-tracer writes it: `metadata` (slug, scan, transcoder_list, prompt_tokens, prompt,
-    node_threshold; plus schema_version 1 and tc's own metadata under `tc`), `qParams`, `nodes`
-    (feature `{layer}_{feature}_{pos}`, embedding `E_{token}_{pos}`, logit `{n_layers+1}_{token}_{pos}`,
-    with `influence` = the node's cumulative influence share, `activation`, `token_prob`,
-    `is_target_logit`), `links` (`source`, `target`, `weight`). Error nodes are `{layer}_-1_{pos}`, not
-    circuit-tracer's `0_{layer}_{pos}`, which collides with layer-0 feature ids. Head nodes (--heads)
-    do not exist in this schema: their parts stay on the direct edges."""
-    meta = graph.graph.get("metadata", {})
-    n_layers = int(meta.get("n_layers", 0))
-    top_probability = max((t.get("weight", 0.0) for t in meta.get("targets", [])), default=0.0)
-    ids: dict[str, str] = {}
-    nodes = []
-    for node, attrs in graph.nodes(data=True):
-        kind, position = attrs.get("kind"), attrs.get("position")
-        entry = {
-            "feature": -1,
-            "layer": str(attrs.get("layer")),
-            "ctx_idx": position,
-            "token_prob": 0.0,
-            "is_target_logit": False,
-            "run_idx": 0,
-            "reverse_ctx_idx": 0,
-            "clerp": "",
-            "influence": attrs.get("cumulative_influence"),
-            "activation": attrs.get("activation"),
-        }
-        if kind == "head":
-            continue
-        if kind == "feature":
-            entry.update(
-                node_id=f"{attrs['layer']}_{attrs['feature']}_{position}",
-                feature=attrs["feature"],
-                feature_type="cross layer transcoder",
-                jsNodeId=f"{attrs['layer']}_{attrs['feature']}-0",
-            )
-        elif kind == "error":
-            entry.update(
-                node_id=f"{attrs['layer']}_-1_{position}",
-                feature_type="mlp reconstruction error",
-                jsNodeId=f"{attrs['layer']}_{position}-0",
-                activation=None,
-            )
-        elif kind == "embed":
-            token = attrs.get("token_id", -1)
-            entry.update(
-                node_id=f"E_{token}_{position}",
-                feature=position,
-                layer="E",
-                feature_type="embedding",
-                jsNodeId=f"E_{token}-{position}",
-                activation=None,
-            )
-        else:
-            entry.update(_neuronpedia_target(attrs, n_layers, position, top_probability))
-        ids[node] = entry["node_id"]
-        nodes.append(entry)
-    links = [
-        {"source": ids[u], "target": ids[v], "weight": w}
-        for u, v, w in graph.edges(data="weight")
-        if u in ids and v in ids
-    ]
-    document = {
-        "metadata": {
-            "slug": meta.get("slug", "tc-graph"),
-            "scan": meta.get("model", ""),
-            "transcoder_list": meta.get("transcoder_list", []),
-            "prompt_tokens": meta.get("tokens", []),
-            "prompt": meta.get("prompt", ""),
-            "node_threshold": meta.get("config", {}).get("node_threshold"),
-            "schema_version": 1,
-            "tc": meta,
-        },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": nodes,
-        "links": links,
-    }
-    return json.dumps(document, indent=1, default=float) + "\n"
-
-
-def _neuronpedia_target(attrs: dict, n_layers: int, position: int, top_probability: float) -> dict:
-    kind = attrs.get("target_kind")
-    if kind == "feature":
-        layer, feature = attrs["layer"], attrs["target_feature"]
-        return {
-            "node_id": f"{layer}_{feature}_{position}",
-            "feature": feature,
-            "layer": str(layer),
-            "feature_type": "cross layer transcoder",
-            "jsNodeId": f"{layer}_{feature}-0",
-            "clerp": f"target: L{layer} F{feature} pre-activation",
-        }
-    token = attrs.get("target_token", -1) if kind in ("logit", "logit_diff") else -1
-    text = attrs.get("target_token_string", "")
-    if kind == "logit_diff":
-        text = f'{text}" - "{attrs.get("target_token_b_string", "")}'
-    elif kind == "direction":
-        text = f"direction at layer {attrs.get('layer')}"
-    probability = attrs.get("weight", 0.0) if kind == "logit" and attrs.get("target_demeaned") else 0.0
-    return {
-        "node_id": f"{n_layers + 1}_{token}_{position}",
-        "feature": token,
-        "layer": str(n_layers + 1),
-        "feature_type": "logit",
-        "jsNodeId": f"L_{token}-{position}",
-        "token_prob": probability,
-        "is_target_logit": probability == top_probability or kind != "logit",
-        "clerp": f'Output "{text}" (p={probability:.3f})',
-        "activation": attrs.get("activation"),
-    }
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -358,9 +132,9 @@ def render(
     if fmt == "json":
         return to_json(graph).encode()
     if fmt == "neuronpedia":
-        if is_attribution_graph(graph):
-            return attribution_graph_to_neuronpedia(graph).encode()
-        return to_neuronpedia(graph).encode()
+        from tccli.circuit import neuronpedia
+
+        return neuronpedia.render(graph).encode()
     if fmt == "graphml":
         return _graphml(graph)
     if fmt in ("svg", "png"):

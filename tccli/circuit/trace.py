@@ -14,6 +14,7 @@ from tccli.data.text import display_token
 from tccli.model.loading import LoadedModel
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import build_target
+from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
 
 # ----------------------------------------------------------------------------- tc circuit
@@ -25,6 +26,7 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
     from tccli.circuit.search import SearchParams, explained, greedy_search, paths_to_graph
     from tccli.config.fields import to_json_dict
 
+    scan = config.scan or transcoder_set_id(config.transcoders, transcoders)  # before freezing changes dtypes
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         target = build_target(config, loaded, transcoders, frozen, position)
@@ -52,6 +54,8 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": config.transcoders,
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "scan": scan,
+        "slug": config.graph_slug(prompt),
         "transcoder_spaces": {
             str(layer): {
                 "input": t.config.input_space,

@@ -266,11 +266,13 @@ def _prompt_text(prompt: str) -> str:
 def export_command(config: ExportConfig) -> None:
     """Convert a graph saved with `tc circuit --format json` to dot, svg, png, graphml or neuronpedia."""
     from tccli.circuit import files as circuit_files
+    from tccli.circuit import neuronpedia
 
     if not config.out and config.format == "png" and sys.stdout.isatty():
         raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
     with outputs.claim(config.out, config.force, [config.graph]):
         graph = circuit_files.read_graph(config.graph)
+        neuronpedia.name_graph(graph, config.scan, config.slug)
         _write_output(circuit_files.render(graph, config.format, config), config.out)
 
 
@@ -298,10 +300,18 @@ def score_command(config: ScoreConfig) -> None:
     from tccli.features.score import load_score_inputs, run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
-    with (
-        progress.bar(config.quiet, "rows") as update,
-        outputs.claim(config.out, config.force, [*config.data, config.transcoders, config.model]),
-    ):
+    inputs = [*config.data, config.transcoders, config.model]
+    if config.format == "neuronpedia-features":  # --out DIR/: one writer at a time; the files go in at the end
+        if config.scan:  # a scan tc cannot place, or files already there: refused before anything is loaded
+            from pathlib import Path
+
+            from tccli.features.neuronpedia import check_scan_folder
+
+            check_scan_folder(Path(config.out).expanduser(), config.scan, config.force)
+        claim = outputs.claim_folder(config.out, inputs)
+    else:
+        claim = outputs.claim(config.out, config.force, inputs)
+    with progress.bar(config.quiet, "rows") as update, claim:
         loaded, transcoders, rows = load_score_inputs(config)
         summary = run_score(config, loaded, transcoders, rows, update, log=log)
     if not config.quiet:
@@ -372,6 +382,7 @@ def greater_than_command(config: GreaterThanConfig) -> None:
 @command_from(GraphConfig)
 def graph_command(config: GraphConfig) -> None:
     """Whole attribution graph of the local replacement model, pruned by influence and scored."""
+    from tccli.circuit import neuronpedia
     from tccli.graph import files as graph_files
     from tccli.graph.trace import attribution_graph
     from tccli.model.loading import load_model
@@ -379,8 +390,14 @@ def graph_command(config: GraphConfig) -> None:
 
     prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
+    inputs = [config.transcoders, config.model]
+    out, folder = config.out, None
+    if config.out_folder:  # --out DIR/: the graph is DIR/SLUG.json, listed in DIR/graph-metadata.json
+        folder = outputs.output_folder(config.out_folder, inputs)
+        neuronpedia.read_graph_index(folder / neuronpedia.GRAPH_INDEX)  # a list tc cannot update stops it now
+        out = str(folder / f"{config.graph_slug(prompt)}.json")
     with (
-        outputs.claim(config.out, config.force, [config.transcoders, config.model]),
+        outputs.claim(out, config.force, inputs),
         progress.bar(config.quiet, "rows") as update,
     ):
         loaded = load_model(config.model, config.device, config.model_dtype)
@@ -389,7 +406,10 @@ def graph_command(config: GraphConfig) -> None:
             loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
         )
         data = graph_files.render(run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config)
-        _write_output(data, config.out)
+        _write_output(data, out)
+        if folder is not None:
+            index = neuronpedia.add_to_graph_index(folder, neuronpedia.index_entry(data))
+            log(f"wrote {out} (scan {run.metadata['scan']!r}), listed in {index}")
     graph, stats = run.graph, run.graph.stats
     log(
         f"{graph.n_active_features} active features, {graph.table.n_features} with rows; kept "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +12,59 @@ from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
 
 EXPORT_FORMATS = ("dot", "svg", "png", "graphml", "json", "neuronpedia")
+
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# The settings a default slug hashes besides the prompt: another model, set or target is another graph.
+SLUG_SOURCES = ("model", "transcoders", "target", "feature", "logit", "logit_diff", "direction", "layer", "pos")
+
+
+@dataclass
+class ScanOption:
+    """The transcoder set's id in Neuronpedia files (circuit-tracer's ``scan``)."""
+
+    scan: Optional[str] = option(
+        None,
+        "Neuronpedia: the transcoder set's id (a graph's scan), which viewers find feature examples by "
+        "(default: the hub id, a circuit-tracer config's scan, else tc- and a hash of the set).",
+        metavar="ID",
+        late=True,
+    )
+
+    def validate_scan(self) -> None:
+        if self.scan is not None and (
+            not self.scan.strip() or len(self.scan) > 200 or any(c.isspace() or ord(c) < 32 for c in self.scan)
+        ):
+            raise fail(f"--scan must be 1-200 characters without spaces or control characters, got {self.scan!r}")
+
+
+@dataclass
+class NeuronpediaOptions(ScanOption):
+    """What names a graph in Neuronpedia files: its set's id and its slug."""
+
+    slug: Optional[str] = option(
+        None,
+        "Neuronpedia: the graph's slug, its name in a viewer's list and its file name with --out DIR/ "
+        "(default: the prompt's first words and a hash of the prompt, model, transcoders and target).",
+        metavar="SLUG",
+        late=True,
+    )
+
+    def validate_names(self) -> None:
+        self.validate_scan()
+        if self.slug is not None and not SLUG.fullmatch(self.slug):
+            raise fail(
+                f"--slug must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit, "
+                f"got {self.slug!r}"
+            )
+
+    def graph_slug(self, prompt: str) -> str:
+        """--slug, else the prompt's first words and 8 hex digits of a hash of what made the graph."""
+        if self.slug:
+            return self.slug
+        made_of = [prompt] + [getattr(self, name, None) for name in SLUG_SOURCES]
+        digest = hashlib.sha256(json.dumps(made_of, default=str).encode()).hexdigest()[:8]
+        words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6])[:40].strip("-")
+        return f"{words}-{digest}" if words else f"graph-{digest}"
 
 
 @dataclass
@@ -38,7 +94,7 @@ class PictureOptions:
 
 
 @dataclass
-class ExportConfig(PictureOptions):
+class ExportConfig(PictureOptions, NeuronpediaOptions):
     """Options of `tc export`."""
 
     graph: str = option(
@@ -50,6 +106,7 @@ class ExportConfig(PictureOptions):
 
     def validate(self) -> None:
         PictureOptions.validate(self)
+        self.validate_names()
         if self.format not in EXPORT_FORMATS:
             raise fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
 
@@ -101,7 +158,7 @@ class TargetOptions:
 
 
 @dataclass
-class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
+class CircuitConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOptions):
     """Options of `tc circuit`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
@@ -119,6 +176,7 @@ class CircuitConfig(PictureOptions, TargetOptions, ModelOptions):
     def validate(self) -> None:
         ModelOptions.validate(self)
         PictureOptions.validate(self)
+        self.validate_names()
         self.validate_target()
         if self.format not in CIRCUIT_FORMATS:
             raise fail(f"--format must be one of {', '.join(CIRCUIT_FORMATS)}, got {self.format!r}")

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from tccli.config.circuit import ScanOption
 from tccli.config.fields import CaptureOptions, DataOptions, ModelOptions, option
 from tccli.errors import fail
 
+SCORE_FORMATS = ("h5", "jsonl", "neuronpedia-features")
+
 
 @dataclass
-class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
+class ScoreConfig(ScanOption, ModelOptions, CaptureOptions, DataOptions):
     """Options of `tc score`."""
 
     transcoders: Optional[str] = option(
@@ -18,7 +21,15 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
     )
     layers: Optional[str] = option(None, "Layers to score, e.g. 2 or 0,3-4 (default: every transcoder given).")
     out: Optional[str] = option(
-        None, "Features file to write: .h5 (HDF5) or .jsonl (one feature a line).", required=True
+        None,
+        "Features file to write: .h5 (HDF5) or .jsonl (one feature a line); with --format "
+        "neuronpedia-features a folder (see --format).",
+        required=True,
+    )
+    format: Optional[str] = option(
+        None,
+        "Output: h5 or jsonl (the default: from --out's suffix), or neuronpedia-features: one JSON file "
+        "per feature as circuit-tracer's viewer loads them, in --out DIR/features/SCAN/ (see --scan).",
     )
     top: int = option(20, "Top-activating examples kept per feature.")
     quantiles: int = option(10, "Activation bands to sample examples from (0: none).")
@@ -35,8 +46,21 @@ class ScoreConfig(ModelOptions, CaptureOptions, DataOptions):
         ModelOptions.validate(self)
         CaptureOptions.validate(self)
         DataOptions.validate(self)
-        if not self.out or not str(self.out).endswith((".h5", ".hdf5", ".jsonl")):
-            raise fail(f"--out must end in .h5 or .jsonl, got {self.out!r}")
+        self.validate_scan()
+        if self.format is not None and self.format not in SCORE_FORMATS:
+            raise fail(f"--format must be one of {', '.join(SCORE_FORMATS)}, got {self.format!r}")
+        if self.format == "neuronpedia-features":
+            if not self.out or str(self.out).endswith((".h5", ".hdf5", ".jsonl")):
+                raise fail(f"--format neuronpedia-features writes into a folder: --out DIR/, got {self.out!r}")
+        else:
+            if self.scan is not None:
+                raise fail("--scan names the feature files of --format neuronpedia-features")
+            suffixes, named = {
+                "h5": ((".h5", ".hdf5"), ".h5"),
+                "jsonl": ((".jsonl",), ".jsonl"),
+            }.get(self.format or "", ((".h5", ".hdf5", ".jsonl"), ".h5 or .jsonl"))
+            if not self.out or not str(self.out).endswith(suffixes):
+                raise fail(f"--out must end in {named}, got {self.out!r}")
         for name in ("top", "batch_size", "top_tokens"):
             if getattr(self, name) < 1:
                 raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
-from tccli.config.circuit import PictureOptions, TargetOptions
+from tccli.config.circuit import NeuronpediaOptions, PictureOptions, TargetOptions
 from tccli.config.fields import ModelOptions, option
 from tccli.errors import fail
 
@@ -13,7 +14,7 @@ GRAPH_FORMATS = ("json", "neuronpedia", "dot", "pt")
 
 
 @dataclass
-class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
+class GraphConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOptions):
     """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
@@ -38,8 +39,13 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
         "(and show head nodes in dot/json).",
     )
     format: str = option("json", "Output: json, neuronpedia, dot or pt.")
-    out: Optional[str] = option(None, "Write the graph here instead of stdout.")
-    force: bool = option(False, "Replace --out if it exists.", save=False)
+    out: Optional[str] = option(
+        None,
+        "Write the graph here instead of stdout. With --format neuronpedia, a folder (DIR/) gets "
+        "DIR/SLUG.json and the graph is added to DIR/graph-metadata.json, the list circuit-tracer's "
+        "local viewer shows.",
+    )
+    force: bool = option(False, "Replace --out (or DIR/SLUG.json) if it exists.", save=False)
     batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")
     drop_mass: float = option(
         1e-3,
@@ -51,6 +57,7 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
     def validate(self) -> None:
         ModelOptions.validate(self)
         PictureOptions.validate(self)
+        self.validate_names()
         chosen = (["--target"] if self.target is not None else []) + self.chosen_targets()
         if len(chosen) > 1:
             raise fail(
@@ -75,6 +82,15 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
             raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.drop_mass < 1.0:
             raise fail(f"--drop-mass must be in [0, 1), got {self.drop_mass}")
+        if self.out_folder is not None and self.format != "neuronpedia":
+            raise fail(f"--out {self.out} is a folder, which only --format neuronpedia writes into; name a file")
+
+    @property
+    def out_folder(self) -> Optional[str]:
+        """--out when it names a folder (ends in / or is one): the graph goes in as SLUG.json."""
+        if self.out and (self.out.endswith(("/", os.sep)) or os.path.isdir(os.path.expanduser(self.out))):
+            return self.out
+        return None
 
     @property
     def logits_target(self) -> bool:

@@ -2,11 +2,13 @@
 
 The command (``tccli.cli.app``) claims ``--out``, loads the model, the transcoders and the text; the scores
 themselves are computed by ``tccli.features.scoring`` (math, no files); the features file is written by
-``tccli.features.files``. This module ties them together.
+``tccli.features.files`` (or, for --format neuronpedia-features, the viewer's feature files by
+``tccli.features.neuronpedia``). This module ties them together.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tccli.config.features import ScoreConfig
@@ -23,6 +25,16 @@ def check_scorable(transcoders: dict, path: str) -> None:
                 f"{path}: layer {transcoder.config.layer} is an SAE on the MLP output; "
                 "tc score scores transcoders (MLP input -> output)"
             )
+
+
+def score_scan(config: ScoreConfig, transcoders: dict) -> str:
+    """The id of the transcoder set `tc score` scores (tccli.transcoders.set_id), from all of its layers:
+    the id `tc graph` writes into its graphs of the same set (with --layers, the whole set is read again)."""
+    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.set_id import transcoder_set_id
+
+    whole = transcoders if config.layers is None else load_transcoder_set(config.transcoders)
+    return transcoder_set_id(config.transcoders, whole)
 
 
 def load_score_inputs(config: ScoreConfig) -> tuple[Any, dict[int, Any], Any]:
@@ -60,6 +72,12 @@ def run_score(
     from tccli.model.loading import torch_dtype
 
     info = loaded.info
+    feature_folder = None
+    if config.format == "neuronpedia-features":  # checked before any scoring, from the weights as stored
+        from tccli.features.neuronpedia import check_scan_folder
+
+        scan = config.scan or score_scan(config, transcoders)
+        feature_folder = check_scan_folder(Path(config.out).expanduser(), scan, config.force)
     for transcoder in transcoders.values():
         transcoder.to(torch_dtype(loaded.dtype))  # in place: the kernels read activations in the model's dtype
     settings = ScoreSettings(
@@ -101,10 +119,18 @@ def run_score(
         "settings": settings.__dict__,
         "vocab": vocabulary(loaded.tokenizer, info.d_vocab),
     }
-    write_features(config.out, scores, metadata)
+    if feature_folder is None:
+        write_features(config.out, scores, metadata)
+    else:
+        from tccli.features.neuronpedia import write_feature_files
+
+        write_feature_files(
+            Path(config.out).expanduser(), scan, scores, metadata["vocab"], settings.quantiles, config.force
+        )
+        log(f"feature files for scan {scan!r} in {feature_folder}")
     return {
         "tokens": rows.n_tokens,
         "layers": list(scores),
-        "out": config.out,
+        "out": str(feature_folder) if feature_folder is not None else config.out,
         "available_tokens": rows.available_tokens,
     }

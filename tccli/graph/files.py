@@ -1,7 +1,7 @@
 """Attribution graphs to files: tc's JSON (networkx node-link, read back by `tc export`, `tc info` and the
-intervention commands), Neuronpedia's attribution-graph JSON (the schema circuit-tracer writes), DOT
-(through tccli.circuit.files' layout, as `tc circuit` draws) and a torch file with the whole unpruned sparse
-adjacency for scripts.
+intervention commands), Neuronpedia's attribution-graph JSON (the schema circuit-tracer writes:
+tccli.circuit.neuronpedia), DOT (through tccli.circuit.files' layout, as `tc circuit` draws) and a torch
+file with the whole unpruned sparse adjacency for scripts.
 
 The JSON and DOT graphs hold the pruned graph: the nodes and edges pruning kept. Node ids follow
 `tc circuit`: `mlp8.f1234@5`, `err8@5`, `embed@5`, `attn3.h2@4` (head nodes, with --heads); a single
@@ -245,9 +245,6 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
-# ----------------------------------------------------------------------------- Neuronpedia
-
-
 # ----------------------------------------------------------------------------- torch file
 
 
@@ -313,7 +310,9 @@ def render(
     if fmt == "json":
         return circuit_files.to_json(pruned).encode()
     if fmt == "neuronpedia":
-        return circuit_files.attribution_graph_to_neuronpedia(pruned).encode()
+        from tccli.circuit import neuronpedia
+
+        return neuronpedia.attribution_graph_to_neuronpedia(pruned).encode()
     if fmt == "dot":
         from tccli.circuit.picture import to_dot
 

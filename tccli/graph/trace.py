@@ -22,6 +22,7 @@ from tccli.model.loading import LoadedModel
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import Target, build_target, salient_logit_targets
+from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
 
 
@@ -63,6 +64,7 @@ def attribution_graph(
 
     if not transcoders:
         raise fail(f"no transcoders in {config.transcoders}")
+    scan = config.scan or transcoder_set_id(config.transcoders, transcoders)  # before freezing changes dtypes
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         if config.logits_target:
@@ -100,6 +102,8 @@ def attribution_graph(
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": config.transcoders,
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "scan": scan,
+        "slug": config.graph_slug(prompt),
         "prompt": prompt,
         "tokens": strings,
         "token_ids": tokens.tolist(),

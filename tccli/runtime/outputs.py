@@ -5,6 +5,8 @@ Every command that writes a file or folder goes through these helpers:
 - ``check_new(path, force)``: an existing output is refused unless ``--force`` is given.
 - ``check_not_input(out, inputs)``: an output that is one of the command's inputs (the same file under
   another spelling, a folder holding it, or a file inside an input folder) is refused, ``--force`` or not.
+- ``output_folder(out)`` / ``claim_folder(out)``: a folder a command writes files into (``--out DIR/``),
+  made when missing; ``claim_folder`` also locks it for the run.
 - ``locked(path)``: an exclusive ``flock`` for the whole run, so a second run writing the same output
   stops at once with one line (exit 2) instead of both "succeeding" or both leaving debris. A file
   output is locked through ``PATH.lock`` (removed when the run ends); a folder output through the
@@ -25,6 +27,7 @@ import errno
 import fcntl
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -127,6 +130,30 @@ def claim(out: Optional[Path | str], force: bool, inputs: Iterable[Optional[Path
         yield
 
 
+def output_folder(out: Path | str, inputs: Iterable[Optional[Path | str]] = ()) -> Path:
+    """A folder that a command writes files into (``--out DIR/``): created when missing (its parent must
+    exist); refused when it is a file, an input, or holds one."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise fail(f"{out} is a file; name a folder to write into (DIR/)")
+    if not path.parent.is_dir():
+        raise fail(f"cannot write into {out}: folder {path.parent} does not exist")
+    check_not_input(path, inputs)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return path
+
+
+@contextlib.contextmanager
+def claim_folder(out: Path | str, inputs: Iterable[Optional[Path | str]] = ()) -> Iterator[Path]:
+    """``output_folder``, locked for the command's whole run (one writer at a time)."""
+    path = output_folder(out, inputs)
+    with locked(path):
+        yield path
+
+
 def remove_stale_temps(path: Path) -> None:
     """Delete the temporary files a killed run (SIGKILL, power loss) left beside ``path``; only called
     with ``path`` locked, so no live writer owns them."""
@@ -141,9 +168,23 @@ def remove_stale_temps(path: Path) -> None:
 # ============================================================================ locks
 
 
+def _flock(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on ``fd``, trying for up to ``wait`` seconds; whether it was taken."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
-def locked(path: Path | str) -> Iterator[None]:
-    """Hold an exclusive lock on output ``path`` (a file, or an existing folder) for the block's duration."""
+def locked(path: Path | str, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on output ``path`` (a file, or an existing folder) for the block's duration;
+    ``wait``: seconds to wait for another process to let go of it first (an index several runs update)."""
     path = Path(path)
     if path.is_dir():
         with _locked_folder(path):
@@ -155,9 +196,7 @@ def locked(path: Path | str) -> Iterator[None]:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise write_error(path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, wait):
             os.close(fd)
             raise fail(
                 f"{path} is being written by another tc process (it holds {lock_path.name}); "

@@ -10,6 +10,7 @@ import pytest
 
 from circuit_helpers import small_circuit_graph
 from tccli.circuit import files as circuit_files
+from tccli.circuit import neuronpedia
 from tccli.errors import TcError
 from tccli.nodes import node_label, target_description, target_label
 
@@ -66,8 +67,9 @@ def test_json_round_trip(graph):
 
 
 def test_neuronpedia_schema(graph):
-    document = json.loads(circuit_files.to_neuronpedia(graph))
+    document = json.loads(neuronpedia.to_neuronpedia(graph))
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
+    assert document["metadata"]["scan"] == "paper-set"
     for key in ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt"):
         assert key in document["metadata"]
     node_keys = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "influence", "activation"}
@@ -109,11 +111,11 @@ def test_tc_info_describes_graph_files(graph, tmp_path):
 def test_skip_nodes_are_labelled_and_folded_for_neuronpedia():
     import networkx as nx
 
-    from tccli.circuit.files import to_neuronpedia
+    from tccli.circuit.neuronpedia import to_neuronpedia
     from tccli.nodes import node_label
 
     graph = nx.DiGraph()
-    graph.graph["metadata"] = {"n_layers": 2, "target": {"kind": "logit"}}
+    graph.graph["metadata"] = {"n_layers": 2, "target": {"kind": "logit"}, "scan": "s"}
     graph.add_node("target", kind="target", layer=2, position=3, token="x", activation=2.0, contribution=2.0)
     graph.add_node("skip1@3", kind="skip", layer=1, position=3, token="x", contribution=1.5)
     graph.add_node(

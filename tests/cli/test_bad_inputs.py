@@ -575,6 +575,19 @@ CASES["score"] = [
         setup=lambda tmp, a: {"file": shutil.copytree(a.tcs, tmp / "tcs")},
     ),
     Case("top-0", (*SCORE, "--out", "{tmp}/f.jsonl", "--top", "0"), "--top must be at least 1"),
+    Case("features-into-a-file", (*SCORE, "--format", "neuronpedia-features", "--out", "{tmp}/f.h5"), "into a folder"),
+    Case(
+        "features-scan-outside",
+        (*SCORE, "--format", "neuronpedia-features", "--scan", "/abs", "--out", "{tmp}/v/"),
+        "cannot write feature files",
+    ),
+    Case(
+        "features-scan-exists",
+        (*SCORE, "--format", "neuronpedia-features", "--scan", "s", "--out", "{tmp}/v/"),
+        "already exists; pass --force",
+        setup=existing_output("v/features/s/0.json"),
+    ),
+    Case("scan-without-features", (*SCORE, "--out", "{tmp}/f.h5", "--scan", "s"), "--scan names the feature files"),
     Case("quantiles-negative", (*SCORE, "--out", "{tmp}/f.jsonl", "--quantiles", "-1"), "must not be negative"),
     Case(
         "context-too-long",
@@ -992,6 +1005,21 @@ CASES["graph"] = [  # tc graph (issue 13): whoever extends the command extends t
     ),
     Case("logit-multi-token", (*GRAPH, "--logit", "hello"), "not one"),
     Case("pos-outside", (*GRAPH, "--pos", "99"), "outside the prompt"),
+    Case("folder-needs-neuronpedia", (*GRAPH, "--out", "{tmp}/viewer/"), "only --format neuronpedia"),
+    Case(
+        "folder-list-unreadable",
+        (*GRAPH, "--format", "neuronpedia", "--out", "{tmp}/"),
+        "graph-metadata.json",
+        setup=write_file("graph-metadata.json", '{"graphs": "no"}'),
+    ),
+    Case(
+        "folder-graph-exists",
+        (*GRAPH, "--format", "neuronpedia", "--slug", "g", "--out", "{tmp}/"),
+        "already exists",
+        setup=existing_output("g.json"),
+    ),
+    Case("slug-path", (*GRAPH, "--slug", "../g"), "--slug must be"),
+    Case("scan-space", (*GRAPH, "--scan", "a b"), "--scan must be"),
 ]
 
 CASES["plot"] = [  # tc plot (issue 12)

@@ -13,6 +13,7 @@ import torch
 from graph_helpers import hand_graph
 
 from tccli.circuit import files as circuit_files
+from tccli.circuit import neuronpedia
 from tccli.graph import attribution_graph as ag
 from tccli.graph import files as graph_files
 from tccli.nodes import target_id
@@ -20,6 +21,7 @@ from tccli.nodes import target_id
 METADATA = {
     "kind": "attribution-graph",
     "model": "hand",
+    "scan": "hand-set",
     "n_layers": 1,
     "prompt": "x",
     "tokens": ["x"],
@@ -85,7 +87,7 @@ def test_pruned_graph_nodes_edges_and_metadata(graph):
 
 def test_neuronpedia_schema(graph):
     document = json.loads(
-        circuit_files.attribution_graph_to_neuronpedia(graph_files.to_networkx(graph, METADATA, ["x"], [7]))
+        neuronpedia.attribution_graph_to_neuronpedia(graph_files.to_networkx(graph, METADATA, ["x"], [7]))
     )
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
     assert document["metadata"]["schema_version"] == 1 and document["metadata"]["prompt_tokens"] == ["x"]
