@@ -17,7 +17,7 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
     """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True, stdio=True)
     target: Optional[str] = option(
         None,
         "Target: 'logits' (the default): the most likely next tokens at --pos "
@@ -38,7 +38,7 @@ class GraphConfig(PictureOptions, TargetOptions, ModelOptions):
         "(and show head nodes in dot/json).",
     )
     format: str = option("json", "Output: json, neuronpedia, dot or pt.")
-    out: Optional[str] = option(None, "Write the graph here instead of stdout.")
+    out: Optional[str] = option(None, "Write the graph here instead of stdout (- or no --out: stdout).", stdio=True)
     force: bool = option(False, "Replace --out if it exists.", save=False)
     batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")
     drop_mass: float = option(
