@@ -276,6 +276,33 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+class Pipe:
+    """What ``sys.stdin`` is for a `tc` run in this process fed by a pipe: bytes, not a terminal."""
+
+    def __init__(self, data: bytes):
+        import io
+
+        self.buffer = io.BytesIO(data)
+        self.closed = False
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture()
+def pipe_into_stdin(monkeypatch):
+    """``pipe_into_stdin(data)``: standard input becomes a pipe holding ``data``, unread (tccli.runtime.inputs
+    keeps what it reads for the run; that is forgotten too, and again after the test)."""
+    from tccli.runtime import inputs
+
+    def feed(data: bytes) -> None:
+        monkeypatch.setattr("sys.stdin", Pipe(data))
+        inputs.forget_stdin()
+
+    yield feed
+    inputs.forget_stdin()
+
+
 REAL_PROCESSES = {"on": False}  # pytest --real-processes (pytest_configure sets it)
 
 

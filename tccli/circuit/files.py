@@ -40,8 +40,10 @@ import networkx as nx
 from tccli.circuit.picture import draw, to_dot
 from tccli.config.circuit import EXPORT_FORMATS, PictureOptions
 from tccli.errors import fail
+from tccli.runtime import inputs
 
 GRAPH_FORMAT = "tc-circuit-graph"
+GRAPH_WHAT = "a tc graph (JSON written by tc circuit or tc graph --format json)"
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -58,6 +60,8 @@ def from_json(text: str, where: str = "graph") -> nx.DiGraph:
     except json.JSONDecodeError as exc:
         raise fail(f"{where} is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != GRAPH_FORMAT:
+        if inputs.sniff(text.encode("utf-8")) == inputs.NEURONPEDIA:
+            raise fail(f"{where} is {inputs.kind_name(inputs.NEURONPEDIA)}; pass {GRAPH_WHAT}")
         raise fail(f"{where} is not a tc circuit graph (JSON written by tc circuit --format json)")
     data = {k: v for k, v in data.items() if k != "format"}
     for node in data.get("nodes", []):  # written before the two contribution figures had their names
@@ -76,6 +80,9 @@ def from_json(text: str, where: str = "graph") -> nx.DiGraph:
 
 
 def read_graph(path: str | Path) -> nx.DiGraph:
+    """The graph in a tc graph JSON file (``tc circuit`` or ``tc graph --format json``), or on stdin for `-`."""
+    if inputs.is_stdin(path):
+        return from_json(inputs.read_stdin(GRAPH_WHAT, (GRAPH_FORMAT,)).decode("utf-8"), "stdin")
     path = Path(path)
     if path.is_dir():
         raise fail(f"{path} is a folder, not a graph file (JSON written by tc circuit --format json)")
@@ -161,11 +168,12 @@ def _graphml(graph: nx.DiGraph) -> bytes:
 
 
 def graph_json(path: Path) -> Optional[dict]:
-    """The parsed file when ``path`` is a tc graph JSON file (tc circuit's or tc graph's), else None."""
-    if not path.is_file() or path.suffix.lower() != ".json":
+    """The parsed file when ``path`` is a tc graph JSON file (tc circuit's or tc graph's; `-`: on stdin), else None."""
+    stdin = inputs.is_stdin(path)
+    if not stdin and (not path.is_file() or path.suffix.lower() != ".json"):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(inputs.stdin_bytes(GRAPH_WHAT) if stdin else path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) and data.get("format") == GRAPH_FORMAT else None
@@ -190,7 +198,7 @@ def circuit_graph_summary(path: Path) -> dict:
         kinds[kind] = kinds.get(kind, 0) + 1
     return {
         "kind": "circuit-graph",
-        "path": str(path),
+        "path": inputs.display_name(path),
         "nodes": graph.number_of_nodes(),
         "edges": graph.number_of_edges(),
         "node_kinds": kinds,

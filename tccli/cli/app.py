@@ -7,10 +7,15 @@ logs go to stderr; bad input ends with one line ``tc: error: ...`` and a non-zer
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import select
+import signal
 import sys
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -25,7 +30,7 @@ from tccli.config.replacement import InterveneConfig
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import ConvertConfig
 from tccli.errors import TcError
-from tccli.runtime import interrupts, outputs, progress
+from tccli.runtime import inputs, interrupts, outputs, progress
 
 
 def _exception_classes(name: str) -> tuple[type, ...]:
@@ -128,7 +133,9 @@ def cache_command(config: CacheConfig) -> None:
 
 @app.command("info", epilog=example("tc info acts.h5"))
 def info_command(
-    path: str = typer.Argument(..., help="A cache (.h5), transcoder folder or set, or graph JSON.", metavar="PATH"),
+    path: str = typer.Argument(
+        ..., help="A cache (.h5), transcoder folder or set, or graph JSON; - reads a graph from stdin.", metavar="PATH"
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
 ) -> None:
     """Summarise a tc file: activation cache, transcoder(s), or graph."""
@@ -138,6 +145,9 @@ def info_command(
 
     summary = describe(path)
     print(_json.dumps(summary, indent=2) if json_output else render(summary))
+
+
+info_command.stdio_params = frozenset({"path"})  # type: ignore[attr-defined]  # shell completion offers `-`
 
 
 # ============================================================================ tc train / tc eval (issue 3)
@@ -210,15 +220,6 @@ def convert_command(config: ConvertConfig) -> None:
 # ============================================================================ tc circuit / export / deembed (issue 4)
 
 
-def _write_output(data: bytes, out: Optional[str]) -> None:
-    """Bytes to --out (atomically) or to stdout."""
-    if out:
-        outputs.atomic_write_bytes(out, data)
-    else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-
-
 @app.command(
     "circuit",
     epilog=example(
@@ -234,7 +235,7 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
 
-    prompt = _prompt_text(config.prompt)
+    prompt = inputs.prompt_text(config.prompt)
     with (
         outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]),
         progress.bar(config.quiet, "steps") as update,
@@ -246,7 +247,7 @@ def circuit_command(config: CircuitConfig) -> None:
         update("tracing the circuit", 0, 1)
         graph, summary = circuit_graph(loaded, transcoders, prompt, config)
         update("tracing the circuit", 1, 1)
-        _write_output(circuit_files.render(graph, config.format, config), config.out)
+        outputs.write_output(circuit_files.render(graph, config.format, config), config.out)
     if not config.quiet:
         print(
             f"tc circuit: {summary['nodes']} nodes, {summary['edges']} edges; target {summary['value']:.6g}, "
@@ -256,11 +257,6 @@ def circuit_command(config: CircuitConfig) -> None:
         )
 
 
-def _prompt_text(prompt: str) -> str:
-    """--prompt, or stdin for `-` (`echo text | tc circuit --prompt -`: echo's newline is not part of it)."""
-    return sys.stdin.read().removesuffix("\n").removesuffix("\r") if prompt == "-" else prompt
-
-
 @app.command("export", epilog=example("tc export g.json --format svg --out g.svg"))
 @command_from(ExportConfig)
 def export_command(config: ExportConfig) -> None:
@@ -268,12 +264,12 @@ def export_command(config: ExportConfig) -> None:
     from tccli.circuit import files as circuit_files
     from tccli.circuit import neuronpedia
 
-    if not config.out and config.format == "png" and sys.stdout.isatty():
-        raise TcError("--format png is binary and stdout is a terminal: pass --out FILE.png (or redirect stdout)")
+    if config.format == "png":
+        outputs.check_binary_stdout(config.out, "--format png")
     with outputs.claim(config.out, config.force, [config.graph]):
-        graph = circuit_files.read_graph(config.graph)
+        graph = circuit_files.read_graph(config.graph)  # `-`: stdin
         neuronpedia.name_graph(graph, config.scan, config.slug)
-        _write_output(circuit_files.render(graph, config.format, config), config.out)
+        outputs.write_output(circuit_files.render(graph, config.format, config), config.out)
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))
@@ -300,7 +296,7 @@ def score_command(config: ScoreConfig) -> None:
     from tccli.features.score import load_score_inputs, run_score
 
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc score: {message}", file=sys.stderr))
-    inputs = [*config.data, config.transcoders, config.model]
+    input_paths = [*config.data, config.transcoders, config.model]
     if config.format == "neuronpedia-features":  # --out DIR/: one writer at a time; the files go in at the end
         if config.scan:  # a scan tc cannot place, or files already there: refused before anything is loaded
             from pathlib import Path
@@ -308,9 +304,9 @@ def score_command(config: ScoreConfig) -> None:
             from tccli.features.neuronpedia import check_scan_folder
 
             check_scan_folder(Path(config.out).expanduser(), config.scan, config.force)
-        claim = outputs.claim_folder(config.out, inputs)
+        claim = outputs.claim_folder(config.out, input_paths)
     else:
-        claim = outputs.claim(config.out, config.force, inputs)
+        claim = outputs.claim(config.out, config.force, input_paths)
     with progress.bar(config.quiet, "rows") as update, claim:
         loaded, transcoders, rows = load_score_inputs(config)
         summary = run_score(config, loaded, transcoders, rows, update, log=log)
@@ -348,7 +344,7 @@ def show_command(config: ShowConfig) -> None:
             render_terminal(features, features.feature(layer, index), config.examples, console)
         if config.html:
             page = render_html(features, resolve_refs(features, config), config.examples)
-            outputs.atomic_write_text(config.html, page)
+            outputs.write_output(page.encode("utf-8"), config.html)  # `-`: stdout
 
 
 # ============================================================================ tc greater-than (issue 6)
@@ -388,16 +384,18 @@ def graph_command(config: GraphConfig) -> None:
     from tccli.model.loading import load_model
     from tccli.transcoders.formats import load_transcoder_set
 
-    prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r") if config.prompt == "-" else config.prompt
+    if config.format == "pt":
+        outputs.check_binary_stdout(config.out, "--format pt")
+    prompt = inputs.prompt_text(config.prompt)
     log = (lambda message: None) if config.quiet else (lambda message: print(f"tc graph: {message}", file=sys.stderr))
-    inputs = [config.transcoders, config.model]
+    input_paths = [config.transcoders, config.model]
     out, folder = config.out, None
     if config.out_folder:  # --out DIR/: the graph is DIR/SLUG.json, listed in DIR/graph-metadata.json
-        folder = outputs.output_folder(config.out_folder, inputs)
+        folder = outputs.output_folder(config.out_folder, input_paths)
         neuronpedia.read_graph_index(folder / neuronpedia.GRAPH_INDEX)  # a list tc cannot update stops it now
         out = str(folder / f"{config.graph_slug(prompt)}.json")
     with (
-        outputs.claim(out, config.force, inputs),
+        outputs.claim(out, config.force, input_paths),
         progress.bar(config.quiet, "rows") as update,
     ):
         loaded = load_model(config.model, config.device, config.model_dtype)
@@ -406,7 +404,7 @@ def graph_command(config: GraphConfig) -> None:
             loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
         )
         data = graph_files.render(run.graph, run.metadata, run.strings, run.tokens, config.format, run.heads, config)
-        _write_output(data, out)
+        outputs.write_output(data, out)
         if folder is not None:
             index = neuronpedia.add_to_graph_index(folder, neuronpedia.index_entry(data))
             log(f"wrote {out} (scan {run.metadata['scan']!r}), listed in {index}")
@@ -438,7 +436,8 @@ def intervene_command(config: InterveneConfig) -> None:
     from tccli.replacement.intervention import intervene_lines, run_intervene
     from tccli.transcoders.formats import load_transcoder_set
 
-    prompt = _prompt_text(config.prompt)
+    inputs.one_stdin(**{"--prompt": config.prompt, "--features": config.features})
+    prompt = inputs.prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
     transcoders = load_transcoder_set(config.transcoders, loaded.device)
     result = run_intervene(config, loaded, transcoders, prompt)
@@ -459,10 +458,11 @@ def validate_command(config: ValidateConfig) -> None:
         write_validated_graph,
     )
 
-    graph = read_graph(config.graph)  # its metadata names the model and transcoders to load
+    inputs.one_stdin(GRAPH=config.graph, **{"--prompts": config.prompts, "--features": config.features})
+    graph = read_graph(config.graph)  # its metadata names the model and transcoders to load; `-`: stdin
     meta = graph.graph.get("metadata", {})
     with (
-        outputs.claim(config.out, config.force, input_paths(config, meta) if config.out else ()),
+        outputs.claim(config.out, config.force, input_paths(config, meta)),
         progress.bar(False, "rows") as update,
     ):
         loaded, transcoders, means, prompts = load_validation_inputs(config, meta)
@@ -511,6 +511,52 @@ def _exit_torchrun_rank() -> None:
         os._exit(0)
 
 
+class _StdoutClosed(Exception):
+    """The reader of stdout went away (`tc graph ... | head -c 10`) while a command wrote to it."""
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end is closed: poll says POLLERR or POLLHUP."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout to ask about
+        return False
+
+
+def _closed_stdout_ends_quietly(command: Any) -> Any:
+    """Make a BrokenPipeError on stdout inside a subcommand reach main() as ``_StdoutClosed``: typer would
+    otherwise catch it (as an OSError) and exit 1. A BrokenPipeError of another pipe is left as it was."""
+
+    def guarded(callback: Callable) -> Callable:
+        @functools.wraps(callback)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except BrokenPipeError:
+                if not _stdout_reader_gone():
+                    raise
+                raise _StdoutClosed() from None
+
+        return run
+
+    for sub in getattr(command, "commands", {}).values():
+        if sub.callback is not None:
+            sub.callback = guarded(sub.callback)
+    return command
+
+
+def _stdout_closed() -> NoReturn:
+    """`tc ... | head`: the reader went away, which is not an error of ours. End at once and quietly (no
+    message, no traceback; what is still buffered goes to /dev/null), with the status of a Unix tool ended by
+    SIGPIPE, 141, so `set -o pipefail` sees the output was cut. Outputs to files were left by the unwinding
+    (``outputs.atomic_write`` puts nothing partial in place)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
+
+
 def _interrupted(args: list[str], signum: int = 2, detail: str = "") -> None:
     print(f"tc: interrupted; {detail or interrupts.hint(args)}", file=sys.stderr)
     sys.exit(128 + signum)
@@ -519,10 +565,12 @@ def _interrupted(args: list[str], signum: int = 2, detail: str = "") -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Run `tc`; turn every failure into one line on stderr and a non-zero exit."""
     interrupts.install()
+    inputs.forget_stdin()  # a run starts with stdin unread (tests run several in one process)
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
-    command = plain_arguments(typer.main.get_command(app))
+    command = _closed_stdout_ends_quietly(plain_arguments(typer.main.get_command(app)))
     try:
         result = command.main(args=args, prog_name="tc", standalone_mode=False)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below
         if result == 130:  # typer's answer to a KeyboardInterrupt that did not come from our handler
             _interrupted(args)
         if interrupts.swallowed() is not None:  # a signal's Interrupted was lost in a finaliser
@@ -543,10 +591,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(exc.exit_code)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        # `tc ... | head`: the reader went away; that is not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    except (_StdoutClosed, BrokenPipeError):
+        _stdout_closed()
     except Exception as exc:  # a bug of ours: still one line, the traceback only on request
         if os.environ.get("TC_DEBUG"):
             raise

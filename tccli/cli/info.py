@@ -4,7 +4,8 @@ A small dispatcher: each kind of artefact registers a ``detect(path) -> bool`` a
 ``summarize(path) -> dict`` (the dict is what ``--json`` prints; it must carry ``kind`` and ``path``),
 optionally a ``lines(summary) -> list[str]`` for the human view. Kinds are tried in registration order.
 Registered here: activation caches (HDF5), transcoder folders and sets, circuit graphs (`tc circuit`) and
-attribution graphs (`tc graph`); each kind's module is imported only when a file is asked about.
+attribution graphs (`tc graph`); each kind's module is imported only when a file is asked about. `tc info -`
+describes what stdin holds, among the kinds registered ``from_stdin`` (graphs; HDF5 is refused: it needs seeking).
 ``register_kind`` adds another kind.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tccli.errors import fail
+from tccli.runtime import inputs
 
 
 @dataclass
@@ -25,6 +27,7 @@ class InfoKind:
     detect: Callable[[Path], bool]
     summarize: Callable[[Path], dict]
     lines: Optional[Callable[[dict], list[str]]] = None
+    from_stdin: bool = False  # whether detect and summarize read stdin for the path `-`
 
 
 KINDS: list[InfoKind] = []
@@ -35,22 +38,30 @@ def register_kind(
     detect: Callable[[Path], bool],
     summarize: Callable[[Path], dict],
     lines: Optional[Callable[[dict], list[str]]] = None,
+    from_stdin: bool = False,
 ) -> None:
-    """Teach `tc info` a new kind of file; registering a name again replaces the earlier entry."""
+    """Teach `tc info` a new kind of file; registering a name again replaces the earlier entry. A kind
+    ``from_stdin`` is also looked for on stdin (`tc info -`): its functions then get the path `-`."""
     KINDS[:] = [k for k in KINDS if k.name != name]
-    KINDS.append(InfoKind(name, detect, summarize, lines))
+    KINDS.append(InfoKind(name, detect, summarize, lines, from_stdin))
 
 
 def describe(path: str | Path) -> dict:
-    """The summary dict of whatever tc artefact ``path`` is; TcError when it is none."""
+    """The summary dict of whatever tc artefact ``path`` is (`-`: what stdin holds); TcError when it is none."""
     path = Path(path)
+    if inputs.is_stdin(path):
+        found = inputs.sniff(inputs.stdin_bytes("the file to describe"))
+        kind = next((k for k in KINDS if k.from_stdin and k.detect(path)), None)
+        if kind is None:  # HDF5 (a cache, a features file) among them: refused with the reason
+            names = ", ".join(k.name for k in KINDS if k.from_stdin)
+            raise inputs.refusal(found, f"something tc reads from a pipe ({names})")
+        return kind.summarize(path)
     if not path.exists():
         raise fail(f"{path} does not exist")
     for kind in KINDS:
         if kind.detect(path):
             return kind.summarize(path)
-    names = ", ".join(k.name for k in KINDS)
-    raise fail(f"{path} is not something tc knows ({names})")
+    raise fail(f"{path} is not something tc knows ({', '.join(k.name for k in KINDS)})")
 
 
 def render(summary: dict) -> str:
@@ -195,10 +206,12 @@ register_kind(
     lambda path: _circuit_files().is_circuit_graph_file(path),
     lambda path: _circuit_files().circuit_graph_summary(path),
     lambda summary: _circuit_files().circuit_graph_summary_lines(summary),
+    from_stdin=True,
 )
 register_kind(
     "attribution-graph",
     lambda path: _graph_files().is_attribution_graph_file(path),
     lambda path: _graph_files().attribution_graph_file_summary(path),
     lambda summary: _graph_files().summary_lines(summary),
+    from_stdin=True,
 )

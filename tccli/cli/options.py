@@ -2,8 +2,8 @@
 
 ``command_from`` turns a dataclass into the keyword options of a typer command (help, metavar, order,
 parser from each field's metadata) and builds the filled, validated dataclass for the command;
-``multi_value_flags`` lists the flags that take several values after one flag; ``plain_arguments``
-tidies how positional arguments are shown.
+``multi_value_flags`` lists the flags that take several values after one flag, ``stdio_params`` those
+that take `-` for stdin or stdout; ``plain_arguments`` tidies how positional arguments are shown.
 """
 
 from __future__ import annotations
@@ -75,9 +75,16 @@ def command_from(config_cls: type) -> Callable:
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = annotations
         del wrapper.__wrapped__  # typer must read our signature, not fn's
+        wrapper.stdio_params = stdio_params(config_cls)  # type: ignore[attr-defined]
         return wrapper
 
     return decorator
+
+
+def stdio_params(config_cls: type) -> frozenset[str]:
+    """The fields of ``config_cls`` declared ``stdio`` (`-` is stdin or stdout): what shell completion offers
+    `-` for. A command's function carries them as ``stdio_params``."""
+    return frozenset(f.name for f in fields(config_cls) if f.metadata.get("stdio"))
 
 
 def multi_value_flags(config_classes: Iterable[type]) -> frozenset[str]:

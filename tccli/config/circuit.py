@@ -98,10 +98,15 @@ class ExportConfig(PictureOptions, NeuronpediaOptions):
     """Options of `tc export`."""
 
     graph: str = option(
-        "", "A graph written by `tc circuit --format json`.", argument=True, required=True, metavar="GRAPH.json"
+        "",
+        "A graph written by `tc circuit` or `tc graph --format json`; - reads it from stdin.",
+        argument=True,
+        required=True,
+        metavar="GRAPH.json",
+        stdio=True,
     )
     format: str = option("dot", "Output: dot, svg, png, graphml, json or neuronpedia.")
-    out: Optional[str] = option(None, "Write here instead of stdout.")
+    out: Optional[str] = option(None, "Write here instead of stdout (- or no --out: stdout).", stdio=True)
     force: bool = option(False, "Replace --out if it exists (never the input graph).", save=False)
 
     def validate(self) -> None:
@@ -155,6 +160,8 @@ class TargetOptions:
             raise fail(f"--logit-diff needs exactly two tokens A B, got {len(self.logit_diff)}")
         if self.direction is not None and self.layer is None:
             raise fail("--direction needs --layer L (the residual stream it is read from)")
+        if self.direction == "-":  # graphs record the file's path: tc validate reads it again
+            raise fail("--direction cannot be read from stdin (a graph records the .npy file's path); pass its path")
 
 
 @dataclass
@@ -162,14 +169,14 @@ class CircuitConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOpti
     """Options of `tc circuit`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True, stdio=True)
     iters: int = option(3, "Path search iterations (path length).")
     branches: int = option(15, "Paths kept per iteration, and candidates per path.")
     min_contribution: float = option(0.0, "Ignore candidates whose contribution is at most this.")
     both_signs: bool = option(False, "Follow negative contributions too (rank by absolute value).")
     include_bos: bool = option(False, "Allow the BOS position as a source.")
     format: str = option("dot", "Output: dot, json or neuronpedia.")
-    out: Optional[str] = option(None, "Write the graph here instead of stdout.")
+    out: Optional[str] = option(None, "Write the graph here instead of stdout (- or no --out: stdout).", stdio=True)
     force: bool = option(False, "Replace --out if it exists.", save=False)
     quiet: bool = option(False, "No summary on stderr.", save=False)
 

@@ -83,7 +83,8 @@ class GreaterThanConfig(ModelOptions):
     graph: Optional[str] = option(
         None,
         "A graph written by `tc circuit --format json`: also list its top "
-        "features and heads, with the tokens the features de-embed to.",
+        "features and heads, with the tokens the features de-embed to; - reads it from stdin.",
+        stdio=True,
     )
     top: int = option(8, "How many graph nodes (and de-embedding tokens) to list with --graph.")
     json: bool = option(False, "Print the results as JSON on stdout instead of lines of text.")
@@ -123,7 +124,13 @@ class PlotConfig:
         required=True,
         metavar="WHAT",
     )
-    inputs: list[str] = option([], "The files to plot.", argument=True, metavar="FILE...")
+    inputs: list[str] = option(
+        [],
+        "The files to plot (- reads one `tc eval --json` result from stdin).",
+        argument=True,
+        metavar="FILE...",
+        stdio=True,
+    )
     out: Optional[str] = option(None, "Output image: .svg, .png or .pdf.", flags=("-o", "--out"), required=True)
     metric: str = option("recovered", "pareto: the fidelity axis, recovered (CE loss recovered) or ce (spliced CE).")
     title: Optional[str] = option(None, "Title above the figure.")
@@ -152,10 +159,11 @@ class ValidateConfig(AblationOptions, ModelOptions):
 
     graph: str = option(
         "",
-        "A graph written by `tc circuit --format json` or `tc graph --format json`.",
+        "A graph written by `tc circuit --format json` or `tc graph --format json`; - reads it from stdin.",
         argument=True,
         required=True,
         metavar="GRAPH.json",
+        stdio=True,
     )
     model: Optional[str] = option(
         None,
@@ -167,9 +175,10 @@ class ValidateConfig(AblationOptions, ModelOptions):
     )
     prompts: Optional[str] = option(
         None,
-        "A file of prompts, one a line, instead of the graph's own prompt: "
+        "A file of prompts, one a line (- reads them from stdin), instead of the graph's own prompt: "
         "nodes are matched by layer and index, positions by offset from the end.",
         metavar="PATH",
+        stdio=True,
     )
     task: Optional[str] = option(
         None,
@@ -186,7 +195,9 @@ class ValidateConfig(AblationOptions, ModelOptions):
     seed: int = option(0, "Seed of the random circuits.")
     top: int = option(5, "How many nodes of largest disagreement to list.")
     batch_size: int = option(64, "Rows (prompt x intervention) per forward pass.")
-    out: Optional[str] = option(None, "Write the graph with the results in its metadata here.")
+    out: Optional[str] = option(
+        None, "Write the graph with the results in its metadata here (- writes it to stdout).", stdio=True
+    )
     force: bool = option(False, "Overwrite --out if it exists.")
     json: bool = option(False, "Print the results as JSON on stdout.")
 
@@ -202,7 +213,9 @@ class ValidateConfig(AblationOptions, ModelOptions):
         for name in ("random", "top", "batch_size"):
             if getattr(self, name) < (0 if name == "random" else 1):
                 raise fail(f"--{name.replace('_', '-')} must be at least {0 if name == 'random' else 1}")
-        if self.out:
+        if self.out == "-" and self.json:
+            raise fail("--out - and --json would both write to stdout; write the graph to a file")
+        if self.out and self.out != "-":
             if Path(self.out).resolve() == Path(self.graph).resolve():
                 raise fail(f"--out {self.out} is the graph being read; write the results elsewhere")
             if Path(self.out).exists() and not self.force:

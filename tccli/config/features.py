@@ -75,15 +75,18 @@ class ShowConfig:
 
     features_file: Optional[str] = option(
         None,
-        "Features file written by tc score (.h5 or .jsonl).",
+        "Features file written by tc score (.h5 or .jsonl); - reads a .jsonl one from stdin.",
         argument=True,
         required=True,
         metavar="FEATURES_FILE",
+        stdio=True,
     )
     feature: Optional[str] = option(
         None, "Feature to show in the terminal, e.g. L2.F57.", argument=True, metavar="FEATURE"
     )
-    html: Optional[str] = option(None, "Write one self-contained HTML page with a card per feature here.")
+    html: Optional[str] = option(
+        None, "Write one self-contained HTML page with a card per feature here (-: to stdout).", stdio=True
+    )
     features: Optional[str] = option(
         None, "Features for --html, e.g. L2.F57,L3.F1 (default: the first --limit features that fire)."
     )
@@ -97,5 +100,7 @@ class ShowConfig:
             raise fail("nothing to show: name a feature (e.g. L2.F57) or give --html OUT.html")
         if self.examples < 1 or self.limit < 1:
             raise fail("--examples and --limit must be at least 1")
-        if self.html and not str(self.html).endswith((".html", ".htm")):
+        if self.html == "-" and self.feature:
+            raise fail("--html - writes the page to stdout, where FEATURE would be shown too: give one of them")
+        if self.html and self.html != "-" and not str(self.html).endswith((".html", ".htm")):
             raise fail(f"--html must name an .html file, got {self.html!r}")

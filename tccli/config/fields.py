@@ -38,6 +38,7 @@ def option(
     late: bool = False,
     torchrun: bool = False,
     several: bool = False,
+    stdio: bool = False,
 ) -> Any:
     """A config field that is also a CLI option.
 
@@ -55,6 +56,8 @@ def option(
         as how pictures are drawn).
     torchrun: meaningful only under torchrun; ``--help`` lists it last.
     several: a list flag that takes several values after one flag (``--data a.txt b.txt``).
+    stdio: the value `-` means standard input (an input file) or standard output (an output file); shell
+        completion offers it.
     """
     metadata = dict(
         help=help,
@@ -68,6 +71,7 @@ def option(
         late=late,
         torchrun=torchrun,
         several=several,
+        stdio=stdio,
     )
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=metadata)
@@ -208,6 +212,7 @@ class DataOptions:
         "--data.",
         metavar="PATH...",
         several=True,
+        stdio=True,
     )
     tokens: int = option(1_000_000, "Stop after this many tokens (accepts 200k, 1M).", parser=parse_count)
     context: int = option(128, "Tokens per row, BOS included.")

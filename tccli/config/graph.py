@@ -18,7 +18,7 @@ class GraphConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOption
     """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True, stdio=True)
     target: Optional[str] = option(
         None,
         "Target: 'logits' (the default): the most likely next tokens at --pos "
@@ -41,9 +41,10 @@ class GraphConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOption
     format: str = option("json", "Output: json, neuronpedia, dot or pt.")
     out: Optional[str] = option(
         None,
-        "Write the graph here instead of stdout. With --format neuronpedia, a folder (DIR/) gets "
-        "DIR/SLUG.json and the graph is added to DIR/graph-metadata.json, the list circuit-tracer's "
+        "Write the graph here instead of stdout (- or no --out: stdout). With --format neuronpedia, a folder "
+        "(DIR/) gets DIR/SLUG.json and the graph is added to DIR/graph-metadata.json, the list circuit-tracer's "
         "local viewer shows.",
+        stdio=True,
     )
     force: bool = option(False, "Replace --out (or DIR/SLUG.json) if it exists.", save=False)
     batch_size: int = option(256, "Rows per backward pass (memory grows with it and with the prompt).")

@@ -24,7 +24,12 @@ class AblationOptions:
         "What an ablated feature becomes: zero, or mean (its mean activation over "
         "all tokens, from --features). Head and error terms are always removed.",
     )
-    features: Optional[str] = option(None, "A features file from `tc score` (for --ablation mean).", metavar="PATH")
+    features: Optional[str] = option(
+        None,
+        "A features file from `tc score` (for --ablation mean); - reads a JSONL one from stdin.",
+        metavar="PATH",
+        stdio=True,
+    )
 
     def validate_ablation(self) -> None:
         if self.ablation not in ABLATIONS:
@@ -38,7 +43,7 @@ class InterveneConfig(TargetOptions, AblationOptions, ModelOptions):
     """Options of `tc intervene`."""
 
     transcoders: str = option("", "Transcoder folder, or a folder of per-layer transcoder folders.", required=True)
-    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True)
+    prompt: str = option("", "The prompt (BOS is prepended); - reads it from stdin.", required=True, stdio=True)
     ablate: list[str] = option(
         [],
         "Nodes to ablate: mlp8.f1234@5 (feature), attn3.h2@4 (head 2's term from "

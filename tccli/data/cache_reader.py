@@ -12,6 +12,7 @@ import numpy as np
 from tccli.data.cache_format import FORMAT, WHICH, dataset_names, from_storage, numpy_storage_dtype
 from tccli.data.cache_shards import check_joined_sources
 from tccli.errors import TcError, fail
+from tccli.runtime import inputs
 
 
 class ActivationCache:
@@ -35,6 +36,8 @@ class ActivationCache:
     def open(cls, path: str | Path) -> ActivationCache:
         import h5py
 
+        if inputs.is_stdin(path):
+            raise inputs.cannot_seek("an activation cache")
         path = Path(path)
         if not path.exists():
             raise fail(f"cache {path} does not exist")

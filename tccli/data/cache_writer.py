@@ -100,6 +100,9 @@ def cache_output(config: CacheConfig, shard: Optional[Shard] = None) -> Iterator
             with cache_output(run.shard_config, run.shard) as output:
                 yield dataclasses.replace(output, sharded=run)
         return
+    outputs.refuse_stdout(
+        config.out, "an activation cache", "HDF5 is written by seeking in a file, which a pipe cannot do"
+    )
     out = Path(config.out).expanduser()
     if out.is_dir():
         raise fail(f"--out {out} is a folder, not a file")

@@ -26,6 +26,7 @@ from tccli.config.evaluation import GreaterThanConfig
 from tccli.data.text import display_token
 from tccli.errors import TcError, fail
 from tccli.nodes import feature_name, head_name
+from tccli.runtime import inputs
 
 TEMPLATE = "The {noun} lasted from the year 17{yy:02d} to the year 17"
 N_PROMPTS = 100
@@ -150,7 +151,7 @@ def load_greater_than_inputs(config: GreaterThanConfig) -> tuple[Any, dict, Any]
     transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders else {}
     graph = read_graph(config.graph) if config.graph else None
     if graph is not None:
-        check_graph_matches_model(graph, loaded.info, config.graph)
+        check_graph_matches_model(graph, loaded.info, inputs.display_name(config.graph))
     return loaded, transcoders, graph
 
 

@@ -22,6 +22,7 @@ from typing import Optional
 
 from tccli.config.evaluation import METRICS, PlotConfig
 from tccli.errors import fail
+from tccli.runtime import inputs
 
 TRAINING_PANELS = (("loss", "training loss"), ("fvu", "FVU (batch)"), ("l0", "L0"), ("dead_fraction", "dead fraction"))
 
@@ -57,6 +58,8 @@ def series_name(kind: str, description: Optional[dict]) -> str:
 
 
 def _read_json(path: str) -> dict:
+    if inputs.is_stdin(path):
+        return json.loads(inputs.read_stdin("the output of `tc eval --json`", ("json",)))
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -71,7 +74,7 @@ def read_pareto_points(paths: list[str], metric: str) -> list[ParetoPoint]:
     for path in paths:
         data = _read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-            raise fail(f"{path} is not the output of `tc eval --json` (no 'layers' list)")
+            raise fail(f"{inputs.display_name(path)} is not the output of `tc eval --json` (no 'layers' list)")
         kinds = data.get("kinds") or {}
         descriptions = data.get("transcoder_kinds") or {}
         for row in data["layers"]:
@@ -86,6 +89,7 @@ def read_pareto_points(paths: list[str], metric: str) -> list[ParetoPoint]:
 
 def read_training_log(path: str) -> tuple[list[dict], Optional[int]]:
     """The log's entries and the run's batch size (from train_config.json beside it, when there)."""
+    inputs.refuse_stdin(path, "a training log", "the plot reads train_config.json beside it")
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
@@ -221,6 +225,7 @@ def run_plot(config: PlotConfig) -> Path:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise outputs.write_error(config.out, exc) from None
+    inputs.one_stdin(**{f"FILE {number}": path for number, path in enumerate(config.inputs, 1)})
     with outputs.claim(config.out, config.force, config.inputs):
         if config.what == "pareto":
             return plot_pareto(

@@ -41,6 +41,7 @@ from tccli.errors import fail
 from tccli.nodes import Intervention, NodeRef
 from tccli.replacement.model import RowSpec
 from tccli.replacement.targets import TargetSpec
+from tccli.runtime import inputs
 from tccli.runtime.progress import no_progress
 
 CIRCUIT_KINDS = ("feature", "head")
@@ -311,19 +312,23 @@ def graph_model_name(meta: dict) -> Optional[str]:
 
 
 def read_prompts(path: str) -> list[str]:
-    if not Path(path).exists():
+    """The prompts of a file (stdin for `-`), one a line; blank lines skipped."""
+    if inputs.is_stdin(path):
+        lines = inputs.read_stdin("prompts, one a line", ("text", "json", "jsonl")).decode("utf-8").splitlines()
+    elif not Path(path).exists():
         raise fail(f"prompts file {path} does not exist")
-    if Path(path).is_dir():
+    elif Path(path).is_dir():
         raise fail(f"prompts file {path} is a folder; name a file of prompts, one a line")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise fail(f"prompts file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise fail(f"cannot read prompts from {path}: {exc.strerror}") from None
+    else:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise fail(f"prompts file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise fail(f"cannot read prompts from {path}: {exc.strerror}") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
-        raise fail(f"{path} holds no prompts (one a line)")
+        raise fail(f"{inputs.display_name(path)} holds no prompts (one a line)")
     return prompts
 
 
@@ -402,7 +407,7 @@ def run_validation(
     target = target_from_metadata(meta, loaded)
     nodes = circuit_nodes(graph)
     if not nodes:
-        raise fail(f"{config.graph} has no feature or head nodes to validate")
+        raise fail(f"{inputs.display_name(config.graph)} has no feature or head nodes to validate")
     graph_ids = [int(t) for t in meta["token_ids"]]
     n_graph = len(graph_ids)
 
@@ -644,7 +649,7 @@ def _summarise(
 
     results = {
         "tc_version": __version__,
-        "graph": config.graph,
+        "graph": inputs.display_name(config.graph),
         "mode": config.mode,
         "ablation": config.ablation,
         "prompts": n_prompts,
@@ -703,12 +708,12 @@ def summary_lines(results: dict) -> list[str]:
 
 def write_validated_graph(graph: Any, results: dict, out: str) -> None:
     """The graph with ``results`` under metadata["validation"], written atomically (no temp file left on
-    a full disk or a Ctrl-C; an existing ``out`` untouched by a failure)."""
+    a full disk or a Ctrl-C; an existing ``out`` untouched by a failure), or to stdout for `-`."""
     from tccli.circuit.files import to_json
-    from tccli.runtime.outputs import atomic_write_text
+    from tccli.runtime.outputs import write_output
 
     graph.graph.setdefault("metadata", {})["validation"] = results
-    atomic_write_text(out, to_json(graph))
+    write_output(to_json(graph).encode("utf-8"), out)
 
 
 def results_json(results: dict) -> str:

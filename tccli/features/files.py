@@ -14,17 +14,18 @@ Either way ``FeaturesFile.feature(layer, index)`` returns the same record dict.
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 
 from tccli.errors import fail
 from tccli.features.scoring import ExampleArrays, LayerScores
-from tccli.runtime import outputs
+from tccli.runtime import inputs, outputs
 
 FORMAT = "tc-features"
 FORMAT_VERSION = 1
@@ -169,13 +170,17 @@ class FeaturesFile:
 
     @staticmethod
     def open(path: str | Path) -> FeaturesFile:
+        """The features file at ``path``; `-` reads a JSONL one from stdin (HDF5 cannot come from a pipe)."""
+        if inputs.is_stdin(path):
+            data = inputs.read_stdin("a tc features file (JSONL written by tc score)", (FORMAT,))
+            return _JsonlFeatures.load(Path("stdin"), lambda mode="rb": io.BytesIO(data))
         path = Path(path)
         if path.is_dir():
             raise fail(f"{path} is a folder, not a features file (.h5 or .jsonl written by tc score)")
         if not path.is_file():
             raise fail(f"features file {path} does not exist")
         if path.suffix == ".jsonl":
-            return _JsonlFeatures.load(path)
+            return _JsonlFeatures.load(path, path.open)
         if path.suffix in (".h5", ".hdf5"):
             return _H5Features.load(path)
         raise fail(f"{path} is not a features file (.h5 or .jsonl)")
@@ -230,6 +235,9 @@ def _check_meta(meta: Any, path: Path) -> dict:
 
 
 class _JsonlFeatures(FeaturesFile):
+    """A JSONL features file, indexed by the byte offset of each feature's line in ``source()`` (a binary
+    handle on the file, or on the bytes read from stdin)."""
+
     def __init__(
         self,
         path: Path,
@@ -237,18 +245,20 @@ class _JsonlFeatures(FeaturesFile):
         offsets: dict[tuple[int, int], int],
         freqs: dict[int, np.ndarray],
         means: Optional[dict[int, np.ndarray]] = None,
+        source: Optional[Callable[..., BinaryIO]] = None,
     ):
         super().__init__(path, meta)
         self._offsets = offsets
         self._freqs = freqs
         self._means = means or {}
+        self._source = source or path.open
 
     @classmethod
-    def load(cls, path: Path) -> _JsonlFeatures:
+    def load(cls, path: Path, source: Callable[..., BinaryIO]) -> _JsonlFeatures:
         offsets: dict[tuple[int, int], int] = {}
         freqs: dict[int, dict[int, float]] = {}
         means: dict[int, dict[int, float]] = {}
-        with path.open("rb") as handle:
+        with source("rb") as handle:
             first = handle.readline()
             try:
                 meta = _check_meta(json.loads(first or b"null"), path)
@@ -273,13 +283,13 @@ class _JsonlFeatures(FeaturesFile):
         def arrays(per_layer: dict[int, dict[int, float]]) -> dict[int, np.ndarray]:
             return {layer: np.array([values[i] for i in sorted(values)]) for layer, values in per_layer.items()}
 
-        return cls(path, meta, offsets, arrays(freqs), arrays(means))
+        return cls(path, meta, offsets, arrays(freqs), arrays(means), source)
 
     def feature(self, layer: int, index: int) -> dict:
         self.check_feature(layer, index)
         if (layer, index) not in self._offsets:
             raise fail(f"{self.path} is missing feature L{layer}.F{index} (truncated file?)")
-        with self.path.open("rb") as handle:
+        with self._source("rb") as handle:
             handle.seek(self._offsets[(layer, index)])
             return json.loads(handle.readline())
 

@@ -191,8 +191,9 @@ def is_attribution_graph_file(path: Path) -> bool:
 
 def attribution_graph_file_summary(path: Path) -> dict:
     from tccli.circuit.files import read_graph
+    from tccli.runtime.inputs import display_name
 
-    return summary(read_graph(path), str(path))
+    return summary(read_graph(path), display_name(path))
 
 
 def summary(graph: nx.DiGraph, path: str) -> dict:

@@ -16,6 +16,12 @@ Every command that writes a file or folder goes through these helpers:
   ``path`` held before is untouched, and the error is one line naming the path and the cause.
 - ``write_error(path, exc)``: that one line for an OSError (or the opaque errors h5py and torch.save wrap
   around one).
+- ``write_output(data, out)``: a command's one output file, or standard output where ``--out`` is absent or
+  `-` (``to_stdout``); ``check_binary_stdout`` refuses binary data (png, pt) for a terminal but not for a
+  pipe or a redirection.
+
+A reader that goes away (`tc graph ... | head -c 10`) is ``tccli.cli.app``'s to handle: the command ends
+quietly as a Unix tool ended by SIGPIPE does; nothing here leaves a file behind when that happens.
 
 No math and no knowledge of file formats here.
 """
@@ -27,6 +33,7 @@ import errno
 import fcntl
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +44,7 @@ from tccli.runtime import interrupts
 
 LOCK_SUFFIX = ".lock"
 TEMP_SUFFIX = ".tmp"
+STDOUT = "-"  # as --out: standard output
 
 
 # ============================================================================ messages
@@ -114,8 +122,8 @@ def check_not_input(out: Path | str, inputs: Iterable[Optional[Path | str]]) -> 
 def claim(out: Optional[Path | str], force: bool, inputs: Iterable[Optional[Path | str]] = ()) -> Iterator[None]:
     """Everything a command checks before writing the file ``out``, held for its whole run: the folder
     exists, ``out`` is not an input and not a folder, the lock is ours, and ``out`` is new unless ``force``.
-    A no-op when ``out`` is None (the command writes to stdout)."""
-    if not out:
+    A no-op when ``out`` is None or `-` (the command writes to stdout)."""
+    if to_stdout(out):
         yield
         return
     path = Path(out).expanduser()
@@ -314,3 +322,36 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ============================================================================ standard output
+
+
+def to_stdout(out: Optional[Path | str]) -> bool:
+    """Whether the output ``out`` (an --out value) is standard output: absent, empty or `-`."""
+    return not out or str(out) == STDOUT
+
+
+def refuse_stdout(out: Optional[Path | str], what: str, why: str) -> None:
+    """Refuse `--out -` for ``what``, which cannot go to stdout, saying ``why``."""
+    if out is not None and str(out) == STDOUT:
+        raise fail(f"{what} cannot be written to stdout ({why}); name a file with --out")
+
+
+def check_binary_stdout(out: Optional[Path | str], what: str) -> None:
+    """Refuse writing binary ``what`` (``--format png``) to stdout when it is a terminal; a pipe or a
+    redirection takes it. Called before the work, so the refusal costs nothing."""
+    if to_stdout(out) and sys.stdout.isatty():
+        raise fail(f"{what} is binary and stdout is a terminal: pass --out FILE, or pipe or redirect stdout")
+
+
+def write_output(data: bytes, out: Optional[Path | str]) -> None:
+    """A command's one output: to the file ``out`` atomically, or to stdout where ``to_stdout(out)``."""
+    if to_stdout(out):
+        sys.stdout.flush()  # whatever print() wrote before goes first
+        rest = memoryview(data)
+        while rest:  # a write cut short (the reader went away, a signal) returns a count: write the rest
+            rest = rest[sys.stdout.buffer.write(rest) :]
+        sys.stdout.flush()
+    else:
+        atomic_write_bytes(out, data)  # type: ignore[arg-type]

@@ -56,3 +56,50 @@ def test_bash_completes_subcommands_and_options():
     )
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.splitlines()
     assert out == ["--resume", "info"]
+
+
+def test_completion_offers_dash_where_stdin_or_stdout_is_taken(tmp_path):
+    """`-` is offered for a graph argument, --prompts, --out ..., and not where a file must be named."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    (tmp_path / "g.json").write_text("{}")
+    script = generate()[SHELL_FILES["bash"]]
+    probes = {
+        "export ''": ["g.json", "-"],  # the graph argument
+        "export -": [
+            "--format",
+            "--out",
+            "--force",
+            "--scan",
+            "--slug",
+            "--min-edge",
+            "--min-edge-label",
+            "--help",
+            "-",
+        ],
+        "validate g.json --prompts ''": ["-", "g.json"],
+        "circuit --out ''": ["-", "g.json"],
+        "train --cache ''": ["g.json"],  # HDF5: no `-`
+        "circuit --direction ''": ["g.json"],
+    }
+    probe = script + "".join(
+        f'\nCOMP_WORDS=(tc {words}); COMP_CWORD={len(words.split())}; _tc; echo "${{COMPREPLY[@]}}"' for words in probes
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path).stdout.splitlines()
+    assert [line.split() for line in out] == list(probes.values())
+    # the other shells are told the same
+    texts = generate()
+    assert "'*:file:_tc_file_or_dash'" in texts[SHELL_FILES["zsh"]] and "--prompts[" in texts[SHELL_FILES["zsh"]]
+    assert "complete -c tc -n '__fish_seen_subcommand_from export' -a - -d 'stdin'" in texts[SHELL_FILES["fish"]]
+
+
+def test_the_fields_that_take_dash_are_the_ones_read_or_written_through_it():
+    from tccli.cli.options import stdio_params
+    from tccli.config.circuit import CircuitConfig, ExportConfig
+    from tccli.config.evaluation import ValidateConfig
+    from tccli.config.features import ScoreConfig, ShowConfig
+
+    assert stdio_params(ExportConfig) == {"graph", "out"}
+    assert stdio_params(ValidateConfig) == {"graph", "prompts", "features", "out"}
+    assert stdio_params(ShowConfig) == {"features_file", "html"}
+    assert "direction" not in stdio_params(CircuitConfig) and "out" not in stdio_params(ScoreConfig)

@@ -153,3 +153,18 @@ def test_tc_plot_without_matplotlib_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "tc: error: tc plot needs matplotlib: pip install 'tccli[plot]'"
     assert not (tmp_path / "f.svg").exists()
+
+
+def test_pareto_points_from_stdin(tmp_path, pipe_into_stdin):
+    """`tc eval --json | tc plot pareto - b.json -o p.svg`: the same points as from the file."""
+    a = eval_json(tmp_path / "a.json", [(2, 8.0, 0.8), (4, 8.0, 0.7)])
+    b = eval_json(tmp_path / "b.json", [(2, 30.0, 0.75)], activation="relu", kind="sae")
+    pipe_into_stdin(Path(a).read_bytes())
+    piped, from_file = read_pareto_points(["-", b], "recovered"), read_pareto_points([a, b], "recovered")
+    assert [(p.series, p.layer, p.l0, p.value) for p in piped] == [
+        (p.series, p.layer, p.l0, p.value) for p in from_file
+    ]
+    with pytest.raises(TcError, match="stdin holds one input, but FILE 1 and FILE 2 each say -"):
+        run_plot(PlotConfig(what="pareto", inputs=["-", "-"], out=str(tmp_path / "p.svg")))
+    with pytest.raises(TcError, match=r"a training log cannot be read from stdin \(the plot reads train_config.json"):
+        read_training_log("-")

@@ -209,3 +209,25 @@ def test_score_refuses_an_existing_out_without_force(scored_files, tmp_path):
     score_files(score_config(scored_files, out, force=True))
     assert FeaturesFile.open(out).meta["data"]["tokens"] == 240
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_jsonl_features_file_reads_the_same_from_stdin(scored_files, pipe_into_stdin, capsys):
+    """`... | tc show - L1.F3`: the JSONL bytes from a pipe, indexed in memory; HDF5 is refused (it needs seeking)."""
+    from tccli.cli.app import main
+    from tccli.features.files import FeaturesFile
+
+    jsonl = scored_files["jsonl"]
+    pipe_into_stdin(jsonl.read_bytes())
+    piped, from_file = FeaturesFile.open("-"), FeaturesFile.open(jsonl)
+    assert piped.meta == from_file.meta and str(piped.path) == "stdin"
+    for layer in (0, 1):
+        assert np.array_equal(piped.frequencies(layer), from_file.frequencies(layer))
+        assert [piped.feature(layer, i) for i in range(16)] == [from_file.feature(layer, i) for i in range(16)]
+    main(["show", str(jsonl), "L1.F3"])
+    shown = capsys.readouterr().out
+    pipe_into_stdin(jsonl.read_bytes())
+    main(["show", "-", "L1.F3"])
+    assert capsys.readouterr().out == shown and "L1.F3" in shown
+    pipe_into_stdin(scored_files["h5"].read_bytes())
+    with pytest.raises(TcError, match="an HDF5 file cannot be read from stdin: HDF5 is read by seeking in a file"):
+        FeaturesFile.open("-")
