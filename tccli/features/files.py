@@ -24,7 +24,8 @@ from typing import Any, BinaryIO, Optional
 import numpy as np
 
 from tccli.errors import fail
-from tccli.features.scoring import ExampleArrays, LayerScores
+from tccli.features.examples import ExampleArrays
+from tccli.features.scoring import LayerScores
 from tccli.runtime import inputs, outputs
 
 FORMAT = "tc-features"

@@ -39,6 +39,16 @@ import numpy as np
 import torch
 
 from tccli.errors import fail
+from tccli.features.examples import ExampleArrays, sort_into_bands
+from tccli.features.weight_scores import (
+    LayerReads,
+    context_free_scores,
+    deembedding_matrix,
+    embedding_for_norm,
+    logit_effect,
+    pullbacks,
+    top_entries,
+)
 
 INDEX_MASK = (1 << 32) - 1
 EMPTY_KEY = -1
@@ -377,77 +387,7 @@ def feature_major_encoder(transcoder) -> Callable[[torch.Tensor], torch.Tensor]:
 # ============================================================================ input-invariant scores (pure)
 
 
-def top_entries(scores: torch.Tensor, n: int, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top n of [m, N] scores -> (indices [m, n] int64, values [m, n] float32)."""
-    n = min(n, scores.shape[1])
-    top = scores.topk(n, dim=1, largest=largest)
-    return top.indices.cpu().numpy().astype(np.int64), top.values.float().cpu().numpy()
-
-
-def embedding_for_norm(W_E: torch.Tensor, normalization: str) -> torch.Tensor:
-    """The token embeddings as the normalisation sees them: LayerNorm removes each row's mean."""
-    W_E = W_E.float()
-    return W_E - W_E.mean(dim=1, keepdim=True) if normalization == "layernorm" else W_E
-
-
-def deembedding_matrix(W_E: torch.Tensor, encoder_vectors: torch.Tensor) -> torch.Tensor:
-    """[m, vocab]: W_E f_enc for every feature (how much each token alone drives it, direct path)."""
-    return encoder_vectors.float() @ W_E.float().T
-
-
-def logit_effect(decoder_vectors: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
-    """[m, vocab]: f_dec W_U for every feature (which next tokens it promotes, suppresses)."""
-    return decoder_vectors.float() @ W_U.float()
-
-
-def pullbacks(
-    earlier_decoders: dict[int, torch.Tensor], encoder_vectors: torch.Tensor, n: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top n earlier-layer features by W_dec^(l) f_enc^(l') for each feature of layer l'.
-
-    earlier_decoders: {layer l: [m_l, d]} for l < l'. Returns (layer, feature, value) arrays [m, n],
-    layer -1 where there are fewer than n candidates.
-    """
-    m = encoder_vectors.shape[0]
-    if not earlier_decoders:
-        return (np.full((m, 0), -1, np.int64), np.full((m, 0), -1, np.int64), np.zeros((m, 0), np.float32))
-    layers = sorted(earlier_decoders)
-    sizes = [earlier_decoders[layer].shape[0] for layer in layers]
-    stacked = torch.cat([earlier_decoders[layer].float() for layer in layers])  # [sum m_l, d]
-    index, value = top_entries(encoder_vectors.float() @ stacked.T, n)
-    offsets = np.cumsum([0] + sizes)
-    which = np.searchsorted(offsets, index, side="right") - 1
-    return np.array(layers)[which], index - offsets[which], value
-
-
-def context_free_scores(direct_pre: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-    """Share of a feature's activation on its top examples that the token's own embedding explains.
-
-    direct_pre [m, k]: the pre-activation the feature would have if the normalised residual held only
-    the example token's own embedding, divided by the real normalisation scale at that token,
-    ``(W_E[t]/s - b_pre) . f_enc + b_enc``; activations [m, k] (0 for empty slots).
-    Score = sum_e min(ReLU(direct_e), a_e) / sum_e a_e, in [0, 1]; NaN for a feature with no examples.
-    """
-    explained = torch.minimum(direct_pre.clamp(min=0), activations).sum(1)
-    total = activations.sum(1)
-    return torch.where(total > 0, explained / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
-
-
 # ============================================================================ results
-
-
-@dataclass
-class ExampleArrays:
-    """Examples of all features of a layer, as arrays [m, k, ...]; index -1 marks an empty slot."""
-
-    activation: np.ndarray  # [m, k] float32
-    token_index: np.ndarray  # [m, k] int64 (row * context + position)
-    row: np.ndarray
-    position: np.ndarray
-    doc: np.ndarray
-    window_tokens: np.ndarray  # [m, k, W] int64
-    window_acts: np.ndarray  # [m, k, W] float32
-    band: Optional[np.ndarray] = None  # [m, k] int64 for quantile examples: 1 (lowest) .. Q (highest)
 
 
 @dataclass
@@ -538,76 +478,6 @@ def stream_layers(
                 streams[layer].update(batch, seen + r0 * context)
         seen += tokens.numel()
     return streams, seen
-
-
-def examples_from_slots(slots: ExampleSlots, decode, context: int, half_window: int) -> ExampleArrays:
-    slots = slots.sorted()
-    _, index = decode(slots.keys)
-    index = index.cpu().numpy()
-    empty = index < 0
-    row, position = np.where(empty, -1, index // context), np.where(empty, -1, index % context)
-    window_acts = slots.window_acts.cpu().numpy()
-    return ExampleArrays(
-        activation=window_acts[:, :, half_window].copy(),
-        token_index=index,
-        row=row,
-        position=position,
-        doc=slots.doc.cpu().numpy(),
-        window_tokens=slots.window_tokens.cpu().numpy(),
-        window_acts=window_acts,
-    )
-
-
-def sort_into_bands(examples: ExampleArrays, quantiles: int) -> ExampleArrays:
-    """Sort each feature's sample by activation (highest first) and label equal-count bands Q..1."""
-    valid = examples.token_index >= 0
-    order = np.argsort(np.where(valid, -examples.activation, np.inf), axis=1, kind="stable")
-
-    def take(a: np.ndarray) -> np.ndarray:
-        idx = order if a.ndim == 2 else order[:, :, None]
-        return np.take_along_axis(a, idx, axis=1)
-
-    out = ExampleArrays(
-        *(
-            take(getattr(examples, name))
-            for name in ("activation", "token_index", "row", "position", "doc", "window_tokens", "window_acts")
-        )
-    )
-    n_valid = valid.sum(1, keepdims=True)
-    rank_from_bottom = n_valid - 1 - np.arange(order.shape[1])[None, :]
-    band = np.where(rank_from_bottom >= 0, rank_from_bottom * max(quantiles, 1) // np.maximum(n_valid, 1) + 1, -1)
-    out.band = band.astype(np.int64)
-    return out
-
-
-@dataclass
-class LayerReads:
-    """How one layer's transcoder meets the residual stream, per-token scales left out (docs/method.md section 8):
-    its encoder vectors as read from the residual [m, d], its decoder vectors as written to it [m, d], the
-    constant its input space adds to every pre-activation [m] (b_enc - b_pre . f_enc, + beta . f_enc when it
-    reads mlp_input), and whether its input is divided by the norm's scale (not for resid_mid)."""
-
-    encoders: torch.Tensor
-    decoders: torch.Tensor
-    constant: torch.Tensor
-    scaled: bool
-
-    @classmethod
-    def of(cls, transcoder, spaces) -> LayerReads:
-        from tccli.model.spaces import LayerSpaces, input_map, output_map
-
-        spaces = spaces or LayerSpaces(layernorm=False)
-        config = transcoder.config
-        f_enc = transcoder.encoder_vectors.detach().float().cpu()
-        spaces = spaces.to("cpu", torch.float32)
-        read, norm_bias = input_map(config.input_space, spaces, None)
-        constant = transcoder.b_enc.detach().float().cpu() - f_enc @ transcoder.b_pre.detach().float().cpu()
-        if norm_bias is not None:
-            constant = constant + f_enc @ norm_bias
-        decoders = output_map(config.output_space, spaces, None).push(transcoder.decoder_vectors.detach().float().cpu())
-        return cls(
-            encoders=read.pull(f_enc), decoders=decoders, constant=constant, scaled=config.input_space != "resid_mid"
-        )
 
 
 def finish_layer(
@@ -782,4 +652,22 @@ def score_model(
         progress,
         total_rows=len(rows),
         **options,
+    )
+
+
+def examples_from_slots(slots: ExampleSlots, decode, context: int, half_window: int) -> ExampleArrays:
+    slots = slots.sorted()
+    _, index = decode(slots.keys)
+    index = index.cpu().numpy()
+    empty = index < 0
+    row, position = np.where(empty, -1, index // context), np.where(empty, -1, index % context)
+    window_acts = slots.window_acts.cpu().numpy()
+    return ExampleArrays(
+        activation=window_acts[:, :, half_window].copy(),
+        token_index=index,
+        row=row,
+        position=position,
+        doc=slots.doc.cpu().numpy(),
+        window_tokens=slots.window_tokens.cpu().numpy(),
+        window_acts=window_acts,
     )

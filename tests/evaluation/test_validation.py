@@ -17,17 +17,14 @@ from tccli.circuit.trace import circuit_graph
 from tccli.config.circuit import CircuitConfig
 from tccli.config.evaluation import ValidateConfig
 from tccli.errors import TcError
-from tccli.evaluation.validation import (
+from tccli.evaluation.validation import map_position, node_attribution, run_validation, target_from_metadata
+from tccli.evaluation.validation_math import (
     average_ranks,
     largest_disagreements,
-    map_position,
     necessity,
-    node_attribution,
-    run_validation,
     sample_random_circuit,
     spearman,
     sufficiency,
-    target_from_metadata,
 )
 from tccli.nodes import Intervention, NodeRef, parse_node
 from tccli.replacement.model import ReplacementModel, RowSpec

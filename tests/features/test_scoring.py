@@ -6,23 +6,21 @@ import pytest
 import torch
 
 from conftest import TOKENIZER_TEXT
+from tccli.features.examples import sort_into_bands
 from tccli.features.scoring import (
     EMPTY_KEY,
     ScoreSettings,
     activation_keys,
     best_per_feature,
-    context_free_scores,
     decode_activation_keys,
-    embedding_for_norm,
     examples_from_slots,
     feature_major_encoder,
-    pullbacks,
     sample_key_index,
     score_model,
-    sort_into_bands,
     stream_layers,
     token_priority,
 )
+from tccli.features.weight_scores import context_free_scores, embedding_for_norm, pullbacks
 
 
 def synthetic_doc_ids(tokens: torch.Tensor) -> torch.Tensor:
@@ -505,7 +503,7 @@ def test_score_reads_each_input_space(tiny_model_dirs, arch, space):
 def test_layer_reads_by_hand():
     """Encoder vectors read from the residual and decoder vectors written to it, per space (scales left out)."""
     from tccli.config.transcoders import TranscoderConfig
-    from tccli.features.scoring import LayerReads
+    from tccli.features.weight_scores import LayerReads
     from tccli.model.spaces import LayerSpaces
     from tccli.transcoders.transcoder import Transcoder
 
