@@ -629,9 +629,8 @@ class MlpCapture:
             site = self._sites[layer]
             norm_input = self._captured[layer, "norm_input"]
             normalized, scale = compat_normalized(norm_input, self.info.normalization, site.eps, site.inverse_sqrt)
-            if self.input_spaces[layer] != "normalized":
-                # the bridge's residual is centred for LayerNorm models, like a write (compat_mlp_out)
-                residual = compat_mlp_out(norm_input.float(), self.info.normalization)
+            if self.input_spaces[layer] != "normalized":  # resid_mid: centred there for LayerNorm models
+                residual = norm_input.float()
                 normalized = transcoder_input(self.input_spaces[layer], normalized, residual, self.loaded.spaces[layer])
             out[layer] = {
                 "mlp_in": normalized,
