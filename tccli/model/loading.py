@@ -157,6 +157,7 @@ class LoadedModel:
     dtype: str = "float32"  # the dtype the model runs in (--model-dtype)
     # per layer, the unprocessed weights that tell a transcoder's spaces apart (tccli.model.spaces)
     spaces: list = field(default_factory=list)
+    by_default: bool = False  # the built-in model, loaded because no model was named (no --model)
 
 
 def resolve_model_name(model: Optional[str]) -> str:
@@ -182,6 +183,14 @@ def model_identity(model: Optional[str]) -> str:
             return "builtin"
         return resolved
     return model
+
+
+def recorded_model_name(name: str) -> str:
+    """How a file tc writes records the model it was made with: a local folder given relative to the
+    working folder made absolute (so the file still names it from another folder); anything else as given."""
+    if _looks_like_local_path(name) and not os.path.isabs(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def known_different_models(recorded: Optional[str], loaded: Optional[str]) -> bool:
@@ -260,7 +269,13 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
     if tokenizer is None:
         raise fail(f"model {name!r} has no tokenizer")
     return LoadedModel(
-        bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype, spaces=spaces
+        bridge=bridge,
+        tokenizer=tokenizer,
+        info=describe(bridge, name),
+        device=dev,
+        dtype=dtype,
+        spaces=spaces,
+        by_default=model is None,
     )
 
 
