@@ -156,9 +156,23 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
         raise fail(f"{where} was trained on the model {cfg.model_name}, not on {info.name}")
 
 
+def check_model_named(transcoder: Transcoder, loaded: LoadedModel) -> None:
+    """Refuse to run a transcoder made for another model on the built-in one only because no --model was
+    given (a hub name cannot be compared with the built-in model, so this is the one safe reading)."""
+    from tccli.model.loading import model_identity
+
+    name = transcoder.config.model_name
+    if loaded.by_default and name and model_identity(name) != "builtin":
+        raise fail(
+            f"transcoder for layer {transcoder.config.layer} was trained on the model {name}, but no --model was "
+            f"given, so the built-in model would run: pass --model {name}"
+        )
+
+
 def check_transcoders(transcoders: dict[int, Transcoder], loaded: LoadedModel) -> None:
     for transcoder in transcoders.values():
         check_matches_model(transcoder, loaded.info)
+        check_model_named(transcoder, loaded)
         if transcoder.config.kind != "transcoder":
             raise fail(
                 f"layer {transcoder.config.layer} holds an SAE, not a transcoder: circuits need "
