@@ -81,6 +81,42 @@ def random_transcoders(
     return out
 
 
+def plain_gpt2_with_transcoders(
+    model_dir, transcoders: dict[int, Transcoder], tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean logits, logits with each layer of ``transcoders`` replaced) of the plain HuggingFace GPT-2 in
+    ``model_dir``, by torch hooks and independently of tccli: the MLP's output is replaced by its ReLU
+    transcoder's (written out here from the weights) on tc's resid_mid, the residual in front of ln_2 centred
+    (compatibility mode centres every write, so its residual is HuggingFace's less its mean). Whatever the
+    transcoder's output's mean, every norm removes it and the next resid_mid is centred again."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    residual: dict[int, torch.Tensor] = {}
+
+    def transcode(layer: int) -> torch.Tensor:
+        t, r = transcoders[layer], residual[layer]
+        assert t.config.input_space == "resid_mid" and t.config.activation == "relu" and not t.config.skip
+        x = r - r.mean(-1, keepdim=True)
+        return torch.relu((x - t.b_pre) @ t.W_enc + t.b_enc) @ t.W_dec + t.b_dec
+
+    handles = []
+    try:
+        with torch.no_grad():
+            clean = model(tokens).logits
+            for layer in transcoders:
+                block = model.transformer.h[layer]
+                handles.append(
+                    block.ln_2.register_forward_pre_hook(lambda m, a, layer=layer: residual.update({layer: a[0]}))
+                )
+                handles.append(block.mlp.register_forward_hook(lambda m, a, out, layer=layer: transcode(layer)))
+            spliced = model(tokens).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return clean, spliced
+
+
 def save_transcoders(transcoders: dict[int, Transcoder], folder: Path) -> Path:
     for layer, transcoder in transcoders.items():
         save_transcoder(transcoder.float(), Path(folder) / f"layer_{layer}")

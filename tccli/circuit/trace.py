@@ -11,9 +11,10 @@ import torch
 
 from tccli.config.circuit import CircuitConfig
 from tccli.data.text import display_token
-from tccli.model.loading import LoadedModel
+from tccli.model.loading import LoadedModel, recorded_model_name
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import build_target
+from tccli.transcoders.formats import recorded_path
 from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
 
@@ -48,11 +49,11 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
             graph.nodes["target"][f"target_{key}_string"] = description[key + "_string"]
     graph.graph["metadata"] = {
         "tc_version": __version__,
-        "model": loaded.info.name,
+        "model": recorded_model_name(loaded.info.name),
         "architecture": loaded.info.architecture,
         "n_layers": loaded.info.n_layers,
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
-        "transcoders": config.transcoders,
+        "transcoders": recorded_path(config.transcoders),  # absolute: tc validate may run elsewhere
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
         "scan": scan,
         "slug": config.graph_slug(prompt),

@@ -24,7 +24,7 @@ KINDS = ("transcoder", "sae")
 #   normalized  r_c / s: the norm's output with its weight folded into the MLP (tc's own; compatibility
 #               mode's ln2.hook_normalized)
 #   mlp_input   g * r_c / s + beta: the MLP module's input (sparsify)
-#   resid_mid   r itself (circuit-tracer's sets; resid_pre in parallel blocks)
+#   resid_mid   r itself, centred for LayerNorm (circuit-tracer's sets; resid_pre in parallel blocks)
 INPUT_SPACES = ("normalized", "mlp_input", "resid_mid")
 
 

@@ -26,10 +26,12 @@ class HeadSplit:
     Frozen attention is a sum over heads and source tokens, so with F_l the image of the source's write
     at layer l's input (every path up to there: residual and any earlier hops), the edge is
 
-        A[t, s] = residual + sum over l, h, q of A_l[h, t's token, q] / s_l[q] (F_l[q] . P W_V[h] W_O[h] u_t)
+        A[t, s] = residual + sum over l, h, q of A_l[h, t's token, q] / s_l[q] (F_l[q] . P W_V[h] W_O[h] R_l(u_t))
 
-    where ``residual`` = u_t . w_s on the same token (no attention at all) and the (l, h, q) term is every
-    path whose last attention hop before the target is head h of layer l reading token q."""
+    where ``residual`` = u_t . w_s on the same token (no attention at all), R_l the adjoint of Gemma-2's
+    frozen post-attention norm at t's token (the identity elsewhere), w_s the source's write as it enters the
+    residual, and the (l, h, q) term is every path whose last attention hop before the target is head h of
+    layer l reading token q."""
 
     sources: torch.Tensor  # [E] node indices
     targets: torch.Tensor  # [E]
@@ -63,7 +65,7 @@ def node_writes(
     frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(writes [S, d], tokens [S], first attention layer that sees each write [S]) of features, errors,
-    inputs."""
+    inputs, each as it enters the residual."""
     dtype, device = frozen.embed.dtype, frozen.embed.device
     writes = torch.empty(len(nodes), frozen.embed.shape[1], dtype=dtype, device=device)
     positions, first = torch.empty_like(nodes), torch.empty_like(nodes)
@@ -73,7 +75,9 @@ def node_writes(
         if kind == FEATURE:
             layer, position = int(table.feature_layer[node]), int(table.feature_position[node])
             decoder = frozen.layers[layer].transcoder.W_dec[int(table.feature_index[node])].to(dtype)
-            writes[i] = table.feature_activation[node] * decoder
+            # as it enters the residual, as the edges have it (centred for LayerNorm; Gemma-2's post-norm)
+            written = frozen.write_mlp_output(layer, decoder.unsqueeze(0), torch.tensor([position], device=device))
+            writes[i] = table.feature_activation[node] * written[0]
         elif kind == ERROR:
             layer, position = divmod(node - table.error_start, table.n_tokens)
             writes[i] = frozen.layers[layer].error[position]
@@ -131,8 +135,10 @@ def head_split(
             live = edges[(first_layer[source_of_edge[edges]] <= layer) & (reads.n_attn[target_of_edge[edges]] > layer)]
             for chunk in live.split(256) if live.numel() else ():
                 t = target_of_edge[chunk]
-                # P W_V[h] W_O[h] u_t per head: u_t through W_O^T, then through W_V (centred for LayerNorm)
-                through_o = (reads.vectors[t] @ W_O.T).reshape(len(chunk), H, -1)  # [e, H, dh]
+                # P W_V[h] W_O[h] R(u_t) per head, R the adjoint of Gemma-2's frozen post-attention norm at
+                # the target's token: through W_O^T, then through W_V (centred for LayerNorm)
+                read = frozen.read_attn_output(layer, reads.vectors[t], reads.positions[t])
+                through_o = (read @ W_O.T).reshape(len(chunk), H, -1)  # [e, H, dh]
                 ov = torch.einsum("ehk,dhk->ehd", through_o, W_V.reshape(W_V.shape[0], H, -1))
                 coefficient = mix[:, :, reads.positions[t]].permute(2, 0, 1)  # [e, H, q] = A[h, t, q] / s[q]
                 parts = torch.einsum("eqd,ehd->ehq", image[source_of_edge[chunk] - start], ov) * coefficient

@@ -18,10 +18,11 @@ from tccli.config.graph import GraphConfig
 from tccli.errors import fail
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.graph.heads import HeadSplit, head_split
-from tccli.model.loading import LoadedModel
+from tccli.model.loading import LoadedModel, recorded_model_name
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import Target, build_target, salient_logit_targets
+from tccli.transcoders.formats import recorded_path
 from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
 
@@ -96,11 +97,11 @@ def attribution_graph(
     metadata = {
         "kind": "attribution-graph",
         "tc_version": __version__,
-        "model": loaded.info.name,
+        "model": recorded_model_name(loaded.info.name),
         "architecture": loaded.info.architecture,
         "n_layers": loaded.info.n_layers,
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
-        "transcoders": config.transcoders,
+        "transcoders": recorded_path(config.transcoders),  # absolute: tc validate may run elsewhere
         "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
         "scan": scan,
         "slug": config.graph_slug(prompt),

@@ -157,6 +157,7 @@ class LoadedModel:
     dtype: str = "float32"  # the dtype the model runs in (--model-dtype)
     # per layer, the unprocessed weights that tell a transcoder's spaces apart (tccli.model.spaces)
     spaces: list = field(default_factory=list)
+    by_default: bool = False  # the built-in model, loaded because no model was named (no --model)
 
 
 def resolve_model_name(model: Optional[str]) -> str:
@@ -182,6 +183,14 @@ def model_identity(model: Optional[str]) -> str:
             return "builtin"
         return resolved
     return model
+
+
+def recorded_model_name(name: str) -> str:
+    """How a file tc writes records the model it was made with: a local folder given relative to the
+    working folder made absolute (so the file still names it from another folder); anything else as given."""
+    if _looks_like_local_path(name) and not os.path.isabs(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def known_different_models(recorded: Optional[str], loaded: Optional[str]) -> bool:
@@ -260,7 +269,13 @@ def load_model(model: Optional[str] = None, device: str = "auto", dtype: str = "
     if tokenizer is None:
         raise fail(f"model {name!r} has no tokenizer")
     return LoadedModel(
-        bridge=bridge, tokenizer=tokenizer, info=describe(bridge, name), device=dev, dtype=dtype, spaces=spaces
+        bridge=bridge,
+        tokenizer=tokenizer,
+        info=describe(bridge, name),
+        device=dev,
+        dtype=dtype,
+        spaces=spaces,
+        by_default=model is None,
     )
 
 
@@ -629,9 +644,8 @@ class MlpCapture:
             site = self._sites[layer]
             norm_input = self._captured[layer, "norm_input"]
             normalized, scale = compat_normalized(norm_input, self.info.normalization, site.eps, site.inverse_sqrt)
-            if self.input_spaces[layer] != "normalized":
-                # the bridge's residual is centred for LayerNorm models, like a write (compat_mlp_out)
-                residual = compat_mlp_out(norm_input.float(), self.info.normalization)
+            if self.input_spaces[layer] != "normalized":  # resid_mid: centred there for LayerNorm models
+                residual = norm_input.float()
                 normalized = transcoder_input(self.input_spaces[layer], normalized, residual, self.loaded.spaces[layer])
             out[layer] = {
                 "mlp_in": normalized,

@@ -9,7 +9,8 @@ the norm's unprocessed weight and bias (Gemma's RMSNorm multiplies by ``1 + w``:
     input space   the transcoder reads x =
     normalized    r_c / s              compatibility mode's ln2.hook_normalized (the weight lives in W_in)
     mlp_input     g * r_c / s + beta   the MLP module's input in the unprocessed model
-    resid_mid     r                    the residual itself (resid_pre for a parallel block)
+    resid_mid     r_c                  the residual itself (resid_pre for a parallel block), centred for
+                                       LayerNorm
 
     output space  the transcoder writes y =
     mlp_out       what the MLP adds to the residual stream (compatibility mode's hook_mlp_out: centred
@@ -18,11 +19,16 @@ the norm's unprocessed weight and bias (Gemma's RMSNorm multiplies by ``1 + w``:
 
 and an SAE reads and writes one of the output spaces.
 
+A LayerNorm model's residual matters only up to its mean, which every reader removes: its norms, and a
+transcoder reading resid_mid (``r_c`` exactly, as tc cache's native engine computes it; compatibility
+mode's own residual is centred only to about 1e-8 of its size). So a transcoder's output enters the residual
+as it is, mean included, and nothing downstream sees that mean.
+
 With every norm scale frozen at its value on the prompt, each of these is affine in ``r`` or in ``y``
 (``NormMap``): a vector ``v`` dotted with ``x`` is the vector ``P (g * v) / s`` dotted with ``r`` plus the
-constant ``v . beta``, ``P`` the mean-centring projection for LayerNorm and the identity for RMSNorm; and an
-output ``y`` enters the residual stream as ``g_post * P y / s_post`` (Gemma-2's post-norm: ``P`` identity;
-a LayerNorm model's raw MLP output: ``g_post`` 1 and ``s_post`` 1, only the centring).
+constant ``v . beta`` (resid_mid: ``P v``), ``P`` the mean-centring projection for LayerNorm and the identity
+for RMSNorm; and an output ``y`` enters the residual stream as ``g_post * P y / s_post`` (Gemma-2's post-norm:
+``P`` identity; a LayerNorm model's raw MLP output: ``g_post`` 1 and ``s_post`` 1, only the centring).
 """
 
 from __future__ import annotations
@@ -83,8 +89,8 @@ def transcoder_input(space: str, normalized: torch.Tensor, residual: torch.Tenso
     (ln2.hook_normalized) and ``residual`` (what the norm reads) of the same tokens."""
     if space == "normalized":
         return normalized
-    if space == "resid_mid":
-        return residual
+    if space == "resid_mid":  # centred for LayerNorm: what the norm sees (module docstring)
+        return centre(residual) if spaces.layernorm else residual
     if space == "mlp_input":
         out = normalized * spaces.norm_weight.to(normalized.dtype)
         return out if spaces.norm_bias is None else out + spaces.norm_bias.to(normalized.dtype)
@@ -163,7 +169,7 @@ def input_map(space: str, spaces: LayerSpaces, scale: torch.Tensor) -> tuple[Nor
     [T] is the frozen scale of the norm in front of the MLP. A vector v dotted with x is
     ``map.pull(v) . r + v . constant``."""
     if space == "resid_mid":
-        return NormMap(), None
+        return NormMap(centred=spaces.layernorm), None
     if space == "normalized":
         return NormMap(scale=scale, centred=spaces.layernorm), None
     if space == "mlp_input":

@@ -136,8 +136,8 @@ class FrozenForward:
 
     def attention_forward(self, layer: int, writes: torch.Tensor) -> torch.Tensor:
         """[B, P, d]: what ``layer``'s attention adds to the residual at each token for writes [B, P, d] into
-        its input (the raw resid_pre), with patterns and ln1's scales frozen (no biases): the adjoint of
-        attention_backward."""
+        its input (the raw resid_pre), with patterns and ln1's scales frozen (no biases), through Gemma-2's
+        frozen post-attention norm: the adjoint of attention_backward."""
         W_O, mix, W_V = self._attention_backward_weights(layer)
         B, P, d = writes.shape
         H, d_head = mix.shape[0], W_O.shape[0] // mix.shape[0]
@@ -145,7 +145,11 @@ class FrozenForward:
         per_head = values.reshape(B, P, H, d_head).permute(2, 1, 0, 3).reshape(H, P, B * d_head)
         at_dest = torch.bmm(mix[:, :P, :P].transpose(1, 2), per_head)  # [H, dest, B*dh]
         at_dest = at_dest.reshape(H, P, B, d_head).permute(2, 1, 0, 3).reshape(B * P, H * d_head)
-        return (at_dest @ W_O).reshape(B, P, d)
+        out = at_dest @ W_O  # [B*P, d]
+        post = self.attn_output_map(layer)
+        if not post.identity:
+            out = post.push(out, torch.arange(P, device=out.device).repeat(B))
+        return out.reshape(B, P, d)
 
     def _attention_backward_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_O [H*dh, d], mix [H, source, dest], W_V [d, H*dh]) with ln1 folded in: the pattern
@@ -334,7 +338,7 @@ def freeze(
             b_V=b_V,
         )
         if frozen_layer.transcoder is not None:
-            _split_mlp(frozen_layer, get(names.mlp_norm_input), dtype)
+            _split_mlp(frozen_layer, get(names.mlp_norm_input), dtype, info.normalization == "layernorm")
         layers.append(frozen_layer)
     last = info.layer(info.n_layers - 1)
     pos_embed = captured[info.pos_embed_hook][0].to(dtype) if info.pos_embed_hook else None
@@ -354,8 +358,9 @@ def freeze(
     )
 
 
-def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.dtype) -> None:
-    """Run the transcoder on its real input and split the MLP output into its parts (in place)."""
+def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.dtype, layernorm: bool) -> None:
+    """Run the transcoder on its real input and split the MLP output into its parts (in place). ``layernorm``:
+    the model's norms centre (a resid_mid input is centred, as ``mlp_input_map`` reads it)."""
     transcoder = frozen_layer.transcoder
     config = transcoder.config
     needs_spaces = (
@@ -365,7 +370,7 @@ def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.d
     )
     if needs_spaces and frozen_layer.spaces is None:
         raise ValueError("this transcoder's spaces need the model's unprocessed norm weights (freeze(spaces=...))")
-    spaces = frozen_layer.spaces or LayerSpaces(layernorm=False, norm_weight=None)
+    spaces = frozen_layer.spaces or LayerSpaces(layernorm=layernorm, norm_weight=None)
     x = transcoder_input(config.input_space, frozen_layer.mlp_in, residual, spaces)
     frozen_layer.transcoder_input = x
     pre = transcoder.pre_activation(x)

@@ -123,18 +123,33 @@ def check_same_run(saved: dict, config: TrainConfig, d_model: int, what: str) ->
     """Refuse to continue a run whose options would change the result. Compared by meaning: the layer
     lists are compared once resolved (by the caller), and --features / --expansion by the width they give."""
     saved_config = from_json_dict(TrainConfig, saved)
+    start_over = "a resumed run keeps its options; --force starts the run over"
     for name, value in to_json_dict(config).items():
         if name in RESUME_FREE_FIELDS or name in ("layers", "expansion", "features"):
             continue
         if getattr(saved_config, name) != value:
             raise fail(
-                f"--resume: --{name.replace('_', '-')} is {value!r} but {what} used {getattr(saved_config, name)!r}"
+                f"--resume: --{name.replace('_', '-')} is {_described(config, name, value, d_model)} but {what} "
+                f"used {getattr(saved_config, name)!r}; {start_over}"
             )
     if saved_config.n_features(d_model) != config.n_features(d_model):
         raise fail(
             f"--resume: this run would have {config.n_features(d_model)} features per layer but {what} "
-            f"has {saved_config.n_features(d_model)}"
+            f"has {saved_config.n_features(d_model)}; {start_over}"
         )
+
+
+def _described(config: TrainConfig, name: str, value: Any, d_model: int) -> str:
+    """An option's value as the user gave it: one left out is named as such, with the default it takes."""
+    if value is not None:
+        return repr(value)
+    defaults = {
+        "lr": lambda: config.learning_rate_for(config.n_features(d_model)),
+        "lr_decay": lambda: config.decay_fraction,
+    }
+    if name in defaults:
+        return f"not given (its default here is {defaults[name]():.3g})"
+    return "not given"
 
 
 # ----------------------------------------------------------------------------- the log

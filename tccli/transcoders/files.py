@@ -9,8 +9,9 @@ written by tc). Other formats, and reading any of them as a set, are in tccli.tr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +34,15 @@ CONFIG_FILE = "config.json"
 SUPPORTED_SPACES = tuple((i, o) for i in INPUT_SPACES for o in OUTPUT_SPACES) + tuple((o, o) for o in OUTPUT_SPACES)
 # The spaces whose hooks are tc's own names (ModelInfo.layer): only there is a recorded hook name checked.
 TC_SPACES = (("normalized", "mlp_out"), ("mlp_out", "mlp_out"))
+
+
+def block_hook(hook: Optional[str], layer: Optional[int]) -> Optional[str]:
+    """A hook named inside a block (circuit-tracer's ``ln2.hook_normalized``) as the model names it,
+    ``blocks.{layer}.ln2.hook_normalized`` (circuit-tracer's own rule); a name already under ``blocks.N.``,
+    or without a layer to put it under, as it is."""
+    if hook is None or layer is None or re.match(r"blocks\.\d+\.", hook):
+        return hook
+    return f"blocks.{layer}.{hook}"
 
 
 def layer_folder_name(layer: int) -> str:
@@ -127,7 +137,9 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
     if cfg.layer is not None and cfg.input_hook is not None and spaces in TC_SPACES:
         hooks = info.layer(cfg.layer)
         expected_in = hooks.mlp_out if cfg.kind == "sae" else hooks.mlp_in
-        if cfg.input_hook != expected_in or (cfg.output_hook and cfg.output_hook != hooks.mlp_out):
+        # a name inside the block (circuit-tracer's configs, and copies tc made of them) is under blocks.L.
+        hook_in, hook_out = block_hook(cfg.input_hook, cfg.layer), block_hook(cfg.output_hook, cfg.layer)
+        if hook_in != expected_in or (hook_out and hook_out != hooks.mlp_out):
             raise fail(
                 f"{where} reads {cfg.input_hook} -> {cfg.output_hook}; this model's MLP is "
                 f"{expected_in} -> {hooks.mlp_out}"
@@ -144,9 +156,23 @@ def check_matches_model(transcoder: Transcoder, info) -> None:
         raise fail(f"{where} was trained on the model {cfg.model_name}, not on {info.name}")
 
 
+def check_model_named(transcoder: Transcoder, loaded: LoadedModel) -> None:
+    """Refuse to run a transcoder made for another model on the built-in one only because no --model was
+    given (a hub name cannot be compared with the built-in model, so this is the one safe reading)."""
+    from tccli.model.loading import model_identity
+
+    name = transcoder.config.model_name
+    if loaded.by_default and name and model_identity(name) != "builtin":
+        raise fail(
+            f"transcoder for layer {transcoder.config.layer} was trained on the model {name}, but no --model was "
+            f"given, so the built-in model would run: pass --model {name}"
+        )
+
+
 def check_transcoders(transcoders: dict[int, Transcoder], loaded: LoadedModel) -> None:
     for transcoder in transcoders.values():
         check_matches_model(transcoder, loaded.info)
+        check_model_named(transcoder, loaded)
         if transcoder.config.kind != "transcoder":
             raise fail(
                 f"layer {transcoder.config.layer} holds an SAE, not a transcoder: circuits need "

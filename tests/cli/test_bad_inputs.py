@@ -130,6 +130,29 @@ def truncated(artefact: str, inner: str = "", keep: int = 200):
     return setup
 
 
+def truncated_gemma_scope(tmp: Path, a) -> dict:
+    """setup: a Gemma Scope layer_0/params.npz cut short as an interrupted download leaves it (the zip's
+    directory, at its end, gone): ``{bad}`` the file, ``{bad_set}`` its set folder."""
+    folder = tmp / "gemma_scope" / "layer_0"
+    folder.mkdir(parents=True)
+    shapes = {"W_enc": (16, 64), "W_dec": (64, 16), "b_enc": (64,), "b_dec": (16,), "threshold": (64,)}
+    np.savez(folder / "params.npz", **{name: np.ones(shape, dtype=np.float32) for name, shape in shapes.items()})
+    params = folder / "params.npz"
+    params.write_bytes(params.read_bytes()[:400])
+    return {"bad": params, "bad_set": tmp / "gemma_scope"}
+
+
+def circuit_tracer_gap(tmp: Path, a) -> dict:
+    """setup: the shared set (layers 0 and 1) written as a circuit-tracer set, layer_0.safetensors removed:
+    ``{bad}``."""
+    from tccli.transcoders.formats import circuit_tracer, load_transcoder_set
+
+    folder = tmp / "circuit_tracer"
+    circuit_tracer.write_set(load_transcoder_set(a.tcs), folder)
+    (folder / "layer_0.safetensors").unlink()
+    return {"bad": folder}
+
+
 def existing_output(name: str):
     """setup: an existing file ``name`` in the case folder (an output that must not be overwritten): ``{file}``."""
     return write_file(name, "precious\n")
@@ -555,6 +578,18 @@ CASES["eval"] = [
     Case("batch-size-0", (*EVAL, T, "{tcs}", "--batch-size", "0"), "--batch-size must be at least 1"),
     Case("layer-without-transcoder", (*EVAL, T, "{tcs}", "--layers", "3"), "no transcoder for layer 3"),
     Case("missing-data", ("eval", "--data", "{tmp}/none.txt", *SMALL, *CPU, T, "{tcs}"), "does not exist"),
+    Case(
+        "set-for-another-model-without-model",
+        (*EVAL, T, "{bad}"),
+        "trained on the model gpt2, but no --model was given",
+        setup=bad_config(model_name="gpt2"),
+    ),
+    Case(
+        "gemma-scope-truncated",
+        (*EVAL, T, "{bad_set}"),
+        "params.npz: not a complete npz archive",
+        setup=truncated_gemma_scope,
+    ),
 ]
 
 SCORE = ("score", "--data", "{text}", *SMALL, *CPU, T, "{tcs}")
@@ -825,6 +860,12 @@ CASES["deembed"] = [
     Case("other-model", ("deembed", T, "{other_tcs}", *CPU, "--feature", "L0.F0"), "was trained on the model"),
     Case("missing-transcoders", ("deembed", T, "{tmp}/none", *CPU, "--feature", "L0.F0"), "do not exist"),
     Case("sae", ("deembed", T, "{sae}", *CPU, "--feature", "L0.F0"), "holds an SAE"),
+    Case(
+        "set-for-another-model-without-model",
+        ("deembed", T, "{bad}", *CPU, "--feature", "L0.F0"),
+        "was trained on the model gpt2, but no --model was given, so the built-in model would run: pass --model gpt2",
+        setup=bad_config(model_name="gpt2"),
+    ),
 ]
 
 GT = ("greater-than", *CPU)
@@ -856,6 +897,8 @@ CASES["info"] = [
     Case("foreign-h5", ("info", "{file}"), "not a tc activation cache", setup=foreign_h5),
     Case("truncated-weights", ("info", "{bad}"), "cannot read", setup=truncated("tc0", "transcoder.safetensors")),
     Case("bad-config", ("info", "{bad}"), "activation must be one of", setup=bad_config(activation="gelu")),
+    Case("gemma-scope-truncated", ("info", "{bad}"), "not a complete npz archive", setup=truncated_gemma_scope),
+    Case("circuit-tracer-gap", ("info", "{bad}"), "layer_0.safetensors does not exist", setup=circuit_tracer_gap),
 ]
 
 CONVERT = ("convert", "--to", "saelens")
@@ -955,6 +998,18 @@ CASES["convert"] = [
         (*CONVERT, "--input", "{file}", "--out", "{tmp}/o"),
         "is not a torch.save file",
         setup=write_file("x.pt", "not a torch file"),
+    ),
+    Case(
+        "gemma-scope-truncated",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "params.npz: not a complete npz archive",
+        setup=truncated_gemma_scope,
+    ),
+    Case(
+        "circuit-tracer-gap",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "a circuit-tracer set needs a transcoder for every layer from 0 to 1",
+        setup=circuit_tracer_gap,
     ),
     Case(
         "out-read-only", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "Read-only file system", sandbox="readonly"

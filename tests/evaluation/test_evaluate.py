@@ -277,6 +277,30 @@ def test_gemma2_resid_mid_transcoder_writes_through_the_post_norm(modern_model_d
     assert torch.allclose(spliced, by_hand, atol=1e-5) and not torch.allclose(spliced, clean, atol=1e-3)
 
 
+def test_all_layers_row_matches_plain_huggingface_for_an_uncentred_mlp_out_set(tiny_models, tiny_model_dirs):
+    """A resid_mid -> mlp_out set whose outputs have a large mean (b_dec shifted by 1) on the LayerNorm GPT-2:
+    the all-layers row's KL and CE equal those of plain HuggingFace with the MLPs replaced by hooks. The mean
+    is invisible to every norm, and tc's resid_mid is the centred residual, so it must not reach the next
+    layer's transcoder either (it did: KL 0.0112 against 0.0151)."""
+    from circuit_helpers import plain_gpt2_with_transcoders, random_transcoders
+
+    loaded = tiny_models["gpt2"]
+    transcoders = random_transcoders(loaded.info, 48, seed=3, input_space="resid_mid", output_space="mlp_out")
+    with torch.no_grad():
+        for transcoder in transcoders.values():
+            transcoder.b_dec.add_(1.0)
+    tokens = sample_tokens(loaded)
+    row = evaluate(loaded, transcoders, tokens, batch_size=len(tokens)).all_layers
+
+    clean, spliced = plain_gpt2_with_transcoders(tiny_model_dirs["gpt2"], transcoders, tokens)
+    clean_lp = torch.log_softmax(clean[:, :-1].double(), -1)
+    spliced_lp = torch.log_softmax(spliced[:, :-1].double(), -1)
+    kl = float((clean_lp.exp() * (clean_lp - spliced_lp)).sum(-1).mean())
+    ce = float(-spliced_lp.gather(-1, tokens[:, 1:, None]).mean())
+    assert kl > 0.005  # the set changes the model
+    assert row["kl"] == pytest.approx(kl, rel=1e-5) and row["ce_spliced"] == pytest.approx(ce, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- the command
 
 

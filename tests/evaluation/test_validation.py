@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -31,6 +32,7 @@ from tccli.replacement.model import ReplacementModel, RowSpec
 from tccli.replacement.targets import unembed_target
 
 PROMPT = "The war lasted from 1735 to 17"
+T = "--transcoders"
 
 
 # ---------------------------------------------------------------------------- pure math
@@ -333,3 +335,33 @@ def test_validate_bad_input_is_one_line(traced, args, message):
 def test_validate_refuses_to_write_over_its_input(traced):
     result = run_tc("validate", str(traced["path"]), "--out", str(traced["path"]), "--force")
     assert result.returncode == 2 and "is the graph being read" in result.stderr
+
+
+def test_graphs_record_the_paths_they_were_made_with_absolute(traced, tiny_model_dirs, monkeypatch, one_torch_thread):
+    """Model and transcoders given relative to the working folder are recorded absolute in a graph's metadata
+    (tc info shows them), so tc validate finds them from any other folder (it could not)."""
+    work, elsewhere = traced["root"] / "work", traced["root"] / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    model = os.path.relpath(tiny_model_dirs["gpt2"], work)
+    transcoders = os.path.relpath(traced["saved"], work)
+    made = run_tc(
+        "graph", "--model", model, T, transcoders, "--prompt", PROMPT, "--max-feature-nodes", "30",
+        "--out", "g.json", "--quiet", cwd=work,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    meta = json.loads((work / "g.json").read_text())["graph"]["metadata"]
+    absolute = {name: os.path.abspath(work / path) for name, path in (("model", model), ("transcoders", transcoders))}
+    assert (meta["model"], meta["transcoders"]) == (absolute["model"], absolute["transcoders"])
+    info = run_tc("info", str(work / "g.json"), "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["transcoders"] == absolute["transcoders"], info.stderr
+    validated = run_tc("validate", str(work / "g.json"), "--random", "0", "--mode", "frozen", cwd=elsewhere)
+    assert validated.returncode == 0, validated.stderr
+    # tc circuit's graphs too (the library call behind it)
+    monkeypatch.chdir(work)
+    config = CircuitConfig(
+        model=model, transcoders=transcoders, prompt=PROMPT, logit_diff=["1", "0"], iters=1, branches=2
+    )
+    config.validate()
+    graph, _ = circuit_graph(traced["loaded"], traced["transcoders"], PROMPT, config)
+    assert graph.graph["metadata"]["transcoders"] == absolute["transcoders"]

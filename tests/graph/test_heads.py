@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graph_helpers import ALL, frozen_for, replacement_value, row_of
+from graph_helpers import ALL, PROMPT_IDS, frozen_for, replacement_value, row_of
 
+from circuit_helpers import loaded_model, random_transcoders
 from tccli.graph.attribution_graph import build_attribution_graph
 from tccli.graph.heads import head_split
 from tccli.graph.nodes import NodeTable
 from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.prompts import freeze_prompt
 from tccli.replacement.targets import feature_target, salient_logit_targets, unembed_target
 
 
@@ -51,6 +53,34 @@ def source_description(table: NodeTable, node: int) -> dict:
         layer, position = divmod(node - table.error_start, table.n_tokens)
         return {"kind": kind, "layer": layer, "position": position}
     return {"kind": kind, "layer": -1, "position": node - table.embed_start}
+
+
+@pytest.mark.parametrize(
+    "arch, spaces",
+    [
+        ("gpt2", ("resid_mid", "mlp_out")),
+        ("neox", ("resid_mid", "mlp_output")),
+        ("gemma2", ("resid_mid", "mlp_output")),
+    ],
+)
+def test_head_split_is_exact_in_other_spaces(all_model_dirs, arch, spaces, one_torch_thread):
+    """residual + every head part == the edge when features write as they enter the residual
+    (write_mlp_output: centred for LayerNorm, through Gemma-2's frozen post-MLP norm) and read resid_mid
+    with encoder vectors that are not centred, and (Gemma-2) heads write through the post-attention norm."""
+    loaded = loaded_model(all_model_dirs[arch], "float64")
+    transcoders = random_transcoders(
+        loaded.info, 48, 0, torch.float64, bias_shift=-0.1, input_space=spaces[0], output_space=spaces[1]
+    )
+    with torch.no_grad():
+        for transcoder in transcoders.values():
+            transcoder.W_dec.add_(0.5)  # decoder rows far from centred
+    frozen = freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
+    targets, weights = salient_logit_targets(frozen, 8, max_logits=3)
+    graph = build_attribution_graph(frozen, targets, weights, ALL)
+    sources, edge_targets, edge_weights = graph.kept_edges()
+    split = head_split(frozen, graph.table, targets, sources, edge_targets, share=0.05)
+    total = split.residual + split.by_head.sum((1, 2))
+    assert torch.allclose(total, edge_weights, atol=1e-10 * float(edge_weights.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])

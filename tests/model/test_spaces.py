@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from tccli.model.loading import load_model, run_capture, space_activation
-from tccli.model.spaces import LayerSpaces, NormMap, input_map, output_map, post_norm, written_to_residual
+from tccli.model.spaces import (
+    LayerSpaces,
+    NormMap,
+    input_map,
+    output_map,
+    post_norm,
+    transcoder_input,
+    written_to_residual,
+)
 
 # ----------------------------------------------------------------------------- maps by hand
 
@@ -36,19 +44,20 @@ def test_norm_map_by_hand_and_adjoint():
 
 
 def test_input_map_reproduces_each_space():
-    """x = map.push(r) + constant for each input space of a LayerNorm layer."""
+    """x = map.push(r) + constant = transcoder_input(...) for each input space of a LayerNorm layer, from a
+    residual with a mean (a replaced MLP's output may have one): every space reads it centred, resid_mid too."""
     generator = torch.Generator().manual_seed(1)
-    r = torch.randn(5, 4, generator=generator, dtype=torch.float64)
-    r = r - r.mean(-1, keepdim=True)  # compatibility mode's residual is centred
-    scale = (r.pow(2).mean(-1) + 1e-5).sqrt()
+    r = torch.randn(5, 4, generator=generator, dtype=torch.float64) + 3.0
+    r_c = r - r.mean(-1, keepdim=True)
+    scale = (r_c.pow(2).mean(-1) + 1e-5).sqrt()
     spaces = LayerSpaces(
         layernorm=True,
         norm_weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
         norm_bias=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
     )
-    normalized = r / scale.unsqueeze(-1)
+    normalized = r_c / scale.unsqueeze(-1)
     expected = {
-        "resid_mid": r,
+        "resid_mid": r_c,
         "normalized": normalized,
         "mlp_input": normalized * spaces.norm_weight + spaces.norm_bias,
     }
@@ -56,6 +65,9 @@ def test_input_map_reproduces_each_space():
         read, constant = input_map(space, spaces, scale)
         got = read.push(r) + (0 if constant is None else constant)
         assert torch.allclose(got, x, atol=1e-12), space
+        assert torch.allclose(transcoder_input(space, normalized, r, spaces), x, atol=1e-12), space
+    rms = LayerSpaces(layernorm=False)  # RMSNorm does not centre: resid_mid is the residual itself
+    assert input_map("resid_mid", rms, scale)[0].identity and transcoder_input("resid_mid", None, r, rms).equal(r)
 
 
 def test_output_map_and_written_to_residual_agree():

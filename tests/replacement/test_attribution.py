@@ -145,8 +145,8 @@ def replacement_target(frozen: FrozenForward, target: Target, leaves: dict) -> t
 
     def transcoder_input(layer, r):
         space = layer.transcoder.config.input_space
-        if space == "resid_mid":
-            return r
+        if space == "resid_mid":  # the residual as the norm sees it: centred for LayerNorm
+            return _centre(r) if frozen.layernorm else r
         x = normalised(r, layer.mlp_scale)
         if space == "mlp_input":
             x = x * layer.spaces.norm_weight + (0 if layer.spaces.norm_bias is None else layer.spaces.norm_bias)

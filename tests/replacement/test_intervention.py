@@ -74,6 +74,27 @@ def test_no_intervention_reproduces_the_models_logits_exactly(tiny_model_dirs, a
     assert torch.equal(out[1, :-1], out[0, :-1]) and not torch.equal(out[1, -1], out[0, -1])
 
 
+def test_every_error_ablated_is_plain_huggingface_with_the_mlps_replaced(tiny_model_dirs, one_torch_thread):
+    """Free mode with every error term ablated is the model with every MLP replaced by its transcoder (tc
+    eval's all-layers run): on the LayerNorm GPT-2 with a resid_mid -> mlp_out set whose outputs have a large
+    mean, its next-token distributions equal plain HuggingFace's with the MLPs replaced by hooks: that mean
+    reaches no reader, the next layer's resid_mid included."""
+    from circuit_helpers import plain_gpt2_with_transcoders
+
+    loaded, transcoders = setup(tiny_model_dirs["gpt2"], "float32", input_space="resid_mid", output_space="mlp_out")
+    with torch.no_grad():
+        for transcoder in transcoders.values():
+            transcoder.b_dec.add_(1.0)
+    tokens = torch.tensor([PROMPT_IDS])
+    model = ReplacementModel(loaded, transcoders, tokens)
+    errors = tuple(Intervention(NodeRef("error", layer, -1, None), "ablate") for layer in transcoders)
+    logits = model.run([RowSpec(0, errors)], "free").logits
+    clean, spliced = plain_gpt2_with_transcoders(tiny_model_dirs["gpt2"], transcoders, tokens)
+    got, expected = torch.log_softmax(logits.double(), -1), torch.log_softmax(spliced.double(), -1)
+    assert float((expected - torch.log_softmax(clean.double(), -1)).abs().max()) > 0.1  # the set changes it
+    assert torch.allclose(got, expected, atol=2e-5, rtol=0), float((got - expected).abs().max())
+
+
 # ---------------------------------------------------------------------------- direct mode: exact edges
 
 

@@ -5,6 +5,7 @@ own files; --resume continues only the same run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -228,10 +229,14 @@ def test_force_replaces_only_the_runs_own_files(tmp_path):
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # the earlier run's lines are gone
 
 
-def test_resume_where_nothing_was_started_starts(tmp_path):
-    config = small_config(tmp_path, "new", tokens=64 * 10, resume=True)
-    train(config, toy_cache())
-    assert (Path(config.out) / "layer_0" / "config.json").is_file()
+def test_resume_where_nothing_was_started_starts_and_says_so(tmp_path, capsys):
+    """--resume on a missing or empty --out starts the run, saying so on stderr (not in silence)."""
+    (tmp_path / "empty").mkdir()
+    for name in ("new", "empty"):
+        config = small_config(tmp_path, name, tokens=64 * 10, resume=True, quiet=False)
+        train(config, toy_cache())
+        assert (Path(config.out) / "layer_0" / "config.json").is_file()
+        assert f"tc train: nothing to resume in {config.out} yet; starting the run" in capsys.readouterr().err
 
 
 def test_resume_compares_meaning_not_spelling(tmp_path):
@@ -246,7 +251,16 @@ def test_resume_compares_meaning_not_spelling(tmp_path):
 
 
 def test_resume_refuses_changed_options(tmp_path):
-    config = small_config(tmp_path, tokens=64 * 10, checkpoint_every=5)
+    config = small_config(tmp_path, tokens=64 * 10, checkpoint_every=5, lr=0.01)
     train(config, toy_cache())
-    with pytest.raises(TcError, match="--k is 5 but the run in --out used 4"):
-        train(small_config(tmp_path, tokens=64 * 10, k=5, resume=True), toy_cache())
+    with pytest.raises(TcError, match="--k is 5 but the run in --out used 4; .*--force starts the run over"):
+        train(small_config(tmp_path, tokens=64 * 10, k=5, lr=0.01, resume=True), toy_cache())
+    # an option left out is named as such, with the default it would take (adam's 1.5e-3 for 16,384 features,
+    # times 1/sqrt(features / 16384)), not as None
+    default = 1.5e-3 / math.sqrt(4 * D / 16384)
+    with pytest.raises(TcError) as refused:
+        train(small_config(tmp_path, tokens=64 * 10, resume=True), toy_cache())
+    assert str(refused.value) == (
+        f"--resume: --lr is not given (its default here is {default:.3g}) but the run in --out used 0.01; "
+        "a resumed run keeps its options; --force starts the run over"
+    )

@@ -70,3 +70,27 @@ def test_config_of_format_version_1_still_loads(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps(config))
     again = load_transcoder(tmp_path / "t")
     assert again.config.input_space == "normalized" and again.config.skip is False
+
+
+def test_a_set_for_another_model_needs_model_named():
+    """With no --model the built-in model runs: a set trained on another model (a hub name, which cannot be
+    compared with it) is refused, naming that model, unless --model was given; sets made for the built-in
+    model, or naming none, run."""
+    from types import SimpleNamespace
+
+    from tccli.model.loading import BUILTIN_MODEL_DIR
+    from tccli.transcoders.files import check_model_named
+
+    transcoder = random_transcoder(layer=1)
+    by_default, named = SimpleNamespace(by_default=True), SimpleNamespace(by_default=False)
+    transcoder.config.model_name = "gpt2"
+    with pytest.raises(TcError) as refused:
+        check_model_named(transcoder, by_default)
+    assert str(refused.value) == (
+        "transcoder for layer 1 was trained on the model gpt2, but no --model was given, so the built-in model "
+        "would run: pass --model gpt2"
+    )
+    check_model_named(transcoder, named)
+    for name in ("builtin", str(BUILTIN_MODEL_DIR), None):
+        transcoder.config.model_name = name
+        check_model_named(transcoder, by_default)

@@ -20,6 +20,7 @@ hold the transcoder (each writer refuses with one line what it cannot express).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -86,6 +87,14 @@ def resolve(path: str | Path) -> Path:
     if not path.exists():
         raise fail(f"transcoders {path} do not exist")
     return path
+
+
+def recorded_path(path: str) -> str:
+    """How a file tc writes records the transcoders it was made with: a local path made absolute (symlinks
+    kept), so that the file still finds them when used from another folder; a hub id, or nothing, as given."""
+    if not path or looks_like_hub_id(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
@@ -175,7 +184,6 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     Where the written file computes something other than the transcoder (tc's topk in a signed-TopK
     format), one line saying so is appended to ``notes``.
     """
-    import os
     import shutil
 
     from tccli.runtime import outputs
@@ -243,11 +251,12 @@ def load_checked_transcoders(path: str, loaded, layers: Optional[str] = None) ->
     processing): how `tc eval`, `tc score` and `tc greater-than` load theirs, so that a mismatch ends the
     command before any text is read."""
     from tccli.config.fields import parse_layers
-    from tccli.transcoders.files import check_matches_model
+    from tccli.transcoders.files import check_matches_model, check_model_named
 
     chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
     transcoders = load_transcoder_set(path, loaded.device, chosen)
     for transcoder in transcoders.values():
         check_matches_model(transcoder, loaded.info)
+        check_model_named(transcoder, loaded)
         transcoder.eval()
     return transcoders

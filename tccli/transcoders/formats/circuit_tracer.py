@@ -19,7 +19,10 @@ The older layout lists ``transcoders`` as ``{id, layer, filepath}`` entries; bot
 
 Spaces come from the hooks (formats.common): in circuit-tracer's models hook_resid_mid is the input of the
 norm in front of the MLP, ln2.hook_normalized that norm's output before its weight, mlp.hook_in the MLP's
-input, mlp.hook_out its output and hook_mlp_out what enters the residual (after Gemma-2's post-norm).
+input, mlp.hook_out its output and hook_mlp_out what enters the residual (after Gemma-2's post-norm). The
+config names hooks inside a block; circuit-tracer attaches them at ``blocks.{layer}.{hook}``, and so do the
+hook names tc records (``input_hook``, ``output_hook``). Layers are 0 .. n-1 with none missing, as
+circuit-tracer requires: a gap is refused, naming the missing file.
 
 Two behaviours of circuit-tracer tc does not copy: its TopK keeps the k largest pre-activations even when
 negative (tc applies ReLU after the selection; they agree whenever k pre-activations are positive), and its
@@ -36,6 +39,7 @@ import torch
 
 from tccli.config.transcoders import TranscoderConfig
 from tccli.errors import fail
+from tccli.transcoders.files import block_hook
 from tccli.transcoders.formats import gemma_scope
 from tccli.transcoders.formats.common import (
     filled,
@@ -80,6 +84,12 @@ def layer_files(folder: Path, config: dict, origin: Optional[str] = None) -> dic
                 files[int(suffix)] = file
         if not files:
             raise fail(f"{folder / CONFIG} lists no transcoders and no layer_*.safetensors lie beside it")
+        missing = _first_missing_layer(files)
+        if missing is not None:  # circuit-tracer loads layer_0 .. layer_{n-1}: a gap is a missing file
+            raise fail(
+                f"{folder / f'layer_{missing}.safetensors'} does not exist: a circuit-tracer set needs a "
+                f"transcoder for every layer from 0 to {max(files)}"
+            )
         return dict(sorted(files.items()))
     if not isinstance(listed, list):
         raise fail(f"{folder / CONFIG}: transcoders must be a list")
@@ -92,7 +102,19 @@ def layer_files(folder: Path, config: dict, origin: Optional[str] = None) -> dic
         if not isinstance(where, str) or not isinstance(layer, int):
             raise fail(f"{folder / CONFIG}: transcoder entry {index} is not a path (or {{layer, filepath}})")
         out[layer] = _local(folder, where)
+    missing = _first_missing_layer(out)
+    if missing is not None:
+        raise fail(
+            f"{folder / CONFIG} lists no transcoder for layer {missing}: a circuit-tracer set needs one for "
+            f"every layer from 0 to {max(out)}"
+        )
     return dict(sorted(out.items()))
+
+
+def _first_missing_layer(files: dict[int, Path]) -> Optional[int]:
+    """The first of layers 0 .. max(files) without a file (circuit-tracer refuses a set with a gap), or None."""
+    gaps = sorted(set(range(max(files) + 1)) - set(files)) if files else []
+    return gaps[0] if gaps else None
 
 
 def _local(folder: Path, where: str) -> Path:
@@ -128,8 +150,9 @@ def read_set(folder: str | Path, origin: Optional[str] = None) -> dict[int, Tran
             "layer": layer,
             "input_space": input_space,
             "output_space": output_space,
-            "input_hook": hook_in,
-            "output_hook": hook_out,
+            # the hooks circuit-tracer attaches to: the config's names under blocks.{layer}.
+            "input_hook": block_hook(hook_in, layer),
+            "output_hook": block_hook(hook_out, layer),
             "source": source("circuit-tracer", file, set=origin or str(folder), config=CONFIG),
         }
         if file.suffix == ".npz":  # Gemma Scope files listed by a circuit-tracer config: its hooks rule

@@ -15,6 +15,7 @@ for one layer (the hub repository itself, every L0 of every width) must be narro
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: torch.from_numpy(np.array(archive[key], dtype=np.float32)) for key in archive.files}
-    except (OSError, ValueError, EOFError) as exc:  # not an npz, a pickled object array, a truncated file
+    except zipfile.BadZipFile as exc:  # a truncated download: the zip's directory (at its end) is gone
+        raise fail(f"cannot read {path}: not a complete npz archive, truncated? ({exc})") from None
+    except (OSError, ValueError, EOFError) as exc:  # not an npz, a pickled object array, a truncated member
         raise fail(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 

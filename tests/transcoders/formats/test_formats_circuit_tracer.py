@@ -175,3 +175,69 @@ def test_write_set_and_refusals(tmp_path):
     write_set(tmp_path / "odd", hooks=("hook_resid_post", "hook_mlp_out"))
     with pytest.raises(TcError, match="reads 'hook_resid_post'"):
         load_transcoder_set(tmp_path / "odd")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hook_names_are_circuit_tracers_and_every_model_command_accepts_the_set(tmp_path, tiny_models, arch):
+    """circuit-tracer attaches a config's hooks at f"blocks.{layer}.{hook}" (its ReplacementModel's feature
+    hooks): tc records those names, so a set in the layout of its Gemma Scope configs (ln2.hook_normalized ->
+    hook_mlp_out), as tc convert writes tc's own, passes the model check, and so do its copies in tc and
+    SAELens folders, and a tc folder whose config kept the bare names (as copies made before did)."""
+    from circuit_helpers import random_transcoders, save_transcoders
+    from tccli.transcoders.formats import load_checked_transcoders
+
+    loaded = tiny_models[arch]
+    info = loaded.info
+    save_transcoders(random_transcoders(info, 16), tmp_path / "tc")
+    convert(tmp_path / "tc", tmp_path / "ct", "circuit-tracer")
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("ln2.hook_normalized", "hook_mlp_out")
+    checked = load_checked_transcoders(str(tmp_path / "ct"), loaded)
+    assert sorted(checked) == list(range(info.n_layers))
+    for layer, transcoder in checked.items():
+        circuit_tracers = (
+            f"blocks.{layer}.{config['feature_input_hook']}",
+            f"blocks.{layer}.{config['feature_output_hook']}",
+        )
+        assert (transcoder.config.input_hook, transcoder.config.output_hook) == circuit_tracers
+        assert circuit_tracers == (info.layer(layer).mlp_in, info.layer(layer).mlp_out)
+    for fmt in ("tc", "saelens"):
+        convert(tmp_path / "ct", tmp_path / fmt / "copy", fmt)
+        assert sorted(load_checked_transcoders(str(tmp_path / fmt / "copy"), loaded)) == list(range(info.n_layers))
+    bare = load_transcoder_set(tmp_path / "tc" / "layer_1")[1]
+    bare.config.input_hook, bare.config.output_hook = "ln2.hook_normalized", "hook_mlp_out"
+    save_transcoder(bare, tmp_path / "bare")
+    assert list(load_checked_transcoders(str(tmp_path / "bare"), loaded)) == [1]
+    bare.config.layer = 0  # the hooks stand under the transcoder's own layer: still checked against the model
+    bare.config.input_hook = "blocks.1.ln2.hook_normalized"
+    save_transcoder(bare, tmp_path / "wrong")
+    with pytest.raises(
+        TcError, match="reads blocks.1.ln2.hook_normalized -> hook_mlp_out; this model's MLP is blocks.0"
+    ):
+        load_checked_transcoders(str(tmp_path / "wrong"), loaded)
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_missing_middle_layer_is_refused_naming_it(tmp_path, listed):
+    """circuit-tracer needs every layer from 0 to the last: a set missing layer 1 of 0-2 is refused in one line
+    naming the missing file (it was read as layers 0 and 2)."""
+    write_set(tmp_path / "set", n_layers=3)
+    (tmp_path / "set" / "layer_1.safetensors").unlink()
+    if listed:  # the older layout lists {id, layer, filepath}: layer 1 not listed at all
+        entries = [{"id": str(i), "layer": i, "filepath": f"layer_{i}.safetensors"} for i in (0, 2)]
+        config = yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())
+        (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({**config, "transcoders": entries}))
+    with pytest.raises(TcError) as refused:
+        load_transcoder_set(tmp_path / "set")
+    message = str(refused.value)
+    if listed:
+        assert message == (
+            f"{tmp_path / 'set' / 'config.yaml'} lists no transcoder for layer 1: a circuit-tracer set needs one "
+            "for every layer from 0 to 2"
+        )
+    else:
+        assert message == (
+            f"{tmp_path / 'set' / 'layer_1.safetensors'} does not exist: a circuit-tracer set needs a transcoder "
+            "for every layer from 0 to 2"
+        )
+    assert "\n" not in message
