@@ -57,8 +57,15 @@ graphs() {  # name model transcoders prompt tokenA tokenB
   fi
 }
 
-transcoders builtin tccli/builtin/text/demo.txt "$OUT/transcoders"
-graphs greater_than builtin "$OUT/transcoders" "The war lasted from the year 1735 to the year 17" 40 20
+# PARTS (default "builtin stories260k"): which of the two to run (scripts/readme_figures.py runs them apart)
+PARTS=${PARTS:-builtin stories260k}
+if [[ " $PARTS " == *" builtin "* ]]; then
+  transcoders builtin tccli/builtin/text/demo.txt "$OUT/transcoders"
+  graphs greater_than builtin "$OUT/transcoders" "The war lasted from the year 1735 to the year 17" 40 20
+fi
+if [[ " $PARTS " != *" stories260k "* ]]; then
+  exit 0
+fi
 
 STORIES=$SHARED/models/stories260K
 CORPUS=$SHARED/corpora/tinystories-valid-excerpt.txt

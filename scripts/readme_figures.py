@@ -113,6 +113,15 @@ SETUPS = {
         ),
         # examples/validate.sh, one part at a time, on the transcoders (and features file) the two above made
         Setup("validate-builtin", ["bash examples/validate.sh"], after=["builtin"], env={"PARTS": "builtin"}),
+        # examples/graph.sh: tc graph, the harder-pruned picture, the default targets and tc circuit, per model
+        Setup("graph-builtin", ["bash examples/graph.sh"], after=["builtin"], env={"PARTS": "builtin"}),
+        Setup(
+            "graph-stories260k",
+            ["bash examples/graph.sh"],
+            needs_shared=True,
+            after=["stories260k"],
+            env={"PARTS": "stories260k"},
+        ),
         Setup(
             "validate-stories260k",
             ["bash examples/validate.sh"],
@@ -174,6 +183,19 @@ FIGURES = {
             ],
             writes=[f"{DEMO_OUT}/stories260k/circuit.json"],
         ),
+        # examples/graph.sh: each graph's summary (tc info), and what it holds that the greedy circuit does not
+        *[
+            Figure(
+                f"graph-{name}",
+                f"graph-{model}",
+                [
+                    f"tc info {DEMO_OUT}/graph_{name}.json",
+                    f"tc info {DEMO_OUT}/graph_{name}_logits.json",
+                    f"python3 scripts/graph_vs_circuit.py {DEMO_OUT}/graph_{name}.json {DEMO_OUT}/circuit_{name}.json",
+                ],
+            )
+            for name, model in (("greater_than", "builtin"), ("stories260k", "stories260k"))
+        ],
         # examples/validate.sh: the greater-than circuit validated over the 100 prompts (three settings) and on
         # its own prompt, the largest node ablated in the real model; the stories260K circuit over 20 prompts
         Figure(
@@ -421,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     in_readme = {name: body for name, (_, body) in in_pages.items()}
     if args.action == "list":
         for figure in FIGURES.values():
-            where = in_pages[figure.name][0].relative_to(ROOT) if figure.name in in_pages else "NOT in any page"
+            where = f"in {in_pages[figure.name][0].relative_to(ROOT)}" if figure.name in in_pages else "NOT in any page"
             print(
                 f"{figure.name:<24} setup {figure.setup:<12} {'compared' if figure.compare else 'not compared'}"
-                f"  in {where}"
+                f"  {where}"
             )
         return 0
     names = args.names or [n for n, f in FIGURES.items() if f.compare or args.action != "check"]
