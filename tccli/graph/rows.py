@@ -80,7 +80,7 @@ def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor
         f, p = indices[mask], positions[mask]
         encoder = transcoder.W_enc[:, f].T.to(dtype)
         # through the transcoder's input space (FrozenForward.read_mlp_input): the norm's
-        # frozen scale, its weight and bias for mlp_input, nothing for resid_mid
+        # frozen scale, its weight and bias for mlp_input, only the centring (LayerNorm) for resid_mid
         vectors[mask], norm_bias = frozen.read_mlp_input(layer, encoder, p)
         constant[mask] = (transcoder.b_enc[f] - transcoder.b_pre @ transcoder.W_enc[:, f]).to(dtype) + norm_bias
         value[mask] = frozen_layer.pre[p, f].to(dtype)
