@@ -62,6 +62,17 @@
     }
     document.getElementById("node-layer").innerHTML = nodes.join("");
   }
+  // tc's layout is wide and flat for long prompts: spread the rows apart (boxes keep their size) until the
+  // graph's shape is the stage's, at most 6 times
+  (function stretchRows() {
+    const bottom = Math.max(...PLACES.map((p) => p.y), 0), below = DATA.token_row_y - bottom;
+    const xs = PLACES.map((p) => p.x).concat(DATA.columns.map((c) => c[1]));
+    const width = Math.max(...xs) - Math.min(...xs) + 200, height = DATA.token_row_y + 40;
+    const stretch = Math.max(1, Math.min(6, ((stage.clientHeight / Math.max(stage.clientWidth, 1)) * width) / height));
+    for (const p of PLACES) p.y *= stretch;
+    for (const row of DATA.rows) row[1] *= stretch;
+    DATA.token_row_y = bottom * stretch + below;
+  })();
   drawNodes();
   const elements = Array.from(document.querySelectorAll("#node-layer > g"));
 
@@ -131,7 +142,7 @@
     if (b.y > a.y + 1) return [a.x, a.y + H / 2, b.x, b.y - H / 2];
     return [a.x, a.y, b.x, b.y];
   }
-  const LEVELS = 6;
+  const LEVELS = 6, LABELLED = 12;
   function drawEdges() {
     const dpr = window.devicePixelRatio || 1, w = stage.clientWidth, h = stage.clientHeight;
     if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) { canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr); }
@@ -156,13 +167,16 @@
     if (!focus) return;
     ctx.globalAlpha = 0.95;
     ctx.font = `${11 / view.k}px system-ui,sans-serif`;
-    for (const e of incoming[selected].concat(outgoing[selected])) {
+    const mine = incoming[selected].concat(outgoing[selected]).sort((a, b) => Math.abs(weight[a]) - Math.abs(weight[b]));
+    mine.forEach((e, rank) => {
       const [x1, y1, x2, y2] = ends(e);
       ctx.strokeStyle = ctx.fillStyle = weight[e] >= 0 ? "#1f5fbf" : "#c0392b";
       ctx.lineWidth = (1.5 + (4 * Math.abs(weight[e])) / largest) / view.k;
       ctx.beginPath(); ctx.moveTo(x1, y1); ctx.lineTo(x2, y2); ctx.stroke();
-      ctx.fillText(fmt(weight[e]), (x1 + x2) / 2 + 3 / view.k, (y1 + y2) / 2);
-    }
+      // the weights of the strongest few, written near the far end (the panel lists them all)
+      const far = src[e] === selected ? 0.75 : 0.25;
+      if (rank >= mine.length - LABELLED) ctx.fillText(fmt(weight[e]), x1 + (x2 - x1) * far + 3 / view.k, y1 + (y2 - y1) * far);
+    });
   }
 
   // ------------------------------------------------------------------ hover
@@ -201,13 +215,14 @@
     if (selected >= 0) { elements[selected].classList.remove("selected"); for (const e of incoming[selected]) elements[src[e]].classList.remove("neighbor"); for (const e of outgoing[selected]) elements[dst[e]].classList.remove("neighbor"); }
     selected = i;
     const panel = document.getElementById("node-panel"), card = document.getElementById("card");
-    if (i < 0) { panel.innerHTML = ""; card.innerHTML = ""; redraw(); return; }
+    const edges = document.getElementById("node-edges");
+    if (i < 0) { panel.innerHTML = card.innerHTML = edges.innerHTML = ""; redraw(); return; }
     elements[i].classList.add("selected");
     for (const e of incoming[i]) elements[src[e]].classList.add("neighbor");
     for (const e of outgoing[i]) elements[dst[e]].classList.add("neighbor");
     panel.innerHTML = `<h3>${esc(NODES[i].id)} <button type="button" id="pin">${pinned.has(i) ? "unpin" : "pin"}</button></h3>` +
-      `<div id="figures">${figures(i).slice(1).map(esc).join("<br>")}</div>` +
-      edgeTable("inputs", incoming[i], (e) => src[e]) + edgeTable("outputs", outgoing[i], (e) => dst[e]);
+      `<div id="figures">${figures(i).slice(1).map(esc).join("<br>")}</div>`;
+    edges.innerHTML = edgeTable("inputs", incoming[i], (e) => src[e]) + edgeTable("outputs", outgoing[i], (e) => dst[e]);
     document.getElementById("pin").addEventListener("click", () => { togglePin(i); select(i); });
     const key = PLACES[i].key;
     card.innerHTML = !key ? "" : DATA.cards[key] ? DATA.cards[key]
@@ -312,6 +327,10 @@
   window.addEventListener("resize", redraw);
   setThreshold();
   fit();
+  // page.html#select=NODE_ID&search=TEXT opens with that node clicked and that search made (links, screenshots)
+  const opening = new URLSearchParams(location.hash.slice(1));
+  if (opening.get("search")) { search.value = opening.get("search"); runSearch(); }
+  if (indexOf.has(opening.get("select"))) select(indexOf.get(opening.get("select")));
   // for tests and users' scripts
   window.tcView = {
     select: (id) => select(indexOf.has(String(id)) ? indexOf.get(String(id)) : -1),

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import networkx as nx
 import pytest
@@ -249,11 +250,11 @@ def test_page_in_chromium(made, browser, tmp_path):
 
     # click: its inputs and outputs with weights, and its card
     element.click()
-    panel = page.inner_text("#node-panel")
+    panel = page.inner_text("#node-edges")
     assert f"inputs ({graph.in_degree(feature)})" in panel and f"outputs ({graph.out_degree(feature)})" in panel
     strongest = max(graph.in_edges(feature, data="weight"), key=lambda e: abs(e[2]), default=None)
     if strongest is not None:
-        first_row = page.locator("#node-panel table.edges").first.locator("tr").first.inner_text()
+        first_row = page.locator("#node-edges table.edges").first.locator("tr").first.inner_text()
         assert strongest[0] in first_row and js_number(strongest[2]) in first_row
     assert page.inner_text("#card h2") == key and page.locator("#card .ex").count() > 0
     assert "top activations" in page.inner_text("#card")
@@ -292,6 +293,13 @@ def test_page_in_chromium(made, browser, tmp_path):
     saved = tmp_path / "subgraph.json"
     download.value.save_as(saved)
     assert errors == []
+    page.close()
+    # a link can open the page with a node clicked and a search made
+    page = browser.new_page()
+    page.goto(made["page"].as_uri() + f"#select={quote(feature, safe='')}&search={quote(key, safe='')}")
+    page.wait_for_selector("body[data-ready='1']", state="attached")
+    assert page.inner_text("#node-panel h3").startswith(feature) and page.inner_text("#card h2") == key
+    assert page.locator(".node.match").count() == len(found)
     page.close()
 
     data = json.loads(saved.read_text())
