@@ -52,7 +52,7 @@ def made(tiny_model_dirs, random_transcoder_folder, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     result = run_tc("view", str(graph_path), "--features", str(features_path), "--out", str(page_path))
     assert result.returncode == 0, result.stderr
-    return dict(root=root, graph=graph_path, features=features_path, page=page_path, model=model)
+    return dict(root=root, graph=graph_path, features=features_path, page=page_path, model=model, tcs=transcoders)
 
 
 def js_number(value: float) -> str:
@@ -312,6 +312,14 @@ def test_page_in_chromium(made, browser, tmp_path):
     result = run_tc("validate", str(saved), "--random", "1", "--mode", "frozen", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["circuit_size"]["feature"] == 2
+    # and tc intervene takes a supernode's members as they are
+    members = data["graph"]["metadata"]["supernodes"][0]["members"]
+    result = run_tc(
+        "intervene", "--model", made["model"], "--transcoders", made["tcs"], "--prompt", PROMPT,
+        "--logit-diff", "1", "0", "--ablate", *members, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["interventions"] == [f"ablate {member}" for member in members]
 
 
 @pytest.mark.process
