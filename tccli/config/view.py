@@ -26,6 +26,7 @@ class ViewConfig:
         None,
         "A features file from `tc score` (.h5 or .jsonl): feature nodes get a label (top de-embedding "
         "tokens and logit effects) and a card (examples, density, tables) as `tc show` draws it.",
+        metavar="FEATURES.h5",
     )
     examples: int = option(5, "Examples per feature card (top and quantile each), with --features.")
     min_edge: float = option(
