@@ -51,6 +51,9 @@ def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
         except (TypeError, ValueError, KeyError):
             raise fail(f"{where}: node {node.get('node_id')!r} has no layer number") from None
     n_layers = max(layers, default=-1) + 1
+    for node in data["nodes"]:  # a logit sits in layer n_layers + 1, though no feature be in the last layers
+        if node.get("feature_type") == "logit" and str(node.get("layer")).isdigit():
+            n_layers = max(n_layers, int(node["layer"]) - 1)
     graph = nx.DiGraph()
     for node in data["nodes"]:
         node_id = str(node["node_id"])
@@ -88,8 +91,17 @@ def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
         if not isinstance(weight, (int, float)):
             raise fail(f"{where}: a link's weight is not a number ({str(link)[:120]})")
         graph.add_edge(str(link["source"]), str(link["target"]), weight=float(weight))
+    params = data.get("qParams") if isinstance(data.get("qParams"), dict) else {}
+    pinned = [str(n) for n in params.get("pinnedIds") or [] if str(n) in graph]
+    supernodes = [  # Neuronpedia's [name, member, ...] lists, as tc view saves them: {name, members}
+        {"name": str(group[0]), "members": [str(n) for n in group[1:] if str(n) in graph]}
+        for group in params.get("supernodes") or []
+        if isinstance(group, list) and len(group) > 1
+    ]
     graph.graph["metadata"] = {
         "source_format": "neuronpedia",
+        "pinned": pinned,
+        "supernodes": [s for s in supernodes if s["members"]],
         "tokens": tokens,
         "prompt": meta.get("prompt"),
         "model": meta.get("scan"),

@@ -327,10 +327,6 @@
   window.addEventListener("resize", redraw);
   setThreshold();
   fit();
-  // page.html#select=NODE_ID&search=TEXT opens with that node clicked and that search made (links, screenshots)
-  const opening = new URLSearchParams(location.hash.slice(1));
-  if (opening.get("search")) { search.value = opening.get("search"); runSearch(); }
-  if (indexOf.has(opening.get("select"))) select(indexOf.get(opening.get("select")));
   // for tests and users' scripts
   window.tcView = {
     select: (id) => select(indexOf.has(String(id)) ? indexOf.get(String(id)) : -1),
@@ -340,5 +336,13 @@
     threshold: () => threshold,
     search: (q) => { search.value = q; runSearch(); return matches.map((i) => String(NODES[i].id)); },
   };
+  // pins and supernodes the graph brings (a subgraph tc view saved, a Neuronpedia graph's qParams)
+  const given = (GRAPH.graph && GRAPH.graph.metadata) || {};
+  for (const id of Array.isArray(given.pinned) ? given.pinned : []) window.tcView.pin(id);
+  for (const s of Array.isArray(given.supernodes) ? given.supernodes : []) if (s && Array.isArray(s.members)) group(s.name, s.members);
+  // page.html#select=NODE_ID&search=TEXT opens with that node clicked and that search made (links, screenshots)
+  const opening = new URLSearchParams(location.hash.slice(1));
+  if (opening.get("search")) { search.value = opening.get("search"); runSearch(); }
+  if (indexOf.has(opening.get("select"))) select(indexOf.get(opening.get("select")));
   document.body.dataset.ready = "1";
 })();

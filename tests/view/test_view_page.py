@@ -142,6 +142,12 @@ def test_neuronpedia_graphs_are_read_back(made):
                 entry["feature"],
             )
     assert back.graph["metadata"]["tokens"] == graph.graph["metadata"]["tokens"]
+    assert back.graph["metadata"]["n_layers"] == graph.graph["metadata"]["n_layers"]  # from the logits' layer
+    # Neuronpedia's pins and supernodes ([name, member, ...]) come along as tc view saves them
+    first, second = (entry["node_id"] for entry in document["nodes"][:2])
+    document["qParams"].update(pinnedIds=[first, "gone"], supernodes=[["pair", first, second], ["empty"]])
+    meta = from_neuronpedia(document).graph["metadata"]
+    assert meta["pinned"] == [first] and meta["supernodes"] == [{"name": "pair", "members": [first, second]}]
     # and tc circuit's export: its error and embedding nodes too
     circuit = small_circuit_graph()
     back = from_neuronpedia(json.loads(to_neuronpedia(circuit)))
@@ -312,6 +318,12 @@ def test_page_in_chromium(made, browser, tmp_path):
     result = run_tc("validate", str(saved), "--random", "1", "--mode", "frozen", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["circuit_size"]["feature"] == 2
+    # tc view of the saved subgraph opens with its pins and supernodes
+    assert run_tc("view", str(saved), "--out", str(tmp_path / "sub.html")).returncode == 0
+    page, _, errors = open_page(browser, tmp_path / "sub.html")
+    assert page.inner_text("#pinned-count") == "(2)" and errors == []
+    assert page.evaluate("() => tcView.subgraph().graph.metadata.supernodes") == [{"name": "pair", "members": pins}]
+    page.close()
     # and tc intervene takes a supernode's members as they are
     members = data["graph"]["metadata"]["supernodes"][0]["members"]
     result = run_tc(
