@@ -64,11 +64,13 @@ def synthetic_graph(n_nodes: int = 5000, n_edges: int = 50000, seed: int = 0) ->
             add(node, 1 + layer, kind="feature", layer=layer, feature=feature, position=position,
                 activation=rng.expovariate(1.0), influence=rng.random())  # fmt: skip
     ordered = sorted(rows)
-    while graph.number_of_edges() < n_edges:
+    edges: dict[tuple[str, str], float] = {}  # counted here: networkx's number_of_edges() walks every node
+    while len(edges) < n_edges:
         low, high = sorted(rng.sample(ordered, 2))
         source, target = rng.choice(rows[low]), rng.choice(rows[high])
         if graph.nodes[target]["position"] >= graph.nodes[source]["position"]:
-            graph.add_edge(source, target, weight=rng.choice((-1, 1)) * rng.paretovariate(1.5) * 0.01)
+            edges[source, target] = rng.choice((-1, 1)) * rng.paretovariate(1.5) * 0.01
+    graph.add_weighted_edges_from((u, v, w) for (u, v), w in edges.items())
     graph.graph["metadata"] = {"kind": "attribution-graph", "tokens": tokens, "prompt": "".join(tokens[1:]),
                                "n_layers": N_LAYERS}  # fmt: skip
     return graph

@@ -44,7 +44,7 @@
   // ------------------------------------------------------------------ nodes (SVG)
   function drawNodes() {
     const parts = [];
-    for (const [name, y] of DATA.rows) parts.push(`<text class="guide" x="${DATA.row_label_x * 1}" y="${y + 4}" text-anchor="middle">${esc(name)}</text>`);
+    for (const [name, y] of DATA.rows) parts.push(`<text class="guide" x="${DATA.row_label_x}" y="${y + 4}" text-anchor="middle">${esc(name)}</text>`);
     for (const [position, x, token] of DATA.columns) {
       parts.push(`<text class="guide" x="${x}" y="${DATA.token_row_y}" text-anchor="middle">${esc(token)}</text>`);
       parts.push(`<text class="guide" x="${x}" y="${DATA.token_row_y + 13}" text-anchor="middle">${position}</text>`);
@@ -65,9 +65,10 @@
   // tc's layout is wide and flat for long prompts: spread the rows apart (boxes keep their size) until the
   // graph's shape is the stage's, at most 6 times
   (function stretchRows() {
-    const bottom = Math.max(...PLACES.map((p) => p.y), 0), below = DATA.token_row_y - bottom;
-    const xs = PLACES.map((p) => p.x).concat(DATA.columns.map((c) => c[1]));
-    const width = Math.max(...xs) - Math.min(...xs) + 200, height = DATA.token_row_y + 40;
+    let bottom = 0, left = Infinity, right = -Infinity; // loops, not Math.max(...): no argument limit
+    for (const p of PLACES) { bottom = Math.max(bottom, p.y); left = Math.min(left, p.x); right = Math.max(right, p.x); }
+    for (const c of DATA.columns) { left = Math.min(left, c[1]); right = Math.max(right, c[1]); }
+    const below = DATA.token_row_y - bottom, width = right - left + 200, height = DATA.token_row_y + 40;
     const stretch = Math.max(1, Math.min(6, ((stage.clientHeight / Math.max(stage.clientWidth, 1)) * width) / height));
     for (const p of PLACES) p.y *= stretch;
     for (const row of DATA.rows) row[1] *= stretch;
