@@ -1,11 +1,12 @@
 """A screenshot of the `tc view` page of a graph, as headless Chromium draws it (docs/images/view.png).
 
     .venv/bin/python scripts/view_screenshot.py GRAPH.json [--features FEATURES] [--select NODE_ID]
-        [--out docs/images/view.png] [--size 1600x1000]
+        [--out docs/images/view.png] [--size 1600x1000] [--zoom 2]
 
-Runs `tc view` into a temporary page, opens it with `chromium --headless --screenshot` (the page's
-`#select=NODE_ID` clicks a node on opening: its edges and card show; default the feature node with the
-largest |influence|, or |path_contribution|). Needs Debian's chromium (apt-get install -y chromium).
+Runs `tc view` into a temporary page and opens it with `chromium --headless --screenshot`, the page's
+`#select=NODE_ID&zoom=2` clicking a node on opening (its edges and card show; default the feature node
+with the largest |influence|, or |path_contribution|) and showing it twice as close as the whole graph.
+Needs Debian's chromium (apt-get install -y chromium).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--select", help="the node clicked on opening (default: the strongest feature)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "images" / "view.png"))
     parser.add_argument("--size", default="1600x1000")
+    parser.add_argument("--zoom", type=float, default=2.0, help="this much closer than the whole graph, on the node")
     args = parser.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -47,7 +49,7 @@ def main() -> None:
         command = [sys.executable, "-m", "tccli", "view", args.graph, "--out", str(page)]
         subprocess.run(command + (["--features", args.features] if args.features else []), check=True)
         select = args.select or strongest_feature(Path(args.graph))
-        url = page.as_uri() + (f"#select={quote(select, safe='')}" if select else "")
+        url = page.as_uri() + f"#zoom={args.zoom:g}" + (f"&select={quote(select, safe='')}" if select else "")
         out = Path(args.out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(

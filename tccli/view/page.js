@@ -93,22 +93,36 @@
     view.y = (h - (y1 - y0) * view.k) / 2 - y0 * view.k;
     redraw();
   }
-  let pending = false;
+  // While the view moves (drag, wheel) only the strongest MOVING_EDGES edges are drawn, all of them once
+  // it rests; node names too small to read are not drawn at all (painting 5,000 texts costs most).
+  const MOVING_EDGES = 4000;
+  let pending = false, moving = false, restTimer = 0;
   function redraw() {
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; viewport.setAttribute("transform", `translate(${view.x},${view.y}) scale(${view.k})`); drawEdges(); });
+    requestAnimationFrame(() => {
+      pending = false;
+      viewport.setAttribute("transform", `translate(${view.x},${view.y}) scale(${view.k})`);
+      svg.classList.toggle("tiny", view.k * 11 < 4);
+      drawEdges();
+    });
+  }
+  function moved() {
+    moving = true;
+    clearTimeout(restTimer);
+    restTimer = setTimeout(() => { moving = false; redraw(); }, 150);
+    redraw();
   }
   let drag = null;
   stage.addEventListener("mousedown", (ev) => { if (!ev.target.closest("[data-node-id]")) { drag = {x: ev.clientX - view.x, y: ev.clientY - view.y}; stage.classList.add("dragging"); } });
-  window.addEventListener("mousemove", (ev) => { if (drag) { view.x = ev.clientX - drag.x; view.y = ev.clientY - drag.y; redraw(); } });
+  window.addEventListener("mousemove", (ev) => { if (drag) { view.x = ev.clientX - drag.x; view.y = ev.clientY - drag.y; moved(); } });
   window.addEventListener("mouseup", () => { drag = null; stage.classList.remove("dragging"); });
   stage.addEventListener("wheel", (ev) => {
     ev.preventDefault();
     const r = stage.getBoundingClientRect(), mx = ev.clientX - r.left, my = ev.clientY - r.top;
     const f = Math.exp(-ev.deltaY * 0.0015);
     view.x = mx - (mx - view.x) * f; view.y = my - (my - view.y) * f; view.k *= f;
-    redraw();
+    moved();
   }, {passive: false});
   document.getElementById("fit").addEventListener("click", fit);
 
@@ -153,7 +167,8 @@
     const focus = selected >= 0;
     // one path per (sign, width level): a few strokes for every edge
     const paths = Array.from({length: 2 * LEVELS}, () => new Path2D());
-    for (const e of visible) {
+    const drawn = moving ? visible.slice(0, MOVING_EDGES) : visible; // visible runs strongest first
+    for (const e of drawn) {
       if (focus && (src[e] === selected || dst[e] === selected)) continue;
       const level = Math.min(LEVELS - 1, Math.floor((Math.abs(weight[e]) / largest) * LEVELS));
       const [x1, y1, x2, y2] = ends(e), path = paths[(weight[e] >= 0 ? 0 : LEVELS) + level];
@@ -341,9 +356,12 @@
   const given = (GRAPH.graph && GRAPH.graph.metadata) || {};
   for (const id of Array.isArray(given.pinned) ? given.pinned : []) window.tcView.pin(id);
   for (const s of Array.isArray(given.supernodes) ? given.supernodes : []) if (s && Array.isArray(s.members)) group(s.name, s.members);
-  // page.html#select=NODE_ID&search=TEXT opens with that node clicked and that search made (links, screenshots)
+  // page.html#select=NODE_ID&search=TEXT&zoom=K opens with that node clicked, that search made, and the
+  // view K times closer than the whole graph, centred on the node (links, screenshots)
   const opening = new URLSearchParams(location.hash.slice(1));
   if (opening.get("search")) { search.value = opening.get("search"); runSearch(); }
   if (indexOf.has(opening.get("select"))) select(indexOf.get(opening.get("select")));
+  const zoom = Number(opening.get("zoom"));
+  if (zoom > 0 && Number.isFinite(zoom)) { view.k *= zoom; if (selected >= 0) centre(selected); else redraw(); }
   document.body.dataset.ready = "1";
 })();

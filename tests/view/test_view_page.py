@@ -302,10 +302,14 @@ def test_page_in_chromium(made, browser, tmp_path):
     page.close()
     # a link can open the page with a node clicked and a search made
     page = browser.new_page()
-    page.goto(made["page"].as_uri() + f"#select={quote(feature, safe='')}&search={quote(key, safe='')}")
+    page.goto(made["page"].as_uri() + f"#select={quote(feature, safe='')}&search={quote(key, safe='')}&zoom=3")
     page.wait_for_selector("body[data-ready='1']", state="attached")
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
     assert page.inner_text("#node-panel h3").startswith(feature) and page.inner_text("#card h2") == key
     assert page.locator(".node.match").count() == len(found)
+    stage, box = page.locator("#stage").bounding_box(), page.locator(f'[data-node-id="{feature}"]').bounding_box()
+    centre = (box["x"] + box["width"] / 2 - stage["x"], box["y"] + box["height"] / 2 - stage["y"])
+    assert centre == pytest.approx((stage["width"] / 2, stage["height"] / 2), abs=1.0)  # zoomed in on it
     page.close()
 
     data = json.loads(saved.read_text())
@@ -346,4 +350,10 @@ def test_a_large_graph_opens_with_every_node(browser, tmp_path):
     assert page.locator("[data-node-id]").count() == 5000
     page.fill("#threshold", "0")
     assert int(page.get_attribute("#edge-count", "data-visible")) == 50000 and errors == []
+    # names too small to read are left out at this scale, and come back when zoomed in
+    assert "tiny" in page.get_attribute("#nodes", "class")
+    page.mouse.move(700, 450)
+    page.mouse.wheel(0, -2000)
+    page.wait_for_function("() => !document.getElementById('nodes').classList.contains('tiny')")
+    assert page.locator("#nodes .name").first.is_visible() and errors == []
     page.close()
