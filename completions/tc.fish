@@ -271,7 +271,7 @@ complete -c tc -n '__fish_seen_subcommand_from validate' -l force -d 'Overwrite 
 complete -c tc -n '__fish_seen_subcommand_from validate' -l json -d 'Print the results as JSON on stdout.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from view' -F
-complete -c tc -n '__fish_seen_subcommand_from view' -l out -r -F -d 'Write the page here (.html).'
+complete -c tc -n '__fish_seen_subcommand_from view' -l out -r -F -d 'Write the page here (.html); - writes it to stdout.'
 complete -c tc -n '__fish_seen_subcommand_from view' -l features -r -F -d 'A features file from `tc score` (.h5 or .jsonl): feature nodes get a label (top de-embedding tokens and logit effects) and a card (examples, density, tables) as `tc show` draws it.'
 complete -c tc -n '__fish_seen_subcommand_from view' -l examples -r -F -d 'Examples per feature card (top and quantile each), with --features.'
 complete -c tc -n '__fish_seen_subcommand_from view' -l min-edge -r -F -d 'Where the page'\''s edge threshold slider starts: edges whose |weight| is below this fraction of the target'\''s |value| are hidden (the slider moves it in the page).'

@@ -302,7 +302,7 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_tc_file_or_dash' ;;
                 view) _arguments \
-                    '*--out[Write the page here (.html).]:value:_files' \
+                    '*--out[Write the page here (.html); - writes it to stdout.]:value:_files' \
                     '*--features[A features file from `tc score` (.h5 or .jsonl)\: feature nodes get a label (top de-embedding tokens and logit effects) and a card (examples, density, tables) as `tc show` draws it.]:value:_files' \
                     '*--examples[Examples per feature card (top and quantile each), with --features.]:value:_files' \
                     '*--min-edge[Where the page'\''s edge threshold slider starts\: edges whose |weight| is below this fraction of the target'\''s |value| are hidden (the slider moves it in the page).]:value:_files' \

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def strongest_feature(graph_path: Path) -> str | None:
-    from tccli.view.neuronpedia import read_any_graph
+    from tccli.view.graph_files import read_any_graph
 
     graph = read_any_graph(graph_path)
     features = [(n, a) for n, a in graph.nodes(data=True) if a.get("kind") == "feature"]

@@ -279,11 +279,10 @@ def export_command(config: ExportConfig) -> None:
 def view_command(config: ViewConfig) -> None:
     """Write a graph as one self-contained HTML page to explore in a browser, offline (pan, zoom, hover, click,
     search, pin nodes, group supernodes, save a subgraph that tc validate reads)."""
-    from pathlib import Path
-
-    from tccli.view.neuronpedia import read_any_graph
+    from tccli.view.graph_files import read_any_graph
     from tccli.view.page import render_page
 
+    inputs.one_stdin(GRAPH=config.graph, **{"--features": config.features})
     graph = read_any_graph(config.graph)  # the inputs' own complaints first
     features = None
     if config.features:
@@ -291,9 +290,14 @@ def view_command(config: ViewConfig) -> None:
 
         features = FeaturesFile.open(config.features)
     with outputs.claim(config.out, config.force, [config.graph, config.features]):
-        page = render_page(graph, features, config.examples, config.min_edge, title=Path(config.graph).name)
-        outputs.atomic_write_text(config.out, page)
-    print(f"tc view: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges -> {config.out}", file=sys.stderr)
+        title = os.path.basename(inputs.display_name(config.graph))
+        page = render_page(graph, features, config.examples, config.min_edge, title=title)
+        outputs.write_output(page.encode("utf-8"), config.out)  # `-`: stdout
+    print(
+        f"tc view: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges -> "
+        f"{'stdout' if outputs.to_stdout(config.out) else config.out}",
+        file=sys.stderr,
+    )
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))

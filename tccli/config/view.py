@@ -16,12 +16,12 @@ class ViewConfig:
     graph: str = option(
         "",
         "A graph: JSON written by `tc graph` or `tc circuit` (--format json), or a Neuronpedia / "
-        "circuit-tracer graph JSON.",
+        "circuit-tracer graph JSON; - reads it from stdin.",
         argument=True,
         required=True,
         metavar="GRAPH.json",
     )
-    out: Optional[str] = option(None, "Write the page here (.html).", required=True)
+    out: Optional[str] = option(None, "Write the page here (.html); - writes it to stdout.", required=True)
     features: Optional[str] = option(
         None,
         "A features file from `tc score` (.h5 or .jsonl): feature nodes get a label (top de-embedding "
@@ -40,7 +40,7 @@ class ViewConfig:
     def validate(self) -> None:
         if not self.out:
             raise fail("--out PAGE.html is needed: tc view writes one HTML file")
-        if not str(self.out).endswith((".html", ".htm")):
+        if self.out != "-" and not str(self.out).endswith((".html", ".htm")):
             raise fail(f"--out must name an .html file, got {self.out!r}")
         if self.examples < 1:
             raise fail(f"--examples must be at least 1, got {self.examples}")

@@ -18,12 +18,13 @@ import pytest
 
 from circuit_helpers import small_circuit_graph
 from conftest import TOKENIZER_TEXT, run_tc
-from tccli.circuit.files import attribution_graph_to_neuronpedia, read_graph, to_neuronpedia
+from tccli.circuit.files import read_graph
+from tccli.circuit.neuronpedia import attribution_graph_to_neuronpedia, to_neuronpedia
 from tccli.circuit.picture import grid_layout, reference_value
 from tccli.errors import TcError
 from tccli.features.files import FeaturesFile
-from tccli.nodes import feature_name, quoted_token
-from tccli.view.neuronpedia import from_neuronpedia, read_any_graph
+from tccli.nodes import feature_name, neuronpedia_feature_id, quoted_token
+from tccli.view.graph_files import from_neuronpedia, read_any_graph
 from tccli.view.page import PIXELS_PER_INCH, feature_label, render_page, script_json
 
 PROMPT = "The war lasted from 1735 to 17"
@@ -135,12 +136,18 @@ def test_neuronpedia_graphs_are_read_back(made):
     for entry in document["nodes"]:
         attrs = back.nodes[entry["node_id"]]
         assert attrs["position"] == entry["ctx_idx"] and attrs["activation"] == entry["activation"]
-        if entry["feature_type"] == "cross layer transcoder":
-            assert (attrs["kind"], attrs["layer"], attrs["feature"]) == (
-                "feature",
-                int(entry["layer"]),
-                entry["feature"],
-            )
+    features = {(a["layer"], a["feature"], a["position"]) for _, a in graph.nodes(data=True) if a["kind"] == "feature"}
+    read = {(a["layer"], a["feature"], a["position"]) for _, a in back.nodes(data=True) if a["kind"] == "feature"}
+    assert read == features
+    # a node id that does not spell the feature out: the feature from circuit-tracer's Cantor pairing
+    entry = next(e for e in document["nodes"] if e["feature_type"] == "cross layer transcoder")
+    layer, feature, position = (int(part) for part in entry["node_id"].split("_"))
+    assert entry["feature"] == neuronpedia_feature_id(layer, feature)
+    renamed = json.loads(json.dumps(document).replace(f'"{entry["node_id"]}"', '"renamed"'))
+    assert from_neuronpedia(renamed).nodes["renamed"]["feature"] == feature
+    renamed["nodes"][[e["node_id"] for e in renamed["nodes"]].index("renamed")]["layer"] = str(layer + 1)
+    with pytest.raises(TcError, match="is not of layer"):
+        from_neuronpedia(renamed)
     assert back.graph["metadata"]["tokens"] == graph.graph["metadata"]["tokens"]
     assert back.graph["metadata"]["n_layers"] == graph.graph["metadata"]["n_layers"]  # from the logits' layer
     # Neuronpedia's pins and supernodes ([name, member, ...]) come along as tc view saves them
@@ -173,6 +180,19 @@ def test_view_reads_a_neuronpedia_file_and_refuses_foreign_json(made, tmp_path):
     result = run_tc("view", str(tmp_path / "broken.json"), "--out", str(tmp_path / "b.html"))
     assert result.returncode == 2 and "a link joins nodes the file does not list" in result.stderr
     assert not (tmp_path / "b.html").exists()
+
+
+def test_view_reads_stdin_and_writes_stdout(made, tmp_path):
+    graph = read_graph(made["graph"])
+    for text in (made["graph"].read_text(), attribution_graph_to_neuronpedia(graph)):
+        result = run_tc("view", "-", "--out", "-", input=text)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("<!DOCTYPE html>") and "<title>tc view: stdin</title>" in result.stdout
+        assert len(embedded_data(result.stdout)["places"]) == len(json.loads(text)["nodes"])
+    result = run_tc("view", "-", "--out", str(tmp_path / "v.html"), input="just words")
+    assert result.returncode == 2 and "stdin holds" in result.stderr and not (tmp_path / "v.html").exists()
+    result = run_tc("view", "-", "--features", "-", "--out", "-", input="")
+    assert result.returncode == 2 and "stdin" in result.stderr and result.stdout == ""
 
 
 def test_view_command_refusals(made, tmp_path):

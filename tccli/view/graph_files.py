@@ -1,5 +1,6 @@
-"""Reading Neuronpedia / circuit-tracer attribution-graph JSON into a graph with tc's node attributes
-(tccli.circuit.files names them), so `tc view` shows such a graph as it shows tc's own.
+"""The graphs `tc view` reads: tc's own JSON (tccli.circuit.files), and Neuronpedia / circuit-tracer
+attribution-graph JSON read into a graph with tc's node attributes, so `tc view` shows such a graph as it
+shows tc's own (tccli.circuit.neuronpedia writes that schema; this reads it).
 
 The schema, as circuit-tracer writes it and `tc export --format neuronpedia` writes it: ``metadata``
 (``prompt_tokens``, ``prompt``, ``scan``, ...), ``nodes`` (``node_id``, ``feature_type``, ``layer``
@@ -11,6 +12,7 @@ they are: a page's ``data-node-id`` and a saved subgraph name nodes as the file 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import networkx as nx
 
 from tccli.circuit.files import GRAPH_FORMAT, from_json
 from tccli.errors import fail
+from tccli.runtime import inputs
 
 _KINDS = {
     "cross layer transcoder": "feature",
@@ -37,6 +40,18 @@ def is_neuronpedia(data: Any) -> bool:
         and isinstance(data.get("links"), list)
         and all(isinstance(n, dict) and "node_id" in n and "feature_type" in n for n in data["nodes"][:50])
     )
+
+
+def _unpaired(number: Any, layer: int, where: str) -> int:
+    """The feature index in ``number``, the Cantor pairing of (layer, feature) circuit-tracer names a
+    feature by (tccli.nodes.neuronpedia_feature_id), for node ids that do not spell it out."""
+    if not isinstance(number, int) or number < 0:
+        raise fail(f"{where}: a feature node has no feature number ({number!r})")
+    total = (math.isqrt(8 * number + 1) - 1) // 2
+    feature = number - total * (total + 1) // 2
+    if total - feature != layer:
+        raise fail(f"{where}: feature number {number} is not of layer {layer} (circuit-tracer's Cantor pairing)")
+    return feature
 
 
 def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
@@ -78,7 +93,7 @@ def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
             attrs["layer"] = int(node["layer"])
         if kind == "feature":
             match = _FEATURE_ID.match(node_id)
-            attrs["feature"] = int(match.group(2)) if match else int(node.get("feature", -1))
+            attrs["feature"] = int(match.group(2)) if match else _unpaired(node.get("feature"), attrs["layer"], where)
         if kind == "target":
             attrs.update(layer=n_layers, target_kind="logit", target_token=node.get("feature"))
             attrs["is_target_logit"] = bool(node.get("is_target_logit"))
@@ -112,27 +127,39 @@ def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
     return graph
 
 
+GRAPH_WHAT = "a graph (JSON from tc graph / tc circuit, or a Neuronpedia graph)"
+
+
 def read_any_graph(path: str | Path) -> nx.DiGraph:
-    """A tc graph JSON (tc graph, tc circuit) or a Neuronpedia / circuit-tracer graph JSON."""
+    """A tc graph JSON (tc graph, tc circuit) or a Neuronpedia / circuit-tracer graph JSON; `-` reads
+    either from stdin."""
     from tccli.circuit.files import read_graph
 
+    if inputs.is_stdin(path):
+        text = inputs.read_stdin(GRAPH_WHAT, (GRAPH_FORMAT, inputs.NEURONPEDIA)).decode("utf-8")
+        return _parse(text, "stdin")
     path = Path(path)
     if path.is_dir() or not path.is_file():
         return read_graph(path)  # its one-line refusals of folders and missing files
     try:
         text = path.read_bytes().decode("utf-8")
-        data = json.loads(text)
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise fail(f"{path} is not a graph (not even text: JSON from tc graph, tc circuit or Neuronpedia)") from None
+    return _parse(text, str(path))
+
+
+def _parse(text: str, where: str) -> nx.DiGraph:
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise fail(f"{path} is not JSON: {exc}") from None
+        raise fail(f"{where} is not JSON: {exc}") from None
     if isinstance(data, dict) and data.get("format") == GRAPH_FORMAT:
-        return from_json(text, str(path))
+        return from_json(text, where)
     if is_neuronpedia(data):
-        return from_neuronpedia(data, str(path))
+        return from_neuronpedia(data, where)
     raise fail(
-        f"{path} is not a tc circuit graph nor a Neuronpedia graph "
+        f"{where} is not a tc circuit graph nor a Neuronpedia graph "
         f"(JSON written by tc graph / tc circuit --format json, or circuit-tracer)"
     )
