@@ -192,7 +192,7 @@ def test_view_reads_stdin_and_writes_stdout(made, tmp_path):
     result = run_tc("view", "-", "--out", str(tmp_path / "v.html"), input="just words")
     assert result.returncode == 2 and "stdin holds" in result.stderr and not (tmp_path / "v.html").exists()
     result = run_tc("view", "-", "--features", "-", "--out", "-", input="")
-    assert result.returncode == 2 and "stdin" in result.stderr and result.stdout == ""
+    assert result.returncode == 2 and "GRAPH and --features each say -" in result.stderr and result.stdout == ""
 
 
 def test_view_command_refusals(made, tmp_path):
