@@ -119,7 +119,7 @@ def from_neuronpedia(data: dict, where: str = "graph") -> nx.DiGraph:
         "supernodes": [s for s in supernodes if s["members"]],
         "tokens": tokens,
         "prompt": meta.get("prompt"),
-        "model": meta.get("scan"),
+        "scan": meta.get("scan"),
         "slug": meta.get("slug"),
         "n_layers": n_layers,
         **({"tc": meta["tc"]} if isinstance(meta.get("tc"), dict) else {}),
