@@ -20,7 +20,8 @@ _tc() {
         show) opts='--html --features --limit --examples --model --force --help'; dash_opts='--html'; dash_arg=1 ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --skip --no-skip --l1 --l0-coef --bandwidth --l1-warmup --normalize-mse --optimizer --lr --decoder-norm --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --threads --autocast --checkpoint-every --log-every --resume --force --quiet --dist-timeout --distribute-layers --help' ;;
         validate) opts='--model --device --model-dtype --ablation --features --transcoders --prompts --task --noun --mode --random --seed --top --batch-size --out --force --json --help'; dash_opts='--features --prompts --out'; dash_arg=1 ;;
-        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info intervene plot score show train validate --version --help' -- "$cur")); return ;;
+        view) opts='--out --features --examples --min-edge --force --help' ;;
+        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info intervene plot score show train validate view --version --help' -- "$cur")); return ;;
     esac
     # `-` (stdin or stdout) where a value or the positional argument may be it
     if [[ " $dash_opts " == *" $prev "* ]]; then

@@ -17,6 +17,7 @@ complete -c tc -n '__fish_use_subcommand' -a score -d 'Describe features in one 
 complete -c tc -n '__fish_use_subcommand' -a show -d 'Show features from a features file: one in the terminal, or many as one HTML...'
 complete -c tc -n '__fish_use_subcommand' -a train -d 'Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
 complete -c tc -n '__fish_use_subcommand' -a validate -d 'Test a circuit graph against the model: necessity, sufficiency, per-node...'
+complete -c tc -n '__fish_use_subcommand' -a view -d 'Write a graph as one self-contained HTML page to explore in a browser,...'
 complete -c tc -n '__fish_seen_subcommand_from cache' -F
 complete -c tc -n '__fish_seen_subcommand_from cache' -l data -r -F -a - -d 'Text: plain .txt files (documents separated by blank lines), .jsonl files with a '\''text'\'' field, folders saved by datasets'\'' save_to_disk, or - for stdin. Several paths may follow one --data.'
 complete -c tc -n '__fish_seen_subcommand_from cache' -l tokens -r -F -d 'Stop after this many tokens (accepts 200k, 1M).'
@@ -269,3 +270,10 @@ complete -c tc -n '__fish_seen_subcommand_from validate' -l out -r -F -a - -d 'W
 complete -c tc -n '__fish_seen_subcommand_from validate' -l force -d 'Overwrite --out if it exists.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l json -d 'Print the results as JSON on stdout.'
 complete -c tc -n '__fish_seen_subcommand_from validate' -l help -d 'Show this message and exit.'
+complete -c tc -n '__fish_seen_subcommand_from view' -F
+complete -c tc -n '__fish_seen_subcommand_from view' -l out -r -F -d 'Write the page here (.html); - writes it to stdout.'
+complete -c tc -n '__fish_seen_subcommand_from view' -l features -r -F -d 'A features file from `tc score` (.h5 or .jsonl): feature nodes get a label (top de-embedding tokens and logit effects) and a card (examples, density, tables) as `tc show` draws it.'
+complete -c tc -n '__fish_seen_subcommand_from view' -l examples -r -F -d 'Examples per feature card (top and quantile each), with --features.'
+complete -c tc -n '__fish_seen_subcommand_from view' -l min-edge -r -F -d 'Where the page'\''s edge threshold slider starts: edges whose |weight| is below this fraction of the target'\''s |value| are hidden (the slider moves it in the page).'
+complete -c tc -n '__fish_seen_subcommand_from view' -l force -d 'Replace --out if it exists (never the input graph).'
+complete -c tc -n '__fish_seen_subcommand_from view' -l help -d 'Show this message and exit.'

@@ -30,6 +30,7 @@ _tc() {
                 'show:Show features from a features file\: one in the terminal, or many as one HTML...'
                 'train:Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
                 'validate:Test a circuit graph against the model\: necessity, sufficiency, per-node...'
+                'view:Write a graph as one self-contained HTML page to explore in a browser,...'
             )
             _describe 'tc command' commands ;;
         args)
@@ -300,6 +301,14 @@ _tc() {
                     '*--json[Print the results as JSON on stdout.]' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_tc_file_or_dash' ;;
+                view) _arguments \
+                    '*--out[Write the page here (.html); - writes it to stdout.]:value:_files' \
+                    '*--features[A features file from `tc score` (.h5 or .jsonl)\: feature nodes get a label (top de-embedding tokens and logit effects) and a card (examples, density, tables) as `tc show` draws it.]:value:_files' \
+                    '*--examples[Examples per feature card (top and quantile each), with --features.]:value:_files' \
+                    '*--min-edge[Where the page'\''s edge threshold slider starts\: edges whose |weight| is below this fraction of the target'\''s |value| are hidden (the slider moves it in the page).]:value:_files' \
+                    '*--force[Replace --out if it exists (never the input graph).]' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
             esac ;;
     esac
 }

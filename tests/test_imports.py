@@ -65,6 +65,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("replacement",),
     ("circuit",),
     ("graph",),
+    ("view",),
     ("evaluation",),
     ("api", "__init__"),
     ("cli",),

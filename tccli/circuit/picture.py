@@ -155,7 +155,7 @@ def grid_layout(graph: nx.DiGraph, nodes: Optional[list[str]] = None) -> GridLay
     return layout
 
 
-def _reference_value(graph: nx.DiGraph) -> float:
+def reference_value(graph: nx.DiGraph) -> float:
     """|target value| (the largest, with several targets), or the largest |weight| when that is 0."""
     values = [abs(a.get("activation") or 0.0) for _, a in graph.nodes(data=True) if a.get("kind") == "target"]
     reference = max(values, default=0.0)
@@ -205,7 +205,7 @@ class PicturePlan:
 def picture_plan(graph: nx.DiGraph, options: Optional[PictureOptions] = None) -> PicturePlan:
     """The nodes, edges, layout and caption a picture of ``graph`` shows under ``options``."""
     options = options or PictureOptions()
-    reference = _reference_value(graph)
+    reference = reference_value(graph)
     edges = [(u, v, w) for u, v, w in graph.edges(data="weight") if abs(w) >= options.min_edge * reference]
     ends = {n for u, v, _ in edges for n in (u, v)}
     nodes = [n for n, a in graph.nodes(data=True) if a.get("kind") == "target" or n in ends]

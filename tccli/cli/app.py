@@ -29,6 +29,7 @@ from tccli.config.graph import GraphConfig
 from tccli.config.replacement import InterveneConfig
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import ConvertConfig
+from tccli.config.view import ViewConfig
 from tccli.errors import TcError
 from tccli.runtime import inputs, interrupts, outputs, progress
 
@@ -82,6 +83,7 @@ MULTI_VALUE_OPTIONS = multi_value_flags(
         TrainConfig,
         ValidateConfig,
         ConvertConfig,
+        ViewConfig,
     ]
 )
 
@@ -270,6 +272,32 @@ def export_command(config: ExportConfig) -> None:
         graph = circuit_files.read_graph(config.graph)  # `-`: stdin
         neuronpedia.name_graph(graph, config.scan, config.slug)
         outputs.write_output(circuit_files.render(graph, config.format, config), config.out)
+
+
+@app.command("view", epilog=example("tc view g.json --features features.h5 --out g.html"))
+@command_from(ViewConfig)
+def view_command(config: ViewConfig) -> None:
+    """Write a graph as one self-contained HTML page to explore in a browser, offline (pan, zoom, hover, click,
+    search, pin nodes, group supernodes, save a subgraph that tc validate reads)."""
+    from tccli.view.graph_files import read_any_graph
+    from tccli.view.page import render_page
+
+    inputs.one_stdin(GRAPH=config.graph, **{"--features": config.features})
+    graph = read_any_graph(config.graph)  # the inputs' own complaints first
+    features = None
+    if config.features:
+        from tccli.features.files import FeaturesFile
+
+        features = FeaturesFile.open(config.features)
+    with outputs.claim(config.out, config.force, [config.graph, config.features]):
+        title = os.path.basename(inputs.display_name(config.graph))
+        page = render_page(graph, features, config.examples, config.min_edge, title=title)
+        outputs.write_output(page.encode("utf-8"), config.out)  # `-`: stdout
+    print(
+        f"tc view: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges -> "
+        f"{'stdout' if outputs.to_stdout(config.out) else config.out}",
+        file=sys.stderr,
+    )
 
 
 @app.command("deembed", epilog=example("tc deembed --transcoders tcs --feature L0.F339 --top 10"))

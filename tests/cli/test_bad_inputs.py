@@ -847,6 +847,39 @@ CASES["export"] = [
     ),
 ]
 
+CASES["view"] = [
+    Case("missing-graph", ("view", "{tmp}/none.json", "--out", "{tmp}/v.html"), "does not exist"),
+    Case("folder", ("view", "{tmp}", "--out", "{tmp}/v.html"), "is a folder"),
+    Case("png-as-graph", ("view", "{png}", "--out", "{tmp}/v.html"), "is not a graph"),
+    Case("text-as-graph", ("view", "{text}", "--out", "{tmp}/v.html"), "is not JSON"),
+    Case(
+        "other-json",
+        ("view", "{file}", "--out", "{tmp}/v.html"),
+        "is not a tc circuit graph nor a Neuronpedia graph",
+        setup=write_file("g.json", '{"a": 1}'),
+    ),
+    Case("damaged-graph", ("view", "{file}", "--out", "{tmp}/v.html"), "damaged", setup=graph_edit(_no_kind)),
+    Case("no-out", ("view", "{graph}"), "--out"),
+    Case("out-not-html", ("view", "{graph}", "--out", "{tmp}/v.svg"), "--out must name an .html file"),
+    Case("out-exists", ("view", "{graph}", "--out", "{file}"), "already exists", setup=existing_output("v.html")),
+    Case(
+        "out-is-input",
+        ("view", "{file}", "--out", "{file}", "--force"),
+        "would overwrite the input",
+        setup=lambda tmp, a: {"file": shutil.copy(a.graph, tmp / "g.html")},
+    ),
+    Case(
+        "features-missing", ("view", "{graph}", "--features", "{tmp}/f.h5", "--out", "{tmp}/v.html"), "does not exist"
+    ),
+    Case(
+        "features-not-features", ("view", "{graph}", "--features", "{text}", "--out", "{tmp}/v.html"), "features file"
+    ),
+    Case(
+        "bad-examples", ("view", "{graph}", "--examples", "0", "--out", "{tmp}/v.html"), "--examples must be at least 1"
+    ),
+    Case("bad-min-edge", ("view", "{graph}", "--min-edge", "-1", "--out", "{tmp}/v.html"), "--min-edge must be"),
+]
+
 DEEMBED = ("deembed", T, "{tcs}", *CPU)
 CASES["deembed"] = [
     Case("no-feature", ("deembed", T, "{tcs}"), "Missing option"),

@@ -83,6 +83,7 @@ COMMANDS = (
     "plot",
     "intervene",
     "validate",
+    "view",
 )
 
 
