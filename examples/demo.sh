@@ -45,4 +45,8 @@ tc circuit --model "$MODEL" --device "$DEVICE" --transcoders "$OUT/transcoders" 
   --logit-diff $TARGET --iters 3 --branches 10 --format json --out "$OUT/circuit.json" --force
 tc export "$OUT/circuit.json" --format dot --out "$OUT/circuit.dot" --force
 tc export "$OUT/circuit.json" --format svg --out "$OUT/circuit.svg" --force
-echo "demo: done in $(( $(date +%s) - started )) s; the picture is $OUT/circuit.svg, the features $OUT/features.html" >&2
+if [[ " $SKIP " != *" score "* ]]; then
+  echo "== tc view: the circuit as a page to explore in a browser, with the features' labels and cards" >&2
+  tc view "$OUT/circuit.json" --features "$OUT/features.jsonl" --out "$OUT/circuit.html" --force
+fi
+echo "demo: done in $(( $(date +%s) - started )) s; the picture is $OUT/circuit.svg, the page to explore it $OUT/circuit.html, the features $OUT/features.html" >&2
