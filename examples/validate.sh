@@ -60,9 +60,9 @@ for mode in free frozen; do  # the graph's own prompt alone
   tc validate "$OUT/greater_than.json" --device "$DEVICE" --mode "$mode" --random 5 --json \
     > "$OUT/validate_greater_than_prompt_${mode}.json"
 done
-echo "== L0.F339 ablated with only MLP 0 replaced (the real model downstream)" >&2
+echo "== L0.F934 (the greater-than circuit's largest node) ablated with only MLP 0 replaced (the real model downstream)" >&2
 tc intervene --model builtin --device "$DEVICE" --transcoders "$OUT/transcoders/layer_0" \
-  --prompt "The war lasted from the year 1735 to the year 17" --logit-diff 40 20 --ablate mlp0.f339@12 --top 3
+  --prompt "The war lasted from the year 1735 to the year 17" --logit-diff 40 20 --ablate mlp0.f934@12 --top 3
 fi
 
 # ---------------------------------------------------------------------------- stories260K: she / he

@@ -135,7 +135,7 @@ SETUPS = {
 _STORIES = "../shared/models/stories260K"
 _STORIES_TEXT = "../shared/corpora/tinystories-valid-excerpt.txt"
 _GT_PROMPT = "'The war lasted from the year 1735 to the year 17'"
-_GT_LARGEST = "mlp0.f339@12"  # the greater-than circuit's largest node (examples/validate.sh ablates it too)
+_GT_LARGEST = "mlp0.f934@12"  # the greater-than circuit's largest node (examples/validate.sh ablates it too)
 _STORIES_PROMPT = "'Once upon a time, there was a little girl named Lily. One day,'"
 
 FIGURES = {

@@ -445,16 +445,18 @@ NARROW_COLUMNS = ("layer", "l0", "fvu", "dead_features", "ce_spliced", "recovere
 
 
 # A feature never active in n tokens has density below 3/n with 95% confidence (the "rule of three":
-# (1 - 3/n)^n ~ e^-3 = 0.05). At 50k tokens that bound is 6e-5, below the density of the rare but live
-# features a transcoder keeps; with fewer tokens "dead" counts features that are merely rare.
-DEAD_TOKENS = 50_000
+# (1 - 3/n)^n ~ e^-3 = 0.05). And a live feature of density 1e-4 (rare, but a kept feature of a trained
+# transcoder) goes unseen in n tokens with probability exp(-1e-4 n): over 1% below 46,052 tokens. Below
+# that count "dead" would count rare features too, and the table says so.
+RARE_DENSITY = 1e-4
+DEAD_TOKENS = math.ceil(math.log(100) / RARE_DENSITY)  # 46,052
 
 
 def few_tokens_for_dead(n_tokens: int) -> str:
     """The table's warning that ``n_tokens`` are too few to tell a dead feature from a rare one."""
     return (
         f"dead: not active in these {n_tokens:,} tokens, i.e. density below {3 / max(n_tokens, 1):.0e} (95%); "
-        f"too few tokens to tell dead from rare: use --tokens {DEAD_TOKENS // 1000}k or more"
+        f"too few tokens to tell dead from rare (density {RARE_DENSITY:g}): use --tokens 50k or more"
     )
 
 
