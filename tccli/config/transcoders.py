@@ -120,3 +120,85 @@ class ConvertConfig:
     def validate(self) -> None:
         if self.to not in WRITE_FORMATS:
             raise fail(f"--to must be one of {', '.join(WRITE_FORMATS)}, got {self.to!r}")
+
+
+CLT_KIND = "cross_layer_transcoder"
+
+# The activations a cross-layer transcoder can have. topk keeps the k largest pre-activations of each
+# layer's features at each token (per layer, so that a feature's activity never depends on later layers);
+# batchtopk selects across every layer's features of a training batch and runs as per-feature thresholds.
+CLT_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class CrossLayerConfig:
+    """A cross-layer transcoder's saved config (docs/method.md section 11): one encoder per layer in
+    ``layers``, and decoders from each of those layers to itself and every later one in ``layers``."""
+
+    d_in: int
+    d_out: int
+    n_features: int  # features per layer (every layer has the same number)
+    layers: list  # the layers it reads and writes, increasing (usually 0 .. L-1)
+    activation: str = "jumprelu"  # one of CLT_ACTIVATIONS
+    k: Optional[int] = None  # topk: active features per layer and token; batchtopk: per token over all layers
+    skip: bool = False  # a skip connection x_l W_skip^l per layer
+    kind: str = CLT_KIND
+    input_space: str = "normalized"  # one of INPUT_SPACES
+    output_space: str = "mlp_out"  # one of OUTPUT_SPACES
+    model_name: Optional[str] = None
+    model_architecture: Optional[str] = None
+    weight_processing: dict = field(default_factory=dict)
+    input_hooks: Optional[list] = None  # per entry of `layers`: the hook each encoder reads (None: tc's own)
+    output_hooks: Optional[list] = None  # per entry of `layers`: the hook each layer's reconstruction replaces
+    training: dict = field(default_factory=dict)  # the TrainConfig it came from, as saved
+    feature_frequency: Optional[list] = None  # per entry of `layers`: per-feature firing frequency
+    source: dict = field(default_factory=dict)  # where it came from (format, file or hub id), for tc info
+    format_version: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, where: str = "cross-layer transcoder config") -> CrossLayerConfig:
+        """Refuse values no cross-layer transcoder can have, with one line naming the field; returns self."""
+        if self.kind != CLT_KIND:
+            raise fail(f"{where}: kind must be {CLT_KIND!r}, got {self.kind!r}")
+        if self.activation not in CLT_ACTIVATIONS:
+            raise fail(f"{where}: activation must be one of {', '.join(CLT_ACTIVATIONS)}, got {self.activation!r}")
+        layers = self.layers
+        if (
+            not isinstance(layers, list)
+            or not layers
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
+            or any(a >= b for a, b in zip(layers, layers[1:]))
+        ):
+            raise fail(f"{where}: layers must be a non-empty increasing list of layer numbers, got {layers!r}")
+        for name in ("input_hooks", "output_hooks", "feature_frequency"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list) or len(value) != len(layers)):
+                raise fail(f"{where}: {name} must be null or a list with one entry per layer, got {value!r}")
+        self.layer_config(layers[0]).validate(where)
+        return self
+
+    def layer_config(self, layer: int) -> TranscoderConfig:
+        """The per-layer view of layer ``layer``: what its encoder reads and its own-layer decoder writes,
+        for the checks and code that see one layer at a time (batchtopk runs as thresholds, like jumprelu)."""
+        j = self.layers.index(layer)
+        return TranscoderConfig(
+            d_in=self.d_in,
+            d_out=self.d_out,
+            n_features=self.n_features,
+            activation=self.activation,
+            k=self.k,
+            skip=self.skip,
+            input_space=self.input_space,
+            output_space=self.output_space,
+            layer=layer,
+            model_name=self.model_name,
+            model_architecture=self.model_architecture,
+            weight_processing=dict(self.weight_processing),
+            input_hook=self.input_hooks[j] if self.input_hooks else None,
+            output_hook=self.output_hooks[j] if self.output_hooks else None,
+            training=dict(self.training),
+            feature_frequency=self.feature_frequency[j] if self.feature_frequency else None,
+            source=dict(self.source),
+        )

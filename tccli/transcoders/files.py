@@ -3,7 +3,12 @@
 A transcoder folder holds ``transcoder.safetensors`` (W_enc, b_enc, W_dec, b_dec, b_pre, and
 ``threshold`` / ``W_skip`` for the kinds that have them, in float32) and ``config.json`` (a
 TranscoderConfig). A set is a folder whose sub-folders are transcoder folders (named ``layer_L`` when
-written by tc). Other formats, and reading any of them as a set, are in tccli.transcoders.formats.
+written by tc). A cross-layer transcoder folder holds ``config.json`` (a CrossLayerConfig, ``kind:
+cross_layer_transcoder``) and one ``layer_L.safetensors`` per layer with that layer's W_enc, b_enc, b_pre,
+W_dec [m, n_later, d_out], b_dec (of layer L's output) and the optional tensors, so that a reader can take
+the decoder rows of a few features of one layer without reading the rest.
+
+Other formats, and reading any of them as a set, are in tccli.transcoders.formats.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tccli.config.transcoders import INPUT_SPACES, OUTPUT_SPACES, TranscoderConfig
+from tccli.config.transcoders import CLT_KIND, INPUT_SPACES, OUTPUT_SPACES, CrossLayerConfig, TranscoderConfig
 from tccli.errors import fail
 from tccli.runtime.outputs import atomic_write, write_error
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
 
 if TYPE_CHECKING:
@@ -190,3 +196,80 @@ def check_feature(transcoders: dict[int, Transcoder], layer: int, feature: int) 
             f"{transcoder.n_features} features (0-{transcoder.n_features - 1})"
         )
     return transcoder
+
+
+# ----------------------------------------------------------------------------- cross-layer transcoders
+
+
+def clt_layer_file(layer: int) -> str:
+    return f"layer_{layer}.safetensors"
+
+
+def is_cross_layer_folder(path: Path) -> bool:
+    """A tc cross-layer transcoder folder (config.json whose kind is cross_layer_transcoder)."""
+    if not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("kind") == CLT_KIND
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def save_cross_layer(clt: CrossLayerTranscoder, folder: str | Path) -> Path:
+    """Write a tc cross-layer transcoder folder: one safetensors file per layer, then the config (a reader
+    takes the folder for a CLT only once its config exists, and the config is written last)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    params = dict(clt.named_parameters())
+    for layer in clt.layers:
+        tensors = {
+            name.split(".")[0]: tensor.detach().to("cpu", torch.float32).contiguous()
+            for name, tensor in params.items()
+            if name.split(".")[1] == str(layer)
+        }
+        atomic_write(folder / clt_layer_file(layer), lambda tmp, t=tensors: save_file(t, str(tmp)))
+    text = json.dumps(clt.config.to_dict(), indent=2)
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def read_cross_layer_config(path: Path) -> CrossLayerConfig:
+    data = read_json_object(path, "a tc cross-layer transcoder config")
+    unknown = sorted(set(data) - set(CrossLayerConfig.__dataclass_fields__))
+    if unknown:
+        raise fail(f"{path} is not a tc cross-layer transcoder config: unknown field {unknown[0]!r}")
+    try:
+        config = CrossLayerConfig(**data)
+    except TypeError as exc:  # a required field missing
+        raise fail(f"{path} is not a tc cross-layer transcoder config: {exc}") from None
+    return config.validate(str(path))
+
+
+def load_cross_layer(folder: str | Path, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
+    folder = Path(folder)
+    config = read_cross_layer_config(folder / CONFIG_FILE)
+    clt = CrossLayerTranscoder(config)
+    params = dict(clt.named_parameters())
+    with torch.no_grad():
+        for layer in clt.layers:
+            file = folder / clt_layer_file(layer)
+            try:
+                tensors = load_file(str(file))
+            except (SafetensorError, OSError) as exc:
+                raise fail(f"cannot read {file}: {exc}") from None
+            for name, param in params.items():
+                base, key = name.split(".")
+                if key != str(layer):
+                    continue
+                if base not in tensors:
+                    raise fail(f"{file} lacks tensor {base}")
+                if tuple(tensors[base].shape) != tuple(param.shape):
+                    raise fail(
+                        f"{file}: tensor {base} has shape {tuple(tensors[base].shape)}, "
+                        f"config says {tuple(param.shape)}"
+                    )
+                param.copy_(tensors[base])
+    return clt.to(device)
