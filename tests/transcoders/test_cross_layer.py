@@ -112,3 +112,17 @@ def test_config_refuses_bad_layers():
         CrossLayerConfig(d_in=2, d_out=2, n_features=2, layers=[1, 1]).validate()
     with pytest.raises(TcError, match="activation"):
         CrossLayerConfig(d_in=2, d_out=2, n_features=2, layers=[0], activation="signed_topk").validate()
+
+
+def test_load_transcoders_gives_the_clt_and_set_readers_refuse_it(tmp_path):
+    from tccli.transcoders.formats import is_cross_layer, load_transcoder_set, load_transcoders
+
+    clt = random_clt()
+    folder = save_cross_layer(clt, tmp_path / "clt")
+    assert is_cross_layer(folder)
+    loaded = load_transcoders(folder, layers=[1])
+    assert isinstance(loaded, CrossLayerTranscoder) and loaded.layers == [0, 1, 2]
+    with pytest.raises(TcError, match="no layer 5"):
+        load_transcoders(folder, layers=[5])
+    with pytest.raises(TcError, match="cross-layer transcoder"):
+        load_transcoder_set(folder)

@@ -29,7 +29,15 @@ import torch
 
 from tccli.config.transcoders import WRITE_FORMATS
 from tccli.errors import TcError, fail
-from tccli.transcoders.files import is_transcoder_folder, layer_folder_name, load_transcoder, save_transcoder
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
+from tccli.transcoders.files import (
+    is_cross_layer_folder,
+    is_transcoder_folder,
+    layer_folder_name,
+    load_cross_layer,
+    load_transcoder,
+    save_transcoder,
+)
 from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
 from tccli.transcoders.formats.hub import download, looks_like_hub_id
 from tccli.transcoders.transcoder import Transcoder
@@ -98,6 +106,8 @@ def recorded_path(path: str) -> str:
 
 
 def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
+    if is_cross_layer_folder(path):
+        raise fail(f"{origin} is a cross-layer transcoder, which this command does not read yet")
     if circuit_tracer.is_set(path):
         return circuit_tracer.read_set(path, origin)
     if single_transcoder_path(path):
@@ -145,6 +155,27 @@ def load_transcoder_set(
             raise fail(f"no transcoder for layer {missing[0]} in {path} (has {sorted(everything) or 'none'})")
         everything = {layer: everything[layer] for layer in layers}
     return {layer: t.to(device) for layer, t in sorted(everything.items())}
+
+
+def is_cross_layer(path: str | Path) -> bool:
+    """Whether ``path`` (local or a hub id) holds a cross-layer transcoder in a readable format."""
+    return is_cross_layer_folder(resolve(path))
+
+
+def load_transcoders(
+    path: str | Path, device: str | torch.device = "cpu", layers: Optional[list[int]] = None
+) -> dict[int, Transcoder] | CrossLayerTranscoder:
+    """What a command that reads per-layer sets and cross-layer transcoders calls: a CrossLayerTranscoder
+    for a CLT (``layers``, when given, must be among its layers; the CLT is kept whole, because a
+    layer's output depends on every earlier layer's features), else ``load_transcoder_set``."""
+    local = resolve(path)
+    if not is_cross_layer_folder(local):
+        return load_transcoder_set(local, device, layers)
+    clt = load_cross_layer(local, device)
+    missing = [layer for layer in layers or [] if layer not in clt.layers]
+    if missing:
+        raise fail(f"no layer {missing[0]} in the cross-layer transcoder {path} (has layers {clt.layers})")
+    return clt
 
 
 # ----------------------------------------------------------------------------- conversion
