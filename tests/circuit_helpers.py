@@ -12,6 +12,7 @@ from tccli.config.transcoders import TranscoderConfig
 from tccli.model.loading import load_model
 from tccli.replacement.frozen import FrozenForward, FrozenLayer
 from tccli.replacement.targets import direction_target
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import save_transcoder
 from tccli.transcoders.transcoder import Transcoder
 
@@ -79,6 +80,21 @@ def random_transcoders(
                 transcoder.threshold.fill_(0.05)
         out[layer] = transcoder.to(dtype)
     return out
+
+
+def random_clt(info, n_features: int = 48, seed: int = 0, off_diagonal: float = 1.0, **kwargs) -> CrossLayerTranscoder:
+    """A cross-layer transcoder over every layer (or ``layers=``) of the model: the per-layer set of
+    ``random_transcoders`` (same arguments) as its own-layer part, and random decoders to later layers scaled by
+    ``off_diagonal`` (0: exactly the per-layer set)."""
+    transcoders = random_transcoders(info, n_features, seed, **kwargs)
+    clt = CrossLayerTranscoder.from_transcoders({layer: t.float() for layer, t in transcoders.items()})
+    generator = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for layer in clt.layers:
+            W = clt.W_dec[str(layer)]
+            later = torch.randn(W[:, 1:].shape, generator=generator) / info.d_model**0.5
+            W[:, 1:].copy_(later * off_diagonal)
+    return clt.to(kwargs.get("dtype", torch.float32))
 
 
 def plain_gpt2_with_transcoders(

@@ -243,6 +243,26 @@ def random_transcoder_folder(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_clt_folder(tiny_models, tmp_path_factory):
+    """(arch, activation, skip, off_diagonal) -> a tc cross-layer transcoder folder holding
+    circuit_helpers.random_clt(48 features per layer, seed 0) over every layer of that tiny model, saved the
+    first time a test asks for it."""
+    saved: dict[tuple, Path] = {}
+
+    def folder(arch: str, activation: str = "relu", skip: bool = False, off_diagonal: float = 1.0) -> Path:
+        from circuit_helpers import random_clt
+        from tccli.transcoders.files import save_cross_layer
+
+        key = (arch, activation, skip, off_diagonal)
+        if key not in saved:
+            clt = random_clt(tiny_models[arch].info, 48, 0, off_diagonal, activation=activation, skip=skip)
+            saved[key] = save_cross_layer(clt, tmp_path_factory.mktemp(f"clt_{arch}"))
+        return saved[key]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def builtin_model():
     """The model shipped in tccli/builtin/model, loaded on the CPU with the hub offline: nothing may be fetched."""
     from tccli.model.loading import load_model

@@ -126,3 +126,14 @@ def test_load_transcoders_gives_the_clt_and_set_readers_refuse_it(tmp_path):
         load_transcoders(folder, layers=[5])
     with pytest.raises(TcError, match="cross-layer transcoder"):
         load_transcoder_set(folder)
+
+
+def test_random_clt_fixture_is_checked_against_the_model(tiny_models, random_clt_folder):
+    from tccli.transcoders.files import check_matches_model
+    from tccli.transcoders.formats import load_transcoders
+
+    clt = load_transcoders(random_clt_folder("gpt2", "jumprelu", skip=True))
+    assert clt.config.activation == "jumprelu" and clt.W_skip is not None
+    assert clt.decoder(0, clt.layers[-1]).abs().sum() > 0
+    for layer in clt.layers:
+        check_matches_model(clt.layer_transcoder(layer), tiny_models["gpt2"].info)
