@@ -306,10 +306,10 @@ def deembed_command(config: DeembedConfig) -> None:
     """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
     from tccli.features.deembed import deembed_rows
     from tccli.model.loading import load_model
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    transcoders = load_transcoders(config.transcoders, loaded.device)  # a CLT: its layers' encoders
     for score, token_id, token in deembed_rows(loaded, transcoders, config):
         print(f"{score:.6g}\t{token_id}\t{json.dumps(token, ensure_ascii=False)}")
 
