@@ -56,23 +56,21 @@ def as_layer_dict(transcoders) -> dict:
 
 def load_checked_for_scoring(path: str, loaded, layers: Optional[str] = None) -> dict:
     """``tccli.transcoders.formats.load_checked_transcoders`` for the feature commands, which also read a
-    CLT: its ``LayerViews`` (only ``layers``, e.g. "0,2-3", when given), each view refused unless it was made
-    for this model, exactly as a per-layer set's transcoders are."""
+    CLT (as its ``LayerViews``): the transcoders at ``path`` on ``loaded``'s device, only those of ``layers``
+    (e.g. "0,2-3") when given, each refused unless it was made for this model."""
     from tccli.config.fields import parse_layers
     from tccli.transcoders.files import check_matches_model, check_model_named
-    from tccli.transcoders.formats import load_checked_transcoders, load_transcoders
+    from tccli.transcoders.formats import load_transcoders
 
     chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
     transcoders = load_transcoders(path, loaded.device, chosen)
-    if not isinstance(transcoders, CrossLayerTranscoder):
-        return load_checked_transcoders(path, loaded, layers)
-    transcoders.eval()
-    views = LayerViews(transcoders, chosen)
-    for view in views.values():
-        check_matches_model(view, loaded.info)
-        check_model_named(view, loaded)
-        view.eval()
-    return views
+    if isinstance(transcoders, CrossLayerTranscoder):
+        transcoders = LayerViews(transcoders.eval(), chosen)
+    for transcoder in transcoders.values():
+        check_matches_model(transcoder, loaded.info)
+        check_model_named(transcoder, loaded)
+        transcoder.eval()
+    return transcoders
 
 
 # ----------------------------------------------------------------------------- decoders seen from the residual

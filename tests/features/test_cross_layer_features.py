@@ -257,3 +257,13 @@ def test_graph_files_mark_feature_nodes_as_circuit_tracer_does():
     nodes = {n["node_id"]: n for n in json.loads(attribution_graph_to_neuronpedia(graph))["nodes"]}
     assert nodes["1_4_0"]["feature_type"] == "cross layer transcoder"
     assert nodes["0_-1_0"]["feature_type"] == "mlp reconstruction error"
+
+
+def test_score_refuses_a_clt_made_for_another_model_in_one_line(tiny_model_dirs, random_clt_folder, corpus, tmp_path):
+    out = tmp_path / "f.h5"
+    result = run_tc(
+        "score", "--model", str(tiny_model_dirs["llama"]), "--transcoders", str(random_clt_folder("gpt2")),
+        "--data", str(corpus), "--tokens", "64", "--context", "32", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode != 0 and not out.exists()
+    assert result.stderr.startswith("tc: error:") and "gpt2" in result.stderr and "Traceback" not in result.stderr
