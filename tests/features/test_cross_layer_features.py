@@ -145,6 +145,7 @@ def test_deembed_of_a_clt_names_its_layers_for_a_missing_one(tiny_model_dirs, ra
         "--feature", "L5.F0",
     )  # fmt: skip
     assert result.returncode != 0 and result.stderr.startswith("tc: error:") and "Traceback" not in result.stderr
+    assert "no transcoder for layer 5 (have layers [0, 1])" in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- decoders to later layers
@@ -266,4 +267,5 @@ def test_score_refuses_a_clt_made_for_another_model_in_one_line(tiny_model_dirs,
         "--data", str(corpus), "--tokens", "64", "--context", "32", "--out", str(out),
     )  # fmt: skip
     assert result.returncode != 0 and not out.exists()
-    assert result.stderr.startswith("tc: error:") and "gpt2" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("tc: error:") and "Traceback" not in result.stderr
+    assert "was trained on a GPT2LMHeadModel model" in result.stderr, result.stderr
