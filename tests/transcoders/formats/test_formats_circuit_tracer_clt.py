@@ -450,3 +450,71 @@ def test_bad_clt_files_are_one_line(tmp_path, how, message, command):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("tc: error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- on a tiny Gemma 3
+
+
+def test_gemma_scope_2_clt_fits_a_gemma3_model(modern_model_dirs, tmp_path):
+    """A Gemma Scope 2 CLT over every layer of the tiny Gemma 3 (d_model 32, 2 layers), as circuit-tracer
+    configures them (hook_resid_mid -> hook_mlp_out): each layer's view passes tc's model checks, and its hooks
+    are the bridge's own names for Gemma 3's residual before the MLP's norm and the MLP's write after the
+    post-norm."""
+    from tccli.model.loading import load_model
+    from tccli.transcoders.files import check_matches_model
+
+    loaded = load_model(str(modern_model_dirs["gemma3"]), "cpu")
+    d, n = loaded.info.d_model, loaded.info.n_layers
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "gs2"
+    folder.mkdir()
+    for i in range(n):
+        params = {
+            "w_enc": torch.randn(d, M, generator=g),
+            "w_dec": torch.randn(M, n, d, generator=g),
+            "b_enc": torch.randn(M, generator=g),
+            "b_dec": torch.randn(d, generator=g),
+            "threshold": torch.rand(M, generator=g),
+            "affine_skip_connection": torch.randn(d, d, generator=g),
+        }
+        save_file(params, str(folder / f"params_layer_{i}.safetensors"))
+    settings = {
+        "model_name": "google/gemma-3-1b-pt",
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": "hook_resid_mid",
+        "feature_output_hook": "hook_mlp_out",
+        "transcoders": [str(folder / f"params_layer_{i}.safetensors") for i in range(n)],
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    clt = load_transcoders(folder, lazy_decoders=True)
+    assert clt.layers == list(range(n)) and clt.config.skip
+    hooks = loaded.bridge.hook_dict
+    for layer in clt.layers:
+        view = clt.layer_transcoder(layer)
+        check_matches_model(view, loaded.info)
+        assert view.config.input_hook in hooks and view.config.output_hook in hooks
+        assert view.config.input_hook == loaded.info.layer(layer).mlp_norm_input
+        assert view.config.output_hook == loaded.info.layer(layer).mlp_out
+
+
+def test_a_hub_clt_downloads_its_encoder_and_decoder_files(tmp_path, monkeypatch):
+    """A hub id of a circuit-tracer CLT (mntss/clt-gemma-2-2b-426k) fetches config.yaml and the W_enc_*/W_dec_*
+    files (not only per-layer sets' layer_*.safetensors), and loads as a CLT recording the hub id."""
+    import fnmatch
+
+    import huggingface_hub
+
+    write_like_to_safetensors(tmp_path / "snapshot", circuit_tracer_weights())
+    asked = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked.update(repo=repo_id, patterns=allow_patterns)
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name, revision=None: name == "config.yaml")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    clt = load_transcoders("mntss/clt-gemma-2-2b-426k", lazy_decoders=True)
+    assert isinstance(clt, LazyCrossLayerTranscoder) and clt.config.source["set"] == "mntss/clt-gemma-2-2b-426k"
+    assert asked["repo"] == "mntss/clt-gemma-2-2b-426k"
+    for file in (tmp_path / "snapshot").iterdir():
+        assert any(fnmatch.fnmatch(file.name, pattern) for pattern in asked["patterns"]), file.name
