@@ -195,15 +195,18 @@ def _is_cross_layer(path: Path) -> bool:
 
 
 def _cross_layer_summary(path: Path) -> dict:
+    from tccli.transcoders.files import is_cross_layer_folder
     from tccli.transcoders.formats import load_cross_layer_any
 
     # decoders stay on disk: tc info reads a 426K-feature CLT's encoders and headers, not its decoders
     clt = load_cross_layer_any(path, lazy_decoders=True)
     config = clt.config
+    source = config.source or {}
     return {
         "kind": "cross-layer-transcoder",
         "path": str(path),
-        "format": (config.source or {}).get("file_format") or (config.source or {}).get("format") or "tc",
+        # the layout of this folder; a tc folder converted from another layout keeps that in "source"
+        "format": "tc" if is_cross_layer_folder(path) else source.get("file_format") or source.get("format"),
         "layers": list(config.layers),
         "n_features": config.n_features,
         "total_features": config.n_features * len(config.layers),
@@ -223,7 +226,7 @@ def _cross_layer_summary(path: Path) -> dict:
                 "output_hooks",
             )
         },
-        "source": config.source or {"format": "tc"},
+        "source": source or {"format": "tc"},
     }
 
 
@@ -248,7 +251,16 @@ def _cross_layer_lines(s: dict) -> list[str]:
         f"  skip         {'yes' if s['skip'] else 'no'}",
         f"  spaces       reads {s['input_space']}, writes {s['output_space']}{hooks}",
         f"  model        {s.get('model_name') or 'not recorded'}",
-    ]
+    ] + _origin_lines(s)
+
+
+def _origin_lines(s: dict) -> list[str]:
+    """Where a tc CLT folder was converted from (tc convert keeps the source layout and path)."""
+    source = s.get("source") or {}
+    origin = source.get("file_format") or source.get("format")
+    if s["format"] != "tc" or not origin or origin == "tc":
+        return []
+    return [f"  from         {origin} ({source.get('set') or source.get('path')})"]
 
 
 # ============================================================================ graphs (their own modules say how)

@@ -289,6 +289,8 @@ def test_convert_circuit_tracer_to_tc_and_back_is_bit_exact(tmp_path):
     ]
     config = json.loads((tmp_path / "tc" / "config.json").read_text())
     assert config["kind"] == "cross_layer_transcoder" and config["input_space"] == "resid_mid"
+    shown = run_tc("info", str(tmp_path / "tc")).stdout
+    assert "cross-layer transcoder (tc)" in shown and f"from         circuit-tracer ({tmp_path / 'ct'})" in shown
     result = run_tc(
         "convert", "--input", str(tmp_path / "tc"), "--out", str(tmp_path / "back"), "--to", "circuit-tracer"
     )
