@@ -234,3 +234,31 @@ def test_intervene_on_a_clt_bad_input_is_one_line(saved, args, message):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tc: error:") and message in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------- gradients through every decoder block
+
+
+def test_frozen_gradients_of_clt_features_are_the_steers_slopes(tmp_path_factory, one_torch_thread):
+    """node_gradients (tc validate's unpruned prediction) differentiates through every decoder block: each
+    feature's derivative equals the slope of frozen-mode runs with the feature set a little above and below
+    its activation (float64, central differences), and differs from the slope with the later decoders cut."""
+    folder = build_tiny_model("llama", tmp_path_factory.mktemp("llama3_f64") / "llama", n_layers=3)
+    loaded = loaded_model(folder, "float64")
+    clt = random_clt(loaded.info, 48, 0, 1.0, bias_shift=-0.3, dtype=torch.float64)
+    model = ReplacementModel(loaded, clt, torch.tensor([PROMPT_IDS]))
+    spec = TargetSpec("logit_diff", -1, token=1, token_b=0)
+    gradients = model.node_gradients(spec)
+    _, same_encoders = set_and_clt(loaded.info, 0.0, dtype=torch.float64)
+    cut = ReplacementModel(loaded, same_encoders, torch.tensor([PROMPT_IDS])).node_gradients(spec)
+    step = 1e-5  # small enough that no later feature crosses its ReLU's kink on these weights
+    # (layer 1's writes at the last position reach the target through layer 2's MLP: the decoder 1 -> 2)
+    for layer, position in ((0, 3), (0, 8), (1, 8)):
+        feature, a = active_feature(model, layer, position)
+        node = NodeRef("feature", layer, feature, position)
+        rows = [RowSpec(0, (Intervention(node, "set", a + sign * step),)) for sign in (1, -1)]
+        up, down = spec.values(model, model.run(rows, "frozen")).tolist()
+        slope = (up - down) / (2 * step)
+        grad = float(gradients.feature[layer][0, position, feature])
+        assert grad == pytest.approx(slope, rel=1e-6, abs=1e-9), (layer, position)
+        assert abs(grad - float(cut.feature[layer][0, position, feature])) > 1e-4 * abs(grad)
