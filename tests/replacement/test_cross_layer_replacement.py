@@ -262,3 +262,15 @@ def test_frozen_gradients_of_clt_features_are_the_steers_slopes(tmp_path_factory
         grad = float(gradients.feature[layer][0, position, feature])
         assert grad == pytest.approx(slope, rel=1e-6, abs=1e-9), (layer, position)
         assert abs(grad - float(cut.feature[layer][0, position, feature])) > 1e-4 * abs(grad)
+
+
+def test_a_clt_made_for_another_model_is_refused_in_one_line(saved, tiny_models, tmp_path):
+    other = save_cross_layer(random_clt(tiny_models["neox"].info, 48, 0, 1.0), tmp_path / "neox-clt")
+    for command in (
+        ("intervene", "--prompt", PROMPT, "--ablate", "mlp0.f1@2"),
+        ("eval", "--data", "-", "--tokens", "64", "--context", "16"),
+    ):
+        result = run_tc(*command, "--model", saved["model"], "--transcoders", str(other), input="some text " * 50)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("tc: error:") and "was trained on" in lines[0], result.stderr
