@@ -462,12 +462,12 @@ def intervene_command(config: InterveneConfig) -> None:
     """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
     from tccli.model.loading import load_model
     from tccli.replacement.intervention import intervene_lines, run_intervene
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     inputs.one_stdin(**{"--prompt": config.prompt, "--features": config.features})
     prompt = inputs.prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
     result = run_intervene(config, loaded, transcoders, prompt)
     print(json.dumps(result, indent=2) if config.json else "\n".join(intervene_lines(result)))
 
