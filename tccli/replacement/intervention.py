@@ -20,7 +20,7 @@ edges into it (`tc circuit`'s edges). The model itself is tccli.replacement.mode
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import Intervention, parse_assignment, parse_node, target_spec_label
 from tccli.replacement.model import ReplacementModel, RowSpec
-from tccli.replacement.targets import target_from_options
+from tccli.replacement.targets import TargetSpec, target_from_options
 from tccli.transcoders.transcoder import Transcoder
 
 # ============================================================================ nodes and interventions
@@ -83,9 +83,17 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 
 
 def run_intervene(
-    config: InterveneConfig, loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str
+    config: InterveneConfig,
+    loaded: LoadedModel,
+    transcoders: dict[int, Transcoder],
+    prompt: str,
+    watched: Optional[TargetSpec] = None,
+    means: Optional[dict[int, torch.Tensor]] = None,
 ) -> dict:
-    """Everything `tc intervene` prints: the target and the next-token distribution, before and after."""
+    """Everything `tc intervene` prints: the target and the next-token distribution, before and after.
+
+    ``watched``: a target to read instead of the one ``config``'s target options name (`tc serve` watches a
+    graph's own target); ``means``: the feature means of ``config.features``, when the caller has them."""
     from tccli.replacement.prompts import prompt_tokens, resolve_position, token_strings
     from tccli.transcoders.files import check_transcoders
 
@@ -93,8 +101,9 @@ def run_intervene(
     interventions = parse_interventions(config)
     tokens = prompt_tokens(loaded, prompt)
     position = resolve_position(config.pos, int(tokens.shape[0]))
-    target = target_from_options(config, loaded, transcoders)
-    means = feature_means(config.features, loaded, transcoders) if config.features else None
+    target = watched if watched is not None else target_from_options(config, loaded, transcoders)
+    if means is None and config.features:
+        means = feature_means(config.features, loaded, transcoders)
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0), means)
     rows = [RowSpec(0), RowSpec(0, interventions)]
     capture = target.capture_names(model) if target is not None else []
