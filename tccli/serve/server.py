@@ -108,8 +108,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, body, "application/json; charset=utf-8")
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own refusals (a malformed request line, an unknown method) as JSON too."""
+        """http.server's own refusals (a malformed request line, an unknown method) as JSON too; an unknown
+        method is the client's mistake (405), not a server's missing feature (501)."""
         self.close_connection = True
+        code = HTTPStatus.METHOD_NOT_ALLOWED if code == HTTPStatus.NOT_IMPLEMENTED else code
         try:
             self._json(code, {"error": one_line(message or HTTPStatus(code).phrase)})
         except OSError:
@@ -226,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
         config = session.graph_config(self.body())
         job = self.app.worker.submit("graph", lambda job: session.compute_graph(config, job))
         if query.get("wait", ["0"])[0] not in ("", "0", "false"):
-            self._finished(job)
+            self._finished(job, self.app.worker.describe)
         else:
             self._json(202, {"job": job.id, "ahead": self.app.worker.ahead(job)})
 
@@ -240,13 +242,14 @@ class Handler(BaseHTTPRequestHandler):
         subgraph, config = session.validate_request(self.body())
         self._finished(self.app.worker.submit("validate", lambda job: session.validate(subgraph, config, job)))
 
-    def _finished(self, job: Any) -> None:
-        """Wait for ``job`` and answer with its result, or its error (the request's fault: 400; ours: 500)."""
+    def _finished(self, job: Any, answer: Any = lambda job: job.result) -> None:
+        """Wait for ``job`` and answer with ``answer(job)`` (its result), or its error (the request's fault: 400;
+        ours: 500)."""
         job.finished.wait()
         if job.state == "done":
-            self._json(200, job.result)
+            self._json(200, answer(job))
         else:
-            self._json(500 if job.internal else 400, {"error": one_line(job.error or "failed"), "job": job.id})
+            self._json(500 if job.internal else 400, {"error": one_line(job.error or "failed")})
 
 
 # (method, name, number of path parts after it) -> handler; the name is /api/NAME's or the first part's
@@ -303,20 +306,21 @@ def serve(config: ServeConfig, log=lambda message: print(f"tc serve: {message}",
     from tccli.transcoders.files import check_transcoders
     from tccli.transcoders.formats import load_transcoder_set
 
+    server = _listening_server(config.host, config.port)  # a port in use is refused before the model loads
     if not config.loopback:
         print(
             f"tc serve: warning: --host {config.host} is not a loopback address and the server has no "
             "authentication: anyone who can reach it can run the model",
             file=sys.stderr,
         )
-    server = _listening_server(config.host, config.port)  # a port in use is refused before the model loads
     try:
         features = None
         if config.features:
             from tccli.features.files import FeaturesFile
 
             features = FeaturesFile.open(config.features)
-        log("loading the model and transcoders")
+        if sys.stderr.isatty():  # a person waits; a script reads one error line or the serving line
+            log("loading the model and transcoders")
         loaded = load_model(config.model, config.device, config.model_dtype)
         transcoders = load_transcoder_set(config.transcoders, loaded.device)
         check_transcoders(transcoders, loaded)

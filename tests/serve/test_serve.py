@@ -238,9 +238,11 @@ def test_prompt_graph_ablation_and_validation_in_chromium(server, inputs, browse
 @pytest.mark.process
 def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server):
     base = server.url
-    status, graphs = request(f"{base}api/graphs")
-    assert status == 200
-    graph_id = graphs["graphs"][0]["id"] if graphs["graphs"] else None
+    status, job = request(f"{base}api/graph?wait=1", "POST", {"prompt": PROMPT})  # the default target: logits
+    assert status == 200 and job["state"] == "done", job
+    graph_id = job["result"]["graph"]
+    status, listed = request(f"{base}api/graphs")
+    assert status == 200 and graph_id in [g["id"] for g in listed["graphs"]]
     cases = [
         ("POST", "api/graph", "{not json", 400, "not JSON"),
         ("POST", "api/graph", "[1, 2]", 400, "JSON object"),
@@ -255,25 +257,41 @@ def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server):
         ("POST", "api/intervene", {"graph": "999", "interventions": []}, 404, "no graph '999'"),
         ("POST", "api/validate", {"nodes": ["mlp0.f1@1"]}, 400, "no 'graph' field"),
         ("GET", "api/jobs/424242", None, 404, "no job"),
-        ("GET", "api/cards/L0.F9999", None, 404, "out of range"),
+        ("GET", "api/cards/L0.F9999", None, 404, "no feature L0.F9999"),
         ("GET", "api/nothing", None, 404, "no such page"),
         ("DELETE", "api/graphs", None, 405, "not allowed"),
     ]
-    if graph_id is not None:
-        cases += [
-            ("POST", "api/intervene", {"graph": graph_id, "interventions": [{"node": "mlp9.f1@1", "op": "ablate"}]},
-             400, "unknown node id 'mlp9.f1@1'"),
-            ("POST", "api/intervene", {"graph": graph_id, "interventions": [{"node": "embed@1", "op": "ablate"}]},
-             400, "embed node"),
-            ("POST", "api/intervene", {"graph": graph_id, "interventions": [{"op": "ablate"}]}, 400, "no 'node'"),
-            ("POST", "api/validate", {"graph": graph_id, "nodes": ["nope@1"]}, 400, "unknown node id 'nope@1'"),
-        ]  # fmt: skip
+    _, graph = request(f"{base}api/graphs/{graph_id}")
+    embed = next(n["id"] for n in graph["nodes"] if n["kind"] == "embed")
+    feature = next(n["id"] for n in graph["nodes"] if n["kind"] == "feature")
+
+    def intervene(*items: dict) -> dict:
+        return {"graph": graph_id, "interventions": list(items)}
+
+    cases += [
+        ("POST", "api/intervene", intervene({"node": "mlp9.f1@1", "op": "ablate"}), 400, "unknown node id 'mlp9.f1@1'"),
+        ("POST", "api/intervene", intervene({"node": embed, "op": "ablate"}), 400, "is a embed node"),
+        ("POST", "api/intervene", intervene({"op": "ablate"}), 400, "no 'node' field"),
+        ("POST", "api/intervene", intervene({"node": feature, "op": "scale"}), 400, "no 'value' field for scale"),
+        ("POST", "api/intervene", intervene({"node": feature, "op": "boost"}), 400, "'op' must be one of"),
+        ("POST", "api/intervene", {**intervene({"node": feature, "op": "ablate"}), "mode": "x"}, 400, "'mode'"),
+        ("POST", "api/validate", {"graph": graph_id, "nodes": ["nope@1"]}, 400, "unknown node id 'nope@1'"),
+        ("POST", "api/validate", {"graph": graph_id, "nodes": [embed]}, 400, "no feature or head node"),
+    ]
     for method, path, body, code, message in cases:
         status, answer = request(base + path, method, body)
         assert status == code, (path, body, answer)
         assert isinstance(answer, dict) and list(answer) == ["error"], answer
         assert message in answer["error"] and "\n" not in answer["error"], (path, answer)
-    # still answering, and the prompt check did not queue anything
+    # http.server's own refusals are JSON too
+    host, port = base.split("//")[1].rstrip("/").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")
+        answer = raw.makefile("rb").read().decode()
+    assert answer.startswith("HTTP/1.0 405") and answer.endswith('{"error": "Unsupported method (\'BREW\')"}')
+    # still answering: an intervention that is fine runs after all that
+    status, result = request(f"{base}api/intervene", "POST", intervene({"node": feature, "op": "scale", "value": 2}))
+    assert status == 200 and result["interventions"] == [f"scale {feature}=2"], result
     status, info = request(f"{base}api/info")
     assert status == 200 and info["layers"] == [0, 1]
     assert server.proc.poll() is None
