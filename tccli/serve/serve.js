@@ -29,7 +29,15 @@
     $("serve-target-a").placeholder = kind.value === "feature" ? "L2.F57" : kind.value === "logit_diff" ? "token A" : "token";
   }
   kind.addEventListener("change", showTargetInputs);
+  // the form starts as the shown graph was asked for
   if (SERVE.prompt != null) $("serve-prompt").value = SERVE.prompt;
+  const asked = SERVE.target || {};
+  if (asked.logit != null) { kind.value = "logit"; $("serve-target-a").value = asked.logit; }
+  if (Array.isArray(asked.logit_diff) && asked.logit_diff.length === 2) {
+    kind.value = "logit_diff"; $("serve-target-a").value = asked.logit_diff[0]; $("serve-target-b").value = asked.logit_diff[1];
+  }
+  if (asked.feature != null) { kind.value = "feature"; $("serve-target-a").value = asked.feature; }
+  if (typeof asked.pos === "number") $("serve-pos").value = String(asked.pos);
 
   function graphRequest() {
     const request = {prompt: $("serve-prompt").value, pos: Number($("serve-pos").value || -1)};
@@ -58,6 +66,8 @@
     ev.preventDefault();
     $("serve-run").disabled = true;
     try {
+      if (kind.value !== "logits" && !$("serve-target-a").value) throw new Error(`type the target's ${kind.value === "feature" ? "feature (L2.F57)" : "token"}`);
+      if (kind.value === "logit_diff" && !$("serve-target-b").value) throw new Error("type the target's token B");
       status("sending…");
       const queued = await call("POST", "/api/graph", graphRequest());
       const result = await follow(queued.job);
@@ -120,7 +130,7 @@
         mode: $("serve-mode").value, ablation: $("serve-ablation").value});
       const t = result.target;
       out.innerHTML = `<p>${esc(result.interventions.join("; "))} (${esc(result.mode)} mode)</p>` +
-        (t ? `<p>target <code>${esc(result.target_node)}</code>: <span id="serve-before">${fmt(t.before)}</span> → ` +
+        (t ? `<p>target <code>${esc(result.target_label || result.target_node)}</code>: <span id="serve-before">${fmt(t.before)}</span> → ` +
           `<b id="serve-after">${fmt(t.after)}</b> (change ${fmt(t.change)})</p>` : "") +
         `<p>KL(before ‖ after) ${fmt(result.kl)} nats</p>` + tops(result);
       if (t) { out.dataset.before = String(t.before); out.dataset.after = String(t.after); }

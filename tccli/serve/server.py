@@ -67,7 +67,9 @@ class App:
         else:
             graph = self.session.graph(graph_id)
             title = f"graph {graph_id}"
-        serve_data = {"graph": graph_id, "prompt": graph.graph["metadata"].get("prompt"), "version": __version__}
+        meta = graph.graph["metadata"]
+        asked = {key: (meta.get("config") or {}).get(key) for key in ("logit", "logit_diff", "feature", "pos")}
+        serve_data = {"graph": graph_id, "prompt": meta.get("prompt"), "target": asked, "version": __version__}
         addon = PageAddon(
             name="tc serve",
             bar=self._bar,

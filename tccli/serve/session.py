@@ -23,7 +23,7 @@ from tccli.config.graph import GraphConfig
 from tccli.config.replacement import ABLATIONS, MODES, InterveneConfig
 from tccli.config.serve import ServeConfig
 from tccli.errors import TcError
-from tccli.nodes import OPS, parse_feature
+from tccli.nodes import OPS, parse_feature, target_description
 from tccli.serve.worker import Job
 
 INTERVENABLE = ("feature", "head", "error")  # node kinds tc intervene can change
@@ -281,7 +281,12 @@ class Session:
         job.progress("running the replacement model", 0, 1)
         watched = target_from_metadata(meta, self.loaded)
         result = run_intervene(config, self.loaded, self.transcoders, config.prompt, watched, self.means())
-        result["target_node"] = graph_target(meta)[1]
+        node = graph_target(meta)[1]
+        result["target_node"] = node
+        if node in graph:  # what it measures, as the graph's target node says: `logit(" 40") - logit(" 20")`
+            attrs = graph.nodes[node]
+            demeaned = " - mean logit" if attrs.get("target_demeaned") else ""
+            result["target_label"] = f"{target_description(attrs)}{demeaned} at {attrs.get('position')}"
         return result
 
     def means(self) -> Optional[dict]:
@@ -312,8 +317,12 @@ class Session:
         mode = _field(body, "mode", str, "free")
         if mode not in VALIDATE_MODES:
             raise BadRequest(f"'mode' must be one of {', '.join(VALIDATE_MODES)}, got {mode!r}")
+        # the page's saved subgraph, node for node and edge for edge in the graph's order (the random circuits
+        # `tc validate` draws depend on the order, so that the figures are those of `tc validate` on that file)
         keep = set(nodes) | {n for n, kind in graph.nodes(data="kind") if kind == "target"}
-        subgraph = graph.subgraph(keep).copy()
+        subgraph = nx.DiGraph()
+        subgraph.add_nodes_from((n, copy.deepcopy(a)) for n, a in graph.nodes(data=True) if n in keep)
+        subgraph.add_edges_from((u, v, dict(a)) for u, v, a in graph.edges(data=True) if u in keep and v in keep)
         subgraph.graph = copy.deepcopy(graph.graph)
         meta = subgraph.graph.setdefault("metadata", {})
         meta.update(

@@ -175,6 +175,9 @@ def test_prompt_graph_ablation_and_validation_in_chromium(server, inputs, browse
     status, graph = request(f"{server.url}api/graphs/{graph_id}")
     assert status == 200 and graph["graph"]["metadata"]["prompt"] == PROMPT
     assert graph["graph"]["metadata"]["targets"][0]["kind"] == "logit"
+    # the form shows what the graph was asked for
+    assert (page.input_value("#serve-prompt"), page.input_value("#serve-target-kind")) == (PROMPT, "logit")
+    assert page.input_value("#serve-target-a") == token
     ids = page.eval_on_selector_all("[data-node-id]", "els => els.map(e => e.getAttribute('data-node-id'))")
     assert sorted(ids) == sorted(str(n["id"]) for n in graph["nodes"]) and len(ids) > 3
 
@@ -195,6 +198,7 @@ def test_prompt_graph_ablation_and_validation_in_chromium(server, inputs, browse
     assert after == pytest.approx(expected["after"], rel=1e-9, abs=1e-12)
     assert after != pytest.approx(before, abs=1e-6)  # the strongest direct input moved the target
     assert page.text_content("#serve-after") == page.evaluate("(v) => String(Number(v.toPrecision(5)))", after)
+    assert f'target logit("{token}") at ' in page.text_content("#serve-intervene-result")
 
     # pin two features and validate them: tc validate's figures for the same subgraph
     features = [n["id"] for n in graph["nodes"] if n["kind"] == "feature"][:2]
@@ -213,6 +217,9 @@ def test_prompt_graph_ablation_and_validation_in_chromium(server, inputs, browse
     assert float(shown.get_attribute("data-necessity")) == pytest.approx(circuit["necessity"], rel=1e-9)
     assert float(shown.get_attribute("data-sufficiency")) == pytest.approx(circuit["sufficiency"], rel=1e-9)
     assert "necessity" in page.text_content("#serve-validate-result")
+    status, answer = request(f"{server.url}api/validate", "POST", {"graph": graph_id, "nodes": features})
+    assert status == 200 and answer["results"]["random"] == json.loads(cli.stdout)["random"]  # the same draws
+    assert answer["summary"][1:] == [line for line in cli.stderr.splitlines() if line.startswith("  ")]
 
     # a feature's card comes from the server when the node is clicked: tc show's card
     from tccli.features.files import FeaturesFile
