@@ -109,7 +109,7 @@ class ModelWorker:
             job = self._queue.get()
             with self._lock:
                 self._waiting.remove(job.id)
-                job.state = "running"
+                job.state, job.stage = "running", "starting"
             start = time.perf_counter()
             try:
                 job.result = job.run(job)

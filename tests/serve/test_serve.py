@@ -239,6 +239,39 @@ def test_prompt_graph_ablation_and_validation_in_chromium(server, inputs, browse
     page.close()
 
 
+@pytest.mark.process
+def test_a_queued_graph_is_followed_to_its_page(server):
+    """POST /api/graph answers at once with a job; the job goes queued -> running -> done, and the graph's
+    page (and /, the newest) is tc view's page of that graph, allowed to talk to its server only."""
+    from tccli.circuit.files import from_json
+
+    status, queued = request(f"{server.url}api/graph", "POST", {"prompt": PROMPT, "target": {"feature": "L1.F3"}})
+    assert status == 202 and set(queued) == {"job", "ahead"}
+    seen, deadline = [], time.time() + 300
+    while time.time() < deadline:
+        status, state = request(f"{server.url}api/jobs/{queued['job']}")
+        assert status == 200 and state["job"] == queued["job"] and state["kind"] == "graph"
+        if not seen or seen[-1] != state["state"]:
+            seen.append(state["state"])
+        if state["state"] == "running":
+            assert state["stage"] and 0 <= state["done"] <= max(state["total"], 1)
+        if state["state"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert seen[-1] == "done" and set(seen) <= {"queued", "running", "done"}, seen
+    graph_id = state["result"]["graph"]
+    status, text = request(f"{server.url}api/graphs/{graph_id}")
+    graph = from_json(json.dumps(text), "served")
+    assert (
+        graph.graph["metadata"]["targets"][0] | {"kind": "feature", "layer": 1, "feature": 3}
+        == graph.graph["metadata"]["targets"][0]
+    )
+    assert (graph.number_of_nodes(), graph.number_of_edges()) == (state["result"]["nodes"], state["result"]["edges"])
+    status, page = request(f"{server.url}graph/{graph_id}")
+    assert status == 200 and f'"graph": "{graph_id}"' in page and "connect-src 'self'" in page
+    assert request(server.url)[1] == page  # / shows the newest graph
+
+
 # ---------------------------------------------------------------------------- bad requests
 
 
