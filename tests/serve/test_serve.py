@@ -276,7 +276,7 @@ def test_a_queued_graph_is_followed_to_its_page(server):
 
 
 @pytest.mark.process
-def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server):
+def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server, inputs):
     base = server.url
     status, job = request(f"{base}api/graph?wait=1", "POST", {"prompt": PROMPT})  # the default target: logits
     assert status == 200 and job["state"] == "done", job
@@ -330,8 +330,20 @@ def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server):
         answer = raw.makefile("rb").read().decode()
     assert answer.startswith("HTTP/1.0 405") and answer.endswith('{"error": "Unsupported method (\'BREW\')"}')
     # still answering: an intervention that is fine runs after all that
-    status, result = request(f"{base}api/intervene", "POST", intervene({"node": feature, "op": "scale", "value": 2}))
-    assert status == 200 and result["interventions"] == [f"scale {feature}=2"], result
+    # (mean ablation and a scaling: the next tokens and KL are tc intervene's)
+    err = next(n["id"] for n in graph["nodes"] if n["kind"] == "error")
+    asked = intervene({"node": feature, "op": "ablate"}, {"node": err, "op": "scale", "value": 2})
+    status, result = request(f"{base}api/intervene", "POST", {**asked, "ablation": "mean", "mode": "frozen"})
+    assert status == 200 and result["interventions"] == [f"ablate {feature}", f"scale {err}=2"], result
+    cli = run_tc(
+        "intervene", "--model", inputs["model"], "--transcoders", inputs["tcs"], "--prompt", PROMPT, "--device", "cpu",
+        "--ablate", feature, "--scale", f"{err}=2", "--ablation", "mean", "--features", inputs["features"],
+        "--mode", "frozen", "--json",
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)
+    assert result["kl"] == pytest.approx(expected["kl"], rel=1e-9) and result["kl"] > 0
+    assert result["top_after"] == expected["top_after"] and result["ablation"] == "mean"
     status, info = request(f"{base}api/info")
     assert status == 200 and info["layers"] == [0, 1]
     assert server.proc.poll() is None
