@@ -49,8 +49,15 @@ def _field(body: dict, name: str, kinds: type | tuple[type, ...], default: Any =
     numbers = (int, float)
     if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
         raise BadRequest(f"{name!r} must be {_kind_names(kinds)}, got {json_type(value)}")
-    if not isinstance(value, kinds) or (kinds == numbers and not math.isfinite(value)):
+    if not isinstance(value, kinds):
         raise BadRequest(f"{name!r} must be {_kind_names(kinds)}, got {json_type(value)}")
+    if kinds == numbers:
+        try:
+            value = float(value)  # JSON's NaN, Infinity and integers beyond a float are refused
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise BadRequest(f"{name!r} must be a finite number, got {body[name]!r:.40}")
     return value
 
 

@@ -7,6 +7,7 @@ non-loopback host, a port in use. The worker queue on its own: one job at a time
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -314,6 +315,15 @@ def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(server, inputs):
         ("POST", "api/intervene", intervene({"op": "ablate"}), 400, "no 'node' field"),
         ("POST", "api/intervene", intervene({"node": feature, "op": "scale"}), 400, "no 'value' field for scale"),
         ("POST", "api/intervene", intervene({"node": feature, "op": "boost"}), 400, "'op' must be one of"),
+        ("POST", "api/intervene", intervene({"node": feature, "op": "set", "value": 10**400}), 400, "finite number"),
+        (
+            "POST",
+            "api/intervene",
+            json.dumps(intervene({"node": feature, "op": "set", "value": math.nan})),
+            400,
+            "finite",
+        ),
+        ("POST", "api/intervene", intervene({"node": feature, "op": "set", "value": True}), 400, "must be a number"),
         ("POST", "api/intervene", {**intervene({"node": feature, "op": "ablate"}), "mode": "x"}, 400, "'mode'"),
         ("POST", "api/validate", {"graph": graph_id, "nodes": ["nope@1"]}, 400, "unknown node id 'nope@1'"),
         ("POST", "api/validate", {"graph": graph_id, "nodes": [embed]}, 400, "no feature or head node"),
