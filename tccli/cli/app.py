@@ -27,6 +27,7 @@ from tccli.config.evaluation import EvalConfig, GreaterThanConfig, PlotConfig, V
 from tccli.config.features import ScoreConfig, ShowConfig
 from tccli.config.graph import GraphConfig
 from tccli.config.replacement import InterveneConfig
+from tccli.config.serve import ServeConfig
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import ConvertConfig
 from tccli.config.view import ViewConfig
@@ -501,6 +502,18 @@ def validate_command(config: ValidateConfig) -> None:
     print("\n".join(summary_lines(results)), file=sys.stderr)
     if config.json:
         print(results_json(results))
+
+
+@app.command(
+    "serve", epilog=example("tc serve --transcoders tcs --features features.h5  # then open http://127.0.0.1:8000/")
+)
+@command_from(ServeConfig)
+def serve_command(config: ServeConfig) -> None:
+    """Serve tc view's page on a local web server that also computes graphs for typed prompts, interventions
+    and validations on the model (no authentication: keep --host on the loopback). Ctrl-C stops it."""
+    from tccli.serve.server import serve
+
+    serve(config)
 
 
 # ============================================================================ entry point

@@ -24,7 +24,7 @@ later layer it writes to, at once; ``err8@5`` is everything the CLT misses at ML
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,7 +33,7 @@ from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import Intervention, parse_assignment, parse_node, target_spec_label
 from tccli.replacement.model import ReplacementModel, RowSpec, Transcoders, layer_views
-from tccli.replacement.targets import target_from_options
+from tccli.replacement.targets import TargetSpec, target_from_options
 from tccli.transcoders.transcoder import Transcoder
 
 # ============================================================================ means for mean ablation
@@ -74,9 +74,19 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum())
 
 
-def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: Transcoders, prompt: str) -> dict:
+def run_intervene(
+    config: InterveneConfig,
+    loaded: LoadedModel,
+    transcoders: Transcoders,
+    prompt: str,
+    watched: Optional[TargetSpec] = None,
+    means: Optional[dict[int, torch.Tensor]] = None,
+) -> dict:
     """Everything `tc intervene` prints: the target and the next-token distribution, before and after.
-    ``transcoders``: a per-layer set {layer: Transcoder} or a CrossLayerTranscoder."""
+
+    ``transcoders``: a per-layer set {layer: Transcoder} or a CrossLayerTranscoder. ``watched``: a target to
+    read instead of the one ``config``'s target options name (`tc serve` watches a graph's own target);
+    ``means``: the feature means of ``config.features``, when the caller has them."""
     from tccli.replacement.prompts import prompt_tokens, resolve_position, token_strings
     from tccli.transcoders.files import check_transcoders
 
@@ -85,8 +95,9 @@ def run_intervene(config: InterveneConfig, loaded: LoadedModel, transcoders: Tra
     interventions = parse_interventions(config)
     tokens = prompt_tokens(loaded, prompt)
     position = resolve_position(config.pos, int(tokens.shape[0]))
-    target = target_from_options(config, loaded, views)
-    means = feature_means(config.features, loaded, views) if config.features else None
+    target = watched if watched is not None else target_from_options(config, loaded, views)
+    if means is None and config.features:
+        means = feature_means(config.features, loaded, views)
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0), means)
     rows = [RowSpec(0), RowSpec(0, interventions)]
     capture = target.capture_names(model) if target is not None else []

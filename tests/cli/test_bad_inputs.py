@@ -912,6 +912,21 @@ CASES["view"] = [
     Case("bad-min-edge", ("view", "{graph}", "--min-edge", "-1", "--out", "{tmp}/v.html"), "--min-edge must be"),
 ]
 
+SERVE = ("serve", T, "{tcs}", *CPU, "--port", "0")  # any free port: a case that got through would serve
+CASES["serve"] = [  # tc serve (issue 26): every case fails before it serves
+    Case("no-transcoders", ("serve",), "Missing option"),
+    Case("bad-port", (*SERVE, "--port", "70000"), "--port must be in 0-65535"),
+    Case("bad-queue", (*SERVE, "--queue", "0"), "--queue must be at least 1"),
+    Case("bad-min-edge", (*SERVE, "--min-edge", "nan"), "--min-edge must be"),
+    Case("bad-threshold", (*SERVE, "--node-threshold", "2"), "--node-threshold must be between 0 and 1"),
+    Case("empty-host", (*SERVE, "--host", " "), "--host is empty"),
+    Case("missing-transcoders", ("serve", T, "{tmp}/none", *CPU, "--port", "0"), "do not exist"),
+    Case("sae", ("serve", T, "{sae}", *CPU, "--port", "0"), "holds an SAE"),
+    Case("other-model", ("serve", T, "{other_tcs}", *CPU, "--port", "0"), "was trained on the model"),
+    Case("features-missing", (*SERVE, "--features", "{tmp}/f.h5"), "does not exist"),
+    Case("features-not-features", (*SERVE, "--features", "{text}"), "features file"),
+]
+
 DEEMBED = ("deembed", T, "{tcs}", *CPU)
 CASES["deembed"] = [
     Case("no-feature", ("deembed", T, "{tcs}"), "Missing option"),
