@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 
 from tccli.config.fields import to_json_dict
-from tccli.config.training import TrainConfig
+from tccli.config.training import CLT, TrainConfig
 from tccli.config.transcoders import K_ACTIVATIONS, TranscoderConfig
 from tccli.errors import TcError, fail
 from tccli.runtime import allocator, distributed, interrupts, outputs
@@ -64,8 +64,9 @@ from tccli.transcoders.files import layer_folder_name, save_transcoder
 from tccli.transcoders.transcoder import Transcoder
 
 
-def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
-    """Run `tc train`; returns the trained transcoders by layer (also saved under ``config.out``).
+def train(config: TrainConfig, cache: Any = None) -> Any:
+    """Run `tc train`; returns the trained transcoders by layer (also saved under ``config.out``), or with
+    --kind clt the trained ``CrossLayerTranscoder`` (saved as ``clt`` in ``config.out``; see ``clt_train``).
 
     ``cache`` may be passed in (an open ActivationCache or an object with the same API); otherwise
     ``config.cache`` is opened. Under torchrun the ranks train together (see ``tccli.runtime.distributed``).
@@ -108,6 +109,10 @@ def _train(
 ) -> dict[int, Transcoder]:
     from tccli.model.loading import resolve_device
 
+    if config.kind == CLT:
+        from tccli.training.clt_train import train_clt
+
+        return train_clt(config, cache, dist, held)
     device = resolve_device(config.device)
     out = Path(config.out)
     owns_cache = cache is None
