@@ -305,3 +305,30 @@ def test_ctrl_c_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_clt(load_cross_layer(tmp_path / "straight" / "clt"), load_cross_layer(tmp_path / "stopped" / "clt"))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_tc_train_kind_clt_from_a_real_cache(tmp_path, tiny_model_dirs, text_file):
+    from conftest import run_tc
+
+    cache = tmp_path / "acts.h5"
+    args = ("--data", str(text_file), "--tokens", "4k", "--context", "32", "--dtype", "float32", "--quiet")
+    result = run_tc("cache", "--model", str(tiny_model_dirs["llama"]), *args, "--layers", "0,1", "--out", str(cache))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "clt_run"
+    train_args = ("--cache", str(cache), "--layers", "all", "--tokens", "8k", "--batch-size", "512", "--expansion", "2")
+    result = run_tc("train", "--kind", "clt", *train_args, "--activation", "batchtopk", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    # one metric line per layer at the last step (15 steps, --log-every 50)
+    lines = result.stderr.splitlines()
+    assert [line.split(" lr ")[0] for line in lines] == ["step 15/15 layer 0", "step 15/15 layer 1"]
+    clt = load_transcoders(str(out / "clt"))
+    assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1]
+    assert clt.config.model_architecture == "LlamaForCausalLM"
+    assert clt.config.output_hooks == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    assert clt.config.training["kind"] == "clt" and clt.config.k == 16
+    result = run_tc("train", "--kind", "clt", *train_args, "--out", str(tmp_path / "bad"), "--optimizer", "signum")
+    assert result.returncode == 2 and result.stderr == "tc: error: --kind clt trains with --optimizer adam only\n"
