@@ -33,7 +33,6 @@ from typing import Optional
 
 import torch
 
-from tccli.training.sparse_coding import jump_relu
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
 
 
@@ -97,14 +96,46 @@ def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
     return W_dec.pow(2).sum(dim=(1, 2)).sqrt()
 
 
+class _TanhPenalty(torch.autograd.Function):
+    """sum over entries of tanh(a * w) (a: [n, m], w: [m]); the backward pass in four passes over [n, m]."""
+
+    @staticmethod
+    def forward(ctx, activations, weights):
+        t = torch.mul(activations, weights).tanh_()
+        ctx.save_for_backward(activations, weights, t)
+        return t.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        activations, weights, t = ctx.saved_tensors
+        slope = torch.addcmul(torch.ones_like(t), t, t, value=-1.0)  # sech^2 = 1 - tanh^2
+        grad_weights = torch.mul(slope, activations).sum(dim=0) * grad if ctx.needs_input_grad[1] else None
+        return slope.mul_(weights * grad), grad_weights
+
+
 def tanh_penalty(activations: torch.Tensor, norms: torch.Tensor, scale: float) -> torch.Tensor:
     """Mean over tokens of sum_i tanh(scale * a_i * norms_i) (activations: [n, m], norms: [m])."""
-    return torch.tanh(scale * activations * norms).sum() / activations.shape[0]
+    return _TanhPenalty.apply(activations, scale * norms) / activations.shape[0]
+
+
+class _NegativePart(torch.autograd.Function):
+    """sum of ReLU(-pre), with one pass each way (a boolean mask kept for the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, pre):
+        negative = pre < 0
+        ctx.save_for_backward(negative)
+        return -torch.where(negative, pre, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (negative,) = ctx.saved_tensors
+        return torch.where(negative, -grad, 0.0)
 
 
 def pre_activation_penalty(pre: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of sum_i ReLU(-pre_i)."""
-    return torch.relu(-pre).sum() / pre.shape[0]
+    return _NegativePart.apply(pre) / pre.shape[0]
 
 
 def normalized_mse(
@@ -119,6 +150,32 @@ def lambda_at(step: int, total_steps: int, coef: float, ramp_fraction: float) ->
     """lambda ramped linearly from coef / ramp_steps at step 0 to coef over the first ``ramp_fraction`` of the run."""
     ramp_steps = int(round(ramp_fraction * total_steps))
     return coef * min(1.0, (step + 1) / ramp_steps) if ramp_steps > 0 else coef
+
+
+class _DenseJumpReLU(torch.autograd.Function):
+    """pre * H(pre - threshold) over a dense [n, m] matrix (threshold [m]), with the straight-through estimator
+    of tccli.training.sparse_coding.jump_relu: d/d pre = H(pre - threshold), d/d threshold = -threshold /
+    bandwidth * K((pre - threshold) / bandwidth), K the unit rectangle. Only two boolean masks are kept for
+    the backward pass, and the threshold's gradient is summed over tokens in one pass."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        gap = pre - threshold
+        active = gap > 0
+        near = gap.abs_() < bandwidth / 2
+        ctx.save_for_backward(active, near, threshold)
+        ctx.bandwidth = bandwidth
+        return torch.where(active, pre, 0.0)  # (where, not a product with the mask: no float copy of it)
+
+    @staticmethod
+    def backward(ctx, grad):
+        active, near, threshold = ctx.saved_tensors
+        grad_threshold = -(threshold / ctx.bandwidth) * torch.where(near, grad, 0.0).sum(dim=0)
+        return torch.where(active, grad, 0.0), grad_threshold, None
+
+
+def jump_relu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _DenseJumpReLU.apply(pre, threshold, bandwidth)
 
 
 # ----------------------------------------------------------------------------- selections across shards
@@ -165,29 +222,26 @@ def auxk_masks(
 # ----------------------------------------------------------------------------- the step
 
 
-def decode_parts(clt: CrossLayerTranscoder, activations: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per target layer [n, d_out]: this shard's features' part of the reconstruction (no biases, no skip);
-    one product per source layer, covering all its targets."""
-    n_layers = len(activations)
-    parts: list[Optional[torch.Tensor]] = [None] * n_layers
+def decode_parts(clt: CrossLayerTranscoder, activations: list[torch.Tensor]) -> torch.Tensor:
+    """[n, L, d_out]: this shard's features' part of every layer's reconstruction (no biases, no skip); one
+    product per source layer, covering all its targets, added into the slice of the layers it writes to (so
+    the backward pass hands each product its gradient as one slice, not one copy per target)."""
+    n_layers, n = len(activations), activations[0].shape[0]
+    W_first = clt.W_dec[str(clt.layers[0])]
+    parts = W_first.new_zeros(n, n_layers, W_first.shape[-1])
     for j, (layer, z) in enumerate(zip(clt.layers, activations)):
         W = clt.W_dec[str(layer)]
-        writes = (z @ W.reshape(W.shape[0], -1)).view(z.shape[0], n_layers - j, W.shape[-1])
-        for offset in range(n_layers - j):
-            write = writes[:, offset]
-            parts[j + offset] = write if parts[j + offset] is None else parts[j + offset] + write
-    return parts  # type: ignore[return-value]
+        parts[:, j:] += (z @ W.reshape(W.shape[0], -1)).view(n, n_layers - j, W.shape[-1])
+    return parts
 
 
-def summed(parts: list[torch.Tensor], comm: Comm) -> list[torch.Tensor]:
-    """The parts summed over processes in one all-reduce; the gradient of each sum reaches this process's
-    part as it is (value: the all-reduced sum exactly, the same on every process)."""
+def summed(parts: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """``parts`` summed over processes in one all-reduce; the gradient of the sum reaches this process's parts
+    as it is (value: the all-reduced sum exactly, the same on every process)."""
     if comm.world == 1:
         return parts
-    flat = torch.cat([p.reshape(-1) for p in parts])
-    total = comm.sum(flat.detach())
-    flat = total + (flat - flat.detach())
-    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
+    total = comm.sum(parts.detach())
+    return total + (parts - parts.detach())
 
 
 def pre_activations(clt: CrossLayerTranscoder, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -217,7 +271,7 @@ def activations_of(
         masks, cutoff = topk_masks(pres, settings.k, comm), None
     else:
         masks, cutoff = batchtopk_masks(pres, settings.k, comm)
-    return [torch.relu(p) * mask for p, mask in zip(pres, masks)], cutoff
+    return [torch.where(mask, torch.relu(p), 0.0) for p, mask in zip(pres, masks)], cutoff
 
 
 def outputs_of(clt: CrossLayerTranscoder, inputs: list[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -247,12 +301,12 @@ def clt_loss(
     pres = pre_activations(clt, inputs)
     zs, cutoff = activations_of(clt, pres, settings, scales, comm)
     parts = decode_parts(clt, zs)
-    aux_parts: list[torch.Tensor] = []
+    n_layers = len(zs)
     if use_aux:
         masks = auxk_masks(pres, dead, settings.aux_k, comm)
-        aux_parts = decode_parts(clt, [p * mask for p, mask in zip(pres, masks)])
-    together = summed(parts + aux_parts, comm)  # one all-reduce for the reconstruction and AuxK's
-    outputs = outputs_of(clt, inputs, together[: len(parts)])
+        parts = torch.cat([parts, decode_parts(clt, [p * mask for p, mask in zip(pres, masks)])], dim=1)
+    together = summed(parts, comm).unbind(1)  # one all-reduce for the reconstruction and AuxK's
+    outputs = outputs_of(clt, inputs, list(together[:n_layers]))
     reconstruction, layer_mse = normalized_mse(outputs, targets, scales.target_variance)
     penalty = reconstruction.new_zeros(())
     if settings.activation in ("relu", "jumprelu"):
@@ -264,14 +318,13 @@ def clt_loss(
                 penalty = penalty + settings.pre_act_coef * pre_activation_penalty(pre)
     aux = reconstruction.new_zeros(())
     if use_aux:
-        aux = auxk_loss(together[len(parts) :], targets, outputs)
+        aux = auxk_loss(list(together[n_layers:]), targets, outputs)
     loss = reconstruction + penalty + settings.aux_coef * aux
     with torch.no_grad():
-        active = torch.stack([z > 0 for z in zs])  # [L, n, m_local]
+        fires = torch.stack([torch.count_nonzero(z, dim=0) for z in zs])  # [L, m_local]
         selected_min = None
         if settings.activation == "batchtopk":
-            stacked = torch.stack([z.detach() for z in zs])
-            selected_min = stacked.masked_fill(~active, float("inf")).amin(dim=1)
+            selected_min = torch.stack([torch.where(z > 0, z, float("inf")).amin(dim=0) for z in zs])
     return CLTStepResult(
         loss,
         reconstruction,
@@ -279,8 +332,8 @@ def clt_loss(
         outputs,
         penalty,
         aux,
-        active.sum(dim=1),
-        active.sum(dim=(1, 2)),
+        fires,
+        fires.sum(dim=1),
         selected_min,
         cutoff,
     )
@@ -372,8 +425,7 @@ def calibrate_encoders_(
     with torch.no_grad():
         pres = pre_activations(clt, inputs)
         zs, _ = activations_of(clt, pres, settings, scales)
-        parts = decode_parts(clt, zs)
-        produced = sum(float(spread(p, 0)) for p in parts) ** 0.5
+        produced = float(decode_parts(clt, zs).pow(2).sum()) ** 0.5
         wanted = sum(float(spread(y, y.mean(dim=0))) for y in targets) ** 0.5
         if produced > 0:
             factor = ratio * wanted / produced

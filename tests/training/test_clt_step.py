@@ -36,6 +36,21 @@ def test_tanh_penalty_by_hand():
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
+def test_tanh_penalty_gradients_are_those_of_the_formula():
+    a = torch.tensor([[0.2, 0.0, 1.5], [0.1, 2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    norms = torch.tensor([5.0, 1.0, 0.3], dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(clt_step.tanh_penalty(a, norms, 0.5), (a, norms))
+    a2, norms2 = a.detach().requires_grad_(), norms.detach().requires_grad_()
+    expected = torch.autograd.grad(torch.tanh(0.5 * a2 * norms2).sum() / 2, (a2, norms2))
+    torch.testing.assert_close(got, expected)
+
+
+def test_pre_activation_penalty_gradient():
+    pre = torch.tensor([[-1.0, 2.0], [-0.5, 0.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(clt_step.pre_activation_penalty(pre), (pre,))
+    assert grad.tolist() == [[-0.5, 0.0], [-0.5, 0.0]]
+
+
 def test_pre_activation_penalty_by_hand():
     pre = torch.tensor([[-1.0, 2.0], [-0.5, -0.25]])
     assert float(clt_step.pre_activation_penalty(pre)) == pytest.approx((1.0 + 0.5 + 0.25) / 2)
@@ -115,8 +130,29 @@ def test_decode_parts_is_the_clt_decoder_without_biases():
     zs = [torch.relu(torch.randn(6, 5)) for _ in range(3)]
     parts = clt_step.decode_parts(clt, zs)
     reference = clt.decode({layer: z for layer, z in zip(clt.layers, zs)})
-    for layer, part in zip(clt.layers, parts):
-        torch.testing.assert_close(part + clt.b_dec[str(layer)], reference[layer])
+    assert parts.shape == (6, 3, 4)
+    for j, layer in enumerate(clt.layers):
+        torch.testing.assert_close(parts[:, j] + clt.b_dec[str(layer)], reference[layer])
+
+
+def test_dense_jump_relu_has_the_estimators_of_sparse_coding():
+    from tccli.training import sparse_coding
+
+    pre = torch.tensor([[0.5, 1.05, 2.3], [0.98, 0.2, 1.95]], requires_grad=True)
+    threshold = torch.tensor([1.0, 1.0, 1.9], requires_grad=True)
+    upstream = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    out = clt_step.jump_relu(pre, threshold, 0.2)
+    assert torch.equal(out, torch.tensor([[0.0, 1.05, 2.3], [0.0, 0.0, 1.95]]))
+    grad_pre, grad_threshold = torch.autograd.grad((out * upstream).sum(), (pre, threshold))
+    assert grad_pre.tolist() == [[0.0, 2.0, 3.0], [0.0, 0.0, 6.0]]
+    # within half a bandwidth (0.1) of its threshold: 0.98 (feature 0), 1.05 (feature 1), 1.95 (feature 2)
+    expected = [-(1.0 / 0.2) * 4.0, -(1.0 / 0.2) * 2.0, -(1.9 / 0.2) * 6.0]
+    torch.testing.assert_close(grad_threshold, torch.tensor(expected))
+    pre2, threshold2 = pre.detach().requires_grad_(), threshold.detach().requires_grad_()
+    reference = sparse_coding.jump_relu(pre2, threshold2.expand(2, 3), 0.2)
+    torch.testing.assert_close(
+        torch.autograd.grad((reference * upstream).sum(), (pre2, threshold2)), (grad_pre, grad_threshold)
+    )
 
 
 # ----------------------------------------------------------------------------- selections
