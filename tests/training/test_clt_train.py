@@ -177,7 +177,7 @@ def test_bad_options(tmp_path, overrides, message):
 # ----------------------------------------------------------------------------- real processes
 
 RUNNER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {helpers!r})
     import torch
     torch.set_num_threads(1)
@@ -201,6 +201,10 @@ RUNNER = textwrap.dedent("""
     except interrupts.Interrupted as exc:
         print(exc.detail, file=sys.stderr)
         sys.exit(exc.exit_code)
+    # as `tc` does under torchrun (tccli.cli.app._exit_torchrun_rank): gloo sometimes aborts in torch's
+    # exit-time destructors after everything is written
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 
