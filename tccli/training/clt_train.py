@@ -34,6 +34,7 @@ from tccli.runtime import distributed, interrupts, outputs
 from tccli.training import clt_step
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader, check_cache, data_stats, open_cache
 from tccli.training.run_folder import CHECKPOINT_FILE, CLT_FOLDER, Reporter, check_same_run, trim_log
+from tccli.training.run_setup import layer_generator, open_out, run_log, step_threads, torch_threads
 from tccli.training.step_math import clamp_min_, learning_rate
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
 
@@ -87,19 +88,12 @@ def checkpoint_name(dist: distributed.Distributed) -> str:
     return f"{stem}.rank{dist.rank}-of-{dist.world}{dot}{suffix}"
 
 
-def _log(config: TrainConfig):
-    from tccli.training.train import _log as log
-
-    return log(config)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 def train_clt(config: TrainConfig, cache: Any, dist: distributed.Distributed, held: contextlib.ExitStack):
     """The CLT run (``train.train`` calls it for --kind clt, inside the process group and --out's lock)."""
     from tccli.model.loading import resolve_device
-    from tccli.training.train import _open_out, step_threads, torch_threads
 
     device = resolve_device(config.device)
     out = Path(config.out)
@@ -113,7 +107,7 @@ def train_clt(config: TrainConfig, cache: Any, dist: distributed.Distributed, he
         if m % dist.world:
             raise fail(f"--kind clt shards the {m} features of each layer across {dist.world} ranks: use a multiple")
         schedule = ShuffleSchedule(cache.n_rows, cache.context, config.batch_size, config.shuffle_buffer, config.seed)
-        continuing = dist.from_main(lambda: _open_out(config, cache, layers, held))
+        continuing = dist.from_main(lambda: open_out(config, cache, layers, held))
         torch.manual_seed(config.seed)
         stats = data_stats(cache, layers, "transcoder")
         whole, scales = initial_clt(config, cache, layers, stats)
@@ -129,7 +123,7 @@ def train_clt(config: TrainConfig, cache: Any, dist: distributed.Distributed, he
                     f"--resume: {out} holds {', '.join(others)}, not {name}: resume a CLT run with the number "
                     "of torchrun processes that started it"
                 )
-            _log(config)(f"{out} holds no checkpoint yet; continuing the run from step 0")
+            run_log(config)(f"{out} holds no checkpoint yet; continuing the run from step 0")
         if continuing and dist.is_main:
             trim_log(out, start_step)
         multiply_adds = d_model * m * config.batch_size * len(layers) * (len(layers) + 3) // 2
@@ -189,8 +183,6 @@ def initial_clt(
     config: TrainConfig, cache: Any, layers: list[int], stats: dict[int, DataStats]
 ) -> tuple[CrossLayerTranscoder, clt_step.CLTScales]:
     """The whole initial CLT (on the CPU, the same on every rank) and the loss's constants."""
-    from tccli.training.train import layer_generator
-
     d_model = int(cache.d_model)
     clt = CrossLayerTranscoder(clt_config(config, cache, layers, config.n_features(d_model)))
     clt_step.init_clt_(
