@@ -28,7 +28,7 @@ single process keeps. The penalties are sums over features, so each process adds
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -85,7 +85,6 @@ class CLTStepResult:
     active: torch.Tensor  # [L] this process's active features summed over tokens
     selected_min: Optional[torch.Tensor] = None  # batchtopk [L, m_local]: smallest selected activation (inf: none)
     cutoff: Optional[torch.Tensor] = None  # batchtopk: the batch's cut-off (the smallest selected value)
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- loss terms
