@@ -159,6 +159,15 @@ def test_resume_refuses_changed_options_and_force_starts_over(tmp_path):
     ]
 
 
+def test_resume_needs_the_number_of_processes_that_started_the_run(tmp_path):
+    config = clt_config(tmp_path, tokens=64 * 10)
+    train(config, toy_cache(layers=LAYERS))
+    out = Path(config.out)
+    (out / CHECKPOINT_FILE).rename(out / "checkpoint.rank0-of-2.tcstate")
+    with pytest.raises(TcError, match=r"holds checkpoint.rank0-of-2.tcstate, not checkpoint.tcstate: resume a CLT"):
+        train(clt_config(tmp_path, tokens=64 * 10, resume=True), toy_cache(layers=LAYERS))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
