@@ -101,7 +101,7 @@ def test_batchtopk_thresholds_give_about_k_active_features_per_token(tmp_path):
     with torch.no_grad():
         _, activations = trained({layer: torch.from_numpy(cache.arrays[layer][0]) for layer in LAYERS})
     l0 = sum(float((a > 0).sum(dim=-1).float().mean()) for a in activations.values())
-    assert 3 <= l0 <= 12, l0  # k = 6 per token over every layer in training
+    assert 4.5 <= l0 <= 7.5, l0  # k = 6 per token over every layer in training (measured: 5.4)
 
 
 def test_same_seed_same_clt(tmp_path):
