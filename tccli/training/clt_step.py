@@ -9,7 +9,7 @@ output of layer ``l`` and ``a_l`` the activations of layer ``l``'s features:
     loss   = sum_t mean_tokens ||yhat_t - y_t||^2 / var_t                       (per-layer normalised MSE)
            + lambda * mean_tokens sum_(l,i) tanh(c * a_(l,i) * ||W_dec^(l -> .)_i||)    (relu, jumprelu)
            + pre_act_coef * mean_tokens sum_(l,i) ReLU(-pre_(l,i))                    (relu, jumprelu)
-           + aux_coef * AuxK                                                          (topk, batchtopk)
+           + aux_coef * AuxK (dead features reconstruct the residual)                 (every activation)
 
 ``var_t`` is the mean over tokens of ||y_t - mean y_t||^2, so each layer's term is its FVU and no layer
 dominates; ``||W_dec^(l -> .)_i||`` is the norm of the concatenation of feature i's decoders to every
@@ -71,6 +71,7 @@ class CLTScales:
     target_variance: tuple[float, ...]  # per layer: mean over tokens of ||y - mean y||^2
     tanh_scale: float = 1.0  # c of the tanh penalty, in activation x decoder-norm units
     bandwidth: tuple[float, ...] = ()  # jumprelu, per layer: the estimators' kernel width
+    threshold_scale: tuple[float, ...] = ()  # jumprelu, per layer: the mean initial threshold
 
 
 @dataclass
@@ -221,16 +222,22 @@ def auxk_masks(
 # ----------------------------------------------------------------------------- the step
 
 
-def decode_parts(clt: CrossLayerTranscoder, activations: list[torch.Tensor]) -> torch.Tensor:
+def decode_parts(
+    clt: CrossLayerTranscoder, activations: list[torch.Tensor], features: Optional[list[torch.Tensor]] = None
+) -> torch.Tensor:
     """[n, L, d_out]: this shard's features' part of every layer's reconstruction (no biases, no skip); one
     product per source layer, covering all its targets, added into the slice of the layers it writes to (so
-    the backward pass hands each product its gradient as one slice, not one copy per target)."""
+    the backward pass hands each product its gradient as one slice, not one copy per target). With
+    ``features`` (per layer, the indices of the features ``activations`` hold, in their order), only those
+    features' decoders are used (AuxK's dead features: a product as small as they are few)."""
     n_layers, n = len(activations), activations[0].shape[0]
     W_first = clt.W_dec[str(clt.layers[0])]
     parts = W_first.new_zeros(n, n_layers, W_first.shape[-1])
     for j, (layer, z) in enumerate(zip(clt.layers, activations)):
         W = clt.W_dec[str(layer)]
-        parts[:, j:] += (z @ W.reshape(W.shape[0], -1)).view(n, n_layers - j, W.shape[-1])
+        if features is not None:
+            W = W.index_select(0, features[j])
+        parts[:, j:] += (z @ W.reshape(W.shape[0], W.shape[1] * W.shape[2])).view(n, n_layers - j, W.shape[-1])
     return parts
 
 
@@ -301,9 +308,16 @@ def clt_loss(
     zs, cutoff = activations_of(clt, pres, settings, scales, comm)
     parts = decode_parts(clt, zs)
     n_layers = len(zs)
+    gap = parts.new_zeros(())
     if use_aux:
         masks = auxk_masks(pres, dead, settings.aux_k, comm)
-        parts = torch.cat([parts, decode_parts(clt, [p * mask for p, mask in zip(pres, masks)])], dim=1)
+        dead_features = [torch.nonzero(d).squeeze(1) for d in dead]
+        aux_values = [
+            p.index_select(1, f) * mask.index_select(1, f) for p, mask, f in zip(pres, masks, dead_features)
+        ]  # the selected entries' pre-activations as they are (no ReLU: a dead feature's are mostly negative)
+        parts = torch.cat([parts, decode_parts(clt, aux_values, dead_features)], dim=1)
+        if settings.activation == "jumprelu":
+            gap = threshold_gap(clt, aux_values, masks, dead_features, settings.aux_k, scales)
     together = summed(parts, comm).unbind(1)  # one all-reduce for the reconstruction and AuxK's
     outputs = outputs_of(clt, inputs, list(together[:n_layers]))
     reconstruction, layer_mse = normalized_mse(outputs, targets, scales.target_variance)
@@ -317,7 +331,7 @@ def clt_loss(
                 penalty = penalty + settings.pre_act_coef * pre_activation_penalty(pre)
     aux = reconstruction.new_zeros(())
     if use_aux:
-        aux = auxk_loss(list(together[n_layers:]), targets, outputs)
+        aux = auxk_loss(list(together[n_layers:]), targets, outputs) + gap
     loss = reconstruction + penalty + settings.aux_coef * aux
     with torch.no_grad():
         fires = torch.stack([torch.count_nonzero(z, dim=0) for z in zs])  # [L, m_local]
@@ -350,6 +364,27 @@ def auxk_loss(
         variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         terms.append((aux_out - residual).pow(2).sum(dim=-1).mean() / variance)
     return torch.stack(terms).mean()
+
+
+def threshold_gap(
+    clt: CrossLayerTranscoder,
+    aux_values: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    dead_features: list[torch.Tensor],
+    aux_k: int,
+    scales: CLTScales,
+) -> torch.Tensor:
+    """JumpReLU's addition to AuxK (as in the per-layer jumprelu kind): a dead feature fires again only above
+    its threshold, so the gap between its AuxK entries and its threshold is closed from both sides: the sum
+    over layers of mean over (token, AuxK slot) of ReLU(threshold - pre), in units of the layer's mean initial
+    threshold. Divided by n x aux_k, not by the number of entries, so that shards add up to one process's."""
+    total = aux_values[0].new_zeros(())
+    for j, (layer, values, mask, features) in enumerate(zip(clt.layers, aux_values, masks, dead_features)):
+        threshold = clt.threshold[str(layer)].index_select(0, features)
+        selected = mask.index_select(1, features)
+        below = torch.where(selected, torch.relu(threshold - values), 0.0).sum()
+        total = total + below / (values.shape[0] * aux_k * scales.threshold_scale[j])
+    return total
 
 
 def fraction_of_variance_unexplained(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

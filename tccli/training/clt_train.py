@@ -174,7 +174,7 @@ def settings_of(config: TrainConfig) -> clt_step.CLTSettings:
         activation=config.activation,
         k=config.k,
         pre_act_coef=0.0 if sparse else config.pre_act_coef,
-        aux_k=config.aux_k if sparse else 0,
+        aux_k=config.aux_k,
         aux_coef=config.aux_coef,
     )
 
@@ -202,7 +202,11 @@ def initial_clt(
     clt_step.calibrate_encoders_(clt, inputs, targets, settings, scales)
     if config.activation == "jumprelu":  # the kernel width relative to each layer's initial thresholds
         threshold_scales = [max(float(clt.threshold[str(layer)].detach().mean()), 1e-8) for layer in layers]
-        scales = dataclasses.replace(scales, bandwidth=tuple(config.bandwidth * t for t in threshold_scales))
+        scales = dataclasses.replace(
+            scales,
+            bandwidth=tuple(config.bandwidth * t for t in threshold_scales),
+            threshold_scale=tuple(threshold_scales),
+        )
     return clt, scales
 
 
@@ -227,7 +231,7 @@ def new_state(
     if config.activation == "jumprelu":
         # thresholds step in units of their layer's bandwidth's scale (as tccli.training.train does per layer)
         for j, layer in enumerate(whole.layers):
-            groups.append(dict(params=[shard.threshold[str(layer)]], lr_scale=scales.bandwidth[j] / config.bandwidth))
+            groups.append(dict(params=[shard.threshold[str(layer)]], lr_scale=scales.threshold_scale[j]))
     optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
     shape = (len(whole.layers), shard.n_features)
     batchtopk = config.activation == "batchtopk"

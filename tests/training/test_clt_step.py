@@ -216,3 +216,45 @@ def test_batchtopk_records_each_features_smallest_selected_activation():
     )
     assert float(result.cutoff) == 3.0
     assert result.selected_min.tolist() == [[3.0, 6.0], [math.inf, math.inf]]
+
+
+def test_auxk_uses_only_the_dead_features_decoders_and_closes_jumprelus_gap():
+    torch.manual_seed(0)
+    clt = tiny_clt("jumprelu", layers=(0, 1), d=3, m=4)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.normal_()
+        for t in clt.threshold.values():
+            t.abs_()
+    x = [torch.randn(5, 3), torch.randn(5, 3)]
+    y = [torch.randn(5, 3), torch.randn(5, 3)]
+    dead = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    settings = clt_step.CLTSettings("jumprelu", aux_k=1, aux_coef=1.0)
+    scales = clt_step.CLTScales((1.0, 1.0), bandwidth=(0.1, 0.1), threshold_scale=(2.0, 0.5))
+    result = clt_step.clt_loss(clt, x, y, dead, settings, scales, 0.0, use_aux=True)
+    with torch.no_grad():
+        pres = clt_step.pre_activations(clt, x)
+        # per token: layer 0's larger of features 0 and 2, layer 1's feature 3 (its only dead one)
+        pick0 = torch.where(pres[0][:, 0] >= pres[0][:, 2], 0, 2)
+        v0, v1 = pres[0].gather(1, pick0[:, None]).squeeze(1), pres[1][:, 3]
+        W0, W1 = clt.W_dec["0"], clt.W_dec["1"]
+        aux_out = [v0[:, None] * W0[pick0, 0], v0[:, None] * W0[pick0, 1] + v1[:, None] * W1[3, 0]]
+        terms = []
+        for out, target, a in zip(result.outputs, y, aux_out):
+            residual = target - out
+            variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+            terms.append((a - residual).pow(2).sum(-1).mean() / variance)
+        gap0 = torch.relu(clt.threshold["0"][pick0] - v0).sum() / (5 * 1 * 2.0)
+        gap1 = torch.relu(clt.threshold["1"][3] - v1).sum() / (5 * 1 * 0.5)
+    torch.testing.assert_close(result.aux, (terms[0] + terms[1]) / 2 + gap0 + gap1)
+    # the gradient reaches only the dead features' decoders
+    result.aux.backward()
+    assert float(clt.W_dec["0"].grad[[1, 3]].abs().max()) == 0 and float(clt.W_dec["0"].grad[[0, 2]].abs().max()) > 0
+    # a layer without dead features of its own still receives the earlier layers' dead features' writes
+    none_dead_in_1 = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    other = clt_step.clt_loss(clt, x, y, none_dead_in_1, settings, scales, 0.0, use_aux=True)
+    with torch.no_grad():
+        residual = y[1] - result.outputs[1]
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        term1 = (v0[:, None] * W0[pick0, 1] - residual).pow(2).sum(-1).mean() / variance
+    torch.testing.assert_close(other.aux, (terms[0] + term1) / 2 + gap0)
