@@ -29,7 +29,7 @@ _tc() {
                 'score:Describe features in one pass\: density, top and quantile examples,...'
                 'serve:Serve tc view'\''s page on a local web server that also computes graphs for...'
                 'show:Show features from a features file\: one in the terminal, or many as one HTML...'
-                'train:Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
+                'train:Train one transcoder (or MLP-output SAE) per layer, or with --kind clt one...'
                 'validate:Test a circuit graph against the model\: necessity, sufficiency, per-node...'
                 'view:Write a graph as one self-contained HTML page to explore in a browser,...'
             )
@@ -262,7 +262,7 @@ _tc() {
                     '*--cache[Activation cache written by `tc cache` (HDF5).]:value:_files' \
                     '*--out[Output folder\: one transcoder folder per layer (layer_L), the JSONL log and the checkpoint.]:value:_files' \
                     '*--layers[Layers to train, one transcoder each, from one read of the cache\: 2, 0-4, 0,3 or all (every cached layer).]:value:_files' \
-                    '*--kind[transcoder (MLP input -> MLP output) or sae (MLP output -> MLP output, the paper'\''s baseline).]:value:_files' \
+                    '*--kind[transcoder (MLP input -> MLP output, one per layer), sae (MLP output -> MLP output, the paper'\''s baseline) or clt (one cross-layer transcoder over every trained layer\: each layer'\''s features write to its own and every later layer'\''s MLP output; saved as one folder, clt, in --out).]:value:_files' \
                     '*--expansion[Features per model dimension (m = expansion x d_model); ignored with --features.]:value:_files' \
                     '*--features[Number of features m (overrides --expansion).]:value:_files' \
                     '*--activation[topk (the k largest pre-activations of each token), batchtopk (the k x batch largest of the batch; a threshold at inference), jumprelu (a trained threshold per feature, L0 penalty) or relu (the paper'\''s, sparsity from the L1 penalty).]:value:_files' \
@@ -273,6 +273,10 @@ _tc() {
                     '*--l0-coef[jumprelu\: weight of the L0 penalty (loss = mse / target variance + coef x L0).]:value:_files' \
                     '*--bandwidth[jumprelu\: width of the straight-through estimators'\'' kernel, as a fraction of the mean initial threshold.]:value:_files' \
                     '*--l1-warmup[Steps over which the L1 coefficient ramps linearly from 0 (0\: none, the paper).]:value:_files' \
+                    '*--sparsity-coef[clt with relu or jumprelu\: lambda of the sparsity penalty lambda x sum tanh(c x a x ||decoders||) (per token, over every layer'\''s features; ||decoders|| is the norm of a feature'\''s decoders to all later layers together).]:value:_files' \
+                    '*--sparsity-scale[clt with relu or jumprelu\: c of the tanh penalty, in units of 1 / (RMS spread of the MLP outputs).]:value:_files' \
+                    '*--sparsity-ramp[clt\: fraction of the run over which lambda ramps linearly from 0 to --sparsity-coef (0\: none).]:value:_files' \
+                    '*--pre-act-coef[clt with relu or jumprelu\: weight of the pre-activation penalty sum ReLU(-pre) per token, which keeps features from dying.]:value:_files' \
                     '*--normalize-mse[Divide each token'\''s squared error by the norm of its target (the reference code'\''s normalisation).]' \
                     '*--optimizer[adam (with the decoder-norm constraint and the schedule below) or signum (sign descent with schedule-free momentum, sparsify'\''s; constant lr after warm-up, the averaged weights are saved).]:value:_files' \
                     '*--lr[Learning rate (default\: adam 1.5e-3, signum 5e-3, times 1/sqrt(features / 16384)\: adam 6e-3 at 1,024 features).]:value:_files' \

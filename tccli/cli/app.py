@@ -161,7 +161,8 @@ info_command.stdio_params = frozenset({"path"})  # type: ignore[attr-defined]  #
 @app.command("train", epilog=example("tc train --cache acts.h5 --out tcs --tokens 400k --k 8"))
 @command_from(TrainConfig)
 def train_command(config: TrainConfig) -> None:
-    """Train one transcoder (or MLP-output SAE) per layer from an activation cache."""
+    """Train one transcoder (or MLP-output SAE) per layer, or with --kind clt one cross-layer transcoder over
+    every layer, from an activation cache."""
     from tccli.training.train import train
 
     train(config)

@@ -24,6 +24,12 @@ DECODER_NORMS = ("unit", "free")
 AUTOCASTS = ("none", "bfloat16")
 
 
+# `--kind`: a per-layer kind of tccli.config.transcoders.KINDS, or clt (one cross-layer transcoder for every
+# trained layer; docs/method.md section 11, trained by tccli.training.clt_train).
+CLT = "clt"
+TRAIN_KINDS = (*KINDS, CLT)
+
+
 # Base learning rates at 16,384 features, scaled by 1/sqrt(features / 16384) (the form of Gao et al. 2024's rule
 # for Adam, which sparsify uses for sign descent too). Adam's base is measured on stories260K (README: 6e-3 at
 # 1,024 features beat 1e-3, 3e-3 and Gao et al.'s 2e-4 base and matched 1e-2); signum's is sparsify's.
@@ -45,7 +51,10 @@ class TrainConfig(TrainDistributedOptions):
         "Layers to train, one transcoder each, from one read of the cache: 2, 0-4, 0,3 or all (every cached layer).",
     )
     kind: str = option(
-        "transcoder", "transcoder (MLP input -> MLP output) or sae (MLP output -> MLP output, the paper's baseline)."
+        "transcoder",
+        "transcoder (MLP input -> MLP output, one per layer), sae (MLP output -> MLP output, the paper's "
+        "baseline) or clt (one cross-layer transcoder over every trained layer: each layer's features write "
+        "to its own and every later layer's MLP output; saved as one folder, clt, in --out).",
     )
     expansion: int = option(16, "Features per model dimension (m = expansion x d_model); ignored with --features.")
     features: Optional[int] = option(None, "Number of features m (overrides --expansion).")
@@ -68,6 +77,24 @@ class TrainConfig(TrainDistributedOptions):
         0.1, "jumprelu: width of the straight-through estimators' kernel, as a fraction of the mean initial threshold."
     )
     l1_warmup: int = option(0, "Steps over which the L1 coefficient ramps linearly from 0 (0: none, the paper).")
+    sparsity_coef: float = option(
+        1e-3,
+        "clt with relu or jumprelu: lambda of the sparsity penalty lambda x sum tanh(c x a x ||decoders||) "
+        "(per token, over every layer's features; ||decoders|| is the norm of a feature's decoders to all "
+        "later layers together).",
+    )
+    sparsity_scale: float = option(
+        1.0,
+        "clt with relu or jumprelu: c of the tanh penalty, in units of 1 / (RMS spread of the MLP outputs).",
+    )
+    sparsity_ramp: float = option(
+        1.0, "clt: fraction of the run over which lambda ramps linearly from 0 to --sparsity-coef (0: none)."
+    )
+    pre_act_coef: float = option(
+        3e-6,
+        "clt with relu or jumprelu: weight of the pre-activation penalty sum ReLU(-pre) per token, which "
+        "keeps features from dying.",
+    )
     normalize_mse: bool = option(
         False, "Divide each token's squared error by the norm of its target (the reference code's normalisation)."
     )
@@ -162,8 +189,10 @@ class TrainConfig(TrainDistributedOptions):
         DistributedOptions.validate(self)
         if self.activation not in TRAINABLE_ACTIVATIONS:
             raise fail(f"--activation must be one of {', '.join(TRAINABLE_ACTIVATIONS)}, got {self.activation!r}")
-        if self.kind not in KINDS:
-            raise fail(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in TRAIN_KINDS:
+            raise fail(f"--kind must be one of {', '.join(TRAIN_KINDS)}, got {self.kind!r}")
+        if self.kind == CLT:
+            self._validate_clt()
         if self.expansion < 1:
             raise fail(f"--expansion must be at least 1, got {self.expansion}")
         if self.features is not None and self.features < 1:
@@ -196,6 +225,21 @@ class TrainConfig(TrainDistributedOptions):
                 raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.tokens < self.batch_size:
             raise fail(f"--tokens {self.tokens} is less than one batch of {self.batch_size}")
+
+    def _validate_clt(self) -> None:
+        for name in ("sparsity_coef", "sparsity_scale", "pre_act_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not 0 <= self.sparsity_ramp <= 1:
+            raise fail(f"--sparsity-ramp is a fraction of the run, between 0 and 1, got {self.sparsity_ramp}")
+        if self.distribute_layers:
+            raise fail(
+                "--kind clt shards every layer's features across the torchrun ranks; --distribute-layers "
+                "does not apply to it"
+            )
+        if self.optimizer != "adam":
+            raise fail("--kind clt trains with --optimizer adam only")
 
     @property
     def total_steps(self) -> int:

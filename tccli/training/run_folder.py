@@ -27,6 +27,7 @@ from tccli.transcoders.transcoder import Transcoder
 CHECKPOINT_FILE = "checkpoint.tcstate"  # not .pt: a set folder's .pt files are read as paper transcoders
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
+CLT_FOLDER = "clt"  # --kind clt: the trained cross-layer transcoder's folder
 
 # Fields that may differ between a run and its resumption without changing the result.
 RESUME_FREE_FIELDS = (
@@ -229,6 +230,8 @@ def run_files(out: Path) -> list[Path]:
     found += sorted(p for p in out.glob("checkpoint*.tcstate*"))
     found += sorted(p for p in out.glob(f"{CONFIG_FILE}.*{outputs.TEMP_SUFFIX}"))
     found += sorted(p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"layer_\d+", p.name))
+    if (out / CLT_FOLDER).is_dir():
+        found.append(out / CLT_FOLDER)
     return found
 
 
@@ -238,8 +241,10 @@ def remove_run_files(out: Path) -> None:
         for path in run_files(out):
             if path.is_dir():
                 for inner in path.iterdir():
-                    if inner.name in ("config.json", "transcoder.safetensors") or inner.name.endswith(
-                        outputs.TEMP_SUFFIX
+                    if (
+                        inner.name in ("config.json", "transcoder.safetensors")
+                        or re.fullmatch(r"layer_\d+\.safetensors", inner.name)
+                        or inner.name.endswith(outputs.TEMP_SUFFIX)
                     ):
                         inner.unlink()
                 with contextlib.suppress(OSError):

@@ -8,6 +8,9 @@ together lives beside it, kept apart:
   constraint, dead-feature losses, the learning-rate schedule);
 - ``data_stream``: the cache, its statistics and the deterministic shuffle buffer over it;
 - ``run_folder``: the run's files in --out (config, log, checkpoints) and the per-layer state they hold.
+- ``run_setup``: what every run sets up the same way (--out opened and checked, each layer's generator);
+- ``clt_train`` / ``clt_step``: ``--kind clt``, one cross-layer transcoder over every layer (``train``
+  hands the run to it).
 
 Determinism: everything random derives from ``--seed``: each layer's initial weights from a torch
 generator of its own, seeded from (seed, layer) alone (``layer_generator``), and the token order of each
@@ -20,34 +23,27 @@ the dead-feature counters to resume to bit-identical final weights on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from tccli.config.fields import to_json_dict
-from tccli.config.training import TrainConfig
+from tccli.config.training import CLT, TrainConfig
 from tccli.config.transcoders import K_ACTIVATIONS, TranscoderConfig
 from tccli.errors import TcError, fail
-from tccli.runtime import allocator, distributed, interrupts, outputs
+from tccli.runtime import allocator, distributed, interrupts
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader, check_cache, data_stats, open_cache
 from tccli.training.optim import ScheduleFreeSign
 from tccli.training.run_folder import (
     CHECKPOINT_FILE,
-    CONFIG_FILE,
     LayerState,
     Reporter,
-    check_same_run,
     load_checkpoint,
-    make_out_folder,
-    prepare_out,
-    read_run_config,
     save_checkpoint,
     trim_log,
 )
+from tccli.training.run_setup import layer_generator, open_out, run_log, step_threads, torch_threads
 from tccli.training.step_math import (
     LossScales,
     batch_cutoff,
@@ -64,8 +60,9 @@ from tccli.transcoders.files import layer_folder_name, save_transcoder
 from tccli.transcoders.transcoder import Transcoder
 
 
-def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
-    """Run `tc train`; returns the trained transcoders by layer (also saved under ``config.out``).
+def train(config: TrainConfig, cache: Any = None) -> Any:
+    """Run `tc train`; returns the trained transcoders by layer (also saved under ``config.out``), or with
+    --kind clt the trained ``CrossLayerTranscoder`` (saved as ``clt`` in ``config.out``; see ``clt_train``).
 
     ``cache`` may be passed in (an open ActivationCache or an object with the same API); otherwise
     ``config.cache`` is opened. Under torchrun the ranks train together (see ``tccli.runtime.distributed``).
@@ -79,35 +76,15 @@ def train(config: TrainConfig, cache: Any = None) -> dict[int, Transcoder]:
         return _train(config, cache, dist, held)
 
 
-def _log(config: TrainConfig) -> Any:
-    if config.quiet:
-        return lambda message: None
-    return lambda message: print(f"tc train: {message}", file=sys.stderr)
-
-
-def _open_out(config: TrainConfig, cache: Any, layers: list[int], held: contextlib.ExitStack) -> bool:
-    """Rank 0: create and lock --out (``held`` keeps the lock), check what it holds, write the run's config
-    first of all (so the run is resumable from here on); whether a started run is continued."""
-    out = Path(config.out)
-    make_out_folder(out)
-    held.enter_context(outputs.locked(out))
-    continuing = prepare_out(out, config.resume, config.force, _log(config))
-    if continuing and (out / CONFIG_FILE).is_file():
-        saved = read_run_config(out / CONFIG_FILE)
-        check_same_run(saved, config, int(cache.d_model), "the run in --out")
-        saved_layers = check_cache(cache, config.cache, saved.get("layers", "all"))
-        if saved_layers != layers:
-            raise fail(f"--resume: --layers gives {layers} but the run in --out trains {saved_layers}")
-    if not continuing:
-        outputs.atomic_write_text(out / CONFIG_FILE, json.dumps(to_json_dict(config), indent=2))
-    return continuing
-
-
 def _train(
     config: TrainConfig, cache: Any, dist: distributed.Distributed, held: contextlib.ExitStack
 ) -> dict[int, Transcoder]:
     from tccli.model.loading import resolve_device
 
+    if config.kind == CLT:
+        from tccli.training.clt_train import train_clt
+
+        return train_clt(config, cache, dist, held)
     device = resolve_device(config.device)
     out = Path(config.out)
     owns_cache = cache is None
@@ -118,7 +95,7 @@ def _train(
         schedule = ShuffleSchedule(cache.n_rows, cache.context, config.batch_size, config.shuffle_buffer, config.seed)
         distributed.check_batch_split(config.batch_size, dist)
         mine = distributed.own_layers(layers, dist)
-        continuing = dist.from_main(lambda: _open_out(config, cache, layers, held))
+        continuing = dist.from_main(lambda: open_out(config, cache, layers, held))
         torch.manual_seed(config.seed)
         stats = data_stats(cache, mine, config.kind)
         states = {
@@ -136,7 +113,7 @@ def _train(
         if continuing and (out / checkpoint).is_file():
             start_step = load_checkpoint(out, config, states, int(cache.d_model), checkpoint)
         elif continuing:
-            _log(config)(f"{out} holds no checkpoint yet; continuing the run from step 0")
+            run_log(config)(f"{out} holds no checkpoint yet; continuing the run from step 0")
         if continuing and dist.world == 1:
             trim_log(out, start_step)
         d_model = int(cache.d_model)
@@ -168,17 +145,6 @@ def _train(
 
 
 # ----------------------------------------------------------------------------- a layer's transcoder: set up and finish
-
-
-def layer_generator(seed: int, layer: int) -> torch.Generator:
-    """The generator of one layer's initial weights, seeded from (seed, layer) alone (numpy's SeedSequence
-    mixes the pair into 64 well-spread bits): a layer starts from the same weights whichever other layers
-    the run trains, on whichever rank trains it, and in a resumed run (which draws them again before the
-    checkpoint replaces them)."""
-    import numpy as np
-
-    state = np.random.SeedSequence([seed, layer]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0]))
 
 
 def transcoder_config(config: TrainConfig, cache: Any, layer: int) -> TranscoderConfig:
@@ -266,25 +232,6 @@ def finish_layer(state: LayerState, stats: DataStats) -> Transcoder:
 
 
 # ----------------------------------------------------------------------------- the steps
-
-
-def step_threads(requested: int, multiply_adds: int) -> int:
-    """--threads, or automatically 1 for a step whose encoder product is under 2^30 multiply-adds (measured on
-    stories260K's 64 -> 1,024 at batch 1,024 under a load average of 9 on 2 cores: 52 ms per step with one
-    thread, 296 ms with two), else torch's default."""
-    if requested:
-        return requested
-    return 1 if multiply_adds < 2**30 else torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_steps(
