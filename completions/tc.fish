@@ -66,9 +66,9 @@ complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge -r -F -d 'Pi
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l min-edge-label -r -F -d 'Pictures: write the weight (3 significant figures) on edges whose |weight| is at least this fraction of the target'\''s |value|.'
 complete -c tc -n '__fish_seen_subcommand_from circuit' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from convert' -F
-complete -c tc -n '__fish_seen_subcommand_from convert' -l input -r -F -d 'Transcoders to convert: a folder or file in any readable format (tc, SAELens, sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a hub id.'
+complete -c tc -n '__fish_seen_subcommand_from convert' -l input -r -F -d 'Transcoders to convert: a folder or file in any readable format (tc, SAELens, sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, a cross-layer transcoder (tc'\''s folder, circuit-tracer'\''s layout, Gemma Scope 2'\''s files), or a hub id.'
 complete -c tc -n '__fish_seen_subcommand_from convert' -l out -r -F -d 'Where to write: one folder for one transcoder, else a folder of per-layer folders (must not exist or be empty).'
-complete -c tc -n '__fish_seen_subcommand_from convert' -l to -r -F -d 'Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the paper'\''s .pt format is read only).'
+complete -c tc -n '__fish_seen_subcommand_from convert' -l to -r -F -d 'Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the paper'\''s .pt format is read only; a cross-layer transcoder converts to tc or circuit-tracer).'
 complete -c tc -n '__fish_seen_subcommand_from convert' -l help -d 'Show this message and exit.'
 complete -c tc -n '__fish_seen_subcommand_from deembed' -F
 complete -c tc -n '__fish_seen_subcommand_from deembed' -l transcoders -r -F -d 'Transcoder folder, or a folder of per-layer transcoder folders.'

@@ -86,9 +86,9 @@ _tc() {
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 convert) _arguments \
-                    '*--input[Transcoders to convert\: a folder or file in any readable format (tc, SAELens, sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a hub id.]:value:_files' \
+                    '*--input[Transcoders to convert\: a folder or file in any readable format (tc, SAELens, sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, a cross-layer transcoder (tc'\''s folder, circuit-tracer'\''s layout, Gemma Scope 2'\''s files), or a hub id.]:value:_files' \
                     '*--out[Where to write\: one folder for one transcoder, else a folder of per-layer folders (must not exist or be empty).]:value:_files' \
-                    '*--to[Output format\: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the paper'\''s .pt format is read only).]:value:_files' \
+                    '*--to[Output format\: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the paper'\''s .pt format is read only; a cross-layer transcoder converts to tc or circuit-tracer).]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 deembed) _arguments \
