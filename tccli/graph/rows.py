@@ -7,7 +7,9 @@ frozen attention of the layers between (any number of hops, every head), never t
 node. A row of A is one linear backward pass: the target's read vector is injected at its token and
 read point, carried down the residual stream (the MLPs are cut; attention moves it to earlier tokens)
 and dotted, at every layer's MLP output, with each node's write there (a feature's ``z * f_dec``, an
-error term) and, at the bottom, with the input. Everything else that reaches the target is a constant
+error term; a cross-layer transcoder's feature writes at its own and every later MLP output, and its
+edge is the sum of those dot products: docs/method.md section 11) and, at the bottom, with the input.
+Everything else that reaches the target is a constant
 (encoder constant, attention ``b_O`` and value biases, transcoder ``b_dec``, ``b_U``): a row's
 **bias**, so that ``sum(row) + bias == the target's value`` (its pre-activation, or logit) to rounding.
 
@@ -98,7 +100,11 @@ class NodeWrites:
     Per layer and token: the error term in slot 0, then the active features' writes ``z * f_dec`` in
     feature order ([T, 1 + k_max, d]), so one batched matmul per layer dots every row's gradient with
     every write of that layer. Writes are as they enter the residual stream (``write_mlp_output``: the
-    transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``)."""
+    transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``).
+
+    A cross-layer transcoder's feature of layer l also writes ``z * f_dec^(l -> l')`` into every later MLP
+    output l' (docs/method.md section 11): those writes are kept per (l', l) in the same layout without the
+    error slot (``cross``), and their dot products with the gradient at l' add to the feature's column."""
 
     def __init__(self, frozen: FrozenForward, table: NodeTable):
         self.frozen, self.table = frozen, table
@@ -110,25 +116,42 @@ class NodeWrites:
         self.padded: list[torch.Tensor] = []  # [T, 1 + k_max, d]
         self.slot_valid: list[torch.Tensor] = []  # [T, 1 + k_max] bool, feature slots only
         self.bias_writes: list[Optional[torch.Tensor]] = []  # [T, d] b_dec as written, None without a transcoder
-        start = 0
+        # per target layer: (source layer, [T, k_max, d] writes into it, [T, k_max] valid) of earlier layers
+        self.cross: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
+        start, placement = 0, []
         for layer in range(frozen.n_layers):
             count = int((table.feature_layer == layer).sum())
             positions = table.feature_position[start : start + count]
             counts = torch.bincount(positions, minlength=T)
             cumulative = torch.zeros(T + 1, dtype=torch.long, device=device)
             cumulative[1:] = counts.cumsum(0)
-            k_max = int(counts.max()) if count else 0
+            slots = torch.arange(count, device=device) - cumulative[positions]
+            indices = table.feature_index[start : start + count]
+            in_active = torch.searchsorted(frozen.layers[layer].active, indices) if count else indices
+            activations = table.feature_activation[start : start + count].unsqueeze(1)
+            placement.append((positions, slots, in_active, activations, int(counts.max()) if count else 0))
+            self.layer_start.append(start)
+            self.per_token.append(cumulative)
+            start += count
+        for layer in range(frozen.n_layers):
+            k_max = placement[layer][4]
             padded = torch.zeros(T, 1 + k_max, frozen.embed.shape[1], dtype=dtype, device=device)
             padded[:, 0] = frozen.layers[layer].error
             valid = torch.zeros(T, 1 + k_max, dtype=torch.bool, device=device)
-            if count:
-                slots = 1 + torch.arange(count, device=device) - cumulative[positions]
-                decoder = frozen.layers[layer].transcoder.W_dec
-                indices = table.feature_index[start : start + count]
-                activations = table.feature_activation[start : start + count]
-                written = frozen.write_mlp_output(layer, decoder[indices].to(dtype), positions)
-                padded[positions, slots] = written * activations.unsqueeze(1)
-                valid[positions, slots] = True
+            self.cross.append([])
+            for source, block in frozen.writes_into(layer):
+                positions, slots, in_active, activations, k_source = placement[source]
+                if not positions.numel():
+                    continue
+                written = frozen.write_mlp_output(layer, block[in_active], positions) * activations
+                if source == layer:
+                    padded[positions, slots + 1] = written
+                    valid[positions, slots + 1] = True
+                else:
+                    cross = torch.zeros(T, k_source, written.shape[1], dtype=dtype, device=device)
+                    cross_valid = torch.zeros(T, k_source, dtype=torch.bool, device=device)
+                    cross[positions, slots], cross_valid[positions, slots] = written, True
+                    self.cross[layer].append((source, cross, cross_valid))
             transcoder = frozen.layers[layer].transcoder
             self.bias_writes.append(
                 None
@@ -137,11 +160,8 @@ class NodeWrites:
                     layer, transcoder.b_dec.to(dtype).expand(T, -1), torch.arange(T, device=device)
                 )
             )
-            self.layer_start.append(start)
-            self.per_token.append(cumulative)
             self.padded.append(padded)
             self.slot_valid.append(valid)
-            start += count
 
     def feature_columns(self, layer: int, n_tokens: int) -> int:
         """How many of ``layer``'s features sit at the first ``n_tokens`` tokens."""
@@ -154,6 +174,15 @@ class NodeWrites:
         per_token = torch.bmm(grad.transpose(0, 1), self.padded[layer][:P].transpose(1, 2))  # [P, R, 1+k]
         per_token = per_token.transpose(0, 1)  # [R, P, 1+k]
         return per_token[:, self.slot_valid[layer][:P]], per_token[:, :, 0]
+
+    def cross_layer_edges(self, layer: int, grad: torch.Tensor):
+        """For each earlier layer whose features write into ``layer``'s MLP output (a cross-layer transcoder):
+        (that layer, ``grad`` [R, P, d] dotted with those writes at the first P tokens [R, n] in table order,
+        the multiply-adds x 2 it took)."""
+        P = grad.shape[1]
+        for source, writes, valid in self.cross[layer]:
+            per_token = torch.bmm(grad.transpose(0, 1), writes[:P].transpose(1, 2)).transpose(0, 1)  # [R, P, k]
+            yield source, per_token[:, valid[:P]], 2 * grad.shape[0] * P * grad.shape[2] * writes.shape[1]
 
     def input_edges(self, grad: torch.Tensor) -> torch.Tensor:
         P = grad.shape[1]
@@ -234,7 +263,11 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
         if a:
             g = grad[:a]
             features, errors = writes.layer_edges(layer, g)
-            out[:a, feature_offset[layer] : feature_offset[layer + 1]] = features
+            # += : a cross-layer transcoder's features already hold their edges through later MLP outputs
+            out[:a, feature_offset[layer] : feature_offset[layer + 1]] += features
+            for source, cross, cross_flop in writes.cross_layer_edges(layer, g):
+                out[:a, feature_offset[source] : feature_offset[source + 1]] += cross
+                flop += cross_flop
             out[:a, error_offset + layer * P : error_offset + (layer + 1) * P] = errors
             flop += 2 * a * P * d * writes.padded[layer].shape[1]
             if writes.bias_writes[layer] is not None:

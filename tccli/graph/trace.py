@@ -19,9 +19,10 @@ from tccli.errors import fail
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.graph.heads import HeadSplit, head_split
 from tccli.model.loading import LoadedModel, recorded_model_name
-from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.frozen import FrozenForward, layer_views
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import Target, build_target, salient_logit_targets
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.formats import recorded_path
 from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
@@ -54,7 +55,7 @@ def graph_params(config: GraphConfig) -> GraphParams:
 
 def attribution_graph(
     loaded: LoadedModel,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
     prompt: str,
     config: GraphConfig,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -65,7 +66,8 @@ def attribution_graph(
 
     if not transcoders:
         raise fail(f"no transcoders in {config.transcoders}")
-    scan = config.scan or transcoder_set_id(config.transcoders, transcoders)  # before freezing changes dtypes
+    # before freezing changes dtypes; a cross-layer transcoder by its per-layer views
+    scan = config.scan or transcoder_set_id(config.transcoders, layer_views(transcoders))
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         if config.logits_target:
@@ -102,7 +104,8 @@ def attribution_graph(
         "n_layers": loaded.info.n_layers,
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": recorded_path(config.transcoders),  # absolute: tc validate may run elsewhere
-        "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "transcoder_list": [f"layer_{layer}" for layer in sorted(layer_views(transcoders))],
+        "cross_layer": isinstance(transcoders, CrossLayerTranscoder),
         "scan": scan,
         "slug": config.graph_slug(prompt),
         "prompt": prompt,
