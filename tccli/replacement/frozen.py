@@ -408,12 +408,13 @@ def _active_decoders(
     normalization: str,
     layer: int,
     clt: Optional[CrossLayerTranscoder],
-) -> Optional[torch.Tensor]:
+) -> dict[int, torch.Tensor]:
     """Run the layer's encoder on its real input (in place: input, pre-activations, activations, the active
     features and their own-layer decoder rows) and return, for a cross-layer transcoder, the active features'
-    decoder rows to every layer they write to ([k, n_later, d], through ``decoder_rows`` so that a CLT that
-    keeps its decoders on disk reads only these). ``normalization``: the model's norms ("layernorm" centres,
-    so a resid_mid input is centred, as ``mlp_input_map`` reads it)."""
+    decoder rows to each later layer they write to, {layer: [k, d]}, leaving out blocks that are all zero
+    (read through ``decoder_rows``, so that a CLT that keeps its decoders on disk reads only these).
+    ``normalization``: the model's norms ("layernorm" centres, so a resid_mid input is centred, as
+    ``mlp_input_map`` reads it)."""
     transcoder = frozen_layer.transcoder
     config = transcoder.config
     needs_spaces = (
@@ -432,10 +433,13 @@ def _active_decoders(
     dense = 2 * active.numel() > z.shape[1]  # a gathered copy would cost more than it saves
     if dense:
         active = torch.arange(z.shape[1], device=z.device)
-    later = None
+    later: dict[int, torch.Tensor] = {}
     if clt is not None:
-        later = clt.decoder_rows(layer, active).to(z.device, dtype)
-        decoder_active = later[:, 0].contiguous()
+        rows = clt.decoder_rows(layer, active).to(z.device, dtype)
+        decoder_active = rows[:, 0].contiguous()
+        for offset, target in enumerate(clt.targets_of(layer)[1:], start=1):
+            if bool(rows[:, offset].any()):  # a zero block writes nothing: skipping it is exact
+                later[target] = rows[:, offset].contiguous()
     else:
         decoder_active = transcoder.W_dec.to(dtype) if dense else transcoder.W_dec[active].to(dtype)
     frozen_layer.z, frozen_layer.pre, frozen_layer.active = z, pre, active
@@ -448,18 +452,13 @@ def _split_mlp(
     earlier: list[FrozenLayer],
     dtype: torch.dtype,
     layernorm: bool,
-    later: Optional[torch.Tensor],
+    later: dict[int, torch.Tensor],
 ) -> None:
     """Split the MLP output into what the transcoder writes there and the error term (in place); record the
-    layers the active features write to (``decoder_blocks``: a cross-layer transcoder's non-zero blocks)."""
+    layers the active features write to (``decoder_blocks``: their own, then ``later``'s)."""
     transcoder = frozen_layer.transcoder
     layer = len(earlier)
-    frozen_layer.decoder_blocks = {layer: frozen_layer.decoder_active}
-    if later is not None:
-        for offset in range(1, later.shape[1]):
-            block = later[:, offset]
-            if bool(block.any()):  # a zero block writes nothing: skipping it is exact
-                frozen_layer.decoder_blocks[layer + offset] = block.contiguous()
+    frozen_layer.decoder_blocks = {layer: frozen_layer.decoder_active, **later}
     # the own layer's product first, then earlier layers' writes, then b_dec: with no cross-layer writes this
     # is exactly z W_dec + b_dec, as for a per-layer transcoder
     output = frozen_layer.z_active @ frozen_layer.decoder_active

@@ -4,6 +4,8 @@ the dense row of a node, and a five-node graph whose influence, pruning and scor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from circuit_helpers import loaded_model, random_transcoders
@@ -64,12 +66,14 @@ def frozen_for(
     n_features: int = 48,
     decoder_scale: float = 1.0,
     clt: bool = False,
+    layers: Optional[list[int]] = None,
 ):
-    """(loaded, frozen) of a tiny model on PROMPT_IDS with random transcoders of ``kind``; ``clt``: a
-    cross-layer transcoder of the same encoders and own-layer decoders with random decoders to later layers."""
+    """(loaded, frozen) of a tiny model on PROMPT_IDS with random transcoders of ``kind`` (on ``layers``, or
+    every layer); ``clt``: a cross-layer transcoder of the same encoders and own-layer decoders with random
+    decoders to its later layers."""
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, bias_shift=-0.1)
+    transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, layers=layers, bias_shift=-0.1)
     with torch.no_grad():
         for transcoder in transcoders.values():
             transcoder.W_dec.mul_(decoder_scale)
@@ -112,19 +116,23 @@ def replacement_value(frozen: FrozenForward, target_row: dict, leaves: dict) -> 
         if layer.b_V is not None:
             values = values + layer.b_V.unsqueeze(1)
         attn = torch.einsum("hts,hse,hed->td", layer.pattern, values, layer.W_O) + layer.b_O
-        mlp = sum(leaves["z", source] @ decoder for source, decoder in decoders_into(frozen, index))
-        mlp = mlp + layer.transcoder.b_dec + leaves["error", index]
-        if layer.transcoder.W_skip is not None:  # a linear path from the MLP's input (normalized -> mlp_out)
+        skip = layer.transcoder is not None and layer.transcoder.W_skip is not None
+        if layer.transcoder is None:  # the MLP is not replaced: all of it is the error term
+            mlp = leaves["error", index]
+        else:
+            mlp = sum(leaves["z", source] @ decoder for source, decoder in decoders_into(frozen, index))
+            mlp = mlp + layer.transcoder.b_dec + leaves["error", index]
+        if skip:  # a linear path from the MLP's input (normalized -> mlp_out)
             assert (layer.input_space, layer.transcoder.config.output_space) == ("normalized", "mlp_out")
         if frozen.parallel:  # the MLP reads resid_pre
-            if layer.transcoder.W_skip is not None:
+            if skip:
                 mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + attn + mlp
         else:
             resid = resid + attn
             if (n_attn, n_mlp) == (index + 1, index):
                 break
-            if layer.transcoder.W_skip is not None:  # the MLP reads resid_mid
+            if skip:  # the MLP reads resid_mid
                 mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + mlp
     return target_row["read"](resid[position])

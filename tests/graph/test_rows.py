@@ -9,6 +9,7 @@ import torch
 from graph_helpers import ALL, PROMPT_IDS, cross_layer, dense_row, frozen_for, replacement_value, row_of
 
 from circuit_helpers import loaded_model, random_transcoders
+from conftest import build_tiny_model
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import freeze_prompt
@@ -157,25 +158,31 @@ def rows_to_check(frozen: FrozenForward, graph: AttributionGraph, targets) -> li
 
 
 @pytest.mark.parametrize(
-    "arch, kind, skip, clt",
+    "arch, kind, skip, clt, layers",
     [
-        ("gpt2", "relu", False, False),
-        ("neox", "relu", False, False),
-        ("llama", "relu", False, False),
-        ("llama", "topk", False, False),
-        ("gpt2", "jumprelu", True, False),
-        ("gpt2", "relu", False, True),
-        ("neox", "jumprelu", True, True),
-        ("llama", "topk", False, True),
-        ("llama", "jumprelu", True, True),
+        ("gpt2", "relu", False, False, None),
+        ("neox", "relu", False, False, None),
+        ("llama", "relu", False, False, None),
+        ("llama", "topk", False, False, None),
+        ("gpt2", "jumprelu", True, False, None),
+        ("gpt2", "relu", False, True, None),
+        ("neox", "jumprelu", True, True, None),
+        ("llama", "topk", False, True, None),
+        ("llama", "jumprelu", True, True, None),
+        ("gpt2", "relu", False, True, [0, 2, 3]),  # a CLT on 3 of 4 layers: layer 1's MLP is all error
+        ("neox", "topk", False, True, [0, 2, 3]),
     ],
 )
-def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, clt, one_torch_thread):
+def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, clt, layers, tmp_path, one_torch_thread):
     """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model (the kind only
     decides which features are active; a skip term is a linear path from its MLP's input, not a node). A
     cross-layer transcoder's feature writes its decoder to every later MLP output in that model, so its edge
     is the sum over those layers (docs/method.md section 11)."""
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", kind=kind, skip=skip, clt=clt)
+    # a CLT on some layers only: a model of 4 layers (the tiny models have 2), its layers 0, 2 and 3 replaced
+    path = build_tiny_model(arch, tmp_path / arch, n_layers=4) if layers else tiny_model_dirs[arch]
+    loaded, frozen = frozen_for(path, "float64", kind=kind, skip=skip, clt=clt, layers=layers)
+    if layers:  # layer 0's features write to layers 2 and 3, past the unreplaced layer 1
+        assert [source for source, _ in frozen.writes_into(3)] == [3, 0, 2] and frozen.layers[1].z is None
     inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
     for targets, weights in every_target(frozen, loaded.info.d_model):
         graph = build_attribution_graph(frozen, targets, weights, ALL)
@@ -183,7 +190,8 @@ def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, clt, one_torch_
         for row in rows_to_check(frozen, graph, targets):
             leaves = {"inputs": inputs.clone().requires_grad_()}
             for index, layer in enumerate(frozen.layers):
-                leaves["z", index] = layer.z.clone().requires_grad_()
+                if layer.z is not None:
+                    leaves["z", index] = layer.z.clone().requires_grad_()
                 leaves["error", index] = layer.error.clone().requires_grad_()
             value = replacement_value(frozen, row, leaves)
             value.backward()
