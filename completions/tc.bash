@@ -17,11 +17,12 @@ _tc() {
         intervene) opts='--transcoders --prompt --model --device --model-dtype --ablation --features --feature --logit --logit-diff --direction --layer --pos --ablate --set --scale --mode --top --json --help'; dash_opts='--prompt --features' ;;
         plot) opts='-o --out --metric --title --force --help'; dash_arg=1 ;;
         score) opts='--transcoders --out --data --tokens --context --seed --engine --model --device --model-dtype --layers --format --top --quantiles --per-quantile --context-window --top-tokens --batch-size --force --quiet --scan --help'; dash_opts='--data' ;;
+        serve) opts='--transcoders --model --device --model-dtype --features --host --port --examples --min-edge --max-feature-nodes --node-threshold --edge-threshold --batch-size --random --queue --help' ;;
         show) opts='--html --features --limit --examples --model --force --help'; dash_opts='--html'; dash_arg=1 ;;
         train) opts='--cache --out --layers --kind --expansion --features --activation --k --skip --no-skip --l1 --l0-coef --bandwidth --l1-warmup --normalize-mse --optimizer --lr --decoder-norm --warmup-steps --lr-decay --batch-size --tokens --shuffle-buffer --dead-window --ghost-grads --no-ghost-grads --aux-k --aux-coef --seed --device --threads --autocast --checkpoint-every --log-every --resume --force --quiet --dist-timeout --distribute-layers --help' ;;
         validate) opts='--model --device --model-dtype --ablation --features --transcoders --prompts --task --noun --mode --random --seed --top --batch-size --out --force --json --help'; dash_opts='--features --prompts --out'; dash_arg=1 ;;
         view) opts='--out --features --examples --min-edge --force --help' ;;
-        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info intervene plot score show train validate view --version --help' -- "$cur")); return ;;
+        *) COMPREPLY=($(compgen -W 'cache circuit convert deembed eval export graph greater-than info intervene plot score serve show train validate view --version --help' -- "$cur")); return ;;
     esac
     # `-` (stdin or stdout) where a value or the positional argument may be it
     if [[ " $dash_opts " == *" $prev "* ]]; then

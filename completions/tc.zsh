@@ -27,6 +27,7 @@ _tc() {
                 'intervene:Ablate, set or scale features, head terms and error terms in the replacement...'
                 'plot:Figures\: `tc plot pareto EVAL.json...'
                 'score:Describe features in one pass\: density, top and quantile examples,...'
+                'serve:Serve tc view'\''s page on a local web server that also computes graphs for...'
                 'show:Show features from a features file\: one in the terminal, or many as one HTML...'
                 'train:Train one transcoder (or MLP-output SAE) per layer from an activation cache.'
                 'validate:Test a circuit graph against the model\: necessity, sufficiency, per-node...'
@@ -228,6 +229,24 @@ _tc() {
                     '*--force[Replace --out if it exists (it is still written to a temporary file first).]' \
                     '*--quiet[No progress on stderr.]' \
                     '*--scan[Neuronpedia\: the transcoder set'\''s id (a graph'\''s scan), which viewers find feature examples by (default\: the hub id, a circuit-tracer config'\''s scan, else tc- and a hash of the set).]:value:_files' \
+                    '*--help[Show this message and exit.]' \
+                    '*:file:_files' ;;
+                serve) _arguments \
+                    '*--transcoders[Transcoder folder, or a folder of per-layer transcoder folders.]:value:_files' \
+                    '*--model[Model\: a HuggingFace hub name (gpt2, EleutherAI/pythia-70m), a local HuggingFace folder, or '\''builtin'\'' for the model shipped with tc (the default).]:value:_files' \
+                    '*--device[Device for the model\: auto (cuda when available), cpu, cuda, cuda\:1, ...]:value:_files' \
+                    '*--model-dtype[Dtype the model runs in\: float32, float16 or bfloat16.]:value:_files' \
+                    '*--features[A features file from `tc score` (.h5 or .jsonl)\: feature nodes get a label, their card (examples, density, tables) is fetched from the server when clicked, and --ablation mean interventions read the features'\'' mean activations from it.]:value:_files' \
+                    '*--host[Address to listen on. The server has no authentication\: anything that can reach the address can run the model; keep it on the loopback (127.0.0.1, \:\:1, localhost) unless you mean otherwise.]:value:_files' \
+                    '*--port[Port to listen on (0\: any free port, printed at start).]:value:_files' \
+                    '*--examples[Examples per feature card (top and quantile each), with --features.]:value:_files' \
+                    '*--min-edge[Where the page'\''s edge threshold slider starts (a fraction of the target'\''s |value|).]:value:_files' \
+                    '*--max-feature-nodes[Graphs\: features that get rows (`tc graph --max-feature-nodes`).]:value:_files' \
+                    '*--node-threshold[Graphs\: keep the nodes that carry this share of the influence.]:value:_files' \
+                    '*--edge-threshold[Graphs\: keep the edges that carry this share of the edge influence.]:value:_files' \
+                    '*--batch-size[Graphs\: rows per backward pass (`tc graph --batch-size`).]:value:_files' \
+                    '*--random[Validation\: random circuits of equal size drawn as the baseline (`tc validate`).]:value:_files' \
+                    '*--queue[Requests for the model waiting at most; more are refused (503) until some finish.]:value:_files' \
                     '*--help[Show this message and exit.]' \
                     '*:file:_files' ;;
                 show) _arguments \

@@ -160,18 +160,20 @@ def load_model(model: Optional[str | Path] = None, device: str = "auto", model_d
     return load(None if model is None else os.fspath(model), device, model_dtype)
 
 
-def load_transcoders(path: str | Path, device: str = "cpu", layers: Optional[list[int]] = None) -> dict[int, Any]:
+def load_transcoders(path: str | Path, device: str = "cpu", layers: Optional[list[int]] = None) -> Any:
     """Load transcoders: a tc folder, a folder of per-layer folders, a file in another library's format, or a
-    hub id (OWNER/REPO). Returns {layer: Transcoder}, only ``layers`` when given.
+    hub id (OWNER/REPO). Returns {layer: Transcoder}, only ``layers`` when given; a cross-layer transcoder
+    (tc's or circuit-tracer's layout) comes back whole as a CrossLayerTranscoder (``layers`` must be among its
+    layers), since each layer's output depends on every earlier layer's features.
 
     Examples:
         >>> transcoders = tccli.load_transcoders("runs/tcs", layers=[0, 1])
         >>> sorted(transcoders)
         [0, 1]
     """
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders as load
 
-    return load_transcoder_set(os.fspath(path), device, None if layers is None else list(layers))
+    return load(os.fspath(path), device, None if layers is None else list(layers))
 
 
 def _object_settings(config_cls: type, model: Any, transcoders: Any, prompt: str, settings: dict) -> Any:

@@ -23,9 +23,11 @@ CORPORA = SHARED / "corpora"
 
 ARCHITECTURES = ("gpt2", "neox", "llama")
 # Built on demand (fixture modern_model_dirs), not in the default parametrisation every test runs over:
-# Gemma-2 (post-norms, (1 + w) RMSNorm, soft-capping, sliding windows, scaled embeddings) and Qwen3
-# (RMSNorm on queries and keys, grouped-query attention).
-MODERN_ARCHITECTURES = ("gemma2", "qwen3")
+# Gemma-2 (post-norms, (1 + w) RMSNorm, soft-capping, sliding windows, scaled embeddings), Qwen3
+# (RMSNorm on queries and keys, grouped-query attention) and Gemma 3's text model (Gemma-2's post-norms
+# and scaled embeddings, RMSNorm on queries and keys, no soft-capping, sliding and full attention layers
+# with their own RoPE bases).
+MODERN_ARCHITECTURES = ("gemma2", "qwen3", "gemma3")
 
 TOKENIZER_TEXT = [
     "The war lasted from 1735 to 1789. The cat sat on the mat.",
@@ -54,8 +56,17 @@ def build_tokenizer(folder: Path):
 
 
 def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 32, seed: int = 0) -> Path:
-    """A random model of ``arch`` ('gpt2', 'neox', 'llama', 'gemma2', 'qwen3') saved as a HuggingFace folder."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen3Config
+    """A random model of ``arch`` ('gpt2', 'neox', 'llama', 'gemma2', 'qwen3', 'gemma3') saved as a HuggingFace
+    folder."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        Qwen3Config,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,6 +121,26 @@ def build_tiny_model(arch: str, folder: Path, n_layers: int = 2, d_model: int = 
             query_pre_attn_scalar=8,
             attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+    elif arch == "gemma3":  # one sliding layer (window shorter than the test prompts) and one full one
+        config = Gemma3TextConfig(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=3 * d_model // 2,
+            max_position_embeddings=128,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * (n_layers // 2)
+            + ["sliding_attention"] * (n_layers % 2),
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            query_pre_attn_scalar=8,
             bos_token_id=0,
             eos_token_id=0,
             pad_token_id=1,
@@ -190,7 +221,7 @@ def modern_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def all_model_dirs(tiny_model_dirs, modern_model_dirs) -> dict[str, Path]:
-    """All five tiny architectures."""
+    """All six tiny architectures."""
     return {**tiny_model_dirs, **modern_model_dirs}
 
 

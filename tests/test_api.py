@@ -270,3 +270,11 @@ def test_score_and_greater_than_run_from_names(tiny_files, text_file, tmp_path, 
     assert FeaturesFile.open(str(out)) is not None
     result = tccli.greater_than(model=tiny_files["model"], transcoders=tiny_files["tcs"], device="cpu")
     assert result["model"] == tiny_files["model"] and set(result) >= {"clean", "replaced", "all_replaced"}
+
+
+def test_load_transcoders_returns_a_cross_layer_transcoder_whole(random_clt_folder):
+    import tccli
+    from tccli.transcoders.cross_layer import CrossLayerTranscoder
+
+    clt = tccli.load_transcoders(random_clt_folder("gpt2"), layers=[1])
+    assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1]

@@ -67,6 +67,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("graph",),
     ("view",),
     ("evaluation",),
+    ("serve",),
     ("api", "__init__"),
     ("cli",),
     ("__main__",),

@@ -27,6 +27,7 @@ from tccli.config.evaluation import EvalConfig, GreaterThanConfig, PlotConfig, V
 from tccli.config.features import ScoreConfig, ShowConfig
 from tccli.config.graph import GraphConfig
 from tccli.config.replacement import InterveneConfig
+from tccli.config.serve import ServeConfig
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import ConvertConfig
 from tccli.config.view import ViewConfig
@@ -306,10 +307,10 @@ def deembed_command(config: DeembedConfig) -> None:
     """Top tokens of W_E f_enc for a feature (optionally through one head's OV circuit): score, id, token."""
     from tccli.features.deembed import deembed_rows
     from tccli.model.loading import load_model
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    transcoders = load_transcoders(config.transcoders, loaded.device)  # a CLT: its layers' encoders
     for score, token_id, token in deembed_rows(loaded, transcoders, config):
         print(f"{score:.6g}\t{token_id}\t{json.dumps(token, ensure_ascii=False)}")
 
@@ -462,12 +463,12 @@ def intervene_command(config: InterveneConfig) -> None:
     """Ablate, set or scale features, head terms and error terms in the replacement model; print what moved."""
     from tccli.model.loading import load_model
     from tccli.replacement.intervention import intervene_lines, run_intervene
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     inputs.one_stdin(**{"--prompt": config.prompt, "--features": config.features})
     prompt = inputs.prompt_text(config.prompt)
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_transcoder_set(config.transcoders, loaded.device)
+    transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
     result = run_intervene(config, loaded, transcoders, prompt)
     print(json.dumps(result, indent=2) if config.json else "\n".join(intervene_lines(result)))
 
@@ -501,6 +502,18 @@ def validate_command(config: ValidateConfig) -> None:
     print("\n".join(summary_lines(results)), file=sys.stderr)
     if config.json:
         print(results_json(results))
+
+
+@app.command(
+    "serve", epilog=example("tc serve --transcoders tcs --features features.h5  # then open http://127.0.0.1:8000/")
+)
+@command_from(ServeConfig)
+def serve_command(config: ServeConfig) -> None:
+    """Serve tc view's page on a local web server that also computes graphs for typed prompts, interventions
+    and validations on the model (no authentication: keep --host on the loopback). Ctrl-C stops it."""
+    from tccli.serve.server import serve
+
+    serve(config)
 
 
 # ============================================================================ entry point

@@ -3,10 +3,10 @@
 A small dispatcher: each kind of artefact registers a ``detect(path) -> bool`` and a
 ``summarize(path) -> dict`` (the dict is what ``--json`` prints; it must carry ``kind`` and ``path``),
 optionally a ``lines(summary) -> list[str]`` for the human view. Kinds are tried in registration order.
-Registered here: activation caches (HDF5), transcoder folders and sets, circuit graphs (`tc circuit`) and
-attribution graphs (`tc graph`); each kind's module is imported only when a file is asked about. `tc info -`
-describes what stdin holds, among the kinds registered ``from_stdin`` (graphs; HDF5 is refused: it needs seeking).
-``register_kind`` adds another kind.
+Registered here: activation caches (HDF5), cross-layer transcoders, transcoder folders and sets, circuit
+graphs (`tc circuit`) and attribution graphs (`tc graph`); each kind's module is imported only when a file
+is asked about. `tc info -` describes what stdin holds, among the kinds registered ``from_stdin`` (graphs;
+HDF5 is refused: it needs seeking). ``register_kind`` adds another kind.
 """
 
 from __future__ import annotations
@@ -184,6 +184,85 @@ def _transcoder_lines(s: dict) -> list[str]:
     return lines
 
 
+# ============================================================================ cross-layer transcoders
+
+
+def _is_cross_layer(path: Path) -> bool:
+    from tccli.transcoders.files import is_cross_layer_folder
+    from tccli.transcoders.formats import circuit_tracer_clt
+
+    return is_cross_layer_folder(path) or circuit_tracer_clt.is_clt(path)
+
+
+def _cross_layer_summary(path: Path) -> dict:
+    from tccli.transcoders.files import is_cross_layer_folder
+    from tccli.transcoders.formats import load_cross_layer_any
+
+    # decoders stay on disk: tc info reads a 426K-feature CLT's encoders and headers, not its decoders
+    clt = load_cross_layer_any(path, lazy_decoders=True)
+    config = clt.config
+    source = config.source or {}
+    return {
+        "kind": "cross-layer-transcoder",
+        "path": str(path),
+        # the layout of this folder; a tc folder converted from another layout keeps that in "source"
+        "format": "tc" if is_cross_layer_folder(path) else source.get("file_format") or source.get("format"),
+        "layers": list(config.layers),
+        "n_features": config.n_features,
+        "total_features": config.n_features * len(config.layers),
+        "decoder_blocks": len(config.layers) * (len(config.layers) + 1) // 2,
+        **{
+            key: getattr(config, key)
+            for key in (
+                "activation",
+                "k",
+                "skip",
+                "input_space",
+                "output_space",
+                "d_in",
+                "d_out",
+                "model_name",
+                "input_hooks",
+                "output_hooks",
+            )
+        },
+        "source": source or {"format": "tc"},
+    }
+
+
+def _cross_layer_lines(s: dict) -> list[str]:
+    layers = s["layers"]
+    span = (
+        f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(map(str, layers))
+    )
+    activation = s["activation"] + (f" k={s['k']}" if s.get("k") else "")
+    hooks = ""
+    if s.get("input_hooks") and s["input_hooks"][0]:  # recorded per layer: shown as blocks.L.<hook>
+        prefix = f"blocks.{layers[0]}."
+        hook_in, hook_out = s["input_hooks"][0], (s.get("output_hooks") or [None])[0] or "?"
+        hooks = f" (hooks {hook_in.replace(prefix, 'blocks.L.')} -> {hook_out.replace(prefix, 'blocks.L.')})"
+    return [
+        f"{s['path']}: cross-layer transcoder ({s['format']})",
+        f"  layers       {span} ({len(layers)}; each layer's features write to it and every later one: "
+        f"{s['decoder_blocks']} decoder blocks)",
+        f"  features     {s['n_features']} per layer, {s['total_features']} in all; "
+        f"d_in {s['d_in']} -> d_out {s['d_out']}",
+        f"  activation   {activation}",
+        f"  skip         {'yes' if s['skip'] else 'no'}",
+        f"  spaces       reads {s['input_space']}, writes {s['output_space']}{hooks}",
+        f"  model        {s.get('model_name') or 'not recorded'}",
+    ] + _origin_lines(s)
+
+
+def _origin_lines(s: dict) -> list[str]:
+    """Where a tc CLT folder was converted from (tc convert keeps the source layout and path)."""
+    source = s.get("source") or {}
+    origin = source.get("file_format") or source.get("format")
+    if s["format"] != "tc" or not origin or origin == "tc":
+        return []
+    return [f"  from         {origin} ({source.get('set') or source.get('path')})"]
+
+
 # ============================================================================ graphs (their own modules say how)
 
 
@@ -200,6 +279,7 @@ def _graph_files() -> Any:
 
 
 register_kind("activation-cache", _is_hdf5, _cache_summary, _cache_lines)
+register_kind("cross-layer-transcoder", _is_cross_layer, _cross_layer_summary, _cross_layer_lines)
 register_kind("transcoder", _is_transcoder_or_set, _transcoder_summary, _transcoder_lines)
 register_kind(
     "circuit-graph",

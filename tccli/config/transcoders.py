@@ -101,8 +101,8 @@ class ConvertConfig:
     input: str = option(
         "",
         "Transcoders to convert: a folder or file in any readable format (tc, SAELens, "
-        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, or a "
-        "hub id.",
+        "sparsify, circuit-tracer set, Gemma Scope npz, paper .pt, Peek), a folder of them, a "
+        "cross-layer transcoder (tc's folder, circuit-tracer's layout, Gemma Scope 2's files), or a hub id.",
         required=True,
     )
     out: str = option(
@@ -114,7 +114,7 @@ class ConvertConfig:
     to: str = option(
         "tc",
         "Output format: tc, saelens, sparsify, gemma-scope, circuit-tracer or peek (the "
-        "paper's .pt format is read only).",
+        "paper's .pt format is read only; a cross-layer transcoder converts to tc or circuit-tracer).",
     )
 
     def validate(self) -> None:

@@ -16,6 +16,13 @@ Per layer, over the evaluation tokens:
 
 SAEs (kind "sae") read the MLP output and their output replaces it.
 
+A cross-layer transcoder (docs/method.md section 11) gets the same table: per layer l', FVU of
+yhat_l' = sum over l <= l' of z_l W_dec^(l -> l') + b_dec^l' (+ skip) from the clean inputs of every layer, L0
+and dead features of z_l'; CE with only MLP l' replaced by yhat_l' (its sources read the clean inputs, since
+nothing before l' is replaced); and the all-layers row with every evaluated MLP replaced at once, each z_l then
+read from the replaced run. A CLT whose decoders to later layers are zero gives its per-layer set's numbers
+bit for bit.
+
 Work plan, all under no_grad and in batches of rows: one truncated pass gathers the mean MLP output
 (for mean ablation; it must be known before any mean-ablated run); then, per batch, one clean pass
 captures every layer's MLP input and output and the clean logits, followed by the spliced, zero- and
@@ -39,6 +46,8 @@ import torch
 from tccli.config.evaluation import EvalConfig
 from tccli.config.fields import to_json_dict
 from tccli.errors import fail
+from tccli.replacement.model import layer_views
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
 
 # ----------------------------------------------------------------------------- metric math
@@ -181,6 +190,63 @@ def _replace_with(loaded: Any, layer: int, transcoder: Transcoder, seen: dict) -
     return hook
 
 
+def cross_layer_splice_hooks(loaded: Any, clt: CrossLayerTranscoder, replaced: Iterable[int]) -> list:
+    """Hooks replacing the MLP output of each layer in ``replaced`` by the CLT's output there, the sum of the
+    writes of every CLT layer at or before it (docs/method.md section 11). Each layer's features read that
+    layer's input on the same forward pass (so, below a replaced layer, the replaced model's input)."""
+    replaced = set(replaced)
+    last = max(replaced)
+    activations: dict[int, torch.Tensor] = {}  # this pass's z_l, filled in layer order
+    hooks: list[tuple[str, Callable]] = []
+    for layer in clt.layers:
+        if layer > last:
+            break
+        names = loaded.info.layer(layer)
+        seen: dict[str, torch.Tensor] = {}
+        sources = loaded.info.input_hooks(layer, clt.config.input_space)
+        hooks += [(name, _remember(seen, name)) for name in sources if name != names.mlp_out]
+        hooks.append((names.mlp_out, _cross_layer_step(loaded, clt, layer, seen, activations, layer in replaced)))
+    return hooks
+
+
+def _cross_layer_step(
+    loaded: Any, clt: CrossLayerTranscoder, layer: int, seen: dict, activations: dict, replace: bool
+) -> Callable:
+    from tccli.model.loading import space_activation
+    from tccli.model.spaces import written_to_residual
+
+    names = loaded.info.layer(layer)
+    config = clt.config
+    dtype = clt.W_enc[str(layer)].dtype
+
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        x = space_activation(loaded, layer, config.input_space, {**seen, names.mlp_out: tensor}).to(dtype)
+        seen.clear()
+        activations[layer] = clt.encode(layer, x)
+        if not replace:
+            return tensor
+        output = None
+        for source in clt.layers:  # earliest source first, as CrossLayerTranscoder.decode sums
+            if source > layer:
+                break
+            write = activations[source] @ clt.decoder(source, layer)
+            output = write if output is None else output + write
+        output = output + clt.b_dec[str(layer)]
+        if clt.W_skip is not None:
+            output = output + clt.skip_term(layer, x)
+        return written_to_residual(config.output_space, output, loaded.spaces[layer]).to(tensor.dtype)
+
+    return hook
+
+
+def replacement_hooks(loaded: Any, transcoders: Any, layers: Iterable[int]) -> list:
+    """Hooks replacing the MLP outputs of ``layers`` (together) by ``transcoders``' outputs: a per-layer set's
+    transcoders of those layers, or a cross-layer transcoder's outputs there."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return cross_layer_splice_hooks(loaded, transcoders, layers)
+    return splice_hooks(loaded, {layer: transcoders[layer] for layer in layers})
+
+
 def ablation_hooks(info: Any, layers: Iterable[int], means: Optional[dict[int, torch.Tensor]]) -> list:
     """Hooks setting each layer's MLP output to zero (means None) or to its mean."""
     hooks = []
@@ -257,18 +323,25 @@ def _finite_or_none(value: Any) -> Any:
 
 def evaluate(
     loaded: Any,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
     tokens: torch.Tensor,
     batch_size: int = 32,
     mean_ablation: str = "position",
     dense_threshold: float = 0.1,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    layers: Optional[list[int]] = None,
 ) -> EvalResult:
-    """Measure ``transcoders`` ({layer: Transcoder}) on ``tokens`` [n_rows, context] with ``loaded``'s model."""
+    """Measure ``transcoders`` ({layer: Transcoder}, or a CrossLayerTranscoder of which ``layers`` are
+    evaluated, all of them when None) on ``tokens`` [n_rows, context] with ``loaded``'s model."""
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise fail("no evaluation tokens: need at least one row of 2 or more tokens")
     info = loaded.info
-    layers = sorted(transcoders)
+    clt = transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+    if clt is not None:
+        layers = sorted(clt.layers if layers is None else layers)
+        views = {layer: clt.layer_transcoder(layer) for layer in clt.layers}
+    else:
+        layers, views = sorted(transcoders), transcoders
     if not layers:
         raise fail("no transcoders to evaluate")
     batches = [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
@@ -289,13 +362,12 @@ def evaluate(
     # pass 2: clean run, then spliced / ablated runs per layer and for all layers at once
     from tccli.model.loading import space_activation
 
-    space_hooks = [
-        name
-        for layer in layers
-        for name in info.input_hooks(layer, transcoders[layer].config.input_space)
-        + info.output_hooks(layer, transcoders[layer].config.output_space)
-    ]
-    recon = {layer: ReconstructionStats(transcoders[layer].n_features) for layer in layers}
+    # a CLT's output at a layer reads the inputs of every CLT layer up to it
+    read_layers = [layer for layer in views if layer <= layers[-1]] if clt is not None else layers
+    space_hooks = [name for layer in read_layers for name in info.input_hooks(layer, views[layer].config.input_space)]
+    space_hooks += [name for layer in layers for name in info.output_hooks(layer, views[layer].config.output_space)]
+    space_hooks = list(dict.fromkeys(space_hooks))
+    recon = {layer: ReconstructionStats(views[layer].n_features) for layer in layers}
     fidelity = {layer: _Fidelity() for layer in layers}
     all_at_once = _Fidelity() if len(layers) > 1 else None
     ce_clean_sum = 0.0
@@ -305,16 +377,26 @@ def evaluate(
         clean_logits, captured = run_logits(loaded, batch, space_hooks)
         ce_clean_sum += _total(next_token_loss(clean_logits, batch))
         n_scored += batch.shape[0] * (batch.shape[1] - 1)
+        with torch.no_grad():
+            if clt is not None:  # every layer's output from the clean inputs of its own and earlier layers
+                dtype = clt.W_enc[str(layers[0])].dtype
+                inputs = {
+                    layer: space_activation(loaded, layer, clt.config.input_space, captured).to(dtype)
+                    for layer in read_layers
+                }
+                outputs, activations = clt(inputs)
+            else:
+                outputs, activations = {}, {}
+                for layer in layers:
+                    transcoder = transcoders[layer]
+                    source = space_activation(loaded, layer, transcoder.config.input_space, captured)
+                    outputs[layer], activations[layer] = transcoder(source.to(transcoder.W_enc.dtype))
         for layer in layers:
-            transcoder = transcoders[layer]
-            source = space_activation(loaded, layer, transcoder.config.input_space, captured)
-            target = space_activation(loaded, layer, transcoder.config.output_space, captured)
-            with torch.no_grad():
-                output, acts = transcoder(source.to(transcoder.W_enc.dtype))
-            recon[layer].update(target, output, acts)
-            _score_settings(loaded, batch, clean_logits, fidelity[layer], {layer: transcoder}, means)
+            target = space_activation(loaded, layer, views[layer].config.output_space, captured)
+            recon[layer].update(target, outputs[layer], activations[layer])
+            _score_settings(loaded, batch, clean_logits, fidelity[layer], transcoders, [layer], means)
         if all_at_once is not None:
-            _score_settings(loaded, batch, clean_logits, all_at_once, transcoders, means)
+            _score_settings(loaded, batch, clean_logits, all_at_once, transcoders, layers, means)
         step("spliced runs", index + 1, len(batches))
 
     ce_clean = ce_clean_sum / n_scored
@@ -339,10 +421,12 @@ def _score_settings(
     batch: torch.Tensor,
     clean_logits: torch.Tensor,
     sums: _Fidelity,
-    transcoders: dict[int, Transcoder],
+    transcoders: Any,
+    layers: list[int],
     means: dict[int, torch.Tensor],
 ) -> None:
-    """Add one batch's spliced, zero-ablated and mean-ablated CE (and spliced KL) to ``sums``.
+    """Add one batch's spliced, zero-ablated and mean-ablated CE (and spliced KL) to ``sums``, the MLPs of
+    ``layers`` replaced by ``transcoders`` (a set or a CLT: ``replacement_hooks``) or ablated together.
 
     Full passes from the tokens: TransformerBridge's start_at_layer still runs the blocks below (it
     only swaps the residual in), so starting from a captured residual would save nothing.
@@ -353,21 +437,48 @@ def _score_settings(
 
     info = loaded.info
     run = partial(run_logits, loaded, batch)
-    logits, _ = run(extra_hooks=splice_hooks(loaded, transcoders))
+    logits, _ = run(extra_hooks=replacement_hooks(loaded, transcoders, layers))
     sums.ce_spliced += _total(next_token_loss(logits, batch))
     sums.kl += _total(kl_to_clean(clean_logits, logits))
-    logits, _ = run(extra_hooks=ablation_hooks(info, transcoders, None))
+    logits, _ = run(extra_hooks=ablation_hooks(info, layers, None))
     sums.ce_zero += _total(next_token_loss(logits, batch))
-    logits, _ = run(extra_hooks=ablation_hooks(info, transcoders, means))
+    logits, _ = run(extra_hooks=ablation_hooks(info, layers, means))
     sums.ce_mean += _total(next_token_loss(logits, batch))
 
 
 # ----------------------------------------------------------------------------- the command
 
 
-def check_kind(transcoders: dict[int, Transcoder], kind: str) -> None:
+def load_checked(path: str, loaded: Any, layers: Optional[str] = None) -> dict[int, Transcoder] | CrossLayerTranscoder:
+    """``load_checked_transcoders`` for a per-layer set; a cross-layer transcoder whole (``layers``, e.g.
+    "0,2-3", must be among its layers), each of its layers checked against the model the same way."""
+    from tccli.config.fields import parse_layers
+    from tccli.transcoders.files import check_matches_model, check_model_named
+    from tccli.transcoders.formats import is_cross_layer, load_checked_transcoders, load_transcoders
+
+    if not is_cross_layer(path):
+        return load_checked_transcoders(path, loaded, layers)
+    chosen = parse_layers(layers, loaded.info.n_layers) if layers else None
+    clt = load_transcoders(path, loaded.device, chosen)
+    for view in layer_views(clt).values():
+        check_matches_model(view, loaded.info)
+        check_model_named(view, loaded)
+    return clt.eval()
+
+
+def chosen_layers(config: Any, loaded: Any, transcoders: Any) -> list[int]:
+    """The layers a command with ``--layers`` works on: a set's own (it was loaded with only those), a CLT's
+    chosen ones (it is loaded whole, since a layer's output reads every earlier layer's features)."""
+    from tccli.config.fields import parse_layers
+
+    if isinstance(transcoders, CrossLayerTranscoder) and config.layers:
+        return parse_layers(config.layers, loaded.info.n_layers)
+    return sorted(layer_views(transcoders))
+
+
+def check_kind(transcoders: dict[int, Transcoder] | CrossLayerTranscoder, kind: str) -> None:
     """Refuse a file whose kind is not the ``--kind`` given (``auto``: whatever its config says)."""
-    for transcoder in transcoders.values():
+    for transcoder in layer_views(transcoders).values():
         if kind != "auto" and transcoder.config.kind != kind:
             raise fail(
                 f"--kind {kind} given, but the file for layer {transcoder.config.layer} holds "
@@ -375,16 +486,15 @@ def check_kind(transcoders: dict[int, Transcoder], kind: str) -> None:
             )
 
 
-def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder], Any]:
-    """What `tc eval` reads, loaded and checked before any measuring: (the model, its transcoders, the
-    token rows of --data)."""
+def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder] | CrossLayerTranscoder, Any]:
+    """What `tc eval` reads, loaded and checked before any measuring: (the model, its transcoders: a set or
+    a cross-layer transcoder, the token rows of --data)."""
     from tccli.data.text import load_rows
     from tccli.model.loading import check_context, load_model
-    from tccli.transcoders.formats import load_checked_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
     check_context(config.context, loaded.info)
-    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+    transcoders = load_checked(config.transcoders, loaded, config.layers)
     check_kind(transcoders, config.kind)
     rows = load_rows(
         config.data, loaded.tokenizer, loaded.info.bos_token_id, config.context, config.tokens, config.seed
@@ -395,17 +505,28 @@ def load_eval_inputs(config: EvalConfig) -> tuple[Any, dict[int, Transcoder], An
 def run_eval(
     config: EvalConfig,
     loaded: Any,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
     tokens: Any,
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> EvalResult:
-    """`tc eval` on what its command loaded: ``loaded``'s model, ``transcoders`` ({layer: Transcoder}, checked
-    against that model) and ``tokens`` [n_rows, context] (numpy or torch); the result carries ``config``."""
+    """`tc eval` on what its command loaded: ``loaded``'s model, ``transcoders`` ({layer: Transcoder} or a
+    CrossLayerTranscoder, checked against that model) and ``tokens`` [n_rows, context] (numpy or torch); the
+    result carries ``config``."""
     if isinstance(tokens, np.ndarray):
         tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+    layers = chosen_layers(config, loaded, transcoders)
     result = evaluate(
-        loaded, transcoders, tokens, config.batch_size, config.mean_ablation, config.dense_threshold, progress
+        loaded,
+        transcoders,
+        tokens,
+        config.batch_size,
+        config.mean_ablation,
+        config.dense_threshold,
+        progress,
+        layers if isinstance(transcoders, CrossLayerTranscoder) else None,
     )
+    cross_layer = isinstance(transcoders, CrossLayerTranscoder)
+    transcoders = {layer: view for layer, view in layer_views(transcoders).items() if layer in layers}
     result.meta = {
         "model": loaded.info.name,
         "transcoders": config.transcoders,
@@ -421,6 +542,8 @@ def run_eval(
         },
         "config": to_json_dict(config),
     }
+    if cross_layer:
+        result.meta["cross_layer"] = True
     return result
 
 

@@ -141,14 +141,14 @@ def probability_difference_of_model(
 
 
 def load_greater_than_inputs(config: GreaterThanConfig) -> tuple[Any, dict, Any]:
-    """What `tc greater-than` reads: (the model, the transcoders of --transcoders or {}, the --graph or None),
-    each checked against the model."""
+    """What `tc greater-than` reads: (the model, the transcoders of --transcoders (a set or a cross-layer
+    transcoder) or {}, the --graph or None), each checked against the model."""
     from tccli.circuit.files import check_graph_matches_model, read_graph
+    from tccli.evaluation.evaluate import load_checked
     from tccli.model.loading import load_model
-    from tccli.transcoders.formats import load_checked_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
-    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers) if config.transcoders else {}
+    transcoders = load_checked(config.transcoders, loaded, config.layers) if config.transcoders else {}
     graph = read_graph(config.graph) if config.graph else None
     if graph is not None:
         check_graph_matches_model(graph, loaded.info, inputs.display_name(config.graph))
@@ -164,13 +164,17 @@ def run_greater_than(
 ) -> dict:
     """The model's probability difference on the prompt set, clean and with MLPs replaced by transcoders.
 
-    ``loaded``, ``transcoders`` ({layer: Transcoder}, checked against that model; empty when none were
-    given) and ``graph`` (read from ``--graph`` and checked against the model, or None) are what the command
-    loaded. Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
+    ``loaded``, ``transcoders`` ({layer: Transcoder} or a CrossLayerTranscoder, checked against that model;
+    empty when none were given; a CLT's output at a layer sums the writes of every CLT layer up to it) and
+    ``graph`` (read from ``--graph`` and checked against the model, or None) are what the command loaded.
+    Returns {"prompts": n, "clean": float, "replaced": {layer: float}, "all_replaced": float | None}.
     ``progress(stage, done, total)`` counts the model runs.
     """
     update = progress or (lambda stage, done, total: None)
-    from tccli.evaluation.evaluate import splice_hooks
+    from tccli.evaluation.evaluate import chosen_layers, replacement_hooks
+    from tccli.replacement.model import layer_views
+
+    layers = chosen_layers(config, loaded, transcoders) if config.transcoders else []
 
     out: dict = {
         "model": loaded.info.name,
@@ -185,7 +189,7 @@ def run_greater_than(
     except TcError as exc:  # e.g. a tokenizer with single digits: the task is undefined, the graph is not
         out["not_applicable"] = str(exc)
     applicable = out["not_applicable"] is None
-    runs = (1 + len(transcoders) + (len(transcoders) > 1)) if applicable else 0
+    runs = (1 + len(layers) + (len(layers) > 1)) if applicable else 0
     done = 0
     update("model runs", done, runs)
     if applicable:
@@ -193,18 +197,18 @@ def run_greater_than(
         done += 1
         update("model runs", done, runs)
     if config.transcoders:
-        for layer, transcoder in transcoders.items() if applicable else ():
-            hooks = splice_hooks(loaded, {layer: transcoder})
+        for layer in layers if applicable else ():
+            hooks = replacement_hooks(loaded, transcoders, [layer])
             out["replaced"][layer] = probability_difference_of_model(loaded, extra_hooks=hooks, noun=config.noun).mean
             done += 1
             update("model runs", done, runs)
-        if len(transcoders) > 1 and applicable:
+        if len(layers) > 1 and applicable:
             out["all_replaced"] = probability_difference_of_model(
-                loaded, extra_hooks=splice_hooks(loaded, transcoders), noun=config.noun
+                loaded, extra_hooks=replacement_hooks(loaded, transcoders, layers), noun=config.noun
             ).mean
             update("model runs", done + 1, runs)
         if graph is not None:
-            out["top_nodes"] = top_nodes(graph_nodes(graph), loaded, transcoders, config.top)
+            out["top_nodes"] = top_nodes(graph_nodes(graph), loaded, layer_views(transcoders), config.top)
     return out
 
 

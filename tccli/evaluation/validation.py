@@ -262,27 +262,30 @@ def transcoders_path(config: ValidateConfig, meta: dict) -> str:
     return path
 
 
-def check_fits_model(meta: dict, loaded: Any, transcoders: dict) -> None:
-    """Refuse transcoders made for another model (or SAEs), and a graph traced on another architecture."""
+def check_fits_model(meta: dict, loaded: Any, transcoders: Any) -> None:
+    """Refuse transcoders (a set or a cross-layer transcoder) made for another model (or SAEs), and a graph
+    traced on another architecture."""
+    from tccli.replacement.model import layer_views
     from tccli.transcoders.files import check_transcoders
 
-    check_transcoders(transcoders, loaded)
+    check_transcoders(layer_views(transcoders), loaded)
     if meta.get("architecture") and meta["architecture"] != loaded.info.architecture:
         raise fail(f"the graph was traced on a {meta['architecture']} model, not this {loaded.info.architecture}")
 
 
-def load_validation_inputs(config: ValidateConfig, meta: dict) -> tuple[Any, dict, Optional[dict], Optional[list]]:
+def load_validation_inputs(config: ValidateConfig, meta: dict) -> tuple[Any, Any, Optional[dict], Optional[list]]:
     """What `tc validate` reads besides the graph (whose ``meta`` names the model and transcoders when the
-    flags do not): (the model, the transcoders checked against it, the --features means or None, the
-    --prompts or None)."""
+    flags do not): (the model, the transcoders checked against it: a per-layer set or a cross-layer
+    transcoder, the --features means or None, the --prompts or None)."""
     from tccli.model.loading import load_model
     from tccli.replacement.intervention import feature_means
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.replacement.model import layer_views
+    from tccli.transcoders.formats import load_transcoders
 
     loaded = load_model(config.model or graph_model_name(meta), config.device, config.model_dtype)
-    transcoders = load_transcoder_set(transcoders_path(config, meta), loaded.device)
+    transcoders = load_transcoders(transcoders_path(config, meta), loaded.device)
     check_fits_model(meta, loaded, transcoders)
-    means = feature_means(config.features, loaded, transcoders) if config.features else None
+    means = feature_means(config.features, loaded, layer_views(transcoders)) if config.features else None
     prompts = read_prompts(config.prompts) if config.prompts else None
     return loaded, transcoders, means, prompts
 
@@ -291,14 +294,15 @@ def run_validation(
     config: ValidateConfig,
     graph: Any,
     loaded: Any,
-    transcoders: dict,
+    transcoders: Any,
     means: Optional[dict] = None,
     prompts: Optional[list[str]] = None,
     log=lambda message: None,
     update: Any = no_progress,
 ) -> dict:
     """Everything `tc validate` computes, as a results dict, on what its command loaded: ``graph`` (read from
-    ``config.graph``), ``loaded`` and ``transcoders`` (checked by `check_fits_model`), the feature means of
+    ``config.graph``), ``loaded`` and ``transcoders`` (a per-layer set {layer: Transcoder} or a
+    CrossLayerTranscoder, checked by `check_fits_model`), the feature means of
     ``--features`` (or None) and the prompts of ``--prompts`` (or None: the graph's own prompt, or the task's).
     ``update(stage, done, total)`` follows the forward passes and the backward passes of each group of prompts."""
     from tccli.replacement.model import ReplacementModel
@@ -328,7 +332,7 @@ def run_validation(
     circuit = [n.ref for n in nodes]
     graph_model = ReplacementModel(loaded, transcoders, torch.tensor([graph_ids]), means)
     active = {}
-    for layer in transcoders:
+    for layer in graph_model.transcoders:
         z = graph_model.clean_activations(layer)[0]
         for p in range(1, n_graph):
             active[(layer, p)] = torch.nonzero(z[p]).reshape(-1).tolist()
@@ -428,7 +432,7 @@ def run_validation(
         dropped,
         n_prompts,
         years is not None,
-        transcoders,
+        graph_model.transcoders,
         means,
     )
     return results

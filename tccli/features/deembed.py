@@ -10,9 +10,11 @@ import torch
 from tccli.config.circuit import DeembedConfig
 from tccli.data.text import display_token
 from tccli.errors import fail
+from tccli.features.cross_layer import as_layer_dict
 from tccli.model.loading import LoadedModel
 from tccli.model.spaces import LayerSpaces, input_map
 from tccli.nodes import parse_feature, parse_head
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import check_feature, check_transcoders
 from tccli.transcoders.transcoder import Transcoder
 
@@ -63,8 +65,12 @@ def feature_deembedding(
         return deembedding(W_E, encoder, info.normalization == "layernorm", W_V, W_O, post)
 
 
-def deembed_rows(loaded: LoadedModel, transcoders: dict[int, Transcoder], config: DeembedConfig) -> list[tuple]:
-    """[(score, token id, token string)] best first."""
+def deembed_rows(
+    loaded: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, config: DeembedConfig
+) -> list[tuple]:
+    """[(score, token id, token string)] best first. A cross-layer transcoder's feature is de-embedded from
+    its layer's encoder, as a per-layer transcoder's is (the encoder side does not see where it writes)."""
+    transcoders = as_layer_dict(transcoders)
     check_transcoders(transcoders, loaded)
     layer, feature = parse_feature(config.feature)
     transcoder = check_feature(transcoders, layer, feature)

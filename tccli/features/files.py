@@ -31,6 +31,9 @@ from tccli.runtime import inputs, outputs
 FORMAT = "tc-features"
 FORMAT_VERSION = 1
 EXAMPLE_GROUPS = ("top", "quantile")
+# LayerScores fields a layer may lack (a cross-layer transcoder's), with how a pick of features selects
+# from each: the target layers are one list for the whole layer.
+OPTIONAL_FIELDS = {"decoder_targets": lambda pick: slice(None), "decoder_norms": lambda pick: pick}
 
 
 def vocabulary(tokenizer: Any, d_vocab: int) -> list[str]:
@@ -97,7 +100,15 @@ def feature_record(scores: LayerScores, i: int) -> dict:
             for layer, f, v in zip(scores.pullback_layer[i], scores.pullback_feature[i], scores.pullback_value[i])
             if layer >= 0
         ],
-    }
+    } | _decoder_norms(scores, i)
+
+
+def _decoder_norms(scores: LayerScores, i: int) -> dict:
+    """A cross-layer transcoder feature's decoder norm per layer it writes to: {"decoder_norms": [[layer,
+    norm], ...]}; nothing for a per-layer transcoder's feature."""
+    if scores.decoder_norms is None:
+        return {}
+    return {"decoder_norms": [[int(t), float(v)] for t, v in zip(scores.decoder_targets, scores.decoder_norms[i])]}
 
 
 # ============================================================================ writing
@@ -336,6 +347,10 @@ class _H5Features(FeaturesFile):
                                 ef.name: (sub[ef.name][pick] if ef.name in sub else None)
                                 for ef in fields(ExampleArrays)
                             }
+                        )
+                    elif fld.name in OPTIONAL_FIELDS:  # absent for per-layer transcoders and older files
+                        values[fld.name] = (
+                            None if fld.name not in group else group[fld.name][OPTIONAL_FIELDS[fld.name](pick)]
                         )
                     else:
                         values[fld.name] = group[fld.name][pick]

@@ -24,7 +24,10 @@ A file holds what circuit-tracer's ``frontend/feature_models.py`` lists: ``trans
 ``examples_quantiles`` (``[{quantile_name, examples: [{tokens, tokens_acts_list, train_token_ind,
 is_repeated_datapoint}]}]``: the top examples, then each quantile band from the highest), ``top_logits`` and
 ``bottom_logits`` (token texts), ``act_min``, ``act_max``, ``activation_frequency``; tc adds ``layer`` and
-``feature`` (so that a file names its own feature) and ``mean_activation``. ``quantile_values`` and
+``feature`` (so that a file names its own feature) and ``mean_activation``, and for a feature of a cross-layer
+transcoder ``feature_type``: ``"cross layer transcoder"``, the type circuit-tracer's and Neuronpedia's graph
+files give a transcoder feature node (circuit-tracer writes it for every transcoder, per-layer or cross-layer;
+tc's feature files of a per-layer set leave the key out). ``quantile_values`` and
 ``histogram`` are left out: tc score keeps no activation histogram, and the viewer then draws none.
 """
 
@@ -36,6 +39,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from tccli.errors import fail
+from tccli.features.cross_layer import CLT_FEATURE_TYPE
 from tccli.features.files import feature_record
 from tccli.features.scoring import LayerScores
 from tccli.nodes import neuronpedia_feature_id
@@ -103,6 +107,7 @@ def viewer_feature(record: dict, vocab: list[str], bands: int) -> dict:
                 }
             )
     shown = [a for group in groups for example in group["examples"] for a in example["tokens_acts_list"]]
+    marking = {"feature_type": CLT_FEATURE_TYPE} if "decoder_norms" in record else {}
     return {
         "transcoder_id": f"layer_{record['layer']}",
         "index": record["feature"],
@@ -115,7 +120,7 @@ def viewer_feature(record: dict, vocab: list[str], bands: int) -> dict:
         "act_max": record["max_activation"],
         "activation_frequency": record["frequency"],
         "mean_activation": record["mean_activation"],
-    }
+    } | marking
 
 
 # ----------------------------------------------------------------------------- the folder

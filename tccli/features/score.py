@@ -30,24 +30,29 @@ def check_scorable(transcoders: dict, path: str) -> None:
 def score_scan(config: ScoreConfig, transcoders: dict) -> str:
     """The id of the transcoder set `tc score` scores (tccli.transcoders.set_id), from all of its layers:
     the id `tc graph` writes into its graphs of the same set (with --layers, the whole set is read again)."""
+    from tccli.features.cross_layer import cross_layer_of
     from tccli.transcoders.formats import load_transcoder_set
     from tccli.transcoders.set_id import transcoder_set_id
 
+    clt = cross_layer_of(transcoders)  # a CLT is loaded whole, whatever --layers scores
+    if clt is not None:
+        return transcoder_set_id(config.transcoders, clt)
     whole = transcoders if config.layers is None else load_transcoder_set(config.transcoders)
     return transcoder_set_id(config.transcoders, whole)
 
 
 def load_score_inputs(config: ScoreConfig) -> tuple[Any, dict[int, Any], Any]:
-    """What `tc score` reads, loaded and checked before any scoring: (the model, its transcoders, a stream
+    """What `tc score` reads, loaded and checked before any scoring: (the model, its transcoders (a
+    cross-layer transcoder as its per-layer views, tccli.features.cross_layer.LayerViews), a stream
     of token rows: the texts are read now, so bad data fails before any work, and the rows come a batch at a
     time)."""
     from tccli.data.text import stream_rows
+    from tccli.features.cross_layer import load_checked_for_scoring
     from tccli.model.loading import check_context, load_model
-    from tccli.transcoders.formats import load_checked_transcoders
 
     loaded = load_model(config.model, config.device, config.model_dtype)
     check_context(config.context, loaded.info)
-    transcoders = load_checked_transcoders(config.transcoders, loaded, config.layers)
+    transcoders = load_checked_for_scoring(config.transcoders, loaded, config.layers)
     check_scorable(transcoders, config.transcoders)
     rows = stream_rows(
         config.data,
@@ -69,6 +74,7 @@ def run_score(
     Returns a small summary for stderr."""
     from tccli import __version__
     from tccli.config.fields import to_json_dict
+    from tccli.features.cross_layer import cross_layer_of
     from tccli.model.loading import torch_dtype
 
     info = loaded.info
@@ -78,7 +84,8 @@ def run_score(
 
         scan = config.scan or score_scan(config, transcoders)
         feature_folder = check_scan_folder(Path(config.out).expanduser(), scan, config.force)
-    for transcoder in transcoders.values():
+    clt = cross_layer_of(transcoders)
+    for transcoder in [*transcoders.values(), *([clt] if clt is not None else [])]:
         transcoder.to(torch_dtype(loaded.dtype))  # in place: the kernels read activations in the model's dtype
     settings = ScoreSettings(
         top=config.top,
@@ -119,6 +126,8 @@ def run_score(
         "settings": settings.__dict__,
         "vocab": vocabulary(loaded.tokenizer, info.d_vocab),
     }
+    if clt is not None:  # the per-layer entries above are its layers' views; this is the whole dictionary
+        metadata["cross_layer_transcoder"] = {k: v for k, v in clt.config.to_dict().items() if k != "feature_frequency"}
     if feature_folder is None:
         write_features(config.out, scores, metadata)
     else:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from tccli.errors import fail
+from tccli.features.cross_layer import cross_layer_of, cross_layer_reads, with_decoder_norms
 from tccli.features.examples import ExampleArrays, sort_into_bands
 from tccli.features.weight_scores import (
     LayerReads,
@@ -408,6 +409,10 @@ class LayerScores:
     pullback_layer: np.ndarray
     pullback_feature: np.ndarray
     pullback_value: np.ndarray
+    # cross-layer transcoders only (tccli.features.cross_layer): the layers the features write to [n] and
+    # each feature's decoder norm per target layer [m, n]; None for a per-layer transcoder
+    decoder_targets: Optional[np.ndarray] = None
+    decoder_norms: Optional[np.ndarray] = None
 
     @property
     def n_features(self) -> int:
@@ -583,7 +588,8 @@ def score_rows(
     release_bridge: bool = False,
     log=lambda message: None,
 ) -> dict[int, LayerScores]:
-    """Score every feature of ``transcoders`` ({layer: Transcoder}) in one pass over ``row_batches``.
+    """Score every feature of ``transcoders`` ({layer: Transcoder}, or a CLT's ``LayerViews``: see
+    tccli.features.cross_layer) in one pass over ``row_batches``.
 
     row_batches yields (tokens [b, context], doc_ids [b, context]) (a ``tccli.data.text.RowStream``, so memory
     does not grow with the number of tokens); each batch is one forward pass. ``total_rows`` (an upper
@@ -621,9 +627,14 @@ def score_rows(
     reads = {
         layer: LayerReads.of(transcoders[layer], loaded.spaces[layer] if loaded.spaces else None) for layer in layers
     }
+    clt = cross_layer_of(transcoders)
+    if clt is not None:  # decoders that write to every later layer (docs/method.md section 11)
+        reads, pullback_decoders = cross_layer_reads(clt, reads, loaded.spaces)
     out = {}
     for layer in layers:
-        earlier = {lo: reads[lo].decoders for lo in layers if lo < layer}
+        earlier = (
+            {lo: reads[lo].decoders for lo in layers if lo < layer} if clt is None else pullback_decoders.at(layer)
+        )
         out[layer] = finish_layer(
             layer,
             streams[layer],
@@ -636,6 +647,8 @@ def score_rows(
             context,
             settings,
         )
+        if clt is not None:
+            out[layer] = with_decoder_norms(out[layer], clt)
     return out
 
 

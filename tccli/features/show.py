@@ -4,7 +4,8 @@ Two views of the same records (``tccli.features.files.FeaturesFile.feature``):
 - the terminal: one feature with rich, its examples' tokens shaded by the feature's activation;
 - one static, self-contained HTML page (inline CSS and SVG, no scripts, no network) with a card per
   feature: shaded examples, the layer's log-density histogram with this feature marked, a histogram of
-  its sampled activations, and de-embedding, logit and pullback tables.
+  its sampled activations, and de-embedding, logit and pullback tables (and for a cross-layer transcoder's
+  feature, its decoder norm per layer it writes to).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def render_terminal(features: FeaturesFile, record: dict, n_examples: int, conso
         f"max {record['max_activation']:.3g}   context-free {'-' if cf is None else f'{cf:.2f}'}"
     )
     console.print(Panel(header, title=name, expand=False))
+    if record.get("decoder_norms"):
+        console.print(writes_text(record["decoder_norms"]))
     tables = [
         token_table("de-embedding", features, record["deembedding"]),
         token_table("promotes", features, record["logit_promoted"]),
@@ -122,6 +125,11 @@ def render_terminal(features: FeaturesFile, record: dict, n_examples: int, conso
         console.print(table)
     if not record["top_examples"]:
         console.print("(no examples: the feature never fired on the scored text)")
+
+
+def writes_text(norms: list) -> str:
+    """A cross-layer transcoder feature's decoder norm per layer it writes to, on one line."""
+    return "writes (decoder norm)  " + "  ".join(f"L{layer} {norm:.3g}" for layer, norm in norms)
 
 
 def spread(examples: list[dict], n: int) -> list[dict]:
@@ -247,6 +255,9 @@ def html_card(features: FeaturesFile, record: dict, n_examples: int, frequencies
     if record["pullbacks"]:
         rows = "".join(f"<tr><td>L{la}.F{f}</td><td class=v>{v:+.3f}</td></tr>" for la, f, v in record["pullbacks"])
         tables.append(f'<table class="tok"><caption>pullbacks</caption>{rows}</table>')
+    if record.get("decoder_norms"):  # a cross-layer transcoder's feature: where it writes, and how strongly
+        rows = "".join(f"<tr><td>L{la}</td><td class=v>{v:.3f}</td></tr>" for la, v in record["decoder_norms"])
+        tables.append(f'<table class="tok writes"><caption>writes (decoder norm)</caption>{rows}</table>')
     top = "".join(
         html_example(features, e, peak, f"{e['activation']:.3f}") for e in record["top_examples"][:n_examples]
     )

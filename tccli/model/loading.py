@@ -469,6 +469,7 @@ NATIVE_ARCHITECTURES = (
     "GPTNeoXForCausalLM",
     "LlamaForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "Qwen3ForCausalLM",
 )
 

@@ -16,11 +16,15 @@ value; ``scale``: a feature's activation, a head term or an error term times a f
 every MLP without a transcoder and every head's term), norm scales frozen: the residual stream is the
 clean one plus the changed nodes' own writes, so a target changes by exactly those nodes' one-hop
 edges into it (`tc circuit`'s edges). The model itself is tccli.replacement.model.
+
+**Cross-layer transcoders** (docs/method.md section 11) run wherever a set does: a feature ``mlp3.f7@5`` is
+feature 7 of the encoder reading layer 3, and changing it changes the MLP output of layer 3 and of every
+later layer it writes to, at once; ``err8@5`` is everything the CLT misses at MLP 8.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -28,21 +32,9 @@ from tccli.config.replacement import InterveneConfig
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import Intervention, parse_assignment, parse_node, target_spec_label
-from tccli.replacement.model import ReplacementModel, RowSpec
-from tccli.replacement.targets import target_from_options
+from tccli.replacement.model import ReplacementModel, RowSpec, Transcoders, layer_views
+from tccli.replacement.targets import TargetSpec, target_from_options
 from tccli.transcoders.transcoder import Transcoder
-
-# ============================================================================ nodes and interventions
-
-
-# ============================================================================ where a transcoder reads and writes
-
-
-# ============================================================================ the replacement model
-
-
-# ============================================================================ targets
-
 
 # ============================================================================ means for mean ablation
 
@@ -83,18 +75,29 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 
 
 def run_intervene(
-    config: InterveneConfig, loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str
+    config: InterveneConfig,
+    loaded: LoadedModel,
+    transcoders: Transcoders,
+    prompt: str,
+    watched: Optional[TargetSpec] = None,
+    means: Optional[dict[int, torch.Tensor]] = None,
 ) -> dict:
-    """Everything `tc intervene` prints: the target and the next-token distribution, before and after."""
+    """Everything `tc intervene` prints: the target and the next-token distribution, before and after.
+
+    ``transcoders``: a per-layer set {layer: Transcoder} or a CrossLayerTranscoder. ``watched``: a target to
+    read instead of the one ``config``'s target options name (`tc serve` watches a graph's own target);
+    ``means``: the feature means of ``config.features``, when the caller has them."""
     from tccli.replacement.prompts import prompt_tokens, resolve_position, token_strings
     from tccli.transcoders.files import check_transcoders
 
-    check_transcoders(transcoders, loaded)
+    views = layer_views(transcoders)
+    check_transcoders(views, loaded)
     interventions = parse_interventions(config)
     tokens = prompt_tokens(loaded, prompt)
     position = resolve_position(config.pos, int(tokens.shape[0]))
-    target = target_from_options(config, loaded, transcoders)
-    means = feature_means(config.features, loaded, transcoders) if config.features else None
+    target = watched if watched is not None else target_from_options(config, loaded, views)
+    if means is None and config.features:
+        means = feature_means(config.features, loaded, views)
     model = ReplacementModel(loaded, transcoders, tokens.unsqueeze(0), means)
     rows = [RowSpec(0), RowSpec(0, interventions)]
     capture = target.capture_names(model) if target is not None else []

@@ -1,5 +1,5 @@
-"""The replacement model (docs/method.md section 10): the real model, run through TransformerLens hooks, with
-every layer that has a transcoder computing its MLP output as
+"""The replacement model (docs/method.md sections 10 and 11): the real model, run through TransformerLens hooks,
+with every layer that has a transcoder computing its MLP output as
 
     mlp_out = clean mlp_out + (transcoder_out(x) - transcoder_out(x_clean))
 
@@ -9,13 +9,21 @@ changes nothing adds exactly zero, so the un-intervened run reproduces the model
 position whose transcoder input is bitwise unchanged keeps its clean activations exactly. Layers without
 a transcoder run their real MLP.
 
+With a cross-layer transcoder (tccli.transcoders.cross_layer) the output of layer l' is
+``sum over CLT layers l <= l' of z_l W_dec^(l -> l') + b_dec^l' (+ skip)``, each z_l computed from this
+run's own input at layer l, so a changed feature of layer l moves the MLP output of every layer >= l at once
+by ``(value - a) W_dec^(l -> l')``. A per-layer set runs through the same code with one decoder per layer (its
+own), so a CLT whose decoders to later layers are zero adds only exact zeros and gives the set's runs bit
+for bit. ``self.transcoders`` is always {layer: Transcoder}: a CLT's per-layer views (its encoders, for
+targets, means and activations); ``self.writers`` holds the decoders that write to each layer.
+
 ``ReplacementModel.run_rows`` runs a batch of rows (a prompt and the interventions on it: see
 tccli.replacement.intervention for the nodes, operations and modes) and reduces each run to what the
 caller needs. Hook names come from ``ModelInfo``; where a transcoder reads and writes comes from
 ``transcoder_input_site`` / ``transcoder_output_site`` (its spaces, tccli.model.spaces) with
-``input_in_space`` / ``output_at_site``. Gemma-2's post-norms run on the changed sums (head terms are added
-before the post-attention norm, an mlp_output transcoder's output before the post-MLP norm), their scales
-frozen in frozen and direct modes."""
+``input_in_space`` / ``output_at_site`` (tccli.replacement.sites). Gemma-2's post-norms run on the changed
+sums (head terms are added before the post-attention norm, an mlp_output transcoder's output before the
+post-MLP norm), their scales frozen in frozen and direct modes."""
 
 from __future__ import annotations
 
@@ -30,7 +38,46 @@ from tccli.config.replacement import ABLATIONS, MODES
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import Intervention, NodeRef
+from tccli.replacement.sites import (  # noqa: F401 (input_in_space, output_at_site, uncapped_logits, widened: re-exported)
+    attention_site,
+    input_in_space,
+    mlp_output_hook,
+    output_at_site,
+    post_norm_scales,
+    replacer,
+    saver,
+    transcoder_input_site,
+    transcoder_output_site,
+    uncapped_logits,
+    widened,
+)
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
+
+# Where a run's hooks keep each transcoder layer's (activations, clean activations), keyed by layer.
+_ACTIVATIONS = "activations:"
+
+# The transcoders a replacement model runs: a per-layer set {layer: Transcoder} or one cross-layer transcoder.
+Transcoders = dict[int, Transcoder] | CrossLayerTranscoder
+
+
+def layer_views(transcoders: Transcoders) -> dict[int, Transcoder]:
+    """{layer: Transcoder}: a per-layer set as it is, a CLT as its per-layer views (the encoders, shared), for
+    code that reads one layer's features at a time (checks, targets, means, activations)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return {layer: transcoders.layer_transcoder(layer) for layer in transcoders.layers}
+    return dict(sorted(transcoders.items()))
+
+
+def decoder_writers(transcoders: Transcoders) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    """{target layer: [(source layer, W_dec^(source -> target) [m, d_out]), ...]}, earliest source first: the
+    decoders whose features write to each transcoder layer's output (a per-layer set: its own only)."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return {
+            target: [(source, transcoders.decoder(source, target)) for source in transcoders.layers if source <= target]
+            for target in transcoders.layers
+        }
+    return {layer: [(layer, t.W_dec)] for layer, t in sorted(transcoders.items())}
 
 
 @dataclass(frozen=True)
@@ -44,41 +91,6 @@ class RowSpec:
     prompt: int = 0
     interventions: tuple[Intervention, ...] = ()
     keep_only: Optional[frozenset] = None
-
-
-def transcoder_input_site(info: Any, layer: int, transcoder: Transcoder) -> str:
-    """The hook whose activation gives ``transcoder``'s input x (its input space, docs/method.md section 8;
-    ``input_in_space`` turns it into x): ln2.hook_normalized for normalized and mlp_input, the residual the
-    MLP's norm reads for resid_mid."""
-    hooks = info.layer(layer)
-    return hooks.mlp_norm_input if transcoder.config.input_space == "resid_mid" else hooks.mlp_in
-
-
-def transcoder_output_site(info: Any, layer: int, transcoder: Optional[Transcoder]) -> str:
-    """The hook whose activation ``transcoder``'s output (skip term included) stands in for: what the MLP
-    adds to the residual (mlp_out), or the MLP module's output (mlp_output: before Gemma-2's post-norm,
-    which then runs on it; centred for LayerNorm models, see ``output_at_site``)."""
-    hooks = info.layer(layer)
-    if transcoder is not None and transcoder.config.output_space == "mlp_output":
-        return hooks.mlp_output
-    return hooks.mlp_out
-
-
-def input_in_space(loaded: LoadedModel, layer: int, transcoder: Transcoder, activation: torch.Tensor) -> torch.Tensor:
-    """The activation at ``transcoder_input_site`` as the transcoder's input x (mlp_input: g * x + beta)."""
-    from tccli.model.spaces import transcoder_input
-
-    return transcoder_input(transcoder.config.input_space, activation, activation, loaded.spaces[layer])
-
-
-def output_at_site(loaded: LoadedModel, layer: int, transcoder: Transcoder, y: torch.Tensor) -> torch.Tensor:
-    """A transcoder output (or a change of it) as the activation at ``transcoder_output_site``: a LayerNorm
-    model's MLP output hook is centred (compatibility mode), so a raw mlp_output is centred there."""
-    from tccli.model.spaces import centre
-
-    if transcoder.config.output_space == "mlp_output" and loaded.info.normalization == "layernorm":
-        return centre(y)
-    return y
 
 
 @dataclass
@@ -135,14 +147,16 @@ class ReplacementModel:
     def __init__(
         self,
         loaded: LoadedModel,
-        transcoders: dict[int, Transcoder],
+        transcoders: Transcoders,
         tokens: torch.Tensor,
         means: Optional[dict[int, torch.Tensor]] = None,
     ):
         from tccli.model.loading import run_logits
 
         self.loaded, self.info = loaded, loaded.info
-        self.transcoders = dict(sorted(transcoders.items()))
+        self.cross_layer = transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+        self.transcoders = layer_views(transcoders)
+        self.writers = decoder_writers(transcoders)
         self.tokens = tokens.reshape(-1, tokens.shape[-1]).to(torch.long)
         self.means = {layer: m.to(loaded.device, torch.float32) for layer, m in (means or {}).items()}
         info = self.info
@@ -160,10 +174,10 @@ class ReplacementModel:
                 hooks.attn_scale,
                 hooks.attn_pattern,
                 hooks.attn_values,
-                _attention_site(hooks),
+                attention_site(hooks),
                 hooks.mlp_scale,
                 self.output_site[layer],
-            ] + _post_norm_scales(hooks)
+            ] + post_norm_scales(hooks)
         names += list(self.input_site.values())
         logits, captured = run_logits(loaded, self.tokens, names)
         self.clean_logits = logits
@@ -315,7 +329,7 @@ class ReplacementModel:
         store: dict[str, torch.Tensor] = {}
         hooks = self._hooks(plans, mode, clean, store, probes, ablation)
         names = list(dict.fromkeys(capture))
-        hooks += [(name, _saver(store, "capture:" + name)) for name in names]
+        hooks += [(name, saver(store, "capture:" + name)) for name in names]
         context = torch.enable_grad() if probes is not None else torch.no_grad()
         with context, warnings.catch_warnings():
             # holding a norm's scale is the point of frozen mode, not a surprise to warn about
@@ -350,14 +364,14 @@ class ReplacementModel:
                     probes.head_factor[layer] if head_factor is None else head_factor * probes.head_factor[layer]
                 )
             if frozen:
-                for name in [names.attn_scale, names.attn_pattern, names.mlp_scale] + _post_norm_scales(names):
-                    hooks.append((name, _replacer(clean(name), always)))
+                for name in [names.attn_scale, names.attn_pattern, names.mlp_scale] + post_norm_scales(names):
+                    hooks.append((name, replacer(clean(name), always)))
             if mode == "direct":
-                hooks.append((_attention_site(names), self._direct_attention(layer, head_factor, clean)))
+                hooks.append((attention_site(names), self._direct_attention(layer, head_factor, clean)))
             elif head_factor is not None:
-                hooks.append((names.attn_pattern, _saver(store, names.attn_pattern)))
-                hooks.append((names.attn_values, _saver(store, names.attn_values)))
-                hooks.append((_attention_site(names), self._attention_with_terms(layer, head_factor, store)))
+                hooks.append((names.attn_pattern, saver(store, names.attn_pattern)))
+                hooks.append((names.attn_values, saver(store, names.attn_values)))
+                hooks.append((attention_site(names), self._attention_with_terms(layer, head_factor, store)))
             error_factor = plan.error_factor
             if probes is not None and layer in probes.error_factor:
                 error_factor = (
@@ -366,7 +380,7 @@ class ReplacementModel:
             output = self.output_site[layer]
             if layer in self.transcoders:
                 site = self.input_site[layer]
-                hooks.append((site, _saver(store, site)))
+                hooks.append((site, saver(store, site)))
                 shift = probes.feature_shift.get(layer) if probes is not None else None
                 hooks.append(
                     (
@@ -377,9 +391,9 @@ class ReplacementModel:
                     )
                 )
             elif mode == "direct" or error_factor is not None:
-                hooks.append((output, _mlp_output(clean(output) if mode == "direct" else None, error_factor)))
+                hooks.append((output, mlp_output_hook(clean(output) if mode == "direct" else None, error_factor)))
         if frozen:
-            hooks.append((info.final_scale_hook, _replacer(clean(info.final_scale_hook), always)))
+            hooks.append((info.final_scale_hook, replacer(clean(info.final_scale_hook), always)))
         return hooks
 
     def _head_terms(
@@ -396,7 +410,7 @@ class ReplacementModel:
         names = self.info.layer(layer)
 
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-            held = clean(_attention_site(names))
+            held = clean(attention_site(names))
             if factor is None:
                 return held
             return held + self._head_terms(layer, factor, clean(names.attn_pattern), clean(names.attn_values)).to(
@@ -429,6 +443,7 @@ class ReplacementModel:
         transcoder = self.transcoders[layer]
         site, output = self.input_site[layer], self.output_site[layer]
         dtype = transcoder.W_enc.dtype
+        writers = self.writers[layer]
 
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
             x_clean = input_in_space(self.loaded, layer, transcoder, clean(site))
@@ -452,13 +467,23 @@ class ReplacementModel:
                 scaled = plan.feature_scale.to(z.dtype) * current
                 new = torch.where(torch.isnan(plan.feature_scale), plan.feature_value.to(z.dtype), scaled)
                 z = z.index_put((rows, positions, features), new)
-            delta = (z - z_clean) @ transcoder.W_dec
+            # this layer's activations, for the hooks of later layers that its features also write to (a CLT)
+            store[_ACTIVATIONS + str(layer)] = (z, z_clean)
+            delta = None
+            for source, decoder in writers:  # earliest source first, as CrossLayerTranscoder.decode sums
+                z_source, z_source_clean = store[_ACTIVATIONS + str(source)]
+                write = (z_source - z_source_clean) @ decoder
+                delta = write if delta is None else delta + write
             if mode != "direct" and transcoder.W_skip is not None:
                 delta = delta + transcoder.skip_term(x.to(dtype)) - transcoder.skip_term(x_clean.to(dtype))
             delta = output_at_site(self.loaded, layer, transcoder, delta)
             held = clean(output)
             if error_factor is not None:
-                y_clean = transcoder.decode(z_clean)
+                y_clean = None
+                for source, decoder in writers:
+                    write = store[_ACTIVATIONS + str(source)][1] @ decoder
+                    y_clean = write if y_clean is None else y_clean + write
+                y_clean = y_clean + transcoder.b_dec
                 if transcoder.W_skip is not None:
                     y_clean = y_clean + transcoder.skip_term(x_clean.to(dtype))
                 error = held.to(dtype) - output_at_site(self.loaded, layer, transcoder, y_clean)
@@ -524,59 +549,3 @@ class ReplacementModel:
             activations={layer: self.clean_activations(layer, index) for layer in self.transcoders},
             values=values.detach(),
         )
-
-
-def _saver(store: dict, key: str) -> Callable:
-    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-        store[key] = tensor
-        return tensor
-
-    return hook
-
-
-def _replacer(value: torch.Tensor, always: bool) -> Callable:
-    """Hold an activation at ``value``. The live tensor itself is returned when it already equals the
-    value, so norms keep their native kernels (bit-identical output) when nothing upstream changed."""
-
-    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-        if not always and tensor.shape == value.shape and torch.equal(tensor, value.to(tensor.dtype)):
-            return tensor
-        return value.to(tensor.dtype).detach()
-
-    return hook
-
-
-def _attention_site(hooks: Any) -> str:
-    """Where head terms are added or held: attention's output, or (Gemma-2) its sum before the post-norm,
-    which then runs on it (with its scale frozen in frozen and direct modes)."""
-    return hooks.attn_post_in or hooks.attn_out
-
-
-def _post_norm_scales(hooks: Any) -> list[str]:
-    """Gemma-2's post-attention and post-MLP norm scales (frozen with the others)."""
-    return [name for name in (hooks.attn_post_scale, hooks.mlp_post_scale) if name]
-
-
-def _mlp_output(held: Optional[torch.Tensor], error_factor: Optional[torch.Tensor]) -> Callable:
-    """A layer without a transcoder (all of its output is error): held (direct mode) and/or scaled."""
-
-    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-        out = tensor if held is None else held
-        if error_factor is not None:
-            out = out * error_factor.to(out.dtype).unsqueeze(-1)
-        return out
-
-    return hook
-
-
-def uncapped_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    """The logits before a final soft-cap ``c tanh(logit / c)`` (Gemma-2), which tc circuit and tc graph
-    attribute: the cap is undone exactly, up to float rounding (``c atanh(capped / c)``)."""
-    if not softcap:
-        return logits
-    return softcap * torch.atanh(logits / softcap)
-
-
-def widened(tensor: torch.Tensor) -> torch.Tensor:
-    """Half precision read out in float32; float32 and float64 as they are."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

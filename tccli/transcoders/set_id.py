@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.formats import circuit_tracer
 from tccli.transcoders.formats.common import read_yaml
 from tccli.transcoders.formats.hub import looks_like_hub_id, split_hub_id
@@ -27,9 +28,10 @@ from tccli.transcoders.transcoder import Transcoder
 SAMPLED_ROWS = 64
 
 
-def transcoder_set_id(spec: str, transcoders: dict[int, Transcoder]) -> str:
+def transcoder_set_id(spec: str, transcoders: dict[int, Transcoder] | CrossLayerTranscoder) -> str:
     """The set's id. ``spec`` is the set as the user named it (--transcoders); ``transcoders`` are all of
-    its layers as loaded, before any change of dtype (a subset of the layers gets another id)."""
+    its layers as loaded, or the cross-layer transcoder, before any change of dtype (a subset of the layers
+    gets another id)."""
     text = str(spec)
     if looks_like_hub_id(text):
         repo, sub, revision = split_hub_id(text)
@@ -37,6 +39,8 @@ def transcoder_set_id(spec: str, transcoders: dict[int, Transcoder]) -> str:
     named = _configured_scan(Path(text).expanduser())
     if named is not None:
         return named
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return "tc-" + cross_layer_fingerprint(transcoders)[:16]
     return "tc-" + fingerprint(transcoders)[:16]
 
 
@@ -75,4 +79,17 @@ def fingerprint(transcoders: dict[int, Transcoder]) -> str:
             tensors.append(transcoder.threshold)
         for tensor in tensors:
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cross_layer_fingerprint(clt: CrossLayerTranscoder) -> str:
+    """SHA-256 (hex) of a CLT: its per-layer views' fingerprint (encoders, own-layer decoders) and the same
+    sample of rows of every decoder to a later layer, so that it never shares an id with a per-layer set."""
+    digest = hashlib.sha256(b"cross-layer transcoder")
+    digest.update(fingerprint({layer: clt.layer_transcoder(layer) for layer in clt.layers}).encode())
+    m = clt.n_features
+    rows = torch.linspace(0, m - 1, min(SAMPLED_ROWS, m)).round().long().unique()
+    for layer in clt.layers:
+        later = clt.decoder_rows(layer, rows.to(clt.W_enc[str(layer)].device))[:, 1:]
+        digest.update(later.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -242,8 +242,17 @@
     document.getElementById("pin").addEventListener("click", () => { togglePin(i); select(i); });
     const key = PLACES[i].key;
     card.innerHTML = !key ? "" : DATA.cards[key] ? DATA.cards[key]
+      : DATA.card_url ? `<p class="hint">loading ${esc(key)}'s card…</p>`
       : `<p class="hint">${Object.keys(DATA.cards).length ? `${esc(key)} is not in the features file` : "no feature cards: tc view --features FEATURES.h5 adds them"}</p>`;
+    if (key && !DATA.cards[key] && DATA.card_url) fetchCard(key, i);
     redraw();
+  }
+  // tc serve: cards come from the server when asked for, and are kept
+  function fetchCard(key, i) {
+    fetch(DATA.card_url + encodeURIComponent(key)).then((r) => r.json().then((body) => [r.ok, body])).then(([ok, body]) => {
+      if (ok) DATA.cards[key] = body.html;
+      if (selected === i) document.getElementById("card").innerHTML = ok ? body.html : `<p class="hint">${esc(body.error || "no card")}</p>`;
+    }).catch((error) => { if (selected === i) document.getElementById("card").innerHTML = `<p class="hint">${esc(String(error))}</p>`; });
   }
   svg.addEventListener("click", (ev) => { const i = nodeOf(ev); if (i !== undefined) select(i); });
   document.getElementById("side").addEventListener("click", (ev) => {
@@ -346,6 +355,9 @@
   // for tests and users' scripts
   window.tcView = {
     select: (id) => select(indexOf.has(String(id)) ? indexOf.get(String(id)) : -1),
+    selected: () => (selected >= 0 ? String(NODES[selected].id) : null),
+    pinned: () => Array.from(pinned).map((i) => String(NODES[i].id)),
+    node: (id) => (indexOf.has(String(id)) ? NODES[indexOf.get(String(id))] : null),
     pin: (id) => { const i = indexOf.get(String(id)); if (i !== undefined && !pinned.has(i)) togglePin(i); },
     group, subgraph, save,
     visibleEdges: () => visible.length,

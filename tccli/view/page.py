@@ -9,6 +9,10 @@ library) draws nodes as SVG elements, one per node carrying ``data-node-id``, an
 under them, which stays fast at 50,000 edges; it pans, zooms, filters edges by a threshold, shows a
 node's figures on hover and its edges and card on click, searches, pins nodes, groups them into
 supernodes and saves the pinned subgraph as a tc circuit-graph JSON that `tc validate` reads.
+
+A ``PageAddon`` (what `tc serve` adds: tccli.serve) puts more controls into the bar and the side panel and
+a second script after the page's; it may let the page talk to the server it came from (``connect``) and
+fetch feature cards from ``card_url`` instead of carrying them all.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
@@ -77,9 +82,10 @@ def feature_label(features: FeaturesFile, record: dict) -> str:
     return f"{tokens_in} → {tokens_out}"
 
 
-def feature_texts(graph: nx.DiGraph, features: FeaturesFile, n_examples: int) -> tuple[dict, dict]:
+def feature_texts(graph: nx.DiGraph, features: FeaturesFile, n_examples: int, cards: bool = True) -> tuple[dict, dict]:
     """({`L2.F57`: short label}, {`L2.F57`: card HTML}) for the graph's feature nodes in layers the
-    features file scored (a feature index the file's layer does not have is refused)."""
+    features file scored (a feature index the file's layer does not have is refused); no cards unless
+    ``cards``."""
     from tccli.features.show import html_card
 
     _check_features_match_graph(features, graph)
@@ -90,7 +96,7 @@ def feature_texts(graph: nx.DiGraph, features: FeaturesFile, n_examples: int) ->
             if a.get("kind") == "feature" and isinstance(a.get("feature"), int) and a.get("layer") in features.layers
         }
     )
-    labels, cards, frequencies = {}, {}, {}
+    labels, card_html, frequencies = {}, {}, {}
     for layer, index in wanted:
         features.check_feature(layer, index)
         if layer not in frequencies:
@@ -98,18 +104,24 @@ def feature_texts(graph: nx.DiGraph, features: FeaturesFile, n_examples: int) ->
         record = features.feature(layer, index)
         key = feature_name(layer, index)
         labels[key] = feature_label(features, record)
-        cards[key] = html_card(features, record, n_examples, frequencies[layer])
-    return labels, cards
+        if cards:
+            card_html[key] = html_card(features, record, n_examples, frequencies[layer])
+    return labels, card_html
 
 
 # ----------------------------------------------------------------------------- the page
 
 
 def page_data(
-    graph: nx.DiGraph, features: Optional[FeaturesFile] = None, n_examples: int = 5, min_edge: float = 0.01
+    graph: nx.DiGraph,
+    features: Optional[FeaturesFile] = None,
+    n_examples: int = 5,
+    min_edge: float = 0.01,
+    card_url: Optional[str] = None,
 ) -> dict:
     """Everything the page's script reads: the graph as tc writes it (node-link; a saved subgraph is cut
-    from it), each node's place and name, the edge threshold's reference, feature labels and cards."""
+    from it), each node's place and name, the edge threshold's reference, feature labels and cards (or,
+    with ``card_url``, where the page fetches a card: the URL with the feature's name, `L2.F57`, added)."""
     layout = grid_layout(graph)
     top = max([y for _, y in layout.positions.values()] + [y for _, y in layout.rows] + [0.0]) + NODE_HEIGHT
 
@@ -119,7 +131,9 @@ def page_data(
     def py(y: float) -> float:  # the layout's y grows upward, the page's downward
         return round((top - y) * PIXELS_PER_INCH, 2)
 
-    labels, cards = feature_texts(graph, features, n_examples) if features is not None else ({}, {})
+    labels, cards = (
+        feature_texts(graph, features, n_examples, cards=card_url is None) if features is not None else ({}, {})
+    )
     places = []
     for node, attrs in graph.nodes(data=True):
         x, y = layout.positions[node]
@@ -147,8 +161,24 @@ def page_data(
         "prompt": meta.get("prompt"),
         "labels": labels,
         "cards": cards,
+        "card_url": card_url,
         "figures": list(FIGURES),
     }
+
+
+@dataclass
+class PageAddon:
+    """What a server adds to the page: HTML for the bar and the side panel, style, a script run after the
+    page's (``window.tcView`` is its handle on the page), and whether the page may fetch from where it came
+    from (its Content-Security-Policy otherwise lets no request leave)."""
+
+    name: str = "tc view"  # the bar's and the title's first word
+    bar: str = ""
+    side: str = ""
+    style: str = ""
+    script: str = ""
+    connect: bool = False
+    card_url: Optional[str] = None
 
 
 def _asset(name: str) -> str:
@@ -161,15 +191,22 @@ def render_page(
     n_examples: int = 5,
     min_edge: float = 0.01,
     title: str = "graph",
+    addon: Optional[PageAddon] = None,
 ) -> str:
-    """The page: page.html with its style, script and ``page_data`` inlined."""
+    """The page: page.html with its style, script and ``page_data`` inlined (and ``addon``'s parts)."""
     from tccli.features.show import CSS as CARD_CSS
 
-    data = script_json(page_data(graph, features, n_examples, min_edge))
+    addon = addon or PageAddon()
+    data = script_json(page_data(graph, features, n_examples, min_edge, addon.card_url))
     page = _asset("page.html")
     parts = {
-        "/*TC_STYLE*/": CARD_CSS + _asset("page.css"),  # the page's own rules win
+        "/*TC_CONNECT*/": "; connect-src 'self'" if addon.connect else "",
+        "/*TC_STYLE*/": CARD_CSS + _asset("page.css") + addon.style,  # the page's own rules win
+        "/*TC_ADDON_SCRIPT*/": addon.script,
         "/*TC_SCRIPT*/": _asset("page.js"),
+        "<!--TC_ADDON_BAR-->": addon.bar,
+        "<!--TC_ADDON_SIDE-->": addon.side,
+        "__TC_NAME__": html.escape(addon.name),
         "__TC_TITLE__": html.escape(title),
     }
     for placeholder, content in parts.items():

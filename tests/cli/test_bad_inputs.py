@@ -153,6 +153,38 @@ def circuit_tracer_gap(tmp: Path, a) -> dict:
     return {"bad": folder}
 
 
+def circuit_tracer_clt(breakage: str):
+    """setup: a 2-layer cross-layer transcoder in circuit-tracer's layout (W_enc_i/W_dec_i files, config.yaml)
+    broken as ``breakage`` says: ``{bad}``."""
+
+    def setup(tmp: Path, a) -> dict:
+        import torch
+        import yaml
+        from safetensors.torch import save_file
+
+        folder, m, d = tmp / "clt", 6, 4
+        folder.mkdir()
+        for i in range(2):
+            encoder = {f"W_enc_{i}": torch.ones(m, d), f"b_enc_{i}": torch.zeros(m), f"b_dec_{i}": torch.zeros(d)}
+            save_file(encoder, str(folder / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": torch.ones(m, 2 - i, d)}, str(folder / f"W_dec_{i}.safetensors"))
+        config = {
+            "model_kind": "cross_layer_transcoder",
+            "feature_input_hook": "hook_resid_mid",
+            "feature_output_hook": "hook_mlp_out",
+        }
+        if breakage == "missing-layer":
+            (folder / "W_dec_1.safetensors").unlink()
+        elif breakage == "wrong-shape":
+            save_file({"W_dec_0": torch.ones(m, 3, d)}, str(folder / "W_dec_0.safetensors"))
+        elif breakage == "unknown-activation":
+            config["activation"] = "gelu"
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        return {"bad": folder}
+
+    return setup
+
+
 def existing_output(name: str):
     """setup: an existing file ``name`` in the case folder (an output that must not be overwritten): ``{file}``."""
     return write_file(name, "precious\n")
@@ -880,6 +912,21 @@ CASES["view"] = [
     Case("bad-min-edge", ("view", "{graph}", "--min-edge", "-1", "--out", "{tmp}/v.html"), "--min-edge must be"),
 ]
 
+SERVE = ("serve", T, "{tcs}", *CPU, "--port", "0")  # any free port: a case that got through would serve
+CASES["serve"] = [  # tc serve (issue 26): every case fails before it serves
+    Case("no-transcoders", ("serve",), "Missing option"),
+    Case("bad-port", (*SERVE, "--port", "70000"), "--port must be in 0-65535"),
+    Case("bad-queue", (*SERVE, "--queue", "0"), "--queue must be at least 1"),
+    Case("bad-min-edge", (*SERVE, "--min-edge", "nan"), "--min-edge must be"),
+    Case("bad-threshold", (*SERVE, "--node-threshold", "2"), "--node-threshold must be between 0 and 1"),
+    Case("empty-host", (*SERVE, "--host", " "), "--host is empty"),
+    Case("missing-transcoders", ("serve", T, "{tmp}/none", *CPU, "--port", "0"), "do not exist"),
+    Case("sae", ("serve", T, "{sae}", *CPU, "--port", "0"), "holds an SAE"),
+    Case("other-model", ("serve", T, "{other_tcs}", *CPU, "--port", "0"), "was trained on the model"),
+    Case("features-missing", (*SERVE, "--features", "{tmp}/f.h5"), "does not exist"),
+    Case("features-not-features", (*SERVE, "--features", "{text}"), "features file"),
+]
+
 DEEMBED = ("deembed", T, "{tcs}", *CPU)
 CASES["deembed"] = [
     Case("no-feature", ("deembed", T, "{tcs}"), "Missing option"),
@@ -932,6 +979,24 @@ CASES["info"] = [
     Case("bad-config", ("info", "{bad}"), "activation must be one of", setup=bad_config(activation="gelu")),
     Case("gemma-scope-truncated", ("info", "{bad}"), "not a complete npz archive", setup=truncated_gemma_scope),
     Case("circuit-tracer-gap", ("info", "{bad}"), "layer_0.safetensors does not exist", setup=circuit_tracer_gap),
+    Case(
+        "clt-missing-layer",
+        ("info", "{bad}"),
+        "W_dec_1.safetensors does not exist",
+        setup=circuit_tracer_clt("missing-layer"),
+    ),
+    Case(
+        "clt-wrong-shape",
+        ("info", "{bad}"),
+        "tensor W_dec_0 has shape (6, 3, 4), expected (6, 2, 4)",
+        setup=circuit_tracer_clt("wrong-shape"),
+    ),
+    Case(
+        "clt-unknown-activation",
+        ("info", "{bad}"),
+        "activation 'gelu' is not one a circuit-tracer cross-layer transcoder has",
+        setup=circuit_tracer_clt("unknown-activation"),
+    ),
 ]
 
 CONVERT = ("convert", "--to", "saelens")
@@ -1043,6 +1108,24 @@ CASES["convert"] = [
         (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
         "a circuit-tracer set needs a transcoder for every layer from 0 to 1",
         setup=circuit_tracer_gap,
+    ),
+    Case(
+        "clt-missing-layer",
+        ("convert", "--to", "tc", "--input", "{bad}", "--out", "{tmp}/o"),
+        "W_dec_1.safetensors does not exist",
+        setup=circuit_tracer_clt("missing-layer"),
+    ),
+    Case(
+        "clt-wrong-shape",
+        ("convert", "--to", "tc", "--input", "{bad}", "--out", "{tmp}/o"),
+        "expected (6, 2, 4)",
+        setup=circuit_tracer_clt("wrong-shape"),
+    ),
+    Case(
+        "clt-to-saelens",
+        (*CONVERT, "--input", "{bad}", "--out", "{tmp}/o"),
+        "is a cross-layer transcoder: it converts to tc or circuit-tracer only",
+        setup=circuit_tracer_clt("none"),
     ),
     Case(
         "out-read-only", (*CONVERT, "--input", "{tcs}", "--out", "{mnt}/o"), "Read-only file system", sandbox="readonly"

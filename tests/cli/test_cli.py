@@ -84,6 +84,7 @@ COMMANDS = (
     "intervene",
     "validate",
     "view",
+    "serve",
 )
 
 

@@ -3,7 +3,7 @@ import torch
 
 from conftest import plain_model_reference
 from tccli.errors import TcError
-from tccli.model.loading import MlpCapture, compat_mlp_out, compat_normalized, load_model, run_capture
+from tccli.model.loading import MlpCapture, compat_mlp_out, compat_normalized, load_model, run_capture, run_logits
 
 
 def test_describe_three_architectures(tiny_model_dirs):
@@ -116,6 +116,27 @@ def test_native_capture_in_float16_agrees_to_float16_rounding(tiny_model_dirs, a
         assert a.dtype == b.dtype == dtype
         # a few float16 ulps (2**-10 of the values' size): the kernels round differently, two layers deep
         assert (a.float() - b.float()).abs().max() <= 4e-3 * b.float().abs().max(), which
+
+
+def test_native_capture_equals_bridge_on_gemma3(modern_model_dirs):
+    _native_equals_bridge_up_to_rounding(modern_model_dirs["gemma3"])
+
+
+def test_gemma3_logits_are_the_plain_models(modern_model_dirs):
+    """The bridge runs Gemma 3's text model as HuggingFace does: a sliding-window layer (window 4, shorter
+    than the prompt) and a full-attention one with another RoPE base, RMSNorm on queries and keys, post-norms.
+    Compatibility mode centres the unembedding, so the logits agree up to their mean over the vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    folder = modern_model_dirs["gemma3"]
+    loaded = load_model(str(folder), device="cpu")
+    tokens = _random_tokens(loaded.info, rows=2, seq=16)
+    logits, _ = run_logits(loaded, tokens)
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = plain(input_ids=tokens).logits
+    got, want = logits - logits.mean(-1, keepdim=True), want - want.mean(-1, keepdim=True)
+    assert (got - want).abs().max() <= 2e-6 * want.abs().max(), (got - want).abs().max()
 
 
 def test_native_capture_is_the_plain_model_exactly(tiny_model_dir):

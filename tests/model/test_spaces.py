@@ -1,5 +1,5 @@
 """Spaces: the maps of docs/method.md section 8 by hand, and every space the model layer produces checked against
-the plain HuggingFace model's own modules on all five tiny architectures."""
+the plain HuggingFace model's own modules on all six tiny architectures."""
 
 from __future__ import annotations
 
@@ -102,6 +102,11 @@ PLAIN_MODULES = {
         "model.layers.{}.mlp",
         "model.layers.{}.post_feedforward_layernorm",
     ),
+    "Gemma3ForCausalLM": (
+        "model.layers.{}.pre_feedforward_layernorm",
+        "model.layers.{}.mlp",
+        "model.layers.{}.post_feedforward_layernorm",
+    ),
 }
 
 
@@ -122,7 +127,7 @@ def plain_activations(path, architecture: str, tokens: torch.Tensor, layer: int)
     return seen
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3", "gemma3"])
 def test_every_space_is_the_plain_models_activation(all_model_dirs, arch):
     loaded = load_model(str(all_model_dirs[arch]), "cpu")
     info = loaded.info
@@ -148,7 +153,7 @@ def test_every_space_is_the_plain_models_activation(all_model_dirs, arch):
     assert torch.allclose(
         written_to_residual("mlp_output", plain["mlp_out"], loaded.spaces[layer]), expected["mlp_out"], atol=2e-5
     )
-    assert info.post_norms == (arch == "gemma2")
+    assert info.post_norms == (arch in ("gemma2", "gemma3"))
 
 
 def _eps(loaded, layer: int) -> float:
@@ -161,3 +166,14 @@ def test_gemma2_description(modern_model_dirs):
     assert info.post_norms and info.final_logit_softcap == 30.0 and info.attn_logit_softcap == 50.0
     assert info.embed_scale == pytest.approx(32**0.5) and info.n_kv_heads == 2
     assert info.layer(0).mlp_post_scale == "blocks.0.ln2_post.hook_scale"
+
+
+def test_gemma3_description(modern_model_dirs):
+    """Gemma 3's text model loads like Gemma-2: post-norms, scaled embeddings, (1 + w) RMSNorm weights, and
+    no soft-capping (Gemma 3 has none)."""
+    loaded = load_model(str(modern_model_dirs["gemma3"]), "cpu")
+    info = loaded.info
+    assert info.architecture == "Gemma3ForCausalLM" and info.normalization == "rmsnorm"
+    assert info.post_norms and info.final_logit_softcap is None and info.attn_logit_softcap is None
+    assert info.embed_scale == pytest.approx(32**0.5) and info.n_kv_heads == 2 and info.gated_mlp
+    assert info.layer(1).mlp_post_scale == "blocks.1.ln2_post.hook_scale"

@@ -16,6 +16,11 @@ Readable (``load_transcoder_set`` takes any of these, a folder of single ones, o
 
 Writable (``tc convert --to``): tc, saelens, sparsify, gemma-scope, circuit-tracer, peek, where the format can
 hold the transcoder (each writer refuses with one line what it cannot express).
+
+Cross-layer transcoders (``load_transcoders``, ``convert``): tc's own CLT folder (tccli.transcoders.files),
+circuit-tracer's CLT layout and Gemma Scope 2's CLT files listed by a circuit-tracer config
+(formats.circuit_tracer_clt); they convert to tc or circuit-tracer only. Their decoders can stay on disk
+(``lazy_decoders=True``, tccli.transcoders.lazy_decoders).
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from tccli.transcoders.files import (
     layer_folder_name,
     load_cross_layer,
     load_transcoder,
+    save_cross_layer,
     save_transcoder,
 )
-from tccli.transcoders.formats import circuit_tracer, gemma_scope, paper, peek, saelens, sparsify
+from tccli.transcoders.formats import circuit_tracer, circuit_tracer_clt, gemma_scope, paper, peek, saelens, sparsify
 from tccli.transcoders.formats.hub import download, looks_like_hub_id
+from tccli.transcoders.lazy_decoders import load_tc_cross_layer_lazily
 from tccli.transcoders.transcoder import Transcoder
 
 # What a folder of single transcoders may hold, one per layer (said when one of its entries is unreadable).
@@ -106,7 +113,7 @@ def recorded_path(path: str) -> str:
 
 
 def _read_all(path: Path, origin: str) -> dict[int, Transcoder]:
-    if is_cross_layer_folder(path):
+    if is_cross_layer_folder(path) or circuit_tracer_clt.is_clt(path):
         raise fail(f"{origin} is a cross-layer transcoder, which this command does not read yet")
     if circuit_tracer.is_set(path):
         return circuit_tracer.read_set(path, origin)
@@ -159,19 +166,37 @@ def load_transcoder_set(
 
 def is_cross_layer(path: str | Path) -> bool:
     """Whether ``path`` (local or a hub id) holds a cross-layer transcoder in a readable format."""
-    return is_cross_layer_folder(resolve(path))
+    local = resolve(path)
+    return is_cross_layer_folder(local) or circuit_tracer_clt.is_clt(local)
+
+
+def load_cross_layer_any(
+    path: str | Path, device: str | torch.device = "cpu", lazy_decoders: bool = False, origin: Optional[str] = None
+) -> CrossLayerTranscoder:
+    """A CLT in any readable layout (tc's folder, circuit-tracer's, Gemma Scope 2's via a circuit-tracer
+    config) or a hub id; with ``lazy_decoders`` its decoders stay on disk and are read row by row."""
+    local = resolve(path)
+    if is_cross_layer_folder(local):
+        return load_tc_cross_layer_lazily(local, device) if lazy_decoders else load_cross_layer(local, device)
+    if circuit_tracer_clt.is_clt(local):
+        return circuit_tracer_clt.read_clt(local, origin or str(path), lazy=lazy_decoders).to(device)
+    raise fail(f"{path} is not a cross-layer transcoder (a tc CLT folder or a circuit-tracer CLT)")
 
 
 def load_transcoders(
-    path: str | Path, device: str | torch.device = "cpu", layers: Optional[list[int]] = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    layers: Optional[list[int]] = None,
+    lazy_decoders: bool = False,
 ) -> dict[int, Transcoder] | CrossLayerTranscoder:
     """What a command that reads per-layer sets and cross-layer transcoders calls: a CrossLayerTranscoder
     for a CLT (``layers``, when given, must be among its layers; the CLT is kept whole, because a
-    layer's output depends on every earlier layer's features), else ``load_transcoder_set``."""
+    layer's output depends on every earlier layer's features; ``lazy_decoders`` leaves its decoders on
+    disk), else ``load_transcoder_set``."""
     local = resolve(path)
-    if not is_cross_layer_folder(local):
+    if not (is_cross_layer_folder(local) or circuit_tracer_clt.is_clt(local)):
         return load_transcoder_set(local, device, layers)
-    clt = load_cross_layer(local, device)
+    clt = load_cross_layer_any(local, device, lazy_decoders, origin=str(path))
     missing = [layer for layer in layers or [] if layer not in clt.layers]
     if missing:
         raise fail(f"no layer {missing[0]} in the cross-layer transcoder {path} (has layers {clt.layers})")
@@ -213,10 +238,9 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     (sparsify: ``layers.L.mlp``; circuit-tracer: config.yaml + layer_L.safetensors). Refuses to write into
     an existing non-empty folder, and checks the whole set can be written before writing any of it.
     Where the written file computes something other than the transcoder (tc's topk in a signed-TopK
-    format), one line saying so is appended to ``notes``.
+    format), one line saying so is appended to ``notes``. A cross-layer transcoder converts to tc or
+    circuit-tracer (its own layouts), whole.
     """
-    import shutil
-
     from tccli.runtime import outputs
 
     if fmt not in WRITE_FORMATS:
@@ -230,6 +254,8 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
 
     refuse_existing()
     local = resolve(source)
+    if is_cross_layer_folder(local) or circuit_tracer_clt.is_clt(local):
+        return _convert_cross_layer(local, str(source), destination, fmt, refuse_existing)
     transcoders = load_transcoder_set(local)
     single = fmt != "circuit-tracer" and single_transcoder_path(local) and len(transcoders) == 1
     if (
@@ -250,22 +276,54 @@ def convert(source: str | Path, destination: str | Path, fmt: str, notes: Option
     else:
         for layer, member in members.items():
             WRITERS[fmt][0](transcoders[layer], f"writing {destination / member} as {fmt}")
+
+    def write(staging: Path) -> list[Path]:
+        if fmt == "circuit-tracer":
+            return circuit_tracer.write_set(transcoders, staging)
+        return [write_transcoder(transcoders[layer], staging / member, fmt) for layer, member in members.items()]
+
+    return _staged_write(destination, refuse_existing, write)
+
+
+# The formats a cross-layer transcoder converts to (the others hold one transcoder per layer).
+CROSS_LAYER_FORMATS = ("tc", "circuit-tracer")
+
+
+def _convert_cross_layer(local: Path, origin: str, destination: Path, fmt: str, refuse_existing) -> list[Path]:
+    if fmt not in CROSS_LAYER_FORMATS:
+        raise fail(
+            f"{origin} is a cross-layer transcoder: it converts to {' or '.join(CROSS_LAYER_FORMATS)} only "
+            f"(--to {fmt} holds one transcoder per layer)"
+        )
+    clt = load_cross_layer_any(local, origin=origin)
+    if fmt == "circuit-tracer":  # refused before anything is written
+        circuit_tracer_clt.check_clt(clt, f"writing {destination} as a circuit-tracer cross-layer transcoder")
+
+    def write(staging: Path) -> list[Path]:
+        if fmt == "circuit-tracer":
+            return circuit_tracer_clt.write_clt(clt, staging)
+        save_cross_layer(clt, staging)
+        return sorted(staging.iterdir())
+
+    return _staged_write(destination, refuse_existing, write)
+
+
+def _staged_write(destination: Path, refuse_existing, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Run ``write(staging)`` into a staging folder that becomes ``destination`` in one rename, so a failure
+    (a full disk, Ctrl-C) leaves no half-converted set behind; returns the written paths at ``destination``."""
+    import shutil
+
+    from tccli.runtime import outputs
+
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise outputs.write_error(destination, exc) from None
-    # Everything is written into a staging folder that becomes the destination in one rename, so a failure
-    # (a full disk, Ctrl-C) leaves no half-converted set behind.
     staging = outputs.temp_path(destination)
     with outputs.locked(destination):
         refuse_existing()
         try:
-            if fmt == "circuit-tracer":
-                written = circuit_tracer.write_set(transcoders, staging)
-            else:
-                written = [
-                    write_transcoder(transcoders[layer], staging / member, fmt) for layer, member in members.items()
-                ]
+            written = write(staging)
             if destination.is_dir():
                 destination.rmdir()  # empty: checked above
             os.replace(staging, destination)

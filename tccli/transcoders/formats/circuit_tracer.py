@@ -3,7 +3,7 @@
 A folder (or hub repository) with ``config.yaml``::
 
     model_name: google/gemma-2-2b
-    model_kind: transcoder_set          # cross_layer_transcoder is not a per-layer set: refused
+    model_kind: transcoder_set          # cross_layer_transcoder: formats.circuit_tracer_clt reads it
     feature_input_hook: hook_resid_mid  # or ln2.hook_normalized, mlp.hook_in
     feature_output_hook: hook_mlp_out   # or mlp.hook_out
     activation: relu | jumprelu | topk  # optional: without it, a threshold tensor means JumpReLU

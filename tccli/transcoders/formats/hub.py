@@ -3,7 +3,8 @@ subfolder ``owner/repo/sub/folder`` and revision ``@rev``), downloaded through `
 cache. Offline (no network, or ``HF_HUB_OFFLINE=1`` with nothing cached) it is one line saying so.
 
 Only what the transcoders need is fetched: a circuit-tracer ``config.yaml`` first (when the repository has
-one), then the files it lists or the ``layer_*.safetensors`` beside it; otherwise the subfolder named."""
+one), then the files it lists or the ``layer_*.safetensors`` (a cross-layer transcoder's ``W_enc_*`` and
+``W_dec_*.safetensors``) beside it; otherwise the subfolder named."""
 
 from __future__ import annotations
 
@@ -77,7 +78,10 @@ def download(text: str) -> Path:
         has_config = file_exists(repo, config, revision=revision)
     except Exception:
         has_config = False  # offline: the snapshot below answers from the cache or says why not
-    patterns = [f"{sub}/config.yaml", f"{sub}/layer_*.safetensors"] if sub else ["config.yaml", "layer_*.safetensors"]
+    # a per-layer set's layer_*.safetensors, or a cross-layer transcoder's W_enc_*/W_dec_* files
+    # (formats.circuit_tracer_clt); files a config lists by hf:// URI are fetched when read
+    names = ["config.yaml", "layer_*.safetensors", "W_enc_*.safetensors", "W_dec_*.safetensors"]
+    patterns = [f"{sub}/{name}" for name in names] if sub else names
     if not has_config:
         patterns = [f"{sub}/**"] if sub else None
     try:
