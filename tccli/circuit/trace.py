@@ -12,7 +12,7 @@ import torch
 from tccli.config.circuit import CircuitConfig
 from tccli.data.text import display_token
 from tccli.model.loading import LoadedModel, recorded_model_name
-from tccli.replacement.frozen import layer_views
+from tccli.replacement.model import layer_views
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import build_target
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
@@ -32,8 +32,7 @@ def circuit_graph(
     from tccli.circuit.search import SearchParams, explained, greedy_search, paths_to_graph
     from tccli.config.fields import to_json_dict
 
-    # before freezing changes dtypes; a cross-layer transcoder by its per-layer views
-    scan = config.scan or transcoder_set_id(config.transcoders, layer_views(transcoders))
+    scan = config.scan or transcoder_set_id(config.transcoders, transcoders)  # before freezing changes dtypes
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         target = build_target(config, loaded, transcoders, frozen, position)

@@ -19,7 +19,8 @@ from tccli.errors import fail
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.graph.heads import HeadSplit, head_split
 from tccli.model.loading import LoadedModel, recorded_model_name
-from tccli.replacement.frozen import FrozenForward, layer_views
+from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.model import layer_views
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import Target, build_target, salient_logit_targets
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
@@ -66,8 +67,7 @@ def attribution_graph(
 
     if not transcoders:
         raise fail(f"no transcoders in {config.transcoders}")
-    # before freezing changes dtypes; a cross-layer transcoder by its per-layer views
-    scan = config.scan or transcoder_set_id(config.transcoders, layer_views(transcoders))
+    scan = config.scan or transcoder_set_id(config.transcoders, transcoders)  # before freezing changes dtypes
     tokens, position, transcoders, frozen = frozen_prompt(loaded, transcoders, prompt, config.pos)
     with torch.no_grad():
         if config.logits_target:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from tccli.model.spaces import LayerSpaces, NormMap, input_map, output_map, transcoder_input
+from tccli.replacement.model import layer_views
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
 
@@ -474,14 +475,6 @@ def _split_mlp(
     spaces = frozen_layer.spaces or LayerSpaces(layernorm=layernorm, norm_weight=None)
     post = output_map(transcoder.config.output_space, spaces, frozen_layer.mlp_post_scale)
     frozen_layer.error = frozen_layer.mlp_out - post.push(output)
-
-
-def layer_views(transcoders: dict[int, Transcoder] | CrossLayerTranscoder) -> dict[int, Transcoder]:
-    """{layer: Transcoder}: a per-layer set itself, or a cross-layer transcoder's per-layer views (each layer's
-    encoder and own-layer decoder), for the checks and code that see one layer at a time."""
-    if isinstance(transcoders, CrossLayerTranscoder):
-        return {layer: transcoders.layer_transcoder(layer) for layer in transcoders.layers}
-    return transcoders
 
 
 def hooks_needed(info: object) -> list[str]:

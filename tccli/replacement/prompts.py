@@ -11,7 +11,8 @@ import torch
 from tccli.data.text import display_token
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel, run_capture
-from tccli.replacement.frozen import FrozenForward, freeze, hooks_needed, layer_views
+from tccli.replacement.frozen import FrozenForward, freeze, hooks_needed
+from tccli.replacement.model import layer_views
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import check_transcoders
 from tccli.transcoders.transcoder import Transcoder

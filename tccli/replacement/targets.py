@@ -17,8 +17,15 @@ from tccli.config.circuit import TargetOptions
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import parse_feature
-from tccli.replacement.frozen import FrozenForward, encoder_constant, encoder_read, layer_views
-from tccli.replacement.model import ReplacementModel, RunOutput, input_in_space, uncapped_logits, widened
+from tccli.replacement.frozen import FrozenForward, encoder_constant, encoder_read
+from tccli.replacement.model import (
+    ReplacementModel,
+    RunOutput,
+    input_in_space,
+    layer_views,
+    uncapped_logits,
+    widened,
+)
 from tccli.replacement.prompts import single_token
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import check_feature

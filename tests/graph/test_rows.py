@@ -75,7 +75,7 @@ def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, clt, one_torch_threa
 
 
 @pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("spaces", [("mlp_input", "mlp_output"), ("resid_mid", "mlp_out")])
 def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, clt, one_torch_thread):
     """JumpReLU skip transcoders reading mlp_input or resid_mid and writing either output space, on all five

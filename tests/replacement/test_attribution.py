@@ -70,6 +70,8 @@ TOLERANCE = {
     ("float32", "qwen3"): 1e-5,
     ("float64", "gemma2"): 1e-7,
     ("float64", "qwen3"): 1e-7,
+    ("float32", "gemma3"): 1e-5,
+    ("float64", "gemma3"): 1e-7,
 }
 
 
@@ -276,10 +278,10 @@ def test_every_space_with_a_skip_is_exact(tiny_model_dirs, arch, spaces, clt):
 
 @pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("spaces", SPACE_PAIRS, ids=["-".join(p) for p in SPACE_PAIRS])
-@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3", "gemma3"])
 def test_gemma2_and_qwen3_every_space_is_exact(modern_model_dirs, arch, spaces, clt):
     """Gemma-2's post-norms (frozen scales: linear maps), (1 + w) norms, soft-caps, sliding windows and
-    scaled embeddings, and Qwen3's query/key norms: the identity and autograd, as for the other three (and
+    scaled embeddings, Qwen3's query/key norms and Gemma 3's: the identity and autograd, as for the other three (and
     with a cross-layer transcoder, whose writes to later layers pass through those layers' post-norms)."""
     kinds = dict(activation="jumprelu", skip=True, input_space=spaces[0], output_space=spaces[1])
     for dtype in ("float32", "float64"):
