@@ -94,6 +94,28 @@ def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor
 # ----------------------------------------------------------------------------- the linear backward
 
 
+@dataclass
+class CrossWrites:
+    """The writes of earlier layers' features into one layer's MLP output (a cross-layer transcoder), per token
+    in slots: each earlier layer's features at that token side by side."""
+
+    writes: torch.Tensor  # [T, K, d]
+    source: torch.Tensor  # [K] the layer of each slot
+    local: torch.Tensor  # [T, K] the feature's index among its layer's features (table order), -1: empty slot
+
+    @classmethod
+    def join(cls, parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> CrossWrites:
+        """From (source layer, [T, k, d] writes, [T, k] local indices) of each earlier layer."""
+        source = torch.cat(
+            [torch.full((local.shape[1],), s, dtype=torch.long, device=local.device) for s, _, local in parts]
+        )
+        return cls(
+            writes=torch.cat([writes for _, writes, _ in parts], dim=1),
+            source=source,
+            local=torch.cat([local for _, _, local in parts], dim=1),
+        )
+
+
 class NodeWrites:
     """What every node writes into the residual stream, arranged for the batched backward pass.
 
@@ -103,8 +125,9 @@ class NodeWrites:
     transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``).
 
     A cross-layer transcoder's feature of layer l also writes ``z * f_dec^(l -> l')`` into every later MLP
-    output l' (docs/method.md section 11): those writes are kept per (l', l) in the same layout without the
-    error slot (``cross``), and their dot products with the gradient at l' add to the feature's column."""
+    output l' (docs/method.md section 11): per layer l', the writes of every earlier layer's features there
+    are kept in one such layout without the error slot (``CrossWrites``: each earlier layer's slots side by
+    side), so one more batched matmul per layer gives them all, and they add to the features' columns."""
 
     def __init__(self, frozen: FrozenForward, table: NodeTable):
         self.frozen, self.table = frozen, table
@@ -116,8 +139,7 @@ class NodeWrites:
         self.padded: list[torch.Tensor] = []  # [T, 1 + k_max, d]
         self.slot_valid: list[torch.Tensor] = []  # [T, 1 + k_max] bool, feature slots only
         self.bias_writes: list[Optional[torch.Tensor]] = []  # [T, d] b_dec as written, None without a transcoder
-        # per target layer: (source layer, [T, k_max, d] writes into it, [T, k_max] valid) of earlier layers
-        self.cross: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = []
+        self.cross: list[Optional[CrossWrites]] = []  # per layer: earlier layers' writes into it (a CLT)
         start, placement = 0, []
         for layer in range(frozen.n_layers):
             count = int((table.feature_layer == layer).sum())
@@ -138,7 +160,7 @@ class NodeWrites:
             padded = torch.zeros(T, 1 + k_max, frozen.embed.shape[1], dtype=dtype, device=device)
             padded[:, 0] = frozen.layers[layer].error
             valid = torch.zeros(T, 1 + k_max, dtype=torch.bool, device=device)
-            self.cross.append([])
+            parts = []  # earlier layers' (source, [T, k_source, d] writes, valid, local index of each slot)
             for source, block in frozen.writes_into(layer):
                 positions, slots, in_active, activations, k_source = placement[source]
                 if not positions.numel():
@@ -149,9 +171,11 @@ class NodeWrites:
                     valid[positions, slots + 1] = True
                 else:
                     cross = torch.zeros(T, k_source, written.shape[1], dtype=dtype, device=device)
-                    cross_valid = torch.zeros(T, k_source, dtype=torch.bool, device=device)
-                    cross[positions, slots], cross_valid[positions, slots] = written, True
-                    self.cross[layer].append((source, cross, cross_valid))
+                    local = torch.full((T, k_source), -1, dtype=torch.long, device=device)
+                    cross[positions, slots] = written
+                    local[positions, slots] = torch.arange(positions.shape[0], device=device)
+                    parts.append((source, cross, local))
+            self.cross.append(CrossWrites.join(parts) if parts else None)
             transcoder = frozen.layers[layer].transcoder
             self.bias_writes.append(
                 None
@@ -175,14 +199,20 @@ class NodeWrites:
         per_token = per_token.transpose(0, 1)  # [R, P, 1+k]
         return per_token[:, self.slot_valid[layer][:P]], per_token[:, :, 0]
 
-    def cross_layer_edges(self, layer: int, grad: torch.Tensor):
-        """For each earlier layer whose features write into ``layer``'s MLP output (a cross-layer transcoder):
-        (that layer, ``grad`` [R, P, d] dotted with those writes at the first P tokens [R, n] in table order,
-        the multiply-adds x 2 it took)."""
+    def cross_layer_edges(
+        self, layer: int, grad: torch.Tensor, feature_offset: torch.Tensor
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``grad`` [R, P, d] at ``layer``'s MLP output dotted with the writes there of earlier layers' features
+        (a cross-layer transcoder) at the first P tokens: (their columns among ``dense_rows``'s, given each
+        layer's first column ``feature_offset`` [L], the dot products [R, n], the multiply-adds x 2), or None."""
+        cross = self.cross[layer]
+        if cross is None:
+            return None
         P = grad.shape[1]
-        for source, writes, valid in self.cross[layer]:
-            per_token = torch.bmm(grad.transpose(0, 1), writes[:P].transpose(1, 2)).transpose(0, 1)  # [R, P, k]
-            yield source, per_token[:, valid[:P]], 2 * grad.shape[0] * P * grad.shape[2] * writes.shape[1]
+        per_token = torch.bmm(grad.transpose(0, 1), cross.writes[:P].transpose(1, 2)).transpose(0, 1)  # [R, P, K]
+        valid = cross.local[:P] >= 0
+        columns = feature_offset[cross.source.expand(P, -1)[valid]] + cross.local[:P][valid]
+        return columns, per_token[:, valid], 2 * grad.shape[0] * P * grad.shape[2] * cross.writes.shape[1]
 
     def input_edges(self, grad: torch.Tensor) -> torch.Tensor:
         P = grad.shape[1]
@@ -255,6 +285,7 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
     for layer in range(frozen.n_layers):
         feature_offset.append(feature_offset[-1] + writes.feature_columns(layer, P))
     error_offset = feature_offset[-1]
+    offsets = torch.tensor(feature_offset[:-1], dtype=torch.long, device=out.device)
     L = frozen.n_layers
     n_active = inject(2 * L)
     for layer in reversed(range(L)):
@@ -265,8 +296,10 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
             features, errors = writes.layer_edges(layer, g)
             # += : a cross-layer transcoder's features already hold their edges through later MLP outputs
             out[:a, feature_offset[layer] : feature_offset[layer + 1]] += features
-            for source, cross, cross_flop in writes.cross_layer_edges(layer, g):
-                out[:a, feature_offset[source] : feature_offset[source + 1]] += cross
+            cross = writes.cross_layer_edges(layer, g, offsets)
+            if cross is not None:
+                columns, values, cross_flop = cross
+                out[:a].index_add_(1, columns, values)
                 flop += cross_flop
             out[:a, error_offset + layer * P : error_offset + (layer + 1) * P] = errors
             flop += 2 * a * P * d * writes.padded[layer].shape[1]
