@@ -16,6 +16,15 @@ carried) divided by the float32 matmul rate measured in the same process on the 
 On a GPU (--device cuda) the same, with CUDA's peak allocated memory.
 
     .venv/bin/python benchmarks/graph_latency.py [--tokens 32 64 128 256] [--l0 100] [--threads 2]
+
+--clt: each prompt length runs twice, with the per-layer set and with the cross-layer transcoder (docs/method.md
+section 11) that has the same encoders (so the same active features) and own-layer decoders plus random decoders
+to every later layer (78 decoder blocks for 12 layers), at the same node budget; the table gains the CLT's
+seconds and memory and the ratio of its seconds to the per-layer set's (the CLT's weights load before the
+clock starts, as the set's do). --features sets the width (24,576 by default: the CLT then holds 5.9 GB of
+decoders).
+
+    .venv/bin/python benchmarks/graph_latency.py --clt --tokens 64
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from tccli.graph.attribution_graph import GraphParams, build_attribution_graph  
 from tccli.model.loading import load_model  # noqa: E402
 from tccli.replacement.prompts import freeze_prompt  # noqa: E402
 from tccli.replacement.targets import salient_logit_targets
+from tccli.transcoders.cross_layer import CrossLayerTranscoder  # noqa: E402
 
 
 def matmul_rate(device: str, rows: int, d: int = 768, repeats: int = 5) -> float:
@@ -67,9 +77,32 @@ def current_rss_gib() -> float:
     return float("nan")
 
 
-def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int, device: str) -> dict:
+def cross_layer_of(transcoders: dict, seed: int = 1) -> CrossLayerTranscoder:
+    """The per-layer set as a CLT's own-layer part, with random decoders (norm about the own-layer ones') to
+    every later layer, filled block by block (no second full-size random tensor)."""
+    clt = CrossLayerTranscoder.from_transcoders(transcoders)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in clt.layers:
+            W = clt.W_dec[str(layer)]
+            scale = float(W[:, 0].norm(dim=-1).mean()) / W.shape[-1] ** 0.5
+            for offset in range(1, W.shape[1]):
+                W[:, offset].normal_(0.0, scale, generator=generator)
+    return clt
+
+
+def one_length(
+    folder: str,
+    n_tokens: int,
+    l0: int,
+    budget: int,
+    batch_size: int,
+    device: str,
+    features: int = 24576,
+    clt: bool = False,
+) -> dict:
     loaded = load_model(folder, device, "float32")
-    transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, 24576, 0).items()}
+    transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, features, 0).items()}
     generator = torch.Generator().manual_seed(n_tokens)
     tokens = torch.cat(
         [
@@ -78,6 +111,8 @@ def one_length(folder: str, n_tokens: int, l0: int, budget: int, batch_size: int
         ]
     )
     mean_l0 = sparsify(loaded, transcoders, tokens, l0)
+    if clt:  # the same encoders (sparsified), so the same active features as the per-layer run
+        transcoders = cross_layer_of(transcoders).to(loaded.device)
     import gc
 
     gc.collect()
@@ -126,14 +161,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--features", type=int, default=24576, help="features per layer")
+    parser.add_argument("--clt", action="store_true", help="also a cross-layer transcoder; print the time ratio")
     parser.add_argument("--model-folder", help="reuse a model built by an earlier run (else a temporary one)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-clt", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         print(
             json.dumps(
-                one_length(args.model_folder, args.child, args.l0, args.max_feature_nodes, args.batch_size, args.device)
+                one_length(
+                    args.model_folder,
+                    args.child,
+                    args.l0,
+                    args.max_feature_nodes,
+                    args.batch_size,
+                    args.device,
+                    args.features,
+                    args.child_clt,
+                )
             )
         )
         return
@@ -142,7 +189,7 @@ def main() -> None:
         if not (Path(folder) / "config.json").exists():
             build_model(Path(folder))
         print(
-            f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads); transcoders 24,576 features x 12 "
+            f"model: GPT-2-small shape (12 layers, d_model 768, 12 heads); transcoders {args.features:,} features x 12 "
             f"layers, target L0 {args.l0}; --max-feature-nodes {args.max_feature_nodes}, --batch-size "
             f"{args.batch_size}; device {args.device}, {args.threads} threads",
             flush=True,
@@ -154,41 +201,66 @@ def main() -> None:
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         for n_tokens in args.tokens:
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    str(n_tokens),
-                    "--model-folder",
-                    folder,
-                    "--l0",
-                    str(args.l0),
-                    "--max-feature-nodes",
-                    str(args.max_feature_nodes),
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--threads",
-                    str(args.threads),
-                    "--device",
-                    args.device,
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if child.returncode != 0:
-                print(f"| {n_tokens} | failed: {child.stderr.strip().splitlines()[-1]} |", flush=True)
+            r = run_child(args, folder, n_tokens, False)
+            if r is None:
                 continue
-            r = json.loads(child.stdout.strip().splitlines()[-1])
-            memory = f"{r['cuda_peak_gib']:.2f} (CUDA)" if "cuda_peak_gib" in r else f"{r['peak_rss_gib']:.2f}"
-            print(
-                f"| {r['tokens']} | {r['l0']:.0f} | {r['active_features']:,} | {r['seconds']:.1f} | "
-                f"{r['cpu_seconds']:.1f} | {r['floor_seconds']:.1f} ({r['matmul_gflops']:.0f}) | "
-                f"{r['seconds_rows']:.1f} / {r['seconds_ranking']:.1f} / {r['seconds_finish']:.1f} | {memory} | "
-                f"{r['rss_after_loading_gib']:.2f} | {r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} | "
-                f"{r['stored_entries']:,} | {r['load_average']:.1f} |",
-                flush=True,
-            )
+            print_row(r)
+            if args.clt:
+                c = run_child(args, folder, n_tokens, True)
+                if c is None:
+                    continue
+                print_row(c, "CLT ")
+                print(
+                    f"| {n_tokens} | CLT / per-layer: {c['seconds'] / r['seconds']:.2f}x seconds "
+                    f"(rows {c['seconds_rows'] / max(r['seconds_rows'], 1e-9):.2f}x), graph's own memory "
+                    f"{c['peak_rss_gib'] - c['rss_after_loading_gib']:.2f} vs "
+                    f"{r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} GiB, backward FLOP "
+                    f"{c['backward_flop'] / r['backward_flop']:.2f}x, same active features: "
+                    f"{c['active_features'] == r['active_features']} |",
+                    flush=True,
+                )
+
+
+def run_child(args, folder: str, n_tokens: int, clt: bool) -> dict | None:
+    """One prompt length in a child process of its own (its own peak memory); None if it failed."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(n_tokens),
+        "--model-folder",
+        folder,
+        "--l0",
+        str(args.l0),
+        "--max-feature-nodes",
+        str(args.max_feature_nodes),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--features",
+        str(args.features),
+    ] + (["--child-clt"] if clt else [])
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines() or ["no output"]
+        print(f"| {n_tokens} | failed{' (CLT)' if clt else ''}: {lines[-1]} |", flush=True)
+        return None
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def print_row(r: dict, label: str = "") -> None:
+    memory = f"{r['cuda_peak_gib']:.2f} (CUDA)" if "cuda_peak_gib" in r else f"{r['peak_rss_gib']:.2f}"
+    print(
+        f"| {label}{r['tokens']} | {r['l0']:.0f} | {r['active_features']:,} | {r['seconds']:.1f} | "
+        f"{r['cpu_seconds']:.1f} | {r['floor_seconds']:.1f} ({r['matmul_gflops']:.0f}) | "
+        f"{r['seconds_rows']:.1f} / {r['seconds_ranking']:.1f} / {r['seconds_finish']:.1f} | {memory} | "
+        f"{r['rss_after_loading_gib']:.2f} | {r['peak_rss_gib'] - r['rss_after_loading_gib']:.2f} | "
+        f"{r['stored_entries']:,} | {r['load_average']:.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

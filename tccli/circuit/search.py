@@ -6,7 +6,9 @@ A path starts at the target and walks upstream; each step's contribution is the 
 the new node to the previous node's vector, which equals the path's attribution (the product of the
 input-invariant weights along it times the first node's activation). Every iteration extends every
 path in the beam by its ``branches`` best upstream candidates (transcoder features of earlier layers
-at the same token, the skip connections of earlier skip transcoders at the same token (``skip8@5``: the
+at the same token (a cross-layer transcoder's feature: through its writes to every MLP output between it
+and the path's vector, summed; docs/method.md section 11), the skip connections of earlier skip
+transcoders at the same token (``skip8@5``: the
 linear term x W_skip, continued upstream through the norm like an OV circuit), (attention head, source
 token) pairs, token and position embeddings), then keeps the
 ``branches`` extended paths whose last contribution is largest. No capping is applied.
@@ -130,8 +132,10 @@ def _extend(
 ) -> Path:
     t = path.position
     if kind == "feature":
-        decoder = frozen.layers[layer].transcoder.W_dec[index].to(path.vector.dtype)
-        vector, read_point, _ = attribution.feature_upstream(frozen, layer, index, t, decoder @ path.vector)
+        # the feature's writes to every MLP output the path's vector reads after (one for a per-layer
+        # transcoder; each later layer's for a cross-layer one: docs/method.md section 11), through the output map
+        coefficient = attribution.feature_coefficient(frozen, layer, index, t, path.vector, path.read_point[1])
+        vector, read_point, _ = attribution.feature_upstream(frozen, layer, index, t, coefficient)
         key, position = NodeRef("feature", layer, index, t), t
     elif kind == "head":
         vector, read_point = attribution.head_upstream(frozen, layer, index, source, t, path.vector)

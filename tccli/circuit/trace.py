@@ -12,8 +12,10 @@ import torch
 from tccli.config.circuit import CircuitConfig
 from tccli.data.text import display_token
 from tccli.model.loading import LoadedModel, recorded_model_name
+from tccli.replacement.model import layer_views
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import build_target
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.formats import recorded_path
 from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
@@ -21,8 +23,11 @@ from tccli.transcoders.transcoder import Transcoder
 # ----------------------------------------------------------------------------- tc circuit
 
 
-def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, config: CircuitConfig):
-    """Everything `tc circuit` computes: (graph, summary dict)."""
+def circuit_graph(
+    loaded: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, prompt: str, config: CircuitConfig
+):
+    """Everything `tc circuit` computes: (graph, summary dict). ``transcoders``: a per-layer set or a
+    cross-layer transcoder (docs/method.md section 11)."""
     from tccli import __version__
     from tccli.circuit.search import SearchParams, explained, greedy_search, paths_to_graph
     from tccli.config.fields import to_json_dict
@@ -54,7 +59,8 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
         "n_layers": loaded.info.n_layers,
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": recorded_path(config.transcoders),  # absolute: tc validate may run elsewhere
-        "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "transcoder_list": [f"layer_{layer}" for layer in sorted(layer_views(transcoders))],
+        "cross_layer": isinstance(transcoders, CrossLayerTranscoder),
         "scan": scan,
         "slug": config.graph_slug(prompt),
         "transcoder_spaces": {
@@ -64,7 +70,7 @@ def circuit_graph(loaded: LoadedModel, transcoders: dict[int, Transcoder], promp
                 "skip": t.config.skip,
                 "activation": t.config.activation,
             }
-            for layer, t in sorted(transcoders.items())
+            for layer, t in sorted(layer_views(transcoders).items())
         },
         # a logit target is the logit before the final soft-cap c tanh(logit / c), which is not linear
         "final_logit_softcap": loaded.info.final_logit_softcap,

@@ -237,7 +237,7 @@ def circuit_command(config: CircuitConfig) -> None:
     from tccli.circuit import files as circuit_files
     from tccli.circuit.trace import circuit_graph
     from tccli.model.loading import load_model
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     prompt = inputs.prompt_text(config.prompt)
     with (
@@ -246,7 +246,7 @@ def circuit_command(config: CircuitConfig) -> None:
     ):
         update("loading the model", 0, 1)
         loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
         update("loading the model", 1, 1)
         update("tracing the circuit", 0, 1)
         graph, summary = circuit_graph(loaded, transcoders, prompt, config)
@@ -412,7 +412,7 @@ def graph_command(config: GraphConfig) -> None:
     from tccli.graph import files as graph_files
     from tccli.graph.trace import attribution_graph
     from tccli.model.loading import load_model
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     if config.format == "pt":
         outputs.check_binary_stdout(config.out, "--format pt")
@@ -429,7 +429,7 @@ def graph_command(config: GraphConfig) -> None:
         progress.bar(config.quiet, "rows") as update,
     ):
         loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = load_transcoder_set(config.transcoders, loaded.device)
+        transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
         run = attribution_graph(
             loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
         )

@@ -61,33 +61,50 @@ def read_rows(frozen: FrozenForward, table: NodeTable, targets: list[Target], no
     return rows
 
 
-def node_writes(
-    frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(writes [S, d], tokens [S], first attention layer that sees each write [S]) of features, errors,
-    inputs, each as it enters the residual."""
+@dataclass
+class Writes:
+    """What source nodes write into the residual: one entry per (node, MLP output it writes to); a
+    cross-layer transcoder's feature has one per layer it writes to (docs/method.md section 11), every other
+    node one."""
+
+    vectors: torch.Tensor  # [W, d] as it enters the residual
+    positions: torch.Tensor  # [W] token
+    first: torch.Tensor  # [W] first attention layer that sees it (written after MLP first - 1)
+    owner: torch.Tensor  # [W] index into the nodes given
+
+
+def node_writes(frozen: FrozenForward, table: NodeTable, nodes: torch.Tensor) -> Writes:
+    """The writes of features, errors and inputs, each as it enters the residual."""
     dtype, device = frozen.embed.dtype, frozen.embed.device
-    writes = torch.empty(len(nodes), frozen.embed.shape[1], dtype=dtype, device=device)
-    positions, first = torch.empty_like(nodes), torch.empty_like(nodes)
+    vectors, positions, first, owner = [], [], [], []
     inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
     for i, node in enumerate(nodes.tolist()):
         kind = table.kind(node)
         if kind == FEATURE:
             layer, position = int(table.feature_layer[node]), int(table.feature_position[node])
-            decoder = frozen.layers[layer].transcoder.W_dec[int(table.feature_index[node])].to(dtype)
-            # as it enters the residual, as the edges have it (centred for LayerNorm; Gemma-2's post-norm)
-            written = frozen.write_mlp_output(layer, decoder.unsqueeze(0), torch.tensor([position], device=device))
-            writes[i] = table.feature_activation[node] * written[0]
-        elif kind == ERROR:
+            frozen_layer = frozen.layers[layer]
+            slot = torch.searchsorted(frozen_layer.active, table.feature_index[node])
+            at = torch.tensor([position], device=device)
+            for target, block in frozen_layer.decoder_blocks.items():
+                # as it enters the residual, as the edges have it (centred for LayerNorm; Gemma-2's post-norm)
+                written = frozen.write_mlp_output(target, block[slot].to(dtype).unsqueeze(0), at)
+                vectors.append(table.feature_activation[node] * written[0])
+                positions.append(position), first.append(target + 1), owner.append(i)
+            continue
+        if kind == ERROR:
             layer, position = divmod(node - table.error_start, table.n_tokens)
-            writes[i] = frozen.layers[layer].error[position]
+            vectors.append(frozen.layers[layer].error[position])
         elif kind == EMBED:
             layer, position = -1, node - table.embed_start
-            writes[i] = inputs[position]
+            vectors.append(inputs[position])
         else:
             raise ValueError(f"node {node} is a target: it writes nothing")
-        positions[i], first[i] = position, layer + 1  # written after MLP `layer`: attention layer+1 sees it
-    return writes, positions, first
+        positions.append(position), first.append(layer + 1), owner.append(i)  # after MLP `layer`
+    if not vectors:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Writes(torch.zeros(0, frozen.embed.shape[1], dtype=dtype, device=device), empty, empty, empty)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return Writes(torch.stack(vectors), as_long(positions), as_long(first), as_long(owner))
 
 
 @torch.no_grad()
@@ -110,12 +127,21 @@ def head_split(
     unique_targets, target_of_edge = torch.unique(edge_targets, return_inverse=True)
     reads = read_rows(frozen, table, targets, unique_targets)
     unique_sources, source_of_edge = torch.unique(sources, return_inverse=True)
-    writes, write_positions, first_layer = node_writes(frozen, table, unique_sources)
-    residual = torch.where(
-        write_positions[source_of_edge] == reads.positions[target_of_edge],
-        (writes[source_of_edge] * reads.vectors[target_of_edge]).sum(-1),
-        torch.zeros(E, dtype=dtype, device=device),
-    )
+    writes = node_writes(frozen, table, unique_sources)
+    # the residual part: the source's writes at the target's token from MLP outputs the target reads after
+    residual = torch.zeros(E, dtype=dtype, device=device)
+    source_position = torch.zeros(len(unique_sources), dtype=torch.long, device=device)
+    source_position[writes.owner] = writes.positions
+    same_token = source_position[source_of_edge] == reads.positions[target_of_edge]
+    for first in writes.first.unique().tolist():  # one write per source at most enters at each layer
+        entries = writes.first == first
+        at_first = torch.zeros(len(unique_sources), writes.vectors.shape[1], dtype=dtype, device=device)
+        at_first[writes.owner[entries]] = writes.vectors[entries]
+        seen = same_token & (reads.n_mlp[target_of_edge] >= first)
+        dots = (at_first[source_of_edge] * reads.vectors[target_of_edge]).sum(-1)
+        residual += torch.where(seen, dots, torch.zeros_like(dots))
+    first_layer = torch.full((len(unique_sources),), L, dtype=torch.long, device=device)
+    first_layer.scatter_reduce_(0, writes.owner, writes.first, reduce="amin")
     by_head = torch.zeros(E, L, H, dtype=dtype, device=device)
     mass = residual.abs().clone()
     # at most 1/share parts of one layer can each hold `share` of the edge's mass: keep that many per layer
@@ -127,10 +153,13 @@ def head_split(
         if edges.numel() == 0:
             continue
         batch = torch.arange(start, stop, device=device)
-        image = torch.zeros(len(batch), T, writes.shape[1], dtype=dtype, device=device)
+        image = torch.zeros(len(batch), T, writes.vectors.shape[1], dtype=dtype, device=device)
+        in_batch = (writes.owner >= start) & (writes.owner < stop)
         for layer in range(L):
-            enters = batch[first_layer[batch] == layer]
-            image[enters - start, write_positions[enters]] += writes[enters]
+            enters = torch.nonzero(in_batch & (writes.first == layer)).reshape(-1)
+            image.index_put_(
+                (writes.owner[enters] - start, writes.positions[enters]), writes.vectors[enters], accumulate=True
+            )
             W_O, mix, W_V = frozen._attention_backward_weights(layer)
             live = edges[(first_layer[source_of_edge[edges]] <= layer) & (reads.n_attn[target_of_edge[edges]] > layer)]
             for chunk in live.split(256) if live.numel() else ():

@@ -7,7 +7,9 @@ frozen attention of the layers between (any number of hops, every head), never t
 node. A row of A is one linear backward pass: the target's read vector is injected at its token and
 read point, carried down the residual stream (the MLPs are cut; attention moves it to earlier tokens)
 and dotted, at every layer's MLP output, with each node's write there (a feature's ``z * f_dec``, an
-error term) and, at the bottom, with the input. Everything else that reaches the target is a constant
+error term; a cross-layer transcoder's feature writes at its own and every later MLP output, and its
+edge is the sum of those dot products: docs/method.md section 11) and, at the bottom, with the input.
+Everything else that reaches the target is a constant
 (encoder constant, attention ``b_O`` and value biases, transcoder ``b_dec``, ``b_U``): a row's
 **bias**, so that ``sum(row) + bias == the target's value`` (its pre-activation, or logit) to rounding.
 
@@ -92,13 +94,40 @@ def feature_rows(frozen: FrozenForward, table: NodeTable, features: torch.Tensor
 # ----------------------------------------------------------------------------- the linear backward
 
 
+@dataclass
+class CrossWrites:
+    """The writes of earlier layers' features into one layer's MLP output (a cross-layer transcoder), per token
+    in slots: each earlier layer's features at that token side by side."""
+
+    writes: torch.Tensor  # [T, K, d]
+    source: torch.Tensor  # [K] the layer of each slot
+    local: torch.Tensor  # [T, K] the feature's index among its layer's features (table order), -1: empty slot
+
+    @classmethod
+    def join(cls, parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> CrossWrites:
+        """From (source layer, [T, k, d] writes, [T, k] local indices) of each earlier layer."""
+        source = torch.cat(
+            [torch.full((local.shape[1],), s, dtype=torch.long, device=local.device) for s, _, local in parts]
+        )
+        return cls(
+            writes=torch.cat([writes for _, writes, _ in parts], dim=1),
+            source=source,
+            local=torch.cat([local for _, _, local in parts], dim=1),
+        )
+
+
 class NodeWrites:
     """What every node writes into the residual stream, arranged for the batched backward pass.
 
     Per layer and token: the error term in slot 0, then the active features' writes ``z * f_dec`` in
     feature order ([T, 1 + k_max, d]), so one batched matmul per layer dots every row's gradient with
     every write of that layer. Writes are as they enter the residual stream (``write_mlp_output``: the
-    transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``)."""
+    transcoder's output space, Gemma-2's frozen post-norm), and so is ``b_dec`` (``bias_writes``).
+
+    A cross-layer transcoder's feature of layer l also writes ``z * f_dec^(l -> l')`` into every later MLP
+    output l' (docs/method.md section 11): per layer l', the writes of every earlier layer's features there
+    are kept in one such layout without the error slot (``CrossWrites``: each earlier layer's slots side by
+    side), so one more batched matmul per layer gives them all, and they add to the features' columns."""
 
     def __init__(self, frozen: FrozenForward, table: NodeTable):
         self.frozen, self.table = frozen, table
@@ -110,25 +139,43 @@ class NodeWrites:
         self.padded: list[torch.Tensor] = []  # [T, 1 + k_max, d]
         self.slot_valid: list[torch.Tensor] = []  # [T, 1 + k_max] bool, feature slots only
         self.bias_writes: list[Optional[torch.Tensor]] = []  # [T, d] b_dec as written, None without a transcoder
-        start = 0
+        self.cross: list[Optional[CrossWrites]] = []  # per layer: earlier layers' writes into it (a CLT)
+        start, placement = 0, []
         for layer in range(frozen.n_layers):
             count = int((table.feature_layer == layer).sum())
             positions = table.feature_position[start : start + count]
             counts = torch.bincount(positions, minlength=T)
             cumulative = torch.zeros(T + 1, dtype=torch.long, device=device)
             cumulative[1:] = counts.cumsum(0)
-            k_max = int(counts.max()) if count else 0
+            slots = torch.arange(count, device=device) - cumulative[positions]
+            indices = table.feature_index[start : start + count]
+            in_active = torch.searchsorted(frozen.layers[layer].active, indices) if count else indices
+            activations = table.feature_activation[start : start + count].unsqueeze(1)
+            placement.append((positions, slots, in_active, activations, int(counts.max()) if count else 0))
+            self.layer_start.append(start)
+            self.per_token.append(cumulative)
+            start += count
+        for layer in range(frozen.n_layers):
+            k_max = placement[layer][4]
             padded = torch.zeros(T, 1 + k_max, frozen.embed.shape[1], dtype=dtype, device=device)
             padded[:, 0] = frozen.layers[layer].error
             valid = torch.zeros(T, 1 + k_max, dtype=torch.bool, device=device)
-            if count:
-                slots = 1 + torch.arange(count, device=device) - cumulative[positions]
-                decoder = frozen.layers[layer].transcoder.W_dec
-                indices = table.feature_index[start : start + count]
-                activations = table.feature_activation[start : start + count]
-                written = frozen.write_mlp_output(layer, decoder[indices].to(dtype), positions)
-                padded[positions, slots] = written * activations.unsqueeze(1)
-                valid[positions, slots] = True
+            parts = []  # earlier layers' (source, [T, k_source, d] writes, valid, local index of each slot)
+            for source, block in frozen.writes_into(layer):
+                positions, slots, in_active, activations, k_source = placement[source]
+                if not positions.numel():
+                    continue
+                written = frozen.write_mlp_output(layer, block[in_active], positions) * activations
+                if source == layer:
+                    padded[positions, slots + 1] = written
+                    valid[positions, slots + 1] = True
+                else:
+                    cross = torch.zeros(T, k_source, written.shape[1], dtype=dtype, device=device)
+                    local = torch.full((T, k_source), -1, dtype=torch.long, device=device)
+                    cross[positions, slots] = written
+                    local[positions, slots] = torch.arange(positions.shape[0], device=device)
+                    parts.append((source, cross, local))
+            self.cross.append(CrossWrites.join(parts) if parts else None)
             transcoder = frozen.layers[layer].transcoder
             self.bias_writes.append(
                 None
@@ -137,11 +184,8 @@ class NodeWrites:
                     layer, transcoder.b_dec.to(dtype).expand(T, -1), torch.arange(T, device=device)
                 )
             )
-            self.layer_start.append(start)
-            self.per_token.append(cumulative)
             self.padded.append(padded)
             self.slot_valid.append(valid)
-            start += count
 
     def feature_columns(self, layer: int, n_tokens: int) -> int:
         """How many of ``layer``'s features sit at the first ``n_tokens`` tokens."""
@@ -154,6 +198,21 @@ class NodeWrites:
         per_token = torch.bmm(grad.transpose(0, 1), self.padded[layer][:P].transpose(1, 2))  # [P, R, 1+k]
         per_token = per_token.transpose(0, 1)  # [R, P, 1+k]
         return per_token[:, self.slot_valid[layer][:P]], per_token[:, :, 0]
+
+    def cross_layer_edges(
+        self, layer: int, grad: torch.Tensor, feature_offset: torch.Tensor
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``grad`` [R, P, d] at ``layer``'s MLP output dotted with the writes there of earlier layers' features
+        (a cross-layer transcoder) at the first P tokens: (their columns among ``dense_rows``'s, given each
+        layer's first column ``feature_offset`` [L], the dot products [R, n], the multiply-adds x 2), or None."""
+        cross = self.cross[layer]
+        if cross is None:
+            return None
+        P = grad.shape[1]
+        per_token = torch.bmm(grad.transpose(0, 1), cross.writes[:P].transpose(1, 2)).transpose(0, 1)  # [R, P, K]
+        valid = cross.local[:P] >= 0
+        columns = feature_offset[cross.source.expand(P, -1)[valid]] + cross.local[:P][valid]
+        return columns, per_token[:, valid], 2 * grad.shape[0] * P * grad.shape[2] * cross.writes.shape[1]
 
     def input_edges(self, grad: torch.Tensor) -> torch.Tensor:
         P = grad.shape[1]
@@ -226,6 +285,7 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
     for layer in range(frozen.n_layers):
         feature_offset.append(feature_offset[-1] + writes.feature_columns(layer, P))
     error_offset = feature_offset[-1]
+    offsets = torch.tensor(feature_offset[:-1], dtype=torch.long, device=out.device)
     L = frozen.n_layers
     n_active = inject(2 * L)
     for layer in reversed(range(L)):
@@ -234,7 +294,13 @@ def dense_rows(writes: NodeWrites, spec: RowsToCompute) -> DenseBatch:
         if a:
             g = grad[:a]
             features, errors = writes.layer_edges(layer, g)
-            out[:a, feature_offset[layer] : feature_offset[layer + 1]] = features
+            # += : a cross-layer transcoder's features already hold their edges through later MLP outputs
+            out[:a, feature_offset[layer] : feature_offset[layer + 1]] += features
+            cross = writes.cross_layer_edges(layer, g, offsets)
+            if cross is not None:
+                columns, values, cross_flop = cross
+                out[:a].index_add_(1, columns, values)
+                flop += cross_flop
             out[:a, error_offset + layer * P : error_offset + (layer + 1) * P] = errors
             flop += 2 * a * P * d * writes.padded[layer].shape[1]
             if writes.bias_writes[layer] is not None:

@@ -20,8 +20,10 @@ from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_a
 from tccli.graph.heads import HeadSplit, head_split
 from tccli.model.loading import LoadedModel, recorded_model_name
 from tccli.replacement.frozen import FrozenForward
+from tccli.replacement.model import layer_views
 from tccli.replacement.prompts import frozen_prompt, token_strings
 from tccli.replacement.targets import Target, build_target, salient_logit_targets
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.formats import recorded_path
 from tccli.transcoders.set_id import transcoder_set_id
 from tccli.transcoders.transcoder import Transcoder
@@ -54,7 +56,7 @@ def graph_params(config: GraphConfig) -> GraphParams:
 
 def attribution_graph(
     loaded: LoadedModel,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
     prompt: str,
     config: GraphConfig,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -102,7 +104,8 @@ def attribution_graph(
         "n_layers": loaded.info.n_layers,
         "parallel_attn_mlp": loaded.info.parallel_attn_mlp,
         "transcoders": recorded_path(config.transcoders),  # absolute: tc validate may run elsewhere
-        "transcoder_list": [f"layer_{layer}" for layer in sorted(transcoders)],
+        "transcoder_list": [f"layer_{layer}" for layer in sorted(layer_views(transcoders))],
+        "cross_layer": isinstance(transcoders, CrossLayerTranscoder),
         "scan": scan,
         "slug": config.graph_slug(prompt),
         "prompt": prompt,

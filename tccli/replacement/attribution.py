@@ -75,20 +75,45 @@ def feature_contributions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transcoder features of ``layer``: (feature indices [k], contributions [P, k]).
 
-    contribution[p, i] = z_i(t_p) * (W(f_dec(i)) . v_p), W the map from the transcoder's output space to the
-    residual; zero where layer is not upstream of row p. With ``only_active`` only features active
-    somewhere in the prompt are computed (the rest contribute 0).
+    contribution[p, i] = z_i(t_p) * sum over the layers l' the feature writes to and row p reads after of
+    W_l'(f_dec^(layer -> l')(i)) . v_p, W_l' the map from the transcoder's output space to the residual after
+    MLP l' (one term, l' = layer, for a per-layer transcoder; docs/method.md section 11 for a cross-layer
+    one); zero where layer is not upstream of row p. Only features active somewhere in the prompt are
+    computed (the rest contribute 0); without ``only_active`` they are returned as zeros of all features.
     """
     frozen_layer = frozen.layers[layer]
-    if only_active and frozen_layer.active is not None:
-        indices, z, decoder = frozen_layer.active, frozen_layer.z_active, frozen_layer.decoder_active
-    else:
-        z, decoder = frozen_layer.z, frozen_layer.transcoder.W_dec.to(rows.vectors.dtype)
-        indices = torch.arange(z.shape[1], device=z.device)
+    indices, z = frozen_layer.active, frozen_layer.z_active
     read = frozen.read_mlp_output(layer, rows.vectors, rows.positions)
-    contributions = z[rows.positions] * (read @ decoder.T)
+    dots = read @ frozen_layer.decoder_active.T
+    for target, block in frozen_layer.decoder_blocks.items():
+        if target != layer:  # a cross-layer transcoder's write to a later MLP, for rows reading after it
+            later = frozen.read_mlp_output(target, rows.vectors, rows.positions) @ block.T
+            dots = dots + later * (rows.n_mlp > target).to(later.dtype).unsqueeze(1)
+    contributions = z[rows.positions] * dots
     upstream = (rows.n_mlp > layer).to(contributions.dtype).unsqueeze(1)
-    return indices, contributions * upstream
+    contributions = contributions * upstream
+    if not only_active:
+        full = torch.zeros(len(rows), frozen_layer.z.shape[1], dtype=contributions.dtype, device=contributions.device)
+        full[:, indices] = contributions
+        indices, contributions = torch.arange(full.shape[1], device=full.device), full
+    return indices, contributions
+
+
+def feature_coefficient(
+    frozen: FrozenForward, layer: int, feature: int, position: int, vector: torch.Tensor, n_mlp: int
+) -> torch.Tensor:
+    """The input-invariant weight from feature ``feature`` of ``layer`` at ``position`` to a vector read
+    after MLP ``n_mlp - 1``: sum over the layers l' < n_mlp it writes to of W_l'(f_dec^(layer -> l')) . v
+    (its contribution divided by its activation; docs/method.md sections 5 and 11)."""
+    frozen_layer = frozen.layers[layer]
+    slot = int(torch.searchsorted(frozen_layer.active, torch.tensor(feature, device=frozen_layer.active.device)))
+    positions = torch.tensor([position], device=vector.device)
+    total = None
+    for target, block in frozen_layer.decoder_blocks.items():
+        if target < n_mlp:
+            term = frozen.read_mlp_output(target, vector.unsqueeze(0), positions)[0] @ block[slot].to(vector.dtype)
+            total = term if total is None else total + term
+    return total if total is not None else torch.zeros((), dtype=vector.dtype, device=vector.device)
 
 
 def skip_contributions(frozen: FrozenForward, rows: Rows, layer: int) -> torch.Tensor:

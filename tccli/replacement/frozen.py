@@ -5,7 +5,15 @@ normalisation scales held (docs/method.md sections 5 and 8). Pure math.
 output weights, the norm scales, the MLP's real input and output split into the transcoder's part and
 an error term. Its methods move vectors through the maps a target or a row of attributions needs
 (attention backward and forward, a transcoder's input and output spaces, Gemma-2's post-norms, the skip
-path), so every consumer (tccli.replacement.attribution, tccli.graph) moves them the same way."""
+path), so every consumer (tccli.replacement.attribution, tccli.graph) moves them the same way.
+
+**Cross-layer transcoders** (docs/method.md section 11). ``freeze`` takes a per-layer set or a
+``CrossLayerTranscoder``; every consumer sees one structure for both: a feature of layer l writes to the MLP
+outputs of the layers in ``FrozenLayer.decoder_blocks`` (layer l itself first; for a CLT also every later
+layer its active features' decoder rows to are not all zero), and the error term of layer l' is the MLP's
+output minus everything written to it (``yhat_l'`` of section 11). A per-layer set has only the own-layer
+block, so it runs exactly the code it always ran; a CLT whose blocks to later layers are zero has no other
+block either, so it gives bit-for-bit the same results."""
 
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ from typing import Optional
 import torch
 
 from tccli.model.spaces import LayerSpaces, NormMap, input_map, output_map, transcoder_input
+from tccli.replacement.model import layer_views
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
 
 
@@ -41,7 +51,10 @@ class FrozenLayer:
     # activations and decoder rows gathered once, so the search's matmuls are over these only.
     active: Optional[torch.Tensor] = None  # [k] feature indices
     z_active: Optional[torch.Tensor] = None  # [T, k]
-    decoder_active: Optional[torch.Tensor] = None  # [k, d]
+    decoder_active: Optional[torch.Tensor] = None  # [k, d] the decoder rows to this layer's own MLP output
+    # {target layer: [k, d] the active features' decoder rows to that layer's MLP output}: this layer itself
+    # (decoder_active) first, then, for a cross-layer transcoder, every later layer with a non-zero block
+    decoder_blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     b_V: Optional[torch.Tensor] = None  # [H, d_head] value bias per query head (None: no value bias)
     # Spaces (tccli.model.spaces): the unprocessed norm weights, the input the transcoder reads in its own space,
     # its skip term, and Gemma-2's post-norm scales. None where the layer has nothing of the kind.
@@ -85,11 +98,35 @@ class FrozenForward:
     layernorm: bool  # True: LayerNorm (centre vectors); False: RMSNorm
     parallel: bool  # attention and MLP of a block both read resid_pre
     final_logit_softcap: Optional[float] = None  # logits are capped after the unembedding: targets are raw
+    cross_layer: Optional[CrossLayerTranscoder] = None  # the CLT frozen here (None: a per-layer set)
     _cache: dict = field(default_factory=dict, repr=False)  # weights folded once per prompt (linear maps below)
+
+    def __post_init__(self) -> None:
+        # a FrozenForward built by hand (tests' worked examples) names z and the transcoder only: every feature
+        # then counts as active, and it writes to its own layer
+        for index, layer in enumerate(self.layers):
+            if layer.transcoder is None or layer.z is None:
+                continue
+            if layer.active is None:
+                layer.active = torch.arange(layer.z.shape[1], device=layer.z.device)
+                layer.z_active, layer.decoder_active = layer.z, layer.transcoder.W_dec.to(layer.z.dtype)
+            if not layer.decoder_blocks:
+                layer.decoder_blocks = {index: layer.decoder_active}
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def writes_into(self, target: int) -> list[tuple[int, torch.Tensor]]:
+        """(source layer, [k, d] decoder rows of its active features) of every layer whose features write to
+        ``target``'s MLP output: ``target`` itself first, then earlier layers (a cross-layer transcoder)."""
+        own = self.layers[target]
+        out = [(target, own.decoder_blocks[target])] if target in own.decoder_blocks else []
+        for source in range(target):
+            block = self.layers[source].decoder_blocks.get(target)
+            if block is not None:
+                out.append((source, block))
+        return out
 
     @property
     def n_tokens(self) -> int:
@@ -280,11 +317,14 @@ def freeze(
     captured: dict[str, torch.Tensor],
     info: object,
     weights: dict,
-    transcoders: dict[int, Transcoder],
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
     tokens: torch.Tensor,
     spaces: Optional[list[LayerSpaces]] = None,
 ) -> FrozenForward:
     """Assemble a FrozenForward from one prompt's captured activations (batch dimension 1).
+
+    transcoders: a per-layer set, or a cross-layer transcoder (each layer then holds its per-layer view for
+        the encoder, and the error of each layer is its MLP output less what every layer's features write there).
 
     captured: hook name -> activation, for every hook of ``info`` (a models.ModelInfo) that
         ``hooks_needed`` lists.
@@ -293,6 +333,8 @@ def freeze(
     spaces: per layer, the model's tccli.model.spaces.LayerSpaces (loaded.spaces); needed for transcoders that read
         mlp_input or write mlp_output, and for models with post-norms.
     """
+    clt = transcoders if isinstance(transcoders, CrossLayerTranscoder) else None
+    transcoders = layer_views(transcoders)
     first = captured[info.embed_hook][0]
     # half-precision models are attributed in float32: sums of many small terms need the mantissa
     dtype, device = (torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype), first.device
@@ -338,7 +380,8 @@ def freeze(
             b_V=b_V,
         )
         if frozen_layer.transcoder is not None:
-            _split_mlp(frozen_layer, get(names.mlp_norm_input), dtype, info.normalization == "layernorm")
+            later = _active_decoders(frozen_layer, get(names.mlp_norm_input), dtype, info.normalization, layer, clt)
+            _split_mlp(frozen_layer, layers, dtype, info.normalization == "layernorm", later)
         layers.append(frozen_layer)
     last = info.layer(info.n_layers - 1)
     pos_embed = captured[info.pos_embed_hook][0].to(dtype) if info.pos_embed_hook else None
@@ -355,12 +398,24 @@ def freeze(
         layernorm=info.normalization == "layernorm",
         parallel=info.parallel_attn_mlp,
         final_logit_softcap=getattr(info, "final_logit_softcap", None),
+        cross_layer=clt,
     )
 
 
-def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.dtype, layernorm: bool) -> None:
-    """Run the transcoder on its real input and split the MLP output into its parts (in place). ``layernorm``:
-    the model's norms centre (a resid_mid input is centred, as ``mlp_input_map`` reads it)."""
+def _active_decoders(
+    frozen_layer: FrozenLayer,
+    residual: torch.Tensor,
+    dtype: torch.dtype,
+    normalization: str,
+    layer: int,
+    clt: Optional[CrossLayerTranscoder],
+) -> dict[int, torch.Tensor]:
+    """Run the layer's encoder on its real input (in place: input, pre-activations, activations, the active
+    features and their own-layer decoder rows) and return, for a cross-layer transcoder, the active features'
+    decoder rows to each later layer they write to, {layer: [k, d]}, leaving out blocks that are all zero
+    (read through ``decoder_rows``, so that a CLT that keeps its decoders on disk reads only these).
+    ``normalization``: the model's norms ("layernorm" centres, so a resid_mid input is centred, as
+    ``mlp_input_map`` reads it)."""
     transcoder = frozen_layer.transcoder
     config = transcoder.config
     needs_spaces = (
@@ -370,25 +425,55 @@ def _split_mlp(frozen_layer: FrozenLayer, residual: torch.Tensor, dtype: torch.d
     )
     if needs_spaces and frozen_layer.spaces is None:
         raise ValueError("this transcoder's spaces need the model's unprocessed norm weights (freeze(spaces=...))")
-    spaces = frozen_layer.spaces or LayerSpaces(layernorm=layernorm, norm_weight=None)
+    spaces = frozen_layer.spaces or LayerSpaces(layernorm=normalization == "layernorm", norm_weight=None)
     x = transcoder_input(config.input_space, frozen_layer.mlp_in, residual, spaces)
     frozen_layer.transcoder_input = x
     pre = transcoder.pre_activation(x)
     z = transcoder.activate(pre)
     active = torch.nonzero((z != 0).any(0)).reshape(-1)
-    if 2 * active.numel() > z.shape[1]:  # dense: a gathered copy would cost more than it saves
+    dense = 2 * active.numel() > z.shape[1]  # a gathered copy would cost more than it saves
+    if dense:
         active = torch.arange(z.shape[1], device=z.device)
-        z_active, decoder_active = z, transcoder.W_dec.to(dtype)
+    later: dict[int, torch.Tensor] = {}
+    if clt is not None:
+        rows = clt.decoder_rows(layer, active).to(z.device, dtype)
+        decoder_active = rows[:, 0].contiguous()
+        for offset, target in enumerate(clt.targets_of(layer)[1:], start=1):
+            if bool(rows[:, offset].any()):  # a zero block writes nothing: skipping it is exact
+                later[target] = rows[:, offset].contiguous()
     else:
-        z_active, decoder_active = z[:, active], transcoder.W_dec[active].to(dtype)
-    output = z_active @ decoder_active + transcoder.b_dec.to(dtype)
-    skip = transcoder.skip_term(x)
+        decoder_active = transcoder.W_dec.to(dtype) if dense else transcoder.W_dec[active].to(dtype)
+    frozen_layer.z, frozen_layer.pre, frozen_layer.active = z, pre, active
+    frozen_layer.z_active, frozen_layer.decoder_active = (z if dense else z[:, active]), decoder_active
+    return later
+
+
+def _split_mlp(
+    frozen_layer: FrozenLayer,
+    earlier: list[FrozenLayer],
+    dtype: torch.dtype,
+    layernorm: bool,
+    later: dict[int, torch.Tensor],
+) -> None:
+    """Split the MLP output into what the transcoder writes there and the error term (in place); record the
+    layers the active features write to (``decoder_blocks``: their own, then ``later``'s)."""
+    transcoder = frozen_layer.transcoder
+    layer = len(earlier)
+    frozen_layer.decoder_blocks = {layer: frozen_layer.decoder_active, **later}
+    # the own layer's product first, then earlier layers' writes, then b_dec: with no cross-layer writes this
+    # is exactly z W_dec + b_dec, as for a per-layer transcoder
+    output = frozen_layer.z_active @ frozen_layer.decoder_active
+    for source in earlier:
+        block = source.decoder_blocks.get(layer)
+        if block is not None:
+            output = output + source.z_active @ block
+    output = output + transcoder.b_dec.to(dtype)
+    skip = transcoder.skip_term(frozen_layer.transcoder_input)
     if skip is not None:
         frozen_layer.skip_out = skip.to(dtype)
         output = output + frozen_layer.skip_out
-    frozen_layer.z, frozen_layer.pre = z, pre
-    frozen_layer.active, frozen_layer.z_active, frozen_layer.decoder_active = active, z_active, decoder_active
-    post = output_map(config.output_space, spaces, frozen_layer.mlp_post_scale)
+    spaces = frozen_layer.spaces or LayerSpaces(layernorm=layernorm, norm_weight=None)
+    post = output_map(transcoder.config.output_space, spaces, frozen_layer.mlp_post_scale)
     frozen_layer.error = frozen_layer.mlp_out - post.push(output)
 
 

@@ -12,6 +12,8 @@ from tccli.data.text import display_token
 from tccli.errors import fail
 from tccli.model.loading import LoadedModel, run_capture
 from tccli.replacement.frozen import FrozenForward, freeze, hooks_needed
+from tccli.replacement.model import layer_views
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import check_transcoders
 from tccli.transcoders.transcoder import Transcoder
 
@@ -30,9 +32,13 @@ def bridge_weights(bridge: Any) -> dict[str, Optional[torch.Tensor]]:
 
 
 def freeze_prompt(
-    loaded: LoadedModel, transcoders: dict[int, Transcoder], tokens: torch.Tensor, weights: Optional[dict] = None
+    loaded: LoadedModel,
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
+    tokens: torch.Tensor,
+    weights: Optional[dict] = None,
 ) -> FrozenForward:
-    """Run the model once on ``tokens`` [T] and freeze everything attribution needs."""
+    """Run the model once on ``tokens`` [T] and freeze everything attribution needs (a per-layer set or a
+    cross-layer transcoder)."""
     captured = run_capture(loaded, tokens.reshape(1, -1), hooks_needed(loaded.info))
     with torch.no_grad():
         return freeze(
@@ -73,15 +79,18 @@ def resolve_position(pos: int, n_tokens: int) -> int:
 
 
 def frozen_prompt(
-    loaded: LoadedModel, transcoders: dict[int, Transcoder], prompt: str, pos: int
-) -> tuple[torch.Tensor, int, dict[int, Transcoder], FrozenForward]:
-    """What `tc circuit` and `tc graph` start from: the prompt's tokens, --pos resolved, the transcoders in the
-    dtype attribution works in, and the frozen forward pass."""
-    check_transcoders(transcoders, loaded)
+    loaded: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder, prompt: str, pos: int
+) -> tuple[torch.Tensor, int, dict[int, Transcoder] | CrossLayerTranscoder, FrozenForward]:
+    """What `tc circuit` and `tc graph` start from: the prompt's tokens, --pos resolved, the transcoders (a
+    per-layer set or a cross-layer transcoder) in the dtype attribution works in, and the frozen forward pass."""
+    check_transcoders(layer_views(transcoders), loaded)
     tokens = prompt_tokens(loaded, prompt)
     position = resolve_position(pos, int(tokens.shape[0]))
     dtype = loaded.bridge.W_U.dtype
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32  # freeze works in float32 for half-precision models
-    transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
+    if isinstance(transcoders, CrossLayerTranscoder):
+        transcoders = transcoders.to(dtype)
+    else:
+        transcoders = {layer: t.to(dtype) for layer, t in transcoders.items()}
     return tokens, position, transcoders, freeze_prompt(loaded, transcoders, tokens)

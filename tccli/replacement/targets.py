@@ -18,8 +18,16 @@ from tccli.errors import fail
 from tccli.model.loading import LoadedModel
 from tccli.nodes import parse_feature
 from tccli.replacement.frozen import FrozenForward, encoder_constant, encoder_read
-from tccli.replacement.model import ReplacementModel, RunOutput, input_in_space, uncapped_logits, widened
+from tccli.replacement.model import (
+    ReplacementModel,
+    RunOutput,
+    input_in_space,
+    layer_views,
+    uncapped_logits,
+    widened,
+)
 from tccli.replacement.prompts import single_token
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.files import check_feature
 from tccli.transcoders.transcoder import Transcoder
 
@@ -85,11 +93,17 @@ def direction_target(frozen: FrozenForward, direction: torch.Tensor, layer: int,
 
 
 def build_target(
-    config: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder], frozen: FrozenForward, position: int
+    config: TargetOptions,
+    loaded: LoadedModel,
+    transcoders: dict[int, Transcoder] | CrossLayerTranscoder,
+    frozen: FrozenForward,
+    position: int,
 ) -> Target:
+    """The target the options name (a feature of a per-layer set or of a cross-layer transcoder: its
+    pre-activation, which reads one layer either way)."""
     if config.feature is not None:
         layer, feature = parse_feature(config.feature)
-        check_feature(transcoders, layer, feature)
+        check_feature(layer_views(transcoders), layer, feature)
         return feature_target(frozen, layer, feature, position)
     if config.logit is not None:
         return unembed_target(frozen, single_token(loaded.tokenizer, config.logit), None, position)
@@ -163,13 +177,13 @@ class TargetSpec:
 
 
 def target_from_options(
-    options: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder]
+    options: TargetOptions, loaded: LoadedModel, transcoders: dict[int, Transcoder] | CrossLayerTranscoder
 ) -> Optional[TargetSpec]:
     """The target named by `tc circuit`-style options, or None when none is given."""
     options.validate_target(required=False)
     if options.feature is not None:
         layer, feature = parse_feature(options.feature)
-        check_feature(transcoders, layer, feature)
+        check_feature(layer_views(transcoders), layer, feature)
         return TargetSpec(
             "feature",
             options.pos,

@@ -197,3 +197,28 @@ def test_cli_bad_input_is_one_line(tiny_model_dirs, transcoder_dir):
     assert result.stderr.strip().splitlines() == [
         "tc: error: feature 4800 is out of range: layer 1's transcoder has 48 features (0-47)"
     ]
+
+
+def test_cli_on_a_cross_layer_transcoder_without_cross_writes_is_the_per_layer_sets(
+    tiny_model_dirs, random_transcoder_folder, random_clt_folder
+):
+    """`tc circuit` on a saved CLT whose decoders to later layers are zero: the same circuit (nodes, edges,
+    every figure) as on the saved per-layer set with the same weights; with decoders to later layers, another
+    one. Only what names the input (its folder, its id, the options) differs."""
+    model = str(tiny_model_dirs["gpt2"])
+
+    def circuit(folder) -> dict:
+        result = run_tc(
+            "circuit", "--model", model, "--transcoders", str(folder), "--prompt", "The cat sat on the mat",
+            "--logit", "1", "--format", "json", "--iters", "3", "--branches", "8", "--both-signs", "--quiet",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        for key in ("transcoders", "scan", "config", "cross_layer", "slug"):
+            data["graph"]["metadata"].pop(key, None)
+        return data
+
+    per_layer = circuit(random_transcoder_folder("gpt2"))
+    assert len(per_layer["nodes"]) > 10
+    assert circuit(random_clt_folder("gpt2", off_diagonal=0.0)) == per_layer
+    assert circuit(random_clt_folder("gpt2", off_diagonal=1.0))["links"] != per_layer["links"]

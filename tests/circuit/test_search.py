@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_helpers import paper_model, random_transcoders
+from circuit_helpers import paper_model, random_clt, random_transcoders
 from tccli.circuit.search import Path, SearchParams, SearchResult, explained, greedy_search, paths_to_graph
 from tccli.model.loading import load_model
 from tccli.nodes import NodeRef
@@ -123,9 +123,16 @@ def test_each_path_prefix_counted_once():
     assert graph.nodes[A.id]["path_contribution"] == 7.0
 
 
-def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs):
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
+def test_search_on_tiny_model_paths_are_exact(tiny_model_dirs, clt):
+    """Each step's contribution is exact: a first step is the node's direct term, and everything upstream of
+    a feature sums to its contribution. For a cross-layer transcoder the feature's weight to the path's
+    vector sums its writes to every MLP output that vector reads after (docs/method.md section 11)."""
     loaded = load_model(str(tiny_model_dirs["gpt2"]), "cpu", "float64")
-    transcoders = random_transcoders(loaded.info, 48, 2, torch.float64)
+    if clt:
+        transcoders = random_clt(loaded.info, 48, 2, dtype=torch.float64)
+    else:
+        transcoders = random_transcoders(loaded.info, 48, 2, torch.float64)
     frozen = freeze_prompt(loaded, transcoders, torch.tensor([0, 37, 90, 151, 12, 200, 64]))
     with torch.no_grad():
         target = unembed_target(frozen, 17, None, 6)

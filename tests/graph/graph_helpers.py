@@ -4,6 +4,8 @@ the dense row of a node, and a five-node graph whose influence, pruning and scor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from circuit_helpers import loaded_model, random_transcoders
@@ -13,6 +15,7 @@ from tccli.graph.attribution_graph import AttributionGraph, GraphParams
 from tccli.graph.nodes import NodeTable
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import freeze_prompt
+from tccli.transcoders.cross_layer import CrossLayerTranscoder
 from tccli.transcoders.transcoder import Transcoder
 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]
@@ -41,6 +44,20 @@ def with_kind(transcoder: Transcoder, activation: str, skip: bool = False, seed:
     return out
 
 
+def cross_layer(transcoders: dict[int, Transcoder], off_diagonal: float = 1.0, seed: int = 7) -> CrossLayerTranscoder:
+    """The cross-layer transcoder whose encoders and own-layer decoders are ``transcoders``' and whose decoders
+    to later layers are random (scaled by ``off_diagonal``; 0: exactly the per-layer set), in their dtype."""
+    first = next(iter(transcoders.values()))
+    clt = CrossLayerTranscoder.from_transcoders(transcoders).to(first.W_enc.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in clt.layers:
+            later = clt.W_dec[str(layer)][:, 1:]
+            random = torch.randn(later.shape, generator=generator, dtype=torch.float64) / later.shape[-1] ** 0.5
+            later.copy_(random * off_diagonal)
+    return clt
+
+
 def frozen_for(
     path,
     dtype: str = "float32",
@@ -48,16 +65,32 @@ def frozen_for(
     skip: bool = False,
     n_features: int = 48,
     decoder_scale: float = 1.0,
+    clt: bool = False,
+    layers: Optional[list[int]] = None,
 ):
+    """(loaded, frozen) of a tiny model on PROMPT_IDS with random transcoders of ``kind`` (on ``layers``, or
+    every layer); ``clt``: a cross-layer transcoder of the same encoders and own-layer decoders with random
+    decoders to its later layers."""
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, bias_shift=-0.1)
+    transcoders = random_transcoders(loaded.info, n_features, 0, torch_dtype, layers=layers, bias_shift=-0.1)
     with torch.no_grad():
         for transcoder in transcoders.values():
             transcoder.W_dec.mul_(decoder_scale)
     if kind != "relu" or skip:
         transcoders = {layer: with_kind(t, kind, skip, layer) for layer, t in transcoders.items()}
-    return loaded, freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
+    chosen = cross_layer(transcoders) if clt else transcoders
+    return loaded, freeze_prompt(loaded, chosen, torch.tensor(PROMPT_IDS))
+
+
+def decoders_into(frozen: FrozenForward, layer: int) -> list[tuple[int, torch.Tensor]]:
+    """(source layer, [m, d] decoder) of every layer whose features write to ``layer``'s MLP output, read from
+    the transcoder weights themselves (not from what freeze gathered): a cross-layer transcoder's blocks
+    W_dec^(source -> layer) for every source <= layer, else the layer's own W_dec."""
+    clt = frozen.cross_layer
+    if clt is None:
+        return [(layer, frozen.layers[layer].transcoder.W_dec)]
+    return [(source, clt.decoder(source, layer)) for source in clt.layers if source <= layer]
 
 
 ALL = GraphParams(max_feature_nodes=10**9, batch_size=64, drop_mass=0.0)
@@ -83,18 +116,23 @@ def replacement_value(frozen: FrozenForward, target_row: dict, leaves: dict) -> 
         if layer.b_V is not None:
             values = values + layer.b_V.unsqueeze(1)
         attn = torch.einsum("hts,hse,hed->td", layer.pattern, values, layer.W_O) + layer.b_O
-        mlp = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec + leaves["error", index]
-        if layer.transcoder.W_skip is not None:  # a linear path from the MLP's input (normalized -> mlp_out)
+        skip = layer.transcoder is not None and layer.transcoder.W_skip is not None
+        if layer.transcoder is None:  # the MLP is not replaced: all of it is the error term
+            mlp = leaves["error", index]
+        else:
+            mlp = sum(leaves["z", source] @ decoder for source, decoder in decoders_into(frozen, index))
+            mlp = mlp + layer.transcoder.b_dec + leaves["error", index]
+        if skip:  # a linear path from the MLP's input (normalized -> mlp_out)
             assert (layer.input_space, layer.transcoder.config.output_space) == ("normalized", "mlp_out")
         if frozen.parallel:  # the MLP reads resid_pre
-            if layer.transcoder.W_skip is not None:
+            if skip:
                 mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + attn + mlp
         else:
             resid = resid + attn
             if (n_attn, n_mlp) == (index + 1, index):
                 break
-            if layer.transcoder.W_skip is not None:  # the MLP reads resid_mid
+            if skip:  # the MLP reads resid_mid
                 mlp = mlp + normalized(resid, layer.mlp_scale) @ layer.transcoder.W_skip
             resid = resid + mlp
     return target_row["read"](resid[position])

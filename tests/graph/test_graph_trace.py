@@ -164,3 +164,58 @@ def test_heads_become_nodes_and_edges_keep_their_totals(gpt2, transcoder_dir, on
         through[node] = sum(w for _, _, w in graph.in_edges(node, data="weight"))
         assert through[node] == pytest.approx(sum(w for _, _, w in graph.out_edges(node, data="weight")), abs=1e-6)
     assert sum(routed.values()) == pytest.approx(sum(through.values()), rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- cross-layer transcoders
+
+
+def graph_json(model: str, folder, *flags: str) -> dict:
+    result = run_tc(
+        "graph",
+        "--model",
+        model,
+        "--transcoders",
+        str(folder),
+        "--prompt",
+        PROMPT,
+        "--quiet",
+        "--max-feature-nodes",
+        "40",
+        *flags,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# what names the transcoders given (their folder, its id) rather than the graph computed from them
+NAMING_THE_INPUT = ("transcoders", "scan", "config", "cross_layer", "slug")
+
+
+def test_command_on_a_cross_layer_transcoder_without_cross_writes_is_the_per_layer_sets(
+    tiny_model_dirs, random_transcoder_folder, random_clt_folder
+):
+    """A saved CLT whose decoders to later layers are zero gives, through `tc graph`, exactly the graph of the
+    saved per-layer set with the same weights: nodes, links, scores (everything but the input's name)."""
+    model = str(tiny_model_dirs["gpt2"])
+    per_layer = graph_json(model, random_transcoder_folder("gpt2"))
+    clt = graph_json(model, random_clt_folder("gpt2", off_diagonal=0.0))
+    assert clt["graph"]["metadata"]["cross_layer"] is True and per_layer["graph"]["metadata"]["cross_layer"] is False
+    for graph in (per_layer, clt):
+        metadata = graph["graph"]["metadata"]
+        for key in [*NAMING_THE_INPUT, *(key for key in metadata if key.startswith("seconds"))]:  # and timings
+            metadata.pop(key, None)
+    assert len(per_layer["nodes"]) > 20 and len(per_layer["links"]) > 20
+    assert clt == per_layer
+
+
+def test_command_on_a_cross_layer_transcoder_scores_with_its_errors(
+    tiny_model_dirs, random_transcoder_folder, random_clt_folder
+):
+    """With decoders to later layers, the graph's features are the same (the same encoders) but its error nodes
+    are the CLT's (MLP output - everything the CLT writes there), so its scores and links differ."""
+    model = str(tiny_model_dirs["gpt2"])
+    per_layer = graph_json(model, random_transcoder_folder("gpt2"))
+    clt = graph_json(model, random_clt_folder("gpt2", off_diagonal=1.0))
+    scores = lambda graph: {k: v for k, v in graph["graph"]["metadata"].items() if "score" in k}  # noqa: E731
+    assert scores(clt) and scores(clt) != scores(per_layer)
+    assert clt["links"] != per_layer["links"]

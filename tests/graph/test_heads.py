@@ -83,11 +83,14 @@ def test_head_split_is_exact_in_other_spaces(all_model_dirs, arch, spaces, one_t
     assert torch.allclose(total, edge_weights, atol=1e-10 * float(edge_weights.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_head_split_is_exact_and_matches_gated_autograd(tiny_model_dirs, arch, one_torch_thread):
+def test_head_split_is_exact_and_matches_gated_autograd(tiny_model_dirs, arch, clt, one_torch_thread):
     """residual + every head part == the edge; the part of head h of layer l == the edge with attention above l
-    off and only head h of layer l on, minus the edge with attention from l up off (autograd, float64)."""
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
+    off and only head h of layer l on, minus the edge with attention from l up off (autograd, float64). A
+    cross-layer transcoder's feature enters the residual after every MLP it writes to: each of those writes is
+    carried up, and only those the target reads after count in the residual part."""
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", clt=clt)
     targets, weights = salient_logit_targets(frozen, 8, max_logits=3)
     graph = build_attribution_graph(frozen, targets, weights, ALL)
     sources, edge_targets, edge_weights = graph.kept_edges()

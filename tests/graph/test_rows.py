@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graph_helpers import ALL, PROMPT_IDS, dense_row, frozen_for, replacement_value, row_of
+from graph_helpers import ALL, PROMPT_IDS, cross_layer, dense_row, frozen_for, replacement_value, row_of
 
 from circuit_helpers import loaded_model, random_transcoders
+from conftest import build_tiny_model
 from tccli.graph.attribution_graph import AttributionGraph, GraphParams, build_attribution_graph
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import freeze_prompt
@@ -37,11 +38,15 @@ def dense_row_sums(graph: AttributionGraph):
 # ----------------------------------------------------------------------------- exactness
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, one_torch_thread):
+def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, clt, one_torch_thread):
     """Every feature row and every target: sum of incoming edges + bias terms == pre-activation or
-    target value, to 1e-5 of the terms' magnitude in float32; nothing dropped with drop_mass 0."""
-    loaded, frozen = frozen_for(tiny_model_dirs[arch])
+    target value, to 1e-5 of the terms' magnitude in float32; nothing dropped with drop_mass 0. With a
+    cross-layer transcoder too (docs/method.md section 11: its features write to every later MLP output)."""
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], clt=clt)
+    if clt:  # the cross-layer writes are there to test
+        assert all(len(frozen.writes_into(layer)) == layer + 1 for layer in range(frozen.n_layers))
     for targets, weights in every_target(frozen, loaded.info.d_model):
         graph = build_attribution_graph(frozen, targets, weights, ALL)
         n_rows = 0
@@ -69,12 +74,14 @@ def test_rows_plus_bias_equal_values(tiny_model_dirs, arch, one_torch_thread):
         assert torch.equal(graph.adjacency.cat("target_value")[feature_rows], pre)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gemma2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("spaces", [("mlp_input", "mlp_output"), ("resid_mid", "mlp_out")])
-def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_torch_thread):
+def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, clt, one_torch_thread):
     """JumpReLU skip transcoders reading mlp_input or resid_mid and writing either output space, on all five
     architectures (Gemma-2's post-norms): every row's edges + bias == its value; the skip connection is a
-    linear path between nodes (docs/method.md section 9), not an error."""
+    linear path between nodes (docs/method.md section 9), not an error. The same for a cross-layer
+    transcoder, whose writes to later layers pass through those layers' output maps."""
     loaded = loaded_model(all_model_dirs[arch])
     transcoders = random_transcoders(
         loaded.info,
@@ -86,7 +93,7 @@ def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_to
         input_space=spaces[0],
         output_space=spaces[1],
     )
-    frozen = freeze_prompt(loaded, transcoders, torch.tensor(PROMPT_IDS))
+    frozen = freeze_prompt(loaded, cross_layer(transcoders) if clt else transcoders, torch.tensor(PROMPT_IDS))
     for targets, weights in every_target(frozen, loaded.info.d_model)[:3]:
         graph = build_attribution_graph(frozen, targets, weights, ALL)
         assert graph.table.n_features > 10
@@ -97,10 +104,21 @@ def test_identity_in_other_spaces_with_skip(all_model_dirs, arch, spaces, one_to
 
 
 @pytest.mark.parametrize(
-    "kind, skip", [("topk", False), ("signed_topk", False), ("batchtopk", False), ("jumprelu", False), ("relu", True)]
+    "kind, skip, clt",
+    [
+        ("topk", False, False),
+        ("signed_topk", False, False),
+        ("batchtopk", False, False),
+        ("jumprelu", False, False),
+        ("relu", True, False),
+        ("topk", False, True),
+        ("topk", True, True),
+        ("jumprelu", False, True),
+        ("jumprelu", True, True),
+    ],
 )
-def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, one_torch_thread):
-    loaded, frozen = frozen_for(tiny_model_dirs["llama"], kind=kind, skip=skip)
+def test_identity_for_every_transcoder_kind(tiny_model_dirs, kind, skip, clt, one_torch_thread):
+    loaded, frozen = frozen_for(tiny_model_dirs["llama"], kind=kind, skip=skip, clt=clt)
     targets, weights = salient_logit_targets(frozen, 8, max_logits=3)
     graph = build_attribution_graph(frozen, targets, weights, ALL)
     assert graph.table.n_features > 10
@@ -140,19 +158,31 @@ def rows_to_check(frozen: FrozenForward, graph: AttributionGraph, targets) -> li
 
 
 @pytest.mark.parametrize(
-    "arch, kind, skip",
+    "arch, kind, skip, clt, layers",
     [
-        ("gpt2", "relu", False),
-        ("neox", "relu", False),
-        ("llama", "relu", False),
-        ("llama", "topk", False),
-        ("gpt2", "jumprelu", True),
+        ("gpt2", "relu", False, False, None),
+        ("neox", "relu", False, False, None),
+        ("llama", "relu", False, False, None),
+        ("llama", "topk", False, False, None),
+        ("gpt2", "jumprelu", True, False, None),
+        ("gpt2", "relu", False, True, None),
+        ("neox", "jumprelu", True, True, None),
+        ("llama", "topk", False, True, None),
+        ("llama", "jumprelu", True, True, None),
+        ("gpt2", "relu", False, True, [0, 2, 3]),  # a CLT on 3 of 4 layers: layer 1's MLP is all error
+        ("neox", "topk", False, True, [0, 2, 3]),
     ],
 )
-def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_thread):
+def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, clt, layers, tmp_path, one_torch_thread):
     """Each edge == d(row's value)/d(source's amount) x amount on the frozen replacement model (the kind only
-    decides which features are active; a skip term is a linear path from its MLP's input, not a node)."""
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", kind=kind, skip=skip)
+    decides which features are active; a skip term is a linear path from its MLP's input, not a node). A
+    cross-layer transcoder's feature writes its decoder to every later MLP output in that model, so its edge
+    is the sum over those layers (docs/method.md section 11)."""
+    # a CLT on some layers only: a model of 4 layers (the tiny models have 2), its layers 0, 2 and 3 replaced
+    path = build_tiny_model(arch, tmp_path / arch, n_layers=4) if layers else tiny_model_dirs[arch]
+    loaded, frozen = frozen_for(path, "float64", kind=kind, skip=skip, clt=clt, layers=layers)
+    if layers:  # layer 0's features write to layers 2 and 3, past the unreplaced layer 1
+        assert [source for source, _ in frozen.writes_into(3)] == [3, 0, 2] and frozen.layers[1].z is None
     inputs = frozen.embed + (frozen.pos_embed if frozen.pos_embed is not None else 0)
     for targets, weights in every_target(frozen, loaded.info.d_model):
         graph = build_attribution_graph(frozen, targets, weights, ALL)
@@ -160,7 +190,8 @@ def test_edges_equal_autograd(tiny_model_dirs, arch, kind, skip, one_torch_threa
         for row in rows_to_check(frozen, graph, targets):
             leaves = {"inputs": inputs.clone().requires_grad_()}
             for index, layer in enumerate(frozen.layers):
-                leaves["z", index] = layer.z.clone().requires_grad_()
+                if layer.z is not None:
+                    leaves["z", index] = layer.z.clone().requires_grad_()
                 leaves["error", index] = layer.error.clone().requires_grad_()
             value = replacement_value(frozen, row, leaves)
             value.backward()

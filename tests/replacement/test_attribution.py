@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuit_helpers import SPACE_PAIRS, loaded_model, paper_model, random_transcoders
+from circuit_helpers import SPACE_PAIRS, loaded_model, paper_model, random_clt, random_transcoders
 from tccli.replacement import attribution
 from tccli.replacement.frozen import FrozenForward
 from tccli.replacement.prompts import freeze_prompt
@@ -16,10 +16,14 @@ from tccli.replacement.targets import Target, direction_target, feature_target, 
 PROMPT_IDS = [0, 37, 90, 151, 12, 200, 64, 7, 99]  # BOS first; ids < the tiny vocab of 320
 
 
-def frozen_for(path, dtype: str, n_features: int = 48, seed: int = 0, **kinds):
+def frozen_for(path, dtype: str, n_features: int = 48, seed: int = 0, clt: bool = False, **kinds):
+    """``clt``: a cross-layer transcoder (the same per-layer part, random decoders to later layers)."""
     loaded = loaded_model(path, dtype)
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
-    transcoders = random_transcoders(loaded.info, n_features, seed, torch_dtype, **kinds)
+    if clt:
+        transcoders = random_clt(loaded.info, n_features, seed, dtype=torch_dtype, **kinds)
+    else:
+        transcoders = random_transcoders(loaded.info, n_features, seed, torch_dtype, **kinds)
     tokens = torch.tensor(PROMPT_IDS[: min(len(PROMPT_IDS), 9)])
     return loaded, freeze_prompt(loaded, transcoders, tokens)
 
@@ -66,13 +70,18 @@ TOLERANCE = {
     ("float32", "qwen3"): 1e-5,
     ("float64", "gemma2"): 1e-7,
     ("float64", "qwen3"): 1e-7,
+    ("float32", "gemma3"): 1e-5,
+    ("float64", "gemma3"): 1e-7,
 }
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_exactness_identity(tiny_model_dirs, arch, dtype):
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], dtype)
+def test_exactness_identity(tiny_model_dirs, arch, dtype, clt):
+    """target == constant + every direct term; a cross-layer transcoder's feature's term sums its writes to
+    every MLP output the target reads after (docs/method.md section 11)."""
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], dtype, clt=clt)
     for target in all_targets(frozen, loaded.info.d_model):
         direct = attribution.direct_contributions(frozen, target.vector, target.position, target.read_point)
         flat = terms(direct)
@@ -168,7 +177,12 @@ def replacement_target(frozen: FrozenForward, target: Target, leaves: dict) -> t
             if layer.attn_post_scale is None
             else (layer.spaces.attn_post_weight * heads / layer.attn_post_scale.unsqueeze(-1))
         )
-        output = leaves["z", index] @ layer.transcoder.W_dec + layer.transcoder.b_dec
+        # every layer whose features write here, from the weights (a cross-layer transcoder's blocks)
+        clt = frozen.cross_layer
+        writers = (
+            [(index, layer.transcoder.W_dec)] if clt is None else [(s, clt.decoder(s, index)) for s in range(index + 1)]
+        )
+        output = sum(leaves["z", source] @ decoder for source, decoder in writers) + layer.transcoder.b_dec
         if ("skip", index) in leaves:
             output = output + leaves["skip", index]
         mlp = written(layer, output) + layer.error
@@ -229,9 +243,10 @@ def check_against_autograd(frozen: FrozenForward, d_model: int) -> None:
             assert torch.allclose(heads, expected, atol=atol, rtol=0), (target.description, index)
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_direct_contributions_match_autograd(tiny_model_dirs, arch):
-    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64")
+def test_direct_contributions_match_autograd(tiny_model_dirs, arch, clt):
+    loaded, frozen = frozen_for(tiny_model_dirs[arch], "float64", clt=clt)
     check_against_autograd(frozen, loaded.info.d_model)
 
 
@@ -247,27 +262,30 @@ def check_identity(frozen: FrozenForward, d_model: int, tolerance: float) -> Non
         assert abs(total - target.value) <= tolerance * scale, (target.description, total, target.value, scale)
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("spaces", SPACE_PAIRS, ids=["-".join(p) for p in SPACE_PAIRS])
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_every_space_with_a_skip_is_exact(tiny_model_dirs, arch, spaces):
-    """JumpReLU skip transcoders reading and writing every space: the identity in float32 and float64,
-    and every direct term (features, skip terms, heads, embeddings) equal to autograd's."""
+def test_every_space_with_a_skip_is_exact(tiny_model_dirs, arch, spaces, clt):
+    """JumpReLU skip transcoders (and cross-layer transcoders) reading and writing every space: the identity in
+    float32 and float64, and every direct term (features, skip terms, heads, embeddings) equal to autograd's."""
     kinds = dict(activation="jumprelu", skip=True, input_space=spaces[0], output_space=spaces[1])
     for dtype in ("float32", "float64"):
-        loaded, frozen = frozen_for(tiny_model_dirs[arch], dtype, **kinds)
+        loaded, frozen = frozen_for(tiny_model_dirs[arch], dtype, clt=clt, **kinds)
         assert all(layer.skip_out is not None and float(layer.skip_out.abs().max()) > 0 for layer in frozen.layers)
         check_identity(frozen, loaded.info.d_model, TOLERANCE[(dtype, arch)])
     check_against_autograd(frozen, loaded.info.d_model)
 
 
+@pytest.mark.parametrize("clt", [False, True], ids=["per-layer", "cross-layer"])
 @pytest.mark.parametrize("spaces", SPACE_PAIRS, ids=["-".join(p) for p in SPACE_PAIRS])
-@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
-def test_gemma2_and_qwen3_every_space_is_exact(modern_model_dirs, arch, spaces):
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3", "gemma3"])
+def test_gemma2_and_qwen3_every_space_is_exact(modern_model_dirs, arch, spaces, clt):
     """Gemma-2's post-norms (frozen scales: linear maps), (1 + w) norms, soft-caps, sliding windows and
-    scaled embeddings, and Qwen3's query/key norms: the identity and autograd, as for the other three."""
+    scaled embeddings, Qwen3's query/key norms and Gemma 3's: the identity and autograd, as for the other three (and
+    with a cross-layer transcoder, whose writes to later layers pass through those layers' post-norms)."""
     kinds = dict(activation="jumprelu", skip=True, input_space=spaces[0], output_space=spaces[1])
     for dtype in ("float32", "float64"):
-        loaded, frozen = frozen_for(modern_model_dirs[arch], dtype, **kinds)
+        loaded, frozen = frozen_for(modern_model_dirs[arch], dtype, clt=clt, **kinds)
         check_identity(frozen, loaded.info.d_model, TOLERANCE[(dtype, arch)])
         if arch == "gemma2":
             assert frozen.final_logit_softcap == 30.0 and frozen.layers[0].attn_post_scale is not None
