@@ -305,8 +305,9 @@ def serve(config: ServeConfig, log=lambda message: print(f"tc serve: {message}",
     """Listen, load the model, transcoders and features, and answer requests until SIGINT or SIGTERM, which
     ends in ``Interrupted`` (exit 130 / 143) with the line `tc: interrupted; the server stopped`."""
     from tccli.model.loading import load_model
+    from tccli.replacement.model import layer_views
     from tccli.transcoders.files import check_transcoders
-    from tccli.transcoders.formats import load_transcoder_set
+    from tccli.transcoders.formats import load_transcoders
 
     server = _listening_server(config.host, config.port)  # a port in use is refused before the model loads
     if not config.loopback:
@@ -324,8 +325,8 @@ def serve(config: ServeConfig, log=lambda message: print(f"tc serve: {message}",
         if sys.stderr.isatty():  # a person waits; a script reads one error line or the serving line
             log("loading the model and transcoders")
         loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = load_transcoder_set(config.transcoders, loaded.device)
-        check_transcoders(transcoders, loaded)
+        transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a CLT
+        check_transcoders(layer_views(transcoders), loaded)
         if features is not None:
             from tccli.features.files import check_features_match_model
 

@@ -84,7 +84,7 @@ def _unknown_fields(body: dict, known: tuple[str, ...]) -> None:
 class Session:
     """The loaded model, transcoders and features, the graphs computed so far, and the work on them."""
 
-    def __init__(self, config: ServeConfig, loaded: Any, transcoders: dict, features: Any = None):
+    def __init__(self, config: ServeConfig, loaded: Any, transcoders: Any, features: Any = None):
         self.config = config
         self.loaded = loaded
         self.transcoders = transcoders
@@ -167,9 +167,10 @@ class Session:
                 for text in ([config.logit] if config.logit is not None else []) + config.logit_diff:
                     single_token(self._checker.tokenizer, text)
             if config.feature is not None:
+                from tccli.replacement.model import layer_views
                 from tccli.transcoders.files import check_feature
 
-                check_feature(self.transcoders, *parse_feature(config.feature))
+                check_feature(layer_views(self.transcoders), *parse_feature(config.feature))
         except TcError as exc:
             raise BadRequest(str(exc)) from None
         return config
@@ -302,8 +303,9 @@ class Session:
             return None
         if self._means is None:
             from tccli.replacement.intervention import feature_means
+            from tccli.replacement.model import layer_views
 
-            self._means = feature_means(self.config.features, self.loaded, self.transcoders)
+            self._means = feature_means(self.config.features, self.loaded, layer_views(self.transcoders))
         return self._means
 
     # ------------------------------------------------------------------ validation

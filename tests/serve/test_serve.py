@@ -455,3 +455,39 @@ def test_one_job_runs_at_a_time_and_the_others_wait():
     broken = worker.submit("graph", lambda job: 1 / 0)
     assert broken.finished.wait(30) and broken.internal and broken.error.startswith("internal error: ZeroDivisionError")
     assert worker.submit("graph", lambda job: "alive").finished.wait(30)  # the worker goes on after both
+
+
+@pytest.mark.process
+def test_a_cross_layer_transcoder_is_served(inputs, random_clt_folder):
+    """With a CLT, a typed prompt's graph and an ablation are those `tc graph` and `tc intervene` give."""
+    clt = str(random_clt_folder("gpt2"))
+    served = Served("--model", inputs["model"], "--transcoders", clt, "--port", "0", "--device", "cpu")
+    try:
+        served.wait_serving()
+        token = single_token_text(inputs["model"])
+        status, job = request(f"{served.url}api/graph?wait=1", "POST", {"prompt": PROMPT, "target": {"logit": token}})
+        assert status == 200 and job["state"] == "done", job
+        status, graph = request(f"{served.url}api/graphs/{job['result']['graph']}")
+        assert graph["graph"]["metadata"]["cross_layer"] is True
+        cli = run_tc(
+            "graph", "--model", inputs["model"], "--transcoders", clt, "--prompt", PROMPT, "--logit", token,
+            "--device", "cpu", "--quiet",
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        expected = json.loads(cli.stdout)
+        assert sorted(n["id"] for n in graph["nodes"]) == sorted(n["id"] for n in expected["nodes"])
+        node = strongest_feature_into_target(graph, "target")
+        status, answer = request(
+            f"{served.url}api/intervene", "POST",
+            {"graph": job["result"]["graph"], "interventions": [{"node": node, "op": "ablate"}]},
+        )  # fmt: skip
+        assert status == 200, answer
+        cli = run_tc(
+            "intervene", "--model", inputs["model"], "--transcoders", clt, "--prompt", PROMPT, "--logit", token,
+            "--ablate", node, "--json", "--device", "cpu",
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        assert answer["target"]["after"] == pytest.approx(json.loads(cli.stdout)["target"]["after"], rel=1e-9)
+        assert answer["target"]["after"] != pytest.approx(answer["target"]["before"], abs=1e-6)
+    finally:
+        served.stop()
