@@ -122,6 +122,8 @@ SETUPS = {
             after=["stories260k"],
             env={"PARTS": "stories260k"},
         ),
+        # examples/clt.sh: a CLT against a per-layer set on stories260K (cache, both trainings, evals, 40 graphs)
+        Setup("clt", ["bash examples/clt.sh"], out=f"{DEMO_OUT}/clt", needs_shared=True),
         Setup(
             "validate-stories260k",
             ["bash examples/validate.sh"],
@@ -219,6 +221,20 @@ FIGURES = {
                 "python3 scripts/validation_table.py "
                 + " ".join(f"{DEMO_OUT}/validate_stories260k_{s}.json" for s in ("free", "frozen"))
                 + " --nodes 5"
+            ],
+        ),
+        # examples/clt.sh: the comparison table (README and the CLT page), the CLT's summary and its tc eval
+        *[
+            Figure(name, "clt", [f"python3 scripts/clt_comparison.py {DEMO_OUT}/clt"])
+            for name in ("clt-comparison", "clt-table")
+        ],
+        Figure("clt-info", "clt", [f"tc info {DEMO_OUT}/clt/clt_run/clt"]),
+        Figure(
+            "clt-eval",
+            "clt",
+            [
+                f"tc eval --model {_STORIES} --device cpu --data {_STORIES_TEXT} --seed 1 --tokens 50k "
+                f"--transcoders {DEMO_OUT}/clt/clt_run/clt --quiet"
             ],
         ),
     ]
