@@ -29,11 +29,21 @@ import torch
 from tccli.config.fields import to_json_dict
 from tccli.config.training import TrainConfig
 from tccli.config.transcoders import CrossLayerConfig
-from tccli.errors import TcError, fail
-from tccli.runtime import distributed, interrupts, outputs
+from tccli.errors import fail
+from tccli.runtime import distributed, interrupts
 from tccli.training import clt_step
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader, check_cache, data_stats, open_cache
-from tccli.training.run_folder import CHECKPOINT_FILE, CLT_FOLDER, Reporter, check_same_run, trim_log
+from tccli.training.run_folder import (
+    CHECKPOINT_FILE,
+    CLT_FOLDER,
+    NonFiniteLoss,
+    Reporter,
+    check_same_run,
+    diverged,
+    stop_if_interrupted,
+    trim_log,
+    write_torch_file,
+)
 from tccli.training.run_setup import layer_generator, open_out, run_log, step_threads, torch_threads
 from tccli.training.step_math import clamp_min_, learning_rate
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
@@ -289,17 +299,7 @@ def save_checkpoint(path: Path, step: int, config: TrainConfig, state: CLTState,
         "torch_rng": torch.get_rng_state(),
     }
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            recording = outputs.RecordingFile(handle)
-            try:
-                torch.save(payload, recording)
-            except RuntimeError as exc:  # torch reports a full disk as "unexpected pos ..."
-                if recording.error is None:
-                    raise
-                raise recording.error from exc
-
-    outputs.atomic_write(path, write)
+    write_torch_file(path, payload)
 
 
 def load_checkpoint(
@@ -328,10 +328,6 @@ def load_checkpoint(
 
 
 # ----------------------------------------------------------------------------- the steps
-
-
-class NonFiniteLoss(TcError):
-    """The loss became NaN or infinite."""
 
 
 def run_clt_steps(
@@ -384,24 +380,11 @@ def run_clt_steps(
                     reporter.step(step)
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                         checkpoint_now()
-                    if dist.any(interrupts.pending() is not None) and step < total:
-                        if saved_step != step:
-                            checkpoint_now()
-                        raise interrupts.take(
-                            f"stopped at step {step} of {total} with a checkpoint; resume with --resume"
-                        )
+                    stop_if_interrupted(dist, step, total, saved_step, checkpoint_now)
                 if step >= total:
                     break
     except NonFiniteLoss as exc:
-        kept = (
-            f"its last checkpoint (step {saved_step}) is kept in {out}"
-            if saved_step is not None
-            else "no checkpoint had been written"
-        )
-        raise fail(
-            f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
-            f"again with a lower --lr (--force reuses {out})"
-        ) from None
+        raise diverged(exc, saved_step, out) from None
     finally:
         loader.close()
         reporter.close()

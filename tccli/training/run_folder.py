@@ -19,8 +19,8 @@ import torch
 
 from tccli.config.fields import from_json_dict, to_json_dict
 from tccli.config.training import TrainConfig
-from tccli.errors import fail
-from tccli.runtime import outputs, progress
+from tccli.errors import TcError, fail
+from tccli.runtime import interrupts, outputs, progress
 from tccli.training.step_math import LossScales
 from tccli.transcoders.transcoder import Transcoder
 
@@ -80,6 +80,12 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
     }
 
+    write_torch_file(out / name, payload)
+
+
+def write_torch_file(path: Path, payload: Any) -> None:
+    """``torch.save`` into ``path`` atomically, a full disk reported as the OSError it is."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             recording = outputs.RecordingFile(handle)
@@ -90,7 +96,32 @@ def save_checkpoint(
                     raise
                 raise recording.error from exc
 
-    outputs.atomic_write(out / name, write)
+    outputs.atomic_write(path, write)
+
+
+class NonFiniteLoss(TcError):
+    """The loss became NaN or infinite (``diverged`` says which checkpoint is left)."""
+
+
+def diverged(exc: NonFiniteLoss, saved_step: Any, out: Path) -> TcError:
+    """The one-line error for a run whose loss stopped being finite."""
+    kept = (
+        f"its last checkpoint (step {saved_step}) is kept in {out}"
+        if saved_step is not None
+        else "no checkpoint had been written"
+    )
+    return fail(
+        f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
+        f"again with a lower --lr (--force reuses {out})"
+    )
+
+
+def stop_if_interrupted(dist: Any, step: int, total: int, saved_step: Any, checkpoint_now: Any) -> None:
+    """Between two steps: on Ctrl-C or SIGTERM (on any rank) checkpoint, unless just done, and stop."""
+    if dist.any(interrupts.pending() is not None) and step < total:
+        if saved_step != step:
+            checkpoint_now()
+        raise interrupts.take(f"stopped at step {step} of {total} with a checkpoint; resume with --resume")
 
 
 def load_checkpoint(

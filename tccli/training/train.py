@@ -31,16 +31,18 @@ import torch
 from tccli.config.fields import to_json_dict
 from tccli.config.training import CLT, TrainConfig
 from tccli.config.transcoders import K_ACTIVATIONS, TranscoderConfig
-from tccli.errors import TcError, fail
 from tccli.runtime import allocator, distributed, interrupts
 from tccli.training.data_stream import DataStats, ShuffleSchedule, WindowLoader, check_cache, data_stats, open_cache
 from tccli.training.optim import ScheduleFreeSign
 from tccli.training.run_folder import (
     CHECKPOINT_FILE,
     LayerState,
+    NonFiniteLoss,
     Reporter,
+    diverged,
     load_checkpoint,
     save_checkpoint,
+    stop_if_interrupted,
     trim_log,
 )
 from tccli.training.run_setup import layer_generator, open_out, run_log, step_threads, torch_threads
@@ -293,32 +295,15 @@ def run_steps(
                     dist.step_done()
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
                         checkpoint_now()
-                    if dist.any(interrupts.pending() is not None) and step < total:
-                        if saved_step != step:
-                            checkpoint_now()
-                        raise interrupts.take(
-                            f"stopped at step {step} of {total} with a checkpoint; resume with --resume"
-                        )
+                    stop_if_interrupted(dist, step, total, saved_step, checkpoint_now)
                 if step >= total:
                     break
     except NonFiniteLoss as exc:
-        kept = (
-            f"its last checkpoint (step {saved_step}) is kept in {out}"
-            if saved_step is not None
-            else "no checkpoint had been written"
-        )
-        raise fail(
-            f"{exc}; training stopped and {kept}. A resumed run would diverge the same way: start "
-            f"again with a lower --lr (--force reuses {out})"
-        ) from None
+        raise diverged(exc, saved_step, out) from None
     finally:
         loader.close()
         reporter.close()
     checkpoint_now()
-
-
-class NonFiniteLoss(TcError):
-    """The loss became NaN or infinite (run_steps says which checkpoint is left)."""
 
 
 def train_one_step(
