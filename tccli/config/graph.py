@@ -13,6 +13,17 @@ from tccli.errors import fail
 GRAPH_FORMATS = ("json", "neuronpedia", "dot", "pt")
 
 
+def check_graph_budget(config) -> None:
+    """The node budget, pruning thresholds and batch size `tc graph` and `tc serve` share."""
+    if config.max_feature_nodes < 0:
+        raise fail(f"--max-feature-nodes must be at least 0, got {config.max_feature_nodes}")
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise fail(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(config, name)}")
+    if config.batch_size < 1:
+        raise fail(f"--batch-size must be at least 1, got {config.batch_size}")
+
+
 @dataclass
 class GraphConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOptions):
     """Options of `tc graph`: tc circuit's targets (TargetOptions, at --pos), or --target logits (the default)."""
@@ -74,13 +85,7 @@ class GraphConfig(PictureOptions, TargetOptions, NeuronpediaOptions, ModelOption
             raise fail(f"--max-logits must be at least 1, got {self.max_logits}")
         if not 0.0 < self.logit_prob <= 1.0:
             raise fail(f"--logit-prob must be in (0, 1], got {self.logit_prob}")
-        if self.max_feature_nodes < 0:
-            raise fail(f"--max-feature-nodes must be at least 0, got {self.max_feature_nodes}")
-        for name in ("node_threshold", "edge_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise fail(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)}")
-        if self.batch_size < 1:
-            raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_graph_budget(self)
         if not 0.0 <= self.drop_mass < 1.0:
             raise fail(f"--drop-mass must be in [0, 1), got {self.drop_mass}")
         if self.out_folder is not None and self.format != "neuronpedia":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tccli.config.fields import ModelOptions, option
+from tccli.config.graph import check_graph_budget
 from tccli.errors import fail
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
@@ -54,13 +55,7 @@ class ServeConfig(ModelOptions):
             raise fail(f"--examples must be at least 1, got {self.examples}")
         if not self.min_edge >= 0:  # also refuses NaN
             raise fail(f"--min-edge must be a fraction >= 0, got {self.min_edge}")
-        if self.max_feature_nodes < 0:
-            raise fail(f"--max-feature-nodes must be at least 0, got {self.max_feature_nodes}")
-        for name in ("node_threshold", "edge_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise fail(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)}")
-        if self.batch_size < 1:
-            raise fail(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_graph_budget(self)
         if self.random < 0:
             raise fail(f"--random must be at least 0, got {self.random}")
         if self.queue < 1:

@@ -163,7 +163,7 @@ class CrossLayerTranscoder(nn.Module):
             self.b_pre[key],
             self.b_dec[key],
         )
-        view.W_dec = nn.Parameter(self.W_dec[key][:, 0, :], requires_grad=False)
+        view.W_dec = nn.Parameter(self.decoder(layer, layer), requires_grad=False)
         if self.threshold is not None:
             view.threshold = self.threshold[key]
         if self.W_skip is not None:

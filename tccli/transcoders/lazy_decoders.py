@@ -25,7 +25,6 @@ from torch import nn
 from tccli.config.transcoders import CrossLayerConfig
 from tccli.errors import fail
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
-from tccli.transcoders.transcoder import Transcoder
 
 
 @dataclass(frozen=True)
@@ -150,24 +149,6 @@ class LazyCrossLayerTranscoder(CrossLayerTranscoder):
             bias = self.b_dec[str(target)]
             out[target] = out[target] + bias if target in out else bias.expand(*shape, -1)
         return out
-
-    def layer_transcoder(self, layer: int) -> Transcoder:
-        """As the parent's, with the own-layer decoder block read from disk (only that block)."""
-        self._index(layer)
-        key = str(layer)
-        view = Transcoder(self.config.layer_config(layer))
-        view.W_enc, view.b_enc, view.b_pre, view.b_dec = (
-            self.W_enc[key],
-            self.b_enc[key],
-            self.b_pre[key],
-            self.b_dec[key],
-        )
-        view.W_dec = nn.Parameter(self.decoder(layer, layer), requires_grad=False)
-        if self.threshold is not None:
-            view.threshold = self.threshold[key]
-        if self.W_skip is not None:
-            view.W_skip = self.W_skip[key]
-        return view
 
     def eager(self) -> CrossLayerTranscoder:
         """The same CLT with every decoder in memory (for writing it out)."""
