@@ -188,14 +188,16 @@ def _object_settings(config_cls: type, model: Any, transcoders: Any, prompt: str
     return build_settings(config_cls, {**settings, **names, "prompt": prompt})
 
 
-def _model_and_transcoders(model: Any, transcoders: Any, config: Any) -> tuple[Any, dict]:
-    """The model and the transcoders: the objects given, or loaded from the names in ``config``."""
+def _model_and_transcoders(model: Any, transcoders: Any, config: Any, lazy_decoders: bool = False) -> tuple[Any, dict]:
+    """The model and the transcoders: the objects given, or loaded from the names in ``config`` (a CLT with its
+    decoders left on disk with ``lazy_decoders``: graphs and circuits read the active features' rows only)."""
     from tccli.model.loading import LoadedModel
+    from tccli.transcoders.formats import load_transcoders as load
 
     loaded = model if isinstance(model, LoadedModel) else load_model(config.model, config.device, config.model_dtype)
     if isinstance(transcoders, dict):
         return loaded, transcoders
-    return loaded, load_transcoders(config.transcoders, loaded.device)
+    return loaded, load(config.transcoders, loaded.device, lazy_decoders=lazy_decoders)
 
 
 def replacement_model(
@@ -332,7 +334,7 @@ def attribution_graph(
 
     config = _object_settings(GraphConfig, model, transcoders, prompt, settings)
     with outputs.claim(config.out, config.force, [config.transcoders, config.model]):
-        loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config)
+        loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config, lazy_decoders=True)
         run = trace_graph(loaded, loaded_transcoders, prompt, config, progress)
         if config.out:
             outputs.atomic_write_bytes(
@@ -359,7 +361,7 @@ def circuit_graph(model: Any, transcoders: Any, prompt: str, **settings: Any) ->
 
     config = _object_settings(CircuitConfig, model, transcoders, prompt, settings)
     with outputs.claim(config.out, config.force, [config.transcoders, config.direction, config.model]):
-        loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config)
+        loaded, loaded_transcoders = _model_and_transcoders(model, transcoders, config, lazy_decoders=True)
         graph, summary = trace_circuit(loaded, loaded_transcoders, prompt, config)
         if config.out:
             outputs.atomic_write_bytes(config.out, circuit_files.render(graph, config.format, config))

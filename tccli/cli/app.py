@@ -246,7 +246,9 @@ def circuit_command(config: CircuitConfig) -> None:
     ):
         update("loading the model", 0, 1)
         loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
+        # a per-layer set or a cross-layer transcoder, whose decoders stay on disk: only the active features'
+        # rows are read
+        transcoders = load_transcoders(config.transcoders, loaded.device, lazy_decoders=True)
         update("loading the model", 1, 1)
         update("tracing the circuit", 0, 1)
         graph, summary = circuit_graph(loaded, transcoders, prompt, config)
@@ -429,7 +431,9 @@ def graph_command(config: GraphConfig) -> None:
         progress.bar(config.quiet, "rows") as update,
     ):
         loaded = load_model(config.model, config.device, config.model_dtype)
-        transcoders = load_transcoders(config.transcoders, loaded.device)  # a per-layer set or a cross-layer transcoder
+        # a per-layer set or a cross-layer transcoder, whose decoders stay on disk: only the active features'
+        # rows are read
+        transcoders = load_transcoders(config.transcoders, loaded.device, lazy_decoders=True)
         run = attribution_graph(
             loaded, transcoders, prompt, config, lambda done, total: update("feature rows", done, total)
         )

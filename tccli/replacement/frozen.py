@@ -432,17 +432,23 @@ def _active_decoders(
     z = transcoder.activate(pre)
     active = torch.nonzero((z != 0).any(0)).reshape(-1)
     dense = 2 * active.numel() > z.shape[1]  # a gathered copy would cost more than it saves
-    if dense:
-        active = torch.arange(z.shape[1], device=z.device)
     later: dict[int, torch.Tensor] = {}
     if clt is not None:
+        # only the active features' rows are read (a lazy CLT reads no others from disk); a dense layer's
+        # inactive features get zero rows, which they multiply by activations that are all exactly zero
         rows = clt.decoder_rows(layer, active).to(z.device, dtype)
+        if dense:
+            rows = torch.zeros((z.shape[1], *rows.shape[1:]), dtype=dtype, device=z.device).index_copy_(0, active, rows)
+            active = torch.arange(z.shape[1], device=z.device)
         decoder_active = rows[:, 0].contiguous()
         for offset, target in enumerate(clt.targets_of(layer)[1:], start=1):
             if bool(rows[:, offset].any()):  # a zero block writes nothing: skipping it is exact
                 later[target] = rows[:, offset].contiguous()
+    elif dense:
+        active = torch.arange(z.shape[1], device=z.device)
+        decoder_active = transcoder.W_dec.to(dtype)
     else:
-        decoder_active = transcoder.W_dec.to(dtype) if dense else transcoder.W_dec[active].to(dtype)
+        decoder_active = transcoder.W_dec[active].to(dtype)
     frozen_layer.z, frozen_layer.pre, frozen_layer.active = z, pre, active
     frozen_layer.z_active, frozen_layer.decoder_active = (z if dense else z[:, active]), decoder_active
     return later

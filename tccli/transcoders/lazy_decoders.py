@@ -5,8 +5,10 @@ model itself. Tracing a graph needs the decoder rows of the active features only
 with ``lazy_decoder=True``, a ``LazyCrossLayerTranscoder`` keeps every encoder, bias and threshold in memory
 and reads decoder rows from the safetensors files when asked (``safe_open(...).get_slice``): its ``W_dec`` is
 no parameter, and no tensor of the full decoders' size is ever allocated by ``decoder_rows``, ``decode`` or
-``layer_transcoder``. ``decoder(source, target)`` reads one block [m, d_out]; ``W_dec[str(layer)]`` still
-gives a layer's whole decoder tensor, read from disk then, for the rare code that wants all of it.
+``layer_transcoder`` (whose view reads its own-layer block only when its ``W_dec`` is asked for, so that
+`tc graph` and `tc circuit`, which read rows of active features only, never read a block).
+``decoder(source, target)`` reads one block [m, d_out]; ``W_dec[str(layer)]`` still gives a layer's whole
+decoder tensor, read from disk then, for the rare code that wants all of it.
 
 Every reader of a CLT layout says where each layer's decoder lies (``DecoderLocation``: file, tensor name
 and how many leading entries of its second axis to skip, for Gemma Scope 2's files, which hold decoders to
@@ -25,6 +27,7 @@ from torch import nn
 from tccli.config.transcoders import CrossLayerConfig
 from tccli.errors import fail
 from tccli.transcoders.cross_layer import CrossLayerTranscoder
+from tccli.transcoders.transcoder import Transcoder
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,22 @@ class DiskDecoders:
         return self._placed(read_decoder(self.locations[str(layer)], entry=entry))
 
 
+class DiskLayerView(Transcoder):
+    """One layer of a lazy CLT as a ``Transcoder``: the CLT's encoder tensors, b_dec and W_skip; ``W_dec`` (the
+    own-layer block [m, d_out]) is read from disk on each access."""
+
+    def __init__(self, config, read_block):
+        with torch.device("meta"):  # no storage for tensors the CLT's own replace
+            super().__init__(config)
+        del self.W_dec
+        # a plain attribute, not a submodule: moving the view never moves the CLT
+        object.__setattr__(self, "_read_block", read_block)
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self._read_block()
+
+
 class LazyCrossLayerTranscoder(CrossLayerTranscoder):
     """A CrossLayerTranscoder whose decoders are read from disk on demand (see the module's docstring). Its
     other tensors are ordinary parameters; the math is the parent's."""
@@ -149,6 +168,25 @@ class LazyCrossLayerTranscoder(CrossLayerTranscoder):
             bias = self.b_dec[str(target)]
             out[target] = out[target] + bias if target in out else bias.expand(*shape, -1)
         return out
+
+    def layer_transcoder(self, layer: int) -> Transcoder:
+        """As the parent's, except that the own-layer decoder block is read from disk only when the view's
+        ``W_dec`` is asked for (each time: nothing is kept), so that code reading the views' encoders (checks,
+        targets, graphs) never reads a whole block."""
+        self._index(layer)
+        key = str(layer)
+        view = DiskLayerView(self.config.layer_config(layer), lambda: self.decoder(layer, layer))
+        view.W_enc, view.b_enc, view.b_pre, view.b_dec = (
+            self.W_enc[key],
+            self.b_enc[key],
+            self.b_pre[key],
+            self.b_dec[key],
+        )
+        if self.threshold is not None:
+            view.threshold = self.threshold[key]
+        if self.W_skip is not None:
+            view.W_skip = self.W_skip[key]
+        return view
 
     def eager(self) -> CrossLayerTranscoder:
         """The same CLT with every decoder in memory (for writing it out)."""

@@ -60,36 +60,46 @@ def fingerprint(transcoders: dict[int, Transcoder]) -> str:
     digest = hashlib.sha256()
     for layer in sorted(transcoders):
         transcoder = transcoders[layer]
-        config = transcoder.config
-        digest.update(
-            repr(
-                (layer, config.kind, config.activation, config.k, config.skip, config.d_in, config.d_out)
-                + (transcoder.n_features,)
-            ).encode()
-        )
-        rows = torch.linspace(0, transcoder.n_features - 1, min(SAMPLED_ROWS, transcoder.n_features))
-        rows = rows.round().long().unique().to(transcoder.W_enc.device)
-        tensors = [
-            transcoder.b_enc,
-            transcoder.b_dec,
-            transcoder.W_enc.index_select(1, rows),
-            transcoder.W_dec.index_select(0, rows),
-        ]
-        if transcoder.threshold is not None:
-            tensors.append(transcoder.threshold)
-        for tensor in tensors:
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        rows = sampled_rows(transcoder.n_features).to(transcoder.W_enc.device)
+        _digest_layer(digest, layer, transcoder, transcoder.W_dec.index_select(0, rows))
     return digest.hexdigest()
+
+
+def sampled_rows(n_features: int) -> torch.Tensor:
+    """The feature indices whose weights a fingerprint hashes: SAMPLED_ROWS spread evenly, first and last."""
+    rows = torch.linspace(0, n_features - 1, min(SAMPLED_ROWS, n_features))
+    return rows.round().long().unique()
+
+
+def _digest_layer(digest, layer: int, transcoder: Transcoder, decoder_sample: torch.Tensor) -> None:
+    """Hash one layer's shape, kind and sampled weights; ``decoder_sample`` is W_dec's sampled rows."""
+    config = transcoder.config
+    digest.update(
+        repr(
+            (layer, config.kind, config.activation, config.k, config.skip, config.d_in, config.d_out)
+            + (transcoder.n_features,)
+        ).encode()
+    )
+    rows = sampled_rows(transcoder.n_features).to(transcoder.W_enc.device)
+    tensors = [transcoder.b_enc, transcoder.b_dec, transcoder.W_enc.index_select(1, rows), decoder_sample]
+    if transcoder.threshold is not None:
+        tensors.append(transcoder.threshold)
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
 def cross_layer_fingerprint(clt: CrossLayerTranscoder) -> str:
     """SHA-256 (hex) of a CLT: its per-layer views' fingerprint (encoders, own-layer decoders) and the same
-    sample of rows of every decoder to a later layer, so that it never shares an id with a per-layer set."""
-    digest = hashlib.sha256(b"cross-layer transcoder")
-    digest.update(fingerprint({layer: clt.layer_transcoder(layer) for layer in clt.layers}).encode())
-    m = clt.n_features
-    rows = torch.linspace(0, m - 1, min(SAMPLED_ROWS, m)).round().long().unique()
+    sample of rows of every decoder to a later layer, so that it never shares an id with a per-layer set.
+    Only the sampled decoder rows are read (``decoder_rows``: a CLT that keeps its decoders on disk reads
+    these rows alone, and gets the same id as when loaded whole)."""
+    rows = sampled_rows(clt.n_features)
+    sampled = {layer: clt.decoder_rows(layer, rows.to(clt.W_enc[str(layer)].device)) for layer in clt.layers}
+    views = hashlib.sha256()  # what fingerprint() gives the views, without reading their whole own-layer blocks
     for layer in clt.layers:
-        later = clt.decoder_rows(layer, rows.to(clt.W_enc[str(layer)].device))[:, 1:]
-        digest.update(later.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _digest_layer(views, layer, clt.layer_transcoder(layer), sampled[layer][:, 0])
+    digest = hashlib.sha256(b"cross-layer transcoder")
+    digest.update(views.hexdigest().encode())
+    for layer in clt.layers:
+        digest.update(sampled[layer][:, 1:].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
