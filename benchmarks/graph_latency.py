@@ -25,6 +25,14 @@ clock starts, as the set's do). --features sets the width (24,576 by default: th
 decoders).
 
     .venv/bin/python benchmarks/graph_latency.py --clt --tokens 64
+
+--lazy: the CLT is saved to a temporary folder (in a child process of its own) and each prompt length runs
+twice on it, loaded whole (tc's eager load) and with its decoders left on disk (what `tc graph` does: only the
+active features' decoder rows are read); the table gains, per load, the peak RSS, the RSS after loading, the
+decoders' size and how much of it was read, and the bytes the lazy load never held (the per-layer set's run is
+left out).
+
+    .venv/bin/python benchmarks/graph_latency.py --lazy --features 4096 --tokens 32
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ from tccli.model.loading import load_model  # noqa: E402
 from tccli.replacement.prompts import freeze_prompt  # noqa: E402
 from tccli.replacement.targets import salient_logit_targets
 from tccli.transcoders.cross_layer import CrossLayerTranscoder  # noqa: E402
+from tccli.transcoders.files import save_cross_layer  # noqa: E402
+from tccli.transcoders.formats import load_transcoders  # noqa: E402
 
 
 def matmul_rate(device: str, rows: int, d: int = 768, repeats: int = 5) -> float:
@@ -100,18 +110,20 @@ def one_length(
     device: str,
     features: int = 24576,
     clt: bool = False,
+    clt_folder: str | None = None,
+    lazy: bool = False,
 ) -> dict:
     loaded = load_model(folder, device, "float32")
-    transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, features, 0).items()}
-    generator = torch.Generator().manual_seed(n_tokens)
-    tokens = torch.cat(
-        [
-            torch.tensor([loaded.info.bos_token_id]),
-            torch.randint(1, loaded.info.d_vocab, (n_tokens - 1,), generator=generator),
-        ]
-    )
-    mean_l0 = sparsify(loaded, transcoders, tokens, l0)
-    if clt:  # the same encoders (sparsified), so the same active features as the per-layer run
+    tokens = prompt_of(loaded, n_tokens)
+    extra: dict = {}
+    if clt_folder:  # the saved CLT (save_clt), whole or with its decoders on disk
+        transcoders = load_transcoders(clt_folder, loaded.device, lazy_decoders=lazy)
+        mean_l0 = float("nan")
+        extra = decoder_bytes(transcoders, lazy)
+    else:
+        transcoders = {layer: t.to(loaded.device) for layer, t in random_transcoders(loaded.info, features, 0).items()}
+        mean_l0 = sparsify(loaded, transcoders, tokens, l0)
+    if clt and not clt_folder:  # the same encoders (sparsified), so the same active features as the per-layer run
         transcoders = cross_layer_of(transcoders).to(loaded.device)
     import gc
 
@@ -147,10 +159,50 @@ def one_length(
         "load_average": os.getloadavg()[0],
         **{k: v for k, v in graph.stats.items() if k.startswith(("seconds", "backward", "stored", "dropped"))},
     }
+    out.update({key: value() if callable(value) else value for key, value in extra.items()})
     if device.startswith("cuda"):
         out["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["cuda_after_loading_gib"] = cuda_base
     return out
+
+
+def prompt_of(loaded, n_tokens: int) -> torch.Tensor:
+    """BOS and n_tokens - 1 random token ids, the same for every run of a length."""
+    generator = torch.Generator().manual_seed(n_tokens)
+    return torch.cat(
+        [
+            torch.tensor([loaded.info.bos_token_id]),
+            torch.randint(1, loaded.info.d_vocab, (n_tokens - 1,), generator=generator),
+        ]
+    )
+
+
+def save_clt(folder: str, n_tokens: int, l0: int, features: int, out: str) -> dict:
+    """The benchmark's CLT for this prompt length (sparsified encoders, random later decoders) saved to
+    ``out``, so that the runs that load it do not count building it in their peak memory."""
+    loaded = load_model(folder, "cpu", "float32")
+    transcoders = dict(random_transcoders(loaded.info, features, 0))
+    mean_l0 = sparsify(loaded, transcoders, prompt_of(loaded, n_tokens), l0)
+    save_cross_layer(cross_layer_of(transcoders), Path(out))
+    return {"l0": mean_l0}
+
+
+def decoder_bytes(clt: CrossLayerTranscoder, lazy: bool) -> dict:
+    """The decoders' size in GiB and, for a lazy CLT, a counter of the GiB of rows it reads (read when the
+    run ends)."""
+    n, d, m = len(clt.layers), clt.config.d_out, clt.n_features
+    total = 4 * m * d * n * (n + 1) // 2
+    read = [0]
+    if lazy:
+        rows = clt.W_dec.rows
+
+        def counted(layer, features):
+            out = rows(layer, features)
+            read[0] += out.numel() * 4
+            return out
+
+        clt.W_dec.rows = counted
+    return {"decoders_gib": total / 2**30, "decoders_read_gib": (lambda: read[0] / 2**30) if lazy else total / 2**30}
 
 
 def main() -> None:
@@ -165,9 +217,16 @@ def main() -> None:
     parser.add_argument("--clt", action="store_true", help="also a cross-layer transcoder; print the time ratio")
     parser.add_argument("--model-folder", help="reuse a model built by an earlier run (else a temporary one)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--lazy", action="store_true", help="a saved CLT, loaded whole and with decoders on disk")
     parser.add_argument("--child-clt", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-save", help=argparse.SUPPRESS)
+    parser.add_argument("--child-from", help=argparse.SUPPRESS)
+    parser.add_argument("--child-lazy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child and args.child_save:
+        print(json.dumps(save_clt(args.model_folder, args.child, args.l0, args.features, args.child_save)))
+        return
     if args.child:
         print(
             json.dumps(
@@ -180,6 +239,8 @@ def main() -> None:
                     args.device,
                     args.features,
                     args.child_clt,
+                    args.child_from,
+                    args.child_lazy,
                 )
             )
         )
@@ -200,6 +261,10 @@ def main() -> None:
             flush=True,
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        if args.lazy:
+            for n_tokens in args.tokens:
+                lazy_rows(args, folder, n_tokens)
+            return
         for n_tokens in args.tokens:
             r = run_child(args, folder, n_tokens, False)
             if r is None:
@@ -221,28 +286,59 @@ def main() -> None:
                 )
 
 
-def run_child(args, folder: str, n_tokens: int, clt: bool) -> dict | None:
+def lazy_rows(args, folder: str, n_tokens: int) -> None:
+    """--lazy: the CLT saved by a child, then the graph with it loaded whole and lazily, a child each."""
+    with tempfile.TemporaryDirectory() as clt_folder:
+        saved = run_child(args, folder, n_tokens, False, ["--child-save", clt_folder])
+        if saved is None:
+            return
+        results = {}
+        for label, extra in (("eager", []), ("lazy", ["--child-lazy"])):
+            r = run_child(args, folder, n_tokens, False, ["--child-from", clt_folder, *extra])
+            if r is None:
+                return
+            r["l0"] = saved["l0"]
+            print_row(r, f"CLT {label} ")
+            results[label] = r
+    eager, lazy = results["eager"], results["lazy"]
+    scores = lambda r: (r["replacement"], r["completeness"])  # noqa: E731
+    print(
+        f"| {n_tokens} | lazy vs eager: peak RSS {lazy['peak_rss_gib']:.2f} vs {eager['peak_rss_gib']:.2f} GiB, "
+        f"after loading {lazy['rss_after_loading_gib']:.2f} vs {eager['rss_after_loading_gib']:.2f} GiB; decoders "
+        f"{eager['decoders_gib']:.2f} GiB, of which the lazy run read {lazy['decoders_read_gib']:.3f} GiB and never "
+        f"held {lazy['decoders_gib'] - lazy['decoders_read_gib']:.2f} GiB; seconds {lazy['seconds']:.1f} vs "
+        f"{eager['seconds']:.1f}; same active features: {lazy['active_features'] == eager['active_features']}, "
+        f"same scores: {scores(lazy) == scores(eager)} |",
+        flush=True,
+    )
+
+
+def run_child(args, folder: str, n_tokens: int, clt: bool, extra: list[str] | None = None) -> dict | None:
     """One prompt length in a child process of its own (its own peak memory); None if it failed."""
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        str(n_tokens),
-        "--model-folder",
-        folder,
-        "--l0",
-        str(args.l0),
-        "--max-feature-nodes",
-        str(args.max_feature_nodes),
-        "--batch-size",
-        str(args.batch_size),
-        "--threads",
-        str(args.threads),
-        "--device",
-        args.device,
-        "--features",
-        str(args.features),
-    ] + (["--child-clt"] if clt else [])
+    command = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n_tokens),
+            "--model-folder",
+            folder,
+            "--l0",
+            str(args.l0),
+            "--max-feature-nodes",
+            str(args.max_feature_nodes),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+            "--features",
+            str(args.features),
+        ]
+        + (["--child-clt"] if clt else [])
+        + (extra or [])
+    )
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode != 0:
         lines = child.stderr.strip().splitlines() or ["no output"]
