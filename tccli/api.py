@@ -176,6 +176,13 @@ def load_transcoders(path: str | Path, device: str = "cpu", layers: Optional[lis
     return load(os.fspath(path), device, None if layers is None else list(layers))
 
 
+def _is_loaded(transcoders: Any) -> bool:
+    """Whether ``transcoders`` is what ``load_transcoders`` returns (a per-layer set or a CLT), not a path."""
+    from tccli.transcoders.cross_layer import CrossLayerTranscoder
+
+    return isinstance(transcoders, (dict, CrossLayerTranscoder))
+
+
 def _object_settings(config_cls: type, model: Any, transcoders: Any, prompt: str, settings: dict) -> Any:
     """``config_cls`` from the settings, the prompt, and ``model`` and ``transcoders`` as the saved settings
     record them: a loaded model by its name, transcoders given as objects by no path."""
@@ -183,7 +190,7 @@ def _object_settings(config_cls: type, model: Any, transcoders: Any, prompt: str
 
     names = {
         "model": model.info.name if isinstance(model, LoadedModel) else (None if model is None else os.fspath(model)),
-        "transcoders": "" if isinstance(transcoders, dict) else os.fspath(transcoders),
+        "transcoders": "" if _is_loaded(transcoders) else os.fspath(transcoders),
     }
     return build_settings(config_cls, {**settings, **names, "prompt": prompt})
 
@@ -195,7 +202,7 @@ def _model_and_transcoders(model: Any, transcoders: Any, config: Any, lazy_decod
     from tccli.transcoders.formats import load_transcoders as load
 
     loaded = model if isinstance(model, LoadedModel) else load_model(config.model, config.device, config.model_dtype)
-    if isinstance(transcoders, dict):
+    if _is_loaded(transcoders):
         return loaded, transcoders
     return loaded, load(config.transcoders, loaded.device, lazy_decoders=lazy_decoders)
 
@@ -220,17 +227,17 @@ def replacement_model(
     """
     from tccli.model.loading import LoadedModel
     from tccli.replacement.intervention import feature_means
-    from tccli.replacement.model import ReplacementModel
+    from tccli.replacement.model import ReplacementModel, layer_views
     from tccli.replacement.prompts import prompt_tokens
     from tccli.transcoders.files import check_transcoders
 
     if not isinstance(model, LoadedModel):
         model = load_model(model, device, model_dtype)
     loaded, loaded_transcoders = model, transcoders
-    if not isinstance(transcoders, dict):
+    if not _is_loaded(transcoders):
         loaded_transcoders = load_transcoders(transcoders, loaded.device)
-    check_transcoders(loaded_transcoders, loaded)
-    means = feature_means(os.fspath(features), loaded, loaded_transcoders) if features else None
+    check_transcoders(layer_views(loaded_transcoders), loaded)
+    means = feature_means(os.fspath(features), loaded, layer_views(loaded_transcoders)) if features else None
     return ReplacementModel(loaded, loaded_transcoders, prompt_tokens(loaded, prompt).unsqueeze(0), means)
 
 

@@ -278,3 +278,16 @@ def test_load_transcoders_returns_a_cross_layer_transcoder_whole(random_clt_fold
 
     clt = tccli.load_transcoders(random_clt_folder("gpt2"), layers=[1])
     assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1]
+
+
+def test_graph_and_replacement_model_take_a_loaded_cross_layer_transcoder(tiny_models, random_clt_folder):
+    import tccli
+
+    folder = random_clt_folder("gpt2")
+    clt = tccli.load_transcoders(folder)
+    loaded = tiny_models["gpt2"]
+    by_object = tccli.attribution_graph(loaded, clt, "The war lasted", max_feature_nodes=20)
+    by_path = tccli.attribution_graph(loaded, folder, "The war lasted", max_feature_nodes=20)
+    assert by_object.graph.replacement == by_path.graph.replacement
+    model = tccli.replacement_model(loaded, clt, "The war lasted")
+    assert model.n_tokens == len(by_path.tokens)
