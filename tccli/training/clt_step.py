@@ -91,6 +91,14 @@ class CLTStepResult:
 # ----------------------------------------------------------------------------- loss terms
 
 
+def kept(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` (bool, broadcastable) holds, else zero: the value of ``torch.where(mask, values,
+    0.0)`` up to the sign of a zero (and NaN where a masked-out value is infinite or NaN), computed as a product
+    with a float copy of the mask because on the CPU torch.where over a random [n, m] mask branches per entry
+    (5-10x slower than the copy and the product together)."""
+    return values * mask.to(values.dtype)
+
+
 def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
     """[m]: the norm of each feature's decoders to all later layers together (W_dec: [m, n_later, d_out])."""
     return W_dec.pow(2).sum(dim=(1, 2)).sqrt()
@@ -125,12 +133,12 @@ class _NegativePart(torch.autograd.Function):
     def forward(ctx, pre):
         negative = pre < 0
         ctx.save_for_backward(negative)
-        return -torch.where(negative, pre, 0.0).sum()
+        return -pre.clamp_max(0.0).sum()  # the same entries as where(negative, pre, 0) in one vectorised pass
 
     @staticmethod
     def backward(ctx, grad):
         (negative,) = ctx.saved_tensors
-        return torch.where(negative, -grad, 0.0)
+        return kept(-grad, negative)
 
 
 def pre_activation_penalty(pre: torch.Tensor) -> torch.Tensor:
@@ -165,13 +173,13 @@ class _DenseJumpReLU(torch.autograd.Function):
         near = gap.abs_() < bandwidth / 2
         ctx.save_for_backward(active, near, threshold)
         ctx.bandwidth = bandwidth
-        return torch.where(active, pre, 0.0)  # (where, not a product with the mask: no float copy of it)
+        return kept(pre, active)
 
     @staticmethod
     def backward(ctx, grad):
         active, near, threshold = ctx.saved_tensors
-        grad_threshold = -(threshold / ctx.bandwidth) * torch.where(near, grad, 0.0).sum(dim=0)
-        return torch.where(active, grad, 0.0), grad_threshold, None
+        grad_threshold = -(threshold / ctx.bandwidth) * kept(grad, near).sum(dim=0)
+        return kept(grad, active), grad_threshold, None
 
 
 def jump_relu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -277,7 +285,7 @@ def activations_of(
         masks, cutoff = topk_masks(pres, settings.k, comm), None
     else:
         masks, cutoff = batchtopk_masks(pres, settings.k, comm)
-    return [torch.where(mask, torch.relu(p), 0.0) for p, mask in zip(pres, masks)], cutoff
+    return [kept(torch.relu(p), mask) for p, mask in zip(pres, masks)], cutoff
 
 
 def outputs_of(clt: CrossLayerTranscoder, inputs: list[torch.Tensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
