@@ -92,11 +92,11 @@ class CLTStepResult:
 
 
 def kept(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``values`` where ``mask`` (bool, broadcastable) holds, else zero: the value of ``torch.where(mask, values,
-    0.0)`` up to the sign of a zero (and NaN where a masked-out value is infinite or NaN), computed as a product
-    with a float copy of the mask because on the CPU torch.where over a random [n, m] mask branches per entry
-    (5-10x slower than the copy and the product together)."""
-    return values * mask.to(values.dtype)
+    """``values`` (broadcastable to ``mask``) where ``mask`` (bool) holds, else zero: the value of
+    ``torch.where(mask, values, 0.0)`` up to the sign of a zero (and NaN where a masked-out value is infinite or
+    NaN), computed as a product into a float copy of the mask because on the CPU torch.where over a random
+    [n, m] mask branches per entry (5-10x slower than the copy and the product together)."""
+    return mask.to(values.dtype).mul_(values)
 
 
 def decoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class _TanhPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         activations, weights, t = ctx.saved_tensors
-        slope = torch.addcmul(torch.ones_like(t), t, t, value=-1.0)  # sech^2 = 1 - tanh^2
+        slope = torch.addcmul(t.new_ones(()), t, t, value=-1.0)  # sech^2 = 1 - tanh^2 (the 1 broadcast, not filled)
         grad_weights = torch.mul(slope, activations).sum(dim=0) * grad if ctx.needs_input_grad[1] else None
         return slope.mul_(weights * grad), grad_weights
 
