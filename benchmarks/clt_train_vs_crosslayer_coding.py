@@ -123,7 +123,8 @@ def main() -> None:
         print(
             f"{activation:10s} {tc_time * 1e3:8.1f} {clc_time * 1e3:8.1f} {clc_time / tc_time:8.2f} "
             f"{floor / tc_time:8.1%} {floor / clc_time:8.1%} "
-            f"{clc_step_flops(n, d, m, n_layers) / ceiling / clc_time:8.1%} {ceiling / 1e9:8.1f}"
+            f"{clc_step_flops(n, d, m, n_layers) / ceiling / clc_time:8.1%} {ceiling / 1e9:8.1f}",
+            flush=True,
         )
 
 
