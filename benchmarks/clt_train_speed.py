@@ -15,15 +15,16 @@ the whole optimiser step (loss, backward, Adam, dead-feature counters), without 
     python benchmarks/clt_train_speed.py [--activation jumprelu relu topk batchtopk] [--layers 6] [--d 128]
         [--features 1024] [--batch-size 1024] [--k 16] [--rounds 5] [--threads N] [--device cpu|cuda]
 
-Measured on the shared 2-core machine (ceiling = best of 3 products per round, median of the rounds):
-with --threads 1, at the defaults (6 layers, d 128, 1,024 features, batch 1,024) jumprelu 46%, relu 55%,
-topk 63%, batchtopk 56% of the ceiling; at d 256 and 2,048 features jumprelu 68%, relu 74%, topk 80%,
-batchtopk 71% (the dense products grow with d and L, the passes over the [n x m] activations do not).
-With two threads and other processes on the cores the figures fall to 13-41%: OpenMP's threads wait for
-a core the other processes hold.
+Measured on the shared 2-core machine (ceiling = best of 3 products per round, median of the rounds), before
+the pre-activation penalty stopped using torch.where over its random mask: with --threads 1, at the defaults
+(6 layers, d 128, 1,024 features, batch 1,024) jumprelu 46%, relu 55%, topk 63%, batchtopk 56% of the ceiling;
+at d 256 and 2,048 features jumprelu 68%, relu 74%, topk 80%, batchtopk 71% (the dense products grow with d
+and L, the passes over the [n x m] activations do not). After it, jumprelu 47-67% and relu 62-70% at the
+defaults (the figure moves with the load on the machine: see docs/pending/issue-25-bench.md). With two threads
+and other processes on the cores the figures fall to 13-41%: OpenMP's threads wait for a core the other
+processes hold.
 
-Comparison with utahnlp/crosslayer-coding's trainer: not made. Its package is not on PyPI (the PyPI name
-``clt`` is an unrelated CLI template processor), and this machine cannot install from GitHub.
+Comparison with utahnlp/crosslayer-coding's trainer on the same shapes: clt_train_vs_crosslayer_coding.py.
 """
 
 from __future__ import annotations
