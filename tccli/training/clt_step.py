@@ -134,7 +134,9 @@ class _NegativePart(torch.autograd.Function):
     def forward(ctx, pre):
         negative = pre < 0
         ctx.save_for_backward(negative)
-        return -pre.clamp_max(0.0).sum()  # the same entries as where(negative, pre, 0) in one vectorised pass
+        # the same entries as where(negative, pre, 0), in one vectorised pass (a NaN pre-activation, which only
+        # NaN weights or inputs give, makes this NaN where where() skipped it)
+        return -pre.clamp_max(0.0).sum()
 
     @staticmethod
     def backward(ctx, grad):
