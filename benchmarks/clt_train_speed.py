@@ -15,15 +15,16 @@ the whole optimiser step (loss, backward, Adam, dead-feature counters), without 
     python benchmarks/clt_train_speed.py [--activation jumprelu relu topk batchtopk] [--layers 6] [--d 128]
         [--features 1024] [--batch-size 1024] [--k 16] [--rounds 5] [--threads N] [--device cpu|cuda]
 
-Measured on the shared 2-core machine (ceiling = best of 3 products per round, median of the rounds):
-with --threads 1, at the defaults (6 layers, d 128, 1,024 features, batch 1,024) jumprelu 46%, relu 55%,
-topk 63%, batchtopk 56% of the ceiling; at d 256 and 2,048 features jumprelu 68%, relu 74%, topk 80%,
-batchtopk 71% (the dense products grow with d and L, the passes over the [n x m] activations do not).
-With two threads and other processes on the cores the figures fall to 13-41%: OpenMP's threads wait for
-a core the other processes hold.
+Measured on the shared 2-core machine (ceiling = best of 3 products per round, median of the rounds), before
+the pre-activation penalty stopped using torch.where over its random mask: with --threads 1, at the defaults
+(6 layers, d 128, 1,024 features, batch 1,024) jumprelu 46%, relu 55%, topk 63%, batchtopk 56% of the ceiling;
+at d 256 and 2,048 features jumprelu 68%, relu 74%, topk 80%, batchtopk 71% (the dense products grow with d
+and L, the passes over the [n x m] activations do not). After it, jumprelu 47-67% and relu 62-70% at the
+defaults (the figure moves with the load on the machine: see docs/pending/issue-25-bench.md). With two threads
+and other processes on the cores the figures fall to 13-41%: OpenMP's threads wait for a core the other
+processes hold.
 
-Comparison with utahnlp/crosslayer-coding's trainer: not made. Its package is not on PyPI (the PyPI name
-``clt`` is an unrelated CLI template processor), and this machine cannot install from GitHub.
+Comparison with utahnlp/crosslayer-coding's trainer on the same shapes: clt_train_vs_crosslayer_coding.py.
 """
 
 from __future__ import annotations
@@ -80,6 +81,54 @@ def time_matmul(n: int, m: int, width: int, repeats: int, device: torch.device) 
     return 2.0 * n * m * width / best
 
 
+def tc_step(activation: str, n: int, d: int, m: int, n_layers: int, k: int, device: torch.device):
+    """``step(i)``: one ``train_clt_step`` of a fresh CLT on random tensors already on ``device`` (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    layers = list(range(n_layers))
+    inputs = [torch.randn(n, d, generator=gen) for _ in layers]
+    mixers = [torch.randn(d, d, generator=gen) / d**0.5 for _ in layers]
+    targets = [torch.relu(x @ w) for x, w in zip(inputs, mixers)]
+    stats = {
+        j: DataStats(inputs[j].mean(0), targets[j].mean(0), inputs[j], targets[j], float(targets[j].var(0).sum()))
+        for j in layers
+    }
+    inputs = [x.to(device) for x in inputs]
+    targets = [y.to(device) for y in targets]
+    config = TrainConfig(
+        cache="none",
+        out="none",
+        kind="clt",
+        activation=activation,
+        features=m,
+        k=k,
+        batch_size=n,
+        tokens=n * 1000,
+        device=str(device),
+        aux_k=0,  # the dead-feature path runs only when features die; timed without it
+    )
+    config.validate()
+    whole, scales = initial_clt(config, Shapes(n_layers, d), layers, stats)
+    state = new_state(whole, config, distributed.SINGLE_PROCESS, device, scales)
+    settings = settings_of(config)
+
+    def step(i: int) -> None:
+        train_clt_step(
+            state,
+            inputs,
+            targets,
+            config,
+            settings,
+            scales,
+            i,
+            1e-4,
+            clt_step.ONE_PROCESS,
+            distributed.SINGLE_PROCESS,
+            False,
+        )
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--activation", nargs="+", default=["jumprelu", "relu", "topk", "batchtopk"])
@@ -102,50 +151,8 @@ def main() -> None:
         f"CLT step: {n_layers} layers, d {d}, {m} features per layer, batch {n}, {torch.get_num_threads()} "
         f"thread(s), {device}; {flops / 1e9:.2f} GFLOP of matrix products per step"
     )
-    gen = torch.Generator().manual_seed(0)
-    layers = list(range(n_layers))
-    inputs = [torch.randn(n, d, generator=gen) for _ in layers]
-    mixers = [torch.randn(d, d, generator=gen) / d**0.5 for _ in layers]
-    targets = [torch.relu(x @ w) for x, w in zip(inputs, mixers)]
-    stats = {
-        j: DataStats(inputs[j].mean(0), targets[j].mean(0), inputs[j], targets[j], float(targets[j].var(0).sum()))
-        for j in layers
-    }
-    inputs = [x.to(device) for x in inputs]
-    targets = [y.to(device) for y in targets]
     for activation in args.activation:
-        config = TrainConfig(
-            cache="none",
-            out="none",
-            kind="clt",
-            activation=activation,
-            features=m,
-            k=args.k,
-            batch_size=n,
-            tokens=n * 1000,
-            device=args.device,
-            aux_k=0,  # the dead-feature path runs only when features die; timed without it
-        )
-        config.validate()
-        whole, scales = initial_clt(config, Shapes(n_layers, d), layers, stats)
-        state = new_state(whole, config, distributed.SINGLE_PROCESS, device, scales)
-        settings = settings_of(config)
-
-        def step(i: int, state=state, config=config, settings=settings, scales=scales) -> None:
-            train_clt_step(
-                state,
-                inputs,
-                targets,
-                config,
-                settings,
-                scales,
-                i,
-                1e-4,
-                clt_step.ONE_PROCESS,
-                distributed.SINGLE_PROCESS,
-                False,
-            )
-
+        step = tc_step(activation, n, d, m, n_layers, args.k, device)
         step(0)  # warm-up
         step_times, ceilings = [], []
         for _ in range(args.rounds):
