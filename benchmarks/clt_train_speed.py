@@ -129,14 +129,19 @@ def tc_step(activation: str, n: int, d: int, m: int, n_layers: int, k: int, devi
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's shape and activations, the same options in both CLT training benchmarks."""
     parser.add_argument("--activation", nargs="+", default=["jumprelu", "relu", "topk", "batchtopk"])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--features", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of steps and ceiling")
     parser.add_argument("--steps", type=int, default=3, help="steps timed per round")
     parser.add_argument("--threads", type=int, default=0)

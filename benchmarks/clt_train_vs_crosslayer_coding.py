@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clt_train_speed import step_flops, tc_step, time_matmul  # noqa: E402
+from clt_train_speed import add_shape_arguments, step_flops, tc_step, time_matmul  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "crosslayer_coding_worker.py"
 
@@ -95,12 +95,7 @@ def measure(activation: str, args: argparse.Namespace, device: torch.device) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare-clc", required=True, help="Python of the environment holding crosslayer-coding")
-    parser.add_argument("--activation", nargs="+", default=["jumprelu", "relu", "topk", "batchtopk"])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--features", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--k", type=int, default=16)
+    add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="steps timed per round and trainer")
     parser.add_argument("--threads", type=int, default=1)

@@ -176,19 +176,10 @@ class CrossLayerTranscoder(nn.Module):
         layers. Every transcoder must have the same width, activation, k, skip and spaces."""
         layers = sorted(transcoders)
         first = transcoders[layers[0]].config
+        shared = ("d_in", "d_out", "n_features", "activation", "k", "skip", "input_space", "output_space")
         for layer in layers:
             c = transcoders[layer].config
-            same = (c.d_in, c.d_out, c.n_features, c.activation, c.k, c.skip, c.input_space, c.output_space)
-            if same != (
-                first.d_in,
-                first.d_out,
-                first.n_features,
-                first.activation,
-                first.k,
-                first.skip,
-                first.input_space,
-                first.output_space,
-            ):
+            if any(getattr(c, name) != getattr(first, name) for name in shared):
                 raise fail(f"layer {layer}'s transcoder differs in shape or kind from layer {layers[0]}'s: not one CLT")
         config = CrossLayerConfig(
             d_in=first.d_in,

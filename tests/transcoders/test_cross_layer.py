@@ -137,3 +137,10 @@ def test_random_clt_fixture_is_checked_against_the_model(tiny_models, random_clt
     assert clt.decoder(0, clt.layers[-1]).abs().sum() > 0
     for layer in clt.layers:
         check_matches_model(clt.layer_transcoder(layer), tiny_models["gpt2"].info)
+
+
+def test_from_transcoders_refuses_layers_of_different_kinds():
+    a = Transcoder(TranscoderConfig(d_in=4, d_out=4, n_features=6, layer=0))
+    b = Transcoder(TranscoderConfig(d_in=4, d_out=4, n_features=6, activation="topk", k=2, layer=1))
+    with pytest.raises(TcError, match="differs in shape or kind"):
+        CrossLayerTranscoder.from_transcoders({0: a, 1: b})
